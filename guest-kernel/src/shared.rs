@@ -1,0 +1,124 @@
+//! Memory that someone else writes too: the log ring, the panic record, the channel.
+//!
+//! A [`SharedRegion`] never hands out a Rust reference into the memory: every access is a
+//! volatile copy of a [`Plain`] value in or out, bounds-checked against the region. Readers copy
+//! a value once and validate the copy (the VMM and the domain distrust each other's writes).
+
+use core::mem::size_of;
+use core::ptr;
+use core::sync::atomic::{compiler_fence, Ordering};
+
+use ddvm_abi::boot::BootInfo;
+use ddvm_abi::channel::ChannelHeader;
+use ddvm_abi::log::LogHeader;
+
+/// Types for which every bit pattern is a valid value and that have no padding: safe to copy
+/// in and out of shared memory.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]` (or primitive) plain data with no padding, no pointers, no
+/// references and no invalid bit patterns.
+pub unsafe trait Plain: Copy {}
+
+// SAFETY: primitive integers: every bit pattern is valid, no padding.
+unsafe impl Plain for u8 {}
+// SAFETY: as above.
+unsafe impl Plain for u16 {}
+// SAFETY: as above.
+unsafe impl Plain for u32 {}
+// SAFETY: as above.
+unsafe impl Plain for u64 {}
+// SAFETY: ABI structures: `#[repr(C)]`, integers only, sizes asserted by ddvm-abi (no padding).
+unsafe impl Plain for BootInfo {}
+// SAFETY: as above.
+unsafe impl Plain for ChannelHeader {}
+// SAFETY: as above.
+unsafe impl Plain for LogHeader {}
+
+/// A range of guest-physical (= virtual) memory shared with the VMM or a device.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedRegion {
+    base: u64,
+    len: u64,
+}
+
+impl SharedRegion {
+    /// A region of `len` bytes at `base`.
+    ///
+    /// # Safety
+    /// `base..base + len` must be mapped, writable memory of this VM that no Rust reference
+    /// covers for as long as the region (and its copies) is used: not the image, not the stack,
+    /// not the heap.
+    pub const unsafe fn new(base: u64, len: u64) -> Self {
+        SharedRegion { base, len }
+    }
+
+    /// Start address.
+    pub const fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Length in bytes.
+    pub const fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Address of `size` bytes at `offset`; panics when they are not inside the region or not
+    /// aligned for `align`.
+    fn addr(&self, offset: u64, size: usize, align: usize) -> u64 {
+        let end = offset.checked_add(size as u64);
+        assert!(
+            end.is_some_and(|end| end <= self.len),
+            "shared region access out of bounds: offset {offset:#x} size {size} len {:#x}",
+            self.len
+        );
+        let addr = self.base + offset;
+        assert!(
+            addr % align as u64 == 0,
+            "misaligned shared region access at {addr:#x}"
+        );
+        addr
+    }
+
+    /// Copies a `T` out of the region at `offset` (a volatile read).
+    pub fn read<T: Plain>(&self, offset: u64) -> T {
+        let addr = self.addr(offset, size_of::<T>(), core::mem::align_of::<T>());
+        // SAFETY: in bounds and aligned (checked above) in memory `new`'s contract makes valid
+        // for volatile access; `T: Plain` accepts any bit pattern.
+        unsafe { ptr::read_volatile(addr as *const T) }
+    }
+
+    /// Copies `value` into the region at `offset` (a volatile write).
+    pub fn write<T: Plain>(&self, offset: u64, value: T) {
+        let addr = self.addr(offset, size_of::<T>(), core::mem::align_of::<T>());
+        // SAFETY: as for `read`.
+        unsafe { ptr::write_volatile(addr as *mut T, value) }
+    }
+
+    /// Copies `bytes` into the region at `offset`, one volatile byte write each.
+    pub fn write_bytes(&self, offset: u64, bytes: &[u8]) {
+        let addr = self.addr(offset, bytes.len(), 1);
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: `addr..addr + bytes.len()` is in bounds (checked above).
+            unsafe { ptr::write_volatile((addr + i as u64) as *mut u8, *b) }
+        }
+    }
+
+    /// A sub-region of `len` bytes at `offset`; panics when it does not fit.
+    pub fn subregion(&self, offset: u64, len: u64) -> SharedRegion {
+        let base = self.addr(offset, len as usize, 1);
+        SharedRegion { base, len }
+    }
+}
+
+/// Orders this CPU's earlier accesses to shared memory before later ones, as another CPU (the
+/// VMM's thread) sees them. x86 keeps stores in order, so only the compiler needs stopping.
+#[inline]
+pub fn publish_fence() {
+    compiler_fence(Ordering::SeqCst);
+}

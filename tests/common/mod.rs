@@ -1,0 +1,98 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ddvm::console::Echo;
+use ddvm::domain::{Domain, DomainConfig};
+use ddvm::hypervisor::{Hypervisor, DEFAULT_KVM_PATH};
+
+/// Opens /dev/kvm or fails the test loudly: tests that need KVM never skip silently.
+pub fn kvm() -> Hypervisor {
+    match Hypervisor::open(Path::new(DEFAULT_KVM_PATH)) {
+        Ok(hv) => hv,
+        Err(e) => panic!("this test needs KVM and cannot run without it: {e}"),
+    }
+}
+
+/// A driver-domain config with the built-in image.
+pub fn dd_config(name: &str, cmdline: &str) -> DomainConfig {
+    DomainConfig {
+        name: name.to_string(),
+        image: ddvm::builtin_driver_domain(),
+        memory: 16 << 20,
+        cmdline: cmdline.to_string(),
+        channel_size: 64 << 10,
+        echo: Echo::Off,
+    }
+}
+
+/// Boots the built-in driver domain and waits until it is ready.
+pub fn boot_ready(hv: &Hypervisor, name: &str, cmdline: &str) -> Domain {
+    let d = Domain::boot(hv, &dd_config(name, cmdline), 1).expect("boot");
+    if let Err(state) = d.wait_ready(Duration::from_secs(10)) {
+        panic!(
+            "domain {name} not ready: {state:?}\nconsole:\n{}",
+            d.console().text()
+        );
+    }
+    d
+}
+
+/// The ddvm binary.
+pub fn ddvm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ddvm"))
+}
+
+/// Runs the ddvm binary with `args`.
+pub fn ddvm(args: &[&str]) -> Output {
+    Command::new(ddvm_bin())
+        .args(args)
+        .env_remove("DDVM_KVM")
+        .output()
+        .expect("run ddvm")
+}
+
+/// A unique scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ddvm-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Open file descriptors of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Threads of this process.
+pub fn thread_count() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident set size of this process, in KiB.
+pub fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}
+
+/// Memory mappings of this process.
+pub fn mapping_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+}

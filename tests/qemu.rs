@@ -1,0 +1,67 @@
+//! The same driver-domain ELF boots under QEMU (TCG, `-kernel` through its PVH entry): our
+//! runtime does not depend on ddvm, and QEMU — written by others — keeps it honest.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// Boots the image with `append` and returns (exit code, serial output).
+fn qemu_boot(append: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(QEMU)
+        .args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "64M",
+            "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel", ddvm_images::driver_domain_path(),
+            "-append", append,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{QEMU} is needed (Debian package qemu-system-x86): {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("QEMU did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (status.code(), format!("{out}{err}"))
+}
+
+#[test]
+fn driver_domain_boots_under_qemu_through_pvh() {
+    let (code, out) = qemu_boot("exit=0");
+    assert!(out.contains("ddvm driver-domain: booted on qemu-pvh"), "output: {out}");
+    // isa-debug-exit: status 0 -> exit code (0 << 1) | 1.
+    assert_eq!(code, Some(1), "output: {out}");
+}
+
+#[test]
+fn panic_under_qemu_is_reported_and_fails() {
+    let (code, out) = qemu_boot("panic");
+    assert!(out.contains("panic"), "output: {out}");
+    assert_ne!(code, Some(1), "a panic must not exit with success; output: {out}");
+    assert!(code.is_some(), "QEMU must exit through isa-debug-exit");
+}
+
+#[test]
+fn exception_under_qemu_is_reported_by_the_idt() {
+    let (code, out) = qemu_boot("ud2");
+    assert!(out.contains("invalid opcode") || out.contains("#UD"), "output: {out}");
+    assert_ne!(code, Some(1), "output: {out}");
+}

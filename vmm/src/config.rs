@@ -1,0 +1,230 @@
+//! Topology configuration (TOML). Every error names the file, the key and what was expected.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default domain memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 16;
+/// Default channel size in KiB.
+pub const DEFAULT_CHANNEL_KIB: u64 = 64;
+/// Name of the image built into ddvm.
+pub const BUILTIN_DRIVER_DOMAIN: &str = "builtin:driver-domain";
+
+/// A whole topology.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Driver domains.
+    #[serde(default, rename = "domain")]
+    pub domains: Vec<DomainSection>,
+}
+
+/// One `[[domain]]` table.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainSection {
+    /// Unique name.
+    pub name: String,
+    /// Image path (relative to the config file) or `builtin:driver-domain`.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// RAM in MiB (a multiple of 2).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Guest command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Channel size in KiB (a multiple of 4).
+    #[serde(default = "default_channel")]
+    pub channel_kib: u64,
+}
+
+fn default_image() -> String {
+    BUILTIN_DRIVER_DOMAIN.to_string()
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_channel() -> u64 {
+    DEFAULT_CHANNEL_KIB
+}
+
+/// A configuration error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {message}")]
+    Read {
+        /// Config file.
+        file: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// Syntax error or a value of the wrong type.
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        /// Config file.
+        file: PathBuf,
+        /// Dotted key path, or the position of a syntax error.
+        key: String,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
+            file: file.to_path_buf(),
+            message: format!("{e} (expected a readable TOML file)"),
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses and checks configuration text; `file` is used in messages.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let key = if key == "." || key.is_empty() {
+                position(text, inner.span())
+            } else {
+                key
+            };
+            ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key,
+                message: inner.message().trim().to_string(),
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key,
+            message,
+        };
+        for (i, d) in self.domains.iter().enumerate() {
+            if d.name.is_empty()
+                || !d
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    format!("domain[{i}].name"),
+                    format!("{:?}: expected a non-empty name of letters, digits, '-' and '_'", d.name),
+                ));
+            }
+            if self.domains[..i].iter().any(|o| o.name == d.name) {
+                return Err(invalid(
+                    format!("domain[{i}].name"),
+                    format!("{:?} is used twice; expected unique domain names", d.name),
+                ));
+            }
+            if d.memory_mib < 4 || d.memory_mib % 2 != 0 || d.memory_mib > 4096 {
+                return Err(invalid(
+                    format!("domain[{i}].memory_mib"),
+                    format!("{}: expected an even number of MiB from 4 to 4096", d.memory_mib),
+                ));
+            }
+            if d.channel_kib % 4 != 0 || d.channel_kib * 2 > d.memory_mib * 1024 {
+                return Err(invalid(
+                    format!("domain[{i}].channel_kib"),
+                    format!(
+                        "{}: expected a multiple of 4 KiB of at most half the memory",
+                        d.channel_kib
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DomainSection {
+    /// The image path resolved against the config file's directory (`None`: the built-in one).
+    pub fn image_path(&self, config_file: &Path) -> Option<PathBuf> {
+        if self.image == BUILTIN_DRIVER_DOMAIN {
+            return None;
+        }
+        let p = Path::new(&self.image);
+        Some(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            config_file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(p)
+        })
+    }
+}
+
+fn position(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return "(document)".to_string();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("(line {line}, column {col})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_domain() {
+        let c = parse("[[domain]]\nname = \"dd0\"\n").unwrap();
+        assert_eq!(c.domains[0].memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(c.domains[0].image, BUILTIN_DRIVER_DOMAIN);
+        assert_eq!(c.domains[0].image_path(Path::new("/x/t.toml")), None);
+    }
+
+    #[test]
+    fn wrong_type_names_file_key_and_expectation() {
+        let e = parse("[[domain]]\nname = \"dd0\"\nmemory_mib = \"lots\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("t.toml: key `domain[0].memory_mib`: "), "{msg}");
+        assert!(msg.contains("expected"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let e = parse("[[domain]]\nname = \"dd0\"\nmemroy_mib = 4\n").unwrap_err();
+        assert!(e.to_string().contains("memroy_mib"), "{e}");
+        let e = parse("[[domain]]\nname = \"dd0\"\nmemory_mib = 5\n").unwrap_err();
+        assert!(e.to_string().contains("domain[0].memory_mib"), "{e}");
+        let e = parse("[[domain]]\nname = \"a\"\n[[domain]]\nname = \"a\"\n").unwrap_err();
+        assert!(e.to_string().contains("used twice"), "{e}");
+        let e = parse("[[domain]]\nname = \"a b\"\n").unwrap_err();
+        assert!(e.to_string().contains("domain[0].name"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_give_a_position() {
+        let e = parse("[[domain]\nname = 1\n").unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn relative_images_resolve_against_the_config_directory() {
+        let c = parse("[[domain]]\nname = \"d\"\nimage = \"img/dd.elf\"\n").unwrap();
+        assert_eq!(
+            c.domains[0].image_path(Path::new("/etc/ddvm/t.toml")),
+            Some(PathBuf::from("/etc/ddvm/img/dd.elf"))
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! Guest consoles: the bytes a guest prints, from its log ring or its serial port.
+//!
+//! A guest console is untrusted text. It is kept in a bounded buffer (the newest bytes win),
+//! split into lines, optionally echoed with the guest's name as a prefix, with control
+//! characters replaced so a guest cannot drive the operator's terminal.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::Mutex;
+
+use ddvm_abi::log::{plan_drain, ring_pieces, LogHeader, LOG_HEADER_SIZE, LOG_HEAD_OFFSET, LOG_MAGIC};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMem;
+
+/// Bytes of console output kept per guest.
+pub const CONSOLE_KEEP: usize = 256 << 10;
+/// Longest line echoed; longer lines are cut.
+const LINE_MAX: usize = 512;
+
+/// Where echoed lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// Keep the output only.
+    Off,
+    /// Also write each line to stderr, prefixed with the guest's name.
+    Stderr,
+}
+
+struct State {
+    kept: VecDeque<u8>,
+    line: Vec<u8>,
+    total: u64,
+    lost: u64,
+}
+
+/// A guest's console.
+pub struct Console {
+    name: String,
+    echo: Echo,
+    state: Mutex<State>,
+}
+
+impl Console {
+    /// A console for the guest called `name`.
+    pub fn new(name: &str, echo: Echo) -> Self {
+        Console {
+            name: name.to_string(),
+            echo,
+            state: Mutex::new(State {
+                kept: VecDeque::new(),
+                line: Vec::new(),
+                total: 0,
+                lost: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends guest output.
+    pub fn push(&self, bytes: &[u8]) {
+        let mut s = self.lock();
+        s.total += bytes.len() as u64;
+        for &b in bytes {
+            if s.kept.len() == CONSOLE_KEEP {
+                s.kept.pop_front();
+            }
+            let b = sanitize(b);
+            s.kept.push_back(b);
+            if b == b'\n' {
+                let line = std::mem::take(&mut s.line);
+                self.emit(&line);
+            } else if s.line.len() < LINE_MAX {
+                s.line.push(b);
+            }
+        }
+    }
+
+    /// Notes bytes the guest wrote that were overwritten before the VMM could read them.
+    pub fn note_lost(&self, n: u64) {
+        let mut s = self.lock();
+        s.lost += n;
+        drop(s);
+        self.emit(format!("[{n} console bytes lost]").as_bytes());
+    }
+
+    fn emit(&self, line: &[u8]) {
+        if self.echo == Echo::Stderr {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "[{}] {}", self.name, String::from_utf8_lossy(line));
+        }
+    }
+
+    /// Everything kept, as text.
+    pub fn text(&self) -> String {
+        let s = self.lock();
+        let (a, b) = s.kept.as_slices();
+        let mut v = Vec::with_capacity(a.len() + b.len());
+        v.extend_from_slice(a);
+        v.extend_from_slice(b);
+        String::from_utf8_lossy(&v).into_owned()
+    }
+
+    /// Bytes received and bytes lost so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let s = self.lock();
+        (s.total, s.lost)
+    }
+}
+
+/// Tabs and newlines pass; other control characters and DEL become '?'.
+fn sanitize(b: u8) -> u8 {
+    match b {
+        b'\n' | b'\t' => b,
+        0..=0x1f | 0x7f => b'?',
+        _ => b,
+    }
+}
+
+/// The VMM's side of a guest's log ring. The VMM wrote the header and keeps its own copy of
+/// the geometry; the only value it reads back is the guest's `head`.
+pub struct LogReader {
+    base: u64,
+    data_size: u64,
+    read: u64,
+}
+
+impl LogReader {
+    /// Writes a fresh ring header at `base` covering `size` bytes and returns its reader.
+    pub fn create(mem: &GuestMem, base: u64, size: u64) -> Result<Self, vm_memory::GuestMemoryError> {
+        let data_size = size - LOG_HEADER_SIZE;
+        let header = LogHeader {
+            magic: LOG_MAGIC,
+            data_size: data_size as u32,
+            ..Default::default()
+        };
+        mem.write_obj(header, GuestAddress(base))?;
+        Ok(LogReader {
+            base,
+            data_size,
+            read: 0,
+        })
+    }
+
+    /// Moves what the guest wrote since the last drain into `console`.
+    pub fn drain(&mut self, mem: &GuestMem, console: &Console) {
+        let Ok(head) = mem.read_obj::<u64>(GuestAddress(self.base + LOG_HEAD_OFFSET)) else {
+            return;
+        };
+        if head == self.read {
+            return;
+        }
+        let Some(plan) = plan_drain(self.read, head, self.data_size) else {
+            // The guest moved its head backwards: garbage. Resynchronise on it.
+            console.note_lost(0);
+            self.read = head;
+            return;
+        };
+        if plan.lost > 0 {
+            console.note_lost(plan.lost);
+        }
+        let mut buf = vec![0u8; plan.len as usize];
+        let mut at = 0usize;
+        for (offset, len) in ring_pieces(plan.from, plan.len, self.data_size) {
+            let dst = &mut buf[at..at + len as usize];
+            let src = GuestAddress(self.base + LOG_HEADER_SIZE + offset);
+            if mem.read_slice(dst, src).is_err() {
+                return;
+            }
+            at += len as usize;
+        }
+        console.push(&buf);
+        self.read = head;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_write(mem: &GuestMem, base: u64, size: u64, head: &mut u64, bytes: &[u8]) {
+        for &b in bytes {
+            let at = base + LOG_HEADER_SIZE + *head % size;
+            mem.write_obj(b, GuestAddress(at)).unwrap();
+            *head += 1;
+        }
+        mem.write_obj(*head, GuestAddress(base + LOG_HEAD_OFFSET)).unwrap();
+    }
+
+    #[test]
+    fn drains_lines_across_the_wrap() {
+        let mem = crate::memory::create(2 << 20, 1 << 30).unwrap();
+        let console = Console::new("t", Echo::Off);
+        let mut r = LogReader::create(&mem, 0x1_0000, LOG_HEADER_SIZE + 16).unwrap();
+        let mut head = 0;
+        guest_write(&mem, 0x1_0000, 16, &mut head, b"hello\n");
+        r.drain(&mem, &console);
+        guest_write(&mem, 0x1_0000, 16, &mut head, b"wrapping!!\n");
+        r.drain(&mem, &console);
+        assert_eq!(console.text(), "hello\nwrapping!!\n");
+        assert_eq!(console.counts(), (17, 0));
+    }
+
+    #[test]
+    fn lapped_output_is_counted_as_lost_and_a_backwards_head_is_survived() {
+        let mem = crate::memory::create(2 << 20, 1 << 30).unwrap();
+        let console = Console::new("t", Echo::Off);
+        let mut r = LogReader::create(&mem, 0x1_0000, LOG_HEADER_SIZE + 16).unwrap();
+        let mut head = 0;
+        guest_write(&mem, 0x1_0000, 16, &mut head, b"0123456789abcdefXYZ\n");
+        r.drain(&mem, &console);
+        assert_eq!(console.counts().1, 4);
+        assert!(console.text().ends_with("456789abcdefXYZ\n"));
+        mem.write_obj(3u64, GuestAddress(0x1_0000 + LOG_HEAD_OFFSET)).unwrap();
+        r.drain(&mem, &console);
+        mem.write_obj(u64::MAX, GuestAddress(0x1_0000 + LOG_HEAD_OFFSET)).unwrap();
+        r.drain(&mem, &console);
+        assert!(console.text().len() <= CONSOLE_KEEP);
+    }
+
+    #[test]
+    fn control_characters_are_neutralised() {
+        let console = Console::new("t", Echo::Off);
+        console.push(b"a\x1b[2Jb\n");
+        assert_eq!(console.text(), "a?[2Jb\n");
+    }
+}

@@ -1,0 +1,444 @@
+//! A guest VM: memory, image, one vCPU thread, devices — from creation to teardown.
+//!
+//! Booting checks everything that can be wrong with the request (image, sizes) before any KVM
+//! object exists; a failure after that drops what was built, so nothing is left half-started.
+//! Teardown stops the vCPU thread (a kick signal takes it out of KVM_RUN), joins it, then drops
+//! the vCPU, the VM and the memory, in that order.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
+use ddvm_abi::channel::{offset as chan, ChannelHeader};
+use ddvm_abi::layout;
+use ddvm_abi::port;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::Killable;
+
+use crate::arch;
+use crate::console::{Console, Echo, LogReader};
+use crate::devices::serial::SerialPort;
+use crate::devices::Bus;
+use crate::hypervisor::{register_pvm_vif, Hypervisor};
+use crate::loader::{Image, ImageError, Loaded};
+use crate::memory::{self, GuestMem, MemoryError};
+use crate::stats::VcpuStats;
+use crate::vcpu::{self, DomainExit, RunState, Shared, VcpuContext};
+
+/// Smallest guest: low pages, a 1 MiB-based image and a channel must fit.
+pub const MIN_MEMORY: u64 = 4 << 20;
+
+/// How to build a domain.
+#[derive(Clone, Debug)]
+pub struct DomainConfig {
+    /// Name used in logs and reports.
+    pub name: String,
+    /// The image to boot.
+    pub image: Image,
+    /// RAM in bytes (a multiple of 2 MiB).
+    pub memory: u64,
+    /// Guest command line.
+    pub cmdline: String,
+    /// Channel size in bytes (a multiple of 4 KiB; 0: no channel).
+    pub channel_size: u64,
+    /// Echo the console to stderr.
+    pub echo: Echo,
+}
+
+/// Errors creating a domain.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    /// A bad image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A bad memory size.
+    #[error("domain {name}: memory: {source}")]
+    Memory {
+        /// Domain name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: MemoryError,
+    },
+    /// Memory too small for the layout.
+    #[error("domain {name}: memory of {memory} bytes is too small; expected at least {MIN_MEMORY} bytes")]
+    MemoryTooSmall {
+        /// Domain name.
+        name: String,
+        /// Requested size.
+        memory: u64,
+    },
+    /// Bad channel size.
+    #[error("domain {name}: channel of {size} bytes; expected a multiple of 4096 of at most half the memory")]
+    ChannelSize {
+        /// Domain name.
+        name: String,
+        /// Requested size.
+        size: u64,
+    },
+    /// Command line too long or with a NUL.
+    #[error("domain {name}: command line of {len} bytes; expected at most {} bytes without NUL", layout::CMDLINE_MAX)]
+    Cmdline {
+        /// Domain name.
+        name: String,
+        /// Its length.
+        len: usize,
+    },
+    /// A KVM call failed.
+    #[error("domain {name}: {what}: {source}")]
+    Kvm {
+        /// Domain name.
+        name: String,
+        /// What we were doing.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Writing the boot structures failed.
+    #[error("domain {name}: writing {what} into guest memory: {source}")]
+    Setup {
+        /// Domain name.
+        name: String,
+        /// Which structure.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Host resources (threads, eventfds, signals).
+    #[error("domain {name}: {what}: {source}")]
+    Host {
+        /// Domain name.
+        name: String,
+        /// What we were doing.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running guest.
+pub struct Domain {
+    name: String,
+    epoch: u64,
+    platform: Platform,
+    loaded: Loaded,
+    channel: Option<u64>,
+    started: Instant,
+    shared: Arc<Shared>,
+    console: Arc<Console>,
+    stats: Option<VcpuStats>,
+    thread: Option<JoinHandle<DomainExit>>,
+    exit: Mutex<Option<DomainExit>>,
+    // Dropped after the vCPU thread has been joined; the VM before the memory it maps.
+    vm: Option<VmFd>,
+    mem: GuestMem,
+}
+
+impl Domain {
+    /// Builds and starts a domain for boot generation `epoch`.
+    pub fn boot(hv: &Hypervisor, cfg: &DomainConfig, epoch: u64) -> Result<Domain, DomainError> {
+        let started = Instant::now();
+        let name = cfg.name.clone();
+        // 1. Everything the request can get wrong, before any KVM object exists.
+        if cfg.memory < MIN_MEMORY {
+            return Err(DomainError::MemoryTooSmall {
+                name,
+                memory: cfg.memory,
+            });
+        }
+        if cfg.channel_size % layout::PAGE_SIZE != 0 || cfg.channel_size > cfg.memory / 2 {
+            return Err(DomainError::ChannelSize {
+                name,
+                size: cfg.channel_size,
+            });
+        }
+        if cfg.cmdline.len() > layout::CMDLINE_MAX || cfg.cmdline.contains('\0') {
+            return Err(DomainError::Cmdline {
+                name,
+                len: cfg.cmdline.len(),
+            });
+        }
+        let channel_gpa = cfg.memory - cfg.channel_size;
+        let info = cfg.image.check(layout::IMAGE_BASE, channel_gpa)?;
+        let mem = memory::create(cfg.memory, layout::IDENTITY_MAPPED).map_err(|source| {
+            DomainError::Memory {
+                name: name.clone(),
+                source,
+            }
+        })?;
+
+        // 2. Guest memory contents.
+        let setup = |what: &'static str| {
+            let name = name.clone();
+            move |source| DomainError::Setup { name, what, source }
+        };
+        let loaded = cfg.image.load(&info, &mem)?;
+        arch::write_page_tables_and_gdt(&mem).map_err(setup("page tables"))?;
+        let log = LogReader::create(&mem, layout::LOG_RING, layout::LOG_RING_SIZE)
+            .map_err(setup("log ring"))?;
+        let channel = (cfg.channel_size > 0).then_some(channel_gpa);
+        if let Some(gpa) = channel {
+            mem.write_obj(ChannelHeader::new(epoch, cfg.channel_size), GuestAddress(gpa))
+                .map_err(setup("channel header"))?;
+        }
+
+        // 3. KVM objects.
+        let kvm_err = |what: &'static str| {
+            let name = name.clone();
+            move |source| DomainError::Kvm { name, what, source }
+        };
+        let vm = hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let (host, len) = memory::host_range(&mem).ok_or_else(|| DomainError::Setup {
+            name: name.clone(),
+            what: "memory slot",
+            source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
+        })?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: len,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: the region maps `mem`, which this domain owns and drops only after the VM
+        // (field order and `Drop`); the host range is exactly the mapping vm-memory created.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = hv
+            .kvm()
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&arch::long_mode_sregs(sregs))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&arch::entry_regs(loaded.entry))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        let platform = if register_pvm_vif(&vcpu, layout::VIF_PAGE) {
+            Platform::Pvm
+        } else {
+            hv.host_kind()
+        };
+        let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+        let stats = VcpuStats::open(&vcpu);
+
+        // 4. Boot info, now that the platform is known.
+        let boot_info = BootInfo {
+            magic: BOOT_INFO_MAGIC,
+            version: BOOT_INFO_VERSION,
+            platform: platform as u32,
+            mem_size: cfg.memory,
+            tsc_khz: u64::from(tsc_khz),
+            log_ring: layout::LOG_RING,
+            log_ring_size: layout::LOG_RING_SIZE,
+            panic_record: layout::PANIC_RECORD,
+            channel: channel.unwrap_or(0),
+            channel_size: cfg.channel_size,
+            cmdline: layout::BOOT_INFO + layout::CMDLINE_OFFSET,
+            cmdline_len: cfg.cmdline.len() as u64,
+            pci_ecam: 0,
+            reserved: [0; 4],
+        };
+        arch::write_boot_info(&mem, &boot_info, &cfg.cmdline).map_err(setup("boot info"))?;
+
+        // 5. Devices and the vCPU thread.
+        let host_err = |what: &'static str| {
+            let name = name.clone();
+            move |source| DomainError::Host { name, what, source }
+        };
+        let console = Arc::new(Console::new(&name, cfg.echo));
+        let mut pio = Bus::new();
+        pio.insert(
+            u64::from(port::SERIAL_COM1),
+            u64::from(port::SERIAL_LEN),
+            Arc::new(Mutex::new(SerialPort::new(console.clone()))),
+        )
+        .map_err(|e| DomainError::Host {
+            name: name.clone(),
+            what: "port bus",
+            source: std::io::Error::other(e),
+        })?;
+        let shared = Arc::new(Shared::new().map_err(host_err("eventfd"))?);
+        vcpu::install_kick_handler()
+            .map_err(|e| DomainError::Host {
+                name: name.clone(),
+                what: "kick signal handler",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        let ctx = VcpuContext {
+            mem: mem.clone(),
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            shared: shared.clone(),
+            console: console.clone(),
+            log: Some(log),
+            channel: channel.map(|gpa| (gpa, epoch)),
+            started,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu-{name}"))
+            .spawn(move || vcpu::run(vcpu, ctx))
+            .map_err(host_err("spawning the vCPU thread"))?;
+        Ok(Domain {
+            name,
+            epoch,
+            platform,
+            loaded,
+            channel,
+            started,
+            shared,
+            console,
+            stats,
+            thread: Some(thread),
+            exit: Mutex::new(None),
+            vm: Some(vm),
+            mem,
+        })
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Boot generation.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Platform the domain runs on.
+    pub fn platform(&self) -> Platform {
+        self.platform
+    }
+
+    /// What was loaded.
+    pub fn loaded(&self) -> Loaded {
+        self.loaded
+    }
+
+    /// When boot started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The console.
+    pub fn console(&self) -> &Arc<Console> {
+        &self.console
+    }
+
+    /// Guest memory (for the channel and tests).
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Channel address, if the domain has a channel.
+    pub fn channel(&self) -> Option<u64> {
+        self.channel
+    }
+
+    /// Exit counters.
+    pub fn exits(&self) -> &vcpu::ExitCounters {
+        &self.shared.exits
+    }
+
+    /// A KVM statistic of the vCPU (e.g. `exits`, `insn_emulation`).
+    pub fn vcpu_stat(&self, name: &str) -> Option<u64> {
+        self.stats.as_ref()?.get(name)
+    }
+
+    /// Current state.
+    pub fn state(&self) -> RunState {
+        self.shared.state()
+    }
+
+    /// Waits for the ready mark; returns the time from boot start to it, or the state at the
+    /// timeout (still booting, or stopped).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<Duration, RunState> {
+        match self
+            .shared
+            .wait_for(timeout, |s| !matches!(s, RunState::Booting))
+        {
+            RunState::Ready(t) => Ok(t),
+            other => Err(other),
+        }
+    }
+
+    /// Waits until the guest stops or `timeout` passes.
+    pub fn wait_stopped(&self, timeout: Duration) -> Option<DomainExit> {
+        match self
+            .shared
+            .wait_for(timeout, |s| matches!(s, RunState::Stopped(_)))
+        {
+            RunState::Stopped(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The domain's heartbeat counter.
+    pub fn heartbeat(&self) -> Option<u64> {
+        let gpa = self.channel?;
+        self.mem
+            .read_obj::<u64>(GuestAddress(gpa + chan::HEARTBEAT))
+            .ok()
+    }
+
+    /// Puts a fault-injection request in the channel header and wakes the domain.
+    pub fn request_fault(&self, fault: u32) -> bool {
+        let Some(gpa) = self.channel else {
+            return false;
+        };
+        let ok = self
+            .mem
+            .write_obj(fault, GuestAddress(gpa + chan::FAULT))
+            .is_ok();
+        self.shared.kick();
+        ok
+    }
+
+    /// Wakes the domain if it waits.
+    pub fn kick(&self) {
+        self.shared.kick();
+    }
+
+    /// Stops the guest (if it still runs), joins its vCPU thread and returns why it stopped.
+    pub fn stop(&mut self) -> DomainExit {
+        if let Some(thread) = self.thread.take() {
+            self.shared.request_stop();
+            let exit = join_vcpu(thread);
+            *self.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
+        }
+        self.exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(DomainExit::Stopped)
+    }
+}
+
+/// Kicks the vCPU thread out of KVM_RUN until it finishes. The first signal normally does;
+/// one that lands just before the thread enters KVM_RUN is repeated.
+fn join_vcpu(thread: JoinHandle<DomainExit>) -> DomainExit {
+    let mut delay = Duration::from_micros(20);
+    while !thread.is_finished() {
+        // The thread exists until joined, so the signal target is valid.
+        let _ = thread.kill(vcpu::kick_signal());
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(5));
+    }
+    thread.join().unwrap_or(DomainExit::HostError { errno: libc::EIO })
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        self.stop();
+        // The vCPU fd went with its thread; now the VM, then (as a field) the memory.
+        self.vm.take();
+    }
+}

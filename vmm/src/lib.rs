@@ -1,0 +1,27 @@
+//! ddvm: a KVM-based VMM that makes device drivers crash-proof for the machines around them.
+//!
+//! Each device is handed to its own driver domain, a small unikernel VM; this crate boots and
+//! runs those VMs (and, later, the client guests). See `DESIGN.md` for the whole picture.
+
+#![deny(missing_docs)]
+
+pub mod arch;
+pub mod config;
+pub mod console;
+pub mod devices;
+pub mod domain;
+pub mod hypervisor;
+pub mod loader;
+pub mod memory;
+pub mod stats;
+pub mod vcpu;
+
+use loader::Image;
+
+/// The driver-domain image built into this binary.
+pub fn builtin_driver_domain() -> Image {
+    Image::from_static(
+        crate::config::BUILTIN_DRIVER_DOMAIN,
+        ddvm_images::DRIVER_DOMAIN,
+    )
+}

@@ -1,0 +1,523 @@
+//! The vCPU thread: runs the guest, dispatches its exits, and classifies why it stopped.
+//!
+//! Exits cost tens of µs on PVM, so the loop does little per exit: dispatch, drain the log ring
+//! (one 8-byte read when there is nothing new), look for the ready mark until it is seen.
+//! Everything the guest controls — port values, the panic record, the log ring head — is copied
+//! out and checked; nothing a guest does panics this thread.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ddvm_abi::channel::ChannelHeader;
+use ddvm_abi::layout;
+use ddvm_abi::panic::{vector_name, PanicKind, PanicRecord, PANIC_MAGIC};
+use ddvm_abi::port;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::{Console, LogReader};
+use crate::devices::Bus;
+use crate::memory::GuestMem;
+
+/// Why a guest stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DomainExit {
+    /// The guest wrote `status` to the exit port.
+    Exited {
+        /// Exit status (0: success).
+        status: u32,
+    },
+    /// A Rust panic inside the guest, reported on the panic port.
+    Panicked {
+        /// The guest's panic message.
+        message: String,
+    },
+    /// A CPU exception inside the guest, reported by its IDT handler on the panic port.
+    Exception {
+        /// Vector.
+        vector: u32,
+        /// Faulting instruction.
+        rip: u64,
+        /// Error code (0 where the vector has none).
+        error_code: u64,
+        /// CR2 (page faults).
+        cr2: u64,
+    },
+    /// The panic port was written without a valid panic record.
+    BadPanicReport {
+        /// Value written to the port.
+        value: u32,
+    },
+    /// KVM_EXIT_SHUTDOWN: the guest triple-faulted (an exception it could not take).
+    Shutdown,
+    /// KVM_EXIT_INTERNAL_ERROR: KVM could not run or emulate the guest.
+    InternalError {
+        /// KVM's sub-error code.
+        suberror: u32,
+    },
+    /// KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest.
+    FailedEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// The guest halted with nothing that could wake it.
+    Halted,
+    /// An exit ddvm guests never cause.
+    Unexpected {
+        /// The exit, as KVM reported it.
+        exit: String,
+    },
+    /// KVM_RUN itself failed.
+    HostError {
+        /// errno from KVM_RUN.
+        errno: i32,
+    },
+    /// The VMM stopped the guest (teardown or kill).
+    Stopped,
+}
+
+impl DomainExit {
+    /// Whether this is a crash of the guest (as opposed to an orderly exit or a stop).
+    pub fn is_crash(&self) -> bool {
+        !matches!(
+            self,
+            DomainExit::Exited { status: 0 } | DomainExit::Stopped | DomainExit::HostError { .. }
+        )
+    }
+
+    /// Short machine-readable name of the reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DomainExit::Exited { status: 0 } => "exited",
+            DomainExit::Exited { .. } => "exit-failure",
+            DomainExit::Panicked { .. } => "panic",
+            DomainExit::Exception { .. } => "exception",
+            DomainExit::BadPanicReport { .. } => "bad-panic-report",
+            DomainExit::Shutdown => "shutdown",
+            DomainExit::InternalError { .. } => "internal-error",
+            DomainExit::FailedEntry { .. } => "failed-entry",
+            DomainExit::Halted => "halted",
+            DomainExit::Unexpected { .. } => "unexpected-exit",
+            DomainExit::HostError { .. } => "host-error",
+            DomainExit::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for DomainExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainExit::Exited { status } => write!(f, "exited with status {status}"),
+            DomainExit::Panicked { message } => write!(f, "panicked: {message}"),
+            DomainExit::Exception {
+                vector,
+                rip,
+                error_code,
+                cr2,
+            } => {
+                write!(
+                    f,
+                    "crashed: exception {vector} ({}) at rip={rip:#x} error_code={error_code:#x}",
+                    vector_name(*vector)
+                )?;
+                if *vector == 14 {
+                    write!(f, " cr2={cr2:#x}")?;
+                }
+                Ok(())
+            }
+            DomainExit::BadPanicReport { value } => write!(
+                f,
+                "crashed: panic port written ({value:#x}) without a valid panic record"
+            ),
+            DomainExit::Shutdown => write!(f, "crashed: triple fault (shutdown exit)"),
+            DomainExit::InternalError { suberror } => {
+                write!(f, "crashed: KVM internal error (suberror {suberror})")
+            }
+            DomainExit::FailedEntry { reason } => {
+                write!(f, "crashed: VM entry failed (hardware reason {reason:#x})")
+            }
+            DomainExit::Halted => write!(f, "crashed: halted with interrupts off"),
+            DomainExit::Unexpected { exit } => write!(f, "crashed: unexpected exit {exit}"),
+            DomainExit::HostError { errno } => write!(
+                f,
+                "host error: KVM_RUN failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+            DomainExit::Stopped => write!(f, "stopped by the VMM"),
+        }
+    }
+}
+
+/// Exit counters of one vCPU (userspace exits; KVM's `exits` stat has the rest).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Every return of KVM_RUN.
+    pub total: AtomicU64,
+    /// Port I/O exits.
+    pub pio: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Wait-port exits.
+    pub wait: AtomicU64,
+    /// Accesses nobody claimed.
+    pub unclaimed: AtomicU64,
+    /// KVM_RUN interrupted by a signal.
+    pub interrupted: AtomicU64,
+}
+
+/// Where the domain is in its life, as the vCPU thread sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Running, not yet ready.
+    Booting,
+    /// The ready mark was seen this long after boot started.
+    Ready(Duration),
+    /// The guest stopped.
+    Stopped(DomainExit),
+}
+
+/// State shared between a vCPU thread and the domain that owns it.
+pub struct Shared {
+    stop: AtomicBool,
+    kick: EventFd,
+    /// Exit counters.
+    pub exits: ExitCounters,
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+impl Shared {
+    /// Fresh shared state.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Shared {
+            stop: AtomicBool::new(false),
+            kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            exits: ExitCounters::default(),
+            state: Mutex::new(RunState::Booting),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Wakes the vCPU if it waits.
+    pub fn kick(&self) {
+        // Writing an eventfd fails only when its counter would overflow: it is already set.
+        let _ = self.kick.write(1);
+    }
+
+    /// Asks the vCPU thread to stop at its next chance.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current state.
+    pub fn state(&self) -> RunState {
+        self.lock().clone()
+    }
+
+    fn set(&self, s: RunState) {
+        *self.lock() = s;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `done` holds for the state or `timeout` passes; returns the last state.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&RunState) -> bool) -> RunState {
+        let guard = self.lock();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |s| !done(s))
+            .unwrap_or_else(|p| p.into_inner());
+        guard.clone()
+    }
+}
+
+/// What the vCPU thread needs besides its fd.
+pub struct VcpuContext {
+    /// Guest memory.
+    pub mem: GuestMem,
+    /// Port bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// Console.
+    pub console: Arc<Console>,
+    /// Log ring reader, if the guest has a log ring.
+    pub log: Option<LogReader>,
+    /// Channel address and epoch, to watch for the ready mark.
+    pub channel: Option<(u64, u64)>,
+    /// When boot started.
+    pub started: Instant,
+}
+
+/// Signal used to kick a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the kick signal, once per process: its only effect is
+/// to make KVM_RUN return EINTR.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick_signal)
+            .map_err(|e| e.errno())
+    })
+    .map_err(vmm_sys_util::errno::Error::new)
+}
+
+enum Step {
+    Continue,
+    Stop(DomainExit),
+}
+
+/// Runs the guest until it stops; returns why.
+pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> DomainExit {
+    let exit = run_loop(&mut vcpu, &mut ctx);
+    if let Some(log) = ctx.log.as_mut() {
+        log.drain(&ctx.mem, &ctx.console);
+    }
+    ctx.shared.set(RunState::Stopped(exit.clone()));
+    exit
+}
+
+fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
+    let mut ready_seen = false;
+    loop {
+        if ctx.shared.stop.load(Ordering::Acquire) {
+            return DomainExit::Stopped;
+        }
+        let step = match vcpu.run() {
+            Ok(exit) => {
+                ctx.shared.exits.total.fetch_add(1, Ordering::Relaxed);
+                handle_exit(exit, ctx)
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ctx.shared.exits.interrupted.fetch_add(1, Ordering::Relaxed);
+                Step::Continue
+            }
+            Err(e) => Step::Stop(DomainExit::HostError { errno: e.errno() }),
+        };
+        if let Step::Stop(exit) = step {
+            return match exit {
+                DomainExit::InternalError { .. } => DomainExit::InternalError {
+                    suberror: internal_suberror(vcpu),
+                },
+                other => other,
+            };
+        }
+        if let Some(log) = ctx.log.as_mut() {
+            log.drain(&ctx.mem, &ctx.console);
+        }
+        if !ready_seen {
+            if let Some((gpa, epoch)) = ctx.channel {
+                if let Ok(h) = ctx.mem.read_obj::<ChannelHeader>(GuestAddress(gpa)) {
+                    if h.is_ready_for(epoch) {
+                        ready_seen = true;
+                        ctx.shared.set(RunState::Ready(ctx.started.elapsed()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn internal_suberror(vcpu: &mut VcpuFd) -> u32 {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, for which KVM fills the `internal`
+    // member of the exit union; reading a u32 from it has no other requirement.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+fn port_value(data: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    let n = data.len().min(4);
+    v[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(v)
+}
+
+fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
+    let exits = &ctx.shared.exits;
+    match exit {
+        VcpuExit::IoOut(p, data) => {
+            exits.pio.fetch_add(1, Ordering::Relaxed);
+            match p {
+                port::EXIT => Step::Stop(DomainExit::Exited {
+                    status: port_value(data),
+                }),
+                port::PANIC => Step::Stop(read_panic(&ctx.mem, port_value(data))),
+                port::WAIT => {
+                    exits.wait.fetch_add(1, Ordering::Relaxed);
+                    wait(ctx, port_value(data));
+                    Step::Continue
+                }
+                _ => {
+                    if !ctx.pio.write(u64::from(p), data) {
+                        exits.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Step::Continue
+                }
+            }
+        }
+        VcpuExit::IoIn(p, data) => {
+            exits.pio.fetch_add(1, Ordering::Relaxed);
+            if !ctx.pio.read(u64::from(p), data) {
+                exits.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Step::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            exits.mmio.fetch_add(1, Ordering::Relaxed);
+            if !ctx.mmio.read(addr, data) {
+                exits.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Step::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            exits.mmio.fetch_add(1, Ordering::Relaxed);
+            if !ctx.mmio.write(addr, data) {
+                exits.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Step::Continue
+        }
+        VcpuExit::Intr => Step::Continue,
+        VcpuExit::Shutdown => Step::Stop(DomainExit::Shutdown),
+        VcpuExit::InternalError => Step::Stop(DomainExit::InternalError { suberror: 0 }),
+        VcpuExit::FailEntry(reason, _cpu) => Step::Stop(DomainExit::FailedEntry { reason }),
+        VcpuExit::Hlt => Step::Stop(DomainExit::Halted),
+        other => Step::Stop(DomainExit::Unexpected {
+            exit: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Blocks the vCPU until a kick, a stop request or `timeout_us` (0: the longest wait).
+fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
+    if let Some(log) = ctx.log.as_mut() {
+        log.drain(&ctx.mem, &ctx.console);
+    }
+    let us = match timeout_us {
+        0 => port::WAIT_MAX_US,
+        t => t.min(port::WAIT_MAX_US),
+    };
+    if ctx.shared.stop.load(Ordering::Acquire) {
+        return;
+    }
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&ctx.shared.kick),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::from(us / 1_000_000),
+        tv_nsec: libc::c_long::from(us % 1_000_000) * 1000,
+    };
+    // SAFETY: one valid pollfd, a valid timespec and no signal mask; ppoll only writes
+    // `revents` of the pollfd we own.
+    let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+    if n > 0 {
+        // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is reset.
+        let _ = ctx.shared.kick.read();
+    }
+}
+
+fn read_panic(mem: &GuestMem, value: u32) -> DomainExit {
+    let Ok(record) = mem.read_obj::<PanicRecord>(GuestAddress(layout::PANIC_RECORD)) else {
+        return DomainExit::BadPanicReport { value };
+    };
+    if record.magic != PANIC_MAGIC {
+        return DomainExit::BadPanicReport { value };
+    }
+    match PanicKind::from_raw(value) {
+        Some(PanicKind::Panic) => DomainExit::Panicked {
+            message: sanitize(record.message()),
+        },
+        Some(PanicKind::Exception) => DomainExit::Exception {
+            vector: record.vector,
+            rip: record.rip,
+            error_code: record.error_code,
+            cr2: record.cr2,
+        },
+        None => DomainExit::BadPanicReport { value },
+    }
+}
+
+/// Guest text made printable on one line.
+fn sanitize(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_classification() {
+        assert!(!DomainExit::Exited { status: 0 }.is_crash());
+        assert!(DomainExit::Exited { status: 3 }.is_crash());
+        assert!(DomainExit::Shutdown.is_crash());
+        assert!(DomainExit::Panicked {
+            message: String::new()
+        }
+        .is_crash());
+        assert!(!DomainExit::Stopped.is_crash());
+        assert_eq!(DomainExit::InternalError { suberror: 1 }.reason(), "internal-error");
+    }
+
+    #[test]
+    fn panic_report_needs_a_valid_record() {
+        let mem = crate::memory::create(2 << 20, 1 << 30).unwrap();
+        assert_eq!(read_panic(&mem, 1), DomainExit::BadPanicReport { value: 1 });
+        let mut r = PanicRecord {
+            magic: PANIC_MAGIC,
+            kind: 2,
+            vector: 14,
+            rip: 0x1234,
+            cr2: 0xdead,
+            msg_len: 100_000,
+            ..Default::default()
+        };
+        r.msg[..3].copy_from_slice(b"a\nb");
+        mem.write_obj(r, GuestAddress(layout::PANIC_RECORD)).unwrap();
+        let e = read_panic(&mem, 2);
+        assert_eq!(
+            e,
+            DomainExit::Exception {
+                vector: 14,
+                rip: 0x1234,
+                error_code: 0,
+                cr2: 0xdead
+            }
+        );
+        assert!(e.to_string().contains("page fault") && e.to_string().contains("cr2=0xdead"));
+        match read_panic(&mem, 1) {
+            DomainExit::Panicked { message } => {
+                assert!(message.starts_with("a b"));
+                assert!(!message.contains('\n'));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(read_panic(&mem, 9), DomainExit::BadPanicReport { value: 9 });
+    }
+
+    #[test]
+    fn port_values_of_any_width() {
+        assert_eq!(port_value(&[1]), 1);
+        assert_eq!(port_value(&[1, 2]), 0x201);
+        assert_eq!(port_value(&[1, 0, 0, 1]), 0x0100_0001);
+        assert_eq!(port_value(&[]), 0);
+    }
+}
