@@ -20,7 +20,10 @@ fn one_line_error(out: &std::process::Output) -> String {
 #[test]
 fn missing_image_is_named() {
     let err = one_line_error(&ddvm(&["boot", "/nonexistent/dd.elf"]));
-    assert!(err.contains("/nonexistent/dd.elf") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("/nonexistent/dd.elf") && err.contains("No such file"),
+        "{err}"
+    );
     assert!(err.contains("expected an x86-64 ELF"), "{err}");
 }
 
@@ -32,7 +35,10 @@ fn corrupt_image_is_refused() {
     bytes[1] = b'X';
     std::fs::write(&img, &bytes).unwrap();
     let err = one_line_error(&ddvm(&["boot", img.to_str().unwrap()]));
-    assert!(err.contains("corrupt.elf") && err.contains("not an ELF"), "{err}");
+    assert!(
+        err.contains("corrupt.elf") && err.contains("not an ELF"),
+        "{err}"
+    );
 
     let truncated = dir.join("truncated.elf");
     std::fs::write(&truncated, &ddvm_images::DRIVER_DOMAIN[..200]).unwrap();
@@ -48,7 +54,10 @@ fn elf_for_the_wrong_architecture_is_refused() {
     bytes[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
     std::fs::write(&img, &bytes).unwrap();
     let err = one_line_error(&ddvm(&["boot", img.to_str().unwrap()]));
-    assert!(err.contains("aarch64.elf") && err.contains("AArch64"), "{err}");
+    assert!(
+        err.contains("aarch64.elf") && err.contains("AArch64"),
+        "{err}"
+    );
     assert!(err.contains("expected an x86-64 ELF"), "{err}");
 }
 
@@ -56,7 +65,11 @@ fn elf_for_the_wrong_architecture_is_refused() {
 fn config_key_of_the_wrong_type_is_named() {
     let dir = scratch("config");
     let cfg = dir.join("bad.toml");
-    std::fs::write(&cfg, "[[domain]]\nname = \"dd0\"\nmemory_mib = \"sixteen\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[[domain]]\nname = \"dd0\"\nmemory_mib = \"sixteen\"\n",
+    )
+    .unwrap();
     let err = one_line_error(&ddvm(&["run", cfg.to_str().unwrap(), "--duration", "1"]));
     assert!(err.contains("bad.toml"), "{err}");
     assert!(err.contains("domain[0].memory_mib"), "{err}");
@@ -72,13 +85,19 @@ fn missing_config_file_is_named() {
 #[test]
 fn missing_kvm_device_is_named() {
     let err = one_line_error(&ddvm(&["--kvm", "/nonexistent/kvm", "boot"]));
-    assert!(err.contains("/nonexistent/kvm") && err.contains("needs KVM"), "{err}");
+    assert!(
+        err.contains("/nonexistent/kvm") && err.contains("needs KVM"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_device_that_is_not_kvm_is_named() {
     let err = one_line_error(&ddvm(&["--kvm", "/dev/null", "boot"]));
-    assert!(err.contains("/dev/null") && err.contains("not a KVM device"), "{err}");
+    assert!(
+        err.contains("/dev/null") && err.contains("not a KVM device"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -107,7 +126,10 @@ fn inaccessible_kvm_device_is_named() {
     if nix_access_ok() {
         panic!("/dev/kvm is world-accessible here; cannot provoke EACCES: {err}");
     }
-    assert!(err.contains("/dev/kvm") && err.contains("permission denied"), "{err}");
+    assert!(
+        err.contains("/dev/kvm") && err.contains("permission denied"),
+        "{err}"
+    );
 }
 
 fn nix_access_ok() -> bool {

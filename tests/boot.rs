@@ -22,7 +22,10 @@ fn driver_domain_boots_prints_marks_ready_and_heartbeats() {
     let hb1 = d.heartbeat().unwrap();
     assert!(hb1 > hb0, "heartbeat did not advance: {hb0} -> {hb1}");
     let text = d.console().text();
-    assert!(text.contains("ddvm driver-domain: booted on"), "console: {text}");
+    assert!(
+        text.contains("ddvm driver-domain: booted on"),
+        "console: {text}"
+    );
     assert!(text.contains("ready epoch=1"), "console: {text}");
     assert!(
         d.exits().wait.load(Ordering::Relaxed) > 0,
@@ -36,9 +39,12 @@ fn crash_with(fault: u32) -> (DomainExit, String) {
     let hv = kvm();
     let d = boot_ready(&hv, "crash", "");
     assert!(d.request_fault(fault));
-    let exit = d
-        .wait_stopped(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("fault {fault} did not stop the domain: {}", d.console().text()));
+    let exit = d.wait_stopped(Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "fault {fault} did not stop the domain: {}",
+            d.console().text()
+        )
+    });
     (exit, d.console().text())
 }
 
@@ -61,7 +67,10 @@ fn invalid_opcode_is_reported_by_the_guest_idt() {
     match exit {
         DomainExit::Exception { vector, rip, .. } => {
             assert_eq!(vector, 6, "#UD");
-            assert!(rip >= ddvm_abi::layout::IMAGE_BASE, "rip {rip:#x} in the image");
+            assert!(
+                rip >= ddvm_abi::layout::IMAGE_BASE,
+                "rip {rip:#x} in the image"
+            );
         }
         other => panic!("expected #UD, got {other:?}; console: {console}"),
     }
@@ -94,11 +103,19 @@ fn hung_domain_stops_heartbeating_and_still_tears_down() {
     std::thread::sleep(Duration::from_millis(50));
     let hb0 = d.heartbeat().unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(d.heartbeat().unwrap(), hb0, "a hung domain must not heartbeat");
+    assert_eq!(
+        d.heartbeat().unwrap(),
+        hb0,
+        "a hung domain must not heartbeat"
+    );
     assert!(matches!(d.state(), RunState::Ready(_)));
     let t = std::time::Instant::now();
     assert_eq!(d.stop(), DomainExit::Stopped);
-    assert!(t.elapsed() < Duration::from_secs(1), "teardown of a spinning vCPU took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "teardown of a spinning vCPU took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -111,7 +128,10 @@ fn domain_runs_natively_without_instruction_emulation() {
         .unwrap_or_else(|s| panic!("not ready: {s:?} console: {}", d.console().text()));
     let emul1 = d.vcpu_stat("insn_emulation").unwrap();
     let text = d.console().text();
-    assert!(text.contains("spin done iterations=50000000"), "console: {text}");
+    assert!(
+        text.contains("spin done iterations=50000000"),
+        "console: {text}"
+    );
     assert!(
         emul1 - emul0 < 5_000,
         "insn_emulation grew by {} during a 100 M instruction loop on {}: the guest is emulated",
@@ -145,7 +165,10 @@ fn cli_boot_classifies_an_early_exception() {
     let out = ddvm(&["boot", "--cmdline", "ud2"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "stdout: {stdout}");
-    assert!(stdout.contains("[reason=exception]") && stdout.contains("invalid opcode"), "stdout: {stdout}");
+    assert!(
+        stdout.contains("[reason=exception]") && stdout.contains("invalid opcode"),
+        "stdout: {stdout}"
+    );
 }
 
 #[test]

@@ -13,11 +13,27 @@ const QEMU: &str = "qemu-system-x86_64";
 fn qemu_boot(append: &str) -> (Option<i32>, String) {
     let mut child = Command::new(QEMU)
         .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "64M",
-            "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel", ddvm_images::driver_domain_path(),
-            "-append", append,
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "64M",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+            ddvm_images::driver_domain_path(),
+            "-append",
+            append,
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -37,16 +53,29 @@ fn qemu_boot(append: &str) -> (Option<i32>, String) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (status.code(), format!("{out}{err}"))
 }
 
 #[test]
 fn driver_domain_boots_under_qemu_through_pvh() {
     let (code, out) = qemu_boot("exit=0");
-    assert!(out.contains("ddvm driver-domain: booted on qemu-pvh"), "output: {out}");
+    assert!(
+        out.contains("ddvm driver-domain: booted on qemu-pvh"),
+        "output: {out}"
+    );
     // isa-debug-exit: status 0 -> exit code (0 << 1) | 1.
     assert_eq!(code, Some(1), "output: {out}");
 }
@@ -55,13 +84,20 @@ fn driver_domain_boots_under_qemu_through_pvh() {
 fn panic_under_qemu_is_reported_and_fails() {
     let (code, out) = qemu_boot("panic");
     assert!(out.contains("panic"), "output: {out}");
-    assert_ne!(code, Some(1), "a panic must not exit with success; output: {out}");
+    assert_ne!(
+        code,
+        Some(1),
+        "a panic must not exit with success; output: {out}"
+    );
     assert!(code.is_some(), "QEMU must exit through isa-debug-exit");
 }
 
 #[test]
 fn exception_under_qemu_is_reported_by_the_idt() {
     let (code, out) = qemu_boot("ud2");
-    assert!(out.contains("invalid opcode") || out.contains("#UD"), "output: {out}");
+    assert!(
+        out.contains("invalid opcode") || out.contains("#UD"),
+        "output: {out}"
+    );
     assert_ne!(code, Some(1), "output: {out}");
 }

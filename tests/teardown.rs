@@ -40,7 +40,10 @@ fn two_hundred_domains_boot_and_tear_down_without_leaking() {
     assert_eq!(threads2, threads, "threads leaked");
     assert!(maps2 <= maps + 4, "mappings leaked: {maps} -> {maps2}");
     // Each domain has 16 MiB of RAM: a leak of one domain's memory per cycle would be GiBs.
-    assert!(rss2 <= rss + 8 * 1024, "RSS grew from {rss} KiB to {rss2} KiB");
+    assert!(
+        rss2 <= rss + 8 * 1024,
+        "RSS grew from {rss} KiB to {rss2} KiB"
+    );
 }
 
 #[test]
@@ -63,7 +66,9 @@ fn failed_boot_leaves_nothing_behind() {
     ));
     let mut cfg = dd_config("bad", "");
     cfg.image = ddvm::loader::Image::from_static("garbage", b"\x7fELF garbage");
-    let err = Domain::boot(&hv, &cfg, 1).err().expect("garbage image must fail");
+    let err = Domain::boot(&hv, &cfg, 1)
+        .err()
+        .expect("garbage image must fail");
     assert!(err.to_string().contains("garbage"), "{err}");
     assert_eq!(fd_count(), fds);
     assert_eq!(thread_count(), threads);

@@ -72,7 +72,10 @@ fn main() {
         if kvm_exits.is_empty() {
             String::new()
         } else {
-            format!(", p50 {} in all (KVM `exits` stat)", percentile(&kvm_exits, 0.5))
+            format!(
+                ", p50 {} in all (KVM `exits` stat)",
+                percentile(&kvm_exits, 0.5)
+            )
         }
     );
     println!(

@@ -133,7 +133,7 @@ mod tests {
             let pd = pdpte & !0xfff;
             for i in [0u64, 1, 511] {
                 let e: u64 = mem.read_obj(GuestAddress(pd + 8 * i)).unwrap();
-                assert_eq!(e, (d << 30) + (i << 21) | 0x87);
+                assert_eq!(e, ((d << 30) + (i << 21)) | 0x87);
             }
         }
         let unused: u64 = mem.read_obj(GuestAddress(layout::PDPT + 8 * 4)).unwrap();
@@ -143,7 +143,10 @@ mod tests {
     #[test]
     fn sregs_are_the_measured_long_mode_values() {
         let s = long_mode_sregs(kvm_sregs::default());
-        assert_eq!((s.cr0, s.cr4, s.efer, s.cr3), (CR0, CR4, EFER, layout::PML4));
+        assert_eq!(
+            (s.cr0, s.cr4, s.efer, s.cr3),
+            (CR0, CR4, EFER, layout::PML4)
+        );
         assert_eq!(s.cs.selector, 0x10);
         assert_eq!((s.cs.l, s.cs.dpl, s.cs.type_), (1, 0, 0xb));
         assert_eq!(s.gdt.limit, 31);

@@ -119,7 +119,10 @@ impl Config {
             {
                 return Err(invalid(
                     format!("domain[{i}].name"),
-                    format!("{:?}: expected a non-empty name of letters, digits, '-' and '_'", d.name),
+                    format!(
+                        "{:?}: expected a non-empty name of letters, digits, '-' and '_'",
+                        d.name
+                    ),
                 ));
             }
             if self.domains[..i].iter().any(|o| o.name == d.name) {
@@ -131,7 +134,10 @@ impl Config {
             if d.memory_mib < 4 || d.memory_mib % 2 != 0 || d.memory_mib > 4096 {
                 return Err(invalid(
                     format!("domain[{i}].memory_mib"),
-                    format!("{}: expected an even number of MiB from 4 to 4096", d.memory_mib),
+                    format!(
+                        "{}: expected an even number of MiB from 4 to 4096",
+                        d.memory_mib
+                    ),
                 ));
             }
             if d.channel_kib % 4 != 0 || d.channel_kib * 2 > d.memory_mib * 1024 {
@@ -158,10 +164,7 @@ impl DomainSection {
         Some(if p.is_absolute() {
             p.to_path_buf()
         } else {
-            config_file
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(p)
+            config_file.parent().unwrap_or(Path::new(".")).join(p)
         })
     }
 }
@@ -196,7 +199,10 @@ mod tests {
     fn wrong_type_names_file_key_and_expectation() {
         let e = parse("[[domain]]\nname = \"dd0\"\nmemory_mib = \"lots\"\n").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.starts_with("t.toml: key `domain[0].memory_mib`: "), "{msg}");
+        assert!(
+            msg.starts_with("t.toml: key `domain[0].memory_mib`: "),
+            "{msg}"
+        );
         assert!(msg.contains("expected"), "{msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");
     }

@@ -8,7 +8,9 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;
 
-use ddvm_abi::log::{plan_drain, ring_pieces, LogHeader, LOG_HEADER_SIZE, LOG_HEAD_OFFSET, LOG_MAGIC};
+use ddvm_abi::log::{
+    plan_drain, ring_pieces, LogHeader, LOG_HEADER_SIZE, LOG_HEAD_OFFSET, LOG_MAGIC,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMem;
@@ -130,7 +132,11 @@ pub struct LogReader {
 
 impl LogReader {
     /// Writes a fresh ring header at `base` covering `size` bytes and returns its reader.
-    pub fn create(mem: &GuestMem, base: u64, size: u64) -> Result<Self, vm_memory::GuestMemoryError> {
+    pub fn create(
+        mem: &GuestMem,
+        base: u64,
+        size: u64,
+    ) -> Result<Self, vm_memory::GuestMemoryError> {
         let data_size = size - LOG_HEADER_SIZE;
         let header = LogHeader {
             magic: LOG_MAGIC,
@@ -187,7 +193,8 @@ mod tests {
             mem.write_obj(b, GuestAddress(at)).unwrap();
             *head += 1;
         }
-        mem.write_obj(*head, GuestAddress(base + LOG_HEAD_OFFSET)).unwrap();
+        mem.write_obj(*head, GuestAddress(base + LOG_HEAD_OFFSET))
+            .unwrap();
     }
 
     #[test]
@@ -214,9 +221,11 @@ mod tests {
         r.drain(&mem, &console);
         assert_eq!(console.counts().1, 4);
         assert!(console.text().ends_with("456789abcdefXYZ\n"));
-        mem.write_obj(3u64, GuestAddress(0x1_0000 + LOG_HEAD_OFFSET)).unwrap();
+        mem.write_obj(3u64, GuestAddress(0x1_0000 + LOG_HEAD_OFFSET))
+            .unwrap();
         r.drain(&mem, &console);
-        mem.write_obj(u64::MAX, GuestAddress(0x1_0000 + LOG_HEAD_OFFSET)).unwrap();
+        mem.write_obj(u64::MAX, GuestAddress(0x1_0000 + LOG_HEAD_OFFSET))
+            .unwrap();
         r.drain(&mem, &console);
         assert!(console.text().len() <= CONSOLE_KEEP);
     }

@@ -13,7 +13,7 @@ use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 use ddvm_abi::channel::{offset as chan, ChannelHeader};
 use ddvm_abi::layout;
 use ddvm_abi::port;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::Killable;
@@ -80,7 +80,10 @@ pub enum DomainError {
         size: u64,
     },
     /// Command line too long or with a NUL.
-    #[error("domain {name}: command line of {len} bytes; expected at most {} bytes without NUL", layout::CMDLINE_MAX)]
+    #[error(
+        "domain {name}: command line of {len} bytes; expected at most {} bytes without NUL",
+        layout::CMDLINE_MAX
+    )]
     Cmdline {
         /// Domain name.
         name: String,
@@ -184,8 +187,11 @@ impl Domain {
             .map_err(setup("log ring"))?;
         let channel = (cfg.channel_size > 0).then_some(channel_gpa);
         if let Some(gpa) = channel {
-            mem.write_obj(ChannelHeader::new(epoch, cfg.channel_size), GuestAddress(gpa))
-                .map_err(setup("channel header"))?;
+            mem.write_obj(
+                ChannelHeader::new(epoch, cfg.channel_size),
+                GuestAddress(gpa),
+            )
+            .map_err(setup("channel header"))?;
         }
 
         // 3. KVM objects.
@@ -212,10 +218,9 @@ impl Domain {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = hv
-            .kvm()
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .supported_cpuid()
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&arch::long_mode_sregs(sregs))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -266,12 +271,11 @@ impl Domain {
             source: std::io::Error::other(e),
         })?;
         let shared = Arc::new(Shared::new().map_err(host_err("eventfd"))?);
-        vcpu::install_kick_handler()
-            .map_err(|e| DomainError::Host {
-                name: name.clone(),
-                what: "kick signal handler",
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            })?;
+        vcpu::install_kick_handler().map_err(|e| DomainError::Host {
+            name: name.clone(),
+            what: "kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
         let ctx = VcpuContext {
             mem: mem.clone(),
             pio: Arc::new(pio),
@@ -353,6 +357,11 @@ impl Domain {
         self.stats.as_ref()?.get(name)
     }
 
+    /// Every KVM statistic of the vCPU.
+    pub fn vcpu_stats(&self) -> Vec<(String, u64)> {
+        self.stats.as_ref().map(|s| s.all()).unwrap_or_default()
+    }
+
     /// Current state.
     pub fn state(&self) -> RunState {
         self.shared.state()
@@ -432,7 +441,9 @@ fn join_vcpu(thread: JoinHandle<DomainExit>) -> DomainExit {
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(5));
     }
-    thread.join().unwrap_or(DomainExit::HostError { errno: libc::EIO })
+    thread
+        .join()
+        .unwrap_or(DomainExit::HostError { errno: libc::EIO })
 }
 
 impl Drop for Domain {

@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ddvm_abi::boot::Platform;
-use kvm_bindings::{kvm_msr_entry, Msrs};
+use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
 
 /// Default KVM device node.
@@ -68,6 +68,7 @@ pub struct Hypervisor {
     kvm: Kvm,
     path: PathBuf,
     host_kind: Platform,
+    cpuid: std::sync::OnceLock<CpuId>,
 }
 
 impl fmt::Debug for Hypervisor {
@@ -113,7 +114,17 @@ impl Hypervisor {
             kvm,
             path: path.to_path_buf(),
             host_kind,
+            cpuid: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The CPUID KVM supports, asked once (each boot would otherwise pay ~0.1 ms for it).
+    pub fn supported_cpuid(&self) -> Result<&CpuId, kvm_ioctls::Error> {
+        if let Some(c) = self.cpuid.get() {
+            return Ok(c);
+        }
+        let c = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+        Ok(self.cpuid.get_or_init(|| c))
     }
 
     /// The KVM handle.

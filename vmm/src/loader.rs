@@ -320,10 +320,11 @@ impl Image {
     /// Loads a checked image into `mem` and zeroes its `.bss`.
     pub fn load(&self, info: &ImageInfo, mem: &GuestMem) -> Result<Loaded, ImageError> {
         let mut cursor = Cursor::new(&self.bytes[..]);
-        let result = Elf::load(mem, None, &mut cursor, None).map_err(|source| ImageError::Load {
-            path: self.name.clone(),
-            source,
-        })?;
+        let result =
+            Elf::load(mem, None, &mut cursor, None).map_err(|source| ImageError::Load {
+                path: self.name.clone(),
+                source,
+            })?;
         const ZEROS: [u8; 4096] = [0; 4096];
         for s in &info.segments {
             let mut addr = s.paddr + s.filesz;
@@ -382,7 +383,13 @@ pub(crate) mod tests {
     use super::*;
 
     /// A minimal ELF64 executable with one PT_LOAD segment (code at `paddr`, `bss` extra bytes).
-    pub(crate) fn tiny_elf(machine: u16, e_type: u16, paddr: u64, code: &[u8], bss: u64) -> Vec<u8> {
+    pub(crate) fn tiny_elf(
+        machine: u16,
+        e_type: u16,
+        paddr: u64,
+        code: &[u8],
+        bss: u64,
+    ) -> Vec<u8> {
         let mut b = vec![0u8; 0x1000];
         b[..4].copy_from_slice(b"\x7fELF");
         b[4] = 2;
@@ -422,7 +429,8 @@ pub(crate) mod tests {
         assert_eq!(info.entry, 0x10_0000);
         assert_eq!(info.end, 0x10_0000 + 16 + 64);
         let mem = crate::memory::create(2 << 20, 1 << 30).unwrap();
-        mem.write_slice(&[0xaa; 64], GuestAddress(0x10_0010)).unwrap();
+        mem.write_slice(&[0xaa; 64], GuestAddress(0x10_0010))
+            .unwrap();
         let loaded = img.load(&info, &mem).unwrap();
         assert_eq!(loaded.entry, 0x10_0000);
         assert!(!loaded.has_pvh_entry);
@@ -434,10 +442,9 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_garbage_with_a_message_naming_the_file() {
-        let err = image(b"hello world, this is not an ELF at all........................"
-            .to_vec())
-        .check(0, u64::MAX)
-        .unwrap_err();
+        let err = image(b"hello world, this is not an ELF at all........................".to_vec())
+            .check(0, u64::MAX)
+            .unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, ImageError::NotElf { .. }));
         assert!(msg.contains("test.elf") && msg.contains("expected an x86-64 ELF"));
@@ -508,6 +515,9 @@ pub(crate) mod tests {
     #[test]
     fn missing_file_error_names_the_file() {
         let err = Image::from_file(Path::new("/nonexistent/dd.elf")).unwrap_err();
-        assert!(err.to_string().starts_with("image /nonexistent/dd.elf: "), "{err}");
+        assert!(
+            err.to_string().starts_with("image /nonexistent/dd.elf: "),
+            "{err}"
+        );
     }
 }

@@ -20,7 +20,11 @@ const EXIT_GUEST_CRASH: u8 = 3;
 const EXIT_TIMEOUT: u8 = 4;
 
 #[derive(Parser)]
-#[command(name = "ddvm", version, about = "Crash-proof device drivers: driver domains under a reincarnation server")]
+#[command(
+    name = "ddvm",
+    version,
+    about = "Crash-proof device drivers: driver domains under a reincarnation server"
+)]
 struct Cli {
     /// KVM device node.
     #[arg(long, global = true, env = "DDVM_KVM", default_value = DEFAULT_KVM_PATH)]
@@ -39,6 +43,9 @@ enum Command {
         /// How long to watch the domain after it is ready, in milliseconds.
         #[arg(long, default_value_t = 500)]
         watch_ms: u64,
+        /// Also print every non-zero KVM statistic of the vCPU at the ready mark.
+        #[arg(long)]
+        stats: bool,
     },
     /// Start every domain of a TOML topology and run until interrupted or `--duration`.
     Run {
@@ -91,7 +98,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Demo { watch_ms } => demo(&cli.kvm, Duration::from_millis(watch_ms)),
+        Command::Demo { watch_ms, stats } => demo(&cli.kvm, Duration::from_millis(watch_ms), stats),
         Command::Run { config, duration } => run_config(&cli.kvm, &config, duration),
         Command::Boot {
             image,
@@ -113,7 +120,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 channel_size: channel_kib << 10,
                 echo: Echo::Stderr,
             };
-            boot_one(&cli.kvm, &cfg, Duration::from_secs_f64(timeout), until_ready)
+            boot_one(
+                &cli.kvm,
+                &cfg,
+                Duration::from_secs_f64(timeout),
+                until_ready,
+            )
         }
     }
 }
@@ -156,7 +168,10 @@ fn boot_one(
         Some(exit) => Ok(report_exit(&domain, &exit)),
         None => {
             domain.stop();
-            eprintln!("ddvm: domain {} still running after {timeout:?}; stopped it", domain.name());
+            eprintln!(
+                "ddvm: domain {} still running after {timeout:?}; stopped it",
+                domain.name()
+            );
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
     }
@@ -180,7 +195,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn demo(kvm: &Path, watch: Duration) -> anyhow::Result<ExitCode> {
+fn demo(kvm: &Path, watch: Duration, show_stats: bool) -> anyhow::Result<ExitCode> {
     let hv = open_kvm(kvm)?;
     let cfg = DomainConfig {
         name: "nvme0-dd".into(),
@@ -190,7 +205,10 @@ fn demo(kvm: &Path, watch: Duration) -> anyhow::Result<ExitCode> {
         channel_size: 64 << 10,
         echo: Echo::Stderr,
     };
-    println!("ddvm demo: booting the built-in driver domain ({} KiB image)", ddvm_images::DRIVER_DOMAIN.len() / 1024);
+    println!(
+        "ddvm demo: booting the built-in driver domain ({} KiB image)",
+        ddvm_images::DRIVER_DOMAIN.len() / 1024
+    );
     let mut domain = Domain::boot(&hv, &cfg, 1)?;
     let ready = match domain.wait_ready(Duration::from_secs(10)) {
         Ok(t) => t,
@@ -200,6 +218,13 @@ fn demo(kvm: &Path, watch: Duration) -> anyhow::Result<ExitCode> {
         Err(_) => anyhow::bail!("the driver domain did not become ready within 10 s"),
     };
     let boot_exits = domain.exits().total.load(Ordering::Relaxed);
+    if show_stats {
+        for (k, v) in domain.vcpu_stats() {
+            if v != 0 {
+                println!("  kvm stat at ready   {k} = {v}");
+            }
+        }
+    }
     let emul0 = domain.vcpu_stat("insn_emulation");
     let hb0 = domain.heartbeat().unwrap_or(0);
     let t0 = Instant::now();
@@ -212,7 +237,11 @@ fn demo(kvm: &Path, watch: Duration) -> anyhow::Result<ExitCode> {
     let exit = domain.stop();
     println!("ddvm demo: summary");
     println!("  platform            {}", domain.platform().name());
-    println!("  boot to ready       {:.3} ms ({} exits to the VMM)", ms(ready), boot_exits);
+    println!(
+        "  boot to ready       {:.3} ms ({} exits to the VMM)",
+        ms(ready),
+        boot_exits
+    );
     println!(
         "  heartbeats          {} in {:.0} ms ({} wait exits)",
         hb1.saturating_sub(hb0),
@@ -223,7 +252,11 @@ fn demo(kvm: &Path, watch: Duration) -> anyhow::Result<ExitCode> {
         (Some(a), Some(b)) => println!(
             "  insn_emulation      +{} while watched ({})",
             b - a,
-            if b - a < 1000 { "native execution" } else { "EMULATED: slow path" }
+            if b - a < 1000 {
+                "native execution"
+            } else {
+                "EMULATED: slow path"
+            }
         ),
         _ => println!("  insn_emulation      (KVM has no binary stats here)"),
     }
@@ -267,14 +300,25 @@ fn run_config(kvm: &Path, file: &Path, duration: Option<f64>) -> anyhow::Result<
     let hv = open_kvm(kvm)?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGINT,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
     }
     let mut domains = Vec::new();
     for cfg in &cfgs {
         let d = Domain::boot(&hv, cfg, 1).with_context(|| format!("starting {}", cfg.name))?;
         match d.wait_ready(Duration::from_secs(10)) {
-            Ok(t) => println!("ddvm: domain {} ready in {:.3} ms on {}", d.name(), ms(t), d.platform().name()),
+            Ok(t) => println!(
+                "ddvm: domain {} ready in {:.3} ms on {}",
+                d.name(),
+                ms(t),
+                d.platform().name()
+            ),
             Err(RunState::Stopped(exit)) => {
                 let code = report_exit(&d, &exit);
                 return Ok(code);

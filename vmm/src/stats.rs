@@ -45,9 +45,14 @@ impl VcpuStats {
     fn parse(file: File) -> Option<Self> {
         let mut h = [0u8; HEADER_SIZE];
         file.read_exact_at(&mut h, 0).ok()?;
-        let word = |i: usize| u32::from_le_bytes([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]);
-        let (name_size, num_desc, desc_offset, data_offset) =
-            (word(1) as usize, word(2) as usize, word(4) as u64, word(5) as u64);
+        let word =
+            |i: usize| u32::from_le_bytes([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]]);
+        let (name_size, num_desc, desc_offset, data_offset) = (
+            word(1) as usize,
+            word(2) as usize,
+            word(4) as u64,
+            word(5) as u64,
+        );
         if name_size == 0 || num_desc > 4096 || name_size > 4096 {
             return None;
         }
@@ -76,6 +81,17 @@ impl VcpuStats {
             .read_exact_at(&mut v, self.data_offset + offset)
             .ok()?;
         Some(u64::from_le_bytes(v))
+    }
+
+    /// Every counter, by name.
+    pub fn all(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .index
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.get(k)?)))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Raw fd, for tests that check teardown closes it.

@@ -300,6 +300,10 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
         let step = match vcpu.run() {
             Ok(exit) => {
                 ctx.shared.exits.total.fetch_add(1, Ordering::Relaxed);
+                // Before handling the exit, which may block (a wait): the mark is timed here.
+                if !ready_seen {
+                    ready_seen = check_ready(ctx);
+                }
                 handle_exit(exit, ctx)
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -319,16 +323,20 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
         if let Some(log) = ctx.log.as_mut() {
             log.drain(&ctx.mem, &ctx.console);
         }
-        if !ready_seen {
-            if let Some((gpa, epoch)) = ctx.channel {
-                if let Ok(h) = ctx.mem.read_obj::<ChannelHeader>(GuestAddress(gpa)) {
-                    if h.is_ready_for(epoch) {
-                        ready_seen = true;
-                        ctx.shared.set(RunState::Ready(ctx.started.elapsed()));
-                    }
-                }
-            }
+    }
+}
+
+/// Looks for the ready mark of the current epoch; publishes the time when it is there.
+fn check_ready(ctx: &VcpuContext) -> bool {
+    let Some((gpa, epoch)) = ctx.channel else {
+        return true;
+    };
+    match ctx.mem.read_obj::<ChannelHeader>(GuestAddress(gpa)) {
+        Ok(h) if h.is_ready_for(epoch) => {
+            ctx.shared.set(RunState::Ready(ctx.started.elapsed()));
+            true
         }
+        _ => false,
     }
 }
 
@@ -474,7 +482,10 @@ mod tests {
         }
         .is_crash());
         assert!(!DomainExit::Stopped.is_crash());
-        assert_eq!(DomainExit::InternalError { suberror: 1 }.reason(), "internal-error");
+        assert_eq!(
+            DomainExit::InternalError { suberror: 1 }.reason(),
+            "internal-error"
+        );
     }
 
     #[test]
@@ -491,7 +502,8 @@ mod tests {
             ..Default::default()
         };
         r.msg[..3].copy_from_slice(b"a\nb");
-        mem.write_obj(r, GuestAddress(layout::PANIC_RECORD)).unwrap();
+        mem.write_obj(r, GuestAddress(layout::PANIC_RECORD))
+            .unwrap();
         let e = read_panic(&mem, 2);
         assert_eq!(
             e,

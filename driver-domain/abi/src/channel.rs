@@ -128,7 +128,10 @@ mod tests {
         assert!(!h.is_ready_for(7));
         h.state = state::READY;
         h.ready_epoch = 6;
-        assert!(!h.is_ready_for(7), "a ready mark from an old epoch is stale");
+        assert!(
+            !h.is_ready_for(7),
+            "a ready mark from an old epoch is stale"
+        );
         h.ready_epoch = 7;
         assert!(h.is_ready_for(7));
     }
