@@ -1,0 +1,24 @@
+//! Every example topology in configs/ parses and runs.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn every_example_config_runs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        n += 1;
+        let out = ddvm(&["run", path.to_str().unwrap(), "--duration", "0.3"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stdout}{stderr}", path.display());
+        assert!(stdout.contains("ready in"), "{}: {stdout}", path.display());
+    }
+    assert!(n > 0, "no configs found in {}", dir.display());
+}
