@@ -25,7 +25,7 @@ pub fn dd_config(name: &str, cmdline: &str) -> DomainConfig {
         image: ddvm::builtin_driver_domain(),
         memory: 16 << 20,
         cmdline: cmdline.to_string(),
-        channel_size: 64 << 10,
+        channel_size: 1 << 20,
         echo: Echo::Off,
     }
 }

@@ -28,7 +28,7 @@ fn main() {
         image: ddvm::builtin_driver_domain(),
         memory: 16 << 20,
         cmdline: String::new(),
-        channel_size: 64 << 10,
+        channel_size: 1 << 20,
         echo: Echo::Off,
     };
     let mut times = Vec::with_capacity(iters);

@@ -7,7 +7,7 @@ use serde::Deserialize;
 /// Default domain memory in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 16;
 /// Default channel size in KiB.
-pub const DEFAULT_CHANNEL_KIB: u64 = 64;
+pub const DEFAULT_CHANNEL_KIB: u64 = 1024;
 /// Name of the image built into ddvm.
 pub const BUILTIN_DRIVER_DOMAIN: &str = "builtin:driver-domain";
 
@@ -140,11 +140,11 @@ impl Config {
                     ),
                 ));
             }
-            if d.channel_kib % 4 != 0 || d.channel_kib * 2 > d.memory_mib * 1024 {
+            if d.channel_kib < 300 || d.channel_kib % 4 != 0 || d.channel_kib * 2 > d.memory_mib * 1024 {
                 return Err(invalid(
                     format!("domain[{i}].channel_kib"),
                     format!(
-                        "{}: expected a multiple of 4 KiB of at most half the memory",
+                        "{}: expected a multiple of 4 KiB from 300 KiB to half the memory",
                         d.channel_kib
                     ),
                 ));

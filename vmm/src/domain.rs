@@ -72,7 +72,7 @@ pub enum DomainError {
         memory: u64,
     },
     /// Bad channel size.
-    #[error("domain {name}: channel of {size} bytes; expected a multiple of 4096 of at most half the memory")]
+    #[error("domain {name}: channel of {size} bytes; expected a multiple of 4096 of at most half the memory, with room for {RING_ENTRIES} slots of 4 KiB or more")]
     ChannelSize {
         /// Domain name.
         name: String,
@@ -168,6 +168,10 @@ impl Domain {
             });
         }
         let channel_gpa = cfg.memory - cfg.channel_size;
+        let header = match cfg.channel_size {
+            0 => None,
+            size => Some(channel_header(&name, epoch, size)?),
+        };
         let info = cfg.image.check(layout::IMAGE_BASE, channel_gpa)?;
         let mem = memory::create(cfg.memory, layout::IDENTITY_MAPPED).map_err(|source| {
             DomainError::Memory {
@@ -186,12 +190,9 @@ impl Domain {
         let log = LogReader::create(&mem, layout::LOG_RING, layout::LOG_RING_SIZE)
             .map_err(setup("log ring"))?;
         let channel = (cfg.channel_size > 0).then_some(channel_gpa);
-        if let Some(gpa) = channel {
-            mem.write_obj(
-                ChannelHeader::new(epoch, cfg.channel_size),
-                GuestAddress(gpa),
-            )
-            .map_err(setup("channel header"))?;
+        if let (Some(gpa), Some(header)) = (channel, header) {
+            mem.write_obj(header, GuestAddress(gpa))
+                .map_err(setup("channel header"))?;
         }
 
         // 3. KVM objects.
@@ -429,6 +430,27 @@ impl Domain {
             .clone()
             .unwrap_or(DomainExit::Stopped)
     }
+}
+
+/// Entries of each channel ring.
+pub const RING_ENTRIES: u32 = 64;
+/// Largest request data.
+pub const MAX_TRANSFER_LIMIT: u32 = 128 << 10;
+
+/// The channel header for a channel of `size` bytes: [`RING_ENTRIES`] per ring, the rest as
+/// bounce slots, one per ring entry, each as large as fits (at most 128 KiB).
+pub fn channel_header(name: &str, epoch: u64, size: u64) -> Result<ChannelHeader, DomainError> {
+    let probe = ChannelHeader::new(epoch, size, RING_ENTRIES, 512);
+    let per_slot = u64::from(probe.data_size) / u64::from(RING_ENTRIES);
+    let max_transfer = (per_slot.min(u64::from(MAX_TRANSFER_LIMIT)) / 4096 * 4096) as u32;
+    let header = ChannelHeader::new(epoch, size, RING_ENTRIES, max_transfer);
+    if max_transfer == 0 || header.check_geometry().is_err() {
+        return Err(DomainError::ChannelSize {
+            name: name.to_string(),
+            size,
+        });
+    }
+    Ok(header)
 }
 
 /// Kicks the vCPU thread out of KVM_RUN until it finishes. The first signal normally does;

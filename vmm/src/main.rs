@@ -66,7 +66,7 @@ enum Command {
         #[arg(long, default_value = "")]
         cmdline: String,
         /// Channel size in KiB (0: none).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 1024)]
         channel_kib: u64,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 10.0)]
@@ -202,7 +202,7 @@ fn demo(kvm: &Path, watch: Duration, show_stats: bool) -> anyhow::Result<ExitCod
         image: ddvm::builtin_driver_domain(),
         memory: 16 << 20,
         cmdline: String::new(),
-        channel_size: 64 << 10,
+        channel_size: 1 << 20,
         echo: Echo::Stderr,
     };
     println!(

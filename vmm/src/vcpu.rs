@@ -300,6 +300,10 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
         let step = match vcpu.run() {
             Ok(exit) => {
                 ctx.shared.exits.total.fetch_add(1, Ordering::Relaxed);
+                // What the guest printed is in the console before anything else is published.
+                if let Some(log) = ctx.log.as_mut() {
+                    log.drain(&ctx.mem, &ctx.console);
+                }
                 // Before handling the exit, which may block (a wait): the mark is timed here.
                 if !ready_seen {
                     ready_seen = check_ready(ctx);
@@ -319,9 +323,6 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
                 },
                 other => other,
             };
-        }
-        if let Some(log) = ctx.log.as_mut() {
-            log.drain(&ctx.mem, &ctx.console);
         }
     }
 }

@@ -4,7 +4,7 @@
 use vm_memory::ByteValued;
 
 use crate::boot::BootInfo;
-use crate::channel::ChannelHeader;
+use crate::channel::{ChannelHeader, DeviceInfo};
 use crate::log::LogHeader;
 use crate::panic::PanicRecord;
 
@@ -13,6 +13,8 @@ use crate::panic::PanicRecord;
 unsafe impl ByteValued for BootInfo {}
 // SAFETY: as above.
 unsafe impl ByteValued for ChannelHeader {}
+// SAFETY: as above.
+unsafe impl ByteValued for DeviceInfo {}
 // SAFETY: as above.
 unsafe impl ByteValued for LogHeader {}
 // SAFETY: as above.

@@ -20,6 +20,11 @@ pub const PANIC: u16 = 0x500;
 /// kick), or the timeout passes, then resumes it.
 pub const WAIT: u16 = 0x504;
 
+/// Notify port: a 32-bit write tells the VMM the domain published completions. Written only
+/// while the VMM asks for it (`channel::vmm_flags::NOTIFY_ME`); served in the kernel through an
+/// ioeventfd (~23 µs on PVM instead of ~70 µs for an exit to the VMM's userspace).
+pub const NOTIFY: u16 = 0x508;
+
 /// Longest wait the VMM honours, in microseconds; longer requests are clamped.
 pub const WAIT_MAX_US: u32 = 1_000_000;
 
