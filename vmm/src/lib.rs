@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod channel;
 pub mod config;
 pub mod console;
 pub mod devices;

@@ -183,6 +183,8 @@ pub enum RunState {
 pub struct Shared {
     stop: AtomicBool,
     kick: EventFd,
+    /// Written when the domain writes the notify port (normally in the kernel, by ioeventfd).
+    pub notify: EventFd,
     /// Exit counters.
     pub exits: ExitCounters,
     state: Mutex<RunState>,
@@ -195,6 +197,7 @@ impl Shared {
         Ok(Shared {
             stop: AtomicBool::new(false),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            notify: EventFd::new(libc::EFD_NONBLOCK)?,
             exits: ExitCounters::default(),
             state: Mutex::new(RunState::Booting),
             changed: Condvar::new(),
@@ -365,6 +368,11 @@ fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
                     status: port_value(data),
                 }),
                 port::PANIC => Step::Stop(read_panic(&ctx.mem, port_value(data))),
+                port::NOTIFY => {
+                    // Only reached when the ioeventfd could not be registered.
+                    let _ = ctx.shared.notify.write(1);
+                    Step::Continue
+                }
                 port::WAIT => {
                     exits.wait.fetch_add(1, Ordering::Relaxed);
                     wait(ctx, port_value(data));
