@@ -407,10 +407,7 @@ impl HostChannel {
         if let Some(buf) = read_into {
             let n = buf.len().min(done.len as usize);
             if mem
-                .read_slice(
-                    &mut buf[..n],
-                    GuestAddress(self.base + done.request.data),
-                )
+                .read_slice(&mut buf[..n], GuestAddress(self.base + done.request.data))
                 .is_err()
             {
                 buf.fill(0);
@@ -572,7 +569,9 @@ mod tests {
         m.store_u32(u64::from(h.cpl_ring), h.cpl_entries + 1);
         assert!(matches!(
             ch.poll(&mem, &mut Vec::new()),
-            Err(DomainProtocolError::Index(IndexError::ProducerTooFar { .. }))
+            Err(DomainProtocolError::Index(
+                IndexError::ProducerTooFar { .. }
+            ))
         ));
         // Consumer index of the request ring past what the VMM produced.
         let (mem, mut ch, h) = setup();

@@ -140,7 +140,10 @@ impl Config {
                     ),
                 ));
             }
-            if d.channel_kib < 300 || d.channel_kib % 4 != 0 || d.channel_kib * 2 > d.memory_mib * 1024 {
+            if d.channel_kib < 300
+                || d.channel_kib % 4 != 0
+                || d.channel_kib * 2 > d.memory_mib * 1024
+            {
                 return Err(invalid(
                     format!("domain[{i}].channel_kib"),
                     format!(

@@ -15,6 +15,7 @@ pub mod hypervisor;
 pub mod loader;
 pub mod memory;
 pub mod stats;
+pub mod testclient;
 pub mod vcpu;
 
 use loader::Image;
