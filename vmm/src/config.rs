@@ -296,10 +296,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("domain[0].device.lba_size"), "{e}");
-        let e = parse(
-            "[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"floppy\"\n",
-        )
-        .unwrap_err();
+        let e =
+            parse("[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"floppy\"\n").unwrap_err();
         assert!(e.to_string().contains("domain[0].device"), "{e}");
     }
 

@@ -1,0 +1,28 @@
+//! The PCI devices handed to ddvm driver domains.
+//!
+//! A driver domain owns exactly one device. This crate models what the domain sees of it:
+//!
+//! - [`pci`]: the device's type-0 configuration space (IDs, command register, BARs with the
+//!   sizing protocol, a PCI Express capability advertising Function Level Reset), the
+//!   [`pci::PciBackend`] trait that each device model (and later VFIO) implements, and a
+//!   [`pci::PciBus`] answering configuration mechanism #1 (ports 0xCF8/0xCFC).
+//! - [`dma`]: the [`dma::DmaWindow`], the only way a device reaches domain memory. It plays the
+//!   IOMMU: anything not entirely inside the domain's memory, or attempted while bus mastering is
+//!   off, is refused and counted.
+//! - [`nvme`]: an emulated NVMe 1.4 controller backed by a file, with a worker thread, shadow
+//!   doorbells with event indexes, and a volatile write cache that a reset can lose.
+//!
+//! Everything here runs on the host without KVM, so it is tested with plain vm-memory guest
+//! memory standing in for a domain. Everything the domain writes (config space, registers,
+//! queues, commands, PRPs, doorbells) is hostile input: bad values get the status a real device
+//! gives, or are ignored and counted; nothing panics.
+
+#![deny(missing_docs)]
+
+pub mod dma;
+pub mod nvme;
+pub mod pci;
+
+pub use dma::{DmaError, DmaWindow};
+pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmeStats};
+pub use pci::{BarInfo, BarKind, ConfigSpace, PciBackend, PciBus, PciDevice, PciError, PciIds};

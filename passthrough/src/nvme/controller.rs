@@ -1,0 +1,334 @@
+//! Controller state and the processing pass the worker runs.
+//!
+//! Everything here runs with the controller lock held: on the worker thread (a pass over the
+//! queues), on a vCPU thread (register writes), or on the VMM thread (reset). Because a command
+//! is executed completely inside one pass, taking the lock also waits for any DMA in progress:
+//! once a reset holds it, the device is quiet.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::namespace::Namespace;
+use super::prp::{self, PrpFault};
+use super::queue::{CompQueue, Completion, SubQueue};
+use super::shadow::DoorbellBuffer;
+use super::status::Status;
+use super::NvmeStats;
+use crate::dma::DmaWindow;
+
+/// Doorbell slot flag: a value was written since the worker last looked.
+pub const DOORBELL_FRESH: u32 = 1 << 31;
+/// Commands taken from one submission queue per pass (fairness, bounded lock hold time).
+const BATCH: usize = 32;
+
+/// CSTS.RDY.
+pub const CSTS_RDY: u32 = 1 << 0;
+/// CSTS.CFS (Controller Fatal Status).
+pub const CSTS_CFS: u32 = 1 << 1;
+/// CSTS.SHST = shutdown processing complete.
+pub const CSTS_SHST_COMPLETE: u32 = 0b10 << 2;
+
+/// What the controller lets others observe without its lock.
+#[derive(Default)]
+pub struct Observed {
+    pub commands: AtomicU64,
+    pub completions: AtomicU64,
+    pub doorbell_writes: AtomicU64,
+    pub invalid_doorbells: AtomicU64,
+    pub dma_errors: AtomicU64,
+    pub dropped_cached_writes: AtomicU64,
+    pub ignored_register_writes: AtomicU64,
+    pub shadow_active: AtomicBool,
+}
+
+impl Observed {
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> NvmeStats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NvmeStats {
+            commands: r(&self.commands),
+            completions: r(&self.completions),
+            doorbell_writes: r(&self.doorbell_writes),
+            invalid_doorbells: r(&self.invalid_doorbells),
+            dma_errors: r(&self.dma_errors),
+            dropped_cached_writes: r(&self.dropped_cached_writes),
+            ignored_register_writes: r(&self.ignored_register_writes),
+        }
+    }
+
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Fixed properties from the configuration.
+pub struct Limits {
+    pub max_io_queues: u16,
+    pub serial: String,
+    pub model: String,
+}
+
+/// Controller registers (the ones with state).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Regs {
+    pub cc: u32,
+    pub csts: u32,
+    pub aqa: u32,
+    pub asq: u64,
+    pub acq: u64,
+    pub intms: u32,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pass {
+    /// Commands taken from submission queues.
+    pub consumed: usize,
+    /// Completions posted.
+    pub posted: usize,
+}
+
+/// The controller: registers, queues, features, namespace.
+pub struct Controller {
+    pub regs: Regs,
+    /// Submission queues by QID (0 is the admin queue).
+    pub sqs: Vec<Option<SubQueue>>,
+    /// Completion queues by QID.
+    pub cqs: Vec<Option<CompQueue>>,
+    pub ns: Namespace,
+    pub dma: DmaWindow,
+    pub observed: Arc<Observed>,
+    pub doorbells: Arc<[AtomicU32]>,
+    pub limits: Limits,
+    /// I/O submission / completion queues granted by Set Features, Number of Queues.
+    pub io_sqs_allowed: u16,
+    pub io_cqs_allowed: u16,
+    pub async_event_config: u32,
+    /// Outstanding Asynchronous Event Requests (CIDs); no events are ever generated.
+    pub aers: Vec<u16>,
+    pub dbbuf: Option<DoorbellBuffer>,
+    /// Shadow doorbells were switched on or off; reported after the lock is released.
+    pub shadow_event: Option<bool>,
+}
+
+impl Controller {
+    /// A controller in its power-on state.
+    pub fn new(
+        ns: Namespace,
+        dma: DmaWindow,
+        observed: Arc<Observed>,
+        doorbells: Arc<[AtomicU32]>,
+        limits: Limits,
+    ) -> Controller {
+        let n = usize::from(limits.max_io_queues) + 1;
+        Controller {
+            regs: Regs::default(),
+            sqs: vec![None; n],
+            cqs: vec![None; n],
+            ns,
+            dma,
+            observed,
+            doorbells,
+            io_sqs_allowed: limits.max_io_queues,
+            io_cqs_allowed: limits.max_io_queues,
+            limits,
+            async_event_config: 0,
+            aers: Vec::new(),
+            dbbuf: None,
+            shadow_event: None,
+        }
+    }
+
+    /// Whether the controller processes commands.
+    pub fn ready(&self) -> bool {
+        self.regs.csts & (CSTS_RDY | CSTS_CFS) == CSTS_RDY
+    }
+
+    /// Controller reset (CC.EN 1 to 0): queues deleted, features back to defaults, unflushed
+    /// cached writes dropped, shadow doorbells off. AQA/ASQ/ACQ and CC are kept.
+    pub fn controller_reset(&mut self) {
+        self.sqs.iter_mut().for_each(|q| *q = None);
+        self.cqs.iter_mut().for_each(|q| *q = None);
+        for d in self.doorbells.iter() {
+            d.store(0, Ordering::Relaxed);
+        }
+        self.aers.clear();
+        self.io_sqs_allowed = self.limits.max_io_queues;
+        self.io_cqs_allowed = self.limits.max_io_queues;
+        self.async_event_config = 0;
+        self.set_dbbuf(None);
+        let dropped = self.ns.reset();
+        self.observed
+            .dropped_cached_writes
+            .fetch_add(dropped, Ordering::Relaxed);
+        self.regs.csts = 0;
+    }
+
+    /// Function reset: a controller reset and every register back to its power-on value.
+    pub fn power_on_reset(&mut self) {
+        self.controller_reset();
+        self.regs = Regs::default();
+    }
+
+    /// Something went wrong that a real controller could not recover from by itself.
+    pub fn fatal(&mut self) {
+        self.regs.csts |= CSTS_CFS;
+    }
+
+    /// Sets or clears the doorbell buffer, noting the change for the shadow callback.
+    pub fn set_dbbuf(&mut self, dbbuf: Option<DoorbellBuffer>) {
+        let was = self.dbbuf.is_some();
+        self.dbbuf = dbbuf;
+        let now = self.dbbuf.is_some();
+        self.observed.shadow_active.store(now, Ordering::SeqCst);
+        if was != now || now {
+            self.shadow_event = Some(now);
+        }
+    }
+
+    /// Copies `data` to the command's PRPs (controller to host).
+    pub fn dma_to_host(&self, prp1: u64, prp2: u64, data: &[u8]) -> Status {
+        let r = prp::segments(&self.dma, prp1, prp2, data.len())
+            .and_then(|segs| prp::scatter(&self.dma, &segs, data));
+        self.prp_status(r)
+    }
+
+    /// Copies `len` bytes from the command's PRPs (host to controller).
+    pub fn dma_from_host(&self, prp1: u64, prp2: u64, len: usize) -> Result<Vec<u8>, Status> {
+        let mut buf = vec![0u8; len];
+        let r = prp::segments(&self.dma, prp1, prp2, len)
+            .and_then(|segs| prp::gather(&self.dma, &segs, &mut buf));
+        match self.prp_status(r) {
+            s if s.is_success() => Ok(buf),
+            s => Err(s),
+        }
+    }
+
+    /// Status for a PRP walk; Data Transfer Errors are counted.
+    pub fn prp_status(&self, r: Result<(), PrpFault>) -> Status {
+        match r {
+            Ok(()) => Status::SUCCESS,
+            Err(f) => {
+                if f == PrpFault::Dma {
+                    Observed::bump(&self.observed.dma_errors);
+                }
+                f.status()
+            }
+        }
+    }
+
+    /// Takes the doorbell values written by MMIO since the last pass.
+    fn apply_doorbells(&mut self) {
+        let doorbells = self.doorbells.clone();
+        for (i, d) in doorbells.iter().enumerate() {
+            let v = d.swap(0, Ordering::AcqRel);
+            if v & DOORBELL_FRESH == 0 {
+                continue;
+            }
+            let value = v & 0xffff;
+            let ok = if i % 2 == 0 {
+                self.set_sq_tail(i / 2, value)
+            } else {
+                self.set_cq_head(i / 2, value)
+            };
+            if !ok {
+                Observed::bump(&self.observed.invalid_doorbells);
+            }
+        }
+    }
+
+    /// A new SQ tail from the driver; false if the queue does not exist or the value is
+    /// beyond it.
+    pub fn set_sq_tail(&mut self, qid: usize, value: u32) -> bool {
+        match self.sqs.get_mut(qid).and_then(Option::as_mut) {
+            Some(sq) if value < u32::from(sq.size) => {
+                sq.tail = value as u16;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A new CQ head from the driver; false if the queue does not exist or the head would
+    /// pass entries the controller has not posted.
+    pub fn set_cq_head(&mut self, qid: usize, value: u32) -> bool {
+        match self.cqs.get_mut(qid).and_then(Option::as_mut) {
+            Some(cq) if value < u32::from(cq.size) => {
+                let size = u32::from(cq.size);
+                let dist = |from: u16, to: u32| (to + size - u32::from(from)) % size;
+                if dist(cq.head, value) > dist(cq.head, u32::from(cq.tail)) {
+                    return false;
+                }
+                cq.head = value as u16;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// One pass: pick up doorbells (MMIO and shadow), then take up to [`BATCH`] commands from
+    /// each submission queue, admin first, posting a completion for each. A command is taken
+    /// only when its completion queue has room, so a full queue holds commands back instead of
+    /// overwriting entries the driver has not consumed.
+    pub fn pass(&mut self) -> Pass {
+        let mut pass = Pass::default();
+        if !self.ready() {
+            for d in self.doorbells.iter() {
+                d.store(0, Ordering::Relaxed);
+            }
+            return pass;
+        }
+        self.apply_doorbells();
+        self.read_shadow_doorbells();
+        for qid in 0..self.sqs.len() {
+            for _ in 0..BATCH {
+                if !self.ready() {
+                    return pass;
+                }
+                let Some(sq) = self.sqs[qid].as_mut() else {
+                    break;
+                };
+                let cqid = usize::from(sq.cqid);
+                let room = self
+                    .cqs
+                    .get(cqid)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|cq| !cq.is_full());
+                if !sq.has_work() || !room {
+                    break;
+                }
+                let Ok(cmd) = sq.fetch(&self.dma) else {
+                    // Bus mastering is off: the device stalls until it is back on.
+                    return pass;
+                };
+                let sqhd = sq.head;
+                pass.consumed += 1;
+                Observed::bump(&self.observed.commands);
+                let result = if qid == 0 {
+                    self.admin(&cmd)
+                } else {
+                    Some(self.io(&cmd))
+                };
+                let Some((dw0, status)) = result else {
+                    continue;
+                };
+                let c = Completion {
+                    dw0,
+                    sqhd,
+                    sqid: qid as u16,
+                    cid: cmd.cid,
+                    status,
+                };
+                if let Some(cq) = self.cqs.get_mut(cqid).and_then(Option::as_mut) {
+                    if cq.post(&self.dma, &c).is_err() {
+                        self.fatal();
+                        return pass;
+                    }
+                    pass.posted += 1;
+                    Observed::bump(&self.observed.completions);
+                }
+            }
+        }
+        pass
+    }
+}

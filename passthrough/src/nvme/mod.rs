@@ -1,0 +1,453 @@
+//! An emulated NVMe controller (NVMe 1.4, NVM command set, one namespace) backed by a file.
+//!
+//! It stands in for real hardware in tests and chaos runs, so it behaves like a real
+//! controller where that matters to recovery: a volatile write cache that a reset loses,
+//! status codes for every malformed command, and a DMA window it cannot leave.
+//!
+//! # Identity
+//!
+//! Vendor 0x1b36 (Red Hat, the QEMU device range) with device 0x00dd, a device ID no QEMU
+//! device uses (QEMU's own NVMe is 0x1b36:0x0010); subsystem 0x1af4:0x1100 as QEMU devices
+//! have. Class code 0x010802 (mass storage, NVM, NVMe): drivers must match on the class code,
+//! never on the IDs, so the same driver runs on QEMU's NVMe and on real disks.
+//!
+//! # Processing model
+//!
+//! [`EmulatedNvme::new`] builds the controller; [`EmulatedNvme::start_worker`] starts the
+//! worker thread that owns all command processing. Register writes (CC, AQA, ...) take effect
+//! synchronously on the caller's thread; a doorbell write only records its value and writes the
+//! doorbell eventfd. Without a worker, doorbells are recorded and nothing is processed.
+//! Dropping the controller stops and joins the worker.
+//!
+//! The VMM may register [`EmulatedNvme::doorbell_eventfd`] as a KVM ioeventfd for the I/O
+//! queue doorbells ([`EmulatedNvme::io_doorbell_range`]): such a write carries no value, so
+//! that is only correct while [`EmulatedNvme::shadow_doorbells_active`]; the callback given to
+//! [`EmulatedNvme::set_on_shadow_doorbells`] says when that starts and stops. The admin queue
+//! never uses shadow doorbells: its doorbell must stay a trapped MMIO write.
+
+mod admin;
+mod controller;
+mod identify;
+mod io;
+mod namespace;
+pub mod prp;
+mod queue;
+mod regs;
+pub mod shadow;
+mod status;
+mod worker;
+
+#[cfg(test)]
+mod testdriver;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::DmaWindow;
+use crate::pci::{BarInfo, BarKind, PciBackend, PciIds};
+use controller::{Controller, Limits, Observed, DOORBELL_FRESH};
+pub use namespace::{NamespaceError, CACHE_LIMIT_BYTES};
+pub use queue::{Command, Completion};
+pub use regs::{DOORBELL_BASE, MQES};
+pub use status::Status;
+pub use worker::{WakeDomain, IDLE_SPIN};
+
+/// PCI vendor ID.
+pub const NVME_VENDOR_ID: u16 = 0x1b36;
+/// PCI device ID (ddvm's own; see the module docs).
+pub const NVME_DEVICE_ID: u16 = 0x00dd;
+/// PCI subsystem vendor ID.
+pub const NVME_SUBSYSTEM_VENDOR_ID: u16 = 0x1af4;
+/// PCI subsystem ID.
+pub const NVME_SUBSYSTEM_ID: u16 = 0x1100;
+/// PCI class code: mass storage, non-volatile memory, NVM Express.
+pub const NVME_CLASS_CODE: u32 = 0x010802;
+/// NVMe version 1.4.0.
+pub const NVME_VERSION: u32 = 0x0001_0400;
+/// BAR0 size: registers and doorbells.
+pub const BAR0_SIZE: u64 = 16 << 10;
+/// Maximum Data Transfer Size, as a power of two of the 4 KiB page: 128 KiB.
+pub const MDTS: u8 = 5;
+/// Largest data transfer of one command, in bytes.
+pub const MAX_TRANSFER: usize = (prp::PAGE_SIZE as usize) << MDTS;
+/// Most I/O queue pairs a controller can be configured with (the doorbells fit in BAR0).
+pub const MAX_IO_QUEUES: u16 = 511;
+
+/// How to build an emulated NVMe controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmeConfig {
+    /// Backing file of namespace 1 (created sparse if missing; extended if shorter).
+    pub backing: PathBuf,
+    /// Namespace size in bytes (a multiple of `lba_size`).
+    pub size: u64,
+    /// Logical block size: 512 or 4096.
+    pub lba_size: u32,
+    /// Model a volatile write cache that loses unflushed writes on reset.
+    pub volatile_write_cache: bool,
+    /// I/O queue pairs offered (1 to [`MAX_IO_QUEUES`]).
+    pub max_io_queues: u16,
+    /// Serial number (printable ASCII, at most 20 bytes).
+    pub serial: String,
+    /// Model number (printable ASCII, at most 40 bytes).
+    pub model: String,
+}
+
+/// Errors building or starting an emulated NVMe controller.
+#[derive(Debug, thiserror::Error)]
+pub enum NvmeError {
+    /// The namespace's backing file or geometry is wrong.
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    /// Bad number of I/O queues.
+    #[error("NVMe controller for {backing}: max_io_queues {value}; expected 1 to {MAX_IO_QUEUES}")]
+    Queues {
+        /// Backing file (names the device).
+        backing: PathBuf,
+        /// Requested value.
+        value: u16,
+    },
+    /// Bad serial or model string.
+    #[error("NVMe controller for {backing}: {field} {value:?}; expected printable ASCII of at most {max} bytes")]
+    Identity {
+        /// Backing file.
+        backing: PathBuf,
+        /// `serial` or `model`.
+        field: &'static str,
+        /// Requested value.
+        value: String,
+        /// Longest allowed.
+        max: usize,
+    },
+    /// The doorbell eventfd cannot be created.
+    #[error("NVMe controller for {backing}: cannot create the doorbell eventfd: {source}")]
+    EventFd {
+        /// Backing file.
+        backing: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `start_worker` was called twice.
+    #[error("NVMe controller for {backing}: the worker thread is already running")]
+    WorkerRunning {
+        /// Backing file.
+        backing: PathBuf,
+    },
+    /// The worker thread cannot be spawned.
+    #[error("NVMe controller for {backing}: cannot spawn the worker thread: {source}")]
+    Spawn {
+        /// Backing file.
+        backing: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of an emulated NVMe controller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvmeStats {
+    /// Commands taken from submission queues.
+    pub commands: u64,
+    /// Completions posted.
+    pub completions: u64,
+    /// Doorbell writes that arrived as MMIO (not through an ioeventfd).
+    pub doorbell_writes: u64,
+    /// Doorbell values ignored: nonexistent queue, value beyond the queue, bad access size.
+    pub invalid_doorbells: u64,
+    /// PRPs, PRP lists or queue/buffer addresses outside the DMA window.
+    pub dma_errors: u64,
+    /// Cached blocks lost by a reset before they were flushed.
+    pub dropped_cached_writes: u64,
+    /// Register writes ignored: read-only registers, bad sizes, admin queue registers while
+    /// enabled.
+    pub ignored_register_writes: u64,
+}
+
+/// A handle on a controller's counters and shadow doorbell state that stays valid after the
+/// controller is boxed into a [`crate::pci::PciDevice`].
+#[derive(Clone)]
+pub struct NvmeMonitor {
+    observed: Arc<Observed>,
+}
+
+impl NvmeMonitor {
+    /// The counters now.
+    pub fn stats(&self) -> NvmeStats {
+        self.observed.stats()
+    }
+
+    /// Whether the driver has configured shadow doorbells (Doorbell Buffer Config).
+    pub fn shadow_doorbells_active(&self) -> bool {
+        self.observed.shadow_active.load(Ordering::SeqCst)
+    }
+}
+
+/// Callback told when shadow doorbells start (`true`) or stop (`false`).
+pub type ShadowCallback = Box<dyn Fn(bool) + Send>;
+
+/// State shared by the controller handle and its worker.
+struct Shared {
+    ctrl: Mutex<Controller>,
+    doorbells: Arc<[AtomicU32]>,
+    eventfd: EventFd,
+    stop: AtomicBool,
+    observed: Arc<Observed>,
+    on_shadow: Mutex<Option<ShadowCallback>>,
+    dma: DmaWindow,
+}
+
+impl Shared {
+    /// Runs `f` under the controller lock, then reports a shadow doorbell change (outside the
+    /// lock, so the callback may do slow work such as (un)registering an ioeventfd).
+    fn with_ctrl<R>(&self, f: impl FnOnce(&mut Controller) -> R) -> R {
+        let (r, event) = {
+            let mut c = lock(&self.ctrl);
+            let r = f(&mut c);
+            (r, c.shadow_event.take())
+        };
+        if let Some(active) = event {
+            if let Some(cb) = lock(&self.on_shadow).as_ref() {
+                cb(active);
+            }
+        }
+        r
+    }
+}
+
+/// Locks even if a holder panicked: the state stays usable for reset and teardown.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An emulated NVMe controller; implements [`PciBackend`] (BAR0 = registers and doorbells).
+pub struct EmulatedNvme {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    backing: PathBuf,
+    max_io_queues: u16,
+}
+
+fn check_ascii(
+    backing: &std::path::Path,
+    field: &'static str,
+    value: &str,
+    max: usize,
+) -> Result<(), NvmeError> {
+    if value.len() <= max && value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
+    Err(NvmeError::Identity {
+        backing: backing.to_path_buf(),
+        field,
+        value: value.to_string(),
+        max,
+    })
+}
+
+impl EmulatedNvme {
+    /// Opens (or creates) the backing file and builds a controller in its power-on state;
+    /// `dma` is the window over the domain's memory. No thread runs until
+    /// [`EmulatedNvme::start_worker`].
+    pub fn new(cfg: NvmeConfig, dma: DmaWindow) -> Result<EmulatedNvme, NvmeError> {
+        if cfg.max_io_queues == 0 || cfg.max_io_queues > MAX_IO_QUEUES {
+            return Err(NvmeError::Queues {
+                backing: cfg.backing,
+                value: cfg.max_io_queues,
+            });
+        }
+        check_ascii(&cfg.backing, "serial", &cfg.serial, 20)?;
+        check_ascii(&cfg.backing, "model", &cfg.model, 40)?;
+        let ns = namespace::Namespace::open(
+            &cfg.backing,
+            cfg.size,
+            cfg.lba_size,
+            cfg.volatile_write_cache,
+        )?;
+        let eventfd = EventFd::new(0).map_err(|source| NvmeError::EventFd {
+            backing: cfg.backing.clone(),
+            source,
+        })?;
+        let slots = 2 * (usize::from(cfg.max_io_queues) + 1);
+        let doorbells: Arc<[AtomicU32]> = (0..slots).map(|_| AtomicU32::new(0)).collect();
+        let observed = Arc::new(Observed::default());
+        let limits = Limits {
+            max_io_queues: cfg.max_io_queues,
+            serial: cfg.serial,
+            model: cfg.model,
+        };
+        let ctrl = Controller::new(ns, dma.clone(), observed.clone(), doorbells.clone(), limits);
+        Ok(EmulatedNvme {
+            shared: Arc::new(Shared {
+                ctrl: Mutex::new(ctrl),
+                doorbells,
+                eventfd,
+                stop: AtomicBool::new(false),
+                observed,
+                on_shadow: Mutex::new(None),
+                dma,
+            }),
+            worker: Mutex::new(None),
+            backing: cfg.backing,
+            max_io_queues: cfg.max_io_queues,
+        })
+    }
+
+    /// Starts the worker thread. `wake_domain` is called after each batch of completions; it
+    /// must not lock the [`crate::pci::PciDevice`] holding this controller.
+    pub fn start_worker(&self, wake_domain: WakeDomain) -> Result<(), NvmeError> {
+        let mut worker = lock(&self.worker);
+        if worker.is_some() {
+            return Err(NvmeError::WorkerRunning {
+                backing: self.backing.clone(),
+            });
+        }
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("nvme-worker".into())
+            .spawn(move || worker::run(shared, wake_domain))
+            .map_err(|source| NvmeError::Spawn {
+                backing: self.backing.clone(),
+                source,
+            })?;
+        *worker = Some(handle);
+        Ok(())
+    }
+
+    /// The eventfd the worker sleeps on; register it as a KVM ioeventfd (no datamatch) for
+    /// [`EmulatedNvme::io_doorbell_range`] only while shadow doorbells are active.
+    pub fn doorbell_eventfd(&self) -> &EventFd {
+        &self.shared.eventfd
+    }
+
+    /// Offsets in BAR0 of the I/O queue doorbells (SQ tails and CQ heads of QIDs 1 and up).
+    pub fn io_doorbell_range(&self) -> Range<u64> {
+        DOORBELL_BASE + 8..DOORBELL_BASE + 8 * (u64::from(self.max_io_queues) + 1)
+    }
+
+    /// Whether the driver has configured shadow doorbells (Doorbell Buffer Config).
+    pub fn shadow_doorbells_active(&self) -> bool {
+        self.shared.observed.shadow_active.load(Ordering::SeqCst)
+    }
+
+    /// Sets the callback told when shadow doorbells start (Doorbell Buffer Config succeeded)
+    /// or stop (controller or function reset). It runs on the worker thread or on the thread
+    /// resetting the controller (possibly with the PciDevice lock held): it must not lock the
+    /// [`crate::pci::PciDevice`] or call back into this controller.
+    pub fn set_on_shadow_doorbells(&self, callback: ShadowCallback) {
+        *lock(&self.shared.on_shadow) = Some(callback);
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> NvmeStats {
+        self.shared.observed.stats()
+    }
+
+    /// PRPs, PRP lists or buffers outside the DMA window so far.
+    pub fn dma_errors(&self) -> u64 {
+        self.stats().dma_errors
+    }
+
+    /// Written blocks still only in the volatile write cache (a reset would lose them).
+    pub fn cached_blocks(&self) -> usize {
+        self.shared.with_ctrl(|c| c.ns.cached_blocks())
+    }
+
+    /// A handle on counters and shadow state that outlives boxing into a PciDevice.
+    pub fn monitor(&self) -> NvmeMonitor {
+        NvmeMonitor {
+            observed: self.shared.observed.clone(),
+        }
+    }
+
+    fn doorbell_write(&self, offset: u64, data: &[u8]) {
+        let o = &self.shared.observed;
+        Observed::bump(&o.doorbell_writes);
+        let slot = ((offset - DOORBELL_BASE) / 4) as usize;
+        let value = match data {
+            [a, b, c, d] if offset % 4 == 0 => u32::from_le_bytes([*a, *b, *c, *d]),
+            _ => {
+                Observed::bump(&o.invalid_doorbells);
+                return;
+            }
+        };
+        match self.shared.doorbells.get(slot) {
+            Some(d) if value <= 0xffff => {
+                d.store(DOORBELL_FRESH | value, Ordering::Release);
+                let _ = self.shared.eventfd.write(1);
+            }
+            _ => Observed::bump(&o.invalid_doorbells),
+        }
+    }
+}
+
+impl Drop for EmulatedNvme {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.eventfd.write(1);
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl PciBackend for EmulatedNvme {
+    fn ids(&self) -> PciIds {
+        PciIds {
+            vendor: NVME_VENDOR_ID,
+            device: NVME_DEVICE_ID,
+            subsystem_vendor: NVME_SUBSYSTEM_VENDOR_ID,
+            subsystem: NVME_SUBSYSTEM_ID,
+            class_code: NVME_CLASS_CODE,
+            revision: 1,
+        }
+    }
+
+    fn bars(&self) -> Vec<BarInfo> {
+        vec![BarInfo {
+            index: 0,
+            size: BAR0_SIZE,
+            kind: BarKind::Mmio64,
+            prefetchable: false,
+        }]
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        if bar != 0 {
+            data.fill(0xff);
+        } else if offset >= DOORBELL_BASE {
+            data.fill(0);
+        } else {
+            self.shared.with_ctrl(|c| c.reg_read(offset, data));
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar != 0 {
+            return;
+        }
+        if offset >= DOORBELL_BASE {
+            self.doorbell_write(offset, data);
+        } else {
+            self.shared.with_ctrl(|c| c.reg_write(offset, data));
+        }
+    }
+
+    fn reset(&mut self) {
+        self.shared.with_ctrl(|c| c.power_on_reset());
+    }
+
+    fn set_bus_master(&mut self, enabled: bool) {
+        self.shared.dma.set_bus_master(enabled);
+        if enabled {
+            let _ = self.shared.eventfd.write(1);
+        }
+    }
+}

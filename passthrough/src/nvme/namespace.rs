@@ -1,0 +1,377 @@
+//! Namespace 1: a file on the host, with an optional volatile write cache in front of it.
+//!
+//! Without the cache every write goes to the file with `pwrite`. With it (and while the driver
+//! keeps it enabled) writes land in memory and reach the file only on Flush, on shutdown
+//! notification, when the cache is switched off, or when it outgrows [`CACHE_LIMIT_BYTES`]
+//! (written back then, as a real drive evicts). A reset drops whatever is still cached: the
+//! worst a drive with a volatile cache may do, and what recovery has to cope with. Reads see
+//! the cache. Write Zeroes and Deallocate go straight to the file (punching a hole), after
+//! discarding cached blocks they supersede.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Cached bytes beyond which the cache is written back to the file.
+pub const CACHE_LIMIT_BYTES: usize = 64 << 20;
+/// Largest chunk written when zeroing by hand.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Errors opening a namespace's backing file.
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    /// The logical block size is not supported.
+    #[error("namespace {path}: logical block size {lba_size}; expected 512 or 4096")]
+    LbaSize {
+        /// Backing file.
+        path: PathBuf,
+        /// Requested size.
+        lba_size: u32,
+    },
+    /// The size is zero or not a whole number of blocks.
+    #[error("namespace {path}: size {size} bytes; expected a non-zero multiple of the {lba_size}-byte logical block")]
+    Size {
+        /// Backing file.
+        path: PathBuf,
+        /// Requested size.
+        size: u64,
+        /// Logical block size.
+        lba_size: u32,
+    },
+    /// The file cannot be opened or created.
+    #[error(
+        "namespace backing file {path}: cannot open or create it for reading and writing: {source}"
+    )]
+    Open {
+        /// Backing file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file cannot be extended to the namespace size.
+    #[error("namespace backing file {path}: cannot extend it to {size} bytes: {source}")]
+    SetLen {
+        /// Backing file.
+        path: PathBuf,
+        /// Namespace size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The namespace: geometry, backing file, cache.
+pub struct Namespace {
+    file: File,
+    lba_size: u32,
+    blocks: u64,
+    cache: BTreeMap<u64, Box<[u8]>>,
+    cache_present: bool,
+    cache_enabled: bool,
+}
+
+impl Namespace {
+    /// Opens (or creates, sparse) `path` as a namespace of `size` bytes in `lba_size` blocks.
+    /// A shorter file is extended; a longer one is left alone (only `size` bytes are used).
+    pub fn open(
+        path: &Path,
+        size: u64,
+        lba_size: u32,
+        volatile_write_cache: bool,
+    ) -> Result<Namespace, NamespaceError> {
+        if lba_size != 512 && lba_size != 4096 {
+            return Err(NamespaceError::LbaSize {
+                path: path.to_path_buf(),
+                lba_size,
+            });
+        }
+        if size == 0 || size % u64::from(lba_size) != 0 {
+            return Err(NamespaceError::Size {
+                path: path.to_path_buf(),
+                size,
+                lba_size,
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| NamespaceError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|source| NamespaceError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if len < size {
+            file.set_len(size)
+                .map_err(|source| NamespaceError::SetLen {
+                    path: path.to_path_buf(),
+                    size,
+                    source,
+                })?;
+        }
+        Ok(Namespace {
+            file,
+            lba_size,
+            blocks: size / u64::from(lba_size),
+            cache: BTreeMap::new(),
+            cache_present: volatile_write_cache,
+            cache_enabled: volatile_write_cache,
+        })
+    }
+
+    /// Logical block size in bytes.
+    pub fn lba_size(&self) -> u32 {
+        self.lba_size
+    }
+
+    /// Number of logical blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Whether `[slba, slba + nlb)` lies inside the namespace.
+    pub fn in_range(&self, slba: u64, nlb: u64) -> bool {
+        slba.checked_add(nlb).is_some_and(|end| end <= self.blocks)
+    }
+
+    /// Whether the device has a volatile write cache.
+    pub fn cache_present(&self) -> bool {
+        self.cache_present
+    }
+
+    /// Whether the volatile write cache is enabled (Set Features, Volatile Write Cache).
+    pub fn cache_enabled(&self) -> bool {
+        self.cache_present && self.cache_enabled
+    }
+
+    /// Blocks written but not yet in the file.
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Enables or disables the cache; disabling writes it back first.
+    pub fn set_cache_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        if !enabled {
+            self.flush()?;
+        }
+        self.cache_enabled = enabled;
+        Ok(())
+    }
+
+    /// Enables the cache again if present (power-on default) and drops its contents; returns
+    /// how many blocks were lost.
+    pub fn reset(&mut self) -> u64 {
+        let dropped = self.cache.len() as u64;
+        self.cache.clear();
+        self.cache_enabled = self.cache_present;
+        dropped
+    }
+
+    fn offset(&self, lba: u64) -> u64 {
+        lba * u64::from(self.lba_size)
+    }
+
+    /// Reads whole blocks starting at `slba` into `buf`; the caller checked the range.
+    pub fn read(&self, slba: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.offset(slba))?;
+        if self.cache.is_empty() {
+            return Ok(());
+        }
+        let lsz = self.lba_size as usize;
+        let nlb = (buf.len() / lsz) as u64;
+        for (&lba, block) in self.cache.range(slba..slba + nlb) {
+            let at = ((lba - slba) as usize) * lsz;
+            buf[at..at + lsz].copy_from_slice(block);
+        }
+        Ok(())
+    }
+
+    /// Writes whole blocks starting at `slba`; `fua` forces them to stable storage. The caller
+    /// checked the range.
+    pub fn write(&mut self, slba: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let lsz = self.lba_size as usize;
+        if self.cache_enabled() && !fua {
+            for (i, block) in data.chunks_exact(lsz).enumerate() {
+                self.cache.insert(slba + i as u64, block.into());
+            }
+            if self.cache.len() * lsz > CACHE_LIMIT_BYTES {
+                self.write_back()?;
+            }
+            return Ok(());
+        }
+        self.discard_cached(slba, (data.len() / lsz) as u64);
+        self.file.write_all_at(data, self.offset(slba))?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Makes `[slba, slba + nlb)` read as zeroes (Write Zeroes, Deallocate): a hole is punched
+    /// in the file, or zeroes are written where the file system cannot punch.
+    pub fn zero(&mut self, slba: u64, nlb: u64) -> io::Result<()> {
+        self.discard_cached(slba, nlb);
+        let off = self.offset(slba);
+        let len = nlb * u64::from(self.lba_size);
+        if len == 0 || self.punch_hole(off, len).is_ok() {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], off + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate only takes integers; the fd is owned by `self.file`, open for
+        // writing, and stays open for the duration of the call.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn discard_cached(&mut self, slba: u64, nlb: u64) {
+        if self.cache.is_empty() {
+            return;
+        }
+        let stale: Vec<u64> = self
+            .cache
+            .range(slba..slba.saturating_add(nlb))
+            .map(|(&lba, _)| lba)
+            .collect();
+        for lba in stale {
+            self.cache.remove(&lba);
+        }
+    }
+
+    /// Writes cached blocks to the file (coalescing runs of adjacent blocks), without sync.
+    fn write_back(&mut self) -> io::Result<()> {
+        let lsz = u64::from(self.lba_size);
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0u64;
+        let mut next = None;
+        for (&lba, block) in &self.cache {
+            if next != Some(lba) && !run.is_empty() {
+                self.file.write_all_at(&run, run_start * lsz)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = lba;
+            }
+            run.extend_from_slice(block);
+            next = Some(lba + 1);
+            if run.len() >= ZERO_CHUNK {
+                self.file.write_all_at(&run, run_start * lsz)?;
+                run.clear();
+                next = None;
+            }
+        }
+        if !run.is_empty() {
+            self.file.write_all_at(&run, run_start * lsz)?;
+        }
+        self.cache.clear();
+        Ok(())
+    }
+
+    /// Flush: every completed write reaches stable storage.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.write_back()?;
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A unique path under the temp directory, removed on drop.
+    pub(crate) struct TempPath(pub PathBuf);
+
+    impl TempPath {
+        pub(crate) fn new(tag: &str) -> TempPath {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            TempPath(std::env::temp_dir().join(format!(
+                "ddvm-passthrough-{tag}-{}-{n}.img",
+                std::process::id()
+            )))
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn creates_sparse_file_and_checks_geometry() {
+        let p = TempPath::new("ns");
+        let ns = Namespace::open(&p.0, 1 << 20, 512, false).unwrap();
+        assert_eq!(ns.blocks(), 2048);
+        assert_eq!(std::fs::metadata(&p.0).unwrap().len(), 1 << 20);
+        assert!(ns.in_range(2047, 1) && !ns.in_range(2047, 2) && !ns.in_range(u64::MAX, 2));
+        let e = Namespace::open(&p.0, 1000, 512, false).err().unwrap();
+        assert!(e.to_string().contains("multiple of the 512-byte"), "{e}");
+        let e = Namespace::open(&p.0, 4096, 1024, false).err().unwrap();
+        assert!(e.to_string().contains("expected 512 or 4096"), "{e}");
+        let e = Namespace::open(Path::new("/nonexistent-dir/x.img"), 4096, 512, false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent-dir/x.img"), "{e}");
+    }
+
+    #[test]
+    fn cache_is_read_through_flushed_and_dropped() {
+        let p = TempPath::new("ns");
+        let mut ns = Namespace::open(&p.0, 1 << 20, 512, true).unwrap();
+        ns.write(3, &[7u8; 1024], false).unwrap();
+        let mut b = [0u8; 1536];
+        ns.read(2, &mut b).unwrap();
+        assert_eq!(&b[..512], &[0u8; 512][..]);
+        assert_eq!(&b[512..], &[7u8; 1024][..]);
+        ns.flush().unwrap();
+        ns.write(10, &[9u8; 512], false).unwrap();
+        assert_eq!(ns.reset(), 1);
+        let mut c = [0u8; 512];
+        ns.read(10, &mut c).unwrap();
+        assert_eq!(c, [0u8; 512]);
+        ns.read(4, &mut c).unwrap();
+        assert_eq!(c, [7u8; 512]);
+        ns.zero(3, 2).unwrap();
+        ns.read(4, &mut c).unwrap();
+        assert_eq!(c, [0u8; 512]);
+    }
+}

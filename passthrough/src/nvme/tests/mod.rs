@@ -1,0 +1,9 @@
+//! End-to-end tests of the emulated controller, driven by the mock driver.
+
+mod admin;
+mod cache;
+mod controller;
+mod io;
+mod malformed;
+mod pci;
+mod shadow;

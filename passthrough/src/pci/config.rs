@@ -1,0 +1,462 @@
+//! A type-0 configuration space with BAR sizing and a PCI Express capability advertising FLR.
+//!
+//! Writable bits are described by a per-byte write mask (as QEMU does), so a write can never
+//! set a read-only bit. BAR registers are computed: they return the address the VMM assigned,
+//! or the size mask right after the domain wrote all ones (the sizing protocol). Any other BAR
+//! write (the domain trying to move a BAR) is ignored and counted.
+
+use super::{BarInfo, BarKind, PciError, PciIds, MIN_BAR_SIZE, NUM_BARS};
+
+/// Bytes of configuration space reachable through configuration mechanism #1.
+pub const CONFIG_SPACE_SIZE: usize = 256;
+/// Offset of the PCI Express capability.
+pub const PCIE_CAP_OFFSET: usize = 0x40;
+
+/// Command register offset.
+pub(super) const COMMAND: usize = 0x04;
+/// Command: Memory Space Enable.
+pub(super) const CMD_MEMORY: u16 = 1 << 1;
+/// Command: Bus Master Enable.
+pub(super) const CMD_BUS_MASTER: u16 = 1 << 2;
+/// Writable command bits: memory, bus master, parity error response, SERR#, interrupt disable.
+const CMD_WRITABLE: u16 = CMD_MEMORY | CMD_BUS_MASTER | (1 << 6) | (1 << 8) | (1 << 10);
+const STATUS: usize = 0x06;
+const STATUS_CAP_LIST: u16 = 1 << 4;
+const REVISION: usize = 0x08;
+const CACHE_LINE: usize = 0x0c;
+const HEADER_TYPE: usize = 0x0e;
+const BAR0: usize = 0x10;
+const BAR_END: usize = BAR0 + 4 * NUM_BARS as usize;
+const SUBSYSTEM_VENDOR: usize = 0x2c;
+const CAP_PTR: usize = 0x34;
+const INTERRUPT_LINE: usize = 0x3c;
+
+const PCIE_CAP_ID: u8 = 0x10;
+/// PCI Express capability register: version 2, Root Complex Integrated Endpoint (we sit on
+/// bus 0 with no root port).
+const PCIE_CAPS: u16 = 0x2 | (0x9 << 4);
+const PCIE_DEVCAP: usize = PCIE_CAP_OFFSET + 0x04;
+const DEVCAP_FLR: u32 = 1 << 28;
+/// Device Control register offset.
+const PCIE_DEVCTL: usize = PCIE_CAP_OFFSET + 0x08;
+/// Device Control: Initiate Function Level Reset (write-only, reads 0).
+pub(super) const DEVCTL_INITIATE_FLR: u16 = 1 << 15;
+/// Device Control power-on value: relaxed ordering and no-snoop enabled, 128-byte payload,
+/// 512-byte read requests.
+const DEVCTL_DEFAULT: u16 = (1 << 4) | (1 << 11) | (0b010 << 12);
+/// Length of a version 2 PCI Express capability.
+const PCIE_CAP_LEN: usize = 0x3c;
+
+/// One BAR register (a 64-bit BAR uses two).
+#[derive(Clone, Copy, Debug, Default)]
+enum BarSlot {
+    /// Not implemented: reads 0, writes ignored.
+    #[default]
+    Unused,
+    /// Low (or only) dword of a BAR.
+    Low {
+        info: BarInfo,
+        addr: u64,
+        sizing: bool,
+    },
+    /// High dword of the 64-bit BAR whose low dword is the previous slot.
+    High { size: u64, addr: u64, sizing: bool },
+}
+
+/// What a configuration write changed, for the device to act on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct WriteEffects {
+    /// Command register before the write.
+    pub old_command: u16,
+    /// Command register after the write.
+    pub new_command: u16,
+    /// Initiate Function Level Reset was written.
+    pub flr: bool,
+}
+
+/// A 256-byte type-0 configuration space.
+#[derive(Clone, Debug)]
+pub struct ConfigSpace {
+    bytes: [u8; CONFIG_SPACE_SIZE],
+    wmask: [u8; CONFIG_SPACE_SIZE],
+    defaults: [u8; CONFIG_SPACE_SIZE],
+    bars: [BarSlot; NUM_BARS as usize],
+    ignored_writes: u64,
+}
+
+impl ConfigSpace {
+    /// Builds the header for `ids` with the BARs in `bars` placed at the given addresses.
+    ///
+    /// Each BAR must be a power of two of at least 4 KiB, naturally aligned, below 4 GiB when
+    /// 32-bit, and not overlap another BAR register or BAR range.
+    pub fn new(ids: &PciIds, bars: &[(BarInfo, u64)]) -> Result<ConfigSpace, PciError> {
+        let mut slots = [BarSlot::Unused; NUM_BARS as usize];
+        for &(info, addr) in bars {
+            let bad = PciError::BadBar {
+                index: info.index,
+                size: info.size,
+                kind: info.kind,
+            };
+            let regs = if info.kind == BarKind::Mmio64 { 2 } else { 1 };
+            let i = info.index as usize;
+            if !info.size.is_power_of_two()
+                || info.size < MIN_BAR_SIZE
+                || (info.kind == BarKind::Mmio32 && info.size > 1 << 31)
+                || i + regs > NUM_BARS as usize
+                || slots[i..i + regs]
+                    .iter()
+                    .any(|s| !matches!(s, BarSlot::Unused))
+            {
+                return Err(bad);
+            }
+            let end = addr.checked_add(info.size);
+            if addr % info.size != 0
+                || end.is_none()
+                || (info.kind == BarKind::Mmio32 && end.is_some_and(|e| e > 1 << 32))
+            {
+                return Err(PciError::BadBarAddress {
+                    index: info.index,
+                    addr,
+                    size: info.size,
+                });
+            }
+            slots[i] = BarSlot::Low {
+                info,
+                addr,
+                sizing: false,
+            };
+            if regs == 2 {
+                slots[i + 1] = BarSlot::High {
+                    size: info.size,
+                    addr,
+                    sizing: false,
+                };
+            }
+        }
+        // Ranges were checked not to wrap above.
+        for (n, &(a, a_addr)) in bars.iter().enumerate() {
+            if bars[..n]
+                .iter()
+                .any(|&(b, b_addr)| a_addr < b_addr + b.size && b_addr < a_addr + a.size)
+            {
+                return Err(PciError::BarOverlap {
+                    index: a.index,
+                    addr: a_addr,
+                });
+            }
+        }
+
+        let mut c = ConfigSpace {
+            bytes: [0; CONFIG_SPACE_SIZE],
+            wmask: [0; CONFIG_SPACE_SIZE],
+            defaults: [0; CONFIG_SPACE_SIZE],
+            bars: slots,
+            ignored_writes: 0,
+        };
+        c.put16(0x00, ids.vendor);
+        c.put16(0x02, ids.device);
+        c.put16(STATUS, STATUS_CAP_LIST);
+        c.bytes[REVISION] = ids.revision;
+        c.bytes[REVISION + 1..REVISION + 4].copy_from_slice(&ids.class_code.to_le_bytes()[..3]);
+        c.bytes[HEADER_TYPE] = 0;
+        c.put16(SUBSYSTEM_VENDOR, ids.subsystem_vendor);
+        c.put16(SUBSYSTEM_VENDOR + 2, ids.subsystem);
+        c.bytes[CAP_PTR] = PCIE_CAP_OFFSET as u8;
+        // Interrupt pin 0: no INTx; drivers poll (DESIGN.md, data path).
+        c.bytes[PCIE_CAP_OFFSET] = PCIE_CAP_ID;
+        c.bytes[PCIE_CAP_OFFSET + 1] = 0;
+        c.put16(PCIE_CAP_OFFSET + 2, PCIE_CAPS);
+        c.bytes[PCIE_DEVCAP..PCIE_DEVCAP + 4].copy_from_slice(&DEVCAP_FLR.to_le_bytes());
+        c.put16(PCIE_DEVCTL, DEVCTL_DEFAULT);
+
+        c.wmask[COMMAND..COMMAND + 2].copy_from_slice(&CMD_WRITABLE.to_le_bytes());
+        c.wmask[CACHE_LINE] = 0xff;
+        c.wmask[INTERRUPT_LINE] = 0xff;
+        c.wmask[PCIE_DEVCTL..PCIE_DEVCTL + 2].copy_from_slice(&0x7fffu16.to_le_bytes());
+        const { assert!(PCIE_CAP_OFFSET + PCIE_CAP_LEN <= CONFIG_SPACE_SIZE) };
+        c.defaults = c.bytes;
+        Ok(c)
+    }
+
+    fn put16(&mut self, at: usize, v: u16) {
+        self.bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn get16(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]])
+    }
+
+    /// The command register.
+    pub fn command(&self) -> u16 {
+        self.get16(COMMAND)
+    }
+
+    /// Memory Space Enable: MMIO to the BARs reaches the device.
+    pub fn memory_enabled(&self) -> bool {
+        self.command() & CMD_MEMORY != 0
+    }
+
+    /// Bus Master Enable: the device may DMA.
+    pub fn bus_master_enabled(&self) -> bool {
+        self.command() & CMD_BUS_MASTER != 0
+    }
+
+    /// The BARs with their assigned addresses.
+    pub fn bars(&self) -> Vec<(BarInfo, u64)> {
+        self.bars
+            .iter()
+            .filter_map(|s| match *s {
+                BarSlot::Low { info, addr, .. } => Some((info, addr)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Writes that were ignored: attempts to move a BAR, partial BAR writes, out-of-range or
+    /// oversized accesses.
+    pub fn ignored_writes(&self) -> u64 {
+        self.ignored_writes
+    }
+
+    /// Back to power-on values (Function Level Reset): command register cleared (MMIO and DMA
+    /// off), Device Control and the other writable registers at their defaults, BAR sizing
+    /// state cleared. BAR addresses stay: the VMM fixed them.
+    pub fn reset(&mut self) {
+        self.bytes = self.defaults;
+        for s in &mut self.bars {
+            match s {
+                BarSlot::Low { sizing, .. } | BarSlot::High { sizing, .. } => *sizing = false,
+                BarSlot::Unused => {}
+            }
+        }
+    }
+
+    fn bar_dword(&self, slot: usize) -> u32 {
+        match self.bars[slot] {
+            BarSlot::Unused => 0,
+            BarSlot::Low { info, addr, sizing } => {
+                let mut flags = 0u32;
+                if info.kind == BarKind::Mmio64 {
+                    flags |= 0b10 << 1;
+                }
+                if info.prefetchable {
+                    flags |= 1 << 3;
+                }
+                let base = if sizing { !(info.size - 1) } else { addr };
+                (base as u32 & !0xf) | flags
+            }
+            BarSlot::High { size, addr, sizing } => {
+                let base = if sizing { !(size - 1) } else { addr };
+                (base >> 32) as u32
+            }
+        }
+    }
+
+    fn bar_write(&mut self, slot: usize, v: u32) {
+        match &mut self.bars[slot] {
+            BarSlot::Unused => {}
+            BarSlot::Low { addr, sizing, .. } => {
+                if v == u32::MAX {
+                    *sizing = true;
+                } else if v & !0xf == *addr as u32 & !0xf {
+                    *sizing = false;
+                } else {
+                    self.ignored_writes += 1;
+                }
+            }
+            BarSlot::High { addr, sizing, .. } => {
+                if v == u32::MAX {
+                    *sizing = true;
+                } else if v == (*addr >> 32) as u32 {
+                    *sizing = false;
+                } else {
+                    self.ignored_writes += 1;
+                }
+            }
+        }
+    }
+
+    /// Reads `data.len()` bytes at `offset`; bytes beyond the space read as all ones.
+    pub fn read(&self, offset: u16, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset as usize + i;
+            *b = if at >= CONFIG_SPACE_SIZE {
+                0xff
+            } else if (BAR0..BAR_END).contains(&at) {
+                let slot = (at - BAR0) / 4;
+                self.bar_dword(slot).to_le_bytes()[(at - BAR0) % 4]
+            } else if (PCIE_DEVCTL..PCIE_DEVCTL + 2).contains(&at) {
+                // Initiate FLR always reads 0.
+                let v = self.get16(PCIE_DEVCTL) & !DEVCTL_INITIATE_FLR;
+                v.to_le_bytes()[at - PCIE_DEVCTL]
+            } else {
+                self.bytes[at]
+            };
+        }
+    }
+
+    /// Writes `data` (1 to 4 bytes) at `offset`, honouring the write mask; returns what
+    /// changed for the device to act on.
+    pub(super) fn write(&mut self, offset: u16, data: &[u8]) -> WriteEffects {
+        let old_command = self.command();
+        let mut fx = WriteEffects {
+            old_command,
+            new_command: old_command,
+            flr: false,
+        };
+        let start = offset as usize;
+        let end = start + data.len();
+        if data.is_empty() || data.len() > 4 || end > CONFIG_SPACE_SIZE {
+            self.ignored_writes += 1;
+            return fx;
+        }
+        if start < BAR_END && BAR0 < end {
+            if start % 4 == 0 && data.len() == 4 {
+                let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                self.bar_write((start - BAR0) / 4, v);
+            } else {
+                self.ignored_writes += 1;
+            }
+            return fx;
+        }
+        for (i, &d) in data.iter().enumerate() {
+            let at = start + i;
+            let m = self.wmask[at];
+            self.bytes[at] = (self.bytes[at] & !m) | (d & m);
+            if at == PCIE_DEVCTL + 1 && d & (DEVCTL_INITIATE_FLR >> 8) as u8 != 0 {
+                fx.flr = true;
+            }
+        }
+        fx.new_command = self.command();
+        fx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> PciIds {
+        PciIds {
+            vendor: 0x1b36,
+            device: 0x00dd,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x1100,
+            class_code: 0x010802,
+            revision: 2,
+        }
+    }
+
+    fn bar(index: u8, size: u64, kind: BarKind) -> BarInfo {
+        BarInfo {
+            index,
+            size,
+            kind,
+            prefetchable: false,
+        }
+    }
+
+    fn read32(c: &ConfigSpace, off: u16) -> u32 {
+        let mut b = [0u8; 4];
+        c.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn header_fields() {
+        let c = ConfigSpace::new(&ids(), &[]).unwrap();
+        assert_eq!(read32(&c, 0), 0x00dd_1b36);
+        assert_eq!(read32(&c, 8), 0x0108_0202);
+        assert_eq!(read32(&c, 0x2c), 0x1100_1af4);
+        assert_eq!(read32(&c, 0x34) & 0xff, 0x40);
+        assert_eq!(read32(&c, 0x40) & 0xff, 0x10);
+        assert_ne!(read32(&c, 0x44) & DEVCAP_FLR, 0);
+        let mut b = [0u8; 2];
+        c.read(0xff, &mut b);
+        assert_eq!(b, [0, 0xff]);
+    }
+
+    #[test]
+    fn bar_sizing_protocol_for_64_and_32_bit_bars() {
+        let mut c = ConfigSpace::new(
+            &ids(),
+            &[
+                (bar(0, 0x4000, BarKind::Mmio64), 0x1_2340_0000),
+                (bar(2, 0x1000, BarKind::Mmio32), 0xfebf_f000),
+            ],
+        )
+        .unwrap();
+        assert_eq!(read32(&c, 0x10), 0x2340_0004);
+        assert_eq!(read32(&c, 0x14), 0x1);
+        assert_eq!(read32(&c, 0x18), 0xfebf_f000);
+        c.write(0x10, &u32::MAX.to_le_bytes());
+        c.write(0x14, &u32::MAX.to_le_bytes());
+        c.write(0x18, &u32::MAX.to_le_bytes());
+        assert_eq!(read32(&c, 0x10), 0xffff_c004);
+        assert_eq!(read32(&c, 0x14), 0xffff_ffff);
+        assert_eq!(read32(&c, 0x18), 0xffff_f000);
+        // Unused BARs stay 0 through sizing.
+        c.write(0x20, &u32::MAX.to_le_bytes());
+        assert_eq!(read32(&c, 0x20), 0);
+        // Restoring the assigned value ends sizing.
+        c.write(0x10, &0x2340_0004u32.to_le_bytes());
+        c.write(0x14, &1u32.to_le_bytes());
+        c.write(0x18, &0xfebf_f000u32.to_le_bytes());
+        assert_eq!(read32(&c, 0x10), 0x2340_0004);
+        assert_eq!(read32(&c, 0x18), 0xfebf_f000);
+        assert_eq!(c.ignored_writes(), 0);
+        // Moving a BAR is ignored and counted.
+        c.write(0x10, &0x8000_0000u32.to_le_bytes());
+        c.write(0x12, &[0, 0]);
+        assert_eq!(read32(&c, 0x10), 0x2340_0004);
+        assert_eq!(c.ignored_writes(), 2);
+    }
+
+    #[test]
+    fn read_only_bits_stay_and_flr_is_reported() {
+        let mut c = ConfigSpace::new(&ids(), &[]).unwrap();
+        c.write(0, &[0, 0, 0, 0]);
+        assert_eq!(read32(&c, 0), 0x00dd_1b36);
+        let fx = c.write(4, &[0xff, 0xff]);
+        assert_eq!(fx.new_command, CMD_WRITABLE);
+        assert!(c.memory_enabled() && c.bus_master_enabled());
+        let fx = c.write(
+            PCIE_DEVCTL as u16,
+            &(DEVCTL_DEFAULT | DEVCTL_INITIATE_FLR).to_le_bytes(),
+        );
+        assert!(fx.flr);
+        let mut b = [0u8; 2];
+        c.read(PCIE_DEVCTL as u16, &mut b);
+        assert_eq!(u16::from_le_bytes(b), DEVCTL_DEFAULT);
+        c.reset();
+        assert_eq!(c.command(), 0);
+    }
+
+    #[test]
+    fn bad_bar_layouts_are_refused() {
+        let e = ConfigSpace::new(&ids(), &[(bar(5, 0x4000, BarKind::Mmio64), 0)]);
+        assert!(matches!(e, Err(PciError::BadBar { index: 5, .. })));
+        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x3000, BarKind::Mmio32), 0)]);
+        assert!(matches!(e, Err(PciError::BadBar { .. })));
+        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x4000, BarKind::Mmio32), 0x1000)]);
+        assert!(matches!(e, Err(PciError::BadBarAddress { .. })));
+        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x1000, BarKind::Mmio32), 1 << 32)]);
+        assert!(matches!(e, Err(PciError::BadBarAddress { .. })));
+        let e = ConfigSpace::new(
+            &ids(),
+            &[
+                (bar(0, 0x4000, BarKind::Mmio64), 0x10000),
+                (bar(1, 0x1000, BarKind::Mmio32), 0x20000),
+            ],
+        );
+        assert!(matches!(e, Err(PciError::BadBar { index: 1, .. })));
+        let e = ConfigSpace::new(
+            &ids(),
+            &[
+                (bar(0, 0x4000, BarKind::Mmio32), 0x10000),
+                (bar(1, 0x1000, BarKind::Mmio32), 0x11000),
+            ],
+        );
+        assert!(matches!(e, Err(PciError::BarOverlap { index: 1, .. })));
+    }
+}

@@ -1,0 +1,136 @@
+//! PCI functions as a driver domain sees them.
+//!
+//! A [`PciDevice`] pairs a [`ConfigSpace`] (what the domain reads and writes through
+//! configuration mechanism #1 on the [`PciBus`]) with a [`PciBackend`] (the device model, or
+//! VFIO for real hardware). BAR addresses are fixed by the VMM before boot; the domain may size
+//! BARs but not move them. Memory Space Enable gates MMIO, Bus Master Enable gates DMA, and the
+//! PCI Express capability's Initiate Function Level Reset resets the backend.
+
+mod bus;
+mod config;
+mod device;
+
+pub use bus::PciBus;
+pub use config::{ConfigSpace, CONFIG_SPACE_SIZE, PCIE_CAP_OFFSET};
+pub use device::PciDevice;
+
+/// Smallest BAR this crate hands out (one page, so BARs can be mapped into a domain).
+pub const MIN_BAR_SIZE: u64 = 4096;
+/// Number of base address registers in a type-0 header.
+pub const NUM_BARS: u8 = 6;
+
+/// Identity of a PCI function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIds {
+    /// Vendor ID.
+    pub vendor: u16,
+    /// Device ID.
+    pub device: u16,
+    /// Subsystem vendor ID.
+    pub subsystem_vendor: u16,
+    /// Subsystem ID.
+    pub subsystem: u16,
+    /// Class code: base class, subclass, programming interface (e.g. 0x010802 for NVMe).
+    pub class_code: u32,
+    /// Revision ID.
+    pub revision: u8,
+}
+
+/// Kind of a memory BAR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarKind {
+    /// 32-bit MMIO: one BAR register, address below 4 GiB.
+    Mmio32,
+    /// 64-bit MMIO: this BAR register and the next one.
+    Mmio64,
+}
+
+/// One memory BAR of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarInfo {
+    /// BAR register index, 0..=5 (a 64-bit BAR also uses `index + 1`).
+    pub index: u8,
+    /// Size in bytes: a power of two, at least [`MIN_BAR_SIZE`].
+    pub size: u64,
+    /// 32- or 64-bit.
+    pub kind: BarKind,
+    /// Prefetchable.
+    pub prefetchable: bool,
+}
+
+/// A device model (or real device) behind a [`PciDevice`].
+///
+/// Calls come from vCPU threads (MMIO), from the configuration path, and from the VMM
+/// (reset). `bar_read`/`bar_write` are only called with `offset + data.len()` inside the BAR.
+pub trait PciBackend: Send {
+    /// The function's identity.
+    fn ids(&self) -> PciIds;
+    /// The function's memory BARs.
+    fn bars(&self) -> Vec<BarInfo>;
+    /// An MMIO read at `offset` inside BAR `bar`.
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
+    /// An MMIO write at `offset` inside BAR `bar`.
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+    /// Function reset: the device goes back to its power-on state and all its DMA stops before
+    /// this returns.
+    fn reset(&mut self);
+    /// Bus Master Enable changed: the device may DMA only while enabled.
+    fn set_bus_master(&mut self, enabled: bool);
+}
+
+/// Errors building PCI devices and buses (all are VMM configuration errors).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciError {
+    /// The backend describes a BAR that cannot exist.
+    #[error("BAR {index}: size {size:#x} with kind {kind:?}; expected a power of two of at least 4 KiB in registers 0..=5, not overlapping another BAR")]
+    BadBar {
+        /// BAR index.
+        index: u8,
+        /// Size reported by the backend.
+        size: u64,
+        /// Kind reported by the backend.
+        kind: BarKind,
+    },
+    /// A BAR of the backend was given no address.
+    #[error("BAR {index}: no address assigned; expected one entry in bar_addresses")]
+    MissingBarAddress {
+        /// BAR index.
+        index: u8,
+    },
+    /// An address was given for a BAR the backend does not have (or twice).
+    #[error("BAR {index}: address given for a BAR the device does not have, or given twice")]
+    UnknownBar {
+        /// BAR index.
+        index: u8,
+    },
+    /// The address is not aligned to the BAR size, or does not fit the BAR kind.
+    #[error("BAR {index}: address {addr:#x} for {size:#x} bytes; expected a multiple of the size, below 4 GiB for a 32-bit BAR")]
+    BadBarAddress {
+        /// BAR index.
+        index: u8,
+        /// Requested address.
+        addr: u64,
+        /// BAR size.
+        size: u64,
+    },
+    /// Two BARs of the device overlap.
+    #[error("BAR {index}: range at {addr:#x} overlaps another BAR of the device")]
+    BarOverlap {
+        /// BAR index.
+        index: u8,
+        /// Requested address.
+        addr: u64,
+    },
+    /// Device number outside 0..=31.
+    #[error("PCI device number {device}: expected 0..=31")]
+    BadDeviceNumber {
+        /// Requested device number.
+        device: u8,
+    },
+    /// Device number already used on the bus.
+    #[error("PCI device number {device} is already in use on bus 0")]
+    SlotInUse {
+        /// Requested device number.
+        device: u8,
+    },
+}
