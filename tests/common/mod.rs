@@ -27,6 +27,7 @@ pub fn dd_config(name: &str, cmdline: &str) -> DomainConfig {
         cmdline: cmdline.to_string(),
         channel_size: 1 << 20,
         echo: Echo::Off,
+        device: None,
     }
 }
 

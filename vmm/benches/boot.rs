@@ -30,6 +30,7 @@ fn main() {
         cmdline: String::new(),
         channel_size: 1 << 20,
         echo: Echo::Off,
+        device: None,
     };
     let mut times = Vec::with_capacity(iters);
     let mut exits = Vec::with_capacity(iters);

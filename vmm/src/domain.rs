@@ -13,6 +13,8 @@ use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 use ddvm_abi::channel::{offset as chan, ChannelHeader};
 use ddvm_abi::layout;
 use ddvm_abi::port;
+use ddvm_passthrough::nvme::WakeDomain;
+use ddvm_passthrough::{DmaWindow, EmulatedNvme, NvmeConfig, NvmeMonitor, PciBus, PciDevice};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -20,6 +22,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch;
 use crate::console::{Console, Echo, LogReader};
+use crate::devices::pci::{BarWindow, PciConfigPorts};
 use crate::devices::serial::SerialPort;
 use crate::devices::Bus;
 use crate::hypervisor::{register_pvm_vif, Hypervisor};
@@ -46,7 +49,21 @@ pub struct DomainConfig {
     pub channel_size: u64,
     /// Echo the console to stderr.
     pub echo: Echo,
+    /// The device handed to the domain, if any.
+    pub device: Option<DeviceSpec>,
 }
+
+/// A device handed to a driver domain.
+#[derive(Clone, Debug)]
+pub enum DeviceSpec {
+    /// The emulated NVMe controller (stands in for hardware; VFIO comes later).
+    EmulatedNvme(NvmeConfig),
+}
+
+/// Guest-physical address of the first device BAR: above RAM, inside the identity map.
+pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
+/// PCI device number of the passed-through device on bus 0.
+pub const PCI_DEVICE_NUMBER: u8 = 1;
 
 /// Errors creating a domain.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +83,14 @@ pub enum DomainError {
     /// Memory too small for the layout.
     #[error("domain {name}: memory of {memory} bytes is too small; expected at least {MIN_MEMORY} bytes")]
     MemoryTooSmall {
+        /// Domain name.
+        name: String,
+        /// Requested size.
+        memory: u64,
+    },
+    /// Memory reaching into the device window.
+    #[error("domain {name}: memory of {memory} bytes overlaps the PCI window at {PCI_MMIO_BASE:#x}; expected at most {PCI_MMIO_BASE} bytes with a device")]
+    MemoryTooLarge {
         /// Domain name.
         name: String,
         /// Requested size.
@@ -112,6 +137,15 @@ pub enum DomainError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// The device could not be created.
+    #[error("domain {name}: device: {source}")]
+    Device {
+        /// Domain name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Host resources (threads, eventfds, signals).
     #[error("domain {name}: {what}: {source}")]
     Host {
@@ -139,6 +173,10 @@ pub struct Domain {
     stats: Option<VcpuStats>,
     thread: Option<JoinHandle<DomainExit>>,
     exit: Mutex<Option<DomainExit>>,
+    // The device outlives the vCPU thread (which holds it through the buses) and goes before
+    // the VM and the memory its DMA window maps.
+    pci: Option<Arc<Mutex<PciDevice>>>,
+    nvme: Option<NvmeMonitor>,
     // Dropped after the vCPU thread has been joined; the VM before the memory it maps.
     vm: Option<VmFd>,
     mem: GuestMem,
@@ -168,6 +206,12 @@ impl Domain {
                 len: cfg.cmdline.len(),
             });
         }
+        if cfg.device.is_some() && cfg.memory > PCI_MMIO_BASE {
+            return Err(DomainError::MemoryTooLarge {
+                name,
+                memory: cfg.memory,
+            });
+        }
         let channel_gpa = cfg.memory - cfg.channel_size;
         let header = match cfg.channel_size {
             0 => None,
@@ -195,6 +239,34 @@ impl Domain {
             mem.write_obj(header, GuestAddress(gpa))
                 .map_err(setup("channel header"))?;
         }
+
+        let shared = Arc::new(Shared::new().map_err(|source| DomainError::Host {
+            name: name.clone(),
+            what: "eventfd",
+            source,
+        })?);
+        let device_err = |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
+            name: name.clone(),
+            source,
+        };
+        let (pci, nvme) = match &cfg.device {
+            None => (None, None),
+            Some(DeviceSpec::EmulatedNvme(nvme_cfg)) => {
+                let dma = DmaWindow::new(mem.clone());
+                let nvme = EmulatedNvme::new(nvme_cfg.clone(), dma)
+                    .map_err(|e| device_err(Box::new(e)))?;
+                // The controller's completions wake the domain if it waits. The closure holds
+                // the shared state, never the device (no reference cycle).
+                let waker = shared.clone();
+                let wake: WakeDomain = Arc::new(move || waker.kick());
+                nvme.start_worker(wake)
+                    .map_err(|e| device_err(Box::new(e)))?;
+                let monitor = nvme.monitor();
+                let device = PciDevice::new(Box::new(nvme), &[(0, PCI_MMIO_BASE)])
+                    .map_err(|e| device_err(Box::new(e)))?;
+                (Some(Arc::new(Mutex::new(device))), Some(monitor))
+            }
+        };
 
         // 3. KVM objects.
         let kvm_err = |what: &'static str| {
@@ -272,7 +344,40 @@ impl Domain {
             what: "port bus",
             source: std::io::Error::other(e),
         })?;
-        let shared = Arc::new(Shared::new().map_err(host_err("eventfd"))?);
+        let mut mmio = Bus::new();
+        if let Some(device) = &pci {
+            let bus_err = |e: crate::devices::bus::BusError| DomainError::Host {
+                name: name.clone(),
+                what: "device buses",
+                source: std::io::Error::other(e),
+            };
+            let mut pci_bus = PciBus::new();
+            pci_bus
+                .insert(PCI_DEVICE_NUMBER, device.clone())
+                .map_err(|e| device_err(Box::new(e)))?;
+            pio.insert(
+                u64::from(port::PCI_CONFIG_ADDRESS),
+                8,
+                Arc::new(Mutex::new(PciConfigPorts(Arc::new(Mutex::new(pci_bus))))),
+            )
+            .map_err(bus_err)?;
+            let bars = device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config
+                .bars();
+            for (bar, gpa) in bars {
+                mmio.insert(
+                    gpa,
+                    bar.size,
+                    Arc::new(Mutex::new(BarWindow {
+                        base: gpa,
+                        device: device.clone(),
+                    })),
+                )
+                .map_err(bus_err)?;
+            }
+        }
         // Completion notifications are handled in the kernel: ~23 µs instead of ~70 µs.
         if let Err(e) = vm.register_ioevent(
             &shared.notify,
@@ -289,7 +394,7 @@ impl Domain {
         let ctx = VcpuContext {
             mem: mem.clone(),
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             shared: shared.clone(),
             console: console.clone(),
             log: Some(log),
@@ -313,6 +418,8 @@ impl Domain {
             stats,
             thread: Some(thread),
             exit: Mutex::new(None),
+            pci,
+            nvme,
             vm: Some(vm),
             mem,
         })
@@ -366,6 +473,11 @@ impl Domain {
     /// The eventfd written when the domain notifies completions.
     pub fn notify_eventfd(&self) -> &vmm_sys_util::eventfd::EventFd {
         &self.shared.notify
+    }
+
+    /// Statistics of the emulated NVMe controller, if the domain has one.
+    pub fn nvme_stats(&self) -> Option<ddvm_passthrough::NvmeStats> {
+        self.nvme.as_ref().map(|m| m.stats())
     }
 
     /// Exit counters.
@@ -491,7 +603,9 @@ fn join_vcpu(thread: JoinHandle<DomainExit>) -> DomainExit {
 impl Drop for Domain {
     fn drop(&mut self) {
         self.stop();
-        // The vCPU fd went with its thread; now the VM, then (as a field) the memory.
+        // The vCPU fd went with its thread; now the device (its worker is joined), the VM, and
+        // then (as a field) the memory.
+        self.pci.take();
         self.vm.take();
     }
 }

@@ -7,12 +7,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ddvm::config::Config;
+use ddvm::channel::HostChannel;
+use ddvm::config::{Config, DeviceSection};
 use ddvm::console::Echo;
-use ddvm::domain::{Domain, DomainConfig};
+use ddvm::domain::{DeviceSpec, Domain, DomainConfig};
 use ddvm::hypervisor::{Hypervisor, DEFAULT_KVM_PATH};
 use ddvm::loader::Image;
+use ddvm::testclient::{self, Workload};
 use ddvm::vcpu::{DomainExit, RunState};
+use ddvm_passthrough::NvmeConfig;
 
 /// Exit status when a guest crashed.
 const EXIT_GUEST_CRASH: u8 = 3;
@@ -54,6 +57,10 @@ enum Command {
         /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
         #[arg(long)]
         duration: Option<f64>,
+        /// Once ready, run the in-VMM test client on every domain with a device: this many
+        /// verified reads and writes (4 KiB random, queue depth 16, half writes).
+        #[arg(long)]
+        verify: Option<u64>,
     },
     /// Boot one image and wait until it stops; the exit status tells how it stopped.
     Boot {
@@ -99,7 +106,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo { watch_ms, stats } => demo(&cli.kvm, Duration::from_millis(watch_ms), stats),
-        Command::Run { config, duration } => run_config(&cli.kvm, &config, duration),
+        Command::Run {
+            config,
+            duration,
+            verify,
+        } => run_config(&cli.kvm, &config, duration, verify),
         Command::Boot {
             image,
             memory_mib,
@@ -119,6 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cmdline,
                 channel_size: channel_kib << 10,
                 echo: Echo::Stderr,
+                device: None,
             };
             boot_one(
                 &cli.kvm,
@@ -204,6 +216,7 @@ fn demo(kvm: &Path, watch: Duration, show_stats: bool) -> anyhow::Result<ExitCod
         cmdline: String::new(),
         channel_size: 1 << 20,
         echo: Echo::Stderr,
+        device: None,
     };
     println!(
         "ddvm demo: booting the built-in driver domain ({} KiB image)",
@@ -273,13 +286,89 @@ fn demo(kvm: &Path, watch: Duration, show_stats: bool) -> anyhow::Result<ExitCod
     })
 }
 
+/// Runs the in-VMM test client on `d`; returns whether every byte verified.
+fn verify_domain(d: &Domain, requests: u64) -> anyhow::Result<bool> {
+    let (Some(gpa), Some(header)) = (d.channel(), d.channel_header()) else {
+        anyhow::bail!("domain {} has no channel", d.name());
+    };
+    let mut ch = HostChannel::new(gpa, header);
+    let info = ch
+        .device_info(d.memory())
+        .with_context(|| format!("domain {}", d.name()))?;
+    println!(
+        "ddvm: domain {} device: {} MiB, {}-byte blocks, max transfer {} KiB, model {:?}",
+        d.name(),
+        info.capacity_sectors / 2048,
+        info.block_size,
+        info.max_transfer / 1024,
+        String::from_utf8_lossy(&info.model).trim_end_matches(['\0', ' '])
+    );
+    let block_sectors = (4096 / 512).max(info.block_size / 512);
+    let w = Workload {
+        requests,
+        queue_depth: 16,
+        block_sectors,
+        write_percent: 50,
+        random: true,
+        first_sector: 0,
+        range_sectors: info.capacity_sectors.min(1 << 21),
+        seed: 0x5eed,
+        timeout: Duration::from_secs(10),
+    };
+    let r = testclient::run(d, &mut ch, &w).with_context(|| format!("domain {}", d.name()))?;
+    println!(
+        "ddvm: domain {} verify: {} reads ({} of unwritten blocks), {} writes, {} errors, {} mismatches, {:.0} IOPS, p50 {:.1} us, p99 {:.1} us, {:.2} exits/request",
+        d.name(),
+        r.reads,
+        r.unverified_reads,
+        r.writes,
+        r.errors,
+        r.mismatches,
+        r.iops(),
+        r.latency(0.5).as_secs_f64() * 1e6,
+        r.latency(0.99).as_secs_f64() * 1e6,
+        r.exits_per_request()
+    );
+    if let Some(e) = &r.first_error {
+        println!("ddvm: domain {} first error: {e}", d.name());
+    }
+    if let Some(m) = &r.first_mismatch {
+        println!("ddvm: domain {} first mismatch: {m}", d.name());
+    }
+    Ok(r.errors == 0 && r.mismatches == 0)
+}
+
+fn device_spec(config_file: &Path, domain: &str, dev: &DeviceSection) -> DeviceSpec {
+    match dev {
+        DeviceSection::EmulatedNvme {
+            backing,
+            size_mib,
+            lba_size,
+            volatile_write_cache,
+        } => DeviceSpec::EmulatedNvme(NvmeConfig {
+            backing: ddvm::config::resolve(config_file, backing),
+            size: size_mib << 20,
+            lba_size: *lba_size,
+            volatile_write_cache: *volatile_write_cache,
+            max_io_queues: 4,
+            serial: format!("ddvm-{domain}").chars().take(20).collect(),
+            model: "ddvm emulated NVMe".into(),
+        }),
+    }
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
-fn run_config(kvm: &Path, file: &Path, duration: Option<f64>) -> anyhow::Result<ExitCode> {
+fn run_config(
+    kvm: &Path,
+    file: &Path,
+    duration: Option<f64>,
+    verify: Option<u64>,
+) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
     let mut cfgs = Vec::new();
     for d in &config.domains {
@@ -295,6 +384,7 @@ fn run_config(kvm: &Path, file: &Path, duration: Option<f64>) -> anyhow::Result<
             cmdline: d.cmdline.clone(),
             channel_size: d.channel_kib << 10,
             echo: Echo::Stderr,
+            device: d.device.as_ref().map(|dev| device_spec(file, &d.name, dev)),
         });
     }
     let hv = open_kvm(kvm)?;
@@ -327,8 +417,15 @@ fn run_config(kvm: &Path, file: &Path, duration: Option<f64>) -> anyhow::Result<
         }
         domains.push(d);
     }
-    let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
     let mut crashed = false;
+    if let Some(requests) = verify {
+        for d in domains.iter().filter(|d| d.nvme_stats().is_some()) {
+            if !verify_domain(d, requests)? {
+                crashed = true;
+            }
+        }
+    }
+    let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
     while !STOP.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
         std::thread::sleep(Duration::from_millis(20));
         for d in &domains {
