@@ -1,11 +1,16 @@
-//! The domain's side of the channel header (DESIGN.md, "Channel ABI"): take it at boot, mark
-//! ready for the VMM's epoch, heartbeat, and take fault-injection requests.
+//! The domain's side of the channel header (DESIGN.md, "Channel ABI"): take it at boot, check
+//! its geometry, publish the device info, mark ready for the VMM's epoch, heartbeat, take
+//! fault-injection requests, and the event-suppression flags. The rings are served by
+//! `service`.
 
 use core::fmt;
 use core::mem::size_of;
 
-use ddvm_abi::channel::{offset, state, ChannelHeader, CHANNEL_MAGIC, CHANNEL_VERSION};
-use guest_kernel::shared::{publish_fence, SharedRegion};
+use ddvm_abi::channel::{
+    domain_flags, offset, state, vmm_flags, ChannelHeader, DeviceInfo, GeometryError,
+    CHANNEL_MAGIC, CHANNEL_VERSION, DEVICE_INFO_OFFSET,
+};
+use guest_kernel::shared::{full_fence, publish_fence, SharedRegion};
 
 /// Why the channel the VMM named cannot be used. The domain panics with it: a VMM that
 /// writes a wrong header is a bug to report, not a state to serve in.
@@ -18,6 +23,15 @@ pub enum ChannelError {
         /// Version found.
         version: u32,
     },
+    /// The ring and data-area geometry is refused.
+    Geometry(GeometryError),
+    /// The header says the channel is larger than the region the boot info gives.
+    Size {
+        /// `ChannelHeader::size`.
+        header: u64,
+        /// Boot info's channel size.
+        region: u64,
+    },
 }
 
 impl fmt::Display for ChannelError {
@@ -28,6 +42,11 @@ impl fmt::Display for ChannelError {
                 "channel header magic {magic:#x} version {version}, expected {CHANNEL_MAGIC:#x} \
                  version {CHANNEL_VERSION}"
             ),
+            ChannelError::Geometry(e) => write!(f, "channel geometry refused: {e:?}"),
+            ChannelError::Size { header, region } => write!(
+                f,
+                "channel header size {header:#x} exceeds the {region:#x}-byte channel region"
+            ),
         }
     }
 }
@@ -35,6 +54,8 @@ impl fmt::Display for ChannelError {
 /// The channel header.
 pub struct Channel {
     region: SharedRegion,
+    /// The header as read once at open (the VMM's fields do not change during a boot).
+    header: ChannelHeader,
     epoch: u64,
     heartbeat: u64,
 }
@@ -51,6 +72,7 @@ impl Channel {
         }
         Ok(Channel {
             region,
+            header,
             epoch: header.epoch,
             heartbeat: header.heartbeat,
         })
@@ -59,6 +81,55 @@ impl Channel {
     /// The epoch the VMM set for this boot.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The region (channel offsets are from its start).
+    pub fn region(&self) -> SharedRegion {
+        self.region
+    }
+
+    /// The header as read at open.
+    pub fn header(&self) -> &ChannelHeader {
+        &self.header
+    }
+
+    /// Checks the ring and data-area geometry and that it fits the region.
+    pub fn check_geometry(&self) -> Result<(), ChannelError> {
+        if self.header.size > self.region.len() {
+            return Err(ChannelError::Size {
+                header: self.header.size,
+                region: self.region.len(),
+            });
+        }
+        self.header.check_geometry().map_err(ChannelError::Geometry)
+    }
+
+    /// Publishes the device info (before [`Channel::mark_ready`]).
+    pub fn write_device_info(&self, info: &DeviceInfo) {
+        self.region.write(DEVICE_INFO_OFFSET, *info);
+        publish_fence();
+    }
+
+    /// Tells the VMM the domain is about to fail (it panics next).
+    pub fn mark_failed(&self) {
+        self.region.write(offset::STATE, state::FAILED);
+        publish_fence();
+    }
+
+    /// Sets or clears `domain_flags::WAITING`. Setting it is followed by a full fence, so a
+    /// re-check of the request ring afterwards cannot miss a request published before the VMM
+    /// read the flag.
+    pub fn set_waiting(&self, waiting: bool) {
+        let flags = if waiting { domain_flags::WAITING } else { 0 };
+        self.region.write(offset::DOMAIN_FLAGS, flags);
+        full_fence();
+    }
+
+    /// Whether the VMM asks to be notified of published completions (read after a full fence
+    /// that orders the publication before it).
+    pub fn vmm_wants_notify(&self) -> bool {
+        full_fence();
+        self.region.read::<u32>(offset::VMM_FLAGS) & vmm_flags::NOTIFY_ME != 0
     }
 
     /// Tells the VMM the domain serves this epoch: `ready_epoch` first, then `state`.

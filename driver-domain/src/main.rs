@@ -1,7 +1,12 @@
-//! The ddvm driver-domain image (this stage: boot, channel handshake, heartbeat, fault
-//! injection; the device drivers come next).
+//! The ddvm driver-domain image: boots, finds its NVMe controller on PCI bus 0, and serves it
+//! to the VMM over the channel (`service`); heartbeats and takes fault-injection requests.
 //!
-//! Command-line modes, for tests:
+//! Command-line modes and settings, for tests:
+//! - `selftest`: drive the NVMe controller without a channel and report one
+//!   `nvme selftest: PASS|FAIL` line, then exit (status 0 on pass);
+//! - `nvme=BB:DD.F` / `nvme=none`: where the controller is (default: scan bus 0);
+//! - `nvme_timeout_ms=N`: NVMe command timeout (default 30000);
+//! - `nvme_dbbuf=0`: do not use shadow doorbells even when the controller offers them;
 //! - `spin=N`: before marking ready, run N iterations of a tight loop and report its cycles;
 //! - `panic` / `ud2`: die right after boot through the panic / exception path;
 //! - `fault=N`: act on fault-injection request N (`ddvm_abi::channel::fault`) right after
@@ -13,21 +18,34 @@
 #![no_main]
 #![deny(unsafe_code)]
 
-mod channel;
+extern crate alloc;
 
-use ddvm_abi::channel::fault;
+mod channel;
+mod nvme;
+mod selftest;
+mod service;
+
+use ddvm_abi::channel::{fault, DeviceInfo};
 use guest_kernel::cmdline::Cmdline;
 use guest_kernel::time::{self, Instant};
 use guest_kernel::{arch, boot, println, vmm};
 
 use crate::channel::Channel;
+use crate::nvme::probe::{self, Location};
+use crate::nvme::{Controller, Options};
+use crate::service::Service;
 
 guest_kernel::entry_point!(main);
 
 /// How long the main loop polls the channel before it asks the VMM to wait.
 const POLL_US: u64 = 20;
+/// As `POLL_US`, while device commands are in flight.
+const POLL_BUSY_US: u64 = 50;
 /// How long a wait lasts when nothing kicks the domain.
 const WAIT_US: u32 = 10_000;
+/// As `WAIT_US`, while device commands are in flight (a safety net: the VMM's controller kicks
+/// the domain when it posts completions).
+const WAIT_BUSY_US: u32 = 1_000;
 /// Time between heartbeat lines on the console (one a minute).
 const HEARTBEAT_LOG_PERIOD_US: u64 = 60_000_000;
 
@@ -39,6 +57,9 @@ struct Modes {
     fault: Option<u32>,
     exit: Option<u32>,
     idle: bool,
+    selftest: bool,
+    nvme: Location,
+    nvme_options: Options,
 }
 
 impl Modes {
@@ -50,6 +71,23 @@ impl Modes {
             fault: number(cmdline, "fault"),
             exit: number(cmdline, "exit"),
             idle: cmdline.flag("idle"),
+            selftest: cmdline.flag("selftest"),
+            nvme: cmdline
+                .value("nvme")
+                .and_then(|v| {
+                    let at = Location::parse(v);
+                    if at.is_none() {
+                        println!("ddvm driver-domain: ignoring nvme={v:?}: not BB:DD.F or none");
+                    }
+                    at
+                })
+                .unwrap_or(Location::Scan),
+            nvme_options: Options {
+                command_timeout_ms: number(cmdline, "nvme_timeout_ms")
+                    .unwrap_or(Options::default().command_timeout_ms),
+                shadow_doorbells: number::<u8>(cmdline, "nvme_dbbuf") != Some(0),
+                ..Options::default()
+            },
         }
     }
 }
@@ -95,31 +133,79 @@ fn main() -> ! {
         println!("spin done iterations={n} cycles={cycles}");
     }
 
-    let mut channel = boot::channel().map(|region| {
-        Channel::open(region).unwrap_or_else(|e| panic!("cannot use the channel: {e}"))
-    });
-    if let Some(ch) = &channel {
+    if modes.selftest {
+        selftest::run(modes.nvme, modes.nvme_options);
+    }
+
+    let service = boot::channel().map(|region| {
+        let ch = Channel::open(region).unwrap_or_else(|e| panic!("cannot use the channel: {e}"));
+        if let Err(e) = ch.check_geometry() {
+            service::fail(&ch, format_args!("cannot use the channel: {e}"));
+        }
+        let disk = attach(&ch, &modes);
+        let info = disk.as_ref().map_or_else(DeviceInfo::default, |d| {
+            service::device_info(d.info(), ch.header().max_transfer)
+        });
+        if disk.is_some() && info.max_transfer == 0 {
+            service::fail(
+                &ch,
+                format_args!(
+                    "channel max_transfer {} is below the device's block size",
+                    ch.header().max_transfer
+                ),
+            );
+        }
+        ch.write_device_info(&info);
         ch.mark_ready();
         println!("ready epoch={}", ch.epoch());
-    }
+        Service::new(ch, disk, info)
+    });
     if let Some(request) = modes.fault {
         inject(request);
     }
     if let Some(status) = modes.exit {
         vmm::exit(status);
     }
-    if channel.is_none() && !modes.idle {
+    if service.is_none() && !modes.idle {
         println!("no channel: exiting");
         vmm::exit(vmm::STATUS_SUCCESS);
     }
-    serve(channel.as_mut())
+    serve(service)
 }
 
-/// The main loop: heartbeat, fault injection, poll a little, then wait.
-fn serve(mut channel: Option<&mut Channel>) -> ! {
+/// Finds and brings up the NVMe controller, if there is one. A controller that is present
+/// but unusable is fatal (the channel is marked failed first).
+fn attach(ch: &Channel, modes: &Modes) -> Option<Controller> {
+    let found = match probe::find(modes.nvme) {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            println!("nvme: no controller found: requests complete UNSUPPORTED");
+            return None;
+        }
+        Err(e) => service::fail(ch, format_args!("{e}")),
+    };
+    println!(
+        "nvme: controller {:04x}:{:04x} at {}, BAR0 {:#x}",
+        found.function.vendor, found.function.device, found.function.bdf, found.bar.base
+    );
+    let start = Instant::now();
+    match Controller::init(found.registers, modes.nvme_options) {
+        Ok(disk) => {
+            println!("{} (ready in {} us)", disk.info(), start.elapsed_us());
+            Some(disk)
+        }
+        Err(e) => service::fail(ch, format_args!("{e}")),
+    }
+}
+
+/// The main loop: heartbeat, fault injection, serve the channel; when idle, poll a little,
+/// then wait.
+fn serve(mut service: Option<Service>) -> ! {
     let mut last_log = Instant::now();
+    let mut polling = Instant::now();
     loop {
-        if let Some(ch) = channel.as_deref_mut() {
+        if let Some(s) = service.as_mut() {
+            let ch = s.channel_mut();
             let beat = ch.beat();
             if let Some(f) = ch.take_fault() {
                 inject(f);
@@ -128,17 +214,31 @@ fn serve(mut channel: Option<&mut Channel>) -> ! {
                 println!("heartbeat {beat}");
                 last_log = Instant::now();
             }
-        }
-        let polling = Instant::now();
-        while polling.elapsed_us() < POLL_US {
-            if channel.as_deref().is_some_and(Channel::fault_pending) {
-                break;
+            if s.pass() {
+                polling = Instant::now();
+                continue;
             }
+        }
+        let in_flight = service.as_ref().map_or(0, Service::in_flight);
+        let poll_us = if in_flight > 0 { POLL_BUSY_US } else { POLL_US };
+        if polling.elapsed_us() < poll_us {
             core::hint::spin_loop();
+            continue;
         }
-        if !channel.as_deref().is_some_and(Channel::fault_pending) {
-            vmm::wait(WAIT_US);
+        if service
+            .as_ref()
+            .is_some_and(|s| s.channel().fault_pending())
+        {
+            continue;
         }
+        if !service.as_mut().is_none_or(Service::prepare_wait) {
+            continue;
+        }
+        vmm::wait(if in_flight > 0 { WAIT_BUSY_US } else { WAIT_US });
+        if let Some(s) = service.as_mut() {
+            s.woke();
+        }
+        polling = Instant::now();
     }
 }
 

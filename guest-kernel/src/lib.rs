@@ -12,14 +12,16 @@
 //! - a global allocator ([`heap`]) so `alloc` works;
 //! - [`time`]: a TSC clock and `delay_us`; [`vmm`]: wait, exit;
 //! - [`pci`] configuration access and bus-0 enumeration; [`mmio`] typed device registers;
-//!   [`shared`] volatile access to memory shared with the VMM;
+//!   [`shared`] volatile access to memory shared with the VMM (and the channel rings over it);
+//!   [`dma`] page-aligned, physically contiguous buffers for devices;
 //! - panic and CPU-exception reporting through the panic record and the panic port;
 //! - [`fault`]: deliberate faults for fault injection.
 //!
 //! PVM rules this crate follows (PLATFORM.md): no `cli`/`sti`, no `int $n`, privileged
 //! instructions only at boot, `hlt` only in a loop, and the VMM's page tables stay loaded on the
 //! ddvm path. `unsafe` lives in `arch` (assembly, ports, descriptor tables) and in the small
-//! wrappers [`shared`], [`mmio`], `boot` and `heap`, each block with its invariant.
+//! wrappers [`shared`], [`dma`], [`mmio`], [`pci`], `boot` and `heap`, each block with its
+//! invariant.
 
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -32,6 +34,7 @@ pub mod arch;
 pub mod boot;
 pub mod cmdline;
 pub mod console;
+pub mod dma;
 pub mod fault;
 pub mod heap;
 pub mod mmio;

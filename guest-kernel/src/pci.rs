@@ -6,9 +6,12 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+use ddvm_abi::layout::IDENTITY_MAPPED;
 use ddvm_abi::port::{PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
 
 use crate::arch::io::Port;
+use crate::boot;
+use crate::mmio::MmioRegion;
 
 /// Bus, device, function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -107,6 +110,187 @@ pub mod reg {
     pub const BAR0: u8 = 0x10;
 }
 
+/// Command register bits.
+pub mod command {
+    /// Respond to memory-space accesses (BAR decode).
+    pub const MEMORY: u16 = 1 << 1;
+    /// Let the device master the bus (DMA).
+    pub const BUS_MASTER: u16 = 1 << 2;
+    /// Do not assert INTx.
+    pub const INTX_DISABLE: u16 = 1 << 10;
+}
+
+/// Reads the command register, sets `set`, clears `clear`, writes it back; returns the new
+/// value.
+pub fn update_command(bdf: Bdf, set: u16, clear: u16) -> u16 {
+    let value = (read_u16(bdf, reg::COMMAND) & !clear) | set;
+    write_u16(bdf, reg::COMMAND, value);
+    value
+}
+
+/// A memory BAR as read (and sized) from configuration space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBar {
+    /// Which BAR (0–5).
+    pub index: u8,
+    /// Address programmed in it (0: unassigned).
+    pub base: u64,
+    /// Size in bytes (a power of two).
+    pub size: u64,
+    /// 64-bit BAR (occupies `index` and `index + 1`).
+    pub is_64bit: bool,
+    /// Prefetchable.
+    pub prefetchable: bool,
+}
+
+/// Why a BAR cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarError {
+    /// BAR index past 5 (or a 64-bit BAR at 5).
+    Index(u8),
+    /// An I/O-space BAR, or a memory BAR of a reserved type.
+    NotMemory(u32),
+    /// The BAR is not implemented (sizes to zero).
+    Unimplemented,
+    /// The BAR lies (partly) outside `[top of RAM, 4 GiB)`, where this guest's identity map
+    /// reaches device memory that is not RAM.
+    Placement {
+        /// BAR address.
+        base: u64,
+        /// BAR size.
+        size: u64,
+        /// Top of RAM.
+        ram_end: u64,
+    },
+    /// The base is not aligned to the BAR's size.
+    Misaligned {
+        /// BAR address.
+        base: u64,
+        /// BAR size.
+        size: u64,
+    },
+}
+
+impl fmt::Display for BarError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            BarError::Index(i) => write!(f, "BAR {i} does not exist"),
+            BarError::NotMemory(raw) => write!(f, "BAR is not a memory BAR (reads {raw:#x})"),
+            BarError::Unimplemented => write!(f, "BAR is not implemented"),
+            BarError::Placement {
+                base,
+                size,
+                ram_end,
+            } => write!(
+                f,
+                "BAR at {base:#x} size {size:#x} is not between the top of RAM ({ram_end:#x}) \
+                 and 4 GiB"
+            ),
+            BarError::Misaligned { base, size } => {
+                write!(f, "BAR at {base:#x} is not aligned to its size {size:#x}")
+            }
+        }
+    }
+}
+
+const BAR_IO: u32 = 1 << 0;
+const BAR_TYPE_MASK: u32 = 0b110;
+const BAR_TYPE_32: u32 = 0b000;
+const BAR_TYPE_64: u32 = 0b100;
+const BAR_PREFETCH: u32 = 1 << 3;
+const BAR_ADDR_MASK: u32 = !0xf;
+
+/// Reads and sizes memory BAR `index` of `bdf`. Memory decode is off while the BAR holds the
+/// sizing pattern; the BAR and the command register are restored afterwards. Boot only: about
+/// ten configuration accesses.
+pub fn memory_bar(bdf: Bdf, index: u8) -> Result<MemoryBar, BarError> {
+    if index > 5 {
+        return Err(BarError::Index(index));
+    }
+    let off = reg::BAR0 + 4 * index;
+    let low = read_u32(bdf, off);
+    if low & BAR_IO != 0 {
+        return Err(BarError::NotMemory(low));
+    }
+    let is_64bit = match low & BAR_TYPE_MASK {
+        BAR_TYPE_32 => false,
+        BAR_TYPE_64 if index < 5 => true,
+        BAR_TYPE_64 => return Err(BarError::Index(index)),
+        _ => return Err(BarError::NotMemory(low)),
+    };
+    let high = if is_64bit { read_u32(bdf, off + 4) } else { 0 };
+
+    let command = read_u16(bdf, reg::COMMAND);
+    write_u16(bdf, reg::COMMAND, command & !command::MEMORY);
+    write_u32(bdf, off, u32::MAX);
+    let size_low = read_u32(bdf, off) & BAR_ADDR_MASK;
+    let size_high = if is_64bit {
+        write_u32(bdf, off + 4, u32::MAX);
+        let v = read_u32(bdf, off + 4);
+        write_u32(bdf, off + 4, high);
+        v
+    } else {
+        u32::MAX
+    };
+    write_u32(bdf, off, low);
+    write_u16(bdf, reg::COMMAND, command);
+
+    let mask = u64::from(size_high) << 32 | u64::from(size_low);
+    if mask == 0 {
+        return Err(BarError::Unimplemented);
+    }
+    Ok(MemoryBar {
+        index,
+        base: u64::from(high) << 32 | u64::from(low & BAR_ADDR_MASK),
+        size: (!mask).wrapping_add(1),
+        is_64bit,
+        prefetchable: low & BAR_PREFETCH != 0,
+    })
+}
+
+/// Programs memory BAR `bar.index` of `bdf` with `base` (memory decode off meanwhile; the
+/// command register is restored). Returns the BAR with its new base.
+pub fn assign_memory_bar(bdf: Bdf, bar: MemoryBar, base: u64) -> MemoryBar {
+    let off = reg::BAR0 + 4 * bar.index;
+    let flags = read_u32(bdf, off) & !BAR_ADDR_MASK;
+    let command = read_u16(bdf, reg::COMMAND);
+    write_u16(bdf, reg::COMMAND, command & !command::MEMORY);
+    write_u32(bdf, off, (base as u32 & BAR_ADDR_MASK) | flags);
+    if bar.is_64bit {
+        write_u32(bdf, off + 4, (base >> 32) as u32);
+    }
+    write_u16(bdf, reg::COMMAND, command);
+    MemoryBar { base, ..bar }
+}
+
+/// The registers behind a memory BAR, after checking it lies between the top of RAM and the
+/// end of the identity map (4 GiB) and is aligned to its size.
+pub fn map_memory_bar(bar: &MemoryBar) -> Result<MmioRegion, BarError> {
+    let ram_end = boot::info().mem_size;
+    let placement = BarError::Placement {
+        base: bar.base,
+        size: bar.size,
+        ram_end,
+    };
+    let Some(end) = bar.base.checked_add(bar.size) else {
+        return Err(placement);
+    };
+    if bar.base < ram_end || end > IDENTITY_MAPPED || bar.size == 0 {
+        return Err(placement);
+    }
+    if !bar.size.is_power_of_two() || bar.base % bar.size != 0 {
+        return Err(BarError::Misaligned {
+            base: bar.base,
+            size: bar.size,
+        });
+    }
+    // SAFETY: the range is mapped (identity map below 4 GiB) and is not RAM (above the top of
+    // RAM the boot info gives), so no Rust object lives there: it is the device's registers
+    // as its BAR says. What the device does with DMA is the driver's to account for (it only
+    // gives the device addresses of DMA buffers and channel slots).
+    Ok(unsafe { MmioRegion::new(bar.base, bar.size) })
+}
+
 /// A present function found by [`enumerate_bus0`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PciFunction {
@@ -146,6 +330,11 @@ pub fn enumerate_bus0() -> Vec<PciFunction> {
         }
     }
     found
+}
+
+/// The function at `bdf`, if one is present (two configuration reads).
+pub fn function(bdf: Bdf) -> Option<PciFunction> {
+    probe(bdf)
 }
 
 fn probe(bdf: Bdf) -> Option<PciFunction> {

@@ -6,10 +6,11 @@
 
 use core::mem::size_of;
 use core::ptr;
-use core::sync::atomic::{compiler_fence, Ordering};
+use core::sync::atomic::{compiler_fence, fence, Ordering};
 
 use ddvm_abi::boot::BootInfo;
-use ddvm_abi::channel::ChannelHeader;
+use ddvm_abi::channel::ring::SharedMemory;
+use ddvm_abi::channel::{ChannelHeader, DeviceInfo};
 use ddvm_abi::log::LogHeader;
 
 /// Types for which every bit pattern is a valid value and that have no padding: safe to copy
@@ -34,6 +35,8 @@ unsafe impl Plain for BootInfo {}
 unsafe impl Plain for ChannelHeader {}
 // SAFETY: as above.
 unsafe impl Plain for LogHeader {}
+// SAFETY: as above (`DeviceInfo` is 128 bytes of integers and byte arrays, no padding).
+unsafe impl Plain for DeviceInfo {}
 
 /// A range of guest-physical (= virtual) memory shared with the VMM or a device.
 #[derive(Clone, Copy, Debug)]
@@ -109,11 +112,71 @@ impl SharedRegion {
         }
     }
 
+    /// Copies `buf.len()` bytes out of the region at `offset`, one volatile byte read each.
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) {
+        let addr = self.addr(offset, buf.len(), 1);
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `addr..addr + buf.len()` is in bounds (checked above).
+            *b = unsafe { ptr::read_volatile((addr + i as u64) as *const u8) };
+        }
+    }
+
+    /// Sets `len` bytes at `offset` to `value`, with volatile writes.
+    pub fn fill(&self, offset: u64, len: u64, value: u8) {
+        let addr = self.addr(offset, len as usize, 1);
+        for i in 0..len {
+            // SAFETY: `addr..addr + len` is in bounds (checked above).
+            unsafe { ptr::write_volatile((addr + i) as *mut u8, value) }
+        }
+    }
+
+    /// Whether `len` bytes at `offset` lie inside the region.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.len)
+    }
+
     /// A sub-region of `len` bytes at `offset`; panics when it does not fit.
     pub fn subregion(&self, offset: u64, len: u64) -> SharedRegion {
         let base = self.addr(offset, len as usize, 1);
         SharedRegion { base, len }
     }
+}
+
+/// The channel rings (`ddvm_abi::channel::ring`) over a region: offsets are from the region's
+/// start; indices are single aligned 32-bit volatile accesses, entries volatile byte copies.
+/// Every access is bounds-checked (a geometry the domain validated never trips the check).
+impl SharedMemory for SharedRegion {
+    fn load_u32(&self, offset: u64) -> u32 {
+        self.read(offset)
+    }
+
+    fn store_u32(&self, offset: u64, value: u32) {
+        self.write(offset, value)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        self.read_bytes(offset, buf)
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) {
+        self.write_bytes(offset, buf)
+    }
+
+    fn release(&self) {
+        fence(Ordering::Release);
+    }
+
+    fn acquire(&self) {
+        fence(Ordering::Acquire);
+    }
+}
+
+/// Orders this CPU's earlier stores before its later loads as other agents (the VMM's threads,
+/// a device) see them: `mfence` on x86. Needed between publishing something and reading the
+/// peer's "tell me" flag (event suppression), where release/acquire are not enough.
+#[inline]
+pub fn full_fence() {
+    fence(Ordering::SeqCst);
 }
 
 /// Orders this CPU's earlier accesses to shared memory before later ones, as another CPU (the

@@ -2,7 +2,7 @@
 
 use ddvm_abi::boot::Platform;
 use ddvm_abi::panic::PanicKind;
-use ddvm_abi::port::{EXIT, PANIC, WAIT, WAIT_MAX_US};
+use ddvm_abi::port::{EXIT, NOTIFY, PANIC, WAIT, WAIT_MAX_US};
 
 use crate::arch::{cpu, io::Port};
 use crate::{boot, time};
@@ -33,6 +33,15 @@ pub fn wait(timeout_us: u32) {
     // SAFETY: the wait port is the VMM's; writing it touches no memory.
     let port = unsafe { Port::<u32>::new(WAIT) };
     port.write(timeout_us.min(WAIT_MAX_US));
+}
+
+/// Tells the VMM the domain published completions (the notify port, served in the VMM's
+/// kernel through an ioeventfd). Only when the VMM asked for it (`vmm_flags::NOTIFY_ME`).
+/// Under QEMU nothing listens: the write is ignored.
+pub fn notify() {
+    // SAFETY: the notify port is the VMM's; writing it touches no memory.
+    let port = unsafe { Port::<u32>::new(NOTIFY) };
+    port.write(1);
 }
 
 /// Stops the VM with `status` (0: success). Under QEMU's `isa-debug-exit` the process exits

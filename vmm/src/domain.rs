@@ -200,10 +200,25 @@ impl Domain {
                 size: cfg.channel_size,
             });
         }
-        if cfg.cmdline.len() > layout::CMDLINE_MAX || cfg.cmdline.contains('\0') {
+        // Tell the domain where its device is (or that it has none): probing the bus costs
+        // a port exit per config access.
+        let cmdline = if cfg
+            .cmdline
+            .split_whitespace()
+            .any(|t| t.starts_with("nvme="))
+        {
+            cfg.cmdline.clone()
+        } else {
+            let nvme = match cfg.device {
+                Some(DeviceSpec::EmulatedNvme(_)) => format!("nvme=00:{PCI_DEVICE_NUMBER:02x}.0"),
+                None => "nvme=none".to_string(),
+            };
+            format!("{} {nvme}", cfg.cmdline).trim_start().to_string()
+        };
+        if cmdline.len() > layout::CMDLINE_MAX || cmdline.contains('\0') {
             return Err(DomainError::Cmdline {
                 name,
-                len: cfg.cmdline.len(),
+                len: cmdline.len(),
             });
         }
         if cfg.device.is_some() && cfg.memory > PCI_MMIO_BASE {
@@ -321,11 +336,11 @@ impl Domain {
             channel: channel.unwrap_or(0),
             channel_size: cfg.channel_size,
             cmdline: layout::BOOT_INFO + layout::CMDLINE_OFFSET,
-            cmdline_len: cfg.cmdline.len() as u64,
+            cmdline_len: cmdline.len() as u64,
             pci_ecam: 0,
             reserved: [0; 4],
         };
-        arch::write_boot_info(&mem, &boot_info, &cfg.cmdline).map_err(setup("boot info"))?;
+        arch::write_boot_info(&mem, &boot_info, &cmdline).map_err(setup("boot info"))?;
 
         // 5. Devices and the vCPU thread.
         let host_err = |what: &'static str| {

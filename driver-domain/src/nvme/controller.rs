@@ -1,0 +1,448 @@
+//! The controller: bring-up (reset, admin queue, Identify, queues, shadow doorbells) and one
+//! polled I/O queue pair.
+//!
+//! Bring-up follows NVMe base specification 1.4 section 7.6.1: disable and wait for
+//! CSTS.RDY = 0, program the admin queue, enable and wait for CSTS.RDY = 1 (both within
+//! CAP.TO), Identify Controller and Namespace, Set Features Number of Queues, Doorbell Buffer
+//! Config when OACS says so, then create one I/O completion queue (interrupts off) and one
+//! submission queue. Data transfers use PRPs (`prp`), one PRP list chunk per command slot.
+//!
+//! Everything the controller writes back is validated: completion entries must name the queue
+//! and a command in flight; Identify fields are bounds-checked before use.
+
+use alloc::rc::Rc;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use guest_kernel::dma::{DmaBuffer, PAGE_SIZE};
+use guest_kernel::mmio::MmioRegion;
+use guest_kernel::time::Instant;
+
+use super::admin::{disable, identify, stalled, wait_ready, AdminQueue};
+use super::cmd::{admin as opcode, cns, feature, Command};
+use super::error::NvmeError;
+use super::identify::{first_active_namespace, ControllerInfo, NamespaceInfo};
+use super::info::DiskInfo;
+use super::io::{IoDone, IoKind, IoRequest, IoStats, SubmitError};
+use super::prp;
+use super::queue::{CompletionQueue, Doorbell, ShadowBuffers, SubmissionQueue};
+use super::regs::{cc, doorbell_index_offset, DoorbellKind, Registers};
+
+/// Admin queue entries (the driver runs one admin command at a time).
+const ADMIN_ENTRIES: u16 = 16;
+/// I/O queue id.
+const IO_QID: u16 = 1;
+/// Submission/completion queue entry sizes as powers of two.
+const SQES: u8 = 6;
+const CQES: u8 = 4;
+/// Largest NLB of one command (16-bit, 0's based).
+const MAX_BLOCKS_PER_COMMAND: u32 = 1 << 16;
+/// How often in-flight commands are checked against the timeout.
+const TIMEOUT_CHECK_US: u64 = 1_000;
+
+/// Driver settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// A command not completed after this long is fatal.
+    pub command_timeout_ms: u64,
+    /// I/O queue entries wanted (capped by CAP.MQES; at least 2).
+    pub io_queue_entries: u16,
+    /// Use Doorbell Buffer Config when the controller offers it.
+    pub shadow_doorbells: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            command_timeout_ms: 30_000,
+            io_queue_entries: 128,
+            shadow_doorbells: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    busy: bool,
+    opcode: u8,
+    user: u64,
+    started: Option<Instant>,
+}
+
+/// An enabled controller with one I/O queue pair.
+pub struct Controller {
+    regs: Registers,
+    options: Options,
+    /// Kept (and its memory alive) while the controller is enabled.
+    _admin: AdminQueue,
+    sq: SubmissionQueue,
+    cq: CompletionQueue,
+    /// One PRP list chunk per command slot (also the range list of Dataset Management).
+    lists: DmaBuffer,
+    /// Bytes of each slot's chunk (`prp::list_bytes`).
+    list_bytes: u64,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    in_flight: usize,
+    info: DiskInfo,
+    last_timeout_check: Instant,
+    /// Kept alive while the controller may read and write it.
+    _shadow: Option<Rc<ShadowBuffers>>,
+}
+
+impl Controller {
+    /// Resets and brings up the controller behind `region` (BAR0).
+    pub fn init(region: MmioRegion, options: Options) -> Result<Self, NvmeError> {
+        let regs = Registers::new(region)?;
+        let cap = regs.cap();
+        if cap.0 == u64::MAX {
+            return Err(NvmeError::NotResponding);
+        }
+        if !cap.nvm_command_set() {
+            return Err(NvmeError::Unsupported("no NVM command set (CAP.CSS)"));
+        }
+        if cap.page_shift_min() > 12 || cap.page_shift_max() < 12 {
+            return Err(NvmeError::Unsupported(
+                "4 KiB memory pages (CAP.MPSMIN/MPSMAX)",
+            ));
+        }
+        let ready_ms = cap.ready_timeout_ms();
+        let timeout_ms = options.command_timeout_ms;
+        disable(&regs, ready_ms)?;
+
+        let max_entries = cap.max_queue_entries().min(4096) as u16;
+        if max_entries < 2 {
+            return Err(NvmeError::Unsupported(
+                "queues of fewer than 2 entries (CAP.MQES)",
+            ));
+        }
+        let n = ADMIN_ENTRIES.min(max_entries);
+        let mut admin = AdminQueue {
+            sq: SubmissionQueue::new(n, Doorbell::new(regs.doorbell(0, DoorbellKind::SqTail)?))?,
+            cq: CompletionQueue::new(n, Doorbell::new(regs.doorbell(0, DoorbellKind::CqHead)?))?,
+            next_cid: 0,
+        };
+        regs.set_admin_queue_sizes(n, n);
+        regs.set_admin_queues(admin.sq.addr(), admin.cq.addr());
+        regs.set_cc(
+            cc::EN
+                | cc::CSS_NVM
+                | cc::AMS_RR
+                | 0 << cc::MPS_SHIFT
+                | u32::from(SQES) << cc::IOSQES_SHIFT
+                | u32::from(CQES) << cc::IOCQES_SHIFT,
+        );
+        wait_ready(&regs, true, ready_ms)?;
+        let version = regs.version();
+
+        let page = DmaBuffer::new(1).ok_or(NvmeError::OutOfMemory)?;
+        let data = identify(&mut admin, &regs, &page, cns::CONTROLLER, 0, timeout_ms)?.map_err(
+            |status| NvmeError::AdminFailed {
+                opcode: opcode::IDENTIFY,
+                status,
+            },
+        )?;
+        let controller = ControllerInfo::parse(&data);
+        if !controller.entry_sizes_ok(SQES, CQES) {
+            return Err(NvmeError::Unsupported(
+                "64-byte SQ and 16-byte CQ entries (SQES/CQES)",
+            ));
+        }
+        if controller.nn == 0 {
+            return Err(NvmeError::NoNamespace);
+        }
+        // The first active namespace; controllers before NVMe 1.1 lack the list: NSID 1.
+        let nsid = match identify(
+            &mut admin,
+            &regs,
+            &page,
+            cns::ACTIVE_NAMESPACES,
+            0,
+            timeout_ms,
+        )? {
+            Ok(list) => first_active_namespace(&list).ok_or(NvmeError::NoNamespace)?,
+            Err(_) => 1,
+        };
+        let data = identify(&mut admin, &regs, &page, cns::NAMESPACE, nsid, timeout_ms)?.map_err(
+            |status| NvmeError::AdminFailed {
+                opcode: opcode::IDENTIFY,
+                status,
+            },
+        )?;
+        let namespace = NamespaceInfo::parse(&data)?.ok_or(NvmeError::NoNamespace)?;
+        drop(page);
+
+        // One I/O submission and one completion queue (0's based counts).
+        admin.run_ok(
+            &regs,
+            Command::set_features(feature::NUMBER_OF_QUEUES, 0),
+            timeout_ms,
+        )?;
+
+        let stride = cap.doorbell_stride();
+        let shadow_fits =
+            doorbell_index_offset(IO_QID, DoorbellKind::CqHead, stride) + 4 <= PAGE_SIZE;
+        let mut shadow = None;
+        if options.shadow_doorbells && controller.doorbell_buffer_config() && shadow_fits {
+            let buffers = Rc::new(ShadowBuffers::new()?);
+            let cmd =
+                Command::doorbell_buffer_config(buffers.shadow.addr(), buffers.eventidx.addr());
+            if admin.run(&regs, cmd, timeout_ms)?.status.is_success() {
+                // Admin doorbells: shadow kept in step, MMIO always written.
+                let sq_off = doorbell_index_offset(0, DoorbellKind::SqTail, stride);
+                let cq_off = doorbell_index_offset(0, DoorbellKind::CqHead, stride);
+                admin.sq.doorbell.use_shadow(buffers.clone(), sq_off, true);
+                admin.cq.doorbell.use_shadow(buffers.clone(), cq_off, true);
+                shadow = Some(buffers);
+            }
+        }
+
+        let entries = options.io_queue_entries.clamp(2, max_entries);
+        let mut cq_bell = Doorbell::new(regs.doorbell(IO_QID, DoorbellKind::CqHead)?);
+        let mut sq_bell = Doorbell::new(regs.doorbell(IO_QID, DoorbellKind::SqTail)?);
+        if let Some(buffers) = &shadow {
+            let cq_off = doorbell_index_offset(IO_QID, DoorbellKind::CqHead, stride);
+            let sq_off = doorbell_index_offset(IO_QID, DoorbellKind::SqTail, stride);
+            cq_bell.use_shadow(buffers.clone(), cq_off, false);
+            sq_bell.use_shadow(buffers.clone(), sq_off, false);
+        }
+        let cq = CompletionQueue::new(entries, cq_bell)?;
+        admin.run_ok(
+            &regs,
+            Command::create_cq(IO_QID, entries, cq.addr()),
+            timeout_ms,
+        )?;
+        let sq = SubmissionQueue::new(entries, sq_bell)?;
+        admin.run_ok(
+            &regs,
+            Command::create_sq(IO_QID, entries, sq.addr(), IO_QID),
+            timeout_ms,
+        )?;
+
+        let block_size = namespace.block_size();
+        let mdts = match controller.mdts {
+            0 => u64::MAX,
+            m => 1u64
+                .checked_shl(u32::from(m) + cap.page_shift_min())
+                .unwrap_or(u64::MAX),
+        };
+        let max_transfer = mdts
+            .min(u64::from(prp::MAX_TRANSFER))
+            .min(u64::from(MAX_BLOCKS_PER_COMMAND) * u64::from(block_size));
+        let max_transfer = (max_transfer / u64::from(block_size) * u64::from(block_size)) as u32;
+        if max_transfer == 0 {
+            return Err(NvmeError::Unsupported("MDTS below one block"));
+        }
+
+        let list_bytes = prp::list_bytes(max_transfer);
+        let list_pages = (u64::from(entries) * list_bytes).div_ceil(PAGE_SIZE);
+        let lists = DmaBuffer::new(list_pages as usize).ok_or(NvmeError::OutOfMemory)?;
+        Ok(Controller {
+            regs,
+            options,
+            _admin: admin,
+            sq,
+            cq,
+            lists,
+            list_bytes,
+            slots: vec![Slot::default(); usize::from(entries)],
+            free: (0..entries).rev().collect(),
+            in_flight: 0,
+            info: DiskInfo {
+                version,
+                controller,
+                nsid,
+                blocks: namespace.blocks,
+                block_size,
+                max_transfer,
+                queue_entries: entries,
+                shadow_doorbells: shadow.is_some(),
+            },
+            last_timeout_check: Instant::now(),
+            _shadow: shadow,
+        })
+    }
+
+    /// What the driver found out about the device.
+    pub fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    /// Commands in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Most commands in flight at once (one less than the queue's entries).
+    pub fn capacity(&self) -> usize {
+        usize::from(self.sq.entries()) - 1
+    }
+
+    /// Doorbell counts of the I/O queues.
+    pub fn stats(&self) -> IoStats {
+        IoStats {
+            sq: self.sq.doorbell.stats(),
+            cq: self.cq.doorbell.stats(),
+        }
+    }
+
+    /// Queues `req` (the controller sees it at the next [`Controller::ring`]); `user` comes
+    /// back in its [`IoDone`].
+    pub fn submit(&mut self, req: &IoRequest, user: u64) -> Result<(), SubmitError> {
+        if self.in_flight >= self.capacity() {
+            return Err(SubmitError::Full);
+        }
+        let Some(&cid) = self.free.last() else {
+            return Err(SubmitError::Full);
+        };
+        let cmd = self.command(req, cid)?;
+        self.free.pop();
+        let slot = &mut self.slots[usize::from(cid)];
+        *slot = Slot {
+            busy: true,
+            opcode: cmd.opcode,
+            user,
+            started: Some(Instant::now()),
+        };
+        self.in_flight += 1;
+        self.sq.push(&Command { cid, ..cmd });
+        Ok(())
+    }
+
+    /// Builds the command for `req` in slot `cid` (writing its PRP list or range if needed).
+    fn command(&self, req: &IoRequest, cid: u16) -> Result<Command, SubmitError> {
+        let info = &self.info;
+        let c = &info.controller;
+        let nsid = info.nsid;
+        if req.kind == IoKind::Flush {
+            return Ok(Command::flush(nsid));
+        }
+        let in_range = req.blocks > 0
+            && req
+                .lba
+                .checked_add(u64::from(req.blocks))
+                .is_some_and(|end| end <= info.blocks);
+        if !in_range {
+            return Err(SubmitError::Invalid(
+                "block range empty or past the namespace",
+            ));
+        }
+        let list_offset = u64::from(cid) * self.list_bytes;
+        let list_addr = self.lists.addr() + list_offset;
+        match req.kind {
+            IoKind::Read | IoKind::Write => {
+                let bytes = u64::from(req.blocks) * u64::from(info.block_size);
+                if bytes != u64::from(req.len) || req.len > info.max_transfer {
+                    return Err(SubmitError::Invalid(
+                        "length not blocks * block size or over max",
+                    ));
+                }
+                let max_entries = self.list_bytes / 8;
+                let prp = prp::build(req.buf, req.len, list_addr, max_entries, |i, addr| {
+                    self.lists.write::<u64>(list_offset + 8 * i, addr)
+                })
+                .map_err(SubmitError::Prp)?;
+                Ok(Command::read_write(
+                    req.kind == IoKind::Write,
+                    nsid,
+                    req.lba,
+                    req.blocks,
+                    prp.prp1,
+                    prp.prp2,
+                ))
+            }
+            IoKind::WriteZeroes => {
+                if !c.write_zeroes() {
+                    return Err(SubmitError::Unsupported);
+                }
+                if req.blocks > MAX_BLOCKS_PER_COMMAND {
+                    return Err(SubmitError::Invalid("write zeroes over 65536 blocks"));
+                }
+                Ok(Command::write_zeroes(nsid, req.lba, req.blocks))
+            }
+            IoKind::Deallocate => {
+                if !c.dataset_management() {
+                    return Err(SubmitError::Unsupported);
+                }
+                // Range 0: context attributes, length in blocks, starting LBA.
+                self.lists.write::<u32>(list_offset, 0);
+                self.lists.write::<u32>(list_offset + 4, req.blocks);
+                self.lists.write::<u64>(list_offset + 8, req.lba);
+                Ok(Command::deallocate(nsid, list_addr))
+            }
+            IoKind::Flush => unreachable!("handled above"),
+        }
+    }
+
+    /// Makes every submitted command visible to the controller (one doorbell update).
+    pub fn ring(&mut self) {
+        self.sq.ring();
+    }
+
+    /// Whether a completion is waiting (memory only, no register access).
+    pub fn completion_pending(&self) -> bool {
+        self.cq.peek().is_some()
+    }
+
+    /// Takes the completions the controller posted, calling `done` for each, then checks
+    /// in-flight commands against the timeout.
+    pub fn poll(&mut self, mut done: impl FnMut(IoDone)) -> Result<usize, NvmeError> {
+        let mut n = 0;
+        while n < self.slots.len() {
+            let Some(e) = self.cq.peek() else {
+                break;
+            };
+            self.cq.advance();
+            let slot = self
+                .slots
+                .get_mut(usize::from(e.cid))
+                .filter(|s| s.busy && e.sq_id == IO_QID);
+            let Some(slot) = slot else {
+                return Err(NvmeError::BadCompletion {
+                    qid: IO_QID,
+                    sq_id: e.sq_id,
+                    cid: e.cid,
+                });
+            };
+            slot.busy = false;
+            let user = slot.user;
+            self.free.push(e.cid);
+            self.in_flight -= 1;
+            done(IoDone {
+                user,
+                status: e.status,
+            });
+            n += 1;
+        }
+        if n > 0 {
+            self.cq.ring();
+        }
+        self.check_timeouts()?;
+        Ok(n)
+    }
+
+    /// Fails when a command in flight is older than the timeout (checked at most once a
+    /// millisecond).
+    fn check_timeouts(&mut self) -> Result<(), NvmeError> {
+        if self.in_flight == 0 || self.last_timeout_check.elapsed_us() < TIMEOUT_CHECK_US {
+            return Ok(());
+        }
+        self.last_timeout_check = Instant::now();
+        let limit_us = self.options.command_timeout_ms.saturating_mul(1000);
+        for (cid, slot) in self.slots.iter().enumerate() {
+            let Some(started) = slot.started.filter(|_| slot.busy) else {
+                continue;
+            };
+            let waited = started.elapsed_us();
+            if waited >= limit_us {
+                return Err(stalled(&self.regs).unwrap_or(NvmeError::CommandTimeout {
+                    cid: cid as u16,
+                    opcode: slot.opcode,
+                    qid: IO_QID,
+                    ms: waited / 1000,
+                }));
+            }
+        }
+        Ok(())
+    }
+}

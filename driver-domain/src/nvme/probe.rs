@@ -1,0 +1,114 @@
+//! Finding the controller on PCI bus 0 and reaching its registers.
+//!
+//! Under ddvm the VMM has assigned BAR0; it is used as found. Under QEMU's PVH boot no
+//! firmware ran and BAR0 reads 0: the driver places it itself at [`FALLBACK_BAR0`] (above RAM,
+//! below 4 GiB, inside the identity map).
+
+use core::fmt;
+
+use guest_kernel::boot;
+use guest_kernel::mmio::MmioRegion;
+use guest_kernel::pci::{self, command, BarError, Bdf, MemoryBar, PciFunction};
+
+use ddvm_abi::layout::IDENTITY_MAPPED;
+
+/// Class code of an NVM Express controller (mass storage, non-volatile memory, NVMe).
+pub const NVME_CLASS: u32 = 0x01_08_02;
+/// Where an unassigned BAR0 goes (QEMU q35: above its ECAM window at 0xb000_0000).
+pub const FALLBACK_BAR0: u64 = 0xc000_0000;
+
+/// Where to look for the controller (command line `nvme=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// Scan bus 0 for the NVMe class code (32+ configuration reads).
+    Scan,
+    /// Only this function (`nvme=BB:DD.F`): two configuration reads.
+    At(Bdf),
+    /// Do not look (`nvme=none`).
+    Nowhere,
+}
+
+impl Location {
+    /// Parses the `nvme=` value: `none`/`off`, `BB:DD.F` (hex), anything else is `None`.
+    pub fn parse(value: &str) -> Option<Self> {
+        if value == "none" || value == "off" {
+            return Some(Location::Nowhere);
+        }
+        let (bus, rest) = value.split_once(':')?;
+        let (dev, func) = rest.split_once('.')?;
+        let bus = u8::from_str_radix(bus, 16).ok()?;
+        let dev = u8::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
+        let func = u8::from_str_radix(func, 16).ok().filter(|f| *f < 8)?;
+        Some(Location::At(Bdf::new(bus, dev, func)))
+    }
+}
+
+/// A controller ready for the driver: memory decode and bus mastering on, INTx off.
+#[derive(Clone, Copy, Debug)]
+pub struct Found {
+    /// The PCI function.
+    pub function: PciFunction,
+    /// Its BAR0.
+    pub bar: MemoryBar,
+    /// The registers behind BAR0.
+    pub registers: MmioRegion,
+}
+
+/// Why a controller that is present cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeError {
+    /// BAR0 is unusable.
+    Bar(Bdf, BarError),
+    /// BAR0 is unassigned and does not fit between RAM and 4 GiB.
+    NoRoom(Bdf, u64),
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::Bar(bdf, e) => write!(f, "nvme at {bdf}: BAR0: {e}"),
+            ProbeError::NoRoom(bdf, size) => write!(
+                f,
+                "nvme at {bdf}: BAR0 ({size:#x} bytes) is unassigned and does not fit below 4 GiB"
+            ),
+        }
+    }
+}
+
+/// Finds the first NVMe controller at `location` and enables it on the bus.
+pub fn find(location: Location) -> Result<Option<Found>, ProbeError> {
+    let function = match location {
+        Location::Nowhere => None,
+        Location::At(bdf) => pci::function(bdf).filter(|f| f.class == NVME_CLASS),
+        Location::Scan => pci::enumerate_bus0()
+            .into_iter()
+            .find(|f| f.class == NVME_CLASS),
+    };
+    let Some(function) = function else {
+        return Ok(None);
+    };
+    let bdf = function.bdf;
+    let mut bar = pci::memory_bar(bdf, 0).map_err(|e| ProbeError::Bar(bdf, e))?;
+    if bar.base == 0 {
+        let ram_end = boot::info().mem_size;
+        let base = FALLBACK_BAR0.max(ram_end).next_multiple_of(bar.size);
+        if base
+            .checked_add(bar.size)
+            .is_none_or(|end| end > IDENTITY_MAPPED)
+        {
+            return Err(ProbeError::NoRoom(bdf, bar.size));
+        }
+        bar = pci::assign_memory_bar(bdf, bar, base);
+    }
+    let registers = pci::map_memory_bar(&bar).map_err(|e| ProbeError::Bar(bdf, e))?;
+    pci::update_command(
+        bdf,
+        command::MEMORY | command::BUS_MASTER | command::INTX_DISABLE,
+        0,
+    );
+    Ok(Some(Found {
+        function,
+        bar,
+        registers,
+    }))
+}

@@ -1,0 +1,395 @@
+//! The channel service: requests from the VMM become NVMe commands whose PRPs point straight at
+//! the request's bounce slot in the channel (identity mapped: the slot's address is the
+//! channel's base plus `Request::data`); their completions go back on the completion ring.
+//!
+//! Flow control: a request is taken off the request ring only when the device has a free
+//! command slot and the completion ring has room for its completion and for those of every
+//! request already in flight, so posting a completion never has to wait. Requests the domain
+//! cannot serve (unknown op, malformed range or slot, unsupported by the device) complete at
+//! once with `BAD_REQUEST` or `UNSUPPORTED`.
+//!
+//! Event suppression (the channel's flags): completions are published in batches and the
+//! notify port is written only while the VMM sets `NOTIFY_ME`; before waiting the domain sets
+//! `WAITING`, then re-checks the request ring and the device's completion queue so no wake-up
+//! is lost.
+//!
+//! A VMM that breaks the ring protocol (an impossible index) and a device that breaks NVMe
+//! (timeout, bogus completion) are fatal: the domain marks the channel failed and panics with
+//! the reason, and the supervisor restarts it.
+
+#![forbid(unsafe_code)]
+
+use ddvm_abi::channel::ring::SharedMemory;
+use ddvm_abi::channel::ring::{Consumer, Producer, CONSUMER, PRODUCER};
+use ddvm_abi::channel::{device_flags, op, status, Completion, DeviceInfo, Request};
+use guest_kernel::shared::SharedRegion;
+
+use crate::channel::Channel;
+use crate::nvme::{Controller, DiskInfo, IoDone, IoKind, IoRequest, NvmeError, SubmitError};
+
+/// Bytes of a channel sector.
+const SECTOR: u64 = 512;
+
+/// What the service tells the VMM about the device.
+pub fn device_info(disk: &DiskInfo, channel_max_transfer: u32) -> DeviceInfo {
+    let c = &disk.controller;
+    let mut flags = 0;
+    if c.vwc {
+        flags |= device_flags::VOLATILE_WRITE_CACHE;
+    }
+    if c.dataset_management() {
+        flags |= device_flags::DISCARD;
+    }
+    if c.write_zeroes() {
+        flags |= device_flags::WRITE_ZEROES;
+    }
+    let block = disk.block_size;
+    let sectors_per_block = u64::from(block) / SECTOR;
+    DeviceInfo {
+        // Clamped to a whole number of blocks (a capacity over 2^64 sectors cannot be told).
+        capacity_sectors: disk
+            .blocks
+            .min(u64::MAX / sectors_per_block)
+            .saturating_mul(sectors_per_block),
+        block_size: block,
+        flags,
+        max_transfer: disk.max_transfer.min(channel_max_transfer) / block * block,
+        serial: c.serial,
+        model: c.model,
+        ..DeviceInfo::default()
+    }
+}
+
+/// A request in flight, packed into the driver's per-command token: tag and completion length.
+fn token(tag: u32, len: u32) -> u64 {
+    u64::from(tag) | u64::from(len) << 32
+}
+
+/// The service over one channel.
+pub struct Service {
+    channel: Channel,
+    region: SharedRegion,
+    requests: Consumer<Request>,
+    completions: Producer<Completion>,
+    disk: Option<Controller>,
+    info: DeviceInfo,
+    epoch: u32,
+    /// Completions pushed but not yet published.
+    unpublished: bool,
+}
+
+impl Service {
+    /// Serves `channel` (geometry checked, device info written, ready marked) with `disk`
+    /// (none: every request completes `UNSUPPORTED`). Resumes at the ring indices the VMM left
+    /// in shared memory.
+    pub fn new(channel: Channel, disk: Option<Controller>, info: DeviceInfo) -> Self {
+        let region = channel.region();
+        let h = *channel.header();
+        let (req, cpl) = (u64::from(h.req_ring), u64::from(h.cpl_ring));
+        let req_index = region.load_u32(req + CONSUMER);
+        let cpl_index = region.load_u32(cpl + PRODUCER);
+        let cpl_consumer = region.load_u32(cpl + CONSUMER);
+        if cpl_consumer != cpl_index {
+            fail(
+                &channel,
+                format_args!(
+                    "channel: completion ring starts with producer {cpl_index} != consumer \
+                     {cpl_consumer}"
+                ),
+            );
+        }
+        Service {
+            channel,
+            region,
+            requests: Consumer::starting_at(req, h.req_entries, req_index),
+            completions: Producer::starting_at(cpl, h.cpl_entries, cpl_index),
+            disk,
+            info,
+            epoch: h.epoch as u32,
+            unpublished: false,
+        }
+    }
+
+    /// The channel header.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The channel header, to heartbeat and take faults.
+    pub fn channel_mut(&mut self) -> &mut Channel {
+        &mut self.channel
+    }
+
+    /// Commands in flight on the device.
+    pub fn in_flight(&self) -> usize {
+        self.disk.as_ref().map_or(0, Controller::in_flight)
+    }
+
+    /// One pass: device completions, new requests, publication. Returns whether anything
+    /// happened.
+    pub fn pass(&mut self) -> bool {
+        let completed = self.reap();
+        let taken = self.take_requests();
+        self.publish();
+        completed + taken > 0
+    }
+
+    /// Before waiting: sets `WAITING` and re-checks. Returns true when the domain may wait;
+    /// false (flag cleared again) when work arrived meanwhile.
+    pub fn prepare_wait(&mut self) -> bool {
+        self.channel.set_waiting(true);
+        let requests = match self.requests.refresh(&self.region) {
+            Ok(n) => n,
+            Err(e) => self.vmm_broke(e),
+        };
+        let device = self
+            .disk
+            .as_ref()
+            .is_some_and(Controller::completion_pending);
+        if requests > 0 || device {
+            self.channel.set_waiting(false);
+            return false;
+        }
+        true
+    }
+
+    /// After a wait: the domain polls again, the VMM need not kick it.
+    pub fn woke(&mut self) {
+        self.channel.set_waiting(false);
+    }
+
+    /// Posts the completions the device has; returns how many.
+    fn reap(&mut self) -> usize {
+        let Some(disk) = self.disk.as_mut() else {
+            return 0;
+        };
+        let completions = &mut self.completions;
+        let region = &self.region;
+        let epoch = self.epoch;
+        let channel = &self.channel;
+        let mut posted = 0;
+        let result = disk.poll(|d: IoDone| {
+            let st = d.status;
+            let (code, len) = if st.is_success() {
+                (status::OK, (d.user >> 32) as u32)
+            } else if st.is_unsupported() {
+                (status::UNSUPPORTED, 0)
+            } else {
+                (status::IO_ERROR, 0)
+            };
+            let c = Completion {
+                tag: d.user as u32,
+                status: code,
+                detail: st.0,
+                len,
+                epoch,
+            };
+            if !completions.push(region, &c) {
+                fail(
+                    channel,
+                    format_args!("channel: completion ring full despite reservation"),
+                );
+            }
+            posted += 1;
+        });
+        if let Err(e) = result {
+            self.device_broke(e);
+        }
+        if posted > 0 {
+            self.unpublished = true;
+        }
+        posted
+    }
+
+    /// Takes as many requests as the device and the completion ring have room for.
+    fn take_requests(&mut self) -> usize {
+        let available = match self.requests.refresh(&self.region) {
+            Ok(n) => n,
+            Err(e) => self.vmm_broke(e),
+        };
+        if available == 0 {
+            return 0;
+        }
+        let mut taken = 0;
+        loop {
+            if !self.has_room() {
+                break;
+            }
+            let Some(req) = self.requests.pop(&self.region) else {
+                break;
+            };
+            taken += 1;
+            self.serve(&req);
+        }
+        if taken > 0 {
+            self.requests.release(&self.region);
+            if let Some(disk) = self.disk.as_mut() {
+                disk.ring();
+            }
+        }
+        taken
+    }
+
+    /// Whether one more request can be taken: a free device slot, and completion ring room
+    /// for it and for everything in flight.
+    fn has_room(&mut self) -> bool {
+        if let Some(disk) = &self.disk {
+            if disk.in_flight() >= disk.capacity() {
+                return false;
+            }
+        }
+        let need = self.in_flight() as u32 + 1;
+        if self.completions.free() >= need {
+            return true;
+        }
+        match self.completions.refresh(&self.region) {
+            Ok(free) => free >= need,
+            Err(e) => self.vmm_broke(e),
+        }
+    }
+
+    /// Validates `req` and submits it, or completes it at once.
+    fn serve(&mut self, req: &Request) {
+        let io = match self.validate(req) {
+            Ok(io) => io,
+            Err(code) => return self.complete(req.tag, code, 0),
+        };
+        let len = if matches!(io.kind, IoKind::Read | IoKind::Write) {
+            req.len
+        } else {
+            0
+        };
+        let Some(disk) = self.disk.as_mut() else {
+            return self.complete(req.tag, status::UNSUPPORTED, 0);
+        };
+        match disk.submit(&io, token(req.tag, len)) {
+            Ok(()) => {}
+            Err(SubmitError::Unsupported) => self.complete(req.tag, status::UNSUPPORTED, 0),
+            Err(SubmitError::Invalid(_) | SubmitError::Prp(_)) => {
+                self.complete(req.tag, status::BAD_REQUEST, 0)
+            }
+            // `has_room` checked for a free slot.
+            Err(SubmitError::Full) => fail(
+                &self.channel,
+                format_args!("nvme: queue full despite a free slot"),
+            ),
+        }
+    }
+
+    /// The NVMe work for `req`, or the status it completes with at once.
+    fn validate(&self, req: &Request) -> Result<IoRequest, u16> {
+        let kind = match req.op {
+            op::READ => IoKind::Read,
+            op::WRITE => IoKind::Write,
+            op::FLUSH => IoKind::Flush,
+            op::WRITE_ZEROES => IoKind::WriteZeroes,
+            op::DISCARD => IoKind::Deallocate,
+            _ => return Err(status::UNSUPPORTED),
+        };
+        if req.flags != 0 || self.disk.is_none() {
+            return Err(status::UNSUPPORTED);
+        }
+        let info = &self.info;
+        if kind == IoKind::Flush {
+            if req.len != 0 || req.sectors != 0 {
+                return Err(status::BAD_REQUEST);
+            }
+            return Ok(IoRequest {
+                kind,
+                lba: 0,
+                blocks: 0,
+                buf: 0,
+                len: 0,
+            });
+        }
+        let supported = match kind {
+            IoKind::WriteZeroes => info.flags & device_flags::WRITE_ZEROES != 0,
+            IoKind::Deallocate => info.flags & device_flags::DISCARD != 0,
+            _ => true,
+        };
+        if !supported {
+            return Err(status::UNSUPPORTED);
+        }
+        let per_block = u64::from(info.block_size) / SECTOR;
+        let (sector, sectors) = (req.sector, u64::from(req.sectors));
+        let range_ok = sectors > 0
+            && sector % per_block == 0
+            && sectors % per_block == 0
+            && sector
+                .checked_add(sectors)
+                .is_some_and(|end| end <= info.capacity_sectors);
+        if !range_ok {
+            return Err(status::BAD_REQUEST);
+        }
+        let mut io = IoRequest {
+            kind,
+            lba: sector / per_block,
+            blocks: (sectors / per_block) as u32,
+            buf: 0,
+            len: 0,
+        };
+        if matches!(kind, IoKind::Read | IoKind::Write) {
+            let len = u64::from(req.len);
+            let addr = self.region.base().checked_add(req.data);
+            let data_ok = len == sectors * SECTOR
+                && len <= u64::from(info.max_transfer)
+                && self.channel.header().data_range_ok(req.data, len)
+                && addr.is_some_and(|a| a % 4 == 0);
+            if !data_ok {
+                return Err(status::BAD_REQUEST);
+            }
+            io.buf = self.region.base() + req.data;
+            io.len = req.len;
+        } else if req.len != 0 {
+            return Err(status::BAD_REQUEST);
+        }
+        Ok(io)
+    }
+
+    /// Pushes a completion (room was reserved by `has_room`).
+    fn complete(&mut self, tag: u32, code: u16, len: u32) {
+        let c = Completion {
+            tag,
+            status: code,
+            detail: 0,
+            len,
+            epoch: self.epoch,
+        };
+        if !self.completions.push(&self.region, &c) {
+            fail(
+                &self.channel,
+                format_args!("channel: completion ring full despite reservation"),
+            );
+        }
+        self.unpublished = true;
+    }
+
+    /// Publishes pushed completions and notifies the VMM if it asked.
+    fn publish(&mut self) {
+        if !self.unpublished {
+            return;
+        }
+        self.unpublished = false;
+        self.completions.publish(&self.region);
+        if self.channel.vmm_wants_notify() {
+            guest_kernel::vmm::notify();
+        }
+    }
+
+    fn vmm_broke(&self, e: ddvm_abi::channel::ring::IndexError) -> ! {
+        fail(
+            &self.channel,
+            format_args!("channel: the VMM broke the ring protocol: {e:?}"),
+        )
+    }
+
+    fn device_broke(&self, e: NvmeError) -> ! {
+        fail(&self.channel, format_args!("{e}"))
+    }
+}
+
+/// Marks the channel failed and panics with `why`.
+pub fn fail(channel: &Channel, why: core::fmt::Arguments<'_>) -> ! {
+    channel.mark_failed();
+    panic!("{why}")
+}
