@@ -73,3 +73,42 @@ fn failed_boot_leaves_nothing_behind() {
     assert_eq!(fd_count(), fds);
     assert_eq!(thread_count(), threads);
 }
+
+#[test]
+fn nvme_domains_tear_down_without_leaking_device_threads_or_files() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let hv = kvm();
+    let dir = scratch("teardown-nvme");
+    let cfg = |i: usize| ddvm::domain::DomainConfig {
+        memory: 32 << 20,
+        channel_size: 8448 << 10,
+        device: Some(ddvm::domain::DeviceSpec::EmulatedNvme(
+            ddvm_passthrough::NvmeConfig {
+                backing: dir.join(format!("disk{}.img", i % 2)),
+                size: 16 << 20,
+                lba_size: 512,
+                volatile_write_cache: true,
+                max_io_queues: 4,
+                serial: "t".into(),
+                model: "t".into(),
+            },
+        )),
+        ..dd_config(&format!("nvme{i}"), "")
+    };
+    let mut cycle = |i: usize| {
+        let mut d = Domain::boot(&hv, &cfg(i), 1).unwrap();
+        d.wait_ready(Duration::from_secs(10))
+            .unwrap_or_else(|s| panic!("nvme domain {i} not ready: {s:?}"));
+        assert_eq!(d.stop(), DomainExit::Stopped);
+    };
+    for i in 0..3 {
+        cycle(i);
+    }
+    let (fds, threads, maps) = (fd_count(), thread_count(), mapping_count());
+    for i in 3..33 {
+        cycle(i);
+    }
+    assert_eq!(fd_count(), fds, "file descriptors leaked");
+    assert_eq!(thread_count(), threads, "device or vCPU threads leaked");
+    assert!(mapping_count() <= maps + 4, "mappings leaked");
+}

@@ -178,7 +178,7 @@ pub struct Domain {
     pci: Option<Arc<Mutex<PciDevice>>>,
     nvme: Option<NvmeMonitor>,
     // Dropped after the vCPU thread has been joined; the VM before the memory it maps.
-    vm: Option<VmFd>,
+    vm: Option<Arc<VmFd>>,
     mem: GuestMem,
 }
 
@@ -260,6 +260,7 @@ impl Domain {
             what: "eventfd",
             source,
         })?);
+        let vm_cell: Arc<std::sync::OnceLock<Arc<VmFd>>> = Arc::default();
         let device_err = |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
             name: name.clone(),
             source,
@@ -276,6 +277,30 @@ impl Domain {
                 let wake: WakeDomain = Arc::new(move || waker.kick());
                 nvme.start_worker(wake)
                     .map_err(|e| device_err(Box::new(e)))?;
+                // While the driver uses shadow doorbells, its I/O doorbell writes carry no
+                // information the device needs: serve them in the kernel (ioeventfd, ~23 µs)
+                // instead of exiting to us (~70 µs).
+                let doorbell = nvme
+                    .doorbell_eventfd()
+                    .try_clone()
+                    .map_err(|e| device_err(Box::new(e)))?;
+                let range = nvme.io_doorbell_range();
+                let vm_cell = vm_cell.clone();
+                let domain = name.clone();
+                nvme.set_on_shadow_doorbells(Box::new(move |active| {
+                    let Some(vm) = vm_cell.get() else { return };
+                    for off in range.clone().step_by(4) {
+                        let addr = IoEventAddress::Mmio(PCI_MMIO_BASE + off);
+                        let r = if active {
+                            vm.register_ioevent(&doorbell, &addr, NoDatamatch)
+                        } else {
+                            vm.unregister_ioevent(&doorbell, &addr, NoDatamatch)
+                        };
+                        if let Err(e) = r {
+                            tracing::debug!("domain {domain}: doorbell ioeventfd at {off:#x}: {e}");
+                        }
+                    }
+                }));
                 let monitor = nvme.monitor();
                 let device = PciDevice::new(Box::new(nvme), &[(0, PCI_MMIO_BASE)])
                     .map_err(|e| device_err(Box::new(e)))?;
@@ -288,7 +313,8 @@ impl Domain {
             let name = name.clone();
             move |source| DomainError::Kvm { name, what, source }
         };
-        let vm = hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = Arc::new(hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let _ = vm_cell.set(vm.clone());
         let (host, len) = memory::host_range(&mem).ok_or_else(|| DomainError::Setup {
             name: name.clone(),
             what: "memory slot",
