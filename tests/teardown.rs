@@ -95,7 +95,7 @@ fn nvme_domains_tear_down_without_leaking_device_threads_or_files() {
         )),
         ..dd_config(&format!("nvme{i}"), "")
     };
-    let mut cycle = |i: usize| {
+    let cycle = |i: usize| {
         let mut d = Domain::boot(&hv, &cfg(i), 1).unwrap();
         d.wait_ready(Duration::from_secs(10))
             .unwrap_or_else(|s| panic!("nvme domain {i} not ready: {s:?}"));
