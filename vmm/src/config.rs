@@ -166,14 +166,13 @@ impl Config {
                     ),
                 ));
             }
-            if d.channel_kib < 300
-                || d.channel_kib % 4 != 0
-                || d.channel_kib * 2 > d.memory_mib * 1024
-            {
+            // The geometry the VMM will build must fit: rings plus a 4 KiB slot per entry.
+            let fits = crate::domain::channel_header(&d.name, 0, d.channel_kib << 10).is_ok();
+            if !fits || d.channel_kib % 4 != 0 || d.channel_kib * 2 > d.memory_mib * 1024 {
                 return Err(invalid(
                     format!("domain[{i}].channel_kib"),
                     format!(
-                        "{}: expected a multiple of 4 KiB from 300 KiB to half the memory",
+                        "{}: expected a multiple of 4 KiB of at most half the memory, with room for the rings and a 4 KiB bounce slot per ring entry",
                         d.channel_kib
                     ),
                 ));
@@ -256,6 +255,13 @@ mod tests {
         );
         assert!(msg.contains("expected"), "{msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn channel_too_small_for_its_rings_is_refused() {
+        let e = parse("[[domain]]\nname = \"dd0\"\nchannel_kib = 64\n").unwrap_err();
+        assert!(e.to_string().contains("domain[0].channel_kib"), "{e}");
+        assert!(parse("[[domain]]\nname = \"dd0\"\nchannel_kib = 1024\n").is_ok());
     }
 
     #[test]

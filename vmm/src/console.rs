@@ -89,6 +89,11 @@ impl Console {
         self.emit(format!("[{n} console bytes lost]").as_bytes());
     }
 
+    /// Notes a log ring head that moved backwards (the guest wrote garbage into the header).
+    pub fn note_garbage(&self, read: u64, head: u64) {
+        self.emit(format!("[console head moved backwards from {read} to {head}]").as_bytes());
+    }
+
     fn emit(&self, line: &[u8]) {
         if self.echo == Echo::Stderr {
             let mut err = std::io::stderr().lock();
@@ -160,8 +165,8 @@ impl LogReader {
             return;
         }
         let Some(plan) = plan_drain(self.read, head, self.data_size) else {
-            // The guest moved its head backwards: garbage. Resynchronise on it.
-            console.note_lost(0);
+            // The guest moved its head backwards: garbage. Say so and resynchronise on it.
+            console.note_garbage(self.read, head);
             self.read = head;
             return;
         };

@@ -172,7 +172,7 @@ pub struct Domain {
     console: Arc<Console>,
     stats: Option<VcpuStats>,
     thread: Option<JoinHandle<DomainExit>>,
-    exit: Mutex<Option<DomainExit>>,
+    exit: Option<DomainExit>,
     // The device outlives the vCPU thread (which holds it through the buses) and goes before
     // the VM and the memory its DMA window maps.
     pci: Option<Arc<Mutex<PciDevice>>>,
@@ -458,7 +458,7 @@ impl Domain {
             console,
             stats,
             thread: Some(thread),
-            exit: Mutex::new(None),
+            exit: None,
             pci,
             nvme,
             vm: Some(vm),
@@ -594,14 +594,9 @@ impl Domain {
     pub fn stop(&mut self) -> DomainExit {
         if let Some(thread) = self.thread.take() {
             self.shared.request_stop();
-            let exit = join_vcpu(thread);
-            *self.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
+            self.exit = Some(join_vcpu(thread));
         }
-        self.exit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or(DomainExit::Stopped)
+        self.exit.clone().unwrap_or(DomainExit::Stopped)
     }
 }
 

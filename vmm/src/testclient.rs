@@ -14,6 +14,7 @@ use ddvm_abi::channel::{op, status};
 
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::domain::Domain;
+use crate::vcpu::wait_eventfd;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -223,7 +224,7 @@ pub fn run(domain: &Domain, ch: &mut HostChannel, w: &Workload) -> Result<Report
             ch.set_notify(mem, true);
             n = ch.poll(mem, &mut done)?;
             if n == 0 {
-                wait_readable(domain.notify_eventfd(), Duration::from_millis(50));
+                wait_eventfd(domain.notify_eventfd(), Duration::from_millis(50));
                 let _ = domain.notify_eventfd().read();
                 n = ch.poll(mem, &mut done)?;
             }
@@ -314,16 +315,6 @@ fn complete(
             ));
         }
     }
-}
-
-fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd owned by this frame; poll only writes its `revents`.
-    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
 }
 
 #[cfg(test)]

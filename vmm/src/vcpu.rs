@@ -418,11 +418,9 @@ fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
     }
 }
 
-/// Blocks the vCPU until a kick, a stop request or `timeout_us` (0: the longest wait).
+/// Blocks the vCPU until a kick, a stop request or `timeout_us` (0: the longest wait). The
+/// console was drained when the exit arrived.
 fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
-    if let Some(log) = ctx.log.as_mut() {
-        log.drain(&ctx.mem, &ctx.console);
-    }
     let us = match timeout_us {
         0 => port::WAIT_MAX_US,
         t => t.min(port::WAIT_MAX_US),
@@ -430,22 +428,26 @@ fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
     if ctx.shared.stop.load(Ordering::Acquire) {
         return;
     }
+    if wait_eventfd(&ctx.shared.kick, Duration::from_micros(u64::from(us))) {
+        // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is reset.
+        let _ = ctx.shared.kick.read();
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; returns whether it is readable.
+pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(&ctx.shared.kick),
+        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
         events: libc::POLLIN,
         revents: 0,
     };
     let ts = libc::timespec {
-        tv_sec: libc::time_t::from(us / 1_000_000),
-        tv_nsec: libc::c_long::from(us % 1_000_000) * 1000,
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
     };
     // SAFETY: one valid pollfd, a valid timespec and no signal mask; ppoll only writes
     // `revents` of the pollfd we own.
-    let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-    if n > 0 {
-        // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is reset.
-        let _ = ctx.shared.kick.read();
-    }
+    unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) > 0 }
 }
 
 fn read_panic(mem: &GuestMem, value: u32) -> DomainExit {
