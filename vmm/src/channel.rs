@@ -264,6 +264,25 @@ impl HostChannel {
         sectors: u32,
         data: Option<&[u8]>,
     ) -> Result<u32, SubmitError> {
+        self.submit_with(mem, operation, sector, sectors, |mem, gpa, len| {
+            if let (op::WRITE, Some(bytes)) = (operation, data) {
+                let n = bytes.len().min(len);
+                let _ = mem.write_slice(&bytes[..n], GuestAddress(gpa));
+            }
+        })
+    }
+
+    /// Posts a request (not yet published); `fill(mem, gpa, len)` puts a write's data into its
+    /// bounce slot at guest-physical `gpa` of the domain (called before the request is visible
+    /// to the domain; not called for other operations).
+    pub fn submit_with(
+        &mut self,
+        mem: &GuestMem,
+        operation: u16,
+        sector: u64,
+        sectors: u32,
+        fill: impl FnOnce(&GuestMem, u64, usize),
+    ) -> Result<u32, SubmitError> {
         if self.broken.is_some() {
             return Err(SubmitError::Broken);
         }
@@ -290,9 +309,8 @@ impl HostChannel {
         let slot = self.free_slots.pop().ok_or(SubmitError::Full)?;
         let data_offset =
             u64::from(self.header.data) + u64::from(slot) * u64::from(self.header.max_transfer);
-        if let (op::WRITE, Some(bytes)) = (operation, data) {
-            let n = bytes.len().min(len as usize);
-            let _ = mem.write_slice(&bytes[..n], GuestAddress(self.base + data_offset));
+        if operation == op::WRITE {
+            fill(mem, self.base + data_offset, len as usize);
         }
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1).max(1);
@@ -403,6 +421,18 @@ impl HostChannel {
         Ok(taken)
     }
 
+    /// Whether the domain has published completions not yet taken (checks the index).
+    pub fn poll_pending(&mut self, mem: &GuestMem) -> Result<bool, DomainProtocolError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        let m = ChannelMemory::new(mem, self.base);
+        match self.cpl.refresh(&m) {
+            Ok(n) => Ok(n > 0),
+            Err(e) => Err(self.violation(DomainProtocolError::Index(e))),
+        }
+    }
+
     /// Copies the data of a completed read out of its bounce slot and frees the slot.
     pub fn finish(&mut self, mem: &GuestMem, done: &Done, read_into: Option<&mut [u8]>) {
         if let Some(buf) = read_into {
@@ -415,6 +445,17 @@ impl HostChannel {
             }
         }
         self.free_slots.push(done.slot);
+    }
+
+    /// Guest-physical address (in the domain) of a completed request's bounce slot, valid
+    /// until [`HostChannel::finish`].
+    pub fn slot_address(&self, done: &Done) -> u64 {
+        self.base + done.request.data
+    }
+
+    /// The domain's epoch this channel was set up for.
+    pub fn epoch(&self) -> u64 {
+        self.header.epoch
     }
 
     /// Requests in flight, oldest first (for replay after a crash).

@@ -18,6 +18,65 @@ pub struct Config {
     /// Driver domains.
     #[serde(default, rename = "domain")]
     pub domains: Vec<DomainSection>,
+    /// Client guests.
+    #[serde(default, rename = "client")]
+    pub clients: Vec<ClientSection>,
+}
+
+/// Default client memory in MiB.
+pub const DEFAULT_CLIENT_MEMORY_MIB: u64 = 32;
+/// Name of the workload client image built into ddvm.
+pub const BUILTIN_WORKLOAD_CLIENT: &str = "builtin:workload-client";
+/// Prefix of a client's `disk` that names a file served directly by the VMM (the baseline).
+pub const FILE_DISK_PREFIX: &str = "file:";
+
+/// One `[[client]]` table: a client guest with one virtio-blk disk.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSection {
+    /// Unique name.
+    pub name: String,
+    /// The driver domain serving its disk, or `file:PATH` to serve a file directly from the
+    /// VMM (the baseline without isolation).
+    pub disk: String,
+    /// Where its range starts on the disk, in MiB.
+    #[serde(default)]
+    pub offset_mib: u64,
+    /// Size of its range in MiB.
+    pub size_mib: u64,
+    /// RAM in MiB.
+    #[serde(default = "default_client_memory")]
+    pub memory_mib: u64,
+    /// The workload client's command line (`workload=randrw qd=32 count=10000 ...`).
+    #[serde(default)]
+    pub workload: String,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Image path or `builtin:workload-client`.
+    #[serde(default = "default_client_image")]
+    pub image: String,
+}
+
+fn default_client_memory() -> u64 {
+    DEFAULT_CLIENT_MEMORY_MIB
+}
+fn default_client_image() -> String {
+    BUILTIN_WORKLOAD_CLIENT.to_string()
+}
+
+impl ClientSection {
+    /// The file of a `file:` disk, resolved against the config file's directory.
+    pub fn disk_file(&self, config_file: &Path) -> Option<PathBuf> {
+        self.disk
+            .strip_prefix(FILE_DISK_PREFIX)
+            .map(|p| resolve(config_file, p))
+    }
+
+    /// The image path (`None`: the built-in workload client).
+    pub fn image_path(&self, config_file: &Path) -> Option<PathBuf> {
+        (self.image != BUILTIN_WORKLOAD_CLIENT).then(|| resolve(config_file, &self.image))
+    }
 }
 
 /// One `[[domain]]` table.
@@ -195,6 +254,110 @@ impl Config {
                 }
             }
         }
+        self.validate_clients(file)
+    }
+
+    fn validate_clients(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key,
+            message,
+        };
+        for (i, c) in self.clients.iter().enumerate() {
+            let key = |k: &str| format!("client[{i}].{k}");
+            let good_name = !c.name.is_empty()
+                && c.name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
+            if !good_name {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?}: expected a non-empty name of letters, digits, '-' and '_'",
+                        c.name
+                    ),
+                ));
+            }
+            let taken = self.domains.iter().any(|d| d.name == c.name)
+                || self.clients[..i].iter().any(|o| o.name == c.name);
+            if taken {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} is used twice; expected names unique among domains and clients",
+                        c.name
+                    ),
+                ));
+            }
+            if c.memory_mib < 4 || c.memory_mib % 2 != 0 || c.memory_mib > 3072 {
+                return Err(invalid(
+                    key("memory_mib"),
+                    format!(
+                        "{}: expected an even number of MiB from 4 to 3072",
+                        c.memory_mib
+                    ),
+                ));
+            }
+            if c.size_mib == 0 {
+                return Err(invalid(
+                    key("size_mib"),
+                    "0: expected at least 1 MiB".into(),
+                ));
+            }
+            let end = c.offset_mib.checked_add(c.size_mib);
+            if c.disk
+                .strip_prefix(FILE_DISK_PREFIX)
+                .is_some_and(str::is_empty)
+            {
+                return Err(invalid(
+                    key("disk"),
+                    "\"file:\": expected a path after `file:`".into(),
+                ));
+            }
+            if !c.disk.starts_with(FILE_DISK_PREFIX) {
+                let Some(d) = self.domains.iter().find(|d| d.name == c.disk) else {
+                    return Err(invalid(
+                        key("disk"),
+                        format!(
+                            "{:?}: expected the name of a [[domain]] with a device, or `file:PATH`",
+                            c.disk
+                        ),
+                    ));
+                };
+                let Some(DeviceSection::EmulatedNvme { size_mib, .. }) = &d.device else {
+                    return Err(invalid(
+                        key("disk"),
+                        format!(
+                            "domain {:?} has no device; expected a domain with a [domain.device]",
+                            c.disk
+                        ),
+                    ));
+                };
+                if end.is_none_or(|e| e > *size_mib) {
+                    return Err(invalid(
+                        key("size_mib"),
+                        format!(
+                            "offset {} + size {} MiB: expected the range to fit the {size_mib} MiB disk of {:?}",
+                            c.offset_mib, c.size_mib, c.disk
+                        ),
+                    ));
+                }
+            }
+            let overlaps = self.clients[..i].iter().find(|o| {
+                o.disk == c.disk
+                    && o.offset_mib < c.offset_mib.saturating_add(c.size_mib)
+                    && c.offset_mib < o.offset_mib.saturating_add(o.size_mib)
+            });
+            if let Some(o) = overlaps {
+                return Err(invalid(
+                    key("offset_mib"),
+                    format!(
+                        "range overlaps client {:?} on the same disk; expected disjoint ranges",
+                        o.name
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -305,6 +468,37 @@ mod tests {
         let e =
             parse("[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"floppy\"\n").unwrap_err();
         assert!(e.to_string().contains("domain[0].device"), "{e}");
+    }
+
+    #[test]
+    fn clients_need_a_disk_a_range_that_fits_and_no_overlap() {
+        let base = "[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"emulated-nvme\"\nbacking = \"d\"\nsize_mib = 64\n";
+        let ok = format!("{base}[[client]]\nname = \"a\"\ndisk = \"n\"\nsize_mib = 32\n[[client]]\nname = \"b\"\ndisk = \"n\"\noffset_mib = 32\nsize_mib = 32\n");
+        let c = parse(&ok).unwrap();
+        assert_eq!(c.clients.len(), 2);
+        assert_eq!(c.clients[0].memory_mib, DEFAULT_CLIENT_MEMORY_MIB);
+        let e = parse(&format!(
+            "{base}[[client]]\nname = \"a\"\ndisk = \"n\"\noffset_mib = 40\nsize_mib = 32\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("client[0].size_mib"), "{e}");
+        let e = parse(&format!("{base}[[client]]\nname = \"a\"\ndisk = \"n\"\nsize_mib = 32\n[[client]]\nname = \"b\"\ndisk = \"n\"\noffset_mib = 16\nsize_mib = 8\n")).unwrap_err();
+        assert!(e.to_string().contains("client[1].offset_mib"), "{e}");
+        let e = parse(&format!(
+            "{base}[[client]]\nname = \"a\"\ndisk = \"nope\"\nsize_mib = 1\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("client[0].disk"), "{e}");
+        let e = parse(&format!(
+            "{base}[[client]]\nname = \"n\"\ndisk = \"n\"\nsize_mib = 1\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("client[0].name"), "{e}");
+        let c = parse("[[client]]\nname = \"a\"\ndisk = \"file:x.img\"\nsize_mib = 8\n").unwrap();
+        assert_eq!(
+            c.clients[0].disk_file(Path::new("/d/t.toml")),
+            Some(PathBuf::from("/d/x.img"))
+        );
     }
 
     #[test]

@@ -159,6 +159,22 @@ pub enum DomainError {
     },
 }
 
+/// A device a caller puts on the guest's MMIO bus (see [`Domain::boot_with`]).
+pub struct MmioAttachment {
+    /// Guest-physical base.
+    pub base: u64,
+    /// Length of the window.
+    pub len: u64,
+    /// The device.
+    pub device: Arc<Mutex<dyn crate::devices::BusDevice>>,
+    /// Eventfds to register as ioeventfds (guest-physical address, eventfd), no datamatch.
+    pub ioevents: Vec<(u64, vmm_sys_util::eventfd::EventFd)>,
+}
+
+/// Builds the devices of a guest once its memory and shared state exist.
+pub type AttachFn<'a> =
+    dyn FnMut(&GuestMem, &Arc<Shared>) -> Result<Vec<MmioAttachment>, DomainError> + 'a;
+
 /// A running guest.
 pub struct Domain {
     name: String,
@@ -185,6 +201,17 @@ pub struct Domain {
 impl Domain {
     /// Builds and starts a domain for boot generation `epoch`.
     pub fn boot(hv: &Hypervisor, cfg: &DomainConfig, epoch: u64) -> Result<Domain, DomainError> {
+        Self::boot_with(hv, cfg, epoch, &mut |_, _| Ok(Vec::new()))
+    }
+
+    /// Like [`Domain::boot`], with devices built by `attach` (client guests' virtio devices)
+    /// on the MMIO bus; their ioeventfds are registered before the vCPU starts.
+    pub fn boot_with(
+        hv: &Hypervisor,
+        cfg: &DomainConfig,
+        epoch: u64,
+        attach: &mut AttachFn<'_>,
+    ) -> Result<Domain, DomainError> {
         let started = Instant::now();
         let name = cfg.name.clone();
         // 1. Everything the request can get wrong, before any KVM object exists.
@@ -417,6 +444,18 @@ impl Domain {
                     })),
                 )
                 .map_err(bus_err)?;
+            }
+        }
+        for a in attach(&mem, &shared)? {
+            mmio.insert(a.base, a.len, a.device)
+                .map_err(|e| DomainError::Host {
+                    name: name.clone(),
+                    what: "MMIO bus",
+                    source: std::io::Error::other(e),
+                })?;
+            for (addr, fd) in &a.ioevents {
+                vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
             }
         }
         // Completion notifications are handled in the kernel: ~23 µs instead of ~70 µs.

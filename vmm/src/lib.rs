@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod blk;
 pub mod channel;
 pub mod config;
 pub mod console;
@@ -17,6 +18,7 @@ pub mod memory;
 pub mod stats;
 pub mod testclient;
 pub mod vcpu;
+pub mod virtio;
 
 use loader::Image;
 

@@ -1,0 +1,11 @@
+//! The reincarnation server's parts that need no KVM: the shadow queue of each driver domain
+//! (every request the VMM owes a client, in order, with what replay needs), the per-domain
+//! supervisor state machine, detection reasons, restart policy, events and metrics.
+//!
+//! The VMM (`ddvm`) wires these to real domains; everything here is plain, safe code tested
+//! on its own.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod shadow;

@@ -1,0 +1,562 @@
+//! The block service: one thread that serves every client port of one disk.
+//!
+//! Each pass of its loop takes new requests from the clients' queues (parsed and checked by
+//! [`super::request`]), gives each a shadow-queue entry per part (a request larger than the
+//! backend's transfer limit is split), posts queued entries to the backend while it has room,
+//! takes the backend's completions, copies read data to the client, answers each client
+//! request once all its parts are done, and signals the clients that asked for it (EVENT_IDX).
+//!
+//! With nothing to do it polls a little (exits cost tens of µs here, a short spin is cheaper
+//! than sleeping and being woken), then asks for notifications from every side — the clients'
+//! queues (avail_event), the driver domain (NOTIFY_ME) — re-checks, and sleeps on their
+//! eventfds.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ddvm_recovery::shadow::{Op, ShadowQueue};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{Backend, BackendError, Finished};
+use super::device::ClientPort;
+use super::request::{self, status, Invalid, Kind, Segments};
+use crate::memory::GuestMem;
+
+/// How long the loop polls before it sleeps.
+const SPIN: Duration = Duration::from_micros(40);
+/// Longest sleep (a safety net: every source has an eventfd).
+const MAX_SLEEP: Duration = Duration::from_millis(50);
+
+/// A part of a client request, as a shadow-queue entry carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// The client request.
+    pub rid: u64,
+    /// Offset of the part in the request's data.
+    pub offset: u64,
+    /// Bytes of the part.
+    pub len: u64,
+}
+
+/// A client request being served.
+#[derive(Debug)]
+pub struct Pending {
+    /// Index of the client port.
+    pub port: usize,
+    /// Queue generation it came from.
+    pub generation: u64,
+    /// Head descriptor index.
+    pub head: u16,
+    /// Kind.
+    pub kind: Kind,
+    /// Data buffers in the client's memory.
+    pub data: Segments,
+    /// Status byte address.
+    pub status: u64,
+    /// Parts not yet completed.
+    pub parts_left: u32,
+    /// Worst status so far.
+    pub result: u8,
+    /// When the VMM took it from the queue.
+    pub accepted: Instant,
+}
+
+/// Counters of a block service.
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    /// Client requests accepted (valid ones).
+    pub accepted: AtomicU64,
+    /// Client requests answered (valid or not).
+    pub answered: AtomicU64,
+    /// Invalid requests answered with an error status.
+    pub invalid: AtomicU64,
+    /// Parts posted to the backend (including replays).
+    pub posted: AtomicU64,
+    /// Bytes copied between client memory and the backend.
+    pub copy_bytes: AtomicU64,
+    /// Time spent copying, in nanoseconds.
+    pub copy_ns: AtomicU64,
+    /// Times the loop went to sleep.
+    pub sleeps: AtomicU64,
+    /// Sum of request latencies in µs (accepted → answered).
+    pub latency_us: AtomicU64,
+}
+
+/// State shared with the service thread.
+pub struct ServiceShared {
+    stop: AtomicBool,
+    wake: EventFd,
+    /// Counters.
+    pub counters: ServiceCounters,
+}
+
+impl ServiceShared {
+    fn new() -> std::io::Result<Self> {
+        Ok(ServiceShared {
+            stop: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            counters: ServiceCounters::default(),
+        })
+    }
+}
+
+/// A running block service.
+pub struct BlockService {
+    name: String,
+    shared: Arc<ServiceShared>,
+    ports: Vec<Arc<ClientPort>>,
+    thread: Option<JoinHandle<Result<Backend, BackendError>>>,
+}
+
+impl BlockService {
+    /// Starts serving `ports` from `backend` on a new thread.
+    pub fn spawn(
+        name: &str,
+        ports: Vec<Arc<ClientPort>>,
+        backend: Backend,
+    ) -> std::io::Result<BlockService> {
+        let shared = Arc::new(ServiceShared::new()?);
+        let mut worker = Worker {
+            shared: shared.clone(),
+            ports: ports.clone(),
+            backend,
+            shadow: ShadowQueue::new(),
+            pending: HashMap::new(),
+            next_rid: 0,
+            signal: vec![false; ports.len()],
+            finished: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("blk-{name}"))
+            .spawn(move || worker.run().map(|()| worker.backend))?;
+        Ok(BlockService {
+            name: name.to_string(),
+            shared,
+            ports,
+            thread: Some(thread),
+        })
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &ServiceCounters {
+        &self.shared.counters
+    }
+
+    /// The client ports.
+    pub fn ports(&self) -> &[Arc<ClientPort>] {
+        &self.ports
+    }
+
+    /// Whether the thread has ended (a backend failure).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the thread; returns the backend (or the error that stopped it).
+    pub fn stop(&mut self) -> Result<Backend, BackendError> {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.wake.write(1);
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or(Err(BackendError::Panicked)),
+            None => Err(BackendError::Stopped),
+        }
+    }
+}
+
+impl Drop for BlockService {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+struct Worker {
+    shared: Arc<ServiceShared>,
+    ports: Vec<Arc<ClientPort>>,
+    backend: Backend,
+    shadow: ShadowQueue<Part>,
+    pending: HashMap<u64, Pending>,
+    next_rid: u64,
+    signal: Vec<bool>,
+    finished: Vec<Finished>,
+}
+
+impl Worker {
+    fn run(&mut self) -> Result<(), BackendError> {
+        let mut idle_since: Option<Instant> = None;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let mut progress = self.intake();
+            progress += self.post()?;
+            progress += self.collect()?;
+            self.signal_clients();
+            if progress > 0 {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.sleep()?;
+            idle_since = None;
+        }
+        Ok(())
+    }
+
+    /// Arms every notification, re-checks, and sleeps until an eventfd fires.
+    fn sleep(&mut self) -> Result<(), BackendError> {
+        let mut ready = false;
+        for port in &self.ports {
+            let mut st = port.lock();
+            if st.needs_reset {
+                continue;
+            }
+            if let Some(q) = st.queue.as_mut() {
+                // Ok(true): the driver added buffers meanwhile.
+                ready |= q.enable_notification(&port.mem).unwrap_or(true);
+            }
+        }
+        ready |= self.backend.arm(true)?;
+        if !ready {
+            let mut fds: Vec<RawFd> = self.ports.iter().map(|p| p.notify.as_raw_fd()).collect();
+            fds.push(self.shared.wake.as_raw_fd());
+            fds.extend(self.backend.wait_fd());
+            self.shared.counters.sleeps.fetch_add(1, Ordering::Relaxed);
+            wait_any(&fds, MAX_SLEEP);
+        }
+        for port in &self.ports {
+            let _ = port.notify.read();
+        }
+        let _ = self.shared.wake.read();
+        self.backend.arm(false)?;
+        for port in &self.ports {
+            let mut st = port.lock();
+            if let Some(q) = st.queue.as_mut() {
+                let _ = q.disable_notification(&port.mem);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes new requests from every client queue.
+    fn intake(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.ports.len() {
+            let port = self.ports[i].clone();
+            let limits = port.geometry.limits();
+            let mut st = port.lock();
+            if st.needs_reset {
+                continue;
+            }
+            let generation = st.generation;
+            let Some(q) = st.queue.as_mut() else { continue };
+            let chains: Vec<_> = match q.iter(&port.mem) {
+                Ok(it) => it.collect(),
+                Err(_) => {
+                    port.give_up_queue(&mut st, "available index moved past the queue size");
+                    continue;
+                }
+            };
+            let mut answers = Vec::new();
+            let mut unusable = None;
+            for chain in chains {
+                n += 1;
+                let head = chain.head_index();
+                match request::parse(chain, &port.mem, &limits) {
+                    Ok(req) => {
+                        if let Some(a) = self.accept(i, generation, head, req) {
+                            answers.push(a);
+                        }
+                    }
+                    Err(Invalid::Status { status, value, why }) => {
+                        tracing::debug!("{}: request refused: {why}", port.name);
+                        self.shared.counters.invalid.fetch_add(1, Ordering::Relaxed);
+                        answers.push((head, status, value, 0));
+                    }
+                    Err(Invalid::Unusable(why)) => {
+                        unusable = Some(why);
+                        break;
+                    }
+                }
+            }
+            for (head, status_addr, value, len) in answers {
+                self.answer_locked(&port, &mut st, i, head, status_addr, value, len);
+            }
+            if let Some(why) = unusable {
+                port.give_up_queue(&mut st, why);
+            }
+        }
+        n
+    }
+
+    /// Accepts a valid request: answers it at once (get-id) or queues its parts.
+    fn accept(
+        &mut self,
+        port: usize,
+        generation: u64,
+        head: u16,
+        req: request::Request,
+    ) -> Option<(u16, u64, u8, u32)> {
+        let p = &self.ports[port];
+        if req.kind == Kind::GetId {
+            let mut id = [0u8; request::ID_BYTES];
+            let serial = p.geometry.serial.as_bytes();
+            let n = serial.len().min(id.len());
+            id[..n].copy_from_slice(&serial[..n]);
+            let ok = req
+                .data
+                .slice(0, id.len() as u64)
+                .write_from(&p.mem, &id)
+                .is_ok();
+            return Some(if ok {
+                (head, req.status, status::OK, id.len() as u32)
+            } else {
+                (head, req.status, status::IOERR, 0)
+            });
+        }
+        let now = Instant::now();
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        let first = p.geometry.range.first + req.sector;
+        let op = match req.kind {
+            Kind::Read => Op::Read,
+            Kind::Write => Op::Write,
+            Kind::Flush => Op::Flush,
+            Kind::Discard => Op::Discard,
+            Kind::WriteZeroes => Op::WriteZeroes,
+            Kind::GetId => unreachable!("answered above"),
+        };
+        let mut parts = 0;
+        if matches!(op, Op::Read | Op::Write) {
+            let max = self.backend.max_transfer();
+            let mut offset = 0;
+            while offset < req.data.len {
+                let len = (req.data.len - offset).min(max);
+                let part = Part { rid, offset, len };
+                self.shadow
+                    .push(op, first + offset / 512, (len / 512) as u32, part, now);
+                offset += len;
+                parts += 1;
+            }
+        } else {
+            let part = Part {
+                rid,
+                offset: 0,
+                len: 0,
+            };
+            let (sector, sectors) = if op == Op::Flush {
+                (0, 0)
+            } else {
+                (first, req.sectors as u32)
+            };
+            self.shadow.push(op, sector, sectors, part, now);
+            parts = 1;
+        }
+        self.pending.insert(
+            rid,
+            Pending {
+                port,
+                generation,
+                head,
+                kind: req.kind,
+                data: req.data,
+                status: req.status,
+                parts_left: parts,
+                result: status::OK,
+                accepted: now,
+            },
+        );
+        self.shared
+            .counters
+            .accepted
+            .fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// Posts queued parts while the backend has room.
+    fn post(&mut self) -> Result<usize, BackendError> {
+        let n = self.backend.post(
+            &mut self.shadow,
+            &self.pending,
+            &self.ports,
+            &self.shared.counters,
+        )?;
+        self.shared
+            .counters
+            .posted
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Takes completed parts; answers requests whose parts are all done.
+    fn collect(&mut self) -> Result<usize, BackendError> {
+        self.finished.clear();
+        let n = self.backend.collect(
+            &mut self.shadow,
+            &self.pending,
+            &self.ports,
+            &self.shared.counters,
+            &mut self.finished,
+        )?;
+        for i in 0..self.finished.len() {
+            let f = self.finished[i];
+            let Some(p) = self.pending.get_mut(&f.part.rid) else {
+                continue;
+            };
+            p.result = p.result.max(f.status);
+            p.parts_left -= 1;
+            if p.parts_left == 0 {
+                if let Some(p) = self.pending.remove(&f.part.rid) {
+                    self.answer(p);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn answer(&mut self, p: Pending) {
+        let port = self.ports[p.port].clone();
+        let mut st = port.lock();
+        if st.generation != p.generation {
+            // The client reset its device: it no longer expects an answer.
+            return;
+        }
+        let us = p.accepted.elapsed().as_micros() as u64;
+        self.shared
+            .counters
+            .latency_us
+            .fetch_add(us, Ordering::Relaxed);
+        let len = if p.result == status::OK && p.kind == Kind::Read {
+            port.counters.bytes.fetch_add(p.data.len, Ordering::Relaxed);
+            p.data.len as u32
+        } else {
+            if p.result == status::OK && p.kind == Kind::Write {
+                port.counters.bytes.fetch_add(p.data.len, Ordering::Relaxed);
+            }
+            0
+        };
+        self.answer_locked(&port, &mut st, p.port, p.head, p.status, p.result, len);
+    }
+
+    /// Writes the status byte and puts the chain in the used ring. `len`: data bytes written
+    /// into the client's buffers (the status byte is added).
+    #[allow(clippy::too_many_arguments)]
+    fn answer_locked(
+        &mut self,
+        port: &ClientPort,
+        st: &mut super::device::PortState,
+        index: usize,
+        head: u16,
+        status_addr: u64,
+        value: u8,
+        len: u32,
+    ) {
+        self.shared
+            .counters
+            .answered
+            .fetch_add(1, Ordering::Relaxed);
+        port.counters.completed.fetch_add(1, Ordering::Relaxed);
+        if value != status::OK {
+            port.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(q) = st.queue.as_mut() else { return };
+        let written = port.mem.write_obj(value, GuestAddress(status_addr)).is_ok();
+        if !written || q.add_used(&port.mem, head, len + 1).is_err() {
+            port.give_up_queue(st, "used ring or status byte not writable");
+            return;
+        }
+        self.signal[index] = true;
+    }
+
+    /// Signals clients that got answers, where their event index asks for it.
+    fn signal_clients(&mut self) {
+        for (i, port) in self.ports.iter().enumerate() {
+            if !std::mem::take(&mut self.signal[i]) {
+                continue;
+            }
+            let mut st = port.lock();
+            let Some(q) = st.queue.as_mut() else { continue };
+            if q.needs_notification(&port.mem).unwrap_or(true) {
+                port.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+                port.interrupt.raise(crate::virtio::interrupt::VRING);
+            }
+        }
+    }
+}
+
+/// Copies between a client's `segments` and `other` memory at `gpa` (as many bytes as the
+/// segments hold); `to_client` chooses the direction. Counts bytes and time.
+pub fn copy_part(
+    client: &GuestMem,
+    segments: &Segments,
+    other: &GuestMem,
+    gpa: u64,
+    to_client: bool,
+    counters: &ServiceCounters,
+) -> bool {
+    let t = Instant::now();
+    let mut pos = gpa;
+    let mut ok = true;
+    for &(addr, n) in &segments.runs {
+        let n = n as usize;
+        let (Ok(c), Ok(o)) = (
+            client.get_slice(GuestAddress(addr), n),
+            other.get_slice(GuestAddress(pos), n),
+        ) else {
+            ok = false;
+            break;
+        };
+        if to_client {
+            o.copy_to_volatile_slice(c);
+        } else {
+            c.copy_to_volatile_slice(o);
+        }
+        pos += n as u64;
+    }
+    counters
+        .copy_ns
+        .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    counters
+        .copy_bytes
+        .fetch_add(segments.len, Ordering::Relaxed);
+    ok
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes.
+fn wait_any(fds: &[RawFd], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds that we own; the timespec is
+    // valid; no signal mask. ppoll writes only the `revents` fields.
+    unsafe {
+        libc::ppoll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        );
+    }
+}

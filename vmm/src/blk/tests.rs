@@ -1,0 +1,424 @@
+//! The frontend and block service against a scripted driver: split rings written by hand into
+//! a client's memory, served from a file. Every hostile chain of the issue is here, next to a
+//! well-behaved client whose data must come through untouched.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_blk as b;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::device::{BlockGeometry, ClientPort, LbaRange, VirtioBlock, QUEUE_SIZE};
+use super::request::status;
+use super::{Backend, BlockService, FileBackend};
+use crate::memory::{self, GuestMem};
+use crate::virtio::{Interrupt, VirtioDevice};
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+const DESC: u64 = 0x10000;
+const AVAIL: u64 = 0x20000;
+const USED: u64 = 0x30000;
+const HDR: u64 = 0x40000;
+const DATA: u64 = 0x100000;
+const STATUS: u64 = 0x50000;
+
+/// A scripted driver: one queue of `QUEUE_SIZE` in a 4 MiB client.
+struct Driver {
+    mem: GuestMem,
+    port: Arc<ClientPort>,
+    device: VirtioBlock,
+    avail: u16,
+    used_seen: u16,
+    wakes: Arc<AtomicU64>,
+}
+
+impl Driver {
+    fn new(name: &str, range: LbaRange) -> Driver {
+        let mem = memory::create(4 << 20, 1 << 30).unwrap();
+        let wakes = Arc::new(AtomicU64::new(0));
+        let w = wakes.clone();
+        let interrupt = Interrupt::new(Arc::new(move || {
+            w.fetch_add(1, Ordering::Relaxed);
+        }));
+        let geometry = BlockGeometry {
+            range,
+            block_size: 512,
+            read_only: false,
+            discard: true,
+            write_zeroes: true,
+            serial: format!("ser-{name}"),
+        };
+        let port = ClientPort::new(name, mem.clone(), geometry, interrupt).unwrap();
+        let mut device = VirtioBlock::new(port.clone());
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.set_size(QUEUE_SIZE);
+        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_ready(true);
+        device.activate(0, vec![q]).unwrap();
+        Driver {
+            mem,
+            port,
+            device,
+            avail: 0,
+            used_seen: 0,
+            wakes,
+        }
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = DESC + u64::from(i) * 16;
+        self.mem.write_obj(addr, GuestAddress(at)).unwrap();
+        self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    fn header(&self, at: u64, kind: u32, sector: u64) {
+        self.mem.write_obj(kind, GuestAddress(at)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    /// Makes head `head` available and notifies.
+    fn publish(&mut self, head: u16) {
+        let slot = AVAIL + 4 + u64::from(self.avail % QUEUE_SIZE) * 2;
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail = self.avail.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail, GuestAddress(AVAIL + 2))
+            .unwrap();
+        self.port.notify.write(1).unwrap();
+    }
+
+    /// A well-formed request using descriptors `base..base+3` and the `n`-th data page.
+    fn request(&mut self, base: u16, kind: u32, sector: u64, n: u64, len: u32) -> u16 {
+        let hdr = HDR + u64::from(base) * 16;
+        self.header(hdr, kind, sector);
+        let reads = kind == b::VIRTIO_BLK_T_IN || kind == b::VIRTIO_BLK_T_GET_ID;
+        let data_flags = if reads { F_WRITE } else { 0 };
+        self.desc(base, hdr, 16, F_NEXT, base + 1);
+        self.desc(
+            base + 1,
+            DATA + n * 0x10000,
+            len,
+            data_flags | F_NEXT,
+            base + 2,
+        );
+        self.desc(base + 2, STATUS + u64::from(base), 1, F_WRITE, 0);
+        self.mem
+            .write_obj(0xffu8, GuestAddress(STATUS + u64::from(base)))
+            .unwrap();
+        self.publish(base);
+        base
+    }
+
+    /// Waits for the next used entry: (head, len, status byte at `status_at`).
+    fn wait_used(&mut self, status_at: u64) -> Option<(u32, u32, u8)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            if idx != self.used_seen {
+                let e = USED + 4 + u64::from(self.used_seen % QUEUE_SIZE) * 8;
+                let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
+                self.used_seen = self.used_seen.wrapping_add(1);
+                let st: u8 = self.mem.read_obj(GuestAddress(status_at)).unwrap();
+                return Some((id, len, st));
+            }
+            if self.device.needs_reset() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        None
+    }
+
+    fn fill(&self, n: u64, len: usize, byte: u8) {
+        self.mem
+            .write_slice(&vec![byte; len], GuestAddress(DATA + n * 0x10000))
+            .unwrap();
+    }
+
+    fn data(&self, n: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(DATA + n * 0x10000))
+            .unwrap();
+        v
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.avail = 0;
+        self.used_seen = 0;
+        self.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+        self.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_ready(true);
+        self.device.activate(0, vec![q]).unwrap();
+    }
+}
+
+fn disk(mib: u64) -> (tempfile_path::TempPath, FileBackend) {
+    let path = tempfile_path::TempPath::new("blk");
+    let f = std::fs::File::create(&path.0).unwrap();
+    f.set_len(mib << 20).unwrap();
+    let b = FileBackend::open(&path.0, 512).unwrap();
+    (path, b)
+}
+
+mod tempfile_path {
+    /// A file path removed on drop.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl TempPath {
+        pub fn new(tag: &str) -> Self {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            TempPath(
+                std::env::temp_dir()
+                    .join(format!("ddvm-test-{tag}-{}-{n}.img", std::process::id())),
+            )
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+const RANGE_A: LbaRange = LbaRange {
+    first: 0,
+    sectors: 2048,
+};
+const RANGE_B: LbaRange = LbaRange {
+    first: 2048,
+    sectors: 2048,
+};
+
+fn service(drivers: &[&Driver], backend: FileBackend) -> BlockService {
+    let ports = drivers.iter().map(|d| d.port.clone()).collect();
+    BlockService::spawn("test", ports, Backend::File(backend)).unwrap()
+}
+
+#[test]
+fn writes_read_back_and_stay_inside_each_clients_range() {
+    let (path, backend) = disk(2);
+    let mut a = Driver::new("a", RANGE_A);
+    let mut b = Driver::new("b", RANGE_B);
+    let mut svc = service(&[&a, &b], backend);
+    a.fill(0, 4096, 0xaa);
+    b.fill(0, 4096, 0xbb);
+    a.request(0, b::VIRTIO_BLK_T_OUT, 8, 0, 4096);
+    assert_eq!(a.wait_used(STATUS), Some((0, 1, status::OK)));
+    b.request(0, b::VIRTIO_BLK_T_OUT, 8, 0, 4096);
+    assert_eq!(b.wait_used(STATUS), Some((0, 1, status::OK)));
+    a.fill(1, 4096, 0);
+    a.request(3, b::VIRTIO_BLK_T_IN, 8, 1, 4096);
+    assert_eq!(a.wait_used(STATUS + 3), Some((3, 4097, status::OK)));
+    assert!(a.data(1, 4096).iter().all(|&x| x == 0xaa));
+    // On the disk: a's sector 8 at byte 4096, b's at (2048 + 8) * 512.
+    svc.stop().unwrap();
+    let bytes = std::fs::read(&path.0).unwrap();
+    assert!(bytes[4096..8192].iter().all(|&x| x == 0xaa));
+    assert!(bytes[(2056 * 512)..(2056 * 512 + 4096)]
+        .iter()
+        .all(|&x| x == 0xbb));
+    assert!(
+        a.wakes.load(Ordering::Relaxed) > 0,
+        "the client was signalled"
+    );
+}
+
+#[test]
+fn a_range_larger_than_a_part_is_split_and_answered_once() {
+    let (_path, backend) = disk(2);
+    let mut a = Driver::new("a", RANGE_A);
+    let svc = service(&[&a], backend);
+    // 64 KiB in one request.
+    a.fill(0, 65536, 0x5a);
+    a.request(0, b::VIRTIO_BLK_T_OUT, 0, 0, 65536);
+    assert_eq!(a.wait_used(STATUS), Some((0, 1, status::OK)));
+    a.request(3, b::VIRTIO_BLK_T_IN, 0, 1, 65536);
+    assert_eq!(a.wait_used(STATUS + 3), Some((3, 65537, status::OK)));
+    assert_eq!(a.data(1, 65536), vec![0x5a; 65536]);
+    assert_eq!(svc.counters().answered.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn flush_get_id_discard_and_write_zeroes() {
+    let (_path, backend) = disk(2);
+    let mut a = Driver::new("a", RANGE_A);
+    let _svc = service(&[&a], backend);
+    // Flush: header + status only.
+    a.header(HDR, b::VIRTIO_BLK_T_FLUSH, 0);
+    a.desc(0, HDR, 16, F_NEXT, 1);
+    a.desc(1, STATUS, 1, F_WRITE, 0);
+    a.publish(0);
+    assert_eq!(a.wait_used(STATUS), Some((0, 1, status::OK)));
+    // Get ID.
+    a.request(3, b::VIRTIO_BLK_T_GET_ID, 0, 0, 512);
+    assert_eq!(a.wait_used(STATUS + 3), Some((3, 21, status::OK)));
+    assert_eq!(&a.data(0, 6), b"ser-a\0");
+    // Write ones, write zeroes over them, read zeroes back.
+    a.fill(0, 4096, 1);
+    a.request(6, b::VIRTIO_BLK_T_OUT, 0, 0, 4096);
+    assert_eq!(a.wait_used(STATUS + 6), Some((6, 1, status::OK)));
+    let seg = DATA + 0x80000;
+    a.mem.write_obj(0u64, GuestAddress(seg)).unwrap();
+    a.mem.write_obj(8u32, GuestAddress(seg + 8)).unwrap();
+    a.mem.write_obj(0u32, GuestAddress(seg + 12)).unwrap();
+    a.header(HDR + 9 * 16, b::VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    a.desc(9, HDR + 9 * 16, 16, F_NEXT, 10);
+    a.desc(10, seg, 16, F_NEXT, 11);
+    a.desc(11, STATUS + 9, 1, F_WRITE, 0);
+    a.publish(9);
+    assert_eq!(a.wait_used(STATUS + 9), Some((9, 1, status::OK)));
+    a.request(12, b::VIRTIO_BLK_T_IN, 0, 1, 4096);
+    assert_eq!(a.wait_used(STATUS + 12), Some((12, 4097, status::OK)));
+    assert_eq!(a.data(1, 4096), vec![0; 4096]);
+    // Discard with the unmap flag (only valid for write zeroes): unsupported.
+    a.mem.write_obj(1u32, GuestAddress(seg + 12)).unwrap();
+    a.header(HDR + 15 * 16, b::VIRTIO_BLK_T_DISCARD, 0);
+    a.desc(15, HDR + 15 * 16, 16, F_NEXT, 16);
+    a.desc(16, seg, 16, F_NEXT, 17);
+    a.desc(17, STATUS + 15, 1, F_WRITE, 0);
+    a.publish(15);
+    assert_eq!(a.wait_used(STATUS + 15), Some((15, 1, status::UNSUPP)));
+}
+
+/// Each hostile chain gets an error status or DEVICE_NEEDS_RESET; afterwards (and after a
+/// reset where needed) the same client is served again, and the other client never noticed.
+#[test]
+fn hostile_chains_get_an_error_or_needs_reset_and_harm_nobody() {
+    let (_path, backend) = disk(2);
+    let mut bad = Driver::new("bad", RANGE_A);
+    let mut good = Driver::new("good", RANGE_B);
+    let _svc = service(&[&bad, &good], backend);
+    type Case = (&'static str, fn(&mut Driver), Option<u8>);
+    let cases: [Case; 8] = [
+        (
+            "descriptor loop",
+            |d| {
+                d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+                d.desc(0, HDR, 16, F_NEXT, 1);
+                d.desc(1, DATA, 512, F_WRITE | F_NEXT, 0);
+                d.publish(0);
+            },
+            None,
+        ),
+        (
+            "address outside guest memory",
+            |d| {
+                d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+                d.desc(0, HDR, 16, F_NEXT, 1);
+                d.desc(1, 0x8_0000_0000, 512, F_WRITE | F_NEXT, 2);
+                d.desc(2, STATUS, 1, F_WRITE, 0);
+                d.publish(0);
+            },
+            Some(status::IOERR),
+        ),
+        (
+            "write-only header",
+            |d| {
+                d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+                d.desc(0, HDR, 16, F_WRITE | F_NEXT, 1);
+                d.desc(1, DATA, 512, F_WRITE | F_NEXT, 2);
+                d.desc(2, STATUS, 1, F_WRITE, 0);
+                d.publish(0);
+            },
+            Some(status::IOERR),
+        ),
+        (
+            "read-only status",
+            |d| {
+                d.header(HDR, b::VIRTIO_BLK_T_OUT, 0);
+                d.desc(0, HDR, 16, F_NEXT, 1);
+                d.desc(1, DATA, 512, F_NEXT, 2);
+                d.desc(2, STATUS, 1, 0, 0);
+                d.publish(0);
+            },
+            None,
+        ),
+        (
+            "zero-length buffer",
+            |d| {
+                d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+                d.desc(0, HDR, 16, F_NEXT, 1);
+                d.desc(1, DATA, 0, F_WRITE | F_NEXT, 2);
+                d.desc(2, STATUS, 1, F_WRITE, 0);
+                d.publish(0);
+            },
+            Some(status::IOERR),
+        ),
+        (
+            "chain longer than the queue",
+            |d| {
+                d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+                d.desc(0, HDR, 16, F_NEXT, 1);
+                for i in 1..QUEUE_SIZE {
+                    d.desc(i, DATA, 512, F_WRITE | F_NEXT, (i + 1) % QUEUE_SIZE);
+                }
+                d.publish(0);
+            },
+            None,
+        ),
+        (
+            "sector beyond its range",
+            |d| {
+                d.request(0, b::VIRTIO_BLK_T_IN, RANGE_A.sectors - 4, 0, 4096);
+            },
+            Some(status::IOERR),
+        ),
+        (
+            "avail index jumping by more than the queue size",
+            |d| {
+                d.request(0, b::VIRTIO_BLK_T_IN, 0, 0, 512);
+                d.avail = d.avail.wrapping_add(QUEUE_SIZE + 5);
+                d.mem.write_obj(d.avail, GuestAddress(AVAIL + 2)).unwrap();
+                d.port.notify.write(1).unwrap();
+            },
+            None,
+        ),
+    ];
+    for (i, (name, script, expect)) in cases.iter().enumerate() {
+        bad.reset();
+        script(&mut bad);
+        let got = bad.wait_used(STATUS);
+        match expect {
+            Some(st) => assert_eq!(got.map(|g| g.2), Some(*st), "{name}"),
+            None => {
+                // Either an error answer or needs-reset; for these chains: needs-reset.
+                assert!(got.is_none(), "{name}: answered {got:?}");
+                assert!(bad.device.needs_reset(), "{name}: needs reset");
+            }
+        }
+        // The other client is served throughout.
+        let sector = (i as u64) * 8;
+        good.fill(0, 4096, i as u8 + 1);
+        good.request(0, b::VIRTIO_BLK_T_OUT, sector, 0, 4096);
+        assert_eq!(good.wait_used(STATUS), Some((0, 1, status::OK)), "{name}");
+        good.request(3, b::VIRTIO_BLK_T_IN, sector, 1, 4096);
+        assert_eq!(
+            good.wait_used(STATUS + 3),
+            Some((3, 4097, status::OK)),
+            "{name}"
+        );
+        assert_eq!(good.data(1, 4096), vec![i as u8 + 1; 4096], "{name}");
+    }
+    // After a reset the hostile client is served normally.
+    bad.reset();
+    bad.fill(0, 512, 7);
+    bad.request(0, b::VIRTIO_BLK_T_OUT, 0, 0, 512);
+    assert_eq!(bad.wait_used(STATUS), Some((0, 1, status::OK)));
+    assert!(bad.port.counters.needs_reset.load(Ordering::Relaxed) >= 3);
+}
