@@ -8,4 +8,11 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod events;
+pub mod hook;
+mod micros;
+pub mod monitor;
+pub mod policy;
+pub mod reason;
 pub mod shadow;
+pub mod supervisor;
