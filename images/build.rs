@@ -15,7 +15,7 @@ use std::process::Command;
 
 const GUEST_TARGET: &str = "x86_64-unknown-none";
 /// Images built from the guest workspace (binary name = file name in OUT_DIR without `.elf`).
-const IMAGES: &[&str] = &["driver-domain"];
+const IMAGES: &[&str] = &["driver-domain", "workload-client"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));

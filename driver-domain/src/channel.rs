@@ -1,7 +1,7 @@
 //! The domain's side of the channel header (DESIGN.md, "Channel ABI"): take it at boot, check
 //! its geometry, publish the device info, mark ready for the VMM's epoch, heartbeat, take
-//! fault-injection requests, and the event-suppression flags. The rings are served by
-//! `service`.
+//! fault-injection requests (word and argument), and the event-suppression flags. The rings
+//! are served by `service`.
 
 use core::fmt;
 use core::mem::size_of;
@@ -11,6 +11,8 @@ use ddvm_abi::channel::{
     CHANNEL_MAGIC, CHANNEL_VERSION, DEVICE_INFO_OFFSET,
 };
 use guest_kernel::shared::{full_fence, publish_fence, SharedRegion};
+
+use crate::faults::Injection;
 
 /// Why the channel the VMM named cannot be used. The domain panics with it: a VMM that
 /// writes a wrong header is a bug to report, not a state to serve in.
@@ -152,16 +154,19 @@ impl Channel {
         self.region.read::<u32>(offset::FAULT) != 0
     }
 
-    /// Takes a pending fault-injection request (clearing the word first), if any.
-    pub fn take_fault(&self) -> Option<u32> {
-        let fault: u32 = self.region.read(offset::FAULT);
-        if fault == ddvm_abi::channel::fault::NONE {
+    /// Takes a pending fault-injection request and its argument (clearing the word first), if
+    /// any. The VMM writes the argument before the word, so reading it after the word (x86
+    /// keeps loads in order) gets the request's own.
+    pub fn take_fault(&self) -> Option<Injection> {
+        let code: u32 = self.region.read(offset::FAULT);
+        if code == ddvm_abi::channel::fault::NONE {
             return None;
         }
         self.region
             .write(offset::FAULT, ddvm_abi::channel::fault::NONE);
         publish_fence();
-        Some(fault)
+        let arg = self.region.read(offset::FAULT_ARG);
+        Some(Injection { code, arg })
     }
 }
 

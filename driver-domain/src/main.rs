@@ -9,8 +9,9 @@
 //! - `nvme_dbbuf=0`: do not use shadow doorbells even when the controller offers them;
 //! - `spin=N`: before marking ready, run N iterations of a tight loop and report its cycles;
 //! - `panic` / `ud2`: die right after boot through the panic / exception path;
-//! - `fault=N`: act on fault-injection request N (`ddvm_abi::channel::fault`) right after
-//!   marking ready, as if the VMM had written it (proves each fault path without a VMM);
+//! - `fault=N` (and `fault_arg=N`, default 0): act on fault-injection request N
+//!   (`ddvm_abi::channel::fault`) with that argument right after marking ready, as if the VMM
+//!   had written them (proves each fault path without a VMM; see `faults`);
 //! - `exit=N`: exit with status N right after marking ready;
 //! - `idle`: without a channel, stay in the main loop instead of exiting with status 0.
 
@@ -21,16 +22,18 @@
 extern crate alloc;
 
 mod channel;
+mod faults;
 mod nvme;
 mod selftest;
 mod service;
 
-use ddvm_abi::channel::{fault, DeviceInfo};
+use ddvm_abi::channel::DeviceInfo;
 use guest_kernel::cmdline::Cmdline;
 use guest_kernel::time::{self, Instant};
 use guest_kernel::{arch, boot, println, vmm};
 
 use crate::channel::Channel;
+use crate::faults::Injection;
 use crate::nvme::probe::{self, Location};
 use crate::nvme::{Controller, Options};
 use crate::service::Service;
@@ -55,6 +58,7 @@ struct Modes {
     panic: bool,
     ud2: bool,
     fault: Option<u32>,
+    fault_arg: u32,
     exit: Option<u32>,
     idle: bool,
     selftest: bool,
@@ -69,6 +73,7 @@ impl Modes {
             panic: cmdline.flag("panic"),
             ud2: cmdline.flag("ud2"),
             fault: number(cmdline, "fault"),
+            fault_arg: number(cmdline, "fault_arg").unwrap_or(0),
             exit: number(cmdline, "exit"),
             idle: cmdline.flag("idle"),
             selftest: cmdline.flag("selftest"),
@@ -137,7 +142,7 @@ fn main() -> ! {
         selftest::run(modes.nvme, modes.nvme_options);
     }
 
-    let service = boot::channel().map(|region| {
+    let mut service = boot::channel().map(|region| {
         let ch = Channel::open(region).unwrap_or_else(|e| panic!("cannot use the channel: {e}"));
         if let Err(e) = ch.check_geometry() {
             service::fail(&ch, format_args!("cannot use the channel: {e}"));
@@ -160,8 +165,9 @@ fn main() -> ! {
         println!("ready epoch={}", ch.epoch());
         Service::new(ch, disk, info)
     });
-    if let Some(request) = modes.fault {
-        inject(request);
+    if let Some(code) = modes.fault {
+        let arg = modes.fault_arg;
+        faults::inject(Injection { code, arg }, service.as_mut());
     }
     if let Some(status) = modes.exit {
         vmm::exit(status);
@@ -208,7 +214,7 @@ fn serve(mut service: Option<Service>) -> ! {
             let ch = s.channel_mut();
             let beat = ch.beat();
             if let Some(f) = ch.take_fault() {
-                inject(f);
+                faults::inject(f, Some(&mut *s));
             }
             if last_log.elapsed_us() >= HEARTBEAT_LOG_PERIOD_US {
                 println!("heartbeat {beat}");
@@ -239,18 +245,5 @@ fn serve(mut service: Option<Service>) -> ! {
             s.woke();
         }
         polling = Instant::now();
-    }
-}
-
-/// Acts on a fault-injection request from the VMM.
-fn inject(request: u32) {
-    println!("fault injected: {request}");
-    match request {
-        fault::PANIC => panic!("fault injected: panic"),
-        fault::INVALID_OPCODE => guest_kernel::fault::invalid_opcode(),
-        fault::PAGE_FAULT => guest_kernel::fault::page_fault(),
-        fault::HANG => guest_kernel::fault::hang(),
-        fault::TRIPLE_FAULT => guest_kernel::fault::triple_fault(),
-        other => println!("ignoring unknown fault request {other}"),
     }
 }

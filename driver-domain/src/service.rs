@@ -16,6 +16,12 @@
 //! A VMM that breaks the ring protocol (an impossible index) and a device that breaks NVMe
 //! (timeout, bogus completion) are fatal: the domain marks the channel failed and panics with
 //! the reason, and the supervisor restarts it.
+//!
+//! Fault injection (`faults`) hooks in at four points, each through the service's
+//! [`Sabotage`]: a request taken ([`Sabotage::taken`], [`Sabotage::redirect`]), a completion
+//! about to be pushed ([`Sabotage::complete`], which may hold it back), each pass (held-back
+//! completions that are due, a bogus completion), and the ring room reserved for completions
+//! held back.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +31,7 @@ use ddvm_abi::channel::{device_flags, op, status, Completion, DeviceInfo, Reques
 use guest_kernel::shared::SharedRegion;
 
 use crate::channel::Channel;
+use crate::faults::Sabotage;
 use crate::nvme::{Controller, DiskInfo, IoDone, IoKind, IoRequest, NvmeError, SubmitError};
 
 /// Bytes of a channel sector.
@@ -76,6 +83,8 @@ pub struct Service {
     epoch: u32,
     /// Completions pushed but not yet published.
     unpublished: bool,
+    /// Misbehaviour armed by fault injection.
+    sabotage: Sabotage,
 }
 
 impl Service {
@@ -107,6 +116,7 @@ impl Service {
             info,
             epoch: h.epoch as u32,
             unpublished: false,
+            sabotage: Sabotage::default(),
         }
     }
 
@@ -120,18 +130,35 @@ impl Service {
         &mut self.channel
     }
 
-    /// Commands in flight on the device.
+    /// Requests taken and not yet completed on the ring: commands in flight on the device and
+    /// completions held back by fault injection.
     pub fn in_flight(&self) -> usize {
-        self.disk.as_ref().map_or(0, Controller::in_flight)
+        self.disk.as_ref().map_or(0, Controller::in_flight) + self.sabotage.held()
+    }
+
+    /// Fault injection armed on this service.
+    pub fn sabotage(&mut self) -> &mut Sabotage {
+        &mut self.sabotage
+    }
+
+    /// Fault injection: the completion ring's producer index jumps `by` entries ahead, as if
+    /// a wild write had hit both the shared index and the service's own copy of it; later
+    /// completions are counted from there. Published at the end of the next pass.
+    pub fn skip_completion_producer(&mut self, by: u32) {
+        let h = self.channel.header();
+        let index = self.completions.index().wrapping_add(by);
+        self.completions = Producer::starting_at(u64::from(h.cpl_ring), h.cpl_entries, index);
+        self.unpublished = true;
     }
 
     /// One pass: device completions, new requests, publication. Returns whether anything
     /// happened.
     pub fn pass(&mut self) -> bool {
         let completed = self.reap();
+        let injected = self.post_injected();
         let taken = self.take_requests();
         self.publish();
-        completed + taken > 0
+        completed + injected + taken > 0
     }
 
     /// Before waiting: sets `WAITING` and re-checks. Returns true when the domain may wait;
@@ -146,7 +173,7 @@ impl Service {
             .disk
             .as_ref()
             .is_some_and(Controller::completion_pending);
-        if requests > 0 || device {
+        if requests > 0 || device || self.sabotage.ready() {
             self.channel.set_waiting(false);
             return false;
         }
@@ -167,6 +194,7 @@ impl Service {
         let region = &self.region;
         let epoch = self.epoch;
         let channel = &self.channel;
+        let sabotage = &mut self.sabotage;
         let mut posted = 0;
         let result = disk.poll(|d: IoDone| {
             let st = d.status;
@@ -184,6 +212,9 @@ impl Service {
                 len,
                 epoch,
             };
+            let Some(c) = sabotage.complete(c) else {
+                return;
+            };
             if !completions.push(region, &c) {
                 fail(
                     channel,
@@ -197,6 +228,32 @@ impl Service {
         }
         if posted > 0 {
             self.unpublished = true;
+        }
+        posted
+    }
+
+    /// Posts what fault injection has ready: held-back completions now due (their room was
+    /// reserved), a completion for a bogus tag (when the ring has room beyond what requests
+    /// taken need). Returns how many.
+    fn post_injected(&mut self) -> usize {
+        let mut posted = 0;
+        while let Some(c) = self.sabotage.due() {
+            self.push(&c);
+            posted += 1;
+        }
+        if let Some(tag) = self.sabotage.bogus_tag {
+            if self.has_room_for(self.in_flight() as u32 + 1) {
+                self.sabotage.bogus_tag = None;
+                let c = Completion {
+                    tag,
+                    status: status::OK,
+                    detail: 0,
+                    len: 0,
+                    epoch: self.epoch,
+                };
+                self.push(&c);
+                posted += 1;
+            }
         }
         posted
     }
@@ -238,7 +295,13 @@ impl Service {
                 return false;
             }
         }
-        let need = self.in_flight() as u32 + 1;
+        let need = self.in_flight() as u32 + u32::from(self.sabotage.bogus_tag.is_some()) + 1;
+        self.has_room_for(need)
+    }
+
+    /// Whether the completion ring has `need` free entries (refreshing the VMM's index only
+    /// when the last one seen is not enough).
+    fn has_room_for(&mut self, need: u32) -> bool {
         if self.completions.free() >= need {
             return true;
         }
@@ -250,11 +313,15 @@ impl Service {
 
     /// Validates `req` and submits it, or completes it at once.
     fn serve(&mut self, req: &Request) {
-        let io = match self.validate(req) {
+        self.sabotage.taken(req.tag, req.len);
+        let mut io = match self.validate(req) {
             Ok(io) => io,
             Err(code) => return self.complete(req.tag, code, 0),
         };
         let len = if matches!(io.kind, IoKind::Read | IoKind::Write) {
+            if let Some(addr) = self.sabotage.redirect(req.tag) {
+                io.buf = addr;
+            }
             req.len
         } else {
             0
@@ -346,7 +413,7 @@ impl Service {
         Ok(io)
     }
 
-    /// Pushes a completion (room was reserved by `has_room`).
+    /// Completes a request at once (room was reserved by `has_room`).
     fn complete(&mut self, tag: u32, code: u16, len: u32) {
         let c = Completion {
             tag,
@@ -355,7 +422,14 @@ impl Service {
             len,
             epoch: self.epoch,
         };
-        if !self.completions.push(&self.region, &c) {
+        if let Some(c) = self.sabotage.complete(c) {
+            self.push(&c);
+        }
+    }
+
+    /// Pushes a completion (room was reserved).
+    fn push(&mut self, c: &Completion) {
+        if !self.completions.push(&self.region, c) {
             fail(
                 &self.channel,
                 format_args!("channel: completion ring full despite reservation"),

@@ -2,9 +2,10 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use ddvm_abi::boot::BootInfo;
+use ddvm_abi::boot::{BootInfo, Platform};
 
 use crate::arch::cpu;
+use crate::arch::io::Port;
 
 /// Frequency assumed when neither the VMM nor CPUID knows it (1 GHz).
 const ASSUMED_TSC_KHZ: u64 = 1_000_000;
@@ -22,14 +23,19 @@ pub enum TscSource {
     Cpuid,
     /// Unknown: 1 GHz assumed.
     Assumed,
+    /// Measured against the PIT (QEMU only: its TCG CPUs report no TSC frequency).
+    Pit,
 }
 
-/// Takes the TSC frequency from the boot info, else from CPUID, else assumes 1 GHz. Boot only.
+/// Takes the TSC frequency from the boot info, else from CPUID, else (under QEMU) measures it
+/// against the PIT, else assumes 1 GHz. Boot only.
 pub(crate) fn init(info: &BootInfo) {
     let (khz, source) = if info.tsc_khz != 0 {
         (info.tsc_khz, TscSource::BootInfo)
     } else if let Some(khz) = cpuid_tsc_khz() {
         (khz, TscSource::Cpuid)
+    } else if let Some(khz) = pit_tsc_khz(info) {
+        (khz, TscSource::Pit)
     } else {
         (ASSUMED_TSC_KHZ, TscSource::Assumed)
     };
@@ -66,6 +72,51 @@ fn cpuid_tsc_khz() -> Option<u64> {
     None
 }
 
+/// The PIT's input clock.
+const PIT_HZ: u64 = 1_193_182;
+/// PIT ticks measured: 10 ms.
+const PIT_CALIBRATION_TICKS: u64 = PIT_HZ / 100;
+
+/// Under QEMU only (never under ddvm, where every port is an exit and the VMM knows the
+/// frequency): counts TSC ticks over 10 ms of PIT channel 0, programmed as a free-running
+/// rate generator and read through counter latches. `None` when there is no PIT (the count
+/// does not move).
+fn pit_tsc_khz(info: &BootInfo) -> Option<u64> {
+    if info.platform() != Platform::QemuPvh {
+        return None;
+    }
+    // SAFETY: the i8254's ports under QEMU; programming and latching channel 0 touches no
+    // memory. Nothing else in the guest uses the PIT, and its interrupt is never unmasked.
+    let (data, command) = unsafe { (Port::<u8>::new(0x40), Port::<u8>::new(0x43)) };
+    // Channel 0, low then high byte, mode 2 (rate generator), binary; reload 0 = 65536.
+    command.write(0x34);
+    data.write(0);
+    data.write(0);
+    let read = || {
+        command.write(0x00); // latch channel 0
+        let low = u64::from(data.read());
+        low | (u64::from(data.read()) << 8)
+    };
+    let mut last = read();
+    let (mut elapsed, start, mut moved) = (0, cpu::rdtsc(), 0u32);
+    while elapsed < PIT_CALIBRATION_TICKS {
+        let now = read();
+        // The count runs down and reloads at 65536: elapsed ticks modulo 65536 (each read is
+        // far less than 55 ms after the last).
+        let delta = (last + 0x1_0000 - now) & 0xffff;
+        if delta != 0 {
+            moved += 1;
+        } else if moved == 0 && cpu::rdtsc().wrapping_sub(start) > 1 << 26 {
+            return None;
+        }
+        elapsed += delta;
+        last = now;
+    }
+    let ticks = cpu::rdtsc().wrapping_sub(start);
+    let khz = u128::from(ticks) * u128::from(PIT_HZ) / (u128::from(elapsed) * 1000);
+    u64::try_from(khz).ok().filter(|&k| k > 0)
+}
+
 /// TSC frequency in kHz.
 pub fn tsc_khz() -> u64 {
     TSC_KHZ.load(Ordering::Relaxed)
@@ -76,6 +127,7 @@ pub fn tsc_source() -> TscSource {
     match SOURCE.load(Ordering::Relaxed) {
         0 => TscSource::BootInfo,
         1 => TscSource::Cpuid,
+        3 => TscSource::Pit,
         _ => TscSource::Assumed,
     }
 }

@@ -5,10 +5,16 @@
 //! enabled in the device's command register; anything else is refused with a [`DmaError`] and
 //! counted. Accesses go through vm-memory's checked `Bytes` API, never through a Rust reference
 //! into guest memory.
+//!
+//! The device outlives its domain (recovery hands it to the next one, as a VFIO device stays
+//! with the VMM), so the window can be [detached](DmaWindow::detach) from a dead domain's
+//! memory and [retargeted](DmaWindow::retarget) to a new domain's. Every access holds a read
+//! lock on the target for its whole duration; retarget and detach take the write lock, so once
+//! they return no access into the old memory is in progress or can start.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -31,114 +37,188 @@ pub enum DmaError {
         /// Length in bytes.
         len: u64,
     },
+    /// The window is detached from any domain's memory (between a domain's death and the
+    /// next domain's memory).
+    #[error("DMA of {len} bytes at {addr:#x} refused: the device serves no domain")]
+    Detached {
+        /// Device address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+/// What the clones of a window share.
+struct Inner {
+    /// The domain's memory; `None` while detached.
+    mem: RwLock<Option<GuestMemoryMmap<()>>>,
+    bus_master: AtomicBool,
+    refused: AtomicU64,
 }
 
 /// A device's view of its domain's memory.
 ///
-/// Clones share the memory, the bus-master switch and the refusal counter, so the PCI layer can
-/// switch bus mastering off for a device model that holds its own clone. A new window has bus
-/// mastering enabled; [`crate::pci::PciDevice::new`] switches it off to match the command
-/// register's power-on value until the domain's driver sets Bus Master Enable.
+/// Clones share the target memory, the bus-master switch and the refusal counter, so the PCI
+/// layer can switch bus mastering off, and the VMM can detach and retarget the window, for a
+/// device model that holds its own clone. A new window has bus mastering enabled;
+/// [`crate::pci::PciDevice::new`] switches it off to match the command register's power-on
+/// value until the domain's driver sets Bus Master Enable.
 #[derive(Clone)]
 pub struct DmaWindow {
-    mem: GuestMemoryMmap<()>,
-    bus_master: Arc<AtomicBool>,
-    refused: Arc<AtomicU64>,
+    inner: Arc<Inner>,
 }
 
 impl fmt::Debug for DmaWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DmaWindow")
+            .field("attached", &self.attached())
             .field("bus_master", &self.bus_master())
             .field("refused", &self.refused())
             .finish_non_exhaustive()
     }
 }
 
+/// The target memory (`None`: detached), locked for the duration of one access.
+type Target<'a> = RwLockReadGuard<'a, Option<GuestMemoryMmap<()>>>;
+/// As [`Target`], locked to replace it.
+type TargetMut<'a> = RwLockWriteGuard<'a, Option<GuestMemoryMmap<()>>>;
+
 impl DmaWindow {
     /// A window over all of `mem` (the domain's memory), with bus mastering enabled.
     pub fn new(mem: GuestMemoryMmap<()>) -> Self {
         DmaWindow {
-            mem,
-            bus_master: Arc::new(AtomicBool::new(true)),
-            refused: Arc::new(AtomicU64::new(0)),
+            inner: Arc::new(Inner {
+                mem: RwLock::new(Some(mem)),
+                bus_master: AtomicBool::new(true),
+                refused: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// Points the window (every clone) at `mem`, a new domain's memory, replacing whatever it
+    /// targeted. Waits for accesses in progress; later ones reach `mem` only. Bus mastering
+    /// and the refusal counter are left as they are.
+    pub fn retarget(&self, mem: GuestMemoryMmap<()>) {
+        // The old memory (maybe the last reference to it) is dropped after the lock.
+        let old = self.write_target().replace(mem);
+        drop(old);
+    }
+
+    /// Detaches the window (every clone) from the domain's memory: waits for accesses in
+    /// progress, then refuses (and counts) every access as [`DmaError::Detached`] until
+    /// [`DmaWindow::retarget`]. Drops the window's reference to the memory, so the domain's
+    /// memory can be freed; once this returns, no DMA into it can happen.
+    pub fn detach(&self) {
+        // As in `retarget`, dropped after the lock.
+        let old = self.write_target().take();
+        drop(old);
+    }
+
+    /// Whether the window targets a domain's memory.
+    pub fn attached(&self) -> bool {
+        self.target().is_some()
     }
 
     /// Allows (`true`) or refuses (`false`) every DMA from now on.
     pub fn set_bus_master(&self, enabled: bool) {
-        self.bus_master.store(enabled, Ordering::SeqCst);
+        self.inner.bus_master.store(enabled, Ordering::SeqCst);
     }
 
     /// Whether DMA is currently allowed at all.
     pub fn bus_master(&self) -> bool {
-        self.bus_master.load(Ordering::SeqCst)
+        self.inner.bus_master.load(Ordering::SeqCst)
     }
 
-    /// How many accesses were refused since the window was created.
+    /// How many accesses were refused since the window was created (across retargets).
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.inner.refused.load(Ordering::Relaxed)
     }
 
     /// Whether `[addr, addr + len)` lies entirely inside the domain's memory (regardless of
-    /// bus mastering; nothing is counted). For validating configuration, not for DMA.
+    /// bus mastering; nothing is counted; false while detached). For validating
+    /// configuration, not for DMA.
     pub fn contains(&self, addr: u64, len: usize) -> bool {
-        addr.checked_add(len as u64).is_some()
-            && (len == 0 || self.mem.check_range(GuestAddress(addr), len))
+        self.target()
+            .as_ref()
+            .is_some_and(|mem| inside(mem, addr, len))
     }
 
     /// Checks that `[addr, addr + len)` may be accessed now; counts a refusal.
     pub fn check(&self, addr: u64, len: usize) -> Result<(), DmaError> {
-        let len64 = len as u64;
-        if !self.bus_master() {
-            return Err(self.refuse(DmaError::BusMasterDisabled { addr, len: len64 }));
-        }
-        if !self.contains(addr, len) {
-            return Err(self.refuse(DmaError::OutOfWindow { addr, len: len64 }));
-        }
-        Ok(())
+        self.access(addr, len, |_| Ok::<(), ()>(()))
     }
 
     /// Copies `data.len()` bytes at device address `addr` into `data`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), DmaError> {
-        self.check(addr, data.len())?;
-        let len = data.len() as u64;
-        self.mem
-            .read_slice(data, GuestAddress(addr))
-            .map_err(|_| self.refuse(DmaError::OutOfWindow { addr, len }))
+        self.access(addr, data.len(), |mem| {
+            mem.read_slice(data, GuestAddress(addr))
+        })
     }
 
     /// Copies `data` to device address `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.check(addr, data.len())?;
-        let len = data.len() as u64;
-        self.mem
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|_| self.refuse(DmaError::OutOfWindow { addr, len }))
+        self.access(addr, data.len(), |mem| {
+            mem.write_slice(data, GuestAddress(addr))
+        })
     }
 
     /// Reads an aligned little-endian `u32` atomically with `order` (shadow doorbells).
     pub fn load_u32(&self, addr: u64, order: Ordering) -> Result<u32, DmaError> {
-        self.check(addr, 4)?;
-        self.mem
-            .load::<u32>(GuestAddress(addr), order)
-            .map(u32::from_le)
-            .map_err(|_| self.refuse(DmaError::OutOfWindow { addr, len: 4 }))
+        self.access(addr, 4, |mem| {
+            mem.load::<u32>(GuestAddress(addr), order).map(u32::from_le)
+        })
     }
 
     /// Writes an aligned little-endian `u32` atomically with `order` (completion status words,
     /// event indexes), so the driver never sees it half written.
     pub fn store_u32(&self, addr: u64, value: u32, order: Ordering) -> Result<(), DmaError> {
-        self.check(addr, 4)?;
-        self.mem
-            .store(value.to_le(), GuestAddress(addr), order)
-            .map_err(|_| self.refuse(DmaError::OutOfWindow { addr, len: 4 }))
+        self.access(addr, 4, |mem| {
+            mem.store(value.to_le(), GuestAddress(addr), order)
+        })
+    }
+
+    /// Runs `f` on the target memory if `[addr, addr + len)` may be accessed now, holding the
+    /// read lock throughout (so [`DmaWindow::detach`] waits for it); every refusal, and a
+    /// failure of `f`, is counted.
+    fn access<R, E>(
+        &self,
+        addr: u64,
+        len: usize,
+        f: impl FnOnce(&GuestMemoryMmap<()>) -> Result<R, E>,
+    ) -> Result<R, DmaError> {
+        let len64 = len as u64;
+        let target = self.target();
+        let Some(mem) = target.as_ref() else {
+            return Err(self.refuse(DmaError::Detached { addr, len: len64 }));
+        };
+        if !self.bus_master() {
+            return Err(self.refuse(DmaError::BusMasterDisabled { addr, len: len64 }));
+        }
+        if !inside(mem, addr, len) {
+            return Err(self.refuse(DmaError::OutOfWindow { addr, len: len64 }));
+        }
+        f(mem).map_err(|_| self.refuse(DmaError::OutOfWindow { addr, len: len64 }))
+    }
+
+    /// Read-locks the target (a poisoned lock is still usable: the target is only ever
+    /// replaced whole).
+    fn target(&self) -> Target<'_> {
+        self.inner.mem.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_target(&self) -> TargetMut<'_> {
+        self.inner.mem.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn refuse(&self, e: DmaError) -> DmaError {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.inner.refused.fetch_add(1, Ordering::Relaxed);
         e
     }
+}
+
+/// Whether `[addr, addr + len)` lies inside `mem`.
+fn inside(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> bool {
+    addr.checked_add(len as u64).is_some() && (len == 0 || mem.check_range(GuestAddress(addr), len))
 }
 
 #[cfg(test)]
@@ -189,6 +269,89 @@ mod tests {
         );
         assert!(dma.load_u32(0x10000, Ordering::Acquire).is_err());
         assert_eq!(dma.refused(), 3);
+    }
+
+    #[test]
+    fn after_retarget_every_clone_reaches_the_new_memory_only() {
+        let (old, dma) = window(0x10000);
+        let device = dma.clone();
+        assert_eq!(
+            device.read(0x20000, &mut [0u8; 4]),
+            Err(DmaError::OutOfWindow {
+                addr: 0x20000,
+                len: 4
+            })
+        );
+        let new = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        dma.retarget(new.clone());
+        device.write(0x1000, &[5, 6, 7, 8]).unwrap();
+        device.write(0x20000, &[9]).unwrap();
+        let mut b = [0u8; 4];
+        new.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [5, 6, 7, 8]);
+        old.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [0; 4], "the old memory is not written");
+        assert!(device.contains(0x3f000, 0x1000) && !device.contains(0x3f000, 0x1001));
+        assert_eq!(dma.refused(), 1, "the counter carries over");
+    }
+
+    #[test]
+    fn a_detached_window_refuses_everything_and_leaves_the_memory_alone() {
+        let (mem, dma) = window(0x10000);
+        let device = dma.clone();
+        dma.detach();
+        assert!(!device.attached());
+        let mut b = [0u8; 4];
+        assert_eq!(
+            device.read(0x1000, &mut b),
+            Err(DmaError::Detached {
+                addr: 0x1000,
+                len: 4
+            })
+        );
+        assert!(device.write(0x1000, &[1; 4]).is_err());
+        assert!(device.load_u32(0x1000, Ordering::Acquire).is_err());
+        assert!(device.store_u32(0x1000, 1, Ordering::Release).is_err());
+        assert!(device.check(0, 0).is_err());
+        assert!(!device.contains(0x1000, 4));
+        assert_eq!(device.refused(), 5);
+        mem.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [0; 4]);
+        dma.retarget(mem.clone());
+        device.write(0x1000, &[1; 4]).unwrap();
+    }
+
+    #[test]
+    fn no_access_reaches_the_old_memory_once_detach_returns() {
+        let (mem, dma) = window(0x10000);
+        let device = dma.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                let mut refused = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    match device.write(0x2000, &n.to_le_bytes()) {
+                        Ok(()) => {}
+                        Err(DmaError::Detached { .. }) => refused += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                refused
+            })
+        };
+        while mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap() < 1000 {
+            std::thread::yield_now();
+        }
+        dma.detach();
+        let last = mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        let refused = writer.join().unwrap();
+        assert!(refused > 0, "the writer kept going after the detach");
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), last);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!   [`pci::PciBus`] answering configuration mechanism #1 (ports 0xCF8/0xCFC).
 //! - [`dma`]: the [`dma::DmaWindow`], the only way a device reaches domain memory. It plays the
 //!   IOMMU: anything not entirely inside the domain's memory, or attempted while bus mastering is
-//!   off, is refused and counted.
+//!   off or while the device serves no domain, is refused and counted.
 //! - [`nvme`]: an emulated NVMe 1.4 controller backed by a file, with a worker thread, shadow
 //!   doorbells with event indexes, and a volatile write cache that a reset can lose.
 //!
@@ -25,4 +25,6 @@ pub mod pci;
 
 pub use dma::{DmaError, DmaWindow};
 pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmeStats};
-pub use pci::{BarInfo, BarKind, ConfigSpace, PciBackend, PciBus, PciDevice, PciError, PciIds};
+pub use pci::{
+    BarInfo, BarKind, ConfigSpace, PciBackend, PciBus, PciDevice, PciError, PciIds, WakeDomain,
+};

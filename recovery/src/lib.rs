@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 pub mod events;
 pub mod hook;
 mod micros;

@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod blk;
 pub mod channel;
+pub mod client;
 pub mod config;
 pub mod console;
 pub mod devices;
@@ -17,6 +18,7 @@ pub mod loader;
 pub mod memory;
 pub mod stats;
 pub mod testclient;
+pub mod topology;
 pub mod vcpu;
 pub mod virtio;
 

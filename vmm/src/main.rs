@@ -7,15 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ddvm::blk::Backend;
 use ddvm::channel::HostChannel;
-use ddvm::config::{Config, DeviceSection};
+use ddvm::config::Config;
 use ddvm::console::Echo;
-use ddvm::domain::{DeviceSpec, Domain, DomainConfig};
+use ddvm::domain::{Domain, DomainConfig};
 use ddvm::hypervisor::{Hypervisor, DEFAULT_KVM_PATH};
 use ddvm::loader::Image;
 use ddvm::testclient::{self, Workload};
+use ddvm::topology::Topology;
 use ddvm::vcpu::{DomainExit, RunState};
-use ddvm_passthrough::NvmeConfig;
 
 /// Exit status when a guest crashed.
 const EXIT_GUEST_CRASH: u8 = 3;
@@ -41,14 +42,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot the built-in driver domain, watch it heartbeat, and report.
+    /// The built-in topology: an NVMe driver domain on an emulated controller backed by a
+    /// temporary file, and two client guests running the verifying workload through it.
     Demo {
-        /// How long to watch the domain after it is ready, in milliseconds.
-        #[arg(long, default_value_t = 500)]
-        watch_ms: u64,
-        /// Also print every non-zero KVM statistic of the vCPU at the ready mark.
+        /// Requests each client runs.
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        /// Queue depth of each client.
+        #[arg(long, default_value_t = 16)]
+        qd: u32,
+        /// Echo the guests' consoles to stderr.
         #[arg(long)]
-        stats: bool,
+        verbose: bool,
     },
     /// Start every domain of a TOML topology and run until interrupted or `--duration`.
     Run {
@@ -105,7 +110,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Demo { watch_ms, stats } => demo(&cli.kvm, Duration::from_millis(watch_ms), stats),
+        Command::Demo {
+            requests,
+            qd,
+            verbose,
+        } => demo(&cli.kvm, requests, qd, verbose),
         Command::Run {
             config,
             duration,
@@ -207,79 +216,155 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn demo(kvm: &Path, watch: Duration, show_stats: bool) -> anyhow::Result<ExitCode> {
+fn demo(kvm: &Path, requests: u64, qd: u32, verbose: bool) -> anyhow::Result<ExitCode> {
+    let disk = ddvm::topology::demo_disk_path();
+    let text = format!(
+        r#"
+[[domain]]
+name = "nvme0"
+memory_mib = 16
+[domain.device]
+kind = "emulated-nvme"
+backing = "{disk}"
+size_mib = 64
+lba_size = 4096
+volatile_write_cache = true
+
+[[client]]
+name = "client0"
+disk = "nvme0"
+offset_mib = 0
+size_mib = 32
+workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=0 seed=1"
+
+[[client]]
+name = "client1"
+disk = "nvme0"
+offset_mib = 32
+size_mib = 32
+workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=2"
+"#,
+        disk = disk.display()
+    );
+    let file = Path::new("builtin:demo.toml");
+    let config = Config::parse(file, &text)?;
+    println!(
+        "ddvm demo: an NVMe driver domain (emulated controller on {}) and two client guests, each running {requests} verified 4 KiB requests (70% reads, queue depth {qd}) through it",
+        disk.display()
+    );
     let hv = open_kvm(kvm)?;
-    let cfg = DomainConfig {
-        name: "nvme0-dd".into(),
-        image: ddvm::builtin_driver_domain(),
-        memory: 16 << 20,
-        cmdline: String::new(),
-        channel_size: 1 << 20,
-        echo: Echo::Stderr,
-        device: None,
-    };
-    println!(
-        "ddvm demo: booting the built-in driver domain ({} KiB image)",
-        ddvm_images::DRIVER_DOMAIN.len() / 1024
-    );
-    let mut domain = Domain::boot(&hv, &cfg, 1)?;
-    let ready = match domain.wait_ready(Duration::from_secs(10)) {
-        Ok(t) => t,
-        Err(RunState::Stopped(exit)) => {
-            return Ok(report_exit(&domain, &exit));
-        }
-        Err(_) => anyhow::bail!("the driver domain did not become ready within 10 s"),
-    };
-    let boot_exits = domain.exits().total.load(Ordering::Relaxed);
-    if show_stats {
-        for (k, v) in domain.vcpu_stats() {
-            if v != 0 {
-                println!("  kvm stat at ready   {k} = {v}");
-            }
-        }
-    }
-    let emul0 = domain.vcpu_stat("insn_emulation");
-    let hb0 = domain.heartbeat().unwrap_or(0);
+    let echo = if verbose { Echo::Stderr } else { Echo::Off };
+    let result = run_topology(&hv, &config, file, echo, None);
+    let _ = std::fs::remove_file(&disk);
+    result
+}
+
+/// Runs a topology with clients until they finish (or `duration`), then prints a summary.
+fn run_topology(
+    hv: &Hypervisor,
+    config: &Config,
+    file: &Path,
+    echo: Echo,
+    duration: Option<f64>,
+) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
-    std::thread::sleep(watch);
-    let hb1 = domain.heartbeat().unwrap_or(0);
-    let emul1 = domain.vcpu_stat("insn_emulation");
-    let waits = domain.exits().wait.load(Ordering::Relaxed);
-    let kvm_exits = domain.vcpu_stat("exits");
-    let watched = t0.elapsed();
-    let exit = domain.stop();
-    println!("ddvm demo: summary");
-    println!("  platform            {}", domain.platform().name());
+    let mut topo = Topology::start(hv, config, file, echo)?;
+    for (name, t) in &topo.ready_times {
+        println!("ddvm: domain {name} ready in {:.3} ms", ms(*t));
+    }
     println!(
-        "  boot to ready       {:.3} ms ({} exits to the VMM)",
-        ms(ready),
-        boot_exits
+        "ddvm: {} client(s) running on {} disk(s)",
+        topo.clients.len(),
+        topo.services.len()
     );
-    println!(
-        "  heartbeats          {} in {:.0} ms ({} wait exits)",
-        hb1.saturating_sub(hb0),
-        ms(watched),
-        waits
-    );
-    match (emul0, emul1) {
-        (Some(a), Some(b)) => println!(
-            "  insn_emulation      +{} while watched ({})",
-            b - a,
-            if b - a < 1000 {
-                "native execution"
-            } else {
-                "EMULATED: slow path"
+    let timeout = duration.map_or(Duration::from_secs(600), Duration::from_secs_f64);
+    let outcomes = topo.wait_clients(timeout);
+    let mut disks = Vec::new();
+    for s in &mut topo.services {
+        let c = s.counters();
+        let answered = c.answered.load(Ordering::Relaxed);
+        let copy_bytes = c.copy_bytes.load(Ordering::Relaxed);
+        let copy_ns = c.copy_ns.load(Ordering::Relaxed);
+        let name = s.name().to_string();
+        let backend = s.stop();
+        let (kind, exits, emul) = match &backend {
+            Ok(Backend::Channel(b)) => (
+                "driver domain",
+                b.domain().vcpu_stat("exits"),
+                b.domain().vcpu_stat("insn_emulation"),
+            ),
+            Ok(Backend::File(_)) => ("file (no isolation)", None, None),
+            Err(e) => {
+                println!("ddvm: disk {name}: service failed: {e}");
+                ("failed", None, None)
             }
-        ),
-        _ => println!("  insn_emulation      (KVM has no binary stats here)"),
+        };
+        disks.push((name, kind, answered, copy_bytes, copy_ns, exits, emul));
     }
-    if let Some(e) = kvm_exits {
-        println!("  KVM exits (all)     {e}");
+    topo.stop();
+    println!();
+    println!(
+        "{:<10} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>9}",
+        "client", "ops", "IOPS", "p50 us", "p99 us", "max us", "errors", "mismatches", "verified"
+    );
+    let mut ok = true;
+    for o in &outcomes {
+        match &o.report {
+            Some(r) => println!(
+                "{:<10} {:>8} {:>9.0} {:>8} {:>8} {:>8} {:>7} {:>10} {:>9}",
+                o.name,
+                r.ops,
+                r.iops,
+                r.lat_us.p50,
+                r.lat_us.p99,
+                r.lat_us.max,
+                r.errors,
+                r.mismatches,
+                r.verified
+            ),
+            None => println!("{:<10} (no report)", o.name),
+        }
+        if let Some(e) = o.report.as_ref().and_then(|r| r.first_error.as_ref()) {
+            println!("{:<10} first error: {e}", "");
+        }
+        match &o.exit {
+            Some(DomainExit::Exited { status: 0 }) => {}
+            Some(e) => println!("{:<10} {e}", ""),
+            None => println!("{:<10} still running after {timeout:?}; stopped", ""),
+        }
+        ok &= o.ok();
     }
-    println!("  stopped             {exit}");
-    let (bytes, lost) = domain.console().counts();
-    println!("  console             {bytes} bytes, {lost} lost");
-    Ok(if hb1 > hb0 && !exit.is_crash() {
+    println!();
+    for (name, kind, answered, copy_bytes, copy_ns, exits, emul) in &disks {
+        print!("disk {name} ({kind}): {answered} requests answered");
+        if *copy_bytes > 0 {
+            print!(
+                ", {:.1} MiB copied at {:.2} GiB/s",
+                *copy_bytes as f64 / (1 << 20) as f64,
+                *copy_bytes as f64 / (*copy_ns).max(1) as f64 / 1.073_741_824
+            );
+        }
+        if let Some(e) = exits {
+            print!(
+                ", domain VM exits {e} ({:.2}/request)",
+                *e as f64 / (*answered).max(1) as f64
+            );
+        }
+        if let Some(e) = emul {
+            print!(", insn_emulation {e}");
+        }
+        println!();
+    }
+    println!(
+        "ddvm: {} in {:.2} s",
+        if ok {
+            "every client verified every block it read"
+        } else {
+            "FAILED: a client saw an error or a mismatch"
+        },
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_GUEST_CRASH)
@@ -338,25 +423,6 @@ fn verify_domain(d: &Domain, requests: u64) -> anyhow::Result<bool> {
     Ok(r.errors == 0 && r.mismatches == 0)
 }
 
-fn device_spec(config_file: &Path, domain: &str, dev: &DeviceSection) -> DeviceSpec {
-    match dev {
-        DeviceSection::EmulatedNvme {
-            backing,
-            size_mib,
-            lba_size,
-            volatile_write_cache,
-        } => DeviceSpec::EmulatedNvme(NvmeConfig {
-            backing: ddvm::config::resolve(config_file, backing),
-            size: size_mib << 20,
-            lba_size: *lba_size,
-            volatile_write_cache: *volatile_write_cache,
-            max_io_queues: 4,
-            serial: format!("ddvm-{domain}").chars().take(20).collect(),
-            model: "ddvm emulated NVMe".into(),
-        }),
-    }
-}
-
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
@@ -370,6 +436,10 @@ fn run_config(
     verify: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
+    if !config.clients.is_empty() {
+        let hv = open_kvm(kvm)?;
+        return run_topology(&hv, &config, file, Echo::Stderr, duration);
+    }
     let mut cfgs = Vec::new();
     for d in &config.domains {
         let image = match d.image_path(file) {
@@ -384,7 +454,10 @@ fn run_config(
             cmdline: d.cmdline.clone(),
             channel_size: d.channel_kib << 10,
             echo: Echo::Stderr,
-            device: d.device.as_ref().map(|dev| device_spec(file, &d.name, dev)),
+            device: d
+                .device
+                .as_ref()
+                .map(|dev| ddvm::topology::device_spec(file, &d.name, dev)),
         });
     }
     let hv = open_kvm(kvm)?;

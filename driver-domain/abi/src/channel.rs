@@ -37,7 +37,13 @@ pub mod state {
 }
 
 /// Fault-injection requests the VMM may put in `ChannelHeader::fault` (chaos runs and tests).
-/// The domain acts on a non-zero value in its main loop and clears the word first.
+/// The domain acts on a non-zero value in its main loop and clears the word first; it reads
+/// the request's argument from `ChannelHeader::fault_arg` (written by the VMM before `fault`)
+/// when it takes the word.
+///
+/// Requests 1 to 5 end the domain at once. From 6 on they make the domain misbehave the ways
+/// the VMM must survive: break the channel protocol (6 to 9), misprogram the device (10), be
+/// slow (11), or corrupt itself at random (12). Unknown requests are logged and ignored.
 pub mod fault {
     /// Nothing.
     pub const NONE: u32 = 0;
@@ -52,6 +58,51 @@ pub mod fault {
     /// Load an empty IDT and raise an exception: the CPU cannot deliver it (triple fault,
     /// a shutdown exit).
     pub const TRIPLE_FAULT: u32 = 5;
+    /// Scribble on the channel: garbage into the completion ring's entries, into the header
+    /// fields and device info the VMM wrote or validated, and into the completion ring's
+    /// producer index, which jumps past the ring (the domain keeps counting from there, as if
+    /// its own copy of the index had been hit too). The domain then carries on serving.
+    /// `fault_arg` selects targets as a mask of [`WILD_WRITE_ENTRIES`], [`WILD_WRITE_HEADER`],
+    /// [`WILD_WRITE_PRODUCER`]; 0 means all three.
+    /// The VMM sees a ring index violation (producer index too far) at its next poll of the
+    /// completion ring when the producer is hit; entries and header garbage must change nothing
+    /// it does (it keeps its own copy of what it wrote).
+    pub const WILD_WRITE: u32 = 6;
+    /// Post a completion for a tag the VMM never gave: `fault_arg`, or `u32::MAX` when 0,
+    /// with the current epoch, status OK and length 0 — at once, or as soon as the completion
+    /// ring has room beyond what requests in flight need.
+    pub const BOGUS_TAG: u32 = 7;
+    /// Complete the next request taken claiming `fault_arg` bytes (512 when 0) more than it
+    /// had, whatever the device says.
+    pub const BOGUS_LEN: u32 = 8;
+    /// Complete the next request taken with the epoch `fault_arg` boots back (1 when 0).
+    pub const STALE_EPOCH: u32 = 9;
+    /// Program the device to DMA outside the domain's memory: the next read or write taken
+    /// is submitted with its buffer address `fault_arg` pages past the end of the domain's
+    /// memory, instead of its bounce slot. An IOMMU (the VMM's DMA window) refuses it; the
+    /// device completes the command with an error, which the domain reports as the request's
+    /// completion (`status::IO_ERROR`, `detail` = the NVMe status field), as a buggy driver
+    /// would.
+    pub const DMA_OUTSIDE: u32 = 10;
+    /// Hold back completions: the completion of each of the next `fault_arg >> 16` requests
+    /// taken (every request when 0, until the next `SLOW`) is posted `fault_arg & 0xffff`
+    /// milliseconds late. `fault_arg` 0 ends a slow period. The domain keeps heartbeating.
+    pub const SLOW: u32 = 11;
+    /// Flip `fault_arg & 0xffff` bits (1 when 0) chosen at random in the domain's own loaded
+    /// image (code, read-only data, data, `.bss`), as SWIFI experiments mutate a driver; the
+    /// random generator is seeded with `fault_arg >> 16`, or from the TSC when 0 (the console
+    /// names the seed and every flip). The effect is whatever it is: a crash, a hang, garbage
+    /// on the channel, or nothing.
+    pub const BITFLIP: u32 = 12;
+
+    /// [`WILD_WRITE`] target: every completion ring entry.
+    pub const WILD_WRITE_ENTRIES: u32 = 1 << 0;
+    /// [`WILD_WRITE`] target: the header fields the VMM wrote (magic, version, epoch, size,
+    /// geometry, `max_transfer`) and the device info (which the VMM checks when it sees the
+    /// ready mark: garbage there before that is a device-info violation).
+    pub const WILD_WRITE_HEADER: u32 = 1 << 1;
+    /// [`WILD_WRITE`] target: the completion ring's producer index.
+    pub const WILD_WRITE_PRODUCER: u32 = 1 << 2;
 }
 
 /// `ChannelHeader::vmm_flags`.
@@ -107,8 +158,10 @@ pub struct ChannelHeader {
     pub data_size: u32,
     /// Largest data length of one request (VMM).
     pub max_transfer: u32,
-    /// Reserved, zero.
-    pub reserved0: u32,
+    /// Argument of the fault-injection request in `fault` (VMM; zero when unused). The VMM
+    /// writes it before `fault`; the domain reads it when it takes `fault`. This slot was
+    /// `reserved0` before fault arguments existed (same offset, the layout is unchanged).
+    pub fault_arg: u32,
     /// Reserved, zero.
     pub reserved: [u64; 5],
 }
@@ -130,6 +183,8 @@ pub mod offset {
     pub const DOMAIN_FLAGS: u64 = 40;
     /// `vmm_flags`.
     pub const VMM_FLAGS: u64 = 44;
+    /// `fault_arg`.
+    pub const FAULT_ARG: u64 = 84;
 }
 
 /// Why a channel geometry is refused.
@@ -719,6 +774,15 @@ mod tests {
         assert_eq!(
             offset_of!(ChannelHeader, vmm_flags) as u64,
             offset::VMM_FLAGS
+        );
+        assert_eq!(
+            offset_of!(ChannelHeader, fault_arg) as u64,
+            offset::FAULT_ARG
+        );
+        assert_eq!(
+            offset_of!(ChannelHeader, max_transfer) as u64 + 4,
+            offset::FAULT_ARG,
+            "fault_arg took the place of reserved0, right after max_transfer"
         );
     }
 

@@ -6,22 +6,29 @@
 //! Checks: data written through slots reads back through other slots; malformed requests
 //! complete `BAD_REQUEST`/`UNSUPPORTED` without touching the device; a full completion ring
 //! stops the service from taking requests; Write Zeroes, Discard and Flush complete; every
-//! completion carries a known tag, the expected status and length, and the epoch.
+//! completion carries a known tag, the expected status and length, and the epoch. Last, each
+//! fault injected into the service (`faults`) shows up as the VMM is to see it: a bogus length,
+//! a stale epoch, an unknown tag, an I/O error for DMA outside the domain (under ddvm, whose DMA
+//! window refuses it), a late completion, and a completion producer index past the ring.
 
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use ddvm_abi::channel::ring::{Consumer, Producer, SharedMemory, CONSUMER};
+use ddvm_abi::boot::Platform;
+use ddvm_abi::channel::ring::{Consumer, IndexError, Producer, SharedMemory, CONSUMER};
 use ddvm_abi::channel::{
-    device_flags, domain_flags, offset, op, status, vmm_flags, ChannelHeader, Completion, Request,
+    device_flags, domain_flags, fault, offset, op, status, vmm_flags, ChannelHeader, Completion,
+    Request,
 };
+use guest_kernel::boot;
 use guest_kernel::dma::{DmaBuffer, PAGE_SIZE};
 use guest_kernel::shared::SharedRegion;
 use guest_kernel::time::Instant;
 
 use crate::channel::Channel;
+use crate::faults::{self, Injection};
 use crate::nvme::Controller;
 use crate::service::{self, Service};
 
@@ -51,8 +58,8 @@ impl Vmm {
         u64::from(self.header.data) + u64::from(i) * u64::from(self.header.max_transfer)
     }
 
-    /// Posts a request expecting `(status, len)`.
-    fn post(&mut self, mut r: Request, expect: (u16, u32)) -> Result<(), String> {
+    /// Posts a request expecting `(status, len)`; returns its tag.
+    fn post(&mut self, mut r: Request, expect: (u16, u32)) -> Result<u32, String> {
         r.tag = self.next_tag;
         self.next_tag += 1;
         if self.req.free() == 0 {
@@ -65,7 +72,31 @@ impl Vmm {
         }
         self.expect.insert(r.tag, expect);
         self.requests += 1;
-        Ok(())
+        Ok(r.tag)
+    }
+
+    /// Publishes, runs the service until the next completion and takes it unchecked (its
+    /// expectation is dropped).
+    fn next(&mut self, svc: &mut Service) -> Result<Completion, String> {
+        self.req.publish(&self.region);
+        let start = Instant::now();
+        loop {
+            svc.pass();
+            if self
+                .cpl
+                .refresh(&self.region)
+                .map_err(|e| format!("{e:?}"))?
+                > 0
+            {
+                let c = self.cpl.pop(&self.region).ok_or("no completion to pop")?;
+                self.cpl.release(&self.region);
+                self.expect.remove(&c.tag);
+                return Ok(c);
+            }
+            if start.elapsed_us() > BATCH_TIMEOUT_US {
+                return Err(String::from("no completion"));
+            }
+        }
     }
 
     /// Takes and checks completions.
@@ -360,5 +391,74 @@ pub fn run(disk: Controller) -> Result<(u64, u64), String> {
     if region.read::<u32>(offset::DOMAIN_FLAGS) & domain_flags::WAITING != 0 {
         return Err(String::from("WAITING still set after waking"));
     }
+    injected_faults(&mut vmm, &mut svc, extents[2])?;
     Ok((vmm.requests, bytes))
+}
+
+/// Each fault injected into the service, as the VMM sees it. Leaves the channel broken (the
+/// completion producer index past the ring).
+fn injected_faults(
+    vmm: &mut Vmm,
+    svc: &mut Service,
+    (sector, sectors): (u64, u32),
+) -> Result<(), String> {
+    let inject = |svc: &mut Service, code, arg| faults::inject(Injection { code, arg }, Some(svc));
+    let len = sectors * 512;
+    let epoch = EPOCH as u32;
+    let read = |vmm: &mut Vmm| vmm.post(rw(vmm, false, sector, sectors, 0), (status::OK, len));
+    let check = |what: &str, ok: bool, c: &Completion| {
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("fault {what}: completion {c:?}"))
+        }
+    };
+
+    inject(svc, fault::BOGUS_LEN, 0);
+    let tag = read(vmm)?;
+    let c = vmm.next(svc)?;
+    check("bogus length", c.tag == tag && c.len == len + 512, &c)?;
+
+    inject(svc, fault::STALE_EPOCH, 0);
+    let tag = read(vmm)?;
+    let c = vmm.next(svc)?;
+    let stale = c.epoch == epoch.wrapping_sub(1) && c.len == len;
+    check("stale epoch", c.tag == tag && stale, &c)?;
+
+    inject(svc, fault::BOGUS_TAG, 0xdead);
+    let c = vmm.next(svc)?;
+    check("bogus tag", c.tag == 0xdead && c.epoch == epoch, &c)?;
+
+    // Only where the VMM's DMA window plays the IOMMU: under QEMU nothing stops the device.
+    if boot::platform() != Platform::QemuPvh {
+        inject(svc, fault::DMA_OUTSIDE, 0);
+        let tag = read(vmm)?;
+        let c = vmm.next(svc)?;
+        let refused = c.status == status::IO_ERROR && c.len == 0;
+        check("DMA outside", c.tag == tag && refused, &c)?;
+    }
+
+    // One request 20 ms late.
+    inject(svc, fault::SLOW, 20 | 1 << 16);
+    let start = Instant::now();
+    let tag = read(vmm)?;
+    let c = vmm.next(svc)?;
+    let late = start.elapsed_us() >= 20_000 && c.status == status::OK;
+    check("slow", c.tag == tag && late, &c)?;
+    let tag = read(vmm)?;
+    let c = vmm.next(svc)?;
+    check(
+        "after slow",
+        c.tag == tag && c.epoch == epoch && c.len == len,
+        &c,
+    )?;
+
+    inject(svc, fault::WILD_WRITE, fault::WILD_WRITE_PRODUCER);
+    svc.pass();
+    match vmm.cpl.refresh(&vmm.region) {
+        Err(IndexError::ProducerTooFar { .. }) => Ok(()),
+        other => Err(format!(
+            "fault wild write: completion ring refresh {other:?}"
+        )),
+    }
 }

@@ -42,7 +42,7 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// A snapshot of the counters.
+    /// A snapshot of the controller's own counters (`dma_refused` is left 0).
     pub fn stats(&self) -> NvmeStats {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         NvmeStats {
@@ -53,6 +53,8 @@ impl Observed {
             dma_errors: r(&self.dma_errors),
             dropped_cached_writes: r(&self.dropped_cached_writes),
             ignored_register_writes: r(&self.ignored_register_writes),
+            // The DMA window counts these; `NvmeMonitor::stats` fills them in.
+            dma_refused: 0,
         }
     }
 

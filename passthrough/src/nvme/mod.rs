@@ -19,6 +19,17 @@
 //! doorbell eventfd. Without a worker, doorbells are recorded and nothing is processed.
 //! Dropping the controller stops and joins the worker.
 //!
+//! # A controller that outlives its domain
+//!
+//! Like a real device handed to a VM through VFIO, the controller (its namespace, its volatile
+//! write cache, its counters, its worker) stays with the VMM when its driver domain dies.
+//! [`crate::pci::PciDevice::quiesce`] resets it (bus mastering off, function reset, which
+//! waits for the command being processed and drops the write cache) and detaches it
+//! ([`PciBackend::detach`]: no DMA into the old memory, no wake-up of the old domain);
+//! [`crate::pci::PciDevice::attach`] points it at the next domain's memory and wake-up. The
+//! next domain's driver then initialises it from scratch. [`NvmeStats`] count across all
+//! the domains the controller served.
+//!
 //! The VMM may register [`EmulatedNvme::doorbell_eventfd`] as a KVM ioeventfd for the I/O
 //! queue doorbells ([`EmulatedNvme::io_doorbell_range`]): such a write carries no value, so
 //! that is only correct while [`EmulatedNvme::shadow_doorbells_active`]; the callback given to
@@ -48,6 +59,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaWindow;
@@ -169,6 +181,10 @@ pub struct NvmeStats {
     /// Register writes ignored: read-only registers, bad sizes, admin queue registers while
     /// enabled.
     pub ignored_register_writes: u64,
+    /// Accesses the DMA window refused, for any reason: outside the domain's memory (as in
+    /// `dma_errors`, plus queue and doorbell-buffer accesses), bus mastering off, or detached
+    /// ([`crate::DmaWindow::refused`]).
+    pub dma_refused: u64,
 }
 
 /// A handle on a controller's counters and shadow doorbell state that stays valid after the
@@ -176,12 +192,16 @@ pub struct NvmeStats {
 #[derive(Clone)]
 pub struct NvmeMonitor {
     observed: Arc<Observed>,
+    dma: DmaWindow,
 }
 
 impl NvmeMonitor {
     /// The counters now.
     pub fn stats(&self) -> NvmeStats {
-        self.observed.stats()
+        NvmeStats {
+            dma_refused: self.dma.refused(),
+            ..self.observed.stats()
+        }
     }
 
     /// Whether the driver has configured shadow doorbells (Doorbell Buffer Config).
@@ -201,6 +221,9 @@ struct Shared {
     stop: AtomicBool,
     observed: Arc<Observed>,
     on_shadow: Mutex<Option<ShadowCallback>>,
+    /// Kicks the domain after completions; called with the lock held, so replacing it waits
+    /// for a call in progress.
+    wake: Mutex<WakeDomain>,
     dma: DmaWindow,
 }
 
@@ -292,6 +315,7 @@ impl EmulatedNvme {
                 stop: AtomicBool::new(false),
                 observed,
                 on_shadow: Mutex::new(None),
+                wake: Mutex::new(Arc::new(|| {})),
                 dma,
             }),
             worker: Mutex::new(None),
@@ -300,8 +324,8 @@ impl EmulatedNvme {
         })
     }
 
-    /// Starts the worker thread. `wake_domain` is called after each batch of completions; it
-    /// must not lock the [`crate::pci::PciDevice`] holding this controller.
+    /// Starts the worker thread. `wake_domain` is called after each batch of completions
+    /// (see [`EmulatedNvme::set_wake`]).
     pub fn start_worker(&self, wake_domain: WakeDomain) -> Result<(), NvmeError> {
         let mut worker = lock(&self.worker);
         if worker.is_some() {
@@ -309,16 +333,32 @@ impl EmulatedNvme {
                 backing: self.backing.clone(),
             });
         }
+        self.set_wake(wake_domain);
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("nvme-worker".into())
-            .spawn(move || worker::run(shared, wake_domain))
+            .spawn(move || worker::run(shared))
             .map_err(|source| NvmeError::Spawn {
                 backing: self.backing.clone(),
                 source,
             })?;
         *worker = Some(handle);
         Ok(())
+    }
+
+    /// Replaces the callback the worker calls after each batch of completions, waiting for a
+    /// call in progress: once this returns the old callback is never called again. The
+    /// callback runs on the worker thread with a lock held: it must not lock the
+    /// [`crate::pci::PciDevice`] holding this controller or call back into it.
+    pub fn set_wake(&self, wake_domain: WakeDomain) {
+        *lock(&self.shared.wake) = wake_domain;
+    }
+
+    /// A clone of the controller's DMA window, to watch [`DmaWindow::refused`]. Move the
+    /// controller between domains with [`crate::pci::PciDevice::quiesce`] and
+    /// [`crate::pci::PciDevice::attach`], which also reset it and replace its wake-up.
+    pub fn dma(&self) -> DmaWindow {
+        self.shared.dma.clone()
     }
 
     /// The eventfd the worker sleeps on; register it as a KVM ioeventfd (no datamatch) for
@@ -340,14 +380,17 @@ impl EmulatedNvme {
     /// Sets the callback told when shadow doorbells start (Doorbell Buffer Config succeeded)
     /// or stop (controller or function reset). It runs on the worker thread or on the thread
     /// resetting the controller (possibly with the PciDevice lock held): it must not lock the
-    /// [`crate::pci::PciDevice`] or call back into this controller.
+    /// [`crate::pci::PciDevice`] or call back into this controller. It is kept when the
+    /// controller moves to another domain: it is told `false` by the quiesce's reset and `true`
+    /// again when the next domain's driver configures shadow doorbells, so it must act on
+    /// whichever VM is current when it runs.
     pub fn set_on_shadow_doorbells(&self, callback: ShadowCallback) {
         *lock(&self.shared.on_shadow) = Some(callback);
     }
 
     /// The counters now.
     pub fn stats(&self) -> NvmeStats {
-        self.shared.observed.stats()
+        self.monitor().stats()
     }
 
     /// PRPs, PRP lists or buffers outside the DMA window so far.
@@ -364,6 +407,7 @@ impl EmulatedNvme {
     pub fn monitor(&self) -> NvmeMonitor {
         NvmeMonitor {
             observed: self.shared.observed.clone(),
+            dma: self.shared.dma.clone(),
         }
     }
 
@@ -449,5 +493,18 @@ impl PciBackend for EmulatedNvme {
         if enabled {
             let _ = self.shared.eventfd.write(1);
         }
+    }
+
+    /// Detaches the DMA window (waiting for an access in progress) and replaces the wake
+    /// callback by one that does nothing (waiting for a call in progress). The worker keeps
+    /// running: every DMA it tries is refused until [`PciBackend::attach`].
+    fn detach(&mut self) {
+        self.shared.dma.detach();
+        self.set_wake(Arc::new(|| {}));
+    }
+
+    fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+        self.shared.dma.retarget(mem);
+        self.set_wake(wake);
     }
 }

@@ -15,7 +15,7 @@ use super::shadow::need_event;
 use super::status::Status;
 use super::{EmulatedNvme, NvmeConfig};
 use crate::dma::DmaWindow;
-use crate::pci::PciBackend;
+use crate::pci::{PciBackend, WakeDomain};
 
 /// Guest memory of the test domain.
 pub const MEM_SIZE: u64 = 8 << 20;
@@ -107,16 +107,23 @@ impl TestDriver {
 
     /// A started controller on an existing backing file.
     pub fn with_path(path: TempPath, cfg: NvmeConfig) -> TestDriver {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = memory();
         let dma = DmaWindow::new(mem.clone());
         let nvme = EmulatedNvme::new(cfg.clone(), dma.clone()).unwrap();
         let wakes = Arc::new(AtomicU64::new(0));
-        let w = wakes.clone();
-        nvme.start_worker(Arc::new(move || {
-            w.fetch_add(1, Ordering::Relaxed);
-        }))
-        .unwrap();
+        nvme.start_worker(counter(&wakes)).unwrap();
+        TestDriver::fresh(nvme, mem, dma, wakes, cfg, path)
+    }
+
+    /// A driver that knows nothing yet, for a controller over `mem`.
+    fn fresh(
+        nvme: EmulatedNvme,
+        mem: GuestMemoryMmap<()>,
+        dma: DmaWindow,
+        wakes: Arc<AtomicU64>,
+        cfg: NvmeConfig,
+        path: TempPath,
+    ) -> TestDriver {
         TestDriver {
             nvme,
             mem,
@@ -131,6 +138,32 @@ impl TestDriver {
             ring: Ring::Mmio,
             io_rings: 0,
         }
+    }
+
+    /// The domain died: the backend calls `PciDevice::quiesce` makes (bus mastering off,
+    /// function reset, detach), without the configuration space.
+    pub fn quiesce(&mut self) {
+        self.nvme.set_bus_master(false);
+        self.nvme.reset();
+        self.nvme.detach();
+    }
+
+    /// A fresh domain takes the quiesced controller: new memory (the old one is dropped with
+    /// this driver), attached with a new wake counter, bus mastering on, and a driver that
+    /// knows nothing about the controller.
+    pub fn reborn(self) -> TestDriver {
+        let TestDriver {
+            mut nvme,
+            dma,
+            cfg,
+            path,
+            ..
+        } = self;
+        let mem = memory();
+        let wakes = Arc::new(AtomicU64::new(0));
+        nvme.attach(mem.clone(), counter(&wakes));
+        nvme.set_bus_master(true);
+        TestDriver::fresh(nvme, mem, dma, wakes, cfg, path)
     }
 
     /// Allocates `pages` zeroed, contiguous pages of domain memory.
@@ -388,6 +421,26 @@ impl TestDriver {
         self.mem.read_slice(&mut out, GuestAddress(buf)).unwrap();
         (s, out)
     }
+}
+
+/// Fresh, zeroed memory for a test domain.
+pub fn memory() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+}
+
+/// A wake callback counting its calls in `wakes`.
+pub fn counter(wakes: &Arc<AtomicU64>) -> WakeDomain {
+    let w = wakes.clone();
+    Arc::new(move || {
+        w.fetch_add(1, Ordering::Relaxed);
+    })
+}
+
+/// A copy of all of `mem`.
+pub fn snapshot(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
+    let mut all = vec![0u8; MEM_SIZE as usize];
+    mem.read_slice(&mut all, GuestAddress(0)).unwrap();
+    all
 }
 
 /// Create I/O Completion Queue.

@@ -1,10 +1,13 @@
 //! The controller's worker thread.
 //!
-//! Loop: run a pass over the queues; after posting completions call `wake_domain`; while
+//! Loop: run a pass over the queues; after posting completions call the wake callback; while
 //! passes find work, or for [`IDLE_SPIN`] after the last one, keep polling (this is where
 //! shadow doorbells pay: the driver need not ring); then set the event indexes, re-check the
 //! shadow page, and block on the doorbell eventfd. A doorbell MMIO write, a KVM ioeventfd, bus
-//! mastering coming back on, and the stop request all write that eventfd.
+//! mastering coming back on, and the stop request all write that eventfd, so the worker never
+//! sleeps through a stop. It reaches domain memory only through the DMA window and the domain
+//! only through the replaceable wake callback, so a detached controller's worker touches
+//! neither the old memory nor the old domain.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,11 +18,10 @@ use super::Shared;
 /// How long the worker keeps polling after its last piece of work.
 pub const IDLE_SPIN: Duration = Duration::from_micros(50);
 
-/// Callback that kicks the domain's vCPU out of its wait.
-pub type WakeDomain = Arc<dyn Fn() + Send + Sync>;
+pub use crate::pci::WakeDomain;
 
 /// The worker's body; returns when `shared.stop` is set.
-pub(super) fn run(shared: Arc<Shared>, wake_domain: WakeDomain) {
+pub(super) fn run(shared: Arc<Shared>) {
     let mut last_work = Instant::now();
     loop {
         if shared.stop.load(Ordering::Acquire) {
@@ -27,7 +29,9 @@ pub(super) fn run(shared: Arc<Shared>, wake_domain: WakeDomain) {
         }
         let pass = shared.with_ctrl(|c| c.pass());
         if pass.posted > 0 {
-            wake_domain();
+            // Called under its lock: `set_wake` (and so a detach) waits for this call.
+            let wake = super::lock(&shared.wake);
+            wake();
         }
         if pass.consumed > 0 {
             last_work = Instant::now();

@@ -1,7 +1,9 @@
 //! A PCI function: configuration space plus the backend that implements it.
 
+use vm_memory::GuestMemoryMmap;
+
 use super::config::{WriteEffects, CMD_BUS_MASTER};
-use super::{BarInfo, ConfigSpace, PciBackend, PciError};
+use super::{BarInfo, ConfigSpace, PciBackend, PciError, WakeDomain};
 
 /// A PCI function handed to a driver domain.
 pub struct PciDevice {
@@ -75,6 +77,25 @@ impl PciDevice {
         self.config.reset();
     }
 
+    /// Quiesces the device when the domain it served dies, before that domain's memory is
+    /// freed or reused: [`PciDevice::function_reset`] (bus mastering off, backend reset, which
+    /// waits for DMA in progress and drops what a reset drops, such as a volatile write
+    /// cache; configuration space back to power-on values), then [`PciBackend::detach`]. Once
+    /// this returns the device does no DMA into the old memory and never wakes the old domain.
+    pub fn quiesce(&mut self) {
+        self.function_reset();
+        self.backend.detach();
+    }
+
+    /// Hands the quiesced device to a new domain: its DMA goes to `mem` (the new domain's
+    /// memory) and its completions wake the domain through `wake`
+    /// ([`PciBackend::attach`]). Call it before the new domain boots; its driver then enables
+    /// memory space and bus mastering and initialises the device from scratch. BAR addresses
+    /// are kept: the new domain finds the device where the old one did.
+    pub fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+        self.backend.attach(mem, wake);
+    }
+
     /// The BAR containing `[gpa, gpa + len)`, with the offset inside it, if memory space is on.
     fn route(&self, gpa: u64, len: usize) -> Option<(u8, u64)> {
         if !self.config.memory_enabled() || len == 0 {
@@ -118,6 +139,8 @@ impl PciDevice {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
+
+    use vm_memory::GuestMemoryBackend;
 
     use super::*;
     use crate::pci::{BarKind, PciIds};
@@ -169,6 +192,16 @@ pub(crate) mod tests {
                 .unwrap()
                 .push(format!("bus master {enabled}"));
         }
+        fn detach(&mut self) {
+            self.log.lock().unwrap().push("detach".into());
+        }
+        fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+            wake();
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("attach {:#x}", mem.last_addr().0));
+        }
     }
 
     #[test]
@@ -208,6 +241,34 @@ pub(crate) mod tests {
                 "bus master true",
                 "bus master false",
                 "reset"
+            ]
+        );
+    }
+
+    #[test]
+    fn quiesce_resets_then_detaches_and_attach_hands_over_memory_and_wake() {
+        let probe = Probe::default();
+        let log = probe.log.clone();
+        let mut d = PciDevice::new(Box::new(probe), &[(0, 0xc000_0000)]).unwrap();
+        d.config_write(4, &[0x06, 0]);
+        d.quiesce();
+        assert_eq!(d.config.command(), 0, "memory and bus mastering off");
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
+        let woken = Arc::new(Mutex::new(0));
+        let w = woken.clone();
+        d.attach(mem, Arc::new(move || *w.lock().unwrap() += 1));
+        assert_eq!(*woken.lock().unwrap(), 1);
+        assert_eq!(d.config.command(), 0, "the new driver enables the device");
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "bus master false",
+                "bus master true",
+                "bus master false",
+                "reset",
+                "detach",
+                "attach 0xffff"
             ]
         );
     }

@@ -5,10 +5,18 @@
 //! VFIO for real hardware). BAR addresses are fixed by the VMM before boot; the domain may size
 //! BARs but not move them. Memory Space Enable gates MMIO, Bus Master Enable gates DMA, and the
 //! PCI Express capability's Initiate Function Level Reset resets the backend.
+//!
+//! A device outlives the driver domain it serves: when the domain dies the VMM quiesces it
+//! ([`PciDevice::quiesce`]) before the domain's memory goes, and attaches it to the next domain
+//! ([`PciDevice::attach`]) before that one boots.
 
 mod bus;
 mod config;
 mod device;
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
 
 pub use bus::PciBus;
 pub use config::{ConfigSpace, CONFIG_SPACE_SIZE, PCIE_CAP_OFFSET};
@@ -58,6 +66,10 @@ pub struct BarInfo {
     pub prefetchable: bool,
 }
 
+/// Callback that kicks the domain's vCPU out of its wait (a device completion is its
+/// interrupt).
+pub type WakeDomain = Arc<dyn Fn() + Send + Sync>;
+
 /// A device model (or real device) behind a [`PciDevice`].
 ///
 /// Calls come from vCPU threads (MMIO), from the configuration path, and from the VMM
@@ -76,6 +88,19 @@ pub trait PciBackend: Send {
     fn reset(&mut self);
     /// Bus Master Enable changed: the device may DMA only while enabled.
     fn set_bus_master(&mut self, enabled: bool);
+    /// The domain the device served is going away (called by [`PciDevice::quiesce`] after the
+    /// function reset): once this returns the device neither accesses that domain's memory
+    /// (every DMA is refused until [`PciBackend::attach`]) nor calls its wake callback, and
+    /// holds no reference to the memory. The default does nothing, which is right only for a
+    /// backend that neither DMAs nor wakes its domain: every other backend implements it.
+    fn detach(&mut self) {}
+    /// Serve a new domain: DMA into `mem` (its memory; device addresses are its
+    /// guest-physical addresses) and wake it with `wake`. Called on a quiesced device before the new domain
+    /// boots; bus mastering stays off until its driver enables it. The default does nothing
+    /// (see [`PciBackend::detach`]).
+    fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+        let _ = (mem, wake);
+    }
 }
 
 /// Errors building PCI devices and buses (all are VMM configuration errors).

@@ -29,7 +29,7 @@ use super::request::{self, status, Invalid, Kind, Segments};
 use crate::memory::GuestMem;
 
 /// How long the loop polls before it sleeps.
-const SPIN: Duration = Duration::from_micros(40);
+const SPIN: Duration = Duration::from_micros(300);
 /// Longest sleep (a safety net: every source has an eventfd).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
 
@@ -207,7 +207,9 @@ impl Worker {
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() < SPIN {
-                std::hint::spin_loop();
+                // Two cores run the client, this thread, the domain and the device: let a
+                // runnable one have the CPU while polling.
+                std::thread::yield_now();
                 continue;
             }
             self.sleep()?;

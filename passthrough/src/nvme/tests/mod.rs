@@ -6,4 +6,5 @@ mod controller;
 mod io;
 mod malformed;
 mod pci;
+mod restart;
 mod shadow;

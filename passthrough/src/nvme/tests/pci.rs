@@ -184,3 +184,64 @@ fn flr_resets_the_controller() {
     );
     wait_until("completion", || b.cqe_status(cq, 0).is_some());
 }
+
+#[test]
+fn quiesce_and_attach_hand_the_controller_to_a_new_domain() {
+    let mut b = Behind::new();
+    cfg_write(&mut b.bus, 0, 4, &[0x06, 0]);
+    let (sq, cq) = b.enable();
+    b.submit(
+        sq,
+        0,
+        Command {
+            opcode: 0x0a,
+            cid: 1,
+            cdw: [7, 0, 0, 0, 0, 0],
+            ..Command::default()
+        },
+    );
+    wait_until("completion in the first domain", || {
+        b.cqe_status(cq, 0).is_some()
+    });
+
+    b.dev.lock().unwrap().quiesce();
+    assert_eq!(cfg_read32(&mut b.bus, 0, 4) & 0x6, 0);
+    assert!(!b.d.dma.attached());
+    let old = b.d.mem.clone();
+    let old_image = crate::nvme::testdriver::snapshot(&old);
+
+    // The next domain: new memory, its own wake-up, the same BAR.
+    let mem = crate::nvme::testdriver::memory();
+    let woken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    b.dev
+        .lock()
+        .unwrap()
+        .attach(mem.clone(), crate::nvme::testdriver::counter(&woken));
+    b.d.mem = mem;
+    assert_eq!(cfg_read32(&mut b.bus, 0, 0x10), BAR0 as u32 | 0b100);
+    cfg_write(&mut b.bus, 0, 4, &[0x06, 0]);
+    assert_eq!(
+        b.r32(0x1c),
+        0,
+        "the controller starts from its power-on state"
+    );
+    let (sq, cq) = b.enable();
+    b.submit(
+        sq,
+        0,
+        Command {
+            opcode: 0x0a,
+            cid: 2,
+            cdw: [7, 0, 0, 0, 0, 0],
+            ..Command::default()
+        },
+    );
+    wait_until("completion in the new domain", || {
+        b.cqe_status(cq, 0).is_some()
+    });
+    assert_eq!(b.cqe_status(cq, 0), Some(Status::SUCCESS));
+    wait_until("the new domain woken", || {
+        woken.load(std::sync::atomic::Ordering::Relaxed) > 0
+    });
+    assert!(crate::nvme::testdriver::snapshot(&old) == old_image);
+}

@@ -1,0 +1,346 @@
+//! The command line: what to run, parsed and checked before any device is touched.
+//!
+//! Every key and its default is documented in the crate documentation (`main.rs`). A value that
+//! does not parse or is out of range is a [`BadArg`] naming the key and what was expected; the
+//! image then exits with status 1.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+use guest_kernel::cmdline::Cmdline;
+
+use crate::hostile::Case;
+
+/// Largest queue depth (`qd`).
+pub const MAX_QD: u32 = 128;
+/// Largest block size (`bs`).
+pub const MAX_BS: u64 = 1 << 20;
+/// Sector size of virtio-blk addresses.
+pub const SECTOR: u64 = 512;
+/// The command-line key naming a virtio-mmio device (Linux's syntax).
+pub const DEVICE_KEY: &str = "virtio_mmio.device";
+
+/// Every key this image reads; other tokens are reported once and ignored.
+const KEYS: &[&str] = &[
+    "workload",
+    "rwmix",
+    "bs",
+    "qd",
+    "count",
+    "duration_ms",
+    "seed",
+    "id",
+    "span",
+    "prefill",
+    "flush_every",
+    "verify_pass",
+    "timeout_ms",
+    "hostile",
+    DEVICE_KEY,
+];
+
+/// The access pattern of the timed phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Random reads and writes (`rwmix` percent reads).
+    RandRw,
+    /// Sequential reads, wrapping at the end of the span.
+    SeqRead,
+    /// Sequential writes, wrapping at the end of the span.
+    SeqWrite,
+}
+
+impl Workload {
+    const ALL: [Workload; 5] = [
+        Workload::RandRead,
+        Workload::RandWrite,
+        Workload::RandRw,
+        Workload::SeqRead,
+        Workload::SeqWrite,
+    ];
+
+    /// The name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::RandRead => "randread",
+            Workload::RandWrite => "randwrite",
+            Workload::RandRw => "randrw",
+            Workload::SeqRead => "seqread",
+            Workload::SeqWrite => "seqwrite",
+        }
+    }
+
+    /// Whether the timed phase reads.
+    pub fn reads(self) -> bool {
+        matches!(
+            self,
+            Workload::RandRead | Workload::RandRw | Workload::SeqRead
+        )
+    }
+
+    /// Whether the timed phase writes.
+    pub fn writes(self) -> bool {
+        matches!(
+            self,
+            Workload::RandWrite | Workload::RandRw | Workload::SeqWrite
+        )
+    }
+
+    /// Whether blocks are picked at random (else in order).
+    pub fn random(self) -> bool {
+        matches!(
+            self,
+            Workload::RandRead | Workload::RandWrite | Workload::RandRw
+        )
+    }
+}
+
+/// The workload, as the command line asks for it.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Access pattern.
+    pub workload: Workload,
+    /// Percent reads of `randrw`.
+    pub rwmix: u32,
+    /// Block size in bytes (a multiple of 512).
+    pub bs: u64,
+    /// Requests in flight at most.
+    pub qd: u32,
+    /// Requests in the timed phase at most (`None`: until `duration_ms`).
+    pub count: Option<u64>,
+    /// Length of the timed phase at most.
+    pub duration_ms: Option<u64>,
+    /// Seed of the request sequence.
+    pub seed: u64,
+    /// Client id, stamped into every block written.
+    pub id: u32,
+    /// Bytes of the device used, from its start (`None`: all of it).
+    pub span: Option<u64>,
+    /// Write every block of the span before the timed phase.
+    pub prefill: bool,
+    /// FLUSH after every this many acknowledged writes (0: only at the end).
+    pub flush_every: u64,
+    /// Read back and check every written block after the timed phase.
+    pub verify_pass: bool,
+    /// A request not completed after this long is an error that ends the run.
+    pub timeout_ms: u64,
+}
+
+/// What the image does.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Run the verified workload.
+    Workload(Config),
+    /// Submit one malformed request and report what the device did.
+    Hostile(Case),
+}
+
+/// A command-line value that is not what the image expects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadArg {
+    /// The key.
+    pub key: &'static str,
+    /// The value found (empty when the key is missing).
+    pub value: String,
+    /// What was expected, as a phrase.
+    pub expected: String,
+}
+
+impl BadArg {
+    /// `key=value` is not `expected`.
+    pub fn new(key: &'static str, value: &str, expected: impl Into<String>) -> Self {
+        BadArg {
+            key,
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
+impl fmt::Display for BadArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "{}: missing; expected {}", self.key, self.expected)
+        } else {
+            write!(f, "{}={}: expected {}", self.key, self.value, self.expected)
+        }
+    }
+}
+
+/// Parses the mode and its settings. Returns the tokens that name no known key too.
+pub fn parse(cmdline: Cmdline<'_>) -> Result<(Mode, Vec<&str>), BadArg> {
+    let unknown = cmdline
+        .tokens()
+        .filter(|t| {
+            let key = t.split_once('=').map_or(*t, |(k, _)| k);
+            !KEYS.contains(&key)
+        })
+        .collect();
+    if let Some(v) = cmdline.value("hostile") {
+        let case = Case::parse(v)
+            .ok_or_else(|| BadArg::new("hostile", v, alloc::format!("one of {}", Case::names())))?;
+        return Ok((Mode::Hostile(case), unknown));
+    }
+    Ok((Mode::Workload(parse_workload(cmdline)?), unknown))
+}
+
+fn parse_workload(c: Cmdline<'_>) -> Result<Config, BadArg> {
+    let workload = match c.value("workload") {
+        None => Workload::RandRw,
+        Some(v) => Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == v)
+            .ok_or_else(|| {
+                BadArg::new(
+                    "workload",
+                    v,
+                    "randread, randwrite, randrw, seqread or seqwrite",
+                )
+            })?,
+    };
+    let rwmix = number(c, "rwmix", 70, 0, 100, "a percentage from 0 to 100")?;
+    let bs = size(c, "bs")?.unwrap_or(4096);
+    if !bs.is_multiple_of(SECTOR) || !(SECTOR..=MAX_BS).contains(&bs) {
+        return Err(BadArg::new(
+            "bs",
+            c.value("bs").unwrap_or(""),
+            "a multiple of 512 from 512 to 1M (bytes; K and M suffixes allowed)",
+        ));
+    }
+    let qd = number(
+        c,
+        "qd",
+        32,
+        1,
+        u64::from(MAX_QD),
+        "a queue depth from 1 to 128",
+    )?;
+    let count = optional(c, "count", 1, "a number of requests, at least 1")?;
+    let duration_ms = optional(c, "duration_ms", 1, "milliseconds, at least 1")?;
+    let count = match (count, duration_ms) {
+        (None, None) => Some(10_000),
+        (count, _) => count,
+    };
+    let seed = number(c, "seed", 1, 0, u64::MAX, "a number")?;
+    let id = number(c, "id", 0, 0, u64::from(u32::MAX), "a 32-bit client id")?;
+    let span = size(c, "span")?;
+    if let Some(span) = span {
+        if span < bs {
+            return Err(BadArg::new(
+                "span",
+                c.value("span").unwrap_or(""),
+                alloc::format!("at least one block (bs={bs})"),
+            ));
+        }
+    }
+    let prefill = flag(c, "prefill", workload.reads())?;
+    let flush_every = number(c, "flush_every", 0, 0, u64::MAX, "a number of writes")?;
+    let verify_pass = flag(c, "verify_pass", true)?;
+    let timeout_ms = number(
+        c,
+        "timeout_ms",
+        30_000,
+        1,
+        u64::MAX,
+        "milliseconds, at least 1",
+    )?;
+    Ok(Config {
+        workload,
+        rwmix: rwmix as u32,
+        bs,
+        qd: qd as u32,
+        count,
+        duration_ms,
+        seed,
+        id: id as u32,
+        span,
+        prefill,
+        flush_every,
+        verify_pass,
+        timeout_ms,
+    })
+}
+
+/// `key=N` within `min..=max`, or `default` when absent.
+fn number(
+    c: Cmdline<'_>,
+    key: &'static str,
+    default: u64,
+    min: u64,
+    max: u64,
+    expected: &'static str,
+) -> Result<u64, BadArg> {
+    Ok(optional(c, key, min, expected)?
+        .map(|n| {
+            if n > max {
+                Err(BadArg::new(key, c.value(key).unwrap_or(""), expected))
+            } else {
+                Ok(n)
+            }
+        })
+        .transpose()?
+        .unwrap_or(default))
+}
+
+/// `key=N` at least `min`, if present.
+fn optional(
+    c: Cmdline<'_>,
+    key: &'static str,
+    min: u64,
+    expected: &'static str,
+) -> Result<Option<u64>, BadArg> {
+    let Some(v) = c.value(key) else {
+        return Ok(None);
+    };
+    match parse_u64(v) {
+        Some(n) if n >= min => Ok(Some(n)),
+        _ => Err(BadArg::new(key, v, expected)),
+    }
+}
+
+/// `key=0|1`, or `default` when absent.
+fn flag(c: Cmdline<'_>, key: &'static str, default: bool) -> Result<bool, BadArg> {
+    match c.value(key) {
+        None => Ok(default),
+        Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(v) => Err(BadArg::new(key, v, "0 or 1")),
+    }
+}
+
+/// A byte count with an optional K, M, G or T suffix (powers of 1024).
+fn size(c: Cmdline<'_>, key: &'static str) -> Result<Option<u64>, BadArg> {
+    let Some(v) = c.value(key) else {
+        return Ok(None);
+    };
+    parse_size(v)
+        .map(Some)
+        .ok_or_else(|| BadArg::new(key, v, "a byte count (K, M, G, T suffixes allowed)"))
+}
+
+/// A decimal number, or hexadecimal after `0x`.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// A number (as [`parse_u64`]) with an optional K, M, G or T suffix, either case (as Linux's
+/// `memparse`).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        b't' | b'T' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n = parse_u64(digits)?;
+    n.checked_mul(1u64 << shift)
+}

@@ -1,0 +1,195 @@
+//! The ddvm workload client: a guest image that drives one virtio-blk device (virtio-mmio)
+//! with a block workload whose every read is checked, and reports one machine-readable line.
+//! Built on guest-kernel like the driver domain; the virtio driver is the third-party
+//! `virtio-drivers` crate (its MMIO transport and split virtqueue, driven directly in `blk`).
+//!
+//! # Booting it
+//!
+//! ddvm boots it like a driver domain (64-bit entry, boot info, console through the log ring);
+//! QEMU boots it with `-kernel` through its PVH entry (console on COM1, `isa-debug-exit` at
+//! port 0xf4 for the exit status). The device is named on the command line, Linux-style:
+//!
+//! - `virtio_mmio.device=SIZE@BASE[:IRQ[:ID]]`, one token per virtio-mmio device, e.g.
+//!   `virtio_mmio.device=4K@0xd0000000`. SIZE takes K/M/G suffixes, BASE is hex (`0x`) or
+//!   decimal; IRQ and ID are ignored (this image polls, interrupts are never used). The first
+//!   window holding a device with DeviceID 2 (block) is used; windows must lie above RAM and
+//!   below 4 GiB, and be at least 0x200 bytes.
+//!
+//! # Workload keys
+//!
+//! - `workload=randread|randwrite|randrw|seqread|seqwrite` (default `randrw`);
+//! - `rwmix=N`: percent reads of `randrw` (default 70);
+//! - `bs=BYTES`: block size, a multiple of 512 up to 1M and of the device's block size
+//!   (default 4096; K/M suffixes allowed);
+//! - `qd=N`: requests in flight, 1..=128 (default 32; fewer if the span has fewer blocks, or
+//!   if the device offers no indirect descriptors and its queue cannot hold `qd` requests of 3
+//!   descriptors);
+//! - `count=N`: requests in the timed phase; `duration_ms=N`: its length. Default `count=10000`;
+//!   with only `duration_ms` there is no count; with both, whichever ends first;
+//! - `seed=N`: seed of the request sequence (default 1; the same seed and id give the same
+//!   sequence);
+//! - `id=N`: client id (default 0), stamped into every block;
+//! - `span=BYTES`: use only the first BYTES of the device, rounded down to whole blocks
+//!   (default: the whole device);
+//! - `prefill=0|1`: write every block of the span before the timed phase, so every later read
+//!   is checked (default 1 for workloads that read, 0 for the others);
+//! - `flush_every=N`: FLUSH after every N acknowledged writes of the timed phase (default 0:
+//!   only the one at its end);
+//! - `verify_pass=0|1`: after the timed phase and its flush, read back and check every block
+//!   written in the run (default 1);
+//! - `timeout_ms=N`: a request still in flight after N ms ends the run with an error
+//!   (default 30000).
+//!
+//! Numbers are decimal or `0x` hex. Tokens with other keys are listed once and ignored.
+//!
+//! # What a run does
+//!
+//! 1. Negotiates VERSION_1, RING_INDIRECT_DESC, RING_EVENT_IDX, SEG_MAX, BLK_SIZE, FLUSH,
+//!    TOPOLOGY, DISCARD, WRITE_ZEROES and RO (whatever is offered), queue 0 of 256 (or the
+//!    largest of 128/64/16 the device allows).
+//! 2. Pre-checks, each once through the queue: GET_ID (printed), WRITE_ZEROES of the span's
+//!    first two blocks (written with data first, then read back and checked to be zero),
+//!    DISCARD of blocks 2..4, FLUSH — each only when offered (not on a read-only device). A
+//!    status other than OK is an error.
+//! 3. Prefill (if enabled): every block of the span written once.
+//! 4. The timed phase: `count`/`duration_ms` requests at depth `qd`, never two at once for the
+//!    same block; FLUSH every `flush_every` acknowledged writes; then one FLUSH (counted in
+//!    `flushes`, not in `elapsed_us`).
+//! 5. The verify pass (if enabled): every block written in the run read and checked.
+//!
+//! Every block written carries a header (magic, run nonce, client id, generation, block
+//! number, block size, checksum over the whole block) and a payload generated from them (see
+//! `pattern`). Every read of a block whose last write was acknowledged is checked against it;
+//! a mismatch is `lost` (an older generation, or a block of an earlier run), `misplaced`
+//! (another block's or client's), `corrupt` (checksum or payload wrong, or a generation never
+//! written) or unwritten (no header). Reads of blocks not written in this run (or whose last
+//! write failed, or that were zeroed/discarded by the pre-checks) are `unverified`.
+//!
+//! # Notifications and waiting
+//!
+//! Requests are added in batches and QueueNotify is written once per batch, only when the
+//! device asks for it (EVENT_IDX `avail_event`, else the used ring's NO_NOTIFY flag). Used-
+//! buffer notifications are off while the client polls; when nothing completes for 30 µs it
+//! turns them on (`used_event`, else the avail ring's NO_INTERRUPT flag), checks the used ring
+//! once more, and calls `guest_kernel::vmm::wait(1000)` (the VMM ends the wait when it adds
+//! used entries); after waking it turns them off again.
+//!
+//! # Report
+//!
+//! Progress lines (`ddvm-workload: ...`) are few. The last line is the report, one line of JSON
+//! after the prefix `ddvm-workload: `:
+//!
+//! ```text
+//! ddvm-workload: {"id":0,"workload":"randrw","bs":4096,"qd":32,"ops":N,"reads":N,"writes":N,
+//!   "flushes":N,"bytes":N,"elapsed_us":N,"iops":N,"mib_s":F,"lat_us":{"p50":N,"p90":N,
+//!   "p99":N,"max":N},"errors":N,"mismatches":N,"lost":N,"misplaced":N,"corrupt":N,
+//!   "unverified":N,"verified":N,"first_error":null}
+//! ```
+//!
+//! (one line in reality). `ops` = `reads` + `writes` of the timed phase (acknowledged OK);
+//! `flushes`, `bytes`, `elapsed_us`, `iops`, `mib_s` and `lat_us` (reads and writes, µs, from
+//! a log-linear histogram within 6 %) cover the timed phase only. `qd` is the depth used.
+//! `errors` counts failed requests of any phase (status not OK, timeouts, device protocol
+//! violations); `mismatches` = `lost` + `misplaced` + `corrupt` + unwritten; `verified` counts
+//! reads whose data was checked and right (any phase); `first_error` describes the first error
+//! or mismatch, or is null.
+//!
+//! # Hostile mode
+//!
+//! `hostile=CASE` submits one malformed request through the image's own 16-entry split
+//! virtqueue on the raw registers (no virtio-drivers, no event index, no indirect
+//! descriptors): `desc-loop`, `addr-outside`, `write-only-header`, `read-only-status`,
+//! `zero-length`, `chain-too-long`, `sector-out-of-range` or `avail-jump`. It polls up to 2 s
+//! for a used element or DEVICE_NEEDS_RESET and prints
+//! `ddvm-hostile: {"case":"desc-loop","outcome":"needs-reset"|"status"|"nothing","status":N|null,"after_reset_ok":true|false|null}`;
+//! after a reaction it resets the device, brings it up again and writes and reads back block 0
+//! (`after_reset_ok`; null when there was no reaction and so no reset).
+//!
+//! # Exit status
+//!
+//! 0: no errors and no mismatches (hostile mode: the case ran); 2: any error or mismatch (or
+//! no usable device: the report says why); 1: a bad command line (the message names the key
+//! and what was expected).
+
+#![no_std]
+#![no_main]
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+mod blk;
+mod config;
+mod device;
+mod hal;
+mod hostile;
+mod pattern;
+mod stats;
+mod workload;
+
+use guest_kernel::cmdline::Cmdline;
+use guest_kernel::{boot, println, time, vmm};
+
+use crate::config::{BadArg, Mode};
+use crate::workload::Outcome;
+
+guest_kernel::entry_point!(main);
+
+/// Exit status: clean run.
+const EXIT_OK: u32 = 0;
+/// Exit status: bad command line.
+const EXIT_BAD_ARG: u32 = 1;
+/// Exit status: errors or mismatches.
+const EXIT_FAILED: u32 = 2;
+
+fn bad_arg(e: &BadArg) -> ! {
+    println!("ddvm-workload: bad command line: {e}");
+    vmm::exit(EXIT_BAD_ARG)
+}
+
+fn main() -> ! {
+    let cmdline = Cmdline::get();
+    println!(
+        "ddvm-workload: booted on {} mem={} MiB tsc={} kHz ({:?}), heap {} KiB",
+        boot::platform().name(),
+        boot::info().mem_size >> 20,
+        time::tsc_khz(),
+        time::tsc_source(),
+        guest_kernel::heap::free() >> 10
+    );
+    let (mode, unknown) = config::parse(cmdline).unwrap_or_else(|e| bad_arg(&e));
+    if !unknown.is_empty() {
+        println!(
+            "ddvm-workload: ignoring unknown tokens: {}",
+            unknown.join(" ")
+        );
+    }
+    let windows = device::windows(cmdline).unwrap_or_else(|e| bad_arg(&e));
+    let found = device::find_block(&windows);
+    match mode {
+        Mode::Hostile(case) => {
+            let ran = match found {
+                Ok(found) => hostile::run(case, &found),
+                Err(e) => {
+                    println!("ddvm-hostile: {e}");
+                    false
+                }
+            };
+            vmm::exit(if ran { EXIT_OK } else { EXIT_FAILED })
+        }
+        Mode::Workload(cfg) => {
+            let found = match found {
+                Ok(f) => f,
+                Err(e) => {
+                    workload::report_failure(&cfg, e);
+                    vmm::exit(EXIT_FAILED)
+                }
+            };
+            match workload::run(&cfg, &found) {
+                Outcome::BadArg(e) => bad_arg(&e),
+                Outcome::Ran { clean: true } => vmm::exit(EXIT_OK),
+                Outcome::Ran { clean: false } => vmm::exit(EXIT_FAILED),
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Client guests: a VM with a virtio-blk device (virtio-mmio) whose queue a block service
+//! serves, and the report of the workload client guest that runs in it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::blk::{BlockGeometry, ClientPort, VirtioBlock};
+use crate::console::Echo;
+use crate::domain::{Domain, DomainConfig, DomainError, MmioAttachment};
+use crate::hypervisor::Hypervisor;
+use crate::loader::Image;
+use crate::vcpu::DomainExit;
+use crate::virtio::mmio::{MmioTransport, WINDOW};
+use crate::virtio::Interrupt;
+
+/// Guest-physical base of a client's first virtio-mmio device.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// QueueNotify register offset.
+const QUEUE_NOTIFY: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+/// Prefix of the workload client's report line.
+pub const REPORT_PREFIX: &str = "ddvm-workload: ";
+
+/// The workload client image built into ddvm.
+pub fn builtin_workload_client() -> Image {
+    Image::from_static("builtin:workload-client", ddvm_images::WORKLOAD_CLIENT)
+}
+
+/// How to build a client guest.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Name.
+    pub name: String,
+    /// Image (normally the workload client).
+    pub image: Image,
+    /// RAM in bytes.
+    pub memory: u64,
+    /// Command line (the workload's keys); the device's address is appended.
+    pub cmdline: String,
+    /// The virtio-blk device it sees.
+    pub geometry: BlockGeometry,
+    /// Echo its console.
+    pub echo: Echo,
+}
+
+/// A running client guest.
+pub struct Client {
+    domain: Domain,
+    port: Arc<ClientPort>,
+}
+
+impl Client {
+    /// Boots a client; its block device is `port()`, to be served by a block service.
+    pub fn boot(hv: &Hypervisor, cfg: &ClientConfig) -> Result<Client, DomainError> {
+        let cmdline = format!(
+            "{} virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}",
+            cfg.cmdline
+        )
+        .trim_start()
+        .to_string();
+        let dcfg = DomainConfig {
+            name: cfg.name.clone(),
+            image: cfg.image.clone(),
+            memory: cfg.memory,
+            cmdline,
+            channel_size: 0,
+            echo: cfg.echo,
+            device: None,
+        };
+        let mut port_out = None;
+        let name = cfg.name.clone();
+        let geometry = cfg.geometry.clone();
+        let domain = Domain::boot_with(hv, &dcfg, 0, &mut |mem, shared| {
+            let host = |source| DomainError::Host {
+                name: name.clone(),
+                what: "virtio-blk device",
+                source,
+            };
+            let waker = shared.clone();
+            let interrupt = Interrupt::new(Arc::new(move || waker.kick()));
+            let port = ClientPort::new(&name, mem.clone(), geometry.clone(), interrupt.clone())
+                .map_err(host)?;
+            let notify = port.notify.try_clone().map_err(host)?;
+            let ioevent = port.notify.try_clone().map_err(host)?;
+            let transport = MmioTransport::new(
+                VirtioBlock::new(port.clone()),
+                mem.clone(),
+                interrupt,
+                notify,
+            );
+            port_out = Some(port);
+            Ok(vec![MmioAttachment {
+                base: VIRTIO_MMIO_BASE,
+                len: WINDOW,
+                device: Arc::new(Mutex::new(transport)),
+                ioevents: vec![(VIRTIO_MMIO_BASE + QUEUE_NOTIFY, ioevent)],
+            }])
+        })?;
+        let port = port_out.ok_or_else(|| DomainError::Host {
+            name: cfg.name.clone(),
+            what: "virtio-blk device",
+            source: std::io::Error::other("device was not built"),
+        })?;
+        Ok(Client { domain, port })
+    }
+
+    /// The port a block service serves.
+    pub fn port(&self) -> &Arc<ClientPort> {
+        &self.port
+    }
+
+    /// The guest.
+    pub fn domain(&self) -> &Domain {
+        &self.domain
+    }
+
+    /// The guest, mutably (to stop it).
+    pub fn domain_mut(&mut self) -> &mut Domain {
+        &mut self.domain
+    }
+
+    /// Waits for the guest to finish and returns its exit and report (if it printed one).
+    pub fn wait(&self, timeout: Duration) -> (Option<DomainExit>, Option<WorkloadReport>) {
+        let exit = self.domain.wait_stopped(timeout);
+        let report = WorkloadReport::find(&self.domain.console().text());
+        (exit, report)
+    }
+}
+
+/// Latency percentiles in µs.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+/// The workload client's report line (`ddvm-workload: {json}`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct WorkloadReport {
+    /// Client id.
+    pub id: u64,
+    /// Workload name.
+    pub workload: String,
+    /// Block size.
+    pub bs: u64,
+    /// Queue depth.
+    pub qd: u64,
+    /// Requests in the timed phase.
+    pub ops: u64,
+    /// Reads.
+    pub reads: u64,
+    /// Writes.
+    pub writes: u64,
+    /// Flushes.
+    pub flushes: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Duration of the timed phase.
+    pub elapsed_us: u64,
+    /// Requests per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Latency.
+    pub lat_us: Latency,
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Reads whose data was wrong.
+    pub mismatches: u64,
+    /// Of which: an older generation than acknowledged.
+    pub lost: u64,
+    /// Of which: another block's or client's data.
+    pub misplaced: u64,
+    /// Of which: bad checksum or payload.
+    pub corrupt: u64,
+    /// Reads of blocks never written in this run.
+    pub unverified: u64,
+    /// Reads checked.
+    pub verified: u64,
+    /// The first error or mismatch.
+    pub first_error: Option<String>,
+}
+
+impl WorkloadReport {
+    /// Finds and parses the report line in console text.
+    pub fn find(console: &str) -> Option<WorkloadReport> {
+        console.lines().rev().find_map(|l| {
+            let json = &l[l.find(REPORT_PREFIX)? + REPORT_PREFIX.len()..];
+            serde_json::from_str(json.trim()).ok()
+        })
+    }
+
+    /// Whether every request succeeded and every read verified.
+    pub fn clean(&self) -> bool {
+        self.errors == 0 && self.mismatches == 0
+    }
+}

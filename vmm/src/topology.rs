@@ -1,0 +1,315 @@
+//! A whole topology: driver domains, the disks they serve, and the client guests on them.
+//!
+//! Start order: every driver domain boots and reports ready; each disk gets its backend (the
+//! domain's channel, or a file for the `file:` baseline); each client guest boots with a
+//! virtio-blk device on its range of a disk; then one block service per disk serves all of that
+//! disk's clients.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ddvm_passthrough::NvmeConfig;
+
+use crate::blk::{
+    Backend, BlockGeometry, BlockService, ChannelBackend, ClientPort, FileBackend, LbaRange,
+};
+use crate::client::{builtin_workload_client, Client, ClientConfig, WorkloadReport};
+use crate::config::{ClientSection, Config, DeviceSection, DomainSection};
+use crate::console::Echo;
+use crate::domain::{DeviceSpec, Domain, DomainConfig};
+use crate::hypervisor::Hypervisor;
+use crate::loader::Image;
+use crate::vcpu::{DomainExit, RunState};
+
+/// Prefix of the workload client's hostile-mode line.
+pub const HOSTILE_PREFIX: &str = "ddvm-hostile: ";
+
+/// How long a domain may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting a topology.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A domain or client could not be built.
+    #[error(transparent)]
+    Domain(#[from] crate::domain::DomainError),
+    /// An image could not be read.
+    #[error(transparent)]
+    Image(#[from] crate::loader::ImageError),
+    /// A domain stopped before it was ready.
+    #[error("domain {name} stopped before it was ready: {exit}")]
+    Crashed {
+        /// Domain.
+        name: String,
+        /// How.
+        exit: DomainExit,
+    },
+    /// A domain did not become ready in time.
+    #[error("domain {name} was not ready within {READY_TIMEOUT:?}")]
+    NotReady {
+        /// Domain.
+        name: String,
+    },
+    /// A disk backend could not be set up.
+    #[error("disk {disk}: {message}")]
+    Disk {
+        /// Disk (domain name or file).
+        disk: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The domain config for a `[[domain]]` section.
+pub fn domain_config(
+    file: &Path,
+    d: &DomainSection,
+    echo: Echo,
+) -> Result<DomainConfig, TopologyError> {
+    let image = match d.image_path(file) {
+        Some(p) => Image::from_file(&p)?,
+        None => crate::builtin_driver_domain(),
+    };
+    Ok(DomainConfig {
+        name: d.name.clone(),
+        image,
+        memory: d.memory_mib << 20,
+        cmdline: d.cmdline.clone(),
+        channel_size: d.channel_kib << 10,
+        echo,
+        device: d.device.as_ref().map(|dev| device_spec(file, &d.name, dev)),
+    })
+}
+
+/// The device of a `[domain.device]` section.
+pub fn device_spec(config_file: &Path, domain: &str, dev: &DeviceSection) -> DeviceSpec {
+    match dev {
+        DeviceSection::EmulatedNvme {
+            backing,
+            size_mib,
+            lba_size,
+            volatile_write_cache,
+        } => DeviceSpec::EmulatedNvme(NvmeConfig {
+            backing: crate::config::resolve(config_file, backing),
+            size: size_mib << 20,
+            lba_size: *lba_size,
+            volatile_write_cache: *volatile_write_cache,
+            max_io_queues: 4,
+            serial: format!("ddvm-{domain}").chars().take(20).collect(),
+            model: "ddvm emulated NVMe".into(),
+        }),
+    }
+}
+
+/// Boots a domain and waits for its ready mark.
+pub fn boot_ready(
+    hv: &Hypervisor,
+    cfg: &DomainConfig,
+) -> Result<(Domain, Duration), TopologyError> {
+    let d = Domain::boot(hv, cfg, 1)?;
+    match d.wait_ready(READY_TIMEOUT) {
+        Ok(t) => Ok((d, t)),
+        Err(RunState::Stopped(exit)) => Err(TopologyError::Crashed {
+            name: cfg.name.clone(),
+            exit,
+        }),
+        Err(_) => Err(TopologyError::NotReady {
+            name: cfg.name.clone(),
+        }),
+    }
+}
+
+/// A running topology.
+pub struct Topology {
+    /// Block services, one per disk with clients.
+    pub services: Vec<BlockService>,
+    /// Client guests.
+    pub clients: Vec<Client>,
+    /// Domains that serve no client (they just run).
+    pub idle_domains: Vec<Domain>,
+    /// Boot-to-ready time of each domain.
+    pub ready_times: Vec<(String, Duration)>,
+}
+
+/// How one client ended.
+#[derive(Debug)]
+pub struct ClientOutcome {
+    /// Client name.
+    pub name: String,
+    /// How the guest stopped (None: still running at the deadline; it was stopped).
+    pub exit: Option<DomainExit>,
+    /// Its report line, if it printed one.
+    pub report: Option<WorkloadReport>,
+    /// Its hostile-mode line (`ddvm-hostile: {json}`), if it printed one.
+    pub hostile: Option<String>,
+}
+
+impl ClientOutcome {
+    /// Exited 0 with a clean report.
+    pub fn ok(&self) -> bool {
+        matches!(self.exit, Some(DomainExit::Exited { status: 0 }))
+            && self.report.as_ref().is_some_and(WorkloadReport::clean)
+    }
+}
+
+impl Topology {
+    /// Starts everything in `cfg` (read from `file`, for resolving paths).
+    pub fn start(
+        hv: &Hypervisor,
+        cfg: &Config,
+        file: &Path,
+        echo: Echo,
+    ) -> Result<Topology, TopologyError> {
+        let mut backends: Vec<(String, Backend)> = Vec::new();
+        let mut idle_domains = Vec::new();
+        let mut ready_times = Vec::new();
+        for d in &cfg.domains {
+            let dc = domain_config(file, d, echo)?;
+            let (domain, t) = boot_ready(hv, &dc)?;
+            ready_times.push((d.name.clone(), t));
+            if cfg.clients.iter().any(|c| c.disk == d.name) {
+                let b = ChannelBackend::new(domain).map_err(|e| TopologyError::Disk {
+                    disk: d.name.clone(),
+                    message: e.to_string(),
+                })?;
+                backends.push((d.name.clone(), Backend::Channel(Box::new(b))));
+            } else {
+                idle_domains.push(domain);
+            }
+        }
+        for c in &cfg.clients {
+            if let Some(path) = c.disk_file(file) {
+                if !backends.iter().any(|(n, _)| *n == c.disk) {
+                    let b = open_file_disk(&path, cfg, &c.disk)?;
+                    backends.push((c.disk.clone(), Backend::File(b)));
+                }
+            }
+        }
+        let mut clients = Vec::new();
+        let mut ports: Vec<Vec<std::sync::Arc<ClientPort>>> = vec![Vec::new(); backends.len()];
+        for c in &cfg.clients {
+            let Some(bi) = backends.iter().position(|(n, _)| *n == c.disk) else {
+                continue;
+            };
+            let info = backends[bi].1.info();
+            let client = Client::boot(hv, &client_config(file, c, &info, echo)?)?;
+            ports[bi].push(client.port().clone());
+            clients.push(client);
+        }
+        let mut services = Vec::new();
+        for ((name, backend), ports) in backends.into_iter().zip(ports) {
+            let s =
+                BlockService::spawn(&name, ports, backend).map_err(|e| TopologyError::Disk {
+                    disk: name.clone(),
+                    message: format!("starting its block service: {e}"),
+                })?;
+            services.push(s);
+        }
+        Ok(Topology {
+            services,
+            clients,
+            idle_domains,
+            ready_times,
+        })
+    }
+
+    /// Waits until every client guest stops (or `timeout` passes; late ones are stopped).
+    pub fn wait_clients(&mut self, timeout: Duration) -> Vec<ClientOutcome> {
+        let deadline = Instant::now() + timeout;
+        self.clients
+            .iter_mut()
+            .map(|c| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let (exit, report) = c.wait(left);
+                if exit.is_none() {
+                    c.domain_mut().stop();
+                }
+                let console = c.domain().console().text();
+                let hostile = console.lines().rev().find_map(|l| {
+                    let rest = &l[l.find(HOSTILE_PREFIX)? + HOSTILE_PREFIX.len()..];
+                    rest.starts_with('{').then(|| rest.to_string())
+                });
+                ClientOutcome {
+                    name: c.domain().name().to_string(),
+                    exit,
+                    report,
+                    hostile,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops clients, services and domains, in that order.
+    pub fn stop(&mut self) {
+        for c in &mut self.clients {
+            c.domain_mut().stop();
+        }
+        for s in &mut self.services {
+            let _ = s.stop();
+        }
+        for d in &mut self.idle_domains {
+            d.stop();
+        }
+    }
+}
+
+fn open_file_disk(path: &Path, cfg: &Config, disk: &str) -> Result<FileBackend, TopologyError> {
+    // The file must hold every client range on it; it is created (sparse) or grown if needed.
+    let need = cfg
+        .clients
+        .iter()
+        .filter(|c| c.disk == disk)
+        .map(|c| (c.offset_mib + c.size_mib) << 20)
+        .max()
+        .unwrap_or(0);
+    let err = |e: std::io::Error| TopologyError::Disk {
+        disk: path.display().to_string(),
+        message: format!("{e} (expected a readable and writable file)"),
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(err)?;
+    if f.metadata().map_err(err)?.len() < need {
+        f.set_len(need).map_err(err)?;
+    }
+    FileBackend::open(path, 4096).map_err(err)
+}
+
+/// The client config for a `[[client]]` section on a disk with `info`.
+pub fn client_config(
+    file: &Path,
+    c: &ClientSection,
+    info: &crate::blk::DiskInfo,
+    echo: Echo,
+) -> Result<ClientConfig, TopologyError> {
+    let image = match c.image_path(file) {
+        Some(p) => Image::from_file(&p)?,
+        None => builtin_workload_client(),
+    };
+    let first = (c.offset_mib << 20) / 512;
+    let sectors = ((c.size_mib << 20) / 512).min(info.sectors.saturating_sub(first));
+    Ok(ClientConfig {
+        name: c.name.clone(),
+        image,
+        memory: c.memory_mib << 20,
+        cmdline: c.workload.clone(),
+        geometry: BlockGeometry {
+            range: LbaRange { first, sectors },
+            block_size: info.block_size,
+            read_only: c.read_only,
+            discard: info.discard,
+            write_zeroes: info.write_zeroes,
+            serial: format!("ddvm-{}", c.name).chars().take(20).collect(),
+        },
+        echo,
+    })
+}
+
+/// Where `ddvm demo` puts its disk: a fresh file in the system's temporary directory.
+pub fn demo_disk_path() -> PathBuf {
+    std::env::temp_dir().join(format!("ddvm-demo-{}.img", std::process::id()))
+}
