@@ -13,7 +13,6 @@ use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 use ddvm_abi::channel::{offset as chan, ChannelHeader};
 use ddvm_abi::layout;
 use ddvm_abi::port;
-use ddvm_passthrough::nvme::WakeDomain;
 use ddvm_passthrough::{DmaWindow, EmulatedNvme, NvmeConfig, NvmeMonitor, PciBus, PciDevice};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -56,8 +55,99 @@ pub struct DomainConfig {
 /// A device handed to a driver domain.
 #[derive(Clone, Debug)]
 pub enum DeviceSpec {
-    /// The emulated NVMe controller (stands in for hardware; VFIO comes later).
+    /// A fresh emulated NVMe controller (stands in for hardware; VFIO comes later), created
+    /// with the domain and gone with it.
     EmulatedNvme(NvmeConfig),
+    /// A device that outlives its domains (recovery hands it from a dead domain to a fresh
+    /// one, as a VFIO device would be).
+    Persistent(Arc<DomainDevice>),
+}
+
+/// A PCI device that outlives the driver domains it is handed to.
+///
+/// Each boot attaches it to the new domain's memory; when the domain goes (crash or stop) the
+/// domain quiesces it — bus mastering off, function reset (which waits for DMA in progress and
+/// drops a volatile write cache), DMA detached — before its memory is freed.
+pub struct DomainDevice {
+    pci: Arc<Mutex<PciDevice>>,
+    monitor: NvmeMonitor,
+    // The VM whose ioeventfds the shadow-doorbell callback (un)registers: the current domain's.
+    vm: Arc<Mutex<Option<Arc<VmFd>>>>,
+}
+
+impl std::fmt::Debug for DomainDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DomainDevice").finish_non_exhaustive()
+    }
+}
+
+impl DomainDevice {
+    /// Creates the emulated NVMe controller of `cfg` (opening its backing file), detached.
+    pub fn emulated_nvme(name: &str, cfg: &NvmeConfig) -> Result<Arc<DomainDevice>, DomainError> {
+        let device_err = |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
+            name: name.to_string(),
+            source,
+        };
+        // The window starts over a placeholder page and detached; each boot attaches it.
+        let placeholder = memory::create(memory::RAM_ALIGN, memory::RAM_ALIGN)
+            .map_err(|e| device_err(Box::new(e)))?;
+        let dma = DmaWindow::new(placeholder);
+        dma.detach();
+        let nvme = EmulatedNvme::new(cfg.clone(), dma).map_err(|e| device_err(Box::new(e)))?;
+        nvme.start_worker(Arc::new(|| {}))
+            .map_err(|e| device_err(Box::new(e)))?;
+        let vm: Arc<Mutex<Option<Arc<VmFd>>>> = Arc::default();
+        // While the driver uses shadow doorbells, its I/O doorbell writes carry no information
+        // the device needs: serve them in the kernel (ioeventfd, ~23 µs) instead of exiting to
+        // us (~70 µs).
+        let doorbell = nvme
+            .doorbell_eventfd()
+            .try_clone()
+            .map_err(|e| device_err(Box::new(e)))?;
+        let range = nvme.io_doorbell_range();
+        let current = vm.clone();
+        let domain = name.to_string();
+        nvme.set_on_shadow_doorbells(Box::new(move |active| {
+            let Some(vm) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+                return;
+            };
+            for off in range.clone().step_by(4) {
+                let addr = IoEventAddress::Mmio(PCI_MMIO_BASE + off);
+                let r = if active {
+                    vm.register_ioevent(&doorbell, &addr, NoDatamatch)
+                } else {
+                    vm.unregister_ioevent(&doorbell, &addr, NoDatamatch)
+                };
+                if let Err(e) = r {
+                    tracing::debug!("domain {domain}: doorbell ioeventfd at {off:#x}: {e}");
+                }
+            }
+        }));
+        let monitor = nvme.monitor();
+        let pci = PciDevice::new(Box::new(nvme), &[(0, PCI_MMIO_BASE)])
+            .map_err(|e| device_err(Box::new(e)))?;
+        Ok(Arc::new(DomainDevice {
+            pci: Arc::new(Mutex::new(pci)),
+            monitor,
+            vm,
+        }))
+    }
+
+    /// The device's counters (they keep counting across domains).
+    pub fn stats(&self) -> ddvm_passthrough::NvmeStats {
+        self.monitor.stats()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PciDevice> {
+        self.pci.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bus mastering off, function reset, DMA detached: the device can no longer touch the
+    /// domain it served.
+    pub fn quiesce(&self) {
+        self.lock().quiesce();
+        *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 /// Guest-physical address of the first device BAR: above RAM, inside the identity map.
@@ -189,10 +279,9 @@ pub struct Domain {
     stats: Option<VcpuStats>,
     thread: Option<JoinHandle<DomainExit>>,
     exit: Option<DomainExit>,
-    // The device outlives the vCPU thread (which holds it through the buses) and goes before
-    // the VM and the memory its DMA window maps.
-    pci: Option<Arc<Mutex<PciDevice>>>,
-    nvme: Option<NvmeMonitor>,
+    // Quiesced after the vCPU thread (which holds it through the buses) is joined, before the
+    // VM and the memory its DMA window maps are freed.
+    device: Option<Arc<DomainDevice>>,
     // Dropped after the vCPU thread has been joined; the VM before the memory it maps.
     vm: Option<Arc<VmFd>>,
     mem: GuestMem,
@@ -237,7 +326,7 @@ impl Domain {
             cfg.cmdline.clone()
         } else {
             let nvme = match cfg.device {
-                Some(DeviceSpec::EmulatedNvme(_)) => format!("nvme=00:{PCI_DEVICE_NUMBER:02x}.0"),
+                Some(_) => format!("nvme=00:{PCI_DEVICE_NUMBER:02x}.0"),
                 None => "nvme=none".to_string(),
             };
             format!("{} {nvme}", cfg.cmdline).trim_start().to_string()
@@ -287,52 +376,12 @@ impl Domain {
             what: "eventfd",
             source,
         })?);
-        let vm_cell: Arc<std::sync::OnceLock<Arc<VmFd>>> = Arc::default();
-        let device_err = |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
-            name: name.clone(),
-            source,
-        };
-        let (pci, nvme) = match &cfg.device {
-            None => (None, None),
+        let device = match &cfg.device {
+            None => None,
             Some(DeviceSpec::EmulatedNvme(nvme_cfg)) => {
-                let dma = DmaWindow::new(mem.clone());
-                let nvme = EmulatedNvme::new(nvme_cfg.clone(), dma)
-                    .map_err(|e| device_err(Box::new(e)))?;
-                // The controller's completions wake the domain if it waits. The closure holds
-                // the shared state, never the device (no reference cycle).
-                let waker = shared.clone();
-                let wake: WakeDomain = Arc::new(move || waker.kick());
-                nvme.start_worker(wake)
-                    .map_err(|e| device_err(Box::new(e)))?;
-                // While the driver uses shadow doorbells, its I/O doorbell writes carry no
-                // information the device needs: serve them in the kernel (ioeventfd, ~23 µs)
-                // instead of exiting to us (~70 µs).
-                let doorbell = nvme
-                    .doorbell_eventfd()
-                    .try_clone()
-                    .map_err(|e| device_err(Box::new(e)))?;
-                let range = nvme.io_doorbell_range();
-                let vm_cell = vm_cell.clone();
-                let domain = name.clone();
-                nvme.set_on_shadow_doorbells(Box::new(move |active| {
-                    let Some(vm) = vm_cell.get() else { return };
-                    for off in range.clone().step_by(4) {
-                        let addr = IoEventAddress::Mmio(PCI_MMIO_BASE + off);
-                        let r = if active {
-                            vm.register_ioevent(&doorbell, &addr, NoDatamatch)
-                        } else {
-                            vm.unregister_ioevent(&doorbell, &addr, NoDatamatch)
-                        };
-                        if let Err(e) = r {
-                            tracing::debug!("domain {domain}: doorbell ioeventfd at {off:#x}: {e}");
-                        }
-                    }
-                }));
-                let monitor = nvme.monitor();
-                let device = PciDevice::new(Box::new(nvme), &[(0, PCI_MMIO_BASE)])
-                    .map_err(|e| device_err(Box::new(e)))?;
-                (Some(Arc::new(Mutex::new(device))), Some(monitor))
+                Some((DomainDevice::emulated_nvme(&name, nvme_cfg)?, false))
             }
+            Some(DeviceSpec::Persistent(d)) => Some((d.clone(), true)),
         };
 
         // 3. KVM objects.
@@ -341,7 +390,6 @@ impl Domain {
             move |source| DomainError::Kvm { name, what, source }
         };
         let vm = Arc::new(hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        let _ = vm_cell.set(vm.clone());
         let (host, len) = memory::host_range(&mem).ok_or_else(|| DomainError::Setup {
             name: name.clone(),
             what: "memory slot",
@@ -413,11 +461,24 @@ impl Domain {
             source: std::io::Error::other(e),
         })?;
         let mut mmio = Bus::new();
-        if let Some(device) = &pci {
+        if let Some((dev, _)) = &device {
+            // The controller's completions wake the domain if it waits. The closure holds
+            // the shared state, never the device (no reference cycle).
+            let waker = shared.clone();
+            dev.lock().attach(mem.clone(), Arc::new(move || waker.kick()));
+            *dev.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.clone());
+        }
+        if let Some(device) = device.as_ref().map(|(d, _)| &d.pci) {
             let bus_err = |e: crate::devices::bus::BusError| DomainError::Host {
                 name: name.clone(),
                 what: "device buses",
                 source: std::io::Error::other(e),
+            };
+            let device_err = |source: Box<dyn std::error::Error + Send + Sync>| {
+                DomainError::Device {
+                    name: name.clone(),
+                    source,
+                }
             };
             let mut pci_bus = PciBus::new();
             pci_bus
@@ -498,8 +559,7 @@ impl Domain {
             stats,
             thread: Some(thread),
             exit: None,
-            pci,
-            nvme,
+            device: device.map(|(d, _)| d),
             vm: Some(vm),
             mem,
         })
@@ -557,7 +617,7 @@ impl Domain {
 
     /// Statistics of the emulated NVMe controller, if the domain has one.
     pub fn nvme_stats(&self) -> Option<ddvm_passthrough::NvmeStats> {
-        self.nvme.as_ref().map(|m| m.stats())
+        self.device.as_ref().map(|d| d.stats())
     }
 
     /// Exit counters.
@@ -678,9 +738,11 @@ fn join_vcpu(thread: JoinHandle<DomainExit>) -> DomainExit {
 impl Drop for Domain {
     fn drop(&mut self) {
         self.stop();
-        // The vCPU fd went with its thread; now the device (its worker is joined), the VM, and
-        // then (as a field) the memory.
-        self.pci.take();
+        // The vCPU fd went with its thread; now the device lets go of this domain's memory,
+        // then the VM goes, and then (as a field) the memory.
+        if let Some(d) = self.device.take() {
+            d.quiesce();
+        }
         self.vm.take();
     }
 }
