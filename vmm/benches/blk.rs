@@ -48,7 +48,7 @@ struct Run {
     copy_ns: u64,
 }
 
-fn run(hv: &Hypervisor, disk: &Path, direct: bool, workload: &str) -> Run {
+fn run(hv: &std::sync::Arc<Hypervisor>, disk: &Path, direct: bool, workload: &str) -> Run {
     let mut text = String::new();
     let target = if direct {
         format!("file:{}", disk.display())
@@ -76,15 +76,16 @@ fn run(hv: &Hypervisor, disk: &Path, direct: bool, workload: &str) -> Run {
     let copy_ns = s.counters().copy_ns.load(Ordering::Relaxed);
     let domain_exits = match s.stop() {
         Ok(Backend::Channel(b)) => {
+            let d = b.domain().expect("the domain is up");
             if std::env::var_os("DDVM_BENCH_CPU").is_some() {
-                let e = b.domain().exits();
+                let e = d.exits();
                 println!(
                     "    domain exits to the VMM: total {} wait {} pio {} mmio {}; nvme {:?}",
                     e.total.load(Ordering::Relaxed),
                     e.wait.load(Ordering::Relaxed),
                     e.pio.load(Ordering::Relaxed),
                     e.mmio.load(Ordering::Relaxed),
-                    b.domain().nvme_stats()
+                    d.nvme_stats()
                 );
                 let c = topo.clients[0].domain().exits();
                 println!(
@@ -94,7 +95,7 @@ fn run(hv: &Hypervisor, disk: &Path, direct: bool, workload: &str) -> Run {
                     c.mmio.load(Ordering::Relaxed)
                 );
             }
-            b.domain().vcpu_stat("exits").unwrap_or(0)
+            d.vcpu_stat("exits").unwrap_or(0)
         }
         _ => 0,
     };
@@ -130,7 +131,9 @@ fn line(label: &str, r: &Run, requests_total: u64) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let hv = Hypervisor::open(Path::new(ddvm::hypervisor::DEFAULT_KVM_PATH)).expect("/dev/kvm");
+    let hv = std::sync::Arc::new(
+        Hypervisor::open(Path::new(ddvm::hypervisor::DEFAULT_KVM_PATH)).expect("/dev/kvm"),
+    );
     let dir = std::env::temp_dir().join(format!("ddvm-bench-blk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let disk: PathBuf = dir.join("disk.img");

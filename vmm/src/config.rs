@@ -100,6 +100,9 @@ pub struct DomainSection {
     /// The device handed to the domain.
     #[serde(default)]
     pub device: Option<DeviceSection>,
+    /// Detection and restart policy (`[domain.recovery]`).
+    #[serde(default)]
+    pub recovery: ddvm_recovery::policy::PolicyConfig,
 }
 
 /// A `[domain.device]` table.
@@ -235,6 +238,9 @@ impl Config {
                         d.channel_kib
                     ),
                 ));
+            }
+            if let Err(e) = d.recovery.to_policy() {
+                return Err(invalid(format!("domain[{i}].recovery.{}", e.key), e.message));
             }
             if let Some(DeviceSection::EmulatedNvme {
                 size_mib, lba_size, ..

@@ -673,15 +673,40 @@ impl Domain {
 
     /// Puts a fault-injection request in the channel header and wakes the domain.
     pub fn request_fault(&self, fault: u32) -> bool {
+        self.request_fault_with(fault, 0)
+    }
+
+    /// Puts a fault-injection request with its argument in the channel header (the argument
+    /// first: the domain reads it when it sees the code) and wakes the domain.
+    pub fn request_fault_with(&self, fault: u32, arg: u32) -> bool {
         let Some(gpa) = self.channel else {
             return false;
         };
         let ok = self
             .mem
-            .write_obj(fault, GuestAddress(gpa + chan::FAULT))
+            .write_obj(arg, GuestAddress(gpa + chan::FAULT_ARG))
             .is_ok();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let ok = ok
+            && self
+                .mem
+                .store(fault, GuestAddress(gpa + chan::FAULT), std::sync::atomic::Ordering::Release)
+                .is_ok();
         self.shared.kick();
         ok
+    }
+
+    /// Whether the vCPU is blocked in a wait exit (idle, so a still heartbeat is no hang).
+    pub fn is_waiting(&self) -> bool {
+        self.shared.waiting()
+    }
+
+    /// Whether the guest has stopped (without blocking).
+    pub fn has_stopped(&self) -> Option<DomainExit> {
+        match self.shared.state() {
+            RunState::Stopped(e) => Some(e),
+            _ => None,
+        }
     }
 
     /// Wakes the domain if it waits.

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -252,7 +253,7 @@ workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=
         "ddvm demo: an NVMe driver domain (emulated controller on {}) and two client guests, each running {requests} verified 4 KiB requests (70% reads, queue depth {qd}) through it",
         disk.display()
     );
-    let hv = open_kvm(kvm)?;
+    let hv = Arc::new(open_kvm(kvm)?);
     let echo = if verbose { Echo::Stderr } else { Echo::Off };
     let result = run_topology(&hv, &config, file, echo, None);
     let _ = std::fs::remove_file(&disk);
@@ -261,7 +262,7 @@ workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=
 
 /// Runs a topology with clients until they finish (or `duration`), then prints a summary.
 fn run_topology(
-    hv: &Hypervisor,
+    hv: &Arc<Hypervisor>,
     config: &Config,
     file: &Path,
     echo: Echo,
@@ -290,8 +291,8 @@ fn run_topology(
         let (kind, exits, emul) = match &backend {
             Ok(Backend::Channel(b)) => (
                 "driver domain",
-                b.domain().vcpu_stat("exits"),
-                b.domain().vcpu_stat("insn_emulation"),
+                b.domain().and_then(|d| d.vcpu_stat("exits")),
+                b.domain().and_then(|d| d.vcpu_stat("insn_emulation")),
             ),
             Ok(Backend::File(_)) => ("file (no isolation)", None, None),
             Err(e) => {
@@ -437,7 +438,7 @@ fn run_config(
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
     if !config.clients.is_empty() {
-        let hv = open_kvm(kvm)?;
+        let hv = Arc::new(open_kvm(kvm)?);
         return run_topology(&hv, &config, file, Echo::Stderr, duration);
     }
     let mut cfgs = Vec::new();

@@ -6,6 +6,7 @@
 //! disk's clients.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ddvm_passthrough::NvmeConfig;
@@ -129,6 +130,8 @@ pub struct Topology {
     pub idle_domains: Vec<Domain>,
     /// Boot-to-ready time of each domain.
     pub ready_times: Vec<(String, Duration)>,
+    /// Recovery handles of the disk domains (commands, events, status), by domain name.
+    pub recovery: Vec<(String, crate::blk::channel::RecoveryHandle)>,
 }
 
 /// How one client ended.
@@ -155,7 +158,7 @@ impl ClientOutcome {
 impl Topology {
     /// Starts everything in `cfg` (read from `file`, for resolving paths).
     pub fn start(
-        hv: &Hypervisor,
+        hv: &Arc<Hypervisor>,
         cfg: &Config,
         file: &Path,
         echo: Echo,
@@ -163,17 +166,27 @@ impl Topology {
         let mut backends: Vec<(String, Backend)> = Vec::new();
         let mut idle_domains = Vec::new();
         let mut ready_times = Vec::new();
+        let mut recovery = Vec::new();
         for d in &cfg.domains {
             let dc = domain_config(file, d, echo)?;
-            let (domain, t) = boot_ready(hv, &dc)?;
-            ready_times.push((d.name.clone(), t));
             if cfg.clients.iter().any(|c| c.disk == d.name) {
-                let b = ChannelBackend::new(domain).map_err(|e| TopologyError::Disk {
+                let policy = d.recovery.to_policy().map_err(|e| TopologyError::Disk {
                     disk: d.name.clone(),
                     message: e.to_string(),
                 })?;
+                let t0 = Instant::now();
+                let b = ChannelBackend::start(hv.clone(), dc, policy).map_err(|e| {
+                    TopologyError::Disk {
+                        disk: d.name.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+                ready_times.push((d.name.clone(), t0.elapsed()));
+                recovery.push((d.name.clone(), b.handle()));
                 backends.push((d.name.clone(), Backend::Channel(Box::new(b))));
             } else {
+                let (domain, t) = boot_ready(hv, &dc)?;
+                ready_times.push((d.name.clone(), t));
                 idle_domains.push(domain);
             }
         }
@@ -186,7 +199,7 @@ impl Topology {
             }
         }
         let mut clients = Vec::new();
-        let mut ports: Vec<Vec<std::sync::Arc<ClientPort>>> = vec![Vec::new(); backends.len()];
+        let mut ports: Vec<Vec<Arc<ClientPort>>> = vec![Vec::new(); backends.len()];
         for c in &cfg.clients {
             let Some(bi) = backends.iter().position(|(n, _)| *n == c.disk) else {
                 continue;
@@ -210,6 +223,7 @@ impl Topology {
             clients,
             idle_domains,
             ready_times,
+            recovery,
         })
     }
 

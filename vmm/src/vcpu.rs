@@ -182,6 +182,7 @@ pub enum RunState {
 /// State shared between a vCPU thread and the domain that owns it.
 pub struct Shared {
     stop: AtomicBool,
+    waiting: AtomicBool,
     kick: EventFd,
     /// Written when the domain writes the notify port (normally in the kernel, by ioeventfd).
     pub notify: EventFd,
@@ -196,6 +197,7 @@ impl Shared {
     pub fn new() -> std::io::Result<Self> {
         Ok(Shared {
             stop: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             notify: EventFd::new(libc::EFD_NONBLOCK)?,
             exits: ExitCounters::default(),
@@ -208,6 +210,11 @@ impl Shared {
     pub fn kick(&self) {
         // Writing an eventfd fails only when its counter would overflow: it is already set.
         let _ = self.kick.write(1);
+    }
+
+    /// Whether the vCPU is blocked in a wait exit (the guest is idle, not hung).
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Asks the vCPU thread to stop at its next chance.
@@ -291,6 +298,8 @@ pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> DomainExit {
         log.drain(&ctx.mem, &ctx.console);
     }
     ctx.shared.set(RunState::Stopped(exit.clone()));
+    // Whoever waits on completions (the block service) learns at once that none will come.
+    let _ = ctx.shared.notify.write(1);
     exit
 }
 
@@ -428,7 +437,10 @@ fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
     if ctx.shared.stop.load(Ordering::Acquire) {
         return;
     }
-    if wait_eventfd(&ctx.shared.kick, Duration::from_micros(u64::from(us))) {
+    ctx.shared.waiting.store(true, Ordering::Release);
+    let woken = wait_eventfd(&ctx.shared.kick, Duration::from_micros(u64::from(us)));
+    ctx.shared.waiting.store(false, Ordering::Release);
+    if woken {
         // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is reset.
         let _ = ctx.shared.kick.read();
     }

@@ -12,14 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ddvm_abi::channel::{op, status as cstatus, DeviceInfo};
 use ddvm_recovery::shadow::{Op, ShadowQueue};
 
 use super::device::ClientPort;
 use super::request::status;
-use super::service::{copy_part, Part, Pending, ServiceCounters};
-use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
-use crate::domain::Domain;
+use super::service::{Part, Pending, ServiceCounters};
+use crate::channel::DomainProtocolError;
 
 /// A part the backend finished.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +48,8 @@ pub enum BackendError {
     Stopped,
 }
 
+pub use super::channel::ChannelBackend;
+
 /// A disk's backend.
 pub enum Backend {
     /// Through a driver domain.
@@ -71,29 +71,11 @@ pub struct DiskInfo {
     pub write_zeroes: bool,
 }
 
-fn channel_op(o: Op) -> u16 {
-    match o {
-        Op::Read => op::READ,
-        Op::Write => op::WRITE,
-        Op::Flush => op::FLUSH,
-        Op::WriteZeroes => op::WRITE_ZEROES,
-        Op::Discard => op::DISCARD,
-    }
-}
-
-fn virtio_status(channel_status: u16) -> u8 {
-    match channel_status {
-        cstatus::OK => status::OK,
-        cstatus::UNSUPPORTED => status::UNSUPP,
-        _ => status::IOERR,
-    }
-}
-
 impl Backend {
     /// Largest part posted at once.
     pub fn max_transfer(&self) -> u64 {
         match self {
-            Backend::Channel(c) => u64::from(c.channel.max_transfer()),
+            Backend::Channel(c) => u64::from(c.max_transfer()),
             Backend::File(_) => super::device::MAX_REQUEST,
         }
     }
@@ -101,7 +83,7 @@ impl Backend {
     /// The disk as the backend sees it.
     pub fn info(&self) -> DiskInfo {
         match self {
-            Backend::Channel(c) => c.disk,
+            Backend::Channel(c) => c.disk(),
             Backend::File(f) => f.disk,
         }
     }
@@ -148,183 +130,20 @@ impl Backend {
         }
     }
 
-    /// The eventfd completions are signalled on.
-    pub fn wait_fd(&self) -> Option<RawFd> {
+    /// Eventfds that wake the service for the backend.
+    pub fn wait_fds(&self) -> Vec<RawFd> {
         match self {
-            Backend::Channel(c) => Some(c.domain.notify_eventfd().as_raw_fd()),
-            Backend::File(_) => None,
+            Backend::Channel(c) => c.wait_fds(),
+            Backend::File(_) => Vec::new(),
         }
     }
-}
 
-/// A driver domain serving the disk over its channel.
-pub struct ChannelBackend {
-    domain: Domain,
-    channel: HostChannel,
-    disk: DiskInfo,
-    done: Vec<Done>,
-}
-
-/// Why a channel backend could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ChannelSetupError {
-    /// The domain has no channel.
-    #[error("domain {0} has no channel")]
-    NoChannel(String),
-    /// Its device info is invalid.
-    #[error("domain {name}: {source}")]
-    DeviceInfo {
-        /// Domain.
-        name: String,
-        /// Cause.
-        #[source]
-        source: DomainProtocolError,
-    },
-    /// The domain serves no disk.
-    #[error("domain {0} reports no disk")]
-    NoDisk(String),
-}
-
-impl ChannelBackend {
-    /// Serves through `domain`, which must be ready.
-    pub fn new(domain: Domain) -> Result<ChannelBackend, ChannelSetupError> {
-        let name = domain.name().to_string();
-        let (Some(base), Some(header)) = (domain.channel(), domain.channel_header()) else {
-            return Err(ChannelSetupError::NoChannel(name));
-        };
-        let mut channel = HostChannel::new(base, header);
-        let info: DeviceInfo = channel.device_info(domain.memory()).map_err(|source| {
-            ChannelSetupError::DeviceInfo {
-                name: name.clone(),
-                source,
-            }
-        })?;
-        if info.capacity_sectors == 0 {
-            return Err(ChannelSetupError::NoDisk(name));
+    /// Longest sleep the backend allows (its timers).
+    pub fn sleep_limit(&self) -> std::time::Duration {
+        match self {
+            Backend::Channel(c) => c.sleep_limit(),
+            Backend::File(_) => std::time::Duration::from_millis(50),
         }
-        let disk = DiskInfo {
-            sectors: info.capacity_sectors,
-            block_size: info.block_size,
-            discard: info.flags & ddvm_abi::channel::device_flags::DISCARD != 0,
-            write_zeroes: info.flags & ddvm_abi::channel::device_flags::WRITE_ZEROES != 0,
-        };
-        Ok(ChannelBackend {
-            domain,
-            channel,
-            disk,
-            done: Vec::new(),
-        })
-    }
-
-    /// The domain.
-    pub fn domain(&self) -> &Domain {
-        &self.domain
-    }
-
-    /// The channel.
-    pub fn channel(&self) -> &HostChannel {
-        &self.channel
-    }
-
-    fn post(
-        &mut self,
-        shadow: &mut ShadowQueue<Part>,
-        pending: &HashMap<u64, Pending>,
-        ports: &[Arc<ClientPort>],
-        counters: &ServiceCounters,
-    ) -> Result<usize, BackendError> {
-        let mem = self.domain.memory().clone();
-        let epoch = self.channel.epoch();
-        let mut n = 0;
-        while self.channel.has_room() {
-            let Some(e) = shadow.next_queued() else { break };
-            let (seq, o, sector, sectors, part) = (e.seq, e.op, e.sector, e.sectors, e.client);
-            let Some(p) = pending.get(&part.rid) else {
-                // Its client request is gone (cannot happen: entries leave with it).
-                shadow.remove(seq);
-                continue;
-            };
-            let client = &ports[p.port].mem;
-            let r =
-                self.channel
-                    .submit_with(&mem, channel_op(o), sector, sectors, |dmem, gpa, len| {
-                        let len = (len as u64).min(part.len);
-                        let segments = p.data.slice(part.offset, len);
-                        copy_part(client, &segments, dmem, gpa, false, counters);
-                    });
-            match r {
-                Ok(tag) => {
-                    shadow.posted(seq, tag, epoch, Instant::now());
-                    n += 1;
-                }
-                Err(SubmitError::Full) => break,
-                Err(SubmitError::Broken) => {
-                    return Err(self
-                        .channel
-                        .broken()
-                        .map_or(BackendError::Stopped, BackendError::Protocol))
-                }
-                Err(SubmitError::TooLarge { .. }) => {
-                    // Parts are cut to the channel's limit; never reached.
-                    shadow.remove(seq);
-                }
-            }
-        }
-        if n > 0 && self.channel.publish(&mem) {
-            self.domain.kick();
-        }
-        Ok(n)
-    }
-
-    fn collect(
-        &mut self,
-        shadow: &mut ShadowQueue<Part>,
-        pending: &HashMap<u64, Pending>,
-        ports: &[Arc<ClientPort>],
-        counters: &ServiceCounters,
-        out: &mut Vec<Finished>,
-    ) -> Result<usize, BackendError> {
-        let mem = self.domain.memory().clone();
-        let epoch = self.channel.epoch();
-        self.done.clear();
-        let n = self.channel.poll(&mem, &mut self.done)?;
-        for d in std::mem::take(&mut self.done) {
-            let tag = d.request.tag;
-            let entry = shadow
-                .complete(tag, epoch)
-                .map_err(|_| BackendError::Unmatched { tag })?;
-            let part = entry.client;
-            let mut st = virtio_status(d.status);
-            if entry.op == Op::Read && st == status::OK {
-                if u64::from(d.len) != part.len {
-                    st = status::IOERR;
-                } else if let Some(p) = pending.get(&part.rid) {
-                    let port = &ports[p.port];
-                    let guard = port.lock();
-                    if guard.generation == p.generation {
-                        let gpa = self.channel.slot_address(&d);
-                        let segments = p.data.slice(part.offset, part.len);
-                        if !copy_part(&port.mem, &segments, &mem, gpa, true, counters) {
-                            st = status::IOERR;
-                        }
-                    }
-                }
-            }
-            self.channel.finish(&mem, &d, None);
-            out.push(Finished { part, status: st });
-        }
-        Ok(n)
-    }
-
-    fn arm(&mut self, on: bool) -> Result<bool, BackendError> {
-        let mem = self.domain.memory().clone();
-        self.channel.set_notify(&mem, on);
-        if !on {
-            let _ = self.domain.notify_eventfd().read();
-            return Ok(false);
-        }
-        // A completion published before NOTIFY_ME was seen would not be notified: look.
-        Ok(self.channel.poll_pending(&mem)?)
     }
 }
 

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod backend;
+pub mod channel;
 pub mod device;
 pub mod request;
 pub mod service;

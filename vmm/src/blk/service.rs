@@ -235,9 +235,9 @@ impl Worker {
         if !ready {
             let mut fds: Vec<RawFd> = self.ports.iter().map(|p| p.notify.as_raw_fd()).collect();
             fds.push(self.shared.wake.as_raw_fd());
-            fds.extend(self.backend.wait_fd());
+            fds.extend(self.backend.wait_fds());
             self.shared.counters.sleeps.fetch_add(1, Ordering::Relaxed);
-            wait_any(&fds, MAX_SLEEP);
+            wait_any(&fds, MAX_SLEEP.min(self.backend.sleep_limit()));
         }
         for port in &self.ports {
             let _ = port.notify.read();

@@ -1,0 +1,884 @@
+//! The real path: a disk served by a driver domain over its channel, under a supervisor that
+//! restarts the domain whenever it fails and replays what the clients are owed.
+//!
+//! Detection runs in the block service thread, on every pass (exits, protocol violations) or
+//! every millisecond (heartbeat, request deadlines, DMA refused by the device): each source is a
+//! [`FailureReason`]. On a failure the domain is torn down at once — its vCPU stopped, the device
+//! quiesced (bus master off, function reset, DMA detached) before its memory is freed — and
+//! every in-flight shadow entry goes back to the queue. Client requests keep arriving and
+//! queue behind them; nothing is failed. When the policy's delay has passed a fresh domain boots
+//! with the next epoch on the same device; once it is ready the writes a volatile write cache
+//! may have dropped are replayed, then the queue in order. Completions are matched by tag and
+//! epoch, so each client request completes exactly once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ddvm_abi::channel::ring::IndexError;
+use ddvm_abi::channel::{device_flags, fault, op, status as cstatus, DeviceInfo};
+use ddvm_recovery::chaos::FaultKind;
+use ddvm_recovery::events::EventLog;
+use ddvm_recovery::hook::HookRunner;
+use ddvm_recovery::monitor::HeartbeatMonitor;
+use ddvm_recovery::policy::Policy;
+use ddvm_recovery::reason::{FailureReason, OperatorAction, ProtocolViolation, Ring};
+use ddvm_recovery::shadow::{LoggedWrite, Op, ShadowQueue, WriteLog};
+use ddvm_recovery::supervisor::{Admission, Decision, Ready, Status, Supervisor};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::backend::{BackendError, DiskInfo, Finished};
+use super::device::ClientPort;
+use super::request::status;
+use super::service::{copy_part, Part, Pending, ServiceCounters};
+use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
+use crate::domain::{DeviceSpec, Domain, DomainConfig, DomainDevice};
+use crate::hypervisor::Hypervisor;
+use crate::loader::Image;
+use crate::vcpu::{DomainExit, RunState};
+
+/// How often the slower detectors run.
+const CHECK_EVERY: Duration = Duration::from_millis(1);
+/// Acknowledged-but-unflushed data the VMM keeps before it flushes on its own.
+const WRITE_LOG_LIMIT: usize = 32 << 20;
+
+/// A request from outside the service thread (control socket, chaos runner, tests).
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// Inject a fault.
+    Inject {
+        /// Kind.
+        kind: FaultKind,
+        /// Its argument (see the ABI's `fault` module), 0 for the default.
+        arg: u32,
+    },
+    /// Operator: kill the domain (a crash; the policy applies).
+    Kill,
+    /// Operator: restart the domain now (also leaves give-up).
+    Restart,
+    /// Operator: restart the domain on a new image without client errors.
+    Update(Image),
+}
+
+/// What observers see of a recovering disk.
+#[derive(Default)]
+pub struct Observed {
+    /// Supervisor status (refreshed by the service).
+    pub status: Option<Status>,
+    /// Shadow entries in flight / queued.
+    pub in_flight: usize,
+    /// Shadow entries queued.
+    pub queued: usize,
+    /// (injected at, detected at, recovered at) of each recovery.
+    pub recoveries: Vec<(Option<Instant>, Instant, Instant)>,
+    /// Faults injected, by kind.
+    pub injected: Vec<(FaultKind, Instant)>,
+    /// Detections by reason name.
+    pub detections: Vec<(&'static str, Instant)>,
+}
+
+/// The handle others hold on a recovering disk.
+#[derive(Clone)]
+pub struct RecoveryHandle {
+    commands: Arc<Mutex<VecDeque<Command>>>,
+    wake: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// Events of the supervisor.
+    pub events: Arc<Mutex<EventLog>>,
+    /// Status and timings.
+    pub observed: Arc<Mutex<Observed>>,
+}
+
+impl RecoveryHandle {
+    /// Sends a command to the service thread.
+    pub fn send(&self, c: Command) {
+        lock(&self.commands).push_back(c);
+        let _ = self.wake.write(1);
+    }
+
+    /// A snapshot of what is observed.
+    pub fn with<R>(&self, f: impl FnOnce(&Observed) -> R) -> R {
+        f(&lock(&self.observed))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Live {
+    domain: Domain,
+    channel: HostChannel,
+    epoch: u64,
+}
+
+/// Internal requests (not a client's): replayed writes and the VMM's own flushes.
+enum Internal {
+    Replay,
+    Flush(u64),
+}
+
+/// A driver domain serving the disk, with reincarnation.
+pub struct ChannelBackend {
+    hv: Arc<Hypervisor>,
+    cfg: DomainConfig,
+    device: Arc<DomainDevice>,
+    live: Option<Live>,
+    disk: DiskInfo,
+    max_transfer: u32,
+    sup: Supervisor,
+    policy: Policy,
+    heartbeat: HeartbeatMonitor,
+    hooks: HookRunner,
+    wlog: Option<WriteLog>,
+    flush_marks: HashMap<u32, u64>,
+    internal: HashMap<u32, Internal>,
+    replay: VecDeque<LoggedWrite>,
+    next_epoch: u64,
+    restart_at: Option<Instant>,
+    next_check: Instant,
+    dma_refused: u64,
+    injected_at: Option<Instant>,
+    detected_at: Option<Instant>,
+    fault_on_next_boot: bool,
+    failed: Vec<Finished>,
+    done: Vec<Done>,
+    commands: Arc<Mutex<VecDeque<Command>>>,
+    handle: RecoveryHandle,
+}
+
+/// Why the first boot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The device could not be created.
+    #[error(transparent)]
+    Domain(#[from] crate::domain::DomainError),
+    /// The domain failed to come up.
+    #[error("domain {name}: {reason}")]
+    Failed {
+        /// Domain.
+        name: String,
+        /// Why.
+        reason: FailureReason,
+    },
+    /// The policy is invalid.
+    #[error("domain {name}: recovery policy: {message}")]
+    Policy {
+        /// Domain.
+        name: String,
+        /// What.
+        message: String,
+    },
+}
+
+impl ChannelBackend {
+    /// Creates the domain's device, boots the domain and waits until it is ready. `cfg.device`
+    /// must describe the device (an emulated NVMe controller).
+    pub fn start(
+        hv: Arc<Hypervisor>,
+        mut cfg: DomainConfig,
+        policy: Policy,
+    ) -> Result<ChannelBackend, StartError> {
+        let name = cfg.name.clone();
+        let device = match &cfg.device {
+            Some(DeviceSpec::EmulatedNvme(n)) => DomainDevice::emulated_nvme(&name, n)?,
+            Some(DeviceSpec::Persistent(d)) => d.clone(),
+            None => {
+                return Err(StartError::Failed {
+                    name,
+                    reason: FailureReason::BootFailed {
+                        message: "a disk domain needs a device".into(),
+                    },
+                })
+            }
+        };
+        cfg.device = Some(DeviceSpec::Persistent(device.clone()));
+        let sup = Supervisor::new(&name, policy.clone()).map_err(|e| StartError::Policy {
+            name: name.clone(),
+            message: e.to_string(),
+        })?;
+        let wake = Arc::new(
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|source| crate::domain::DomainError::Host {
+                    name: name.clone(),
+                    what: "eventfd",
+                    source,
+                })?,
+        );
+        let commands: Arc<Mutex<VecDeque<Command>>> = Arc::default();
+        let now = Instant::now();
+        let handle = RecoveryHandle {
+            commands: commands.clone(),
+            wake,
+            events: Arc::new(Mutex::new(EventLog::new(now, 4096))),
+            observed: Arc::default(),
+        };
+        let mut b = ChannelBackend {
+            hv,
+            cfg,
+            device,
+            live: None,
+            disk: DiskInfo {
+                sectors: 0,
+                block_size: 512,
+                discard: false,
+                write_zeroes: false,
+            },
+            max_transfer: 0,
+            heartbeat: HeartbeatMonitor::new(policy.detection.heartbeat_period),
+            sup,
+            policy,
+            hooks: HookRunner::default(),
+            wlog: None,
+            flush_marks: HashMap::new(),
+            internal: HashMap::new(),
+            replay: VecDeque::new(),
+            next_epoch: 1,
+            restart_at: None,
+            next_check: now,
+            dma_refused: 0,
+            injected_at: None,
+            detected_at: None,
+            fault_on_next_boot: false,
+            failed: Vec::new(),
+            done: Vec::new(),
+            commands,
+            handle,
+        };
+        let info = b.boot().map_err(|reason| StartError::Failed {
+            name: name.clone(),
+            reason,
+        })?;
+        b.disk = DiskInfo {
+            sectors: info.capacity_sectors,
+            block_size: info.block_size,
+            discard: info.flags & device_flags::DISCARD != 0,
+            write_zeroes: info.flags & device_flags::WRITE_ZEROES != 0,
+        };
+        b.max_transfer = info.max_transfer;
+        if info.flags & device_flags::VOLATILE_WRITE_CACHE != 0 {
+            b.wlog = Some(WriteLog::new());
+        }
+        b.publish(&ShadowQueue::new());
+        Ok(b)
+    }
+
+    /// The handle for commands, events and status.
+    pub fn handle(&self) -> RecoveryHandle {
+        self.handle.clone()
+    }
+
+    /// The geometry.
+    pub fn disk(&self) -> DiskInfo {
+        self.disk
+    }
+
+    /// Largest part.
+    pub fn max_transfer(&self) -> u32 {
+        self.max_transfer
+    }
+
+    /// The running domain, if one is up.
+    pub fn domain(&self) -> Option<&Domain> {
+        self.live.as_ref().map(|l| &l.domain)
+    }
+
+    /// The supervisor.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.sup
+    }
+
+    /// The device's counters.
+    pub fn device_stats(&self) -> ddvm_passthrough::NvmeStats {
+        self.device.stats()
+    }
+
+    /// Boots a domain with the next epoch and waits for it to be ready.
+    fn boot(&mut self) -> Result<DeviceInfo, FailureReason> {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let now = Instant::now();
+        let _ = self.sup.boot_started(epoch, now);
+        let domain =
+            Domain::boot(&self.hv, &self.cfg, epoch).map_err(|e| FailureReason::BootFailed {
+                message: e.to_string(),
+            })?;
+        let timeout = self.policy.detection.boot_timeout;
+        match domain.wait_ready(timeout) {
+            Ok(_) => {}
+            Err(RunState::Stopped(exit)) => return Err(exit_reason(&exit)),
+            Err(_) => return Err(FailureReason::BootTimeout { waited: timeout }),
+        }
+        let (Some(base), Some(header)) = (domain.channel(), domain.channel_header()) else {
+            return Err(FailureReason::BootFailed {
+                message: "the domain has no channel".into(),
+            });
+        };
+        let mut channel = HostChannel::new(base, header);
+        let info = channel
+            .device_info(domain.memory())
+            .map_err(|e| FailureReason::Protocol(violation(e)))?;
+        if self.disk.sectors != 0
+            && (info.capacity_sectors != self.disk.sectors
+                || info.block_size != self.disk.block_size)
+        {
+            return Err(FailureReason::Protocol(ProtocolViolation::BadDeviceInfo {
+                what: "the disk changed geometry across a restart".into(),
+            }));
+        }
+        let ready = self.sup.ready(epoch, Instant::now()).ok();
+        self.heartbeat.reset();
+        self.flush_marks.clear();
+        self.internal.clear();
+        if ready == Some(Ready::Replay) {
+            // A reset may have dropped these from the device's cache: they go first.
+            self.replay = self
+                .wlog
+                .as_ref()
+                .map(|l| l.pending().iter().cloned().collect())
+                .unwrap_or_default();
+        }
+        self.live = Some(Live {
+            domain,
+            channel,
+            epoch,
+        });
+        if std::mem::take(&mut self.fault_on_next_boot) {
+            // A fault during recovery: the fresh domain dies before its replay is done.
+            self.inject(FaultKind::Panic, 0);
+        }
+        Ok(info)
+    }
+
+    /// Tears the domain down and lets the policy decide what happens next.
+    fn fail(&mut self, reason: FailureReason, shadow: &mut ShadowQueue<Part>) {
+        let now = Instant::now();
+        let epoch = self.live.as_ref().map_or(0, |l| l.epoch);
+        let name = reason.name();
+        tracing::warn!("domain {}: failed ({reason}); recovering", self.cfg.name);
+        lock(&self.handle.observed).detections.push((name, now));
+        if self.detected_at.is_none() {
+            self.detected_at = Some(now);
+        }
+        let decision = self.sup.failure(epoch, reason, now);
+        // The device is quiesced and the memory freed by the domain's drop.
+        self.live = None;
+        shadow.domain_lost();
+        self.replay.clear();
+        match decision {
+            Decision::Restart { at, .. } => self.restart_at = Some(at),
+            Decision::GiveUp(_) => self.restart_at = None,
+            Decision::Ignored => {
+                if self.restart_at.is_none() && !self.sup.is_broken() {
+                    self.restart_at = Some(now);
+                }
+            }
+        }
+        if let Some(call) = self.sup.take_hook_call() {
+            self.hooks.spawn(call, now);
+        }
+        self.publish(shadow);
+    }
+
+    /// Runs the detectors, commands, hooks and a due restart.
+    fn tend(&mut self, shadow: &mut ShadowQueue<Part>) {
+        let now = Instant::now();
+        let commands: Vec<Command> = lock(&self.commands).drain(..).collect();
+        for c in commands {
+            self.command(c, shadow);
+        }
+        if self.live.is_none() {
+            if self.restart_at.is_some_and(|t| now >= t) {
+                self.restart_at = None;
+                match self.boot() {
+                    Ok(_) => {}
+                    Err(reason) => {
+                        self.live = None;
+                        self.fail(reason, shadow);
+                    }
+                }
+                self.publish(shadow);
+            }
+            return;
+        }
+        if now < self.next_check {
+            return;
+        }
+        self.next_check = now + CHECK_EVERY;
+        for report in self.hooks.poll(now) {
+            self.sup.hook_finished(&report, now);
+        }
+        if let Some(reason) = self.detect(now, shadow) {
+            self.fail(reason, shadow);
+        }
+        self.publish(shadow);
+    }
+
+    fn detect(&mut self, now: Instant, shadow: &ShadowQueue<Part>) -> Option<FailureReason> {
+        let live = self.live.as_ref()?;
+        if let Some(exit) = live.domain.has_stopped() {
+            return Some(exit_reason(&exit));
+        }
+        if live.domain.is_waiting() {
+            self.heartbeat.touch(now);
+        } else if let Some(hb) = live.domain.heartbeat() {
+            if let Some(r) = self.heartbeat.sample(hb, now) {
+                return Some(r);
+            }
+        }
+        let deadline = self.policy.detection.request_deadline;
+        if let Some((tag, posted)) = shadow.oldest_in_flight() {
+            let age = now.saturating_duration_since(posted);
+            if age > deadline {
+                return Some(FailureReason::Deadline { tag, age, deadline });
+            }
+        }
+        let refused = self.device.stats().dma_refused;
+        if refused > self.dma_refused {
+            let count = refused - self.dma_refused;
+            self.dma_refused = refused;
+            return Some(FailureReason::DmaRefused { count });
+        }
+        None
+    }
+
+    fn command(&mut self, c: Command, shadow: &mut ShadowQueue<Part>) {
+        let now = Instant::now();
+        match c {
+            Command::Inject { kind, arg } => {
+                lock(&self.handle.observed).injected.push((kind, now));
+                self.injected_at = Some(now);
+                self.sup.fault_injected(now);
+                if kind == FaultKind::DuringRecovery {
+                    self.fault_on_next_boot = true;
+                    self.inject(FaultKind::Kill, 0);
+                    self.kill_now(shadow);
+                } else if kind == FaultKind::Kill {
+                    self.kill_now(shadow);
+                } else {
+                    self.inject(kind, arg);
+                }
+            }
+            Command::Kill => self.kill_now(shadow),
+            Command::Restart | Command::Update(_) => {
+                let action = match &c {
+                    Command::Update(image) => {
+                        let name = image.name().display().to_string();
+                        self.cfg.image = image.clone();
+                        OperatorAction::Update { image: name }
+                    }
+                    _ => OperatorAction::Restart,
+                };
+                if let Ok(decision) = self.sup.operator(action, now) {
+                    self.live = None;
+                    shadow.domain_lost();
+                    self.replay.clear();
+                    if let Decision::Restart { at, .. } = decision {
+                        self.restart_at = Some(at);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Abrupt teardown by the VMM (the `kill` fault and `ddvm ctl kill`).
+    fn kill_now(&mut self, shadow: &mut ShadowQueue<Part>) {
+        if self.live.is_some() {
+            self.fail(FailureReason::Operator(OperatorAction::Kill), shadow);
+        }
+    }
+
+    /// Asks the running domain to fault.
+    fn inject(&mut self, kind: FaultKind, arg: u32) {
+        let Some(live) = &self.live else { return };
+        let code = match kind {
+            FaultKind::Panic => fault::PANIC,
+            FaultKind::Hang => fault::HANG,
+            FaultKind::Exception => fault::INVALID_OPCODE,
+            FaultKind::TripleFault => fault::TRIPLE_FAULT,
+            FaultKind::WildWrite => fault::WILD_WRITE,
+            FaultKind::BogusTag => fault::BOGUS_TAG,
+            FaultKind::BogusLen => fault::BOGUS_LEN,
+            FaultKind::StaleEpoch => fault::STALE_EPOCH,
+            FaultKind::DmaOutside => fault::DMA_OUTSIDE,
+            FaultKind::Slow => fault::SLOW,
+            FaultKind::Bitflip => fault::BITFLIP,
+            FaultKind::Kill | FaultKind::DuringRecovery => return,
+        };
+        let arg = match (kind, arg) {
+            // Slower than the request deadline, for 4 completions.
+            (FaultKind::Slow, 0) => {
+                let ms = (self.policy.detection.request_deadline.as_millis() as u32 + 20).min(0xffff);
+                ms | 4 << 16
+            }
+            // Enough flipped bits to matter, most of the time.
+            (FaultKind::Bitflip, 0) => 2000,
+            (FaultKind::WildWrite, 0) => fault::WILD_WRITE_PRODUCER,
+            _ => arg,
+        };
+        live.domain.request_fault_with(code, arg);
+    }
+
+    /// Refreshes what observers see and moves supervisor events to the log.
+    fn publish(&mut self, shadow: &ShadowQueue<Part>) {
+        self.sup.drain_into(&mut lock(&self.handle.events));
+        let mut o = lock(&self.handle.observed);
+        o.status = Some(self.sup.status(Instant::now()));
+        o.in_flight = shadow.in_flight();
+        o.queued = shadow.queued();
+    }
+
+    /// Posts replayed writes, then queued parts, while the channel has room.
+    pub fn post(
+        &mut self,
+        shadow: &mut ShadowQueue<Part>,
+        pending: &HashMap<u64, Pending>,
+        ports: &[Arc<ClientPort>],
+        counters: &ServiceCounters,
+    ) -> Result<usize, BackendError> {
+        self.tend(shadow);
+        if self.sup.admission() == Admission::Fail {
+            // Given up: every owed request is failed, as MINIX pushes errors up.
+            for e in shadow.drain() {
+                self.failed.push(Finished {
+                    part: e.client,
+                    status: status::IOERR,
+                });
+            }
+            return Ok(0);
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Ok(0);
+        };
+        let mem = live.domain.memory().clone();
+        let mut n = 0;
+        let mut broken = false;
+        // 1. Writes a reset may have dropped from the device's cache.
+        while live.channel.has_room() {
+            let Some(w) = self.replay.pop_front() else { break };
+            let r = live
+                .channel
+                .submit_with(&mem, channel_op(w.op), w.sector, w.sectors, |m, gpa, _| {
+                    let _ = m.write_slice(&w.data, GuestAddress(gpa));
+                });
+            match r {
+                Ok(tag) => {
+                    self.internal.insert(tag, Internal::Replay);
+                    n += 1;
+                }
+                Err(SubmitError::Full) => {
+                    self.replay.push_front(w);
+                    break;
+                }
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        // 2. The VMM's own flush when the log of unflushed writes grows too large.
+        if let Some(log) = &self.wlog {
+            let flushing = self
+                .internal
+                .values()
+                .any(|i| matches!(i, Internal::Flush(_)));
+            if log.bytes() > WRITE_LOG_LIMIT && !flushing && live.channel.has_room() {
+                let mark = log.flush_posted();
+                if let Ok(tag) = live.channel.submit(&mem, op::FLUSH, 0, 0, None) {
+                    self.internal.insert(tag, Internal::Flush(mark));
+                    n += 1;
+                }
+            }
+        }
+        // 3. Client parts, oldest first (replayed ones are the oldest).
+        while !broken && self.replay.is_empty() && live.channel.has_room() {
+            let Some(e) = shadow.next_queued() else { break };
+            let (seq, o, sector, sectors, part) = (e.seq, e.op, e.sector, e.sectors, e.client);
+            let Some(p) = pending.get(&part.rid) else {
+                shadow.remove(seq);
+                continue;
+            };
+            let client = &ports[p.port].mem;
+            let r = live
+                .channel
+                .submit_with(&mem, channel_op(o), sector, sectors, |dmem, gpa, len| {
+                    let len = (len as u64).min(part.len);
+                    let segments = p.data.slice(part.offset, len);
+                    copy_part(client, &segments, dmem, gpa, false, counters);
+                });
+            match r {
+                Ok(tag) => {
+                    shadow.posted(seq, tag, live.epoch, Instant::now());
+                    if o == Op::Flush {
+                        if let Some(log) = &self.wlog {
+                            self.flush_marks.insert(tag, log.flush_posted());
+                        }
+                    }
+                    n += 1;
+                }
+                Err(SubmitError::Full) => break,
+                Err(SubmitError::Broken) => broken = true,
+                Err(SubmitError::TooLarge { .. }) => {
+                    // Parts are cut to the channel's limit; never reached.
+                    shadow.remove(seq);
+                }
+            }
+        }
+        if n > 0 && live.channel.publish(&mem) {
+            live.domain.kick();
+        }
+        if broken {
+            let reason = live
+                .channel
+                .broken()
+                .map(|e| FailureReason::Protocol(violation(e)))
+                .unwrap_or(FailureReason::BootFailed {
+                    message: "channel refused service".into(),
+                });
+            self.fail(reason, shadow);
+        }
+        Ok(n)
+    }
+
+    /// Takes completions; copies read data to clients; records acknowledged writes.
+    pub fn collect(
+        &mut self,
+        shadow: &mut ShadowQueue<Part>,
+        pending: &HashMap<u64, Pending>,
+        ports: &[Arc<ClientPort>],
+        counters: &ServiceCounters,
+        out: &mut Vec<Finished>,
+    ) -> Result<usize, BackendError> {
+        out.append(&mut self.failed);
+        let Some(live) = self.live.as_mut() else {
+            return Ok(0);
+        };
+        let mem = live.domain.memory().clone();
+        self.done.clear();
+        let polled = live.channel.poll(&mem, &mut self.done);
+        let mut n = 0;
+        for d in std::mem::take(&mut self.done) {
+            let tag = d.request.tag;
+            let ok = d.status == cstatus::OK;
+            if let Some(internal) = self.internal.remove(&tag) {
+                if let (Internal::Flush(mark), true, Some(log)) = (internal, ok, self.wlog.as_mut())
+                {
+                    log.flush_completed(mark);
+                }
+                live.channel.finish(&mem, &d, None);
+                continue;
+            }
+            let Ok(entry) = shadow.complete(tag, live.epoch) else {
+                // The channel checked the tag; a miss would be a VMM bug. Refuse loudly.
+                return Err(BackendError::Unmatched { tag });
+            };
+            let part = entry.client;
+            let mut st = virtio_status(d.status);
+            let slot = live.channel.slot_address(&d);
+            match entry.op {
+                Op::Read if st == status::OK => {
+                    if u64::from(d.len) != part.len {
+                        st = status::IOERR;
+                    } else if let Some(p) = pending.get(&part.rid) {
+                        let port = &ports[p.port];
+                        let guard = port.lock();
+                        if guard.generation == p.generation {
+                            let segments = p.data.slice(part.offset, part.len);
+                            if !copy_part(&port.mem, &segments, &mem, slot, true, counters) {
+                                st = status::IOERR;
+                            }
+                        }
+                    }
+                }
+                Op::Write | Op::WriteZeroes | Op::Discard if ok => {
+                    if let Some(log) = self.wlog.as_mut() {
+                        let mut data = Vec::new();
+                        if entry.op == Op::Write {
+                            data = vec![0; part.len as usize];
+                            let _ = mem.read_slice(&mut data, GuestAddress(slot));
+                        }
+                        log.acknowledged(entry.op, entry.sector, entry.sectors, data);
+                    }
+                }
+                Op::Flush if ok => {
+                    if let (Some(mark), Some(log)) =
+                        (self.flush_marks.remove(&tag), self.wlog.as_mut())
+                    {
+                        log.flush_completed(mark);
+                    }
+                }
+                _ => {}
+            }
+            live.channel.finish(&mem, &d, None);
+            out.push(Finished { part, status: st });
+            n += 1;
+        }
+        if n > 0 {
+            let now = Instant::now();
+            if let Some(took) = self.sup.completed(now) {
+                if let Some(detected) = self.detected_at.take() {
+                    let injected = self.injected_at.take();
+                    lock(&self.handle.observed)
+                        .recoveries
+                        .push((injected, detected, now));
+                    tracing::info!("domain {}: recovered in {took:?}", self.cfg.name);
+                }
+            }
+            if matches!(self.sup.state(), ddvm_recovery::supervisor::State::Replaying { .. })
+                && self.replay.is_empty()
+            {
+                let _ = self.sup.replay_done(n, now);
+            }
+        }
+        if let Err(e) = polled {
+            self.fail(FailureReason::Protocol(violation(e)), shadow);
+        }
+        Ok(n)
+    }
+
+    /// Asks for (or stops asking for) a wake-up when completions arrive; returns whether some
+    /// already did.
+    pub fn arm(&mut self, on: bool) -> Result<bool, BackendError> {
+        if !self.failed.is_empty() {
+            return Ok(true);
+        }
+        let Some(live) = self.live.as_mut() else {
+            // Down: wake for the restart.
+            return Ok(self.restart_at.is_some());
+        };
+        let mem = live.domain.memory().clone();
+        live.channel.set_notify(&mem, on);
+        if !on {
+            let _ = live.domain.notify_eventfd().read();
+            return Ok(false);
+        }
+        Ok(live.channel.poll_pending(&mem).unwrap_or(true) || live.domain.has_stopped().is_some())
+    }
+
+    /// Eventfds that wake the service: completions (and the domain stopping), commands.
+    pub fn wait_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let mut v = vec![self.handle.wake.as_raw_fd()];
+        if let Some(l) = &self.live {
+            v.push(l.domain.notify_eventfd().as_raw_fd());
+        }
+        v
+    }
+
+    /// How long the service may sleep: until the next check while a domain runs, the
+    /// restart time while it is down.
+    pub fn sleep_limit(&self) -> Duration {
+        let now = Instant::now();
+        match (&self.live, self.restart_at) {
+            (None, Some(t)) => t.saturating_duration_since(now),
+            (Some(_), _) => Duration::from_millis(5),
+            (None, None) => Duration::from_millis(50),
+        }
+    }
+}
+
+impl Drop for ChannelBackend {
+    fn drop(&mut self) {
+        self.sup.stop(Instant::now());
+        // The domain (and with it the device's hold on its memory) goes first.
+        self.live = None;
+    }
+}
+
+/// The reason for a domain's exit.
+pub fn exit_reason(exit: &DomainExit) -> FailureReason {
+    match exit {
+        DomainExit::Shutdown => FailureReason::Shutdown,
+        DomainExit::InternalError { suberror } => FailureReason::InternalError {
+            suberror: *suberror,
+        },
+        DomainExit::FailedEntry { reason } => FailureReason::FailedEntry { reason: *reason },
+        DomainExit::Panicked { message } => FailureReason::Panic {
+            message: message.clone(),
+        },
+        DomainExit::Exception {
+            vector,
+            rip,
+            error_code,
+            cr2,
+        } => FailureReason::Exception {
+            vector: *vector,
+            rip: *rip,
+            error_code: *error_code,
+            cr2: *cr2,
+        },
+        DomainExit::BadPanicReport { value } => FailureReason::BadPanicReport { value: *value },
+        DomainExit::Halted => FailureReason::Halted,
+        DomainExit::Exited { status } => FailureReason::ExitedUnexpectedly { status: *status },
+        DomainExit::Unexpected { exit } => FailureReason::UnexpectedExit { exit: exit.clone() },
+        DomainExit::HostError { errno } => FailureReason::UnexpectedExit {
+            exit: format!("KVM_RUN failed: errno {errno}"),
+        },
+        DomainExit::Stopped => FailureReason::Operator(OperatorAction::Kill),
+    }
+}
+
+/// The supervisor's name for a channel protocol violation.
+pub fn violation(e: DomainProtocolError) -> ProtocolViolation {
+    match e {
+        DomainProtocolError::UnknownTag { tag } => ProtocolViolation::UnknownTag { tag },
+        DomainProtocolError::StaleEpoch {
+            tag,
+            epoch,
+            expected,
+        } => ProtocolViolation::StaleEpoch {
+            tag,
+            epoch,
+            expected,
+        },
+        DomainProtocolError::LengthOverRequest { tag, len, max } => {
+            ProtocolViolation::LengthOverRequest { tag, len, max }
+        }
+        DomainProtocolError::Index(i) => match i {
+            IndexError::ProducerTooFar { producer, consumer } => {
+                ProtocolViolation::IndexPastProducer {
+                    ring: Ring::Completion,
+                    index: producer,
+                    limit: consumer,
+                }
+            }
+            IndexError::ProducerBackwards { producer, last } => ProtocolViolation::IndexBackwards {
+                ring: Ring::Completion,
+                old: last,
+                new: producer,
+            },
+            IndexError::ConsumerPastProducer { consumer, producer } => {
+                ProtocolViolation::IndexPastProducer {
+                    ring: Ring::Request,
+                    index: consumer,
+                    limit: producer,
+                }
+            }
+            IndexError::ConsumerBackwards { consumer, last } => ProtocolViolation::IndexBackwards {
+                ring: Ring::Request,
+                old: last,
+                new: consumer,
+            },
+        },
+        DomainProtocolError::DeviceInfo(what) => ProtocolViolation::BadDeviceInfo {
+            what: what.to_string(),
+        },
+    }
+}
+
+fn channel_op(o: Op) -> u16 {
+    match o {
+        Op::Read => op::READ,
+        Op::Write => op::WRITE,
+        Op::Flush => op::FLUSH,
+        Op::WriteZeroes => op::WRITE_ZEROES,
+        Op::Discard => op::DISCARD,
+    }
+}
+
+fn virtio_status(channel_status: u16) -> u8 {
+    match channel_status {
+        cstatus::OK => status::OK,
+        cstatus::UNSUPPORTED => status::UNSUPP,
+        _ => status::IOERR,
+    }
+}
