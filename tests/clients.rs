@@ -31,7 +31,13 @@ fn client(name: &str, disk: &str, offset_mib: u64, size_mib: u64, workload: &str
 
 fn start(text: &str) -> Topology {
     let config = Config::parse(Path::new("test.toml"), text).unwrap();
-    Topology::start(&std::sync::Arc::new(kvm()), &config, Path::new("test.toml"), Echo::Off).unwrap()
+    Topology::start(
+        &std::sync::Arc::new(kvm()),
+        &config,
+        Path::new("test.toml"),
+        Echo::Off,
+    )
+    .unwrap()
 }
 
 /// Runs the topology to the end; asserts every client verified cleanly; returns the reports.

@@ -240,7 +240,10 @@ impl Config {
                 ));
             }
             if let Err(e) = d.recovery.to_policy() {
-                return Err(invalid(format!("domain[{i}].recovery.{}", e.key), e.message));
+                return Err(invalid(
+                    format!("domain[{i}].recovery.{}", e.key),
+                    e.message,
+                ));
             }
             if let Some(DeviceSection::EmulatedNvme {
                 size_mib, lba_size, ..

@@ -465,7 +465,8 @@ impl Domain {
             // The controller's completions wake the domain if it waits. The closure holds
             // the shared state, never the device (no reference cycle).
             let waker = shared.clone();
-            dev.lock().attach(mem.clone(), Arc::new(move || waker.kick()));
+            dev.lock()
+                .attach(mem.clone(), Arc::new(move || waker.kick()));
             *dev.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.clone());
         }
         if let Some(device) = device.as_ref().map(|(d, _)| &d.pci) {
@@ -474,12 +475,11 @@ impl Domain {
                 what: "device buses",
                 source: std::io::Error::other(e),
             };
-            let device_err = |source: Box<dyn std::error::Error + Send + Sync>| {
-                DomainError::Device {
+            let device_err =
+                |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
                     name: name.clone(),
                     source,
-                }
-            };
+                };
             let mut pci_bus = PciBus::new();
             pci_bus
                 .insert(PCI_DEVICE_NUMBER, device.clone())
@@ -690,7 +690,11 @@ impl Domain {
         let ok = ok
             && self
                 .mem
-                .store(fault, GuestAddress(gpa + chan::FAULT), std::sync::atomic::Ordering::Release)
+                .store(
+                    fault,
+                    GuestAddress(gpa + chan::FAULT),
+                    std::sync::atomic::Ordering::Release,
+                )
                 .is_ok();
         self.shared.kick();
         ok

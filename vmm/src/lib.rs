@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod blk;
 pub mod channel;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod console;

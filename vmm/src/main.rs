@@ -68,6 +68,30 @@ enum Command {
         #[arg(long)]
         verify: Option<u64>,
     },
+    /// Run the configured clients while injecting faults into the disk domains; report
+    /// recoveries, recovery times, errors, mismatches and throughput against a fault-free run.
+    Chaos {
+        /// Topology file (its clients' workloads get the run's duration).
+        config: PathBuf,
+        /// Fault kinds, injected in turn: a comma list or `all`.
+        #[arg(long, default_value = "kill")]
+        faults: String,
+        /// Time between faults (e.g. 100ms, 1s).
+        #[arg(long, default_value = "1s")]
+        every: String,
+        /// Length of the chaos run, and of the fault-free baseline run before it.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write `PREFIX-throughput.svg` and `PREFIX-recovery.svg`.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Skip the fault-free baseline run.
+        #[arg(long)]
+        no_baseline: bool,
+    },
     /// Boot one image and wait until it stops; the exit status tells how it stopped.
     Boot {
         /// ELF image (x86-64 static executable); default: the built-in driver domain.
@@ -121,6 +145,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             verify,
         } => run_config(&cli.kvm, &config, duration, verify),
+        Command::Chaos {
+            config,
+            faults,
+            every,
+            duration,
+            json,
+            svg,
+            no_baseline,
+        } => {
+            let plan = ddvm::chaos::ChaosPlan {
+                faults: ddvm_recovery::chaos::parse_fault_list(&faults).context("--faults")?,
+                every: ddvm_recovery::chaos::parse_duration(&every).context("--every")?,
+                duration: ddvm_recovery::chaos::parse_duration(&duration).context("--duration")?,
+                skip_baseline: no_baseline,
+            };
+            chaos(&cli.kvm, &config, &plan, json.as_deref(), svg.as_deref())
+        }
         Command::Boot {
             image,
             memory_mib,
@@ -258,6 +299,63 @@ workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=
     let result = run_topology(&hv, &config, file, echo, None);
     let _ = std::fs::remove_file(&disk);
     result
+}
+
+fn chaos(
+    kvm: &Path,
+    file: &Path,
+    plan: &ddvm::chaos::ChaosPlan,
+    json: Option<&Path>,
+    svg: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    if !ddvm::chaos::ENABLED {
+        return Err(ddvm::chaos::ChaosError::Disabled.into());
+    }
+    let config = Config::load(file)?;
+    let hv = Arc::new(open_kvm(kvm)?);
+    println!(
+        "ddvm chaos: {} fault(s) every {:?} for {:?} ({})",
+        plan.faults
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        plan.every,
+        plan.duration,
+        if plan.skip_baseline {
+            "no baseline"
+        } else {
+            "after a fault-free baseline of the same length"
+        }
+    );
+    let report = ddvm::chaos::run(&hv, &config, file, plan)?;
+    print!("{}", report.table());
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("report: {}", p.display());
+    }
+    if let Some(prefix) = svg {
+        let t = prefix.with_file_name(format!(
+            "{}-throughput.svg",
+            prefix.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let h = prefix.with_file_name(format!(
+            "{}-recovery.svg",
+            prefix.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        std::fs::write(&t, report.throughput_svg())
+            .with_context(|| format!("writing {}", t.display()))?;
+        std::fs::write(&h, report.recovery_histogram_svg())
+            .with_context(|| format!("writing {}", h.display()))?;
+        println!("plots: {} {}", t.display(), h.display());
+    }
+    let clean = report.client_errors == 0 && report.mismatches == 0;
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_GUEST_CRASH)
+    })
 }
 
 /// Runs a topology with clients until they finish (or `duration`), then prints a summary.

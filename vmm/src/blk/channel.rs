@@ -197,12 +197,13 @@ impl ChannelBackend {
             message: e.to_string(),
         })?;
         let wake = Arc::new(
-            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|source| crate::domain::DomainError::Host {
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+                crate::domain::DomainError::Host {
                     name: name.clone(),
                     what: "eventfd",
                     source,
-                })?,
+                }
+            })?,
         );
         let commands: Arc<Mutex<VecDeque<Command>>> = Arc::default();
         let now = Instant::now();
@@ -327,6 +328,8 @@ impl ChannelBackend {
         }
         let ready = self.sup.ready(epoch, Instant::now()).ok();
         self.heartbeat.reset();
+        // DMA the quiesce cut off while the old domain died is not this domain's doing.
+        self.dma_refused = self.device.stats().dma_refused;
         self.flush_marks.clear();
         self.internal.clear();
         if ready == Some(Ready::Replay) {
@@ -444,6 +447,11 @@ impl ChannelBackend {
     fn command(&mut self, c: Command, shadow: &mut ShadowQueue<Part>) {
         let now = Instant::now();
         match c {
+            Command::Inject { .. } if !crate::chaos::ENABLED => {
+                tracing::warn!(
+                    "fault injection refused: built without the fault-injection feature"
+                );
+            }
             Command::Inject { kind, arg } => {
                 lock(&self.handle.observed).injected.push((kind, now));
                 self.injected_at = Some(now);
@@ -507,7 +515,8 @@ impl ChannelBackend {
         let arg = match (kind, arg) {
             // Slower than the request deadline, for 4 completions.
             (FaultKind::Slow, 0) => {
-                let ms = (self.policy.detection.request_deadline.as_millis() as u32 + 20).min(0xffff);
+                let ms =
+                    (self.policy.detection.request_deadline.as_millis() as u32 + 20).min(0xffff);
                 ms | 4 << 16
             }
             // Enough flipped bits to matter, most of the time.
@@ -554,12 +563,18 @@ impl ChannelBackend {
         let mut broken = false;
         // 1. Writes a reset may have dropped from the device's cache.
         while live.channel.has_room() {
-            let Some(w) = self.replay.pop_front() else { break };
-            let r = live
-                .channel
-                .submit_with(&mem, channel_op(w.op), w.sector, w.sectors, |m, gpa, _| {
+            let Some(w) = self.replay.pop_front() else {
+                break;
+            };
+            let r = live.channel.submit_with(
+                &mem,
+                channel_op(w.op),
+                w.sector,
+                w.sectors,
+                |m, gpa, _| {
                     let _ = m.write_slice(&w.data, GuestAddress(gpa));
-                });
+                },
+            );
             match r {
                 Ok(tag) => {
                     self.internal.insert(tag, Internal::Replay);
@@ -598,13 +613,13 @@ impl ChannelBackend {
                 continue;
             };
             let client = &ports[p.port].mem;
-            let r = live
-                .channel
-                .submit_with(&mem, channel_op(o), sector, sectors, |dmem, gpa, len| {
-                    let len = (len as u64).min(part.len);
-                    let segments = p.data.slice(part.offset, len);
-                    copy_part(client, &segments, dmem, gpa, false, counters);
-                });
+            let r =
+                live.channel
+                    .submit_with(&mem, channel_op(o), sector, sectors, |dmem, gpa, len| {
+                        let len = (len as u64).min(part.len);
+                        let segments = p.data.slice(part.offset, len);
+                        copy_part(client, &segments, dmem, gpa, false, counters);
+                    });
             match r {
                 Ok(tag) => {
                     shadow.posted(seq, tag, live.epoch, Instant::now());
@@ -655,6 +670,20 @@ impl ChannelBackend {
         let mem = live.domain.memory().clone();
         self.done.clear();
         let polled = live.channel.poll(&mem, &mut self.done);
+        // An error the device reports because the driver aimed its DMA outside the domain is
+        // the driver's fault, not the medium's: recover, and replay the request.
+        if self.done.iter().any(|d| d.status != cstatus::OK) {
+            let refused = self.device.stats().dma_refused;
+            if refused > self.dma_refused {
+                let count = refused - self.dma_refused;
+                self.dma_refused = refused;
+                self.fail(FailureReason::DmaRefused { count }, shadow);
+                return Ok(0);
+            }
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Ok(0);
+        };
         let mut n = 0;
         for d in std::mem::take(&mut self.done) {
             let tag = d.request.tag;
@@ -723,8 +752,10 @@ impl ChannelBackend {
                     tracing::info!("domain {}: recovered in {took:?}", self.cfg.name);
                 }
             }
-            if matches!(self.sup.state(), ddvm_recovery::supervisor::State::Replaying { .. })
-                && self.replay.is_empty()
+            if matches!(
+                self.sup.state(),
+                ddvm_recovery::supervisor::State::Replaying { .. }
+            ) && self.replay.is_empty()
             {
                 let _ = self.sup.replay_done(n, now);
             }
