@@ -17,8 +17,7 @@ pub fn driver_domain_path() -> &'static str {
 /// The workload client image (ELF): a client guest that drives a virtio-blk device
 /// (virtio-mmio) with a verified workload and reports one `ddvm-workload:` JSON line
 /// (`guest-kernel/workload`).
-pub const WORKLOAD_CLIENT: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/workload-client.elf"));
+pub const WORKLOAD_CLIENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/workload-client.elf"));
 
 /// Absolute path of the workload client image on the build machine (see
 /// [`driver_domain_path`]).
@@ -48,6 +47,9 @@ mod tests {
     #[test]
     fn workload_client_is_a_static_x86_64_executable() {
         assert_static_x86_64_executable(WORKLOAD_CLIENT);
-        assert_eq!(std::fs::read(workload_client_path()).unwrap(), WORKLOAD_CLIENT);
+        assert_eq!(
+            std::fs::read(workload_client_path()).unwrap(),
+            WORKLOAD_CLIENT
+        );
     }
 }

@@ -1,0 +1,237 @@
+//! Reincarnation end to end: real driver domains fail in every way a chaos run injects while
+//! real client guests verify every block; the clients never see an error or lose a write.
+//! (Built with the `fault-injection` feature.)
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ddvm::blk::channel::Command;
+use ddvm::blk::Backend;
+use ddvm::chaos::{self, ChaosPlan};
+use ddvm::config::Config;
+use ddvm::console::Echo;
+use ddvm::topology::Topology;
+use ddvm_recovery::chaos::FaultKind;
+
+use common::*;
+
+fn config(dir: &Path, recovery: &str, workload: &str, clients: usize) -> Config {
+    let mut text = format!(
+        "[[domain]]\nname = \"nvme0\"\nmemory_mib = 32\nchannel_kib = 8448\n[domain.device]\nkind = \"emulated-nvme\"\nbacking = \"{}\"\nsize_mib = 32\nlba_size = 4096\nvolatile_write_cache = true\n[domain.recovery]\n{recovery}\n",
+        dir.join("nvme.img").display()
+    );
+    for i in 0..clients {
+        text += &format!(
+            "[[client]]\nname = \"c{i}\"\ndisk = \"nvme0\"\noffset_mib = {}\nsize_mib = 16\nworkload = \"{workload} id={i} seed={}\"\n",
+            16 * i,
+            i + 1
+        );
+    }
+    Config::parse(Path::new("test.toml"), &text).unwrap()
+}
+
+const FAST: &str = "heartbeat_ms = 20\nrequest_deadline_ms = 100\nmax_restarts = 100000\nrestart_delay_ms = 1\nrestart_delay_cap_ms = 5\n";
+
+fn hv() -> Arc<ddvm::hypervisor::Hypervisor> {
+    Arc::new(kvm())
+}
+
+/// Tests here measure the process (threads, fds, memory) and load both cores: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Every fault kind, in turn, every 250 ms: each is detected under its own reason and
+/// recovered, and neither client sees an error or a wrong block.
+#[test]
+fn every_fault_kind_is_detected_recovered_and_invisible_to_clients() {
+    let _serial = serial();
+    let dir = scratch("recovery-all");
+    let cfg = config(
+        &dir,
+        FAST,
+        "workload=randrw rwmix=60 bs=4096 qd=16 flush_every=32",
+        2,
+    );
+    let plan = ChaosPlan {
+        faults: FaultKind::ALL.to_vec(),
+        every: Duration::from_millis(250),
+        duration: Duration::from_millis(250 * (FaultKind::ALL.len() as u64 + 2)),
+        skip_baseline: true,
+    };
+    let r = chaos::run(&hv(), &cfg, Path::new("test.toml"), &plan).unwrap();
+    assert_eq!(r.client_errors, 0, "{}", r.table());
+    assert_eq!(r.mismatches, 0, "{}", r.table());
+    for reason in [
+        "operator-kill",
+        "panic",
+        "heartbeat",
+        "exception",
+        "shutdown",
+        "protocol-index-past-producer",
+        "protocol-unknown-tag",
+        "protocol-length",
+        "protocol-stale-epoch",
+        "dma-refused",
+        "deadline",
+    ] {
+        assert!(
+            r.detections.contains_key(reason),
+            "{reason} not detected:\n{}",
+            r.table()
+        );
+    }
+    assert!(
+        r.recoveries >= FaultKind::ALL.len() as u64 - 1,
+        "{}",
+        r.table()
+    );
+    for c in &r.clients {
+        assert!(c.verified > 0 && c.ops > 0, "{c:?}");
+    }
+}
+
+/// Writes acknowledged but never flushed live only in the device's volatile cache; every
+/// restart resets the device, which drops them. The VMM's write log replays them, so the
+/// client's final verify pass reads back every acknowledged write.
+#[test]
+fn writes_a_reset_drops_from_the_volatile_cache_are_replayed() {
+    let _serial = serial();
+    let dir = scratch("recovery-vwc");
+    let cfg = config(
+        &dir,
+        FAST,
+        "workload=randwrite bs=4096 qd=8 duration_ms=1500 flush_every=0 verify_pass=1",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(150));
+        handle.send(Command::Inject {
+            kind: FaultKind::Kill,
+            arg: 0,
+        });
+    }
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    let backend = topo.services[0].stop().unwrap();
+    let Backend::Channel(b) = backend else {
+        panic!("a channel backend")
+    };
+    let dropped = b.device_stats().dropped_cached_writes;
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.clean(), "{r:?}");
+    assert!(r.verified > 0, "{r:?}");
+    assert!(dropped > 0, "the resets dropped cached writes ({dropped})");
+    assert!(handle.with(|o| o.recoveries.len()) >= 6);
+}
+
+/// Too many failures in the window: the supervisor gives up, pending and new requests fail
+/// with VIRTIO_BLK_S_IOERR (errors pushed up), and the device is marked broken.
+#[test]
+fn giving_up_fails_requests_with_an_error_status() {
+    let _serial = serial();
+    let dir = scratch("recovery-giveup");
+    let cfg = config(
+        &dir,
+        "max_restarts = 2\nwindow_ms = 60000\nrestart_delay_ms = 0\nheartbeat_ms = 20\n",
+        "workload=randrw bs=4096 qd=4 duration_ms=2000 timeout_ms=2000",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    let t0 = Instant::now();
+    while !handle.with(|o| o.status.as_ref().is_some_and(|s| s.broken)) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never gave up");
+        handle.send(Command::Inject {
+            kind: FaultKind::Panic,
+            arg: 0,
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.errors > 0, "errors reach the client: {r:?}");
+    assert_eq!(r.mismatches, 0, "{r:?}");
+    let events = handle.events.lock().unwrap();
+    let json = serde_json::to_string(&events.since(0).collect::<Vec<_>>()).unwrap();
+    assert!(
+        json.contains("gave-up") || json.contains("gave_up"),
+        "{json}"
+    );
+}
+
+/// An operator restart and a live update to a (new) image: the clients see neither.
+#[test]
+fn operator_restart_and_live_update_cause_no_client_errors() {
+    let _serial = serial();
+    let dir = scratch("recovery-update");
+    let cfg = config(
+        &dir,
+        FAST,
+        "workload=randrw bs=4096 qd=8 duration_ms=1200",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    std::thread::sleep(Duration::from_millis(300));
+    handle.send(Command::Restart);
+    std::thread::sleep(Duration::from_millis(300));
+    handle.send(Command::Update(ddvm::builtin_driver_domain()));
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.clean(), "{r:?}");
+    let status = handle.with(|o| o.status.clone()).unwrap();
+    assert!(status.epoch >= Some(3), "two restarts: {status:?}");
+    let events = handle.events.lock().unwrap();
+    let json = serde_json::to_string(&events.since(0).collect::<Vec<_>>()).unwrap();
+    assert!(json.contains("update"), "{json}");
+}
+
+/// A thousand restarts under load: file descriptors, threads and memory stay flat.
+#[test]
+fn a_thousand_restarts_leak_nothing() {
+    let _serial = serial();
+    let dir = scratch("recovery-soak");
+    let cfg = config(
+        &dir,
+        FAST,
+        "workload=randrw bs=4096 qd=4 duration_ms=600000",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    let restart = |n: usize| {
+        for _ in 0..n {
+            let before = handle.with(|o| o.recoveries.len());
+            handle.send(Command::Kill);
+            let t0 = Instant::now();
+            while handle.with(|o| o.recoveries.len()) == before {
+                assert!(t0.elapsed() < Duration::from_secs(5), "no recovery");
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+    };
+    restart(50);
+    let (fds, threads, rss) = (fd_count(), thread_count(), rss_kib());
+    restart(1000);
+    let (fds2, threads2, rss2) = (fd_count(), thread_count(), rss_kib());
+    println!(
+        "1000 restarts: fds {fds}->{fds2}, threads {threads}->{threads2}, rss {rss}->{rss2} KiB"
+    );
+    for c in &mut topo.clients {
+        c.domain_mut().stop();
+    }
+    topo.stop();
+    assert!(fds2 <= fds + 2, "fds {fds} -> {fds2}");
+    assert!(threads2 <= threads + 1, "threads {threads} -> {threads2}");
+    assert!(rss2 < rss + 16 * 1024, "rss {rss} -> {rss2} KiB");
+}
