@@ -14,7 +14,13 @@ fn every_example_config_runs() {
             continue;
         }
         n += 1;
-        let out = ddvm(&["run", path.to_str().unwrap(), "--duration", "0.3"]);
+        // Domain-only topologies run for the duration; client topologies until their clients
+        // finish (the duration is then a limit).
+        let clients = std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("[[client]]");
+        let duration = if clients { "60" } else { "0.3" };
+        let out = ddvm(&["run", path.to_str().unwrap(), "--duration", duration]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{}: {stdout}{stderr}", path.display());

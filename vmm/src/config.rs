@@ -511,6 +511,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_topology_example_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n")
+            .expect("a toml example in the README")
+            + 8;
+        let len = readme[start..].find("```").expect("the example ends");
+        let c = parse(&readme[start..start + len]).unwrap();
+        assert_eq!((c.domains.len(), c.clients.len()), (1, 1));
+        let p = c.domains[0].recovery.to_policy().unwrap();
+        assert_eq!(
+            p.detection.heartbeat_period,
+            std::time::Duration::from_millis(20)
+        );
+    }
+
+    #[test]
     fn relative_images_resolve_against_the_config_directory() {
         let c = parse("[[domain]]\nname = \"d\"\nimage = \"img/dd.elf\"\n").unwrap();
         assert_eq!(
