@@ -235,3 +235,54 @@ fn a_thousand_restarts_leak_nothing() {
     assert!(threads2 <= threads + 1, "threads {threads} -> {threads2}");
     assert!(rss2 < rss + 16 * 1024, "rss {rss} -> {rss2} KiB");
 }
+
+/// `ddvm ctl` over the control socket: status, kill (recovered, no client error), inject,
+/// events; bad requests get errors.
+#[test]
+fn the_control_socket_reports_status_and_takes_commands() {
+    let _serial = serial();
+    let dir = scratch("recovery-ctl");
+    let cfg = config(
+        &dir,
+        FAST,
+        "workload=randrw bs=4096 qd=8 duration_ms=1500",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let sock = dir.join("ctl.sock");
+    let server = ddvm::control::ControlServer::start(&sock, topo.recovery.clone()).unwrap();
+    let ctl = |args: &[&str]| {
+        let mut a = vec!["ctl", sock.to_str().unwrap()];
+        a.extend_from_slice(args);
+        let out = ddvm(&a);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success(), text)
+    };
+    let (ok, status) = ctl(&["status"]);
+    assert!(
+        ok && status.contains("\"nvme0\"") && status.contains("\"running\""),
+        "{status}"
+    );
+    let (ok, text) = ctl(&["kill", "nvme0"]);
+    assert!(ok, "{text}");
+    std::thread::sleep(Duration::from_millis(200));
+    let (ok, text) = ctl(&["inject", "nvme0", "panic"]);
+    assert!(ok, "{text}");
+    std::thread::sleep(Duration::from_millis(200));
+    let (ok, status) = ctl(&["status"]);
+    assert!(ok && status.contains("\"restarts\": 2"), "{status}");
+    let (ok, events) = ctl(&["events"]);
+    assert!(
+        ok && events.contains("operator-kill") && events.contains("panic"),
+        "{events}"
+    );
+    let (ok, text) = ctl(&["kill", "nope"]);
+    assert!(!ok && text.contains("nope"), "{text}");
+    let (ok, _) = ctl(&["inject", "nvme0", "explode"]);
+    assert!(!ok);
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    drop(server);
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.clean(), "{r:?}");
+}

@@ -12,6 +12,7 @@ pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod devices;
 pub mod domain;
 pub mod hypervisor;

@@ -63,6 +63,9 @@ enum Command {
         /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
         #[arg(long)]
         duration: Option<f64>,
+        /// Serve the control socket (JSON; see `ddvm ctl`) at this path.
+        #[arg(long)]
+        control: Option<PathBuf>,
         /// Once ready, run the in-VMM test client on every domain with a device: this many
         /// verified reads and writes (4 KiB random, queue depth 16, half writes).
         #[arg(long)]
@@ -91,6 +94,16 @@ enum Command {
         /// Skip the fault-free baseline run.
         #[arg(long)]
         no_baseline: bool,
+    },
+    /// Talk to a running `ddvm run --control SOCKET`: status, events, kill, restart, update,
+    /// inject.
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        /// `status`, `events [SINCE]`, `kill DOMAIN`, `restart DOMAIN`,
+        /// `update DOMAIN IMAGE`, `inject DOMAIN FAULT [ARG]`.
+        #[arg(required = true, num_args = 1..)]
+        request: Vec<String>,
     },
     /// Boot one image and wait until it stops; the exit status tells how it stopped.
     Boot {
@@ -143,8 +156,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             config,
             duration,
+            control,
             verify,
-        } => run_config(&cli.kvm, &config, duration, verify),
+        } => run_config(&cli.kvm, &config, duration, control.as_deref(), verify),
+        Command::Ctl { socket, request } => ctl(&socket, &request),
         Command::Chaos {
             config,
             faults,
@@ -296,9 +311,32 @@ workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=
     );
     let hv = Arc::new(open_kvm(kvm)?);
     let echo = if verbose { Echo::Stderr } else { Echo::Off };
-    let result = run_topology(&hv, &config, file, echo, None);
+    let result = run_topology(&hv, &config, file, echo, None, None);
     let _ = std::fs::remove_file(&disk);
     result
+}
+
+fn ctl(socket: &Path, words: &[String]) -> anyhow::Result<ExitCode> {
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let req = match w.as_slice() {
+        ["status"] => serde_json::json!({"cmd": "status"}),
+        ["events"] => serde_json::json!({"cmd": "events"}),
+        ["events", since] => serde_json::json!({"cmd": "events", "since": since.parse::<u64>().context("events SINCE: expected a number")?}),
+        ["kill", d] => serde_json::json!({"cmd": "kill", "domain": d}),
+        ["restart", d] => serde_json::json!({"cmd": "restart", "domain": d}),
+        ["update", d, image] => serde_json::json!({"cmd": "update", "domain": d, "image": image}),
+        ["inject", d, fault] => serde_json::json!({"cmd": "inject", "domain": d, "fault": fault}),
+        ["inject", d, fault, arg] => serde_json::json!({"cmd": "inject", "domain": d, "fault": fault, "arg": arg.parse::<u32>().context("inject ARG: expected a number")?}),
+        _ => anyhow::bail!("expected one of: status | events [SINCE] | kill DOMAIN | restart DOMAIN | update DOMAIN IMAGE | inject DOMAIN FAULT [ARG]"),
+    };
+    let answer = ddvm::control::request(socket, &req)
+        .with_context(|| format!("control socket {}", socket.display()))?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(if answer["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn chaos(
@@ -365,9 +403,17 @@ fn run_topology(
     file: &Path,
     echo: Echo,
     duration: Option<f64>,
+    control: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let mut topo = Topology::start(hv, config, file, echo)?;
+    let _control = match control {
+        Some(p) => Some(
+            ddvm::control::ControlServer::start(p, topo.recovery.clone())
+                .with_context(|| format!("control socket {}", p.display()))?,
+        ),
+        None => None,
+    };
     for (name, t) in &topo.ready_times {
         println!("ddvm: domain {name} ready in {:.3} ms", ms(*t));
     }
@@ -532,12 +578,13 @@ fn run_config(
     kvm: &Path,
     file: &Path,
     duration: Option<f64>,
+    control: Option<&Path>,
     verify: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
     if !config.clients.is_empty() {
         let hv = Arc::new(open_kvm(kvm)?);
-        return run_topology(&hv, &config, file, Echo::Stderr, duration);
+        return run_topology(&hv, &config, file, Echo::Stderr, duration, control);
     }
     let mut cfgs = Vec::new();
     for d in &config.domains {
