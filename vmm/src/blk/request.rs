@@ -343,11 +343,16 @@ where
         if !mem.check_range(GuestAddress(addr), len as usize) {
             bad.get_or_insert("buffer outside guest memory");
             // The status byte must still be findable: keep a writable run's last byte only if
-            // it is in memory, else the chain is unusable (checked below).
-            if d.is_write_only() && mem.check_range(GuestAddress(addr + u64::from(len) - 1), 1) {
-                writable.push(addr + u64::from(len) - 1, 1);
-            } else if d.is_write_only() {
-                writable = Segments::default();
+            // it is in memory, else the chain is unusable (checked below). The address is the
+            // guest's: it may be anywhere, up to the top of the address space.
+            if d.is_write_only() {
+                let last = addr
+                    .checked_add(u64::from(len) - 1)
+                    .filter(|&b| mem.check_range(GuestAddress(b), 1));
+                match last {
+                    Some(b) => writable.push(b, 1),
+                    None => writable = Segments::default(),
+                }
             }
             continue;
         }

@@ -305,7 +305,7 @@ fn hostile_chains_get_an_error_or_needs_reset_and_harm_nobody() {
     let mut good = Driver::new("good", RANGE_B);
     let _svc = service(&[&bad, &good], backend);
     type Case = (&'static str, fn(&mut Driver), Option<u8>);
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
         (
             "descriptor loop",
             |d| {
@@ -322,6 +322,17 @@ fn hostile_chains_get_an_error_or_needs_reset_and_harm_nobody() {
                 d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
                 d.desc(0, HDR, 16, F_NEXT, 1);
                 d.desc(1, 0x8_0000_0000, 512, F_WRITE | F_NEXT, 2);
+                d.desc(2, STATUS, 1, F_WRITE, 0);
+                d.publish(0);
+            },
+            Some(status::IOERR),
+        ),
+        (
+            "buffer wrapping the top of the address space",
+            |d| {
+                d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+                d.desc(0, HDR, 16, F_NEXT, 1);
+                d.desc(1, u64::MAX - 255, 512, F_WRITE | F_NEXT, 2);
                 d.desc(2, STATUS, 1, F_WRITE, 0);
                 d.publish(0);
             },
