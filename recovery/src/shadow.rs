@@ -12,7 +12,7 @@
 //! [`WriteLog`] keeps a copy of each acknowledged write until a flush that was submitted after
 //! it completes; after a reset those writes are replayed first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 /// What a request does (the channel's operations).
@@ -89,8 +89,9 @@ pub struct NotInFlight {
 pub struct ShadowQueue<C> {
     entries: BTreeMap<u64, Entry<C>>,
     by_tag: HashMap<(u64, u32), u64>,
+    /// Sequence numbers of the queued entries, in order (the next to post is the first).
+    queued: BTreeSet<u64>,
     next_seq: u64,
-    queued: usize,
 }
 
 impl<C> Default for ShadowQueue<C> {
@@ -98,8 +99,8 @@ impl<C> Default for ShadowQueue<C> {
         ShadowQueue {
             entries: BTreeMap::new(),
             by_tag: HashMap::new(),
+            queued: BTreeSet::new(),
             next_seq: 0,
-            queued: 0,
         }
     }
 }
@@ -128,16 +129,13 @@ impl<C> ShadowQueue<C> {
                 accepted: now,
             },
         );
-        self.queued += 1;
+        self.queued.insert(seq);
         seq
     }
 
     /// The oldest queued entry (the next to post).
     pub fn next_queued(&self) -> Option<&Entry<C>> {
-        if self.queued == 0 {
-            return None;
-        }
-        self.entries.values().find(|e| e.state == State::Queued)
+        self.entries.get(self.queued.first()?)
     }
 
     /// Marks queued entry `seq` as posted in `epoch` under `tag`.
@@ -154,7 +152,7 @@ impl<C> ShadowQueue<C> {
             posted: now,
         };
         e.attempts += 1;
-        self.queued -= 1;
+        self.queued.remove(&seq);
         self.by_tag.insert((epoch, tag), seq);
         true
     }
@@ -173,7 +171,9 @@ impl<C> ShadowQueue<C> {
     pub fn remove(&mut self, seq: u64) -> Option<Entry<C>> {
         let e = self.entries.remove(&seq)?;
         match e.state {
-            State::Queued => self.queued -= 1,
+            State::Queued => {
+                self.queued.remove(&seq);
+            }
             State::InFlight { tag, epoch, .. } => {
                 self.by_tag.remove(&(epoch, tag));
             }
@@ -188,11 +188,11 @@ impl<C> ShadowQueue<C> {
         for e in self.entries.values_mut() {
             if matches!(e.state, State::InFlight { .. }) {
                 e.state = State::Queued;
+                self.queued.insert(e.seq);
                 n += 1;
             }
         }
         self.by_tag.clear();
-        self.queued += n;
         n
     }
 
@@ -208,12 +208,12 @@ impl<C> ShadowQueue<C> {
 
     /// Entries waiting to be posted.
     pub fn queued(&self) -> usize {
-        self.queued
+        self.queued.len()
     }
 
     /// Entries posted and not completed.
     pub fn in_flight(&self) -> usize {
-        self.entries.len() - self.queued
+        self.entries.len() - self.queued.len()
     }
 
     /// The in-flight entry posted longest ago: (tag, posted).
@@ -235,7 +235,7 @@ impl<C> ShadowQueue<C> {
     /// Removes and returns every entry (give-up: each is failed to its client).
     pub fn drain(&mut self) -> Vec<Entry<C>> {
         self.by_tag.clear();
-        self.queued = 0;
+        self.queued.clear();
         std::mem::take(&mut self.entries).into_values().collect()
     }
 }
