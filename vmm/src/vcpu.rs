@@ -448,18 +448,33 @@ fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
 
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is readable.
 pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    wait_fds(&[std::os::fd::AsRawFd::as_raw_fd(fd)], timeout)
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes; returns whether one is.
+pub fn wait_fds(fds: &[std::os::fd::RawFd], timeout: Duration) -> bool {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
     };
-    // SAFETY: one valid pollfd, a valid timespec and no signal mask; ppoll only writes
-    // `revents` of the pollfd we own.
-    unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) > 0 }
+    // SAFETY: `pfds` is an array of `pfds.len()` valid pollfds that we own, the timespec is
+    // valid and there is no signal mask; ppoll writes only their `revents` fields.
+    unsafe {
+        libc::ppoll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        ) > 0
+    }
 }
 
 fn read_panic(mem: &GuestMem, value: u32) -> DomainExit {

@@ -17,7 +17,6 @@ use ddvm_recovery::shadow::{Op, ShadowQueue};
 use super::device::ClientPort;
 use super::request::status;
 use super::service::{Part, Pending, ServiceCounters};
-use crate::channel::DomainProtocolError;
 
 /// A part the backend finished.
 #[derive(Clone, Copy, Debug)]
@@ -28,18 +27,10 @@ pub struct Finished {
     pub status: u8,
 }
 
-/// Why a backend stopped serving.
+/// Why a block service could not hand its backend back. (Backends never stop serving on
+/// their own: a failing driver domain is restarted, not reported.)
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The driver domain broke the channel protocol.
-    #[error("driver domain broke the channel protocol: {0}")]
-    Protocol(#[from] DomainProtocolError),
-    /// A completion matched no shadow entry (cannot happen after the channel's checks).
-    #[error("completion for tag {tag} matches no shadow entry")]
-    Unmatched {
-        /// Tag.
-        tag: u32,
-    },
     /// The service thread panicked.
     #[error("block service thread panicked")]
     Panicked,
@@ -95,10 +86,10 @@ impl Backend {
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
-    ) -> Result<usize, BackendError> {
+    ) -> usize {
         match self {
             Backend::Channel(c) => c.post(shadow, pending, ports, counters),
-            Backend::File(f) => Ok(f.run(shadow, pending, ports, counters)),
+            Backend::File(f) => f.run(shadow, pending, ports, counters),
         }
     }
 
@@ -110,23 +101,23 @@ impl Backend {
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
         out: &mut Vec<Finished>,
-    ) -> Result<usize, BackendError> {
+    ) -> usize {
         match self {
             Backend::Channel(c) => c.collect(shadow, pending, ports, counters, out),
             Backend::File(f) => {
                 let n = f.done.len();
                 out.append(&mut f.done);
-                Ok(n)
+                n
             }
         }
     }
 
     /// Asks for (or stops asking for) a wake-up when completions arrive; returns whether
     /// some already did.
-    pub fn arm(&mut self, on: bool) -> Result<bool, BackendError> {
+    pub fn arm(&mut self, on: bool) -> bool {
         match self {
             Backend::Channel(c) => c.arm(on),
-            Backend::File(f) => Ok(!f.done.is_empty()),
+            Backend::File(f) => !f.done.is_empty(),
         }
     }
 
@@ -210,7 +201,7 @@ impl FileBackend {
                     self.file.read_exact_at(buf, offset).is_ok() && {
                         let guard = port.lock();
                         guard.generation != p.generation
-                            || timed_copy(counters, part.len, || {
+                            || counters.copy(part.len, || {
                                 p.data
                                     .slice(part.offset, part.len)
                                     .write_from(&port.mem, buf)
@@ -220,7 +211,7 @@ impl FileBackend {
                 }
                 Op::Write => {
                     let buf = &mut self.buf[..part.len as usize];
-                    timed_copy(counters, part.len, || {
+                    counters.copy(part.len, || {
                         p.data
                             .slice(part.offset, part.len)
                             .read_into(&port.mem, buf)
@@ -238,17 +229,6 @@ impl FileBackend {
         }
         n
     }
-}
-
-fn timed_copy(counters: &ServiceCounters, len: u64, f: impl FnOnce() -> bool) -> bool {
-    use std::sync::atomic::Ordering;
-    let t = Instant::now();
-    let ok = f();
-    counters
-        .copy_ns
-        .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    counters.copy_bytes.fetch_add(len, Ordering::Relaxed);
-    ok
 }
 
 /// Deallocates (discard) or zeroes a byte range of the file, keeping its size.

@@ -27,7 +27,7 @@ use ddvm_recovery::shadow::{LoggedWrite, Op, ShadowQueue, WriteLog};
 use ddvm_recovery::supervisor::{Admission, Decision, Ready, Status, Supervisor};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::backend::{BackendError, DiskInfo, Finished};
+use super::backend::{DiskInfo, Finished};
 use super::device::ClientPort;
 use super::request::status;
 use super::service::{copy_part, Part, Pending, ServiceCounters};
@@ -544,7 +544,7 @@ impl ChannelBackend {
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
-    ) -> Result<usize, BackendError> {
+    ) -> usize {
         self.tend(shadow);
         if self.sup.admission() == Admission::Fail {
             // Given up: every owed request is failed, as MINIX pushes errors up.
@@ -554,10 +554,10 @@ impl ChannelBackend {
                     status: status::IOERR,
                 });
             }
-            return Ok(0);
+            return 0;
         }
         let Some(live) = self.live.as_mut() else {
-            return Ok(0);
+            return 0;
         };
         let mem = live.domain.memory().clone();
         let mut n = 0;
@@ -652,7 +652,7 @@ impl ChannelBackend {
                 });
             self.fail(reason, shadow);
         }
-        Ok(n)
+        n
     }
 
     /// Takes completions; copies read data to clients; records acknowledged writes.
@@ -663,10 +663,10 @@ impl ChannelBackend {
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
         out: &mut Vec<Finished>,
-    ) -> Result<usize, BackendError> {
+    ) -> usize {
         out.append(&mut self.failed);
         let Some(live) = self.live.as_mut() else {
-            return Ok(0);
+            return 0;
         };
         let mem = live.domain.memory().clone();
         self.done.clear();
@@ -679,11 +679,11 @@ impl ChannelBackend {
                 let count = refused - self.dma_refused;
                 self.dma_refused = refused;
                 self.fail(FailureReason::DmaRefused { count }, shadow);
-                return Ok(0);
+                return 0;
             }
         }
         let Some(live) = self.live.as_mut() else {
-            return Ok(0);
+            return 0;
         };
         let mut n = 0;
         for d in std::mem::take(&mut self.done) {
@@ -698,8 +698,14 @@ impl ChannelBackend {
                 continue;
             }
             let Ok(entry) = shadow.complete(tag, live.epoch) else {
-                // The channel checked the tag; a miss would be a VMM bug. Refuse loudly.
-                return Err(BackendError::Unmatched { tag });
+                // The channel checked the tag against its own table, which the shadow queue
+                // mirrors: a miss is a VMM bug. Say so, free the slot, and keep serving.
+                tracing::error!(
+                    "domain {}: completion for tag {tag} has no shadow entry",
+                    self.cfg.name
+                );
+                live.channel.finish(&mem, &d, None);
+                continue;
             };
             let part = entry.client;
             let mut st = virtio_status(d.status);
@@ -764,26 +770,26 @@ impl ChannelBackend {
         if let Err(e) = polled {
             self.fail(FailureReason::Protocol(violation(e)), shadow);
         }
-        Ok(n)
+        n
     }
 
     /// Asks for (or stops asking for) a wake-up when completions arrive; returns whether some
     /// already did.
-    pub fn arm(&mut self, on: bool) -> Result<bool, BackendError> {
+    pub fn arm(&mut self, on: bool) -> bool {
         if !self.failed.is_empty() {
-            return Ok(true);
+            return true;
         }
         let Some(live) = self.live.as_mut() else {
             // Down: wake for the restart.
-            return Ok(self.restart_at.is_some());
+            return self.restart_at.is_some();
         };
         let mem = live.domain.memory().clone();
         live.channel.set_notify(&mem, on);
         if !on {
             let _ = live.domain.notify_eventfd().read();
-            return Ok(false);
+            return false;
         }
-        Ok(live.channel.poll_pending(&mem).unwrap_or(true) || live.domain.has_stopped().is_some())
+        live.channel.poll_pending(&mem).unwrap_or(true) || live.domain.has_stopped().is_some()
     }
 
     /// Eventfds that wake the service: completions (and the domain stopping), commands.

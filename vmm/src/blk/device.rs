@@ -126,16 +126,8 @@ unsafe impl ByteValued for Config {}
 /// Counters of one client port.
 #[derive(Debug, Default)]
 pub struct PortCounters {
-    /// Requests answered.
-    pub completed: AtomicU64,
-    /// Requests answered with an error status.
-    pub errors: AtomicU64,
-    /// Bytes read or written.
-    pub bytes: AtomicU64,
     /// Times the queue was found unusable (DEVICE_NEEDS_RESET).
     pub needs_reset: AtomicU64,
-    /// Interrupts (wake-ups) sent to the client.
-    pub interrupts: AtomicU64,
 }
 
 /// The queue as the service sees it.

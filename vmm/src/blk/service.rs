@@ -27,6 +27,7 @@ use super::backend::{Backend, BackendError, Finished};
 use super::device::ClientPort;
 use super::request::{self, status, Invalid, Kind, Segments};
 use crate::memory::GuestMem;
+use crate::vcpu::wait_fds;
 
 /// How long the loop polls before it sleeps.
 const SPIN: Duration = Duration::from_micros(300);
@@ -63,29 +64,29 @@ pub struct Pending {
     pub parts_left: u32,
     /// Worst status so far.
     pub result: u8,
-    /// When the VMM took it from the queue.
-    pub accepted: Instant,
 }
 
 /// Counters of a block service.
 #[derive(Debug, Default)]
 pub struct ServiceCounters {
-    /// Client requests accepted (valid ones).
-    pub accepted: AtomicU64,
     /// Client requests answered (valid or not).
     pub answered: AtomicU64,
-    /// Invalid requests answered with an error status.
-    pub invalid: AtomicU64,
-    /// Parts posted to the backend (including replays).
-    pub posted: AtomicU64,
     /// Bytes copied between client memory and the backend.
     pub copy_bytes: AtomicU64,
     /// Time spent copying, in nanoseconds.
     pub copy_ns: AtomicU64,
-    /// Times the loop went to sleep.
-    pub sleeps: AtomicU64,
-    /// Sum of request latencies in µs (accepted → answered).
-    pub latency_us: AtomicU64,
+}
+
+impl ServiceCounters {
+    /// Runs `copy` (which moves `len` bytes), counting the bytes and the time it took.
+    pub fn copy<R>(&self, len: u64, copy: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = copy();
+        self.copy_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.copy_bytes.fetch_add(len, Ordering::Relaxed);
+        r
+    }
 }
 
 /// State shared with the service thread.
@@ -111,7 +112,7 @@ pub struct BlockService {
     name: String,
     shared: Arc<ServiceShared>,
     ports: Vec<Arc<ClientPort>>,
-    thread: Option<JoinHandle<Result<Backend, BackendError>>>,
+    thread: Option<JoinHandle<Backend>>,
 }
 
 impl BlockService {
@@ -134,7 +135,10 @@ impl BlockService {
         };
         let thread = std::thread::Builder::new()
             .name(format!("blk-{name}"))
-            .spawn(move || worker.run().map(|()| worker.backend))?;
+            .spawn(move || {
+                worker.run();
+                worker.backend
+            })?;
         Ok(BlockService {
             name: name.to_string(),
             shared,
@@ -158,7 +162,7 @@ impl BlockService {
         &self.ports
     }
 
-    /// Whether the thread has ended (a backend failure).
+    /// Whether the thread has ended (it ends only when stopped, or on a VMM bug).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
@@ -168,7 +172,7 @@ impl BlockService {
         self.shared.stop.store(true, Ordering::Release);
         let _ = self.shared.wake.write(1);
         match self.thread.take() {
-            Some(t) => t.join().unwrap_or(Err(BackendError::Panicked)),
+            Some(t) => t.join().map_err(|_| BackendError::Panicked),
             None => Err(BackendError::Stopped),
         }
     }
@@ -194,12 +198,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self) -> Result<(), BackendError> {
+    fn run(&mut self) {
         let mut idle_since: Option<Instant> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
             let mut progress = self.intake();
-            progress += self.post()?;
-            progress += self.collect()?;
+            progress += self.post();
+            progress += self.collect();
             self.signal_clients();
             if progress > 0 {
                 idle_since = None;
@@ -212,14 +216,13 @@ impl Worker {
                 std::thread::yield_now();
                 continue;
             }
-            self.sleep()?;
+            self.sleep();
             idle_since = None;
         }
-        Ok(())
     }
 
     /// Arms every notification, re-checks, and sleeps until an eventfd fires.
-    fn sleep(&mut self) -> Result<(), BackendError> {
+    fn sleep(&mut self) {
         let mut ready = false;
         for port in &self.ports {
             let mut st = port.lock();
@@ -231,26 +234,24 @@ impl Worker {
                 ready |= q.enable_notification(&port.mem).unwrap_or(true);
             }
         }
-        ready |= self.backend.arm(true)?;
+        ready |= self.backend.arm(true);
         if !ready {
             let mut fds: Vec<RawFd> = self.ports.iter().map(|p| p.notify.as_raw_fd()).collect();
             fds.push(self.shared.wake.as_raw_fd());
             fds.extend(self.backend.wait_fds());
-            self.shared.counters.sleeps.fetch_add(1, Ordering::Relaxed);
-            wait_any(&fds, MAX_SLEEP.min(self.backend.sleep_limit()));
+            wait_fds(&fds, MAX_SLEEP.min(self.backend.sleep_limit()));
         }
         for port in &self.ports {
             let _ = port.notify.read();
         }
         let _ = self.shared.wake.read();
-        self.backend.arm(false)?;
+        self.backend.arm(false);
         for port in &self.ports {
             let mut st = port.lock();
             if let Some(q) = st.queue.as_mut() {
                 let _ = q.disable_notification(&port.mem);
             }
         }
-        Ok(())
     }
 
     /// Takes new requests from every client queue.
@@ -285,7 +286,6 @@ impl Worker {
                     }
                     Err(Invalid::Status { status, value, why }) => {
                         tracing::debug!("{}: request refused: {why}", port.name);
-                        self.shared.counters.invalid.fetch_add(1, Ordering::Relaxed);
                         answers.push((head, status, value, 0));
                     }
                     Err(Invalid::Unusable(why)) => {
@@ -378,33 +378,23 @@ impl Worker {
                 status: req.status,
                 parts_left: parts,
                 result: status::OK,
-                accepted: now,
             },
         );
-        self.shared
-            .counters
-            .accepted
-            .fetch_add(1, Ordering::Relaxed);
         None
     }
 
     /// Posts queued parts while the backend has room.
-    fn post(&mut self) -> Result<usize, BackendError> {
-        let n = self.backend.post(
+    fn post(&mut self) -> usize {
+        self.backend.post(
             &mut self.shadow,
             &self.pending,
             &self.ports,
             &self.shared.counters,
-        )?;
-        self.shared
-            .counters
-            .posted
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+        )
     }
 
     /// Takes completed parts; answers requests whose parts are all done.
-    fn collect(&mut self) -> Result<usize, BackendError> {
+    fn collect(&mut self) -> usize {
         self.finished.clear();
         let n = self.backend.collect(
             &mut self.shadow,
@@ -412,7 +402,7 @@ impl Worker {
             &self.ports,
             &self.shared.counters,
             &mut self.finished,
-        )?;
+        );
         for i in 0..self.finished.len() {
             let f = self.finished[i];
             let Some(p) = self.pending.get_mut(&f.part.rid) else {
@@ -426,7 +416,7 @@ impl Worker {
                 }
             }
         }
-        Ok(n)
+        n
     }
 
     fn answer(&mut self, p: Pending) {
@@ -436,18 +426,10 @@ impl Worker {
             // The client reset its device: it no longer expects an answer.
             return;
         }
-        let us = p.accepted.elapsed().as_micros() as u64;
-        self.shared
-            .counters
-            .latency_us
-            .fetch_add(us, Ordering::Relaxed);
+        // Data bytes written into the client's buffers: a read's, when it succeeded.
         let len = if p.result == status::OK && p.kind == Kind::Read {
-            port.counters.bytes.fetch_add(p.data.len, Ordering::Relaxed);
             p.data.len as u32
         } else {
-            if p.result == status::OK && p.kind == Kind::Write {
-                port.counters.bytes.fetch_add(p.data.len, Ordering::Relaxed);
-            }
             0
         };
         self.answer_locked(&port, &mut st, p.port, p.head, p.status, p.result, len);
@@ -470,10 +452,6 @@ impl Worker {
             .counters
             .answered
             .fetch_add(1, Ordering::Relaxed);
-        port.counters.completed.fetch_add(1, Ordering::Relaxed);
-        if value != status::OK {
-            port.counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
         let Some(q) = st.queue.as_mut() else { return };
         let written = port.mem.write_obj(value, GuestAddress(status_addr)).is_ok();
         if !written || q.add_used(&port.mem, head, len + 1).is_err() {
@@ -492,7 +470,6 @@ impl Worker {
             let mut st = port.lock();
             let Some(q) = st.queue.as_mut() else { continue };
             if q.needs_notification(&port.mem).unwrap_or(true) {
-                port.counters.interrupts.fetch_add(1, Ordering::Relaxed);
                 port.interrupt.raise(crate::virtio::interrupt::VRING);
             }
         }
@@ -509,56 +486,23 @@ pub fn copy_part(
     to_client: bool,
     counters: &ServiceCounters,
 ) -> bool {
-    let t = Instant::now();
-    let mut pos = gpa;
-    let mut ok = true;
-    for &(addr, n) in &segments.runs {
-        let n = n as usize;
-        let (Ok(c), Ok(o)) = (
-            client.get_slice(GuestAddress(addr), n),
-            other.get_slice(GuestAddress(pos), n),
-        ) else {
-            ok = false;
-            break;
-        };
-        if to_client {
-            o.copy_to_volatile_slice(c);
-        } else {
-            c.copy_to_volatile_slice(o);
+    counters.copy(segments.len, || {
+        let mut pos = gpa;
+        for &(addr, n) in &segments.runs {
+            let n = n as usize;
+            let (Ok(c), Ok(o)) = (
+                client.get_slice(GuestAddress(addr), n),
+                other.get_slice(GuestAddress(pos), n),
+            ) else {
+                return false;
+            };
+            if to_client {
+                o.copy_to_volatile_slice(c);
+            } else {
+                c.copy_to_volatile_slice(o);
+            }
+            pos += n as u64;
         }
-        pos += n as u64;
-    }
-    counters
-        .copy_ns
-        .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    counters
-        .copy_bytes
-        .fetch_add(segments.len, Ordering::Relaxed);
-    ok
-}
-
-/// Waits until one of `fds` is readable or `timeout` passes.
-fn wait_any(fds: &[RawFd], timeout: Duration) {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
-    };
-    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds that we own; the timespec is
-    // valid; no signal mask. ppoll writes only the `revents` fields.
-    unsafe {
-        libc::ppoll(
-            pfds.as_mut_ptr(),
-            pfds.len() as libc::nfds_t,
-            &ts,
-            std::ptr::null(),
-        );
-    }
+        true
+    })
 }
