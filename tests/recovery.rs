@@ -129,7 +129,7 @@ fn writes_a_reset_drops_from_the_volatile_cache_are_replayed() {
     assert!(r.clean(), "{r:?}");
     assert!(r.verified > 0, "{r:?}");
     assert!(dropped > 0, "the resets dropped cached writes ({dropped})");
-    assert!(handle.with(|o| o.recoveries.len()) >= 6);
+    assert!(handle.with(|o| o.recovered) >= 6);
 }
 
 /// Too many failures in the window: the supervisor gives up, pending and new requests fail
@@ -211,10 +211,10 @@ fn a_thousand_restarts_leak_nothing() {
     let handle = topo.recovery[0].1.clone();
     let restart = |n: usize| {
         for _ in 0..n {
-            let before = handle.with(|o| o.recoveries.len());
+            let before = handle.with(|o| o.recovered);
             handle.send(Command::Kill);
             let t0 = Instant::now();
-            while handle.with(|o| o.recoveries.len()) == before {
+            while handle.with(|o| o.recovered) == before {
                 assert!(t0.elapsed() < Duration::from_secs(5), "no recovery");
                 std::thread::sleep(Duration::from_micros(500));
             }

@@ -95,6 +95,18 @@ impl DmaWindow {
         }
     }
 
+    /// A window that targets no memory yet (a device created before the domain it will
+    /// serve): every access is refused until [`DmaWindow::retarget`].
+    pub fn detached() -> Self {
+        DmaWindow {
+            inner: Arc::new(Inner {
+                mem: RwLock::new(None),
+                bus_master: AtomicBool::new(true),
+                refused: AtomicU64::new(0),
+            }),
+        }
+    }
+
     /// Points the window (every clone) at `mem`, a new domain's memory, replacing whatever it
     /// targeted. Waits for accesses in progress; later ones reach `mem` only. Bus mastering
     /// and the refusal counter are left as they are.
@@ -247,6 +259,21 @@ mod tests {
             0xdead_beef
         );
         assert_eq!(dma.refused(), 0);
+    }
+
+    #[test]
+    fn a_window_created_detached_refuses_until_retargeted() {
+        let dma = DmaWindow::detached();
+        assert!(!dma.attached());
+        assert_eq!(
+            dma.write(0, &[1]),
+            Err(DmaError::Detached { addr: 0, len: 1 })
+        );
+        assert_eq!(dma.refused(), 1);
+        let (mem, _) = window(0x1000);
+        dma.retarget(mem.clone());
+        dma.write(0, &[7]).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 7);
     }
 
     #[test]

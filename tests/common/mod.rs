@@ -72,14 +72,21 @@ pub fn fd_count() -> usize {
         .unwrap_or(0)
 }
 
-/// Threads of this process.
+/// Threads the VMM made (vCPUs, device workers, block services, the control socket), by
+/// name. The test harness's own threads come and go with the tests around this one, so a
+/// count of every thread would race with them.
 pub fn thread_count() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    const OURS: [&str; 4] = ["vcpu-", "nvme-worker", "blk-", "control"];
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            OURS.iter().any(|p| comm.starts_with(p))
+        })
+        .count()
 }
 
 /// Resident set size of this process, in KiB.

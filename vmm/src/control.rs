@@ -143,7 +143,7 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)]) -> Value {
                             "status": o.status,
                             "in_flight": o.in_flight,
                             "queued": o.queued,
-                            "recoveries": o.recoveries.len(),
+                            "recoveries": o.recovered,
                         })
                     })
                 })

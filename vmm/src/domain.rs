@@ -88,11 +88,8 @@ impl DomainDevice {
             name: name.to_string(),
             source,
         };
-        // The window starts over a placeholder page and detached; each boot attaches it.
-        let placeholder = memory::create(memory::RAM_ALIGN, memory::RAM_ALIGN)
-            .map_err(|e| device_err(Box::new(e)))?;
-        let dma = DmaWindow::new(placeholder);
-        dma.detach();
+        // Detached until a boot attaches it to the domain's memory.
+        let dma = DmaWindow::detached();
         let nvme = EmulatedNvme::new(cfg.clone(), dma).map_err(|e| device_err(Box::new(e)))?;
         nvme.start_worker(Arc::new(|| {}))
             .map_err(|e| device_err(Box::new(e)))?;

@@ -12,6 +12,7 @@
 //! epoch, so each client request completes exactly once.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,18 +71,20 @@ pub struct Observed {
     pub in_flight: usize,
     /// Shadow entries queued.
     pub queued: usize,
-    /// (injected at, detected at, recovered at) of each recovery.
-    pub recoveries: Vec<(Option<Instant>, Instant, Instant)>,
-    /// Faults injected, by kind.
-    pub injected: Vec<(FaultKind, Instant)>,
-    /// Detections by reason name.
-    pub detections: Vec<(&'static str, Instant)>,
+    /// Recoveries so far.
+    pub recovered: u64,
+    /// (injected at, detected at, recovered at) of the last [`RECORDS`] recoveries.
+    pub recoveries: VecDeque<(Option<Instant>, Instant, Instant)>,
+    /// Reason names of the last [`RECORDS`] detections.
+    pub detections: VecDeque<(&'static str, Instant)>,
 }
 
 /// The handle others hold on a recovering disk.
 #[derive(Clone)]
 pub struct RecoveryHandle {
     commands: Arc<Mutex<VecDeque<Command>>>,
+    // Set with every command, so the service looks at the queue (a lock) only when it has one.
+    has_commands: Arc<AtomicBool>,
     wake: Arc<vmm_sys_util::eventfd::EventFd>,
     /// Events of the supervisor.
     pub events: Arc<Mutex<EventLog>>,
@@ -93,6 +96,7 @@ impl RecoveryHandle {
     /// Sends a command to the service thread.
     pub fn send(&self, c: Command) {
         lock(&self.commands).push_back(c);
+        self.has_commands.store(true, Ordering::Release);
         let _ = self.wake.write(1);
     }
 
@@ -100,6 +104,17 @@ impl RecoveryHandle {
     pub fn with<R>(&self, f: impl FnOnce(&Observed) -> R) -> R {
         f(&lock(&self.observed))
     }
+}
+
+/// Records kept of recent recoveries and detections (the counts in the supervisor's metrics
+/// cover all of them).
+pub const RECORDS: usize = 65_536;
+
+fn push_record<T>(v: &mut VecDeque<T>, record: T) {
+    if v.len() == RECORDS {
+        v.pop_front();
+    }
+    v.push_back(record);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,7 +158,6 @@ pub struct ChannelBackend {
     fault_on_next_boot: bool,
     failed: Vec<Finished>,
     done: Vec<Done>,
-    commands: Arc<Mutex<VecDeque<Command>>>,
     handle: RecoveryHandle,
 }
 
@@ -206,10 +220,10 @@ impl ChannelBackend {
                 }
             })?,
         );
-        let commands: Arc<Mutex<VecDeque<Command>>> = Arc::default();
         let now = Instant::now();
         let handle = RecoveryHandle {
-            commands: commands.clone(),
+            commands: Arc::default(),
+            has_commands: Arc::default(),
             wake,
             events: Arc::new(Mutex::new(EventLog::new(now, 4096))),
             observed: Arc::default(),
@@ -243,7 +257,6 @@ impl ChannelBackend {
             fault_on_next_boot: false,
             failed: Vec::new(),
             done: Vec::new(),
-            commands,
             handle,
         };
         let info = b.boot().map_err(|reason| StartError::Failed {
@@ -359,7 +372,7 @@ impl ChannelBackend {
         let epoch = self.live.as_ref().map_or(0, |l| l.epoch);
         let name = reason.name();
         tracing::warn!("domain {}: failed ({reason}); recovering", self.cfg.name);
-        lock(&self.handle.observed).detections.push((name, now));
+        push_record(&mut lock(&self.handle.observed).detections, (name, now));
         if self.detected_at.is_none() {
             self.detected_at = Some(now);
         }
@@ -386,9 +399,17 @@ impl ChannelBackend {
     /// Runs the detectors, commands, hooks and a due restart.
     fn tend(&mut self, shadow: &mut ShadowQueue<Part>) {
         let now = Instant::now();
-        let commands: Vec<Command> = lock(&self.commands).drain(..).collect();
-        for c in commands {
-            self.command(c, shadow);
+        if self.handle.has_commands.swap(false, Ordering::Acquire) {
+            let commands: Vec<Command> = lock(&self.handle.commands).drain(..).collect();
+            for c in commands {
+                self.command(c, shadow);
+            }
+        }
+        // Hooks may outlive the domain (and a give-up): reap them whatever its state.
+        if self.hooks.running() > 0 {
+            for report in self.hooks.poll(now) {
+                self.sup.hook_finished(&report, now);
+            }
         }
         if self.live.is_none() {
             if self.restart_at.is_some_and(|t| now >= t) {
@@ -408,9 +429,6 @@ impl ChannelBackend {
             return;
         }
         self.next_check = now + CHECK_EVERY;
-        for report in self.hooks.poll(now) {
-            self.sup.hook_finished(&report, now);
-        }
         if let Some(reason) = self.detect(now, shadow) {
             self.fail(reason, shadow);
         }
@@ -454,7 +472,6 @@ impl ChannelBackend {
                 );
             }
             Command::Inject { kind, arg } => {
-                lock(&self.handle.observed).injected.push((kind, now));
                 self.injected_at = Some(now);
                 self.sup.fault_injected(now);
                 if kind == FaultKind::DuringRecovery {
@@ -753,9 +770,9 @@ impl ChannelBackend {
             if let Some(took) = self.sup.completed(now) {
                 if let Some(detected) = self.detected_at.take() {
                     let injected = self.injected_at.take();
-                    lock(&self.handle.observed)
-                        .recoveries
-                        .push((injected, detected, now));
+                    let mut o = lock(&self.handle.observed);
+                    o.recovered += 1;
+                    push_record(&mut o.recoveries, (injected, detected, now));
                     tracing::info!("domain {}: recovered in {took:?}", self.cfg.name);
                 }
             }
