@@ -3,11 +3,7 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-const QEMU: &str = "qemu-system-x86_64";
+use common::qemu;
 
 /// Boots the image with `append` and returns (exit code, serial output).
 fn qemu_boot(append: &str) -> (Option<i32>, String) {
@@ -16,63 +12,14 @@ fn qemu_boot(append: &str) -> (Option<i32>, String) {
 
 /// Boots the image with `append` and extra QEMU arguments.
 fn qemu_boot_with(append: &str, extra: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(QEMU)
-        .args(extra)
-        .args([
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "64M",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel",
-            ddvm_images::driver_domain_path(),
-            "-append",
-            append,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{QEMU} is needed (Debian package qemu-system-x86): {e}"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("QEMU did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code(), format!("{out}{err}"))
+    let mut args = extra.to_vec();
+    args.extend([
+        "-kernel",
+        ddvm_images::driver_domain_path(),
+        "-append",
+        append,
+    ]);
+    qemu("q35", &args)
 }
 
 #[test]

@@ -7,10 +7,9 @@
 //! The client's block format (`pattern.rs`) is compiled in here too, to decode what the client
 //! left on the disk image and to check its verdicts on blocks damaged on purpose.
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -20,7 +19,7 @@ mod pattern;
 
 use pattern::{Corruption, Stamp, Verdict};
 
-const QEMU: &str = "qemu-system-x86_64";
+use common::qemu;
 /// microvm's virtio-mmio transports: 24 windows of 512 bytes from 0xfeb00000.
 const MMIO_BASE: u64 = 0xfeb0_0000;
 const MMIO_SLOTS: u64 = 24;
@@ -37,10 +36,7 @@ fn device_tokens() -> String {
 
 /// A sparse raw disk image of `mib` MiB in a scratch directory of its own.
 fn disk(test: &str, mib: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ddvm-test-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    let path = dir.join("disk.img");
+    let path = common::scratch(test).join("disk.img");
     std::fs::File::create(&path)
         .and_then(|f| f.set_len(mib << 20))
         .expect("disk image");
@@ -54,27 +50,11 @@ fn boot_client(disk: &Path, props: &str, append: &str) -> (Option<i32>, String) 
     let drive = format!("id=d0,file={},format=raw,if=none", disk.display());
     let device = format!("virtio-blk-device,drive=d0,serial=ddvm-client-test{props}");
     let append = format!("{} {append}", device_tokens());
-    let mut child = Command::new(QEMU)
-        .args([
-            "-machine",
-            "microvm,x-option-roms=off,rtc=off",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "64M",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
+    qemu(
+        "microvm,x-option-roms=off,rtc=off",
+        &[
             "-global",
             "virtio-mmio.force-legacy=false",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-drive",
             &drive,
             "-device",
@@ -83,39 +63,8 @@ fn boot_client(disk: &Path, props: &str, append: &str) -> (Option<i32>, String) 
             ddvm_images::workload_client_path(),
             "-append",
             &append,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{QEMU} is needed (Debian package qemu-system-x86): {e}"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("QEMU did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code(), format!("{out}{err}"))
+        ],
+    )
 }
 
 /// QEMU's exit code for guest exit status `status` (isa-debug-exit: `(status << 1) | 1`).

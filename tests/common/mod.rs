@@ -106,3 +106,58 @@ pub fn mapping_count() -> usize {
         .map(|m| m.lines().count())
         .unwrap_or(0)
 }
+
+/// QEMU for the tests that check our guests against device models written by others.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Runs QEMU (TCG, no display, serial on stdout, `isa-debug-exit` at 0xf4 so the guest's exit
+/// status becomes QEMU's: `(status << 1) | 1`) with `machine` and `args`; returns its exit code
+/// and everything it printed. Output is read while QEMU runs, so a chatty guest cannot fill
+/// the pipe and stall it; a run longer than 120 s is killed and fails the test.
+pub fn qemu(machine: &str, args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(QEMU)
+        .args([
+            "-machine", machine, "-accel", "tcg", "-cpu", "max", "-m", "64M",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{QEMU} is needed (Debian package qemu-system-x86): {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for QEMU") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("QEMU did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = out.join().unwrap_or_default() + &err.join().unwrap_or_default();
+    (status.code(), text)
+}

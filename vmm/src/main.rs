@@ -588,23 +588,10 @@ fn run_config(
     }
     let mut cfgs = Vec::new();
     for d in &config.domains {
-        let image = match d.image_path(file) {
-            Some(p) => Image::from_file(&p)?,
-            None => ddvm::builtin_driver_domain(),
-        };
-        image.check(ddvm_abi::layout::IMAGE_BASE, u64::MAX)?;
-        cfgs.push(DomainConfig {
-            name: d.name.clone(),
-            image,
-            memory: d.memory_mib << 20,
-            cmdline: d.cmdline.clone(),
-            channel_size: d.channel_kib << 10,
-            echo: Echo::Stderr,
-            device: d
-                .device
-                .as_ref()
-                .map(|dev| ddvm::topology::device_spec(file, &d.name, dev)),
-        });
+        let cfg = ddvm::topology::domain_config(file, d, Echo::Stderr)?;
+        // Check the image before touching KVM: a bad image is the user's first problem to know.
+        cfg.image.check(ddvm_abi::layout::IMAGE_BASE, u64::MAX)?;
+        cfgs.push(cfg);
     }
     let hv = open_kvm(kvm)?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
