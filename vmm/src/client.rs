@@ -21,6 +21,16 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 const QUEUE_NOTIFY: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// Prefix of the workload client's report line.
 pub const REPORT_PREFIX: &str = "ddvm-workload: ";
+/// Prefix of the workload client's hostile-mode line.
+pub const HOSTILE_PREFIX: &str = "ddvm-hostile: ";
+
+/// The JSON object after `prefix` on the last console line that has one.
+pub fn last_json<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
+    console.lines().rev().find_map(|l| {
+        let rest = l[l.find(prefix)? + prefix.len()..].trim();
+        rest.starts_with('{').then_some(rest)
+    })
+}
 
 /// The workload client image built into ddvm.
 pub fn builtin_workload_client() -> Image {
@@ -120,11 +130,9 @@ impl Client {
         &mut self.domain
     }
 
-    /// Waits for the guest to finish and returns its exit and report (if it printed one).
-    pub fn wait(&self, timeout: Duration) -> (Option<DomainExit>, Option<WorkloadReport>) {
-        let exit = self.domain.wait_stopped(timeout);
-        let report = WorkloadReport::find(&self.domain.console().text());
-        (exit, report)
+    /// Waits for the guest to finish; returns how it stopped (None: still running).
+    pub fn wait(&self, timeout: Duration) -> Option<DomainExit> {
+        self.domain.wait_stopped(timeout)
     }
 }
 
@@ -191,14 +199,29 @@ pub struct WorkloadReport {
 impl WorkloadReport {
     /// Finds and parses the report line in console text.
     pub fn find(console: &str) -> Option<WorkloadReport> {
-        console.lines().rev().find_map(|l| {
-            let json = &l[l.find(REPORT_PREFIX)? + REPORT_PREFIX.len()..];
-            serde_json::from_str(json.trim()).ok()
-        })
+        serde_json::from_str(last_json(console, REPORT_PREFIX)?).ok()
     }
 
     /// Whether every request succeeded and every read verified.
     pub fn clean(&self) -> bool {
         self.errors == 0 && self.mismatches == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_json_line_after_the_prefix_is_taken() {
+        let console = "boot\n[c0] ddvm-hostile: desc-loop reacted in 23 us\n[c0] ddvm-hostile: {\"case\":\"desc-loop\"}\nbye\n";
+        assert_eq!(
+            last_json(console, HOSTILE_PREFIX),
+            Some("{\"case\":\"desc-loop\"}")
+        );
+        assert_eq!(last_json("ddvm-hostile: text only\n", HOSTILE_PREFIX), None);
+        let report = format!("{REPORT_PREFIX}{{\"id\":3,\"errors\":1}}\n");
+        let r = WorkloadReport::find(&report);
+        assert!(r.is_none(), "a report missing keys does not parse");
     }
 }

@@ -14,16 +14,15 @@ use ddvm_passthrough::NvmeConfig;
 use crate::blk::{
     Backend, BlockGeometry, BlockService, ChannelBackend, ClientPort, FileBackend, LbaRange,
 };
-use crate::client::{builtin_workload_client, Client, ClientConfig, WorkloadReport};
+use crate::client::{
+    builtin_workload_client, last_json, Client, ClientConfig, WorkloadReport, HOSTILE_PREFIX,
+};
 use crate::config::{ClientSection, Config, DeviceSection, DomainSection};
 use crate::console::Echo;
 use crate::domain::{DeviceSpec, Domain, DomainConfig};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::vcpu::{DomainExit, RunState};
-
-/// Prefix of the workload client's hostile-mode line.
-pub const HOSTILE_PREFIX: &str = "ddvm-hostile: ";
 
 /// How long a domain may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -234,20 +233,16 @@ impl Topology {
             .iter_mut()
             .map(|c| {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let (exit, report) = c.wait(left);
+                let exit = c.wait(left);
                 if exit.is_none() {
                     c.domain_mut().stop();
                 }
                 let console = c.domain().console().text();
-                let hostile = console.lines().rev().find_map(|l| {
-                    let rest = &l[l.find(HOSTILE_PREFIX)? + HOSTILE_PREFIX.len()..];
-                    rest.starts_with('{').then(|| rest.to_string())
-                });
                 ClientOutcome {
                     name: c.domain().name().to_string(),
                     exit,
-                    report,
-                    hostile,
+                    report: WorkloadReport::find(&console),
+                    hostile: last_json(&console, HOSTILE_PREFIX).map(str::to_string),
                 }
             })
             .collect()
