@@ -377,10 +377,7 @@ impl ChannelBackend {
             self.detected_at = Some(now);
         }
         let decision = self.sup.failure(epoch, reason, now);
-        // The device is quiesced and the memory freed by the domain's drop.
-        self.live = None;
-        shadow.domain_lost();
-        self.replay.clear();
+        self.tear_down(shadow);
         match decision {
             Decision::Restart { at, .. } => self.restart_at = Some(at),
             Decision::GiveUp(_) => self.restart_at = None,
@@ -474,14 +471,14 @@ impl ChannelBackend {
             Command::Inject { kind, arg } => {
                 self.injected_at = Some(now);
                 self.sup.fault_injected(now);
-                if kind == FaultKind::DuringRecovery {
-                    self.fault_on_next_boot = true;
-                    self.inject(FaultKind::Kill, 0);
-                    self.kill_now(shadow);
-                } else if kind == FaultKind::Kill {
-                    self.kill_now(shadow);
-                } else {
-                    self.inject(kind, arg);
+                match kind {
+                    // A kill, and the fresh domain panics before its replay is done.
+                    FaultKind::DuringRecovery => {
+                        self.fault_on_next_boot = true;
+                        self.kill_now(shadow);
+                    }
+                    FaultKind::Kill => self.kill_now(shadow),
+                    _ => self.inject(kind, arg),
                 }
             }
             Command::Kill => self.kill_now(shadow),
@@ -495,15 +492,21 @@ impl ChannelBackend {
                     _ => OperatorAction::Restart,
                 };
                 if let Ok(decision) = self.sup.operator(action, now) {
-                    self.live = None;
-                    shadow.domain_lost();
-                    self.replay.clear();
+                    self.tear_down(shadow);
                     if let Decision::Restart { at, .. } = decision {
                         self.restart_at = Some(at);
                     }
                 }
             }
         }
+    }
+
+    /// Drops the domain — its drop stops the vCPU, quiesces the device and frees the memory —
+    /// and puts everything it had in flight back in the queue.
+    fn tear_down(&mut self, shadow: &mut ShadowQueue<Part>) {
+        self.live = None;
+        shadow.domain_lost();
+        self.replay.clear();
     }
 
     /// Abrupt teardown by the VMM (the `kill` fault and `ddvm ctl kill`).
