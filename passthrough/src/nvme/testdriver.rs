@@ -470,6 +470,19 @@ pub fn create_sq(qid: u16, size: u16, base: u64, cqid: u16) -> Command {
     }
 }
 
+/// Flush (0x00) of namespace 1 on I/O queue 1; returns its status.
+pub fn flush(d: &mut TestDriver) -> super::Status {
+    d.submit(
+        1,
+        Command {
+            opcode: 0x00,
+            nsid: 1,
+            ..Command::default()
+        },
+    )
+    .status
+}
+
 /// Read (0x02) or Write (0x01) of `nlb` blocks at `slba` on namespace 1.
 pub fn rw(opcode: u8, slba: u64, nlb: u32, prp1: u64, prp2: u64) -> Command {
     Command {

@@ -1,21 +1,9 @@
 //! The volatile write cache: durable after Flush, lost by a reset before it.
 
 use crate::nvme::queue::Command;
-use crate::nvme::testdriver::{pattern, TestDriver};
+use crate::nvme::testdriver::{flush, pattern, TestDriver};
 use crate::nvme::Status;
 use crate::pci::PciBackend;
-
-fn flush(d: &mut TestDriver) -> Status {
-    d.submit(
-        1,
-        Command {
-            opcode: 0x00,
-            nsid: 1,
-            ..Command::default()
-        },
-    )
-    .status
-}
 
 #[test]
 fn controller_reset_drops_unflushed_writes_and_keeps_flushed_ones() {

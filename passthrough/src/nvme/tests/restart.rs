@@ -5,22 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::nvme::queue::Command;
-use crate::nvme::testdriver::{pattern, rw, snapshot, wait_until, TestDriver};
+use crate::nvme::testdriver::{flush, pattern, rw, snapshot, wait_until, TestDriver};
 use crate::nvme::Status;
 use crate::pci::PciBackend;
-
-fn flush(d: &mut TestDriver) -> Status {
-    d.submit(
-        1,
-        Command {
-            opcode: 0x00,
-            nsid: 1,
-            ..Command::default()
-        },
-    )
-    .status
-}
 
 #[test]
 fn a_fresh_driver_serves_io_after_quiesce_and_attach_with_flushed_data_kept() {
