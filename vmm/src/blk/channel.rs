@@ -317,9 +317,15 @@ impl ChannelBackend {
             Domain::boot(&self.hv, &self.cfg, epoch).map_err(|e| FailureReason::BootFailed {
                 message: e.to_string(),
             })?;
+        let created = Instant::now();
         let timeout = self.policy.detection.boot_timeout;
         match domain.wait_ready(timeout) {
-            Ok(_) => {}
+            Ok(_) => tracing::debug!(
+                "domain {} epoch {epoch}: vm created in {:?}, ready {:?} later",
+                self.cfg.name,
+                created - now,
+                created.elapsed()
+            ),
             Err(RunState::Stopped(exit)) => return Err(exit_reason(&exit)),
             Err(_) => return Err(FailureReason::BootTimeout { waited: timeout }),
         }
@@ -504,7 +510,9 @@ impl ChannelBackend {
     /// Drops the domain — its drop stops the vCPU, quiesces the device and frees the memory —
     /// and puts everything it had in flight back in the queue.
     fn tear_down(&mut self, shadow: &mut ShadowQueue<Part>) {
+        let t = Instant::now();
         self.live = None;
+        tracing::debug!("domain {}: torn down in {:?}", self.cfg.name, t.elapsed());
         shadow.domain_lost();
         self.replay.clear();
     }
