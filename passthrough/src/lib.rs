@@ -24,7 +24,7 @@ pub mod nvme;
 pub mod pci;
 
 pub use dma::{DmaError, DmaWindow};
-pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmeStats};
+pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmePoller, NvmeStats};
 pub use pci::{
     BarInfo, BarKind, ConfigSpace, PciBackend, PciBus, PciDevice, PciError, PciIds, WakeDomain,
 };

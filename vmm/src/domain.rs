@@ -13,7 +13,9 @@ use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 use ddvm_abi::channel::{offset as chan, ChannelHeader};
 use ddvm_abi::layout;
 use ddvm_abi::port;
-use ddvm_passthrough::{DmaWindow, EmulatedNvme, NvmeConfig, NvmeMonitor, PciBus, PciDevice};
+use ddvm_passthrough::{
+    DmaWindow, EmulatedNvme, NvmeConfig, NvmeMonitor, NvmePoller, PciBus, PciDevice,
+};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -71,6 +73,8 @@ pub enum DeviceSpec {
 pub struct DomainDevice {
     pci: Arc<Mutex<PciDevice>>,
     monitor: NvmeMonitor,
+    // Set when the device's owner runs its passes (`DeviceThread::Owner`).
+    poller: Option<NvmePoller>,
     // The VM whose ioeventfds the shadow-doorbell callback (un)registers: the current domain's.
     vm: Arc<Mutex<Option<Arc<VmFd>>>>,
 }
@@ -81,9 +85,25 @@ impl std::fmt::Debug for DomainDevice {
     }
 }
 
+/// Which thread serves an emulated controller's shadow doorbells (trapped doorbell writes are
+/// always served on the vCPU thread that wrote them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceThread {
+    /// A worker thread of its own.
+    Worker,
+    /// The device's owner, in its own loop: [`DomainDevice::poll`], [`DomainDevice::arm`],
+    /// [`DomainDevice::eventfd`]. The block service of the disk does this, so a request
+    /// costs no hand-off to another thread.
+    Owner,
+}
+
 impl DomainDevice {
     /// Creates the emulated NVMe controller of `cfg` (opening its backing file), detached.
-    pub fn emulated_nvme(name: &str, cfg: &NvmeConfig) -> Result<Arc<DomainDevice>, DomainError> {
+    pub fn emulated_nvme(
+        name: &str,
+        cfg: &NvmeConfig,
+        thread: DeviceThread,
+    ) -> Result<Arc<DomainDevice>, DomainError> {
         let device_err = |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
             name: name.to_string(),
             source,
@@ -91,8 +111,14 @@ impl DomainDevice {
         // Detached until a boot attaches it to the domain's memory.
         let dma = DmaWindow::detached();
         let nvme = EmulatedNvme::new(cfg.clone(), dma).map_err(|e| device_err(Box::new(e)))?;
-        nvme.start_worker(Arc::new(|| {}))
-            .map_err(|e| device_err(Box::new(e)))?;
+        let poller = match thread {
+            DeviceThread::Worker => {
+                nvme.start_worker(Arc::new(|| {}))
+                    .map_err(|e| device_err(Box::new(e)))?;
+                None
+            }
+            DeviceThread::Owner => Some(nvme.poller()),
+        };
         let vm: Arc<Mutex<Option<Arc<VmFd>>>> = Arc::default();
         // While the driver uses shadow doorbells, its I/O doorbell writes carry no information
         // the device needs: serve them in the kernel (ioeventfd, ~23 µs) instead of exiting to
@@ -126,6 +152,7 @@ impl DomainDevice {
         Ok(Arc::new(DomainDevice {
             pci: Arc::new(Mutex::new(pci)),
             monitor,
+            poller,
             vm,
         }))
     }
@@ -137,6 +164,30 @@ impl DomainDevice {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PciDevice> {
         self.pci.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves what the driver submitted through shadow doorbells (owner-served devices only;
+    /// see [`DeviceThread::Owner`]). Returns the commands taken.
+    pub fn poll(&self) -> u64 {
+        self.poller.as_ref().map_or(0, NvmePoller::poll)
+    }
+
+    /// Before the owner sleeps: asks the driver to ring, and re-checks. True when work
+    /// arrived meanwhile (poll instead of sleeping).
+    pub fn arm(&self) -> bool {
+        self.poller.as_ref().is_some_and(NvmePoller::arm)
+    }
+
+    /// The eventfd an owner sleeps on (an ioeventfd doorbell, bus mastering back on).
+    pub fn eventfd(&self) -> Option<std::os::fd::RawFd> {
+        self.poller.as_ref().map(NvmePoller::eventfd)
+    }
+
+    /// Resets the eventfd after the owner woke.
+    pub fn clear(&self) {
+        if let Some(p) = &self.poller {
+            p.clear();
+        }
     }
 
     /// Bus mastering off, function reset, DMA detached: the device can no longer touch the
@@ -376,7 +427,8 @@ impl Domain {
         let device = match &cfg.device {
             None => None,
             Some(DeviceSpec::EmulatedNvme(nvme_cfg)) => {
-                Some((DomainDevice::emulated_nvme(&name, nvme_cfg)?, false))
+                let dev = DomainDevice::emulated_nvme(&name, nvme_cfg, DeviceThread::Worker)?;
+                Some((dev, false))
             }
             Some(DeviceSpec::Persistent(d)) => Some((d.clone(), true)),
         };

@@ -1,7 +1,8 @@
-//! Controller state and the processing pass the worker runs.
+//! Controller state and the processing pass.
 //!
-//! Everything here runs with the controller lock held: on the worker thread (a pass over the
-//! queues), on a vCPU thread (register writes), or on the VMM thread (reset). Because a command
+//! Everything here runs with the controller lock held: a pass over the queues on the worker
+//! thread, the poller's thread or a vCPU thread (after a trapped doorbell write), register
+//! writes on a vCPU thread, a reset on the VMM thread. Because a command
 //! is executed completely inside one pass, taking the lock also waits for any DMA in progress:
 //! once a reset holds it, the device is quiet.
 

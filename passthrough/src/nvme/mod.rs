@@ -13,11 +13,25 @@
 //!
 //! # Processing model
 //!
-//! [`EmulatedNvme::new`] builds the controller; [`EmulatedNvme::start_worker`] starts the
-//! worker thread that owns all command processing. Register writes (CC, AQA, ...) take effect
-//! synchronously on the caller's thread; a doorbell write only records its value and writes the
-//! doorbell eventfd. Without a worker, doorbells are recorded and nothing is processed.
-//! Dropping the controller stops and joins the worker.
+//! [`EmulatedNvme::new`] builds the controller in its power-on state. Register writes (CC,
+//! AQA, ...) take effect synchronously on the caller's thread, and so does a doorbell written
+//! as trapped MMIO: the write runs the controller's passes right there, so by the time the
+//! driver's vCPU resumes the commands are done and their completions posted. The admin queue
+//! always works that way, which keeps a driver's bring-up free of thread hand-offs.
+//!
+//! Work that arrives without a trapped write — shadow doorbells (Doorbell Buffer Config) and
+//! doorbells the VMM serves through a KVM ioeventfd — needs someone to look for it, in one of
+//! two ways:
+//! - [`EmulatedNvme::start_worker`] starts a worker thread that polls and sleeps on the
+//!   doorbell eventfd ([`worker`]); dropping the controller stops and joins it.
+//! - [`EmulatedNvme::poller`] gives a [`NvmePoller`] to a thread that already polls other
+//!   work, such as the block service of the disk this controller backs: it calls
+//!   [`NvmePoller::poll`] in its loop, [`NvmePoller::arm`] before it sleeps, and sleeps on
+//!   [`NvmePoller::eventfd`] among its other eventfds. A device model served by the thread
+//!   that serves its disk costs no thread hand-off per request (the model stands in for
+//!   hardware, which costs the host no CPU at all).
+//!
+//! With neither, only trapped doorbell writes are processed.
 //!
 //! # A controller that outlives its domain
 //!
@@ -70,6 +84,9 @@ pub use queue::{Command, Completion};
 pub use regs::{DOORBELL_BASE, MQES};
 pub use status::Status;
 pub use worker::{WakeDomain, IDLE_SPIN};
+
+/// Passes one trapped doorbell write may run (each takes up to 32 commands per queue).
+const INLINE_PASSES: usize = 16;
 
 /// PCI vendor ID.
 pub const NVME_VENDOR_ID: u16 = 0x1b36;
@@ -210,6 +227,42 @@ impl NvmeMonitor {
     }
 }
 
+/// Runs an emulated controller's passes on a thread that polls other work too (see the module
+/// docs). It stays valid after the controller is boxed into a [`crate::pci::PciDevice`], and
+/// keeps working when the controller moves between domains.
+#[derive(Clone)]
+pub struct NvmePoller {
+    shared: Arc<Shared>,
+}
+
+impl NvmePoller {
+    /// Processes what the driver has submitted (up to one batch per queue, a few passes at
+    /// most), posts the completions and wakes the domain after posting. Returns the commands
+    /// taken: zero means nothing was waiting.
+    pub fn poll(&self) -> u64 {
+        self.shared.process(4)
+    }
+
+    /// Before the caller sleeps: asks the driver to ring (shadow doorbell event indexes) and
+    /// re-checks. True when work arrived meanwhile and the caller must poll instead of sleep.
+    pub fn arm(&self) -> bool {
+        self.shared.with_ctrl(|c| c.ready() && c.arm_event_idx())
+    }
+
+    /// Readable when a doorbell arrived by ioeventfd or bus mastering came back on: sleep on
+    /// it, then [`NvmePoller::clear`] it.
+    pub fn eventfd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.shared.eventfd.as_raw_fd()
+    }
+
+    /// Resets the eventfd after a wake-up.
+    pub fn clear(&self) {
+        // Non-blocking: EAGAIN just means nothing was signalled.
+        let _ = self.shared.eventfd.read();
+    }
+}
+
 /// Callback told when shadow doorbells start (`true`) or stop (`false`).
 pub type ShadowCallback = Box<dyn Fn(bool) + Send>;
 
@@ -242,6 +295,25 @@ impl Shared {
             }
         }
         r
+    }
+
+    /// Runs passes until one takes no command (at most `max`), calling the wake callback after
+    /// each pass that posted completions. Returns the commands taken.
+    fn process(&self, max: usize) -> u64 {
+        let mut consumed = 0;
+        for _ in 0..max {
+            let pass = self.with_ctrl(|c| c.pass());
+            if pass.posted > 0 {
+                // Called under its lock: `set_wake` (and so a detach) waits for this call.
+                let wake = lock(&self.wake);
+                wake();
+            }
+            consumed += pass.consumed as u64;
+            if pass.consumed == 0 {
+                break;
+            }
+        }
+        consumed
     }
 }
 
@@ -294,7 +366,7 @@ impl EmulatedNvme {
             cfg.lba_size,
             cfg.volatile_write_cache,
         )?;
-        let eventfd = EventFd::new(0).map_err(|source| NvmeError::EventFd {
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| NvmeError::EventFd {
             backing: cfg.backing.clone(),
             source,
         })?;
@@ -411,6 +483,14 @@ impl EmulatedNvme {
         }
     }
 
+    /// A handle to run the controller's passes on the caller's thread (see the module docs).
+    /// Use it instead of a worker, not beside one.
+    pub fn poller(&self) -> NvmePoller {
+        NvmePoller {
+            shared: self.shared.clone(),
+        }
+    }
+
     fn doorbell_write(&self, offset: u64, data: &[u8]) {
         let o = &self.shared.observed;
         Observed::bump(&o.doorbell_writes);
@@ -425,6 +505,10 @@ impl EmulatedNvme {
         match self.shared.doorbells.get(slot) {
             Some(d) if value <= 0xffff => {
                 d.store(DOORBELL_FRESH | value, Ordering::Release);
+                // The writer waits in its exit anyway: serve the queues now, on its thread.
+                self.shared.process(INLINE_PASSES);
+                // Whoever polls (worker or poller) re-arms the shadow event indexes, which a
+                // command just run (Doorbell Buffer Config, a new queue) may need.
                 let _ = self.shared.eventfd.write(1);
             }
             _ => Observed::bump(&o.invalid_doorbells),

@@ -115,6 +115,19 @@ impl TestDriver {
         TestDriver::fresh(nvme, mem, dma, wakes, cfg, path)
     }
 
+    /// A controller with no worker thread: only trapped doorbell writes are served, unless
+    /// the test polls [`EmulatedNvme::poller`].
+    pub fn without_worker() -> TestDriver {
+        let path = TempPath::new("nvme-polled");
+        let cfg = config(&path);
+        let mem = memory();
+        let dma = DmaWindow::new(mem.clone());
+        let nvme = EmulatedNvme::new(cfg.clone(), dma.clone()).unwrap();
+        let wakes = Arc::new(AtomicU64::new(0));
+        nvme.set_wake(counter(&wakes));
+        TestDriver::fresh(nvme, mem, dma, wakes, cfg, path)
+    }
+
     /// A driver that knows nothing yet, for a controller over `mem`.
     fn fresh(
         nvme: EmulatedNvme,

@@ -1,4 +1,5 @@
-//! The controller's worker thread.
+//! The controller's worker thread (one of the two ways to serve shadow doorbells; see the
+//! module docs of [`super`]).
 //!
 //! Loop: run a pass over the queues; after posting completions call the wake callback; while
 //! passes find work, or for [`IDLE_SPIN`] after the last one, keep polling (this is where
@@ -27,13 +28,7 @@ pub(super) fn run(shared: Arc<Shared>) {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let pass = shared.with_ctrl(|c| c.pass());
-        if pass.posted > 0 {
-            // Called under its lock: `set_wake` (and so a detach) waits for this call.
-            let wake = super::lock(&shared.wake);
-            wake();
-        }
-        if pass.consumed > 0 {
+        if shared.process(1) > 0 {
             last_work = Instant::now();
             continue;
         }
@@ -45,9 +40,22 @@ pub(super) fn run(shared: Arc<Shared>) {
             last_work = Instant::now();
             continue;
         }
-        // Blocks until a doorbell, a bus-master change or stop; an error (none is expected
-        // from a blocking eventfd read) just means another pass.
+        // Blocks until a doorbell, a bus-master change or stop; an error (EINTR) just means
+        // another pass.
+        wait_readable(&shared.eventfd);
         let _ = shared.eventfd.read();
         last_work = Instant::now();
     }
+}
+
+/// Blocks until `fd` (a non-blocking eventfd) is readable.
+fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call, and the count is 1.
+    unsafe { libc::poll(&mut pfd, 1, -1) };
 }

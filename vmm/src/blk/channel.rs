@@ -33,7 +33,7 @@ use super::device::ClientPort;
 use super::request::status;
 use super::service::{copy_part, Part, Pending, ServiceCounters};
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
-use crate::domain::{DeviceSpec, Domain, DomainConfig, DomainDevice};
+use crate::domain::{DeviceSpec, DeviceThread, Domain, DomainConfig, DomainDevice};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::vcpu::{DomainExit, RunState};
@@ -195,7 +195,10 @@ impl ChannelBackend {
     ) -> Result<ChannelBackend, StartError> {
         let name = cfg.name.clone();
         let device = match &cfg.device {
-            Some(DeviceSpec::EmulatedNvme(n)) => DomainDevice::emulated_nvme(&name, n)?,
+            // The block service serves the device too: no thread hand-off per request.
+            Some(DeviceSpec::EmulatedNvme(n)) => {
+                DomainDevice::emulated_nvme(&name, n, DeviceThread::Owner)?
+            }
             Some(DeviceSpec::Persistent(d)) => d.clone(),
             None => {
                 return Err(StartError::Failed {
@@ -693,6 +696,11 @@ impl ChannelBackend {
         out: &mut Vec<Finished>,
     ) -> usize {
         out.append(&mut self.failed);
+        if self.live.is_none() {
+            return 0;
+        }
+        // The device first: what the domain submitted since the last pass completes now.
+        let device_work = self.device.poll() as usize;
         let Some(live) = self.live.as_mut() else {
             return 0;
         };
@@ -798,7 +806,7 @@ impl ChannelBackend {
         if let Err(e) = polled {
             self.fail(FailureReason::Protocol(violation(e)), shadow);
         }
-        n
+        n + device_work
     }
 
     /// Asks for (or stops asking for) a wake-up when completions arrive; returns whether some
@@ -815,9 +823,12 @@ impl ChannelBackend {
         live.channel.set_notify(&mem, on);
         if !on {
             let _ = live.domain.notify_eventfd().read();
+            self.device.clear();
             return false;
         }
-        live.channel.poll_pending(&mem).unwrap_or(true) || live.domain.has_stopped().is_some()
+        self.device.arm()
+            || live.channel.poll_pending(&mem).unwrap_or(true)
+            || live.domain.has_stopped().is_some()
     }
 
     /// Eventfds that wake the service: completions (and the domain stopping), commands.
@@ -826,6 +837,7 @@ impl ChannelBackend {
         let mut v = vec![self.handle.wake.as_raw_fd()];
         if let Some(l) = &self.live {
             v.push(l.domain.notify_eventfd().as_raw_fd());
+            v.extend(self.device.eventfd());
         }
         v
     }

@@ -6,5 +6,6 @@ mod controller;
 mod io;
 mod malformed;
 mod pci;
+mod poller;
 mod restart;
 mod shadow;
