@@ -193,8 +193,11 @@ impl DomainDevice {
     /// Bus mastering off, function reset, DMA detached: the device can no longer touch the
     /// domain it served.
     pub fn quiesce(&self) {
-        self.lock().quiesce();
+        // The VM goes first: the reset then stops shadow doorbells without unregistering the
+        // dying VM's ioeventfds one by one (each waits for a KVM SRCU grace period: 0.3–1 ms
+        // in all, sometimes tens of ms, on the recovery path). They go with the VM.
         *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.lock().quiesce();
     }
 }
 
