@@ -63,6 +63,7 @@ fn every_fault_kind_is_detected_recovered_and_invisible_to_clients() {
         every: Duration::from_millis(250),
         duration: Duration::from_millis(250 * (FaultKind::ALL.len() as u64 + 2)),
         skip_baseline: true,
+        rounds: 1,
     };
     let r = chaos::run(&hv(), &cfg, Path::new("test.toml"), &plan).unwrap();
     assert_eq!(r.client_errors, 0, "{}", r.table());
@@ -94,6 +95,43 @@ fn every_fault_kind_is_detected_recovered_and_invisible_to_clients() {
     for c in &r.clients {
         assert!(c.verified > 0 && c.ops > 0, "{c:?}");
     }
+}
+
+/// A run split into rounds alternates fault-free and chaos segments: both sides are measured,
+/// the faults of every chaos segment land on one timeline no longer than the run, and each
+/// client's counts add up over its segments.
+#[test]
+fn chaos_rounds_alternate_baseline_and_chaos_segments_on_one_timeline() {
+    let _serial = serial();
+    let dir = scratch("recovery-rounds");
+    let cfg = config(&dir, FAST, "workload=randrw rwmix=50 bs=4096 qd=8", 1);
+    let plan = ChaosPlan {
+        faults: vec![FaultKind::Kill],
+        every: Duration::from_millis(200),
+        duration: Duration::from_millis(1000),
+        skip_baseline: false,
+        rounds: 2,
+    };
+    let r = chaos::run(&hv(), &cfg, Path::new("test.toml"), &plan).unwrap();
+    assert_eq!(r.client_errors, 0, "{}", r.table());
+    assert_eq!(r.mismatches, 0, "{}", r.table());
+    assert!(r.baseline_iops > 0.0 && r.chaos_iops > 0.0, "{}", r.table());
+    // Two segments of 500 ms, a kill at 200 and 400 ms in each.
+    let kills = r.faults_injected.get("kill").copied().unwrap_or(0);
+    assert!(kills >= 4, "{kills} kills\n{}", r.table());
+    let marks = r.timeline.marks();
+    assert_eq!(marks.len() as u64, kills);
+    assert!(
+        marks.iter().all(|m| m.at <= plan.duration),
+        "marks past the run: {marks:?}"
+    );
+    assert!(
+        marks.iter().any(|m| m.at > plan.duration / 2),
+        "the second segment's faults follow the first's: {marks:?}"
+    );
+    assert!(r.recoveries >= kills - 1, "{}", r.table());
+    assert_eq!(r.clients.len(), 1);
+    assert_eq!(r.requests, r.clients[0].ops);
 }
 
 /// Writes acknowledged but never flushed live only in the device's volatile cache; every

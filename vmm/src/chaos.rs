@@ -1,6 +1,14 @@
 //! Chaos runs: the configured clients run the verifying workload for a fixed time while faults
-//! are injected into the disk domains; first the same topology runs fault-free for the same
+//! are injected into the disk domains; the same topology also runs fault-free for the same
 //! time, for the throughput baseline.
+//!
+//! Two identical fault-free runs on these two-core machines differ by up to a third in
+//! throughput (where the scheduler happens to place four busy threads, the page cache), so
+//! one baseline run followed by one chaos run measures luck as much as faults. The time is
+//! therefore split into rounds, each a fault-free segment and a chaos segment, in alternating
+//! order (baseline first in even rounds, chaos first in odd ones); each side's throughput is
+//! the mean over its segments. The chaos segments are laid end to end on one timeline for
+//! the report and its plots.
 //!
 //! Fault injection is compiled in only with the `fault-injection` cargo feature; a build
 //! without it (such as the release binary) refuses to inject.
@@ -48,6 +56,15 @@ pub struct ChaosPlan {
     pub duration: Duration,
     /// Skip the fault-free baseline run.
     pub skip_baseline: bool,
+    /// Rounds the time is split into (at least 1); see the module docs.
+    pub rounds: u32,
+}
+
+impl ChaosPlan {
+    /// Rounds of at least 10 s each, at most 6: a 60 s run alternates 6 pairs of 10 s.
+    pub fn default_rounds(duration: Duration) -> u32 {
+        (duration.as_secs() / 10).clamp(1, 6) as u32
+    }
 }
 
 /// Gives every client the run's length (replacing any `count=` or `duration_ms=` it had).
@@ -93,7 +110,7 @@ fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
     Outcome { clients, iops }
 }
 
-/// Runs the baseline (unless skipped) and the chaos run; returns the report.
+/// Runs the rounds of baseline and chaos segments (see the module docs); returns the report.
 pub fn run(
     hv: &Arc<Hypervisor>,
     config: &Config,
@@ -103,76 +120,152 @@ pub fn run(
     if !ENABLED {
         return Err(ChaosError::Disabled);
     }
-    let config = timed(config, plan.duration);
-    let limit = plan.duration + Duration::from_secs(120);
-    let baseline = if plan.skip_baseline {
-        0.0
-    } else {
-        let mut topo = Topology::start(hv, &config, file, Echo::Off)?;
-        let outcomes = topo.wait_clients(limit);
-        topo.stop();
-        client_results(&outcomes).iops
-    };
-    let mut topo = Topology::start(hv, &config, file, Echo::Off)?;
-    let Some((_, handle)) = topo.recovery.first().cloned() else {
-        topo.stop();
-        return Err(ChaosError::NoTarget(file.display().to_string()));
-    };
-    let start = Instant::now();
+    let rounds = plan.rounds.max(1);
+    let segment = plan.duration / rounds;
+    let config = timed(config, segment);
+    let limit = segment + Duration::from_secs(120);
     let mut report = ChaosReport::new(
         file.display().to_string(),
         &plan.faults,
         plan.every,
         plan.duration,
-        start,
+        Instant::now(),
         DEFAULT_BIN,
     );
-    // Inject on schedule; sample completions for the timeline.
-    let mut next_fault = start + plan.every;
-    let mut next_sample = start + Duration::from_millis(10);
-    let mut last_answered = 0;
-    let mut k = 0;
-    let end = start + plan.duration;
-    while Instant::now() < end {
-        let now = Instant::now();
-        if now >= next_fault && !plan.faults.is_empty() {
-            let kind = plan.faults[k % plan.faults.len()];
-            k += 1;
-            handle.send(Command::Inject { kind, arg: 0 });
-            report.injected(kind, now);
-            next_fault += plan.every;
+    let mut run = ChaosRun {
+        report_start: Instant::now(),
+        faults_sent: 0,
+        clients: Vec::new(),
+    };
+    let mut baseline_iops = 0.0;
+    for round in 0..rounds {
+        let baseline_first = round % 2 == 0;
+        if baseline_first && !plan.skip_baseline {
+            baseline_iops += baseline(hv, &config, file, limit)?;
         }
-        if now >= next_sample {
-            let answered: u64 = topo
-                .services
-                .iter()
-                .map(|s| s.counters().answered.load(Ordering::Relaxed))
-                .sum();
-            report.completed(now, answered - last_answered);
-            last_answered = answered;
-            next_sample += Duration::from_millis(10);
+        let offset = segment * round;
+        run.segment(hv, &config, file, plan, segment, offset, limit, &mut report)?;
+        if !baseline_first && !plan.skip_baseline {
+            baseline_iops += baseline(hv, &config, file, limit)?;
         }
-        let wake = next_fault.min(next_sample).min(end);
-        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
     }
-    let outcomes = topo.wait_clients(limit);
-    // Let a recovery in progress finish before reading the numbers.
-    std::thread::sleep(Duration::from_millis(50));
-    handle.with(|o| {
-        for (name, _) in &o.detections {
-            report.detected(name);
-        }
-        for &(injected, detected, recovered) in &o.recoveries {
-            let f2d = injected.map(|i| detected.saturating_duration_since(i));
-            report.recovered(detected, f2d, recovered.saturating_duration_since(detected));
-        }
-        if o.status.as_ref().is_some_and(|s| s.broken) {
-            report.gave_up();
-        }
-    });
-    topo.stop();
-    let chaos = client_results(&outcomes);
-    report.clients = chaos.clients;
+    // Each client's IOPS: the mean over the chaos segments (all of the same length).
+    for c in &mut run.clients {
+        c.iops /= f64::from(rounds);
+    }
+    report.clients = run.clients;
+    let baseline = if plan.skip_baseline {
+        0.0
+    } else {
+        baseline_iops / f64::from(rounds)
+    };
     report.finish(baseline);
     Ok(report)
+}
+
+/// One fault-free segment; returns the clients' summed IOPS.
+fn baseline(
+    hv: &Arc<Hypervisor>,
+    config: &Config,
+    file: &Path,
+    limit: Duration,
+) -> Result<f64, ChaosError> {
+    let mut topo = Topology::start(hv, config, file, Echo::Off)?;
+    let outcomes = topo.wait_clients(limit);
+    topo.stop();
+    Ok(client_results(&outcomes).iops)
+}
+
+/// The chaos segments of a run, with what they add up to.
+struct ChaosRun {
+    report_start: Instant,
+    faults_sent: usize,
+    clients: Vec<ClientResult>,
+}
+
+impl ChaosRun {
+    /// Runs one chaos segment that starts `offset` into the report's timeline.
+    #[allow(clippy::too_many_arguments)]
+    fn segment(
+        &mut self,
+        hv: &Arc<Hypervisor>,
+        config: &Config,
+        file: &Path,
+        plan: &ChaosPlan,
+        length: Duration,
+        offset: Duration,
+        limit: Duration,
+        report: &mut ChaosReport,
+    ) -> Result<(), ChaosError> {
+        let mut topo = Topology::start(hv, config, file, Echo::Off)?;
+        let Some((_, handle)) = topo.recovery.first().cloned() else {
+            topo.stop();
+            return Err(ChaosError::NoTarget(file.display().to_string()));
+        };
+        let start = Instant::now();
+        // Where an instant of this segment lies on the report's timeline.
+        let on_timeline =
+            |t: Instant| self.report_start + offset + t.saturating_duration_since(start);
+        let mut next_fault = start + plan.every;
+        let mut next_sample = start + Duration::from_millis(10);
+        let mut last_answered = 0;
+        let mut k = self.faults_sent;
+        let end = start + length;
+        while Instant::now() < end {
+            let now = Instant::now();
+            if now >= next_fault && !plan.faults.is_empty() {
+                let kind = plan.faults[k % plan.faults.len()];
+                k += 1;
+                handle.send(Command::Inject { kind, arg: 0 });
+                report.injected(kind, on_timeline(now));
+                next_fault += plan.every;
+            }
+            if now >= next_sample {
+                let answered: u64 = topo
+                    .services
+                    .iter()
+                    .map(|s| s.counters().answered.load(Ordering::Relaxed))
+                    .sum();
+                report.completed(on_timeline(now), answered - last_answered);
+                last_answered = answered;
+                next_sample += Duration::from_millis(10);
+            }
+            let wake = next_fault.min(next_sample).min(end);
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        }
+        self.faults_sent = k;
+        let outcomes = topo.wait_clients(limit);
+        // Let a recovery in progress finish before reading the numbers.
+        std::thread::sleep(Duration::from_millis(50));
+        handle.with(|o| {
+            for (name, _) in &o.detections {
+                report.detected(name);
+            }
+            for &(injected, detected, recovered) in &o.recoveries {
+                let f2d = injected.map(|i| detected.saturating_duration_since(i));
+                report.recovered(
+                    on_timeline(detected),
+                    f2d,
+                    recovered.saturating_duration_since(detected),
+                );
+            }
+            if o.status.as_ref().is_some_and(|s| s.broken) {
+                report.gave_up();
+            }
+        });
+        topo.stop();
+        for c in client_results(&outcomes).clients {
+            match self.clients.iter_mut().find(|x| x.name == c.name) {
+                Some(x) => {
+                    x.ops += c.ops;
+                    x.errors += c.errors;
+                    x.mismatches += c.mismatches;
+                    x.verified += c.verified;
+                    x.iops += c.iops;
+                }
+                None => self.clients.push(c),
+            }
+        }
+        Ok(())
+    }
 }

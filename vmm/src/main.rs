@@ -82,9 +82,13 @@ enum Command {
         /// Time between faults (e.g. 100ms, 1s).
         #[arg(long, default_value = "1s")]
         every: String,
-        /// Length of the chaos run, and of the fault-free baseline run before it.
+        /// Length of the chaos run, and of the fault-free baseline run.
         #[arg(long, default_value = "10s")]
         duration: String,
+        /// Rounds of alternating baseline and chaos segments the time is split into
+        /// (default: one per 10 s, at most 6), so luck falls on both sides alike.
+        #[arg(long)]
+        rounds: Option<u32>,
         /// Write the JSON report here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -168,12 +172,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             svg,
             no_baseline,
+            rounds,
         } => {
+            let duration = ddvm_recovery::chaos::parse_duration(&duration).context("--duration")?;
             let plan = ddvm::chaos::ChaosPlan {
                 faults: ddvm_recovery::chaos::parse_fault_list(&faults).context("--faults")?,
                 every: ddvm_recovery::chaos::parse_duration(&every).context("--every")?,
-                duration: ddvm_recovery::chaos::parse_duration(&duration).context("--duration")?,
+                duration,
                 skip_baseline: no_baseline,
+                rounds: rounds
+                    .unwrap_or_else(|| ddvm::chaos::ChaosPlan::default_rounds(duration))
+                    .max(1),
             };
             chaos(&cli.kvm, &config, &plan, json.as_deref(), svg.as_deref())
         }
@@ -361,9 +370,12 @@ fn chaos(
         plan.every,
         plan.duration,
         if plan.skip_baseline {
-            "no baseline"
+            "no baseline".to_string()
         } else {
-            "after a fault-free baseline of the same length"
+            format!(
+                "against a fault-free baseline of the same length, in {} alternating round(s)",
+                plan.rounds
+            )
         }
     );
     let report = ddvm::chaos::run(&hv, &config, file, plan)?;
