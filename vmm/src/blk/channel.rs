@@ -139,6 +139,9 @@ pub struct ChannelBackend {
     cfg: DomainConfig,
     device: Arc<DomainDevice>,
     live: Option<Live>,
+    // A failed domain, stopped and quiesced, whose VM and memory are freed once its successor
+    // serves (off the recovery path).
+    retired: Option<Domain>,
     disk: DiskInfo,
     max_transfer: u32,
     sup: Supervisor,
@@ -236,6 +239,7 @@ impl ChannelBackend {
             cfg,
             device,
             live: None,
+            retired: None,
             disk: DiskInfo {
                 sectors: 0,
                 block_size: 512,
@@ -405,6 +409,10 @@ impl ChannelBackend {
     /// Runs the detectors, commands, hooks and a due restart.
     fn tend(&mut self, shadow: &mut ShadowQueue<Part>) {
         let now = Instant::now();
+        // Free a retired domain once recovery is over (or given up).
+        if self.retired.is_some() && (self.detected_at.is_none() || self.sup.is_broken()) {
+            self.retired = None;
+        }
         if self.handle.has_commands.swap(false, Ordering::Acquire) {
             let commands: Vec<Command> = lock(&self.handle.commands).drain(..).collect();
             for c in commands {
@@ -510,11 +518,14 @@ impl ChannelBackend {
         }
     }
 
-    /// Drops the domain — its drop stops the vCPU, quiesces the device and frees the memory —
-    /// and puts everything it had in flight back in the queue.
+    /// Retires the domain — stops the vCPU and quiesces the device; its VM and memory are freed
+    /// once the next domain serves — and puts everything it had in flight back in the queue.
     fn tear_down(&mut self, shadow: &mut ShadowQueue<Part>) {
         let t = Instant::now();
-        self.live = None;
+        if let Some(mut live) = self.live.take() {
+            live.domain.retire();
+            self.retired = Some(live.domain);
+        }
         tracing::debug!("domain {}: torn down in {:?}", self.cfg.name, t.elapsed());
         shadow.domain_lost();
         self.replay.clear();
@@ -859,6 +870,7 @@ impl Drop for ChannelBackend {
         self.sup.stop(Instant::now());
         // The domain (and with it the device's hold on its memory) goes first.
         self.live = None;
+        self.retired = None;
     }
 }
 
