@@ -237,9 +237,16 @@ const BAR_PREFETCH: u32 = 1 << 3;
 const BAR_ADDR_MASK: u32 = !0xf;
 
 /// Reads and sizes memory BAR `index` of `bdf`. Memory decode is off while the BAR holds the
-/// sizing pattern; the BAR and the command register are restored afterwards. Boot only: about
-/// ten configuration accesses.
+/// sizing pattern; the BAR and the command register are restored afterwards. Boot only: four
+/// configuration accesses (one more for a 64-bit BAR, two more if memory decode was on).
 pub fn memory_bar(bdf: Bdf, index: u8) -> Result<MemoryBar, BarError> {
+    memory_bar_with_command(bdf, index, read_u16(bdf, reg::COMMAND))
+}
+
+/// [`memory_bar`] for a caller that has just read the command register (`command`), which
+/// saves reading it again. Memory decode is turned off (and back on) around the sizing only
+/// when `command` has it on.
+pub fn memory_bar_with_command(bdf: Bdf, index: u8, command: u16) -> Result<MemoryBar, BarError> {
     if index > 5 {
         return Err(BarError::Index(index));
     }
@@ -256,11 +263,15 @@ pub fn memory_bar(bdf: Bdf, index: u8) -> Result<MemoryBar, BarError> {
     };
     let high = if is_64bit { read_u32(bdf, off + 4) } else { 0 };
 
-    let command = read_u16(bdf, reg::COMMAND);
-    write_u16(bdf, reg::COMMAND, command & !command::MEMORY);
+    let decoding = command & command::MEMORY != 0;
+    if decoding {
+        write_u16(bdf, reg::COMMAND, command & !command::MEMORY);
+    }
     write_u32(bdf, off, u32::MAX);
     let size_low = read_u32(bdf, off) & BAR_ADDR_MASK;
-    let size_high = if is_64bit {
+    // A BAR's size is a power of two and every address bit above it is writable: when the low
+    // dword has a writable address bit, the high dword's are all writable and need no sizing.
+    let size_high = if is_64bit && size_low == 0 {
         write_u32(bdf, off + 4, u32::MAX);
         let v = read_u32(bdf, off + 4);
         write_u32(bdf, off + 4, high);
@@ -269,10 +280,12 @@ pub fn memory_bar(bdf: Bdf, index: u8) -> Result<MemoryBar, BarError> {
         u32::MAX
     };
     write_u32(bdf, off, low);
-    write_u16(bdf, reg::COMMAND, command);
+    if decoding {
+        write_u16(bdf, reg::COMMAND, command);
+    }
 
     let mask = u64::from(size_high) << 32 | u64::from(size_low);
-    if mask == 0 {
+    if mask == 0 || (!is_64bit && size_low == 0) {
         return Err(BarError::Unimplemented);
     }
     Ok(MemoryBar {
@@ -284,18 +297,23 @@ pub fn memory_bar(bdf: Bdf, index: u8) -> Result<MemoryBar, BarError> {
     })
 }
 
-/// Programs memory BAR `bar.index` of `bdf` with `base` (memory decode off meanwhile; the
-/// command register is restored). Returns the BAR with its new base.
+/// Programs memory BAR `bar.index` of `bdf` with `base` (memory decode off meanwhile, if it
+/// was on; the command register is restored). Returns the BAR with its new base.
 pub fn assign_memory_bar(bdf: Bdf, bar: MemoryBar, base: u64) -> MemoryBar {
     let off = reg::BAR0 + 4 * bar.index;
     let flags = read_u32(bdf, off) & !BAR_ADDR_MASK;
     let command = read_u16(bdf, reg::COMMAND);
-    write_u16(bdf, reg::COMMAND, command & !command::MEMORY);
+    let decoding = command & command::MEMORY != 0;
+    if decoding {
+        write_u16(bdf, reg::COMMAND, command & !command::MEMORY);
+    }
     write_u32(bdf, off, (base as u32 & BAR_ADDR_MASK) | flags);
     if bar.is_64bit {
         write_u32(bdf, off + 4, (base >> 32) as u32);
     }
-    write_u16(bdf, reg::COMMAND, command);
+    if decoding {
+        write_u16(bdf, reg::COMMAND, command);
+    }
     MemoryBar { base, ..bar }
 }
 
