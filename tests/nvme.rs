@@ -137,3 +137,15 @@ fn selftest_passes_on_the_emulated_controller() {
     assert_eq!(exit, DomainExit::Exited { status: 0 }, "{console}");
     assert!(console.contains("nvme selftest: PASS"), "{console}");
 }
+
+#[test]
+fn domain_reaches_its_controller_through_ecam_without_port_exits() {
+    let (d, mut ch) = boot_nvme("nvme-ecam", 512);
+    let r = testclient::run(&d, &mut ch, &workload(100, 4, 8, true, 64)).unwrap();
+    assert_clean(&r, "after an ECAM probe");
+    // Configuration space went through the ECAM window (MMIO); the only port exits are waits.
+    let e = d.exits();
+    let pio = e.pio.load(std::sync::atomic::Ordering::Relaxed);
+    let waits = e.wait.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(pio, waits, "port exits other than waits: {e:?}");
+}

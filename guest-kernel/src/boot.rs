@@ -5,12 +5,15 @@ use core::fmt;
 use core::mem::size_of;
 use core::ptr;
 
-use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, ENTRY_MAGIC};
+use ddvm_abi::boot::{
+    BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, ENTRY_MAGIC, PCI_ECAM_SIZE,
+};
 use ddvm_abi::channel::ChannelHeader;
 use ddvm_abi::layout::{self, CMDLINE_MAX, IDENTITY_MAPPED, IMAGE_BASE, PAGE_SIZE};
 use ddvm_abi::log::LOG_HEADER_SIZE;
 use ddvm_abi::panic::PanicRecord;
 
+use crate::mmio::MmioRegion;
 use crate::shared::SharedRegion;
 use crate::sync::InitCell;
 
@@ -48,6 +51,8 @@ pub enum BootError {
         /// Its length.
         len: u64,
     },
+    /// The PCI ECAM window is misaligned, overlaps RAM or leaves the identity map.
+    Ecam(u64),
     /// Wrong `hvm_start_info` magic.
     PvhMagic(u32),
     /// The `hvm_start_info` has no usable memory map (or no RAM below 4 GiB in it).
@@ -78,6 +83,10 @@ impl fmt::Display for BootError {
                     "{what} at {addr:#x} len {len:#x} is outside RAM or overlaps the image"
                 )
             }
+            BootError::Ecam(a) => write!(
+                f,
+                "PCI ECAM window at {a:#x} is misaligned, overlaps RAM or is not identity-mapped"
+            ),
             BootError::PvhMagic(m) => write!(f, "hvm_start_info magic {m:#x} is wrong"),
             BootError::PvhMemoryMap {
                 version,
@@ -131,6 +140,19 @@ pub fn channel() -> Option<SharedRegion> {
     Some(unsafe { SharedRegion::new(info.channel, len) })
 }
 
+/// The ECAM window of PCI bus 0, if the boot info names one (validated at boot: page-aligned,
+/// above RAM, identity-mapped).
+pub fn pci_ecam() -> Option<MmioRegion> {
+    let base = info().pci_ecam;
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: `init_ddvm` checked the window is identity-mapped and above RAM, so no Rust
+    // object lives there; the VMM says it is configuration space, which `pci` (the HAL for it)
+    // accesses with volatile reads and writes.
+    Some(unsafe { MmioRegion::new(base, PCI_ECAM_SIZE) })
+}
+
 /// The raw command line (a private copy).
 pub(crate) fn cmdline_bytes() -> &'static [u8] {
     BOOT.get().map_or(&[], |b| &b.cmdline[..b.cmdline_len])
@@ -153,6 +175,15 @@ fn region_ok(addr: u64, len: u64, mem_size: u64) -> bool {
     };
     let ram_end = mem_size.min(IDENTITY_MAPPED);
     addr >= PAGE_SIZE && end <= ram_end && (end <= IMAGE_BASE || addr >= image_end())
+}
+
+/// Whether an ECAM window at `addr` is page-aligned, above RAM and inside the identity map.
+fn ecam_ok(addr: u64, mem_size: u64) -> bool {
+    addr % PAGE_SIZE == 0
+        && addr >= mem_size
+        && addr
+            .checked_add(PCI_ECAM_SIZE)
+            .is_some_and(|end| end <= IDENTITY_MAPPED)
 }
 
 /// Takes the boot info handed over at the ddvm entry.
@@ -196,6 +227,9 @@ pub(crate) fn init_ddvm(addr: u64, magic: u64) -> Result<(), BootError> {
         if a != 0 && !region_ok(a, len, info.mem_size) {
             return Err(BootError::Region { what, addr: a, len });
         }
+    }
+    if info.pci_ecam != 0 && !ecam_ok(info.pci_ecam, info.mem_size) {
+        return Err(BootError::Ecam(info.pci_ecam));
     }
     let mut boot = Boot {
         info,

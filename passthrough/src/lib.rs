@@ -5,7 +5,8 @@
 //! - [`pci`]: the device's type-0 configuration space (IDs, command register, BARs with the
 //!   sizing protocol, a PCI Express capability advertising Function Level Reset), the
 //!   [`pci::PciBackend`] trait that each device model (and later VFIO) implements, and a
-//!   [`pci::PciBus`] answering configuration mechanism #1 (ports 0xCF8/0xCFC).
+//!   [`pci::PciBus`] answering configuration mechanism #1 (ports 0xCF8/0xCFC) and a memory-mapped
+//!   ECAM window.
 //! - [`dma`]: the [`dma::DmaWindow`], the only way a device reaches domain memory. It plays the
 //!   IOMMU: anything not entirely inside the domain's memory, or attempted while bus mastering is
 //!   off or while the device serves no domain, is refused and counted.
@@ -27,4 +28,5 @@ pub use dma::{DmaError, DmaWindow};
 pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmePoller, NvmeStats};
 pub use pci::{
     BarInfo, BarKind, ConfigSpace, PciBackend, PciBus, PciDevice, PciError, PciIds, WakeDomain,
+    ECAM_BUS_SIZE,
 };

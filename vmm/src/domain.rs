@@ -23,7 +23,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch;
 use crate::console::{Console, Echo, LogReader};
-use crate::devices::pci::{BarWindow, PciConfigPorts};
+use crate::devices::pci::{BarWindow, PciConfigPorts, PciEcam};
 use crate::devices::serial::SerialPort;
 use crate::devices::Bus;
 use crate::hypervisor::{register_pvm_vif, Hypervisor};
@@ -201,8 +201,13 @@ impl DomainDevice {
     }
 }
 
+/// Guest-physical address of the ECAM window of bus 0 ([`ddvm_passthrough::ECAM_BUS_SIZE`]
+/// bytes) in a domain with a device: above RAM, below the BARs, inside the identity map.
+pub const PCI_ECAM_BASE: u64 = 0xd800_0000;
 /// Guest-physical address of the first device BAR: above RAM, inside the identity map.
 pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
+const _: () = assert!(PCI_ECAM_BASE + ddvm_passthrough::ECAM_BUS_SIZE <= PCI_MMIO_BASE);
+const _: () = assert!(ddvm_passthrough::ECAM_BUS_SIZE == ddvm_abi::boot::PCI_ECAM_SIZE);
 /// PCI device number of the passed-through device on bus 0.
 pub const PCI_DEVICE_NUMBER: u8 = 1;
 
@@ -230,7 +235,7 @@ pub enum DomainError {
         memory: u64,
     },
     /// Memory reaching into the device window.
-    #[error("domain {name}: memory of {memory} bytes overlaps the PCI window at {PCI_MMIO_BASE:#x}; expected at most {PCI_MMIO_BASE} bytes with a device")]
+    #[error("domain {name}: memory of {memory} bytes overlaps the PCI windows from {PCI_ECAM_BASE:#x}; expected at most {PCI_ECAM_BASE} bytes with a device")]
     MemoryTooLarge {
         /// Domain name.
         name: String,
@@ -368,7 +373,7 @@ impl Domain {
             });
         }
         // Tell the domain where its device is (or that it has none): probing the bus costs
-        // a port exit per config access.
+        // an exit per config access.
         let cmdline = if cfg
             .cmdline
             .split_whitespace()
@@ -388,7 +393,7 @@ impl Domain {
                 len: cmdline.len(),
             });
         }
-        if cfg.device.is_some() && cfg.memory > PCI_MMIO_BASE {
+        if cfg.device.is_some() && cfg.memory > PCI_ECAM_BASE {
             return Err(DomainError::MemoryTooLarge {
                 name,
                 memory: cfg.memory,
@@ -490,7 +495,12 @@ impl Domain {
             channel_size: cfg.channel_size,
             cmdline: layout::BOOT_INFO + layout::CMDLINE_OFFSET,
             cmdline_len: cmdline.len() as u64,
-            pci_ecam: 0,
+            // Configuration space through ECAM: one exit per access instead of two.
+            pci_ecam: if cfg.device.is_some() {
+                PCI_ECAM_BASE
+            } else {
+                0
+            },
             reserved: [0; 4],
         };
         arch::write_boot_info(&mem, &boot_info, &cmdline).map_err(setup("boot info"))?;
@@ -536,10 +546,17 @@ impl Domain {
             pci_bus
                 .insert(PCI_DEVICE_NUMBER, device.clone())
                 .map_err(|e| device_err(Box::new(e)))?;
+            let pci_bus = Arc::new(Mutex::new(pci_bus));
             pio.insert(
                 u64::from(port::PCI_CONFIG_ADDRESS),
                 8,
-                Arc::new(Mutex::new(PciConfigPorts(Arc::new(Mutex::new(pci_bus))))),
+                Arc::new(Mutex::new(PciConfigPorts(pci_bus.clone()))),
+            )
+            .map_err(bus_err)?;
+            mmio.insert(
+                PCI_ECAM_BASE,
+                ddvm_passthrough::ECAM_BUS_SIZE,
+                Arc::new(Mutex::new(PciEcam(pci_bus))),
             )
             .map_err(bus_err)?;
             let bars = device

@@ -347,6 +347,16 @@ fn check_ready(ctx: &VcpuContext) -> bool {
     match ctx.mem.read_obj::<ChannelHeader>(GuestAddress(gpa)) {
         Ok(h) if h.is_ready_for(epoch) => {
             ctx.shared.set(RunState::Ready(ctx.started.elapsed()));
+            // Exits are what boot time is made of on PVM: show where they went.
+            let e = &ctx.shared.exits;
+            tracing::debug!(
+                "{}: ready after {} exits ({} port I/O, {} MMIO, {} waits)",
+                std::thread::current().name().unwrap_or("vcpu"),
+                e.total.load(Ordering::Relaxed),
+                e.pio.load(Ordering::Relaxed),
+                e.mmio.load(Ordering::Relaxed),
+                e.wait.load(Ordering::Relaxed),
+            );
             true
         }
         _ => false,

@@ -12,6 +12,10 @@ pub const BOOT_INFO_MAGIC: u64 = 0x6464_766d_626f_6f74; // "ddvmboot"
 /// `BootInfo::version`.
 pub const BOOT_INFO_VERSION: u32 = 1;
 
+/// Bytes of the ECAM window at [`BootInfo::pci_ecam`]: bus 0 only, function `f` of device `d`
+/// at `d << 15 | f << 12`, 4 KiB of configuration space each.
+pub const PCI_ECAM_SIZE: u64 = 32 * 8 * 4096;
+
 /// The platform the guest runs on, as the VMM detected it.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +84,9 @@ pub struct BootInfo {
     pub cmdline: u64,
     /// Command line length in bytes.
     pub cmdline_len: u64,
-    /// Base of the PCI ECAM window (0: use configuration mechanism #1 ports only).
+    /// Base of the ECAM window of PCI bus 0, [`PCI_ECAM_SIZE`] bytes above RAM, page-aligned
+    /// (0: none, use configuration mechanism #1 ports only). One exit per configuration access
+    /// where the ports take two.
     pub pci_ecam: u64,
     /// Reserved, zero.
     pub reserved: [u64; 4],

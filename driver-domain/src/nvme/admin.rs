@@ -1,5 +1,9 @@
-//! Bring-up helpers: the admin queue (one synchronous command at a time), controller
+//! Bring-up helpers: the admin queue (synchronous batches of independent commands, one tail
+//! doorbell write per batch, head doorbell writes only when needed), controller
 //! disable/enable handshakes within CAP.TO, and Identify.
+
+use alloc::vec;
+use alloc::vec::Vec;
 
 use guest_kernel::dma::{DmaBuffer, PAGE_SIZE};
 use guest_kernel::time::{self, Instant};
@@ -25,39 +29,77 @@ impl AdminQueue {
     pub(super) fn run(
         &mut self,
         regs: &Registers,
-        mut cmd: Command,
+        cmd: Command,
         timeout_ms: u64,
     ) -> Result<CompletionEntry, NvmeError> {
-        let cid = self.next_cid;
-        self.next_cid = self.next_cid.wrapping_add(1);
-        cmd.cid = cid;
-        self.sq.push(&cmd);
-        self.sq.ring();
-        let start = Instant::now();
-        loop {
-            if let Some(e) = self.cq.peek() {
-                self.cq.advance();
-                self.cq.ring();
-                if e.sq_id != 0 || e.cid != cid {
-                    return Err(NvmeError::BadCompletion {
-                        qid: 0,
-                        sq_id: e.sq_id,
-                        cid: e.cid,
-                    });
+        let mut done = self.run_all(regs, &[cmd], timeout_ms)?;
+        Ok(done.remove(0))
+    }
+
+    /// Runs `cmds`, which must not depend on each other (the controller may run them in any
+    /// order), and waits for all their completions; returns them in the order of `cmds`.
+    ///
+    /// Up to half the queue goes to the controller with one tail doorbell write; the head
+    /// doorbell is written only when half the completion queue has been consumed (never with
+    /// fewer than half the entries in flight, so the controller never sees it full). Call
+    /// [`AdminQueue::finish`] once bring-up is done.
+    pub(super) fn run_all(
+        &mut self,
+        regs: &Registers,
+        cmds: &[Command],
+        timeout_ms: u64,
+    ) -> Result<Vec<CompletionEntry>, NvmeError> {
+        let batch = usize::from(self.sq.entries() / 2).max(1);
+        let mut done = Vec::with_capacity(cmds.len());
+        for chunk in cmds.chunks(batch) {
+            let first = self.next_cid;
+            for cmd in chunk {
+                let cid = self.next_cid;
+                self.next_cid = self.next_cid.wrapping_add(1);
+                self.sq.push(&Command { cid, ..*cmd });
+            }
+            self.sq.ring();
+            let mut entries: Vec<Option<CompletionEntry>> = vec![None; chunk.len()];
+            let mut left = chunk.len();
+            let start = Instant::now();
+            while left > 0 {
+                if let Some(e) = self.cq.peek() {
+                    self.cq.advance();
+                    self.cq.ring_if_half_consumed();
+                    let slot = entries
+                        .get_mut(usize::from(e.cid.wrapping_sub(first)))
+                        .filter(|s| e.sq_id == 0 && s.is_none());
+                    let Some(slot) = slot else {
+                        return Err(NvmeError::BadCompletion {
+                            qid: 0,
+                            sq_id: e.sq_id,
+                            cid: e.cid,
+                        });
+                    };
+                    *slot = Some(e);
+                    left -= 1;
+                    continue;
                 }
-                return Ok(e);
+                let waited = start.elapsed_us() / 1000;
+                if waited >= timeout_ms {
+                    let i = entries.iter().position(Option::is_none).unwrap_or(0);
+                    return Err(stalled(regs).unwrap_or(NvmeError::CommandTimeout {
+                        cid: first.wrapping_add(i as u16),
+                        opcode: chunk[i].opcode,
+                        qid: 0,
+                        ms: waited,
+                    }));
+                }
+                core::hint::spin_loop();
             }
-            let waited = start.elapsed_us() / 1000;
-            if waited >= timeout_ms {
-                return Err(stalled(regs).unwrap_or(NvmeError::CommandTimeout {
-                    cid,
-                    opcode: cmd.opcode,
-                    qid: 0,
-                    ms: waited,
-                }));
-            }
-            core::hint::spin_loop();
+            done.extend(entries.into_iter().flatten());
         }
+        Ok(done)
+    }
+
+    /// Gives every consumed completion entry back to the controller (the end of bring-up).
+    pub(super) fn finish(&mut self) {
+        self.cq.ring();
     }
 
     /// Runs `cmd`; a non-success status is an error.
@@ -127,21 +169,21 @@ pub(super) fn disable(regs: &Registers, timeout_ms: u64) -> Result<(), NvmeError
     wait_ready(regs, false, timeout_ms)
 }
 
-/// Runs Identify and copies the page out.
-pub(super) fn identify(
-    admin: &mut AdminQueue,
-    regs: &Registers,
-    page: &DmaBuffer,
-    cns: u32,
-    nsid: u32,
-    timeout_ms: u64,
-) -> Result<Result<[u8; IDENTIFY_SIZE], Status>, NvmeError> {
+/// An Identify command returning its data into `page` (cleared first).
+pub(super) fn identify_command(page: &DmaBuffer, cns: u32, nsid: u32) -> Command {
     page.fill(0, PAGE_SIZE, 0);
-    let e = admin.run(regs, Command::identify(cns, nsid, page.addr()), timeout_ms)?;
+    Command::identify(cns, nsid, page.addr())
+}
+
+/// The data of an Identify command that completed with `e` (see [`identify_command`]).
+pub(super) fn identify_data(
+    page: &DmaBuffer,
+    e: &CompletionEntry,
+) -> Result<[u8; IDENTIFY_SIZE], Status> {
     if !e.status.is_success() {
-        return Ok(Err(e.status));
+        return Err(e.status);
     }
     let mut data = [0u8; IDENTIFY_SIZE];
     page.read_bytes(0, &mut data);
-    Ok(Ok(data))
+    Ok(data)
 }

@@ -36,6 +36,8 @@ pub struct ControllerInfo {
     pub model: [u8; 40],
     /// Firmware revision (ASCII; sanitized).
     pub firmware: [u8; 8],
+    /// Version, as the VS register (0: not reported, before NVMe 1.2).
+    pub ver: u32,
     /// Maximum data transfer size as a power of two of the minimum page size (0: no limit).
     pub mdts: u8,
     /// Optional Admin Command Support.
@@ -73,6 +75,7 @@ impl ControllerInfo {
             serial: sanitize(&b[4..24]),
             model: sanitize(&b[24..64]),
             firmware: sanitize(&b[64..72]),
+            ver: u32_at(b, 80),
             mdts: b[77],
             oacs: u16_at(b, 256),
             sqes: b[512],

@@ -1,5 +1,9 @@
 //! Finding the controller on PCI bus 0 and reaching its registers.
 //!
+//! Each configuration access is an exit (one through ECAM, two through the ports): finding and
+//! enabling a controller at a known address takes nine (vendor and class, BAR0 read and sized,
+//! the command register read once and written once).
+//!
 //! Under ddvm the VMM has assigned BAR0; it is used as found. Under QEMU's PVH boot no
 //! firmware ran and BAR0 reads 0: the driver places it itself at [`FALLBACK_BAR0`] (above RAM,
 //! below 4 GiB, inside the identity map).
@@ -88,7 +92,10 @@ pub fn find(location: Location) -> Result<Option<Found>, ProbeError> {
         return Ok(None);
     };
     let bdf = function.bdf;
-    let mut bar = pci::memory_bar(bdf, 0).map_err(|e| ProbeError::Bar(bdf, e))?;
+    // Read once: sizing BAR0 needs it, and so does enabling the function at the end.
+    let command = pci::read_u16(bdf, pci::reg::COMMAND);
+    let mut bar =
+        pci::memory_bar_with_command(bdf, 0, command).map_err(|e| ProbeError::Bar(bdf, e))?;
     if bar.base == 0 {
         let ram_end = boot::info().mem_size;
         let base = FALLBACK_BAR0.max(ram_end).next_multiple_of(bar.size);
@@ -101,10 +108,10 @@ pub fn find(location: Location) -> Result<Option<Found>, ProbeError> {
         bar = pci::assign_memory_bar(bdf, bar, base);
     }
     let registers = pci::map_memory_bar(&bar).map_err(|e| ProbeError::Bar(bdf, e))?;
-    pci::update_command(
+    pci::write_u16(
         bdf,
-        command::MEMORY | command::BUS_MASTER | command::INTX_DISABLE,
-        0,
+        pci::reg::COMMAND,
+        command | command::MEMORY | command::BUS_MASTER | command::INTX_DISABLE,
     );
     Ok(Some(Found {
         function,

@@ -1,8 +1,8 @@
 //! PCI functions as a driver domain sees them.
 //!
 //! A [`PciDevice`] pairs a [`ConfigSpace`] (what the domain reads and writes through
-//! configuration mechanism #1 on the [`PciBus`]) with a [`PciBackend`] (the device model, or
-//! VFIO for real hardware). BAR addresses are fixed by the VMM before boot; the domain may size
+//! configuration mechanism #1 or the ECAM window of the [`PciBus`]) with a [`PciBackend`] (the
+//! device model, or VFIO for real hardware). BAR addresses are fixed by the VMM before boot; the domain may size
 //! BARs but not move them. Memory Space Enable gates MMIO, Bus Master Enable gates DMA, and the
 //! PCI Express capability's Initiate Function Level Reset resets the backend.
 //!
@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-pub use bus::PciBus;
+pub use bus::{PciBus, ECAM_BUS_SIZE};
 pub use config::{ConfigSpace, CONFIG_SPACE_SIZE, PCIE_CAP_OFFSET};
 pub use device::PciDevice;
 

@@ -1,5 +1,6 @@
 //! PCI devices of a driver domain on the machine's buses: configuration mechanism #1 on ports
-//! 0xCF8..0xCFF, and each device's BARs on the MMIO bus.
+//! 0xCF8..0xCFF and the ECAM window of bus 0 on the MMIO bus (both reach the same
+//! configuration spaces), and each device's BARs on the MMIO bus.
 
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +34,20 @@ impl BusDevice for PciConfigPorts {
             4..=7 => bus.write_data((offset - 4) as u8, data),
             _ => {}
         }
+    }
+}
+
+/// The ECAM window of bus 0 on the MMIO bus: one exit per configuration access where the
+/// ports take two.
+pub struct PciEcam(pub Arc<Mutex<PciBus>>);
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.0).ecam_read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.0).ecam_write(offset, data);
     }
 }
 
