@@ -87,6 +87,9 @@ pub use worker::{WakeDomain, IDLE_SPIN};
 
 /// Passes one trapped doorbell write may run (each takes up to 32 commands per queue).
 const INLINE_PASSES: usize = 16;
+/// Passes one [`NvmePoller::poll`] may run: enough to drain a queue of 128 entries, short
+/// enough that the poller's other work is not held up.
+const POLL_PASSES: usize = 4;
 
 /// PCI vendor ID.
 pub const NVME_VENDOR_ID: u16 = 0x1b36;
@@ -240,7 +243,7 @@ impl NvmePoller {
     /// most), posts the completions and wakes the domain after posting. Returns the commands
     /// taken: zero means nothing was waiting.
     pub fn poll(&self) -> u64 {
-        self.shared.process(4)
+        self.shared.process(POLL_PASSES)
     }
 
     /// Before the caller sleeps: asks the driver to ring (shadow doorbell event indexes) and

@@ -10,6 +10,7 @@
 //! only through the replaceable wake callback, so a detached controller's worker touches
 //! neither the old memory nor the old domain.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,20 +43,20 @@ pub(super) fn run(shared: Arc<Shared>) {
         }
         // Blocks until a doorbell, a bus-master change or stop; an error (EINTR) just means
         // another pass.
-        wait_readable(&shared.eventfd);
+        wait_readable(shared.eventfd.as_raw_fd(), -1);
         let _ = shared.eventfd.read();
         last_work = Instant::now();
     }
 }
 
-/// Blocks until `fd` (a non-blocking eventfd) is readable.
-fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd) {
-    use std::os::fd::AsRawFd;
+/// Waits until `fd` (a non-blocking eventfd) is readable, for at most `timeout_ms` (-1: no
+/// limit). True when it is; false on timeout or interruption.
+pub(crate) fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
     let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: `pfd` is a valid pollfd for the duration of the call, and the count is 1.
-    unsafe { libc::poll(&mut pfd, 1, -1) };
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) == 1 }
 }

@@ -5,18 +5,8 @@ use std::sync::atomic::Ordering;
 
 use crate::nvme::queue::Command;
 use crate::nvme::testdriver::{pattern, rw, Ring, TestDriver};
+use crate::nvme::worker::wait_readable as readable;
 use crate::nvme::Status;
-
-/// Waits on `fd` for at most `ms`; true when it became readable.
-fn readable(fd: std::os::fd::RawFd, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
-}
 
 #[test]
 fn a_trapped_doorbell_write_completes_the_command_before_it_returns() {
