@@ -707,14 +707,11 @@ impl ChannelBackend {
         out: &mut Vec<Finished>,
     ) -> usize {
         out.append(&mut self.failed);
-        if self.live.is_none() {
-            return 0;
-        }
-        // The device first: what the domain submitted since the last pass completes now.
-        let device_work = self.device.poll() as usize;
         let Some(live) = self.live.as_mut() else {
             return 0;
         };
+        // The device first: what the domain submitted since the last pass completes now.
+        let device_work = self.device.poll() as usize;
         let mem = live.domain.memory().clone();
         self.done.clear();
         let polled = live.channel.poll(&mem, &mut self.done);
