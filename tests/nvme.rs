@@ -149,3 +149,77 @@ fn domain_reaches_its_controller_through_ecam_without_port_exits() {
     let waits = e.wait.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(pio, waits, "port exits other than waits: {e:?}");
 }
+
+/// A warm standby boots while another domain holds the device, never touches it, and serves
+/// it once promoted; a standby without a device that outlives domains is refused.
+#[test]
+fn a_warm_standby_waits_without_its_device_until_promoted() {
+    use ddvm::domain::{DeviceThread, DomainDevice};
+    let hv = kvm();
+    let mut cfg = nvme_config("nvme-standby", "", 512);
+    let Some(DeviceSpec::EmulatedNvme(nvme)) = cfg.device.clone() else {
+        unreachable!()
+    };
+    let err = Domain::boot_standby(&hv, &cfg, 2).err().expect("refused");
+    assert!(err.to_string().contains("standby"), "{err}");
+    let device = DomainDevice::emulated_nvme("nvme-standby", &nvme, DeviceThread::Worker).unwrap();
+    cfg.device = Some(DeviceSpec::Persistent(device.clone()));
+
+    let mut live = Domain::boot(&hv, &cfg, 1).unwrap();
+    live.wait_ready(Duration::from_secs(10))
+        .unwrap_or_else(|s| panic!("not ready: {s:?}\n{}", live.console().text()));
+    let mut ch = HostChannel::new(live.channel().unwrap(), live.channel_header().unwrap());
+    ch.device_info(live.memory()).unwrap();
+
+    let mut standby = Domain::boot_standby(&hv, &cfg, 2).unwrap();
+    assert!(
+        standby.wait_standby(Duration::from_secs(10)),
+        "not standing by: {:?}\n{}",
+        standby.state(),
+        standby.console().text()
+    );
+    assert!(standby.is_standby());
+    // The live domain keeps its device while the standby waits: no access of the standby's
+    // reached a device register or configuration space.
+    let r = testclient::run(&live, &mut ch, &workload(500, 8, 8, true, 64)).unwrap();
+    assert_clean(&r, "beside a standby");
+    assert_eq!(
+        standby
+            .exits()
+            .mmio
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(matches!(standby.state(), ddvm::vcpu::RunState::Standby));
+
+    // The hand-over: the holder is quiesced first, then the standby probes and serves.
+    live.retire();
+    standby.promote().unwrap();
+    assert!(!standby.is_standby());
+    assert!(standby.promote().is_err(), "promoted twice");
+    standby
+        .wait_ready(Duration::from_secs(10))
+        .unwrap_or_else(|s| panic!("not ready: {s:?}\n{}", standby.console().text()));
+    let mut ch = HostChannel::new(
+        standby.channel().unwrap(),
+        standby.channel_header().unwrap(),
+    );
+    let info = ch.device_info(standby.memory()).unwrap();
+    assert_eq!(info.capacity_sectors, (64 << 20) / 512);
+    let r = testclient::run(&standby, &mut ch, &workload(500, 8, 8, true, 64)).unwrap();
+    assert_clean(&r, "promoted standby");
+    assert!(
+        standby
+            .exits()
+            .mmio
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // A standby that is never needed goes without touching the device either.
+    let spare = Domain::boot_standby(&hv, &cfg, 3).unwrap();
+    assert!(spare.wait_standby(Duration::from_secs(10)));
+    drop(spare);
+    let r = testclient::run(&standby, &mut ch, &workload(500, 8, 8, true, 64)).unwrap();
+    assert_clean(&r, "after a spare standby went");
+}

@@ -170,6 +170,66 @@ fn writes_a_reset_drops_from_the_volatile_cache_are_replayed() {
     assert!(handle.with(|o| o.recovered) >= 6);
 }
 
+/// Waits until `f` holds for what the disk's service publishes.
+fn wait_until(
+    handle: &ddvm::blk::channel::RecoveryHandle,
+    what: &str,
+    f: impl Fn(&ddvm::blk::channel::Observed) -> bool,
+) {
+    let t0 = Instant::now();
+    while !handle.with(&f) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never: {what}");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Each restart promotes the warm standby (its epoch becomes the live one) and a new standby
+/// boots behind it; with `standby = false` every restart boots a fresh domain.
+#[test]
+fn restarts_promote_the_warm_standby_and_boot_the_next() {
+    let _serial = serial();
+    for standby in [true, false] {
+        let dir = scratch(&format!("recovery-standby-{standby}"));
+        let cfg = config(
+            &dir,
+            &format!("{FAST}standby = {standby}\n"),
+            "workload=randrw bs=4096 qd=8 duration_ms=1000",
+            1,
+        );
+        let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+        let handle = topo.recovery[0].1.clone();
+        for round in 1..=3 {
+            let waiting = if standby {
+                wait_until(&handle, "a standby", |o| o.standby.is_some());
+                handle.with(|o| o.standby)
+            } else {
+                None
+            };
+            let before = handle.with(|o| o.recovered);
+            handle.send(Command::Kill);
+            wait_until(&handle, "a recovery", |o| o.recovered > before);
+            let (epoch, promoted, next) = handle.with(|o| {
+                (
+                    o.status.as_ref().and_then(|s| s.epoch),
+                    o.promoted,
+                    o.standby,
+                )
+            });
+            if standby {
+                assert_eq!(epoch, waiting, "round {round}: the standby took over");
+                assert_eq!(promoted, round, "round {round}");
+                wait_until(&handle, "the next standby", |o| o.standby > waiting);
+            } else {
+                assert_eq!((promoted, next), (0, None), "round {round}");
+            }
+        }
+        let outcomes = topo.wait_clients(Duration::from_secs(60));
+        topo.stop();
+        let r = outcomes[0].report.clone().expect("report");
+        assert!(r.clean(), "standby={standby}: {r:?}");
+    }
+}
+
 /// Too many failures in the window: the supervisor gives up, pending and new requests fail
 /// with VIRTIO_BLK_S_IOERR (errors pushed up), and the device is marked broken.
 #[test]
@@ -251,11 +311,10 @@ fn a_thousand_restarts_leak_nothing() {
         for _ in 0..n {
             let before = handle.with(|o| o.recovered);
             handle.send(Command::Kill);
-            let t0 = Instant::now();
-            while handle.with(|o| o.recovered) == before {
-                assert!(t0.elapsed() < Duration::from_secs(5), "no recovery");
-                std::thread::sleep(Duration::from_micros(500));
-            }
+            wait_until(&handle, "a recovery", |o| o.recovered > before);
+            // Every restart goes through a standby: the next one is up before the next kill
+            // (and its boot thread is gone when the process is measured).
+            wait_until(&handle, "a standby", |o| o.standby.is_some());
         }
     };
     restart(50);
@@ -272,6 +331,11 @@ fn a_thousand_restarts_leak_nothing() {
     assert!(fds2 <= fds + 2, "fds {fds} -> {fds2}");
     assert!(threads2 <= threads + 1, "threads {threads} -> {threads2}");
     assert!(rss2 < rss + 16 * 1024, "rss {rss} -> {rss2} KiB");
+    assert_eq!(
+        handle.with(|o| o.promoted),
+        1050,
+        "every restart promoted a standby"
+    );
 }
 
 /// `ddvm ctl` over the control socket: status, kill (recovered, no client error), inject,

@@ -2,7 +2,7 @@
 
 use ddvm_abi::boot::Platform;
 use ddvm_abi::panic::PanicKind;
-use ddvm_abi::port::{EXIT, NOTIFY, PANIC, WAIT, WAIT_MAX_US};
+use ddvm_abi::port::{EXIT, NOTIFY, PANIC, STANDBY, WAIT, WAIT_MAX_US};
 
 use crate::arch::{cpu, io::Port};
 use crate::{boot, time};
@@ -33,6 +33,18 @@ pub fn wait(timeout_us: u32) {
     // SAFETY: the wait port is the VMM's; writing it touches no memory.
     let port = unsafe { Port::<u32>::new(WAIT) };
     port.write(timeout_us.min(WAIT_MAX_US));
+}
+
+/// A warm standby's one exit before it touches its device: returns when the VMM has handed
+/// the domain its device (the VMM stops a standby it does not need; this never returns then).
+/// Under QEMU the device is there from the start: returns at once, without an exit.
+pub fn standby() {
+    if boot::platform() == Platform::QemuPvh {
+        return;
+    }
+    // SAFETY: the standby port is the VMM's; writing it touches no memory.
+    let port = unsafe { Port::<u32>::new(STANDBY) };
+    port.write(0);
 }
 
 /// Tells the VMM the domain published completions (the notify port, served in the VMM's

@@ -18,6 +18,7 @@
 //! hook = ["/usr/local/bin/notify", "--from-ddvm"]   # + DOMAIN REASON RESTARTS
 //! hook_timeout_ms = 10000
 //! on_give_up = "fail-requests" # or "hold"
+//! standby = true               # keep a warm standby domain booted for the next restart
 //! ```
 //!
 //! Why these defaults: a domain boots to ready in about 2 ms, so recovery is dominated by the
@@ -93,6 +94,11 @@ pub struct RestartPolicy {
     pub hook: Option<Hook>,
     /// What giving up does.
     pub give_up: GiveUpAction,
+    /// Keep a warm standby: a fresh domain booted ahead, up to where it needs its device, so
+    /// a restart skips VM creation and guest boot. It costs a second domain's memory (most of
+    /// it never touched) and a vCPU thread that sleeps; it never touches the device before it
+    /// is handed over.
+    pub standby: bool,
 }
 
 /// What giving up on a domain does.
@@ -133,6 +139,8 @@ pub struct PolicyConfig {
     pub hook_timeout_ms: u64,
     /// See [`RestartPolicy::give_up`].
     pub on_give_up: GiveUpAction,
+    /// See [`RestartPolicy::standby`].
+    pub standby: bool,
 }
 
 /// A policy value out of range. `key` is the TOML key.
@@ -159,6 +167,7 @@ impl Default for PolicyConfig {
             hook: None,
             hook_timeout_ms: DEFAULT_HOOK_TIMEOUT_MS,
             on_give_up: GiveUpAction::FailRequests,
+            standby: true,
         }
     }
 }
@@ -190,6 +199,7 @@ impl PolicyConfig {
                 window: ms(self.window_ms),
                 hook,
                 give_up: self.on_give_up,
+                standby: self.standby,
             },
         };
         policy.validate()?;
@@ -214,6 +224,7 @@ impl Default for Policy {
                 window: ms(DEFAULT_WINDOW_MS),
                 hook: None,
                 give_up: GiveUpAction::FailRequests,
+                standby: true,
             },
         }
     }

@@ -138,6 +138,15 @@ impl<C> ShadowQueue<C> {
         self.entries.get(self.queued.first()?)
     }
 
+    /// The oldest queued entry that arrived after `seq` (to pass over entries that must wait).
+    pub fn next_queued_after(&self, seq: u64) -> Option<&Entry<C>> {
+        let next = self
+            .queued
+            .range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded))
+            .next()?;
+        self.entries.get(next)
+    }
+
     /// Marks queued entry `seq` as posted in `epoch` under `tag`.
     pub fn posted(&mut self, seq: u64, tag: u32, epoch: u64, now: Instant) -> bool {
         let Some(e) = self.entries.get_mut(&seq) else {
@@ -321,6 +330,23 @@ impl WriteLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_entries_can_be_walked_past_ones_that_wait() {
+        let now = Instant::now();
+        let mut q = ShadowQueue::new();
+        let a = q.push(Op::Write, 0, 8, "a", now);
+        let b = q.push(Op::Flush, 0, 0, "b", now);
+        let c = q.push(Op::Read, 16, 8, "c", now);
+        assert!(q.posted(b, 1, 1, now));
+        assert_eq!(
+            q.next_queued_after(a).unwrap().seq,
+            c,
+            "in-flight entries are passed"
+        );
+        assert!(q.next_queued_after(c).is_none());
+        assert_eq!(q.next_queued().unwrap().seq, a);
+    }
 
     #[test]
     fn entries_complete_once_and_only_in_their_epoch() {

@@ -144,6 +144,8 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)]) -> Value {
                             "in_flight": o.in_flight,
                             "queued": o.queued,
                             "recoveries": o.recovered,
+                            "standby_epoch": o.standby,
+                            "standby_promotions": o.promoted,
                         })
                     })
                 })

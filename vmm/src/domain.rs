@@ -5,6 +5,7 @@
 //! Teardown stops the vCPU thread (a kick signal takes it out of KVM_RUN), joins it, then drops
 //! the vCPU, the VM and the memory, in that order.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -190,6 +191,17 @@ impl DomainDevice {
         }
     }
 
+    /// Attaches the device to a domain: DMA into `mem`, completions kick its vCPU, shadow
+    /// doorbells become ioeventfds of `vm`.
+    fn attach_to(&self, mem: &GuestMem, shared: &Arc<Shared>, vm: &Arc<VmFd>) {
+        // The controller's completions wake the domain if it waits. The closure holds the
+        // shared state, never the device (no reference cycle).
+        let waker = shared.clone();
+        self.lock()
+            .attach(mem.clone(), Arc::new(move || waker.kick()));
+        *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.clone());
+    }
+
     /// Bus mastering off, function reset, DMA detached: the device can no longer touch the
     /// domain it served.
     pub fn quiesce(&self) {
@@ -292,6 +304,14 @@ pub enum DomainError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A warm standby could not be booted or handed its device.
+    #[error("domain {name}: standby: {what}")]
+    Standby {
+        /// Domain name.
+        name: String,
+        /// What went wrong.
+        what: &'static str,
+    },
     /// Host resources (threads, eventfds, signals).
     #[error("domain {name}: {what}: {source}")]
     Host {
@@ -321,6 +341,17 @@ pub struct MmioAttachment {
 pub type AttachFn<'a> =
     dyn FnMut(&GuestMem, &Arc<Shared>) -> Result<Vec<MmioAttachment>, DomainError> + 'a;
 
+/// What a standby is handed when it is promoted.
+struct Handover {
+    device: Arc<DomainDevice>,
+    pci_bus: Arc<Mutex<PciBus>>,
+    present: Arc<AtomicBool>,
+}
+
+fn lock_bus(bus: &Mutex<PciBus>) -> std::sync::MutexGuard<'_, PciBus> {
+    bus.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A running guest.
 pub struct Domain {
     name: String,
@@ -338,6 +369,8 @@ pub struct Domain {
     // Quiesced after the vCPU thread (which holds it through the buses) is joined, before the
     // VM and the memory its DMA window maps are freed.
     device: Option<Arc<DomainDevice>>,
+    // A standby's device, PCI slot and BAR gate, until its promotion.
+    handover: Option<Handover>,
     // Dropped after the vCPU thread has been joined; the VM before the memory it maps.
     vm: Option<Arc<VmFd>>,
     mem: GuestMem,
@@ -356,6 +389,36 @@ impl Domain {
         cfg: &DomainConfig,
         epoch: u64,
         attach: &mut AttachFn<'_>,
+    ) -> Result<Domain, DomainError> {
+        Self::build(hv, cfg, epoch, attach, false)
+    }
+
+    /// Boots a warm standby for boot generation `epoch`: a fresh domain that boots and opens
+    /// its channel, then waits in the VMM without its device (`standby` on its command line;
+    /// its PCI slot reads empty and its BAR windows are dead) until [`promote`](Self::promote)
+    /// hands the device over. A restart then costs the device's bring-up, not VM creation and
+    /// guest boot. `cfg.device` must be a [`DeviceSpec::Persistent`] device: the one the live
+    /// domain holds meanwhile, which the standby never touches before its promotion.
+    pub fn boot_standby(
+        hv: &Hypervisor,
+        cfg: &DomainConfig,
+        epoch: u64,
+    ) -> Result<Domain, DomainError> {
+        if !matches!(cfg.device, Some(DeviceSpec::Persistent(_))) {
+            return Err(DomainError::Standby {
+                name: cfg.name.clone(),
+                what: "a standby needs a device that outlives its domains",
+            });
+        }
+        Self::build(hv, cfg, epoch, &mut |_, _| Ok(Vec::new()), true)
+    }
+
+    fn build(
+        hv: &Hypervisor,
+        cfg: &DomainConfig,
+        epoch: u64,
+        attach: &mut AttachFn<'_>,
+        standby: bool,
     ) -> Result<Domain, DomainError> {
         let started = Instant::now();
         let name = cfg.name.clone();
@@ -386,6 +449,11 @@ impl Domain {
                 None => "nvme=none".to_string(),
             };
             format!("{} {nvme}", cfg.cmdline).trim_start().to_string()
+        };
+        let cmdline = if standby {
+            format!("{cmdline} standby").trim_start().to_string()
+        } else {
+            cmdline
         };
         if cmdline.len() > layout::CMDLINE_MAX || cmdline.contains('\0') {
             return Err(DomainError::Cmdline {
@@ -427,7 +495,12 @@ impl Domain {
                 .map_err(setup("channel header"))?;
         }
 
-        let shared = Arc::new(Shared::new().map_err(|source| DomainError::Host {
+        let shared = if standby {
+            Shared::standby()
+        } else {
+            Shared::new()
+        };
+        let shared = Arc::new(shared.map_err(|source| DomainError::Host {
             name: name.clone(),
             what: "eventfd",
             source,
@@ -523,15 +596,14 @@ impl Domain {
             source: std::io::Error::other(e),
         })?;
         let mut mmio = Bus::new();
-        if let Some((dev, _)) = &device {
-            // The controller's completions wake the domain if it waits. The closure holds
-            // the shared state, never the device (no reference cycle).
-            let waker = shared.clone();
-            dev.lock()
-                .attach(mem.clone(), Arc::new(move || waker.kick()));
-            *dev.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.clone());
+        // A standby's device stays with the live domain until the hand-over.
+        let present = Arc::new(AtomicBool::new(!standby));
+        if let Some((dev, _)) = device.as_ref().filter(|_| !standby) {
+            dev.attach_to(&mem, &shared, &vm);
         }
-        if let Some(device) = device.as_ref().map(|(d, _)| &d.pci) {
+        let mut handover = None;
+        if let Some((dev, _)) = &device {
+            let device = &dev.pci;
             let bus_err = |e: crate::devices::bus::BusError| DomainError::Host {
                 name: name.clone(),
                 what: "device buses",
@@ -543,9 +615,11 @@ impl Domain {
                     source,
                 };
             let mut pci_bus = PciBus::new();
-            pci_bus
-                .insert(PCI_DEVICE_NUMBER, device.clone())
-                .map_err(|e| device_err(Box::new(e)))?;
+            if !standby {
+                pci_bus
+                    .insert(PCI_DEVICE_NUMBER, device.clone())
+                    .map_err(|e| device_err(Box::new(e)))?;
+            }
             let pci_bus = Arc::new(Mutex::new(pci_bus));
             pio.insert(
                 u64::from(port::PCI_CONFIG_ADDRESS),
@@ -556,7 +630,7 @@ impl Domain {
             mmio.insert(
                 PCI_ECAM_BASE,
                 ddvm_passthrough::ECAM_BUS_SIZE,
-                Arc::new(Mutex::new(PciEcam(pci_bus))),
+                Arc::new(Mutex::new(PciEcam(pci_bus.clone()))),
             )
             .map_err(bus_err)?;
             let bars = device
@@ -571,9 +645,17 @@ impl Domain {
                     Arc::new(Mutex::new(BarWindow {
                         base: gpa,
                         device: device.clone(),
+                        present: present.clone(),
                     })),
                 )
                 .map_err(bus_err)?;
+            }
+            if standby {
+                handover = Some(Handover {
+                    device: dev.clone(),
+                    pci_bus,
+                    present,
+                });
             }
         }
         for a in attach(&mem, &shared)? {
@@ -628,10 +710,45 @@ impl Domain {
             stats,
             thread: Some(thread),
             exit: None,
-            device: device.map(|(d, _)| d),
+            device: device.map(|(d, _)| d).filter(|_| !standby),
+            handover,
             vm: Some(vm),
             mem,
         })
+    }
+
+    /// Hands a standby its device ([`Domain::boot_standby`]): attaches the device to this
+    /// domain's memory and VM, puts it in the PCI slot, opens its BAR windows, and lets the
+    /// vCPU go on to probe it. The previous holder must have been quiesced (its
+    /// [`retire`](Self::retire) or drop). From then on the domain is timed as booting: wait for
+    /// it with [`wait_ready`](Self::wait_ready).
+    pub fn promote(&mut self) -> Result<(), DomainError> {
+        let standby_err = |what| DomainError::Standby {
+            name: self.name.clone(),
+            what,
+        };
+        if self.has_stopped().is_some() {
+            return Err(standby_err("the standby has stopped"));
+        }
+        let (Some(h), Some(vm)) = (self.handover.take(), self.vm.clone()) else {
+            return Err(standby_err("the domain is not a standby"));
+        };
+        h.device.attach_to(&self.mem, &self.shared, &vm);
+        // Quiesced with this domain from now on, whatever happens next.
+        self.device = Some(h.device.clone());
+        lock_bus(&h.pci_bus)
+            .insert(PCI_DEVICE_NUMBER, h.device.pci.clone())
+            .map_err(|_| standby_err("the standby's PCI slot is taken"))?;
+        h.present.store(true, Ordering::Release);
+        if !self.shared.promote() {
+            return Err(standby_err("the standby has stopped"));
+        }
+        Ok(())
+    }
+
+    /// Whether this domain is a standby not yet handed its device.
+    pub fn is_standby(&self) -> bool {
+        self.handover.is_some()
     }
 
     /// Name.
@@ -719,6 +836,14 @@ impl Domain {
             RunState::Ready(t) => Ok(t),
             other => Err(other),
         }
+    }
+
+    /// Waits until a standby is held at its standby exit (true), or `timeout` passes or it
+    /// stops (false).
+    pub fn wait_standby(&self, timeout: Duration) -> bool {
+        self.shared.wait_for(timeout, |s| {
+            matches!(s, RunState::Standby | RunState::Stopped(_))
+        }) == RunState::Standby
     }
 
     /// Waits until the guest stops or `timeout` passes.

@@ -173,6 +173,8 @@ pub struct ExitCounters {
 pub enum RunState {
     /// Running, not yet ready.
     Booting,
+    /// A warm standby, held at its standby exit until it is handed its device.
+    Standby,
     /// The ready mark was seen this long after boot started.
     Ready(Duration),
     /// The guest stopped.
@@ -183,6 +185,9 @@ pub enum RunState {
 pub struct Shared {
     stop: AtomicBool,
     waiting: AtomicBool,
+    // Whether the guest has its device: false for a standby until its promotion (set under
+    // the state lock).
+    promoted: AtomicBool,
     kick: EventFd,
     /// Written when the domain writes the notify port (normally in the kernel, by ioeventfd).
     pub notify: EventFd,
@@ -195,9 +200,20 @@ pub struct Shared {
 impl Shared {
     /// Fresh shared state.
     pub fn new() -> std::io::Result<Self> {
+        Self::with_device(true)
+    }
+
+    /// Fresh shared state of a warm standby: held at its standby exit until
+    /// [`promote`](Self::promote)d.
+    pub fn standby() -> std::io::Result<Self> {
+        Self::with_device(false)
+    }
+
+    fn with_device(has_device: bool) -> std::io::Result<Self> {
         Ok(Shared {
             stop: AtomicBool::new(false),
             waiting: AtomicBool::new(false),
+            promoted: AtomicBool::new(has_device),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             notify: EventFd::new(libc::EFD_NONBLOCK)?,
             exits: ExitCounters::default(),
@@ -235,6 +251,34 @@ impl Shared {
     fn set(&self, s: RunState) {
         *self.lock() = s;
         self.changed.notify_all();
+    }
+
+    /// Lets a standby go on from its standby exit (or never stop there, if it has not reached
+    /// it yet): it is booting again. False when the guest has already stopped.
+    pub fn promote(&self) -> bool {
+        let mut state = self.lock();
+        if matches!(*state, RunState::Stopped(_)) {
+            return false;
+        }
+        self.promoted.store(true, Ordering::Release);
+        *state = RunState::Booting;
+        drop(state);
+        self.changed.notify_all();
+        self.kick();
+        true
+    }
+
+    /// At the standby exit: publishes [`RunState::Standby`] unless the guest has its device.
+    /// Returns whether it must wait.
+    fn enter_standby(&self) -> bool {
+        let mut state = self.lock();
+        if self.promoted.load(Ordering::Acquire) {
+            return false;
+        }
+        *state = RunState::Standby;
+        drop(state);
+        self.changed.notify_all();
+        true
     }
 
     /// Waits until `done` holds for the state or `timeout` passes; returns the last state.
@@ -397,6 +441,10 @@ fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
                     wait(ctx, port_value(data));
                     Step::Continue
                 }
+                port::STANDBY => {
+                    standby(ctx);
+                    Step::Continue
+                }
                 _ => {
                     if !ctx.pio.write(u64::from(p), data) {
                         exits.unclaimed.fetch_add(1, Ordering::Relaxed);
@@ -454,6 +502,21 @@ fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
         // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is reset.
         let _ = ctx.shared.kick.read();
     }
+}
+
+/// Holds a standby's vCPU until it is promoted or asked to stop. A guest that has its device
+/// (promoted, or booted with it) goes on at once. The boot clock restarts at the promotion:
+/// readiness is timed from the hand-over.
+fn standby(ctx: &mut VcpuContext) {
+    if !ctx.shared.enter_standby() {
+        return;
+    }
+    while !ctx.shared.stop.load(Ordering::Acquire) && !ctx.shared.promoted.load(Ordering::Acquire) {
+        if wait_eventfd(&ctx.shared.kick, Duration::from_secs(1)) {
+            let _ = ctx.shared.kick.read();
+        }
+    }
+    ctx.started = Instant::now();
 }
 
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is readable.

@@ -25,6 +25,12 @@ pub const WAIT: u16 = 0x504;
 /// ioeventfd (~23 µs on PVM instead of ~70 µs for an exit to the VMM's userspace).
 pub const NOTIFY: u16 = 0x508;
 
+/// Standby port: a 32-bit write (value ignored) by a domain booted as a warm standby
+/// (`standby` on its command line), before it looks for its device. The VMM holds the vCPU
+/// until it hands the domain its device, or stops it; a restart then costs only the device's
+/// bring-up. Any other domain's write returns at once.
+pub const STANDBY: u16 = 0x50c;
+
 /// Longest wait the VMM honours, in microseconds; longer requests are clamped.
 pub const WAIT_MAX_US: u32 = 1_000_000;
 

@@ -13,7 +13,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ddvm_abi::channel::ring::IndexError;
@@ -33,7 +34,7 @@ use super::device::ClientPort;
 use super::request::status;
 use super::service::{copy_part, Part, Pending, ServiceCounters};
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
-use crate::domain::{DeviceSpec, DeviceThread, Domain, DomainConfig, DomainDevice};
+use crate::domain::{DeviceSpec, DeviceThread, Domain, DomainConfig, DomainDevice, DomainError};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::vcpu::{DomainExit, RunState};
@@ -43,6 +44,10 @@ const CHECK_EVERY: Duration = Duration::from_millis(1);
 /// Acknowledged-but-unflushed data the VMM keeps before it flushes on its own: it bounds what a
 /// restart must replay (1 MiB: ~256 writes of 4 KiB, a few ms).
 const WRITE_LOG_LIMIT: usize = 1 << 20;
+/// Past this much unflushed data, client writes wait until a flush has trimmed the log. Under
+/// restarts that come faster than a replay completes, the VMM's own flush (which must wait for
+/// the replay) might otherwise never run, and the log would grow without bound.
+const WRITE_LOG_HARD_LIMIT: usize = 4 * WRITE_LOG_LIMIT;
 
 /// A request from outside the service thread (control socket, chaos runner, tests).
 #[derive(Clone, Debug)]
@@ -73,6 +78,10 @@ pub struct Observed {
     pub queued: usize,
     /// Recoveries so far.
     pub recovered: u64,
+    /// The epoch of the warm standby waiting for the next restart, if one is up.
+    pub standby: Option<u64>,
+    /// Restarts that promoted a warm standby (the rest booted a fresh domain).
+    pub promoted: u64,
     /// (injected at, detected at, recovered at) of the last [`RECORDS`] recoveries.
     pub recoveries: VecDeque<(Option<Instant>, Instant, Instant)>,
     /// Reason names of the last [`RECORDS`] detections.
@@ -127,10 +136,121 @@ struct Live {
     epoch: u64,
 }
 
+/// The thread that boots a disk's warm standbys, one at a time. One thread for the disk's
+/// life rather than one per boot: fewer threads come and go, and the allocator does not spread
+/// each boot's memory over a fresh arena.
+struct StandbyBooter {
+    requests: Option<mpsc::Sender<(u64, DomainConfig)>>,
+    results: mpsc::Receiver<Result<Domain, DomainError>>,
+    thread: Option<JoinHandle<()>>,
+    busy: bool,
+}
+
+impl StandbyBooter {
+    fn start(hv: Arc<Hypervisor>, name: &str) -> std::io::Result<StandbyBooter> {
+        let (requests, todo) = mpsc::channel::<(u64, DomainConfig)>();
+        let (done, results) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("standby-{name}"))
+            .spawn(move || {
+                for (epoch, cfg) in todo {
+                    if done.send(Domain::boot_standby(&hv, &cfg, epoch)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(StandbyBooter {
+            requests: Some(requests),
+            results,
+            thread: Some(thread),
+            busy: false,
+        })
+    }
+
+    /// Whether a boot is under way (or done and not yet taken).
+    fn busy(&self) -> bool {
+        self.busy
+    }
+
+    fn boot(&mut self, epoch: u64, cfg: DomainConfig) {
+        self.busy = self
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.send((epoch, cfg)).is_ok());
+    }
+
+    /// The booted standby (or why there is none), if a boot was asked for and is done
+    /// (`wait`: waits for it).
+    fn take(&mut self, wait: bool) -> Option<Result<Domain, DomainError>> {
+        if !self.busy {
+            return None;
+        }
+        let r = if wait {
+            self.results
+                .recv()
+                .map_err(|_| mpsc::TryRecvError::Disconnected)
+        } else {
+            self.results.try_recv()
+        };
+        match r {
+            Ok(r) => {
+                self.busy = false;
+                Some(r)
+            }
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                self.busy = false;
+                tracing::warn!("the standby boot thread is gone");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for StandbyBooter {
+    fn drop(&mut self) {
+        // The thread ends when its queue closes (after the boot under way, if any).
+        self.requests.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Internal requests (not a client's): replayed writes and the VMM's own flushes.
 enum Internal {
-    Replay,
+    /// A replayed write of these sectors (first, count).
+    Replay(u64, u32),
     Flush(u64),
+}
+
+impl Internal {
+    fn replayed(&self) -> Option<(u64, u32)> {
+        match self {
+            Internal::Replay(sector, sectors) => Some((*sector, *sectors)),
+            Internal::Flush(_) => None,
+        }
+    }
+}
+
+/// Sector ranges of replayed writes not yet complete. A client part that overlaps one, or a
+/// flush (which must cover them all), waits until they are: the device may run commands in
+/// flight in any order, and a replayed write holds older data than a client's new one.
+struct ReplayFence(Vec<(u64, u32)>);
+
+impl ReplayFence {
+    fn blocks(&self, op: Op, sector: u64, sectors: u32) -> bool {
+        match op {
+            _ if self.0.is_empty() => false,
+            Op::Flush => true,
+            Op::Read | Op::Write | Op::WriteZeroes | Op::Discard => {
+                let end = sector.saturating_add(u64::from(sectors.max(1)));
+                self.0
+                    .iter()
+                    .any(|&(s, n)| sector < s.saturating_add(u64::from(n)) && s < end)
+            }
+        }
+    }
 }
 
 /// A driver domain serving the disk, with reincarnation.
@@ -142,6 +262,10 @@ pub struct ChannelBackend {
     // A failed domain, stopped and quiesced, whose VM and memory are freed once its successor
     // serves (off the recovery path).
     retired: Option<Domain>,
+    // The next domain, booted ahead and held before its device probe (policy `standby`), or
+    // the thread booting it (off the service thread: a boot takes about a millisecond here).
+    standby: Option<Domain>,
+    booter: Option<StandbyBooter>,
     disk: DiskInfo,
     max_transfer: u32,
     sup: Supervisor,
@@ -240,6 +364,8 @@ impl ChannelBackend {
             device,
             live: None,
             retired: None,
+            standby: None,
+            booter: None,
             disk: DiskInfo {
                 sectors: 0,
                 block_size: 512,
@@ -314,21 +440,103 @@ impl ChannelBackend {
         self.device.stats()
     }
 
-    /// Boots a domain with the next epoch and waits for it to be ready.
-    fn boot(&mut self) -> Result<DeviceInfo, FailureReason> {
+    /// The warm standby, if one is up (policy `standby`).
+    pub fn standby(&self) -> Option<&Domain> {
+        self.standby.as_ref()
+    }
+
+    /// Starts booting a warm standby with the next epoch on the disk's standby thread, unless
+    /// the policy keeps none or one is up or on its way. A standby that cannot be booted is
+    /// not an error: the next restart boots cold.
+    fn prepare_standby(&mut self) {
+        if !self.policy.restart.standby
+            || self.standby.is_some()
+            || self.booter.as_ref().is_some_and(StandbyBooter::busy)
+            || self.sup.is_broken()
+        {
+            return;
+        }
+        if self.booter.is_none() {
+            match StandbyBooter::start(self.hv.clone(), &self.cfg.name) {
+                Ok(b) => self.booter = Some(b),
+                Err(e) => {
+                    tracing::warn!("domain {}: no warm standby: {e}", self.cfg.name);
+                    return;
+                }
+            }
+        }
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        if let Some(b) = self.booter.as_mut() {
+            b.boot(epoch, self.cfg.clone());
+        }
+    }
+
+    /// Takes the standby from its thread once it is booted (`wait`: waits for it). Returns
+    /// whether one arrived.
+    fn collect_standby(&mut self, wait: bool) -> bool {
+        match self.booter.as_mut().and_then(|b| b.take(wait)) {
+            Some(Ok(d)) => {
+                self.standby = Some(d);
+                true
+            }
+            Some(Err(e)) => {
+                tracing::warn!("domain {}: no warm standby: {e}", self.cfg.name);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Stops the standby (and waits for one still booting).
+    fn drop_standby(&mut self) {
+        self.collect_standby(true);
+        self.standby = None;
+    }
+
+    /// The standby promoted to serve, if there is a usable one (one still booting is waited
+    /// for: it is further along than a cold boot would be).
+    fn promote_standby(&mut self) -> Option<Domain> {
+        self.collect_standby(true);
+        let mut d = self.standby.take()?;
+        match d.promote() {
+            Ok(()) => Some(d),
+            Err(e) => {
+                tracing::warn!("domain {}: {e}; booting a fresh domain", self.cfg.name);
+                None
+            }
+        }
+    }
+
+    /// Brings up the next domain and waits for it to be ready: the standby if there is one,
+    /// else a fresh boot with the next epoch. A new standby boots meanwhile.
+    fn boot(&mut self) -> Result<DeviceInfo, FailureReason> {
         let now = Instant::now();
+        let promoted = self.promote_standby();
+        let epoch = promoted.as_ref().map_or(self.next_epoch, Domain::epoch);
         let _ = self.sup.boot_started(epoch, now);
-        let domain =
-            Domain::boot(&self.hv, &self.cfg, epoch).map_err(|e| FailureReason::BootFailed {
-                message: e.to_string(),
-            })?;
+        let how = if promoted.is_some() {
+            lock(&self.handle.observed).promoted += 1;
+            "standby promoted"
+        } else {
+            "vm created"
+        };
+        let domain = match promoted {
+            Some(d) => d,
+            None => {
+                self.next_epoch += 1;
+                Domain::boot(&self.hv, &self.cfg, epoch).map_err(|e| FailureReason::BootFailed {
+                    message: e.to_string(),
+                })?
+            }
+        };
         let created = Instant::now();
+        // Its boot (on a thread of its own) overlaps this domain's device bring-up.
+        self.prepare_standby();
         let timeout = self.policy.detection.boot_timeout;
         match domain.wait_ready(timeout) {
             Ok(_) => tracing::debug!(
-                "domain {} epoch {epoch}: vm created in {:?}, ready {:?} later",
+                "domain {} epoch {epoch}: {how} in {:?}, ready {:?} later",
                 self.cfg.name,
                 created - now,
                 created.elapsed()
@@ -413,6 +621,15 @@ impl ChannelBackend {
         if self.retired.is_some() && (self.detected_at.is_none() || self.sup.is_broken()) {
             self.retired = None;
         }
+        if self.collect_standby(false) {
+            self.publish(shadow);
+        }
+        if self.sup.is_broken()
+            && (self.standby.is_some() || self.booter.as_ref().is_some_and(StandbyBooter::busy))
+        {
+            self.drop_standby();
+            self.publish(shadow);
+        }
         if self.handle.has_commands.swap(false, Ordering::Acquire) {
             let commands: Vec<Command> = lock(&self.handle.commands).drain(..).collect();
             for c in commands {
@@ -443,6 +660,16 @@ impl ChannelBackend {
             return;
         }
         self.next_check = now + CHECK_EVERY;
+        if let Some(exit) = self.standby.as_ref().and_then(Domain::has_stopped) {
+            // A bug in the image rather than a fault of the live domain: the next restart
+            // boots cold and brings a new standby.
+            tracing::warn!(
+                "domain {}: the warm standby stopped ({exit}); dropping it",
+                self.cfg.name
+            );
+            self.standby = None;
+            self.publish(shadow);
+        }
         if let Some(reason) = self.detect(now, shadow) {
             self.fail(reason, shadow);
         }
@@ -504,6 +731,8 @@ impl ChannelBackend {
                     Command::Update(image) => {
                         let name = image.name().display().to_string();
                         self.cfg.image = image.clone();
+                        // It runs the old image.
+                        self.drop_standby();
                         OperatorAction::Update { image: name }
                     }
                     _ => OperatorAction::Restart,
@@ -577,6 +806,7 @@ impl ChannelBackend {
         o.status = Some(self.sup.status(Instant::now()));
         o.in_flight = shadow.in_flight();
         o.queued = shadow.queued();
+        o.standby = self.standby.as_ref().map(Domain::epoch);
     }
 
     /// Posts replayed writes, then queued parts, while the channel has room.
@@ -604,53 +834,37 @@ impl ChannelBackend {
         let mem = live.domain.memory().clone();
         let mut n = 0;
         let mut broken = false;
-        // 1. Writes a reset may have dropped from the device's cache.
-        while live.channel.has_room() {
-            let Some(w) = self.replay.pop_front() else {
-                break;
+        // 1. Client parts, oldest first. After a restart they go ahead of the writes being
+        //    replayed, except where they overlap one (or are flushes), and those behind them
+        //    that overlap them: clients are served again at once, not after the whole log.
+        let mut fence = ReplayFence(
+            self.replay
+                .iter()
+                .map(|w| (w.sector, w.sectors))
+                .chain(self.internal.values().filter_map(Internal::replayed))
+                .collect(),
+        );
+        let log_full = self
+            .wlog
+            .as_ref()
+            .is_some_and(|l| l.bytes() > WRITE_LOG_HARD_LIMIT);
+        let mut passed = None;
+        while !broken && live.channel.has_room() {
+            let next = match passed {
+                None => shadow.next_queued(),
+                Some(seq) => shadow.next_queued_after(seq),
             };
-            let r = live.channel.submit_with(
-                &mem,
-                channel_op(w.op),
-                w.sector,
-                w.sectors,
-                |m, gpa, _| {
-                    let _ = m.write_slice(&w.data, GuestAddress(gpa));
-                },
-            );
-            match r {
-                Ok(tag) => {
-                    self.internal.insert(tag, Internal::Replay);
-                    n += 1;
-                }
-                Err(SubmitError::Full) => {
-                    self.replay.push_front(w);
-                    break;
-                }
-                Err(_) => {
-                    broken = true;
-                    break;
-                }
-            }
-        }
-        // 2. The VMM's own flush when the log of unflushed writes grows too large.
-        if let Some(log) = &self.wlog {
-            let flushing = self
-                .internal
-                .values()
-                .any(|i| matches!(i, Internal::Flush(_)));
-            if log.bytes() > WRITE_LOG_LIMIT && !flushing && live.channel.has_room() {
-                let mark = log.flush_posted();
-                if let Ok(tag) = live.channel.submit(&mem, op::FLUSH, 0, 0, None) {
-                    self.internal.insert(tag, Internal::Flush(mark));
-                    n += 1;
-                }
-            }
-        }
-        // 3. Client parts, oldest first (replayed ones are the oldest).
-        while !broken && self.replay.is_empty() && live.channel.has_room() {
-            let Some(e) = shadow.next_queued() else { break };
+            let Some(e) = next else { break };
             let (seq, o, sector, sectors, part) = (e.seq, e.op, e.sector, e.sectors, e.client);
+            if fence.blocks(o, sector, sectors) || (log_full && o.modifies()) {
+                // It waits, and so does whatever overlaps it (a flush overlaps nothing: a later
+                // write that completes first is one it may cover anyway).
+                if o != Op::Flush {
+                    fence.0.push((sector, sectors));
+                }
+                passed = Some(seq);
+                continue;
+            }
             let Some(p) = pending.get(&part.rid) else {
                 shadow.remove(seq);
                 continue;
@@ -678,6 +892,65 @@ impl ChannelBackend {
                 Err(SubmitError::TooLarge { .. }) => {
                     // Parts are cut to the channel's limit; never reached.
                     shadow.remove(seq);
+                }
+            }
+        }
+        // 2. Writes a reset may have dropped from the device's cache, in order: one waits
+        //    for an earlier one it overlaps (the device may reorder commands in flight).
+        let mut fence = ReplayFence(
+            self.internal
+                .values()
+                .filter_map(Internal::replayed)
+                .collect(),
+        );
+        while !broken && live.channel.has_room() {
+            let Some(w) = self.replay.front() else {
+                break;
+            };
+            if fence.blocks(w.op, w.sector, w.sectors) {
+                break;
+            }
+            let r = live.channel.submit_with(
+                &mem,
+                channel_op(w.op),
+                w.sector,
+                w.sectors,
+                |m, gpa, _| {
+                    let _ = m.write_slice(&w.data, GuestAddress(gpa));
+                },
+            );
+            match r {
+                Ok(tag) => {
+                    self.internal
+                        .insert(tag, Internal::Replay(w.sector, w.sectors));
+                    fence.0.push((w.sector, w.sectors));
+                    self.replay.pop_front();
+                    n += 1;
+                }
+                Err(SubmitError::Full) => break,
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        // 3. The VMM's own flush when the log of unflushed writes grows too large (not while
+        //    replayed writes are in flight: it must cover them).
+        if let Some(log) = &self.wlog {
+            let flushing = self
+                .internal
+                .values()
+                .any(|i| matches!(i, Internal::Flush(_)));
+            if log.bytes() > WRITE_LOG_LIMIT
+                && !flushing
+                && fence.0.is_empty()
+                && self.replay.is_empty()
+                && live.channel.has_room()
+            {
+                let mark = log.flush_posted();
+                if let Ok(tag) = live.channel.submit(&mem, op::FLUSH, 0, 0, None) {
+                    self.internal.insert(tag, Internal::Flush(mark));
+                    n += 1;
                 }
             }
         }
@@ -967,5 +1240,29 @@ fn virtio_status(channel_status: u16) -> u8 {
         cstatus::OK => status::OK,
         cstatus::UNSUPPORTED => status::UNSUPP,
         _ => status::IOERR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replayed_writes_fence_what_overlaps_them_and_every_flush() {
+        let fence = ReplayFence(vec![(8, 8), (100, 1)]);
+        // Sectors 8..16 and 100.
+        assert!(fence.blocks(Op::Read, 8, 8));
+        assert!(fence.blocks(Op::Write, 15, 1));
+        assert!(fence.blocks(Op::Write, 0, 9), "its last sector overlaps");
+        assert!(fence.blocks(Op::Discard, 90, 20));
+        assert!(fence.blocks(Op::WriteZeroes, 100, 1));
+        assert!(!fence.blocks(Op::Read, 0, 8), "ends where the replay starts");
+        assert!(!fence.blocks(Op::Write, 16, 8), "starts where the replay ends");
+        assert!(!fence.blocks(Op::Read, 101, u32::MAX));
+        assert!(fence.blocks(Op::Flush, 0, 0), "a flush must cover every replay");
+        assert!(!fence.blocks(Op::Read, u64::MAX, 8), "no overflow at the end");
+        let none = ReplayFence(Vec::new());
+        assert!(!none.blocks(Op::Flush, 0, 0));
+        assert!(!none.blocks(Op::Write, 8, 8));
     }
 }

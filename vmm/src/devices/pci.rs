@@ -2,6 +2,7 @@
 //! 0xCF8..0xCFF and the ECAM window of bus 0 on the MMIO bus (both reach the same
 //! configuration spaces), and each device's BARs on the MMIO bus.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ddvm_passthrough::{PciBus, PciDevice};
@@ -57,14 +58,23 @@ pub struct BarWindow {
     pub base: u64,
     /// The device.
     pub device: Arc<Mutex<PciDevice>>,
+    /// Whether the device is this guest's yet: a warm standby's BAR windows read as all ones
+    /// and drop writes until it is handed the device.
+    pub present: Arc<AtomicBool>,
 }
 
 impl BusDevice for BarWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        lock(&self.device).mmio_read(self.base + offset, data);
+        if self.present.load(Ordering::Acquire) {
+            lock(&self.device).mmio_read(self.base + offset, data);
+        } else {
+            data.fill(0xff);
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        lock(&self.device).mmio_write(self.base + offset, data);
+        if self.present.load(Ordering::Acquire) {
+            lock(&self.device).mmio_write(self.base + offset, data);
+        }
     }
 }
