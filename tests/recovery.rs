@@ -183,50 +183,48 @@ fn wait_until(
     }
 }
 
-/// Each restart promotes the warm standby (its epoch becomes the live one) and a new standby
-/// boots behind it; with `standby = false` every restart boots a fresh domain.
+/// Each restart promotes the oldest warm standby (its epoch becomes the live one) and the pool
+/// fills again behind it; with `standbys = 0` every restart boots a fresh domain.
 #[test]
-fn restarts_promote_the_warm_standby_and_boot_the_next() {
+fn restarts_promote_a_warm_standby_and_refill_the_pool() {
     let _serial = serial();
-    for standby in [true, false] {
-        let dir = scratch(&format!("recovery-standby-{standby}"));
+    for standbys in [2usize, 0] {
+        let dir = scratch(&format!("recovery-standby-{standbys}"));
         let cfg = config(
             &dir,
-            &format!("{FAST}standby = {standby}\n"),
+            &format!("{FAST}standbys = {standbys}\n"),
             "workload=randrw bs=4096 qd=8 duration_ms=1000",
             1,
         );
         let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
         let handle = topo.recovery[0].1.clone();
         for round in 1..=3 {
-            let waiting = if standby {
-                wait_until(&handle, "a standby", |o| o.standby.is_some());
-                handle.with(|o| o.standby)
-            } else {
-                None
-            };
+            wait_until(&handle, "a full pool", |o| o.standbys.len() == standbys);
+            let pool = handle.with(|o| o.standbys.clone());
             let before = handle.with(|o| o.recovered);
             handle.send(Command::Kill);
             wait_until(&handle, "a recovery", |o| o.recovered > before);
-            let (epoch, promoted, next) = handle.with(|o| {
-                (
-                    o.status.as_ref().and_then(|s| s.epoch),
-                    o.promoted,
-                    o.standby,
-                )
-            });
-            if standby {
-                assert_eq!(epoch, waiting, "round {round}: the standby took over");
+            let (epoch, promoted) =
+                handle.with(|o| (o.status.as_ref().and_then(|s| s.epoch), o.promoted));
+            if standbys > 0 {
+                assert_eq!(
+                    epoch,
+                    pool.first().copied(),
+                    "round {round}: the oldest took over"
+                );
                 assert_eq!(promoted, round, "round {round}");
-                wait_until(&handle, "the next standby", |o| o.standby > waiting);
+                wait_until(&handle, "the pool refilled", |o| {
+                    o.standbys.len() == standbys && o.standbys.last() > pool.last()
+                });
             } else {
-                assert_eq!((promoted, next), (0, None), "round {round}");
+                assert_eq!(promoted, 0, "round {round}");
+                assert!(handle.with(|o| o.standbys.is_empty()));
             }
         }
         let outcomes = topo.wait_clients(Duration::from_secs(60));
         topo.stop();
         let r = outcomes[0].report.clone().expect("report");
-        assert!(r.clean(), "standby={standby}: {r:?}");
+        assert!(r.clean(), "standbys={standbys}: {r:?}");
     }
 }
 
@@ -312,9 +310,11 @@ fn a_thousand_restarts_leak_nothing() {
             let before = handle.with(|o| o.recovered);
             handle.send(Command::Kill);
             wait_until(&handle, "a recovery", |o| o.recovered > before);
-            // Every restart goes through a standby: the next one is up before the next kill
-            // (and its boot thread is gone when the process is measured).
-            wait_until(&handle, "a standby", |o| o.standby.is_some());
+            // Every restart goes through a standby; the pool is full again before the next
+            // kill (and no boot is under way when the process is measured).
+            wait_until(&handle, "a full pool", |o| {
+                o.standbys.len() == ddvm_recovery::policy::DEFAULT_STANDBYS as usize
+            });
         }
     };
     restart(50);

@@ -18,7 +18,7 @@
 //! hook = ["/usr/local/bin/notify", "--from-ddvm"]   # + DOMAIN REASON RESTARTS
 //! hook_timeout_ms = 10000
 //! on_give_up = "fail-requests" # or "hold"
-//! standby = true               # keep a warm standby domain booted for the next restart
+//! standbys = 2                 # warm standby domains kept booted for the next restarts
 //! ```
 //!
 //! Why these defaults: a domain boots to ready in about 2 ms, so recovery is dominated by the
@@ -52,6 +52,10 @@ pub const DEFAULT_HEALTHY_AFTER_MS: u64 = 50;
 pub const DEFAULT_MAX_RESTARTS: u32 = 10;
 /// Default window (ms).
 pub const DEFAULT_WINDOW_MS: u64 = 10_000;
+/// Default number of warm standby domains.
+pub const DEFAULT_STANDBYS: u32 = 2;
+/// Most warm standby domains a disk may keep.
+pub const MAX_STANDBYS: u32 = 8;
 /// Default hook timeout (ms).
 pub const DEFAULT_HOOK_TIMEOUT_MS: u64 = 10_000;
 /// Upper bound of every duration in a policy (one day), so that deadlines never overflow.
@@ -94,11 +98,12 @@ pub struct RestartPolicy {
     pub hook: Option<Hook>,
     /// What giving up does.
     pub give_up: GiveUpAction,
-    /// Keep a warm standby: a fresh domain booted ahead, up to where it needs its device, so
-    /// a restart skips VM creation and guest boot. It costs a second domain's memory (most of
-    /// it never touched) and a vCPU thread that sleeps; it never touches the device before it
-    /// is handed over.
-    pub standby: bool,
+    /// Warm standbys to keep: fresh domains booted ahead, up to where they need the device, so
+    /// a restart skips VM creation and guest boot. Two cover a failure during recovery (the
+    /// second restart finds a standby that has finished booting). Each costs a domain's
+    /// memory (most of it never touched: ~2 MiB resident) and a vCPU thread that sleeps; none
+    /// touches the device before it is handed over. 0 boots every domain cold.
+    pub standbys: u32,
 }
 
 /// What giving up on a domain does.
@@ -139,8 +144,8 @@ pub struct PolicyConfig {
     pub hook_timeout_ms: u64,
     /// See [`RestartPolicy::give_up`].
     pub on_give_up: GiveUpAction,
-    /// See [`RestartPolicy::standby`].
-    pub standby: bool,
+    /// See [`RestartPolicy::standbys`].
+    pub standbys: u32,
 }
 
 /// A policy value out of range. `key` is the TOML key.
@@ -167,7 +172,7 @@ impl Default for PolicyConfig {
             hook: None,
             hook_timeout_ms: DEFAULT_HOOK_TIMEOUT_MS,
             on_give_up: GiveUpAction::FailRequests,
-            standby: true,
+            standbys: DEFAULT_STANDBYS,
         }
     }
 }
@@ -199,7 +204,7 @@ impl PolicyConfig {
                 window: ms(self.window_ms),
                 hook,
                 give_up: self.on_give_up,
-                standby: self.standby,
+                standbys: self.standbys,
             },
         };
         policy.validate()?;
@@ -224,7 +229,7 @@ impl Default for Policy {
                 window: ms(DEFAULT_WINDOW_MS),
                 hook: None,
                 give_up: GiveUpAction::FailRequests,
-                standby: true,
+                standbys: DEFAULT_STANDBYS,
             },
         }
     }
@@ -254,6 +259,12 @@ impl Policy {
             return Err(invalid("max_restarts", "0: expected at least 1"));
         }
         positive("window_ms", r.window)?;
+        if r.standbys > MAX_STANDBYS {
+            return Err(invalid(
+                "standbys",
+                format!("{}: expected at most {MAX_STANDBYS}", r.standbys),
+            ));
+        }
         if let Some(hook) = &r.hook {
             if hook.program.as_os_str().is_empty() {
                 return Err(invalid(
@@ -396,6 +407,7 @@ mod tests {
                 "restart_delay_cap_ms = 86400001",
                 "key `restart_delay_cap_ms`: 86400001: expected at most 86400000 (one day)",
             ),
+            ("standbys = 9", "key `standbys`: 9: expected at most 8"),
             ("hook = []", "key `hook`: []: expected [program, args...]"),
             (
                 "hook = [\"\"]",

@@ -144,7 +144,7 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)]) -> Value {
                             "in_flight": o.in_flight,
                             "queued": o.queued,
                             "recoveries": o.recovered,
-                            "standby_epoch": o.standby,
+                            "standby_epochs": o.standbys,
                             "standby_promotions": o.promoted,
                         })
                     })

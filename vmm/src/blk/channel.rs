@@ -78,8 +78,8 @@ pub struct Observed {
     pub queued: usize,
     /// Recoveries so far.
     pub recovered: u64,
-    /// The epoch of the warm standby waiting for the next restart, if one is up.
-    pub standby: Option<u64>,
+    /// Epochs of the warm standbys waiting for the next restarts, the next to serve first.
+    pub standbys: Vec<u64>,
     /// Restarts that promoted a warm standby (the rest booted a fresh domain).
     pub promoted: u64,
     /// (injected at, detected at, recovered at) of the last [`RECORDS`] recoveries.
@@ -262,9 +262,10 @@ pub struct ChannelBackend {
     // A failed domain, stopped and quiesced, whose VM and memory are freed once its successor
     // serves (off the recovery path).
     retired: Option<Domain>,
-    // The next domain, booted ahead and held before its device probe (policy `standby`), or
+    // The next domains, booted ahead and held before their device probe (policy `standbys`),
+    // the next to serve first; and the thread booting them.
     // the thread booting it (off the service thread: a boot takes about a millisecond here).
-    standby: Option<Domain>,
+    standbys: VecDeque<Domain>,
     booter: Option<StandbyBooter>,
     disk: DiskInfo,
     max_transfer: u32,
@@ -364,7 +365,7 @@ impl ChannelBackend {
             device,
             live: None,
             retired: None,
-            standby: None,
+            standbys: VecDeque::new(),
             booter: None,
             disk: DiskInfo {
                 sectors: 0,
@@ -440,17 +441,16 @@ impl ChannelBackend {
         self.device.stats()
     }
 
-    /// The warm standby, if one is up (policy `standby`).
-    pub fn standby(&self) -> Option<&Domain> {
-        self.standby.as_ref()
+    /// The warm standbys that are up (policy `standbys`), the next to serve first.
+    pub fn standbys(&self) -> impl Iterator<Item = &Domain> {
+        self.standbys.iter()
     }
 
     /// Starts booting a warm standby with the next epoch on the disk's standby thread, unless
-    /// the policy keeps none or one is up or on its way. A standby that cannot be booted is
+    /// the policy's number are up, or one is on its way. A standby that cannot be booted is
     /// not an error: the next restart boots cold.
     fn prepare_standby(&mut self) {
-        if !self.policy.restart.standby
-            || self.standby.is_some()
+        if self.standbys.len() >= self.policy.restart.standbys as usize
             || self.booter.as_ref().is_some_and(StandbyBooter::busy)
             || self.sup.is_broken()
         {
@@ -477,7 +477,7 @@ impl ChannelBackend {
     fn collect_standby(&mut self, wait: bool) -> bool {
         match self.booter.as_mut().and_then(|b| b.take(wait)) {
             Some(Ok(d)) => {
-                self.standby = Some(d);
+                self.standbys.push_back(d);
                 true
             }
             Some(Err(e)) => {
@@ -488,24 +488,25 @@ impl ChannelBackend {
         }
     }
 
-    /// Stops the standby (and waits for one still booting).
-    fn drop_standby(&mut self) {
+    /// Stops the standbys (and waits for one still booting).
+    fn drop_standbys(&mut self) {
         self.collect_standby(true);
-        self.standby = None;
+        self.standbys.clear();
     }
 
-    /// The standby promoted to serve, if there is a usable one (one still booting is waited
-    /// for: it is further along than a cold boot would be).
+    /// The standby promoted to serve, if there is a usable one: the oldest (one still booting
+    /// is waited for: it is further along than a cold boot would be).
     fn promote_standby(&mut self) -> Option<Domain> {
-        self.collect_standby(true);
-        let mut d = self.standby.take()?;
-        match d.promote() {
-            Ok(()) => Some(d),
-            Err(e) => {
-                tracing::warn!("domain {}: {e}; booting a fresh domain", self.cfg.name);
-                None
+        if self.standbys.is_empty() {
+            self.collect_standby(true);
+        }
+        while let Some(mut d) = self.standbys.pop_front() {
+            match d.promote() {
+                Ok(()) => return Some(d),
+                Err(e) => tracing::warn!("domain {}: {e}; dropping it", self.cfg.name),
             }
         }
+        None
     }
 
     /// Brings up the next domain and waits for it to be ready: the standby if there is one,
@@ -622,12 +623,16 @@ impl ChannelBackend {
             self.retired = None;
         }
         if self.collect_standby(false) {
+            // The pool fills one standby at a time.
+            if self.live.is_some() {
+                self.prepare_standby();
+            }
             self.publish(shadow);
         }
         if self.sup.is_broken()
-            && (self.standby.is_some() || self.booter.as_ref().is_some_and(StandbyBooter::busy))
+            && (!self.standbys.is_empty() || self.booter.as_ref().is_some_and(StandbyBooter::busy))
         {
-            self.drop_standby();
+            self.drop_standbys();
             self.publish(shadow);
         }
         if self.handle.has_commands.swap(false, Ordering::Acquire) {
@@ -660,14 +665,21 @@ impl ChannelBackend {
             return;
         }
         self.next_check = now + CHECK_EVERY;
-        if let Some(exit) = self.standby.as_ref().and_then(Domain::has_stopped) {
-            // A bug in the image rather than a fault of the live domain: the next restart
-            // boots cold and brings a new standby.
-            tracing::warn!(
-                "domain {}: the warm standby stopped ({exit}); dropping it",
-                self.cfg.name
-            );
-            self.standby = None;
+        let dead: Vec<DomainExit> = self
+            .standbys
+            .iter()
+            .filter_map(Domain::has_stopped)
+            .collect();
+        if !dead.is_empty() {
+            // A bug in the image rather than a fault of the live domain: they are not replaced
+            // until the next restart (a standby that always dies would boot in a loop).
+            for exit in dead {
+                tracing::warn!(
+                    "domain {}: a warm standby stopped ({exit}); dropping it",
+                    self.cfg.name
+                );
+            }
+            self.standbys.retain(|d| d.has_stopped().is_none());
             self.publish(shadow);
         }
         if let Some(reason) = self.detect(now, shadow) {
@@ -731,8 +743,8 @@ impl ChannelBackend {
                     Command::Update(image) => {
                         let name = image.name().display().to_string();
                         self.cfg.image = image.clone();
-                        // It runs the old image.
-                        self.drop_standby();
+                        // They run the old image.
+                        self.drop_standbys();
                         OperatorAction::Update { image: name }
                     }
                     _ => OperatorAction::Restart,
@@ -806,7 +818,7 @@ impl ChannelBackend {
         o.status = Some(self.sup.status(Instant::now()));
         o.in_flight = shadow.in_flight();
         o.queued = shadow.queued();
-        o.standby = self.standby.as_ref().map(Domain::epoch);
+        o.standbys = self.standbys.iter().map(Domain::epoch).collect();
     }
 
     /// Posts replayed writes, then queued parts, while the channel has room.
@@ -1256,11 +1268,23 @@ mod tests {
         assert!(fence.blocks(Op::Write, 0, 9), "its last sector overlaps");
         assert!(fence.blocks(Op::Discard, 90, 20));
         assert!(fence.blocks(Op::WriteZeroes, 100, 1));
-        assert!(!fence.blocks(Op::Read, 0, 8), "ends where the replay starts");
-        assert!(!fence.blocks(Op::Write, 16, 8), "starts where the replay ends");
+        assert!(
+            !fence.blocks(Op::Read, 0, 8),
+            "ends where the replay starts"
+        );
+        assert!(
+            !fence.blocks(Op::Write, 16, 8),
+            "starts where the replay ends"
+        );
         assert!(!fence.blocks(Op::Read, 101, u32::MAX));
-        assert!(fence.blocks(Op::Flush, 0, 0), "a flush must cover every replay");
-        assert!(!fence.blocks(Op::Read, u64::MAX, 8), "no overflow at the end");
+        assert!(
+            fence.blocks(Op::Flush, 0, 0),
+            "a flush must cover every replay"
+        );
+        assert!(
+            !fence.blocks(Op::Read, u64::MAX, 8),
+            "no overflow at the end"
+        );
         let none = ReplayFence(Vec::new());
         assert!(!none.blocks(Op::Flush, 0, 0));
         assert!(!none.blocks(Op::Write, 8, 8));
