@@ -102,12 +102,16 @@ fn hung_domain_stops_heartbeating_and_still_tears_down() {
     assert!(d.request_fault(fault::HANG));
     std::thread::sleep(Duration::from_millis(50));
     let hb0 = d.heartbeat().unwrap();
+    let ran0 = d.vcpu_cpu_time().expect("the vCPU's run time");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
         d.heartbeat().unwrap(),
         hb0,
         "a hung domain must not heartbeat"
     );
+    // It spins: its vCPU keeps running (what tells a hang from a host that starves it).
+    let ran = d.vcpu_cpu_time().unwrap() - ran0;
+    assert!(ran > Duration::from_millis(10), "ran {ran:?} in 100 ms");
     assert!(matches!(d.state(), RunState::Ready(_)));
     let t = std::time::Instant::now();
     assert_eq!(d.stop(), DomainExit::Stopped);
@@ -115,6 +119,11 @@ fn hung_domain_stops_heartbeating_and_still_tears_down() {
         t.elapsed() < Duration::from_secs(1),
         "teardown of a spinning vCPU took {:?}",
         t.elapsed()
+    );
+    assert_eq!(
+        d.vcpu_cpu_time(),
+        None,
+        "no clock once the thread is joined"
     );
 }
 

@@ -7,11 +7,17 @@ use crate::reason::FailureReason;
 
 /// Watches a domain's heartbeat counter. Start it (or [`reset`](Self::reset) it) when the
 /// domain becomes ready; feed it samples from the event loop.
+///
+/// A counter that stands still only says the domain did not run its loop; a host that did not
+/// run the domain's vCPU (an overloaded or stalled host) looks the same on the wall clock. When
+/// samples carry the vCPU's run time ([`sample_running`](Self::sample_running)), a stall is a
+/// hang only once the vCPU has also *run* for longer than the period without beating.
 #[derive(Clone, Debug)]
 pub struct HeartbeatMonitor {
     period: Duration,
-    /// Last counter value and when it was first seen with that value.
-    last: Option<(u64, Instant)>,
+    /// Last counter value, when it was first seen with that value, and the vCPU's run time
+    /// then (taken at the next sample after a touch).
+    last: Option<(u64, Instant, Option<Duration>)>,
     /// A stall was reported and the counter has not moved since.
     reported: bool,
 }
@@ -32,25 +38,47 @@ impl HeartbeatMonitor {
         self.reported = false;
     }
 
-    /// Takes a sample. Returns a [`FailureReason::HeartbeatStall`] once when the counter has
-    /// not changed for longer than the period (exactly the period is not a stall); the next
-    /// report needs the counter to move first. The first sample only sets the baseline.
+    /// Takes a sample on the wall clock alone. Returns a [`FailureReason::HeartbeatStall`]
+    /// once when the counter has not changed for longer than the period (exactly the period
+    /// is not a stall); the next report needs the counter to move first. The first sample
+    /// only sets the baseline.
     pub fn sample(&mut self, counter: u64, now: Instant) -> Option<FailureReason> {
-        match self.last {
-            Some((last, since)) if last == counter => {
-                let stalled_for = now.saturating_duration_since(since);
+        self.sample_running(counter, now, None)
+    }
+
+    /// As [`sample`](Self::sample), with `ran`, the total time the domain's vCPU has run so
+    /// far (`None` when unknown): a counter still for longer than the period is reported only
+    /// if the vCPU also ran for longer than the period since it last moved.
+    pub fn sample_running(
+        &mut self,
+        counter: u64,
+        now: Instant,
+        ran: Option<Duration>,
+    ) -> Option<FailureReason> {
+        match &mut self.last {
+            Some((last, since, ran_since)) if *last == counter => {
+                if ran_since.is_none() {
+                    *ran_since = ran;
+                }
+                let stalled_for = now.saturating_duration_since(*since);
                 if stalled_for <= self.period || self.reported {
                     return None;
                 }
+                if let (Some(r), Some(r0)) = (ran, *ran_since) {
+                    if r.saturating_sub(r0) <= self.period {
+                        // The host has not run the domain that long: not a hang (yet).
+                        return None;
+                    }
+                }
                 self.reported = true;
                 Some(FailureReason::HeartbeatStall {
-                    last,
+                    last: *last,
                     stalled_for,
                     period: self.period,
                 })
             }
             _ => {
-                self.last = Some((counter, now));
+                self.last = Some((counter, now, ran));
                 self.reported = false;
                 None
             }
@@ -60,15 +88,15 @@ impl HeartbeatMonitor {
     /// The domain is known to be alive without its counter moving (for instance its vCPU is
     /// blocked in a wait exit the VMM holds): restarts the stall clock.
     pub fn touch(&mut self, now: Instant) {
-        if let Some((counter, _)) = self.last {
-            self.last = Some((counter, now));
+        if let Some((counter, _, _)) = self.last {
+            self.last = Some((counter, now, None));
             self.reported = false;
         }
     }
 
     /// The earliest time a sample with an unchanged counter would report a stall.
     pub fn deadline(&self) -> Option<Instant> {
-        let (_, since) = self.last?;
+        let (_, since, _) = self.last?;
         since.checked_add(self.period)
     }
 }
@@ -157,6 +185,43 @@ mod tests {
         }
         // Any change counts as movement, even a smaller value.
         assert_eq!(hb.sample(3, t0 + ms(90 * 100)), None);
+    }
+
+    #[test]
+    fn a_vcpu_the_host_did_not_run_is_not_hung_until_it_ran_the_period() {
+        let t0 = Instant::now();
+        let mut hb = HeartbeatMonitor::new(ms(20));
+        let ran = |v| Some(ms(v));
+        assert_eq!(hb.sample_running(7, t0, ran(100)), None);
+        // 50 ms of wall clock, 5 ms of run time: the host starved it.
+        assert_eq!(hb.sample_running(7, t0 + ms(50), ran(105)), None);
+        assert_eq!(
+            hb.sample_running(7, t0 + ms(80), ran(120)),
+            None,
+            "exactly the period"
+        );
+        // It ran 21 ms without a beat: a hang.
+        let r = hb.sample_running(7, t0 + ms(90), ran(121)).expect("a hang");
+        assert!(
+            matches!(r, FailureReason::HeartbeatStall { last: 7, .. }),
+            "{r:?}"
+        );
+        assert_eq!(
+            hb.sample_running(7, t0 + ms(95), ran(200)),
+            None,
+            "reported once"
+        );
+        // Run time unknown: the wall clock decides.
+        hb.reset();
+        assert_eq!(hb.sample_running(1, t0, None), None);
+        assert!(hb.sample_running(1, t0 + ms(21), None).is_some());
+        // After a touch, the run-time baseline is the next sample's.
+        hb.reset();
+        assert_eq!(hb.sample_running(2, t0, ran(0)), None);
+        hb.touch(t0 + ms(100));
+        assert_eq!(hb.sample_running(2, t0 + ms(101), ran(500)), None);
+        assert_eq!(hb.sample_running(2, t0 + ms(130), ran(510)), None);
+        assert!(hb.sample_running(2, t0 + ms(131), ran(521)).is_some());
     }
 
     #[test]

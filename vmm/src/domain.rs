@@ -365,6 +365,8 @@ pub struct Domain {
     console: Arc<Console>,
     stats: Option<VcpuStats>,
     thread: Option<JoinHandle<DomainExit>>,
+    // The vCPU thread's CPU-time clock (valid while `thread` is held, not joined).
+    cpu_clock: Option<libc::clockid_t>,
     exit: Option<DomainExit>,
     // Quiesced after the vCPU thread (which holds it through the buses) is joined, before the
     // VM and the memory its DMA window maps are freed.
@@ -697,6 +699,7 @@ impl Domain {
             .name(format!("vcpu-{name}"))
             .spawn(move || vcpu::run(vcpu, ctx))
             .map_err(host_err("spawning the vCPU thread"))?;
+        let cpu_clock = thread_cpu_clock(&thread);
         Ok(Domain {
             name,
             epoch,
@@ -709,6 +712,7 @@ impl Domain {
             console,
             stats,
             thread: Some(thread),
+            cpu_clock,
             exit: None,
             device: device.map(|(d, _)| d).filter(|_| !standby),
             handover,
@@ -894,6 +898,27 @@ impl Domain {
         ok
     }
 
+    /// How long the vCPU thread has run on a CPU so far, guest and VMM work together (`None`
+    /// once it is stopped, or where the host does not say). A heartbeat that stood still
+    /// while this did not move is the host's stall, not the guest's hang.
+    pub fn vcpu_cpu_time(&self) -> Option<Duration> {
+        let clock = self.cpu_clock.filter(|_| self.thread.is_some())?;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out pointer; `clock` names the CPU clock of the vCPU thread,
+        // which is not joined while `self.thread` holds it, so the id cannot name another
+        // thread.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return None;
+        }
+        Some(Duration::new(
+            u64::try_from(ts.tv_sec).ok()?,
+            u32::try_from(ts.tv_nsec).ok()?,
+        ))
+    }
+
     /// Whether the vCPU is blocked in a wait exit (idle, so a still heartbeat is no hang).
     pub fn is_waiting(&self) -> bool {
         self.shared.waiting()
@@ -941,6 +966,16 @@ pub fn channel_header(name: &str, epoch: u64, size: u64) -> Result<ChannelHeader
         });
     }
     Ok(header)
+}
+
+/// The CPU-time clock of a running thread, if the host gives one.
+fn thread_cpu_clock<T>(thread: &JoinHandle<T>) -> Option<libc::clockid_t> {
+    use std::os::unix::thread::JoinHandleExt;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: the thread is not joined (we borrow its handle), so its pthread_t is valid;
+    // `clock` is a valid out pointer.
+    let r = unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut clock) };
+    (r == 0).then_some(clock)
 }
 
 /// Kicks the vCPU thread out of KVM_RUN until it finishes. The first signal normally does;

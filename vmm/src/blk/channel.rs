@@ -696,7 +696,8 @@ impl ChannelBackend {
         if live.domain.is_waiting() {
             self.heartbeat.touch(now);
         } else if let Some(hb) = live.domain.heartbeat() {
-            if let Some(r) = self.heartbeat.sample(hb, now) {
+            let ran = live.domain.vcpu_cpu_time();
+            if let Some(r) = self.heartbeat.sample_running(hb, now, ran) {
                 return Some(r);
             }
         }
