@@ -407,6 +407,7 @@ impl ChannelBackend {
         if info.flags & device_flags::VOLATILE_WRITE_CACHE != 0 {
             b.wlog = Some(WriteLog::new());
         }
+        b.prepare_standby();
         b.publish(&ShadowQueue::new());
         Ok(b)
     }
@@ -532,8 +533,6 @@ impl ChannelBackend {
             }
         };
         let created = Instant::now();
-        // Its boot (on a thread of its own) overlaps this domain's device bring-up.
-        self.prepare_standby();
         let timeout = self.policy.detection.boot_timeout;
         match domain.wait_ready(timeout) {
             Ok(_) => tracing::debug!(
@@ -1082,6 +1081,10 @@ impl ChannelBackend {
             let now = Instant::now();
             if let Some(took) = self.sup.completed(now) {
                 if let Some(detected) = self.detected_at.take() {
+                    // The pool refills once the clients are served again: a standby's boot
+                    // would take CPU from the recovery (the other standby covers a failure
+                    // meanwhile).
+                    self.prepare_standby();
                     let injected = self.injected_at.take();
                     let mut o = lock(&self.handle.observed);
                     o.recovered += 1;
