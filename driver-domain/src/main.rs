@@ -5,6 +5,7 @@
 //! - `selftest`: drive the NVMe controller without a channel and report one
 //!   `nvme selftest: PASS|FAIL` line, then exit (status 0 on pass);
 //! - `nvme=BB:DD.F` / `nvme=none`: where the controller is (default: scan bus 0);
+//! - `nvme_bar0=0xBASE/0xSIZE`: where the VMM placed its BAR0 (the probe then does not size it);
 //! - `nvme_timeout_ms=N`: NVMe command timeout (default 30000);
 //! - `nvme_dbbuf=0`: do not use shadow doorbells even when the controller offers them;
 //! - `spin=N`: before marking ready, run N iterations of a tight loop and report its cycles;
@@ -36,7 +37,7 @@ use guest_kernel::{arch, boot, println, vmm};
 
 use crate::channel::Channel;
 use crate::faults::Injection;
-use crate::nvme::probe::{self, Location};
+use crate::nvme::probe::{self, BarHint, Location};
 use crate::nvme::{Controller, Options};
 use crate::service::Service;
 
@@ -69,6 +70,7 @@ struct Modes {
     standby: bool,
     selftest: bool,
     nvme: Location,
+    nvme_bar0: Option<BarHint>,
     nvme_options: Options,
 }
 
@@ -94,6 +96,13 @@ impl Modes {
                     at
                 })
                 .unwrap_or(Location::Scan),
+            nvme_bar0: cmdline.value("nvme_bar0").and_then(|v| {
+                let hint = BarHint::parse(v);
+                if hint.is_none() {
+                    println!("ddvm driver-domain: ignoring nvme_bar0={v:?}: not 0xBASE/0xSIZE");
+                }
+                hint
+            }),
             nvme_options: Options {
                 command_timeout_ms: number(cmdline, "nvme_timeout_ms")
                     .unwrap_or(Options::default().command_timeout_ms),
@@ -205,7 +214,7 @@ fn prefault_heap(bytes: usize) {
 /// Finds and brings up the NVMe controller, if there is one. A controller that is present
 /// but unusable is fatal (the channel is marked failed first).
 fn attach(ch: &Channel, modes: &Modes) -> Option<Controller> {
-    let found = match probe::find(modes.nvme) {
+    let found = match probe::find(modes.nvme, modes.nvme_bar0) {
         Ok(Some(found)) => found,
         Ok(None) => {
             println!("nvme: no controller found: requests complete UNSUPPORTED");

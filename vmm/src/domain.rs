@@ -438,12 +438,12 @@ impl Domain {
             });
         }
         // Tell the domain where its device is (or that it has none): probing the bus costs
-        // an exit per config access.
-        let cmdline = if cfg
+        // an exit per config access. Where its BAR0 is follows once the device exists.
+        let user_placed = cfg
             .cmdline
             .split_whitespace()
-            .any(|t| t.starts_with("nvme="))
-        {
+            .any(|t| t.starts_with("nvme="));
+        let cmdline = if user_placed {
             cfg.cmdline.clone()
         } else {
             let nvme = match cfg.device {
@@ -515,6 +515,24 @@ impl Domain {
             }
             Some(DeviceSpec::Persistent(d)) => Some((d.clone(), true)),
         };
+        let bar0 = device.as_ref().filter(|_| !user_placed).and_then(|(d, _)| {
+            d.lock()
+                .config
+                .bars()
+                .into_iter()
+                .find(|(b, _)| b.index == 0)
+        });
+        let cmdline = match bar0 {
+            // The VMM placed it (BARs cannot be moved): the domain need not size it.
+            Some((bar, gpa)) => format!("{cmdline} nvme_bar0={gpa:#x}/{:#x}", bar.size),
+            None => cmdline,
+        };
+        if cmdline.len() > layout::CMDLINE_MAX {
+            return Err(DomainError::Cmdline {
+                name,
+                len: cmdline.len(),
+            });
+        }
 
         // 3. KVM objects.
         let kvm_err = |what: &'static str| {

@@ -267,7 +267,7 @@ fn zeroes(disk: &mut Controller, regions: &[Region]) -> Result<u64, String> {
 }
 
 fn test(location: Location, options: Options) -> Result<(u64, u64), String> {
-    let found = probe::find(location)
+    let found = probe::find(location, None)
         .map_err(|e| format!("{e}"))?
         .ok_or_else(|| String::from("no NVMe controller found"))?;
     println!(
