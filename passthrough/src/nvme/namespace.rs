@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Cached bytes beyond which the cache is written back to the file.
 pub const CACHE_LIMIT_BYTES: usize = 64 << 20;
@@ -67,7 +68,8 @@ pub enum NamespaceError {
 
 /// The namespace: geometry, backing file, cache.
 pub struct Namespace {
-    file: File,
+    /// Shared with the controller's flusher thread, which syncs it.
+    file: Arc<File>,
     lba_size: u32,
     blocks: u64,
     cache: BTreeMap<u64, Box<[u8]>>,
@@ -123,13 +125,18 @@ impl Namespace {
                 })?;
         }
         Ok(Namespace {
-            file,
+            file: Arc::new(file),
             lba_size,
             blocks: size / u64::from(lba_size),
             cache: BTreeMap::new(),
             cache_present: volatile_write_cache,
             cache_enabled: volatile_write_cache,
         })
+    }
+
+    /// The backing file, for a thread that syncs it ([`super::flusher`]).
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     /// Logical block size in bytes.
@@ -274,8 +281,9 @@ impl Namespace {
         }
     }
 
-    /// Writes cached blocks to the file (coalescing runs of adjacent blocks), without sync.
-    fn write_back(&mut self) -> io::Result<()> {
+    /// Writes cached blocks to the file (coalescing runs of adjacent blocks), without sync:
+    /// the first half of a Flush, whose sync may then run on another thread.
+    pub fn write_back(&mut self) -> io::Result<()> {
         let lsz = u64::from(self.lba_size);
         let mut run: Vec<u8> = Vec::new();
         let mut run_start = 0u64;

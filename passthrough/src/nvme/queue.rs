@@ -169,7 +169,14 @@ impl CompQueue {
 
     /// Whether one more completion would overwrite an entry the driver has not consumed.
     pub fn is_full(&self) -> bool {
-        (self.tail + 1) % self.size == self.head
+        self.free() == 0
+    }
+
+    /// Completions that can be posted before the queue is full.
+    pub fn free(&self) -> usize {
+        let used = (usize::from(self.tail) + usize::from(self.size) - usize::from(self.head))
+            % usize::from(self.size);
+        usize::from(self.size) - 1 - used
     }
 
     /// Writes `c` at the tail: dwords 0 to 2 first, then dword 3 (status and phase) with

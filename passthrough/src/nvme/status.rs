@@ -20,6 +20,8 @@ impl Status {
     pub const DATA_TRANSFER_ERROR: Status = Status::generic(0x04);
     /// Internal Error.
     pub const INTERNAL_ERROR: Status = Status::generic(0x06);
+    /// Command Aborted due to SQ Deletion.
+    pub const ABORTED_SQ_DELETION: Status = Status::generic(0x08);
     /// Invalid Namespace or Format.
     pub const INVALID_NAMESPACE: Status = Status::generic(0x0b);
     /// PRP Offset Invalid.
