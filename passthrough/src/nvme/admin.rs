@@ -124,7 +124,8 @@ impl Controller {
         let qid = (cmd.cdw(10) & 0xffff) as usize;
         match self.sqs.get_mut(qid) {
             Some(q @ Some(_)) if qid != 0 => {
-                *q = None;
+                let sqhd = q.take().map_or(0, |sq| sq.head);
+                self.abort_flushes_of(qid as u16, sqhd);
                 OK
             }
             _ => err(Status::INVALID_QID),

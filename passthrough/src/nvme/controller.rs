@@ -5,10 +5,16 @@
 //! writes on a vCPU thread, a reset on the VMM thread. Because a command
 //! is executed completely inside one pass, taking the lock also waits for any DMA in progress:
 //! once a reset holds it, the device is quiet.
+//!
+//! The one exception is the sync of a Flush, which runs on the flusher thread ([`super::flusher`])
+//! while passes go on; a later pass posts its completion. It touches no domain memory, and a
+//! reset forgets the Flushes in flight (`flushes`), so a sync that returns after a reset posts
+//! nothing: the reset does not wait for it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::flusher::Flusher;
 use super::namespace::Namespace;
 use super::prp::{self, PrpFault};
 use super::queue::{CompQueue, Completion, SubQueue};
@@ -39,6 +45,10 @@ pub struct Observed {
     pub dma_errors: AtomicU64,
     pub dropped_cached_writes: AtomicU64,
     pub ignored_register_writes: AtomicU64,
+    pub flushes_async: AtomicU64,
+    pub flush_syncs: AtomicU64,
+    pub flushes_in_flight: AtomicU64,
+    pub flushes_abandoned: AtomicU64,
     pub shadow_active: AtomicBool,
 }
 
@@ -54,6 +64,10 @@ impl Observed {
             dma_errors: r(&self.dma_errors),
             dropped_cached_writes: r(&self.dropped_cached_writes),
             ignored_register_writes: r(&self.ignored_register_writes),
+            flushes_async: r(&self.flushes_async),
+            flush_syncs: r(&self.flush_syncs),
+            flushes_in_flight: r(&self.flushes_in_flight),
+            flushes_abandoned: r(&self.flushes_abandoned),
             // The DMA window counts these; `NvmeMonitor::stats` fills them in.
             dma_refused: 0,
         }
@@ -91,6 +105,16 @@ pub struct Pass {
     pub posted: usize,
 }
 
+/// A Flush whose sync runs on the flusher thread.
+#[derive(Clone, Copy, Debug)]
+pub struct InFlightFlush {
+    /// Handed to the flusher; unique for the controller's life.
+    pub token: u64,
+    pub sqid: u16,
+    pub cqid: u16,
+    pub cid: u16,
+}
+
 /// The controller: registers, queues, features, namespace.
 pub struct Controller {
     pub regs: Regs,
@@ -112,6 +136,20 @@ pub struct Controller {
     pub dbbuf: Option<DoorbellBuffer>,
     /// Shadow doorbells were switched on or off; reported after the lock is released.
     pub shadow_event: Option<bool>,
+    /// Runs the syncs of Flushes on its own thread.
+    pub flusher: Flusher,
+    /// Whether Flushes go to the flusher: only once a worker or a poller serves the
+    /// controller, since a completion posted later needs someone to post it.
+    pub async_flush: bool,
+    /// Flushes handed to the flusher since the last reset and not completed yet. Each holds
+    /// a slot of its completion queue (a command is taken only while its CQ has room for it
+    /// and for these).
+    pub flushes: Vec<InFlightFlush>,
+    /// Results back from the flusher, not posted yet (token, sync succeeded).
+    flush_results: Vec<(u64, bool)>,
+    next_flush_token: u64,
+    /// Completions posted in the current pass.
+    posted: usize,
 }
 
 impl Controller {
@@ -122,6 +160,7 @@ impl Controller {
         observed: Arc<Observed>,
         doorbells: Arc<[AtomicU32]>,
         limits: Limits,
+        flusher: Flusher,
     ) -> Controller {
         let n = usize::from(limits.max_io_queues) + 1;
         Controller {
@@ -139,6 +178,12 @@ impl Controller {
             aers: Vec::new(),
             dbbuf: None,
             shadow_event: None,
+            flusher,
+            async_flush: false,
+            flushes: Vec::new(),
+            flush_results: Vec::new(),
+            next_flush_token: 0,
+            posted: 0,
         }
     }
 
@@ -160,6 +205,15 @@ impl Controller {
         self.io_cqs_allowed = self.limits.max_io_queues;
         self.async_event_config = 0;
         self.set_dbbuf(None);
+        // Flushes in flight are forgotten, not waited for: their syncs finish on the flusher
+        // thread and their results are dropped (the driver after the reset never sees them;
+        // the VMM replays a Flush whose completion never came).
+        self.observed
+            .flushes_abandoned
+            .fetch_add(self.flushes.len() as u64, Ordering::Relaxed);
+        self.flushes.clear();
+        self.flush_results.clear();
+        self.note_flushes_in_flight();
         let dropped = self.ns.reset();
         self.observed
             .dropped_cached_writes
@@ -220,6 +274,120 @@ impl Controller {
         }
     }
 
+    /// Posts `c` to completion queue `cqid` (nothing if the queue does not exist); false when
+    /// the post failed and the controller went fatal. The caller checked for room.
+    pub fn post(&mut self, cqid: usize, c: &Completion) -> bool {
+        let Some(cq) = self.cqs.get_mut(cqid).and_then(Option::as_mut) else {
+            return true;
+        };
+        if cq.post(&self.dma, c).is_err() {
+            self.fatal();
+            return false;
+        }
+        self.posted += 1;
+        Observed::bump(&self.observed.completions);
+        true
+    }
+
+    /// Hands a Flush over to the flusher (its completion comes in a later pass); false if the
+    /// caller must sync itself (no worker or poller, or the flusher has stopped).
+    pub fn flush_async(&mut self, sqid: u16, cqid: u16, cid: u16) -> bool {
+        if !self.async_flush {
+            return false;
+        }
+        let token = self.next_flush_token;
+        if !self.flusher.submit(token) {
+            return false;
+        }
+        self.next_flush_token += 1;
+        self.flushes.push(InFlightFlush {
+            token,
+            sqid,
+            cqid,
+            cid,
+        });
+        Observed::bump(&self.observed.flushes_async);
+        self.note_flushes_in_flight();
+        true
+    }
+
+    fn note_flushes_in_flight(&self) {
+        self.observed
+            .flushes_in_flight
+            .store(self.flushes.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Completion slots of CQ `cqid` held by Flushes in flight.
+    fn reserved(&self, cqid: u16) -> usize {
+        self.flushes.iter().filter(|f| f.cqid == cqid).count()
+    }
+
+    /// Posts the completions of Flushes whose sync returned. A result whose Flush a reset
+    /// forgot is dropped. False when a post failed (the controller went fatal).
+    fn complete_flushes(&mut self) -> bool {
+        self.flusher.take_done(&mut self.flush_results);
+        let mut results = std::mem::take(&mut self.flush_results);
+        let mut ok = true;
+        results.retain(|&(token, synced)| {
+            let Some(i) = self.flushes.iter().position(|f| f.token == token) else {
+                return false;
+            };
+            let f = self.flushes[i];
+            let cqid = usize::from(f.cqid);
+            let Some(cq) = self.cqs.get(cqid).and_then(Option::as_ref) else {
+                self.flushes.swap_remove(i);
+                return false;
+            };
+            if !ok || cq.is_full() {
+                // Cannot happen while the slot is reserved; keep it for a later pass.
+                return true;
+            }
+            let sqhd = self.sqs[usize::from(f.sqid)]
+                .as_ref()
+                .map_or(0, |sq| sq.head);
+            let status = if synced {
+                Status::SUCCESS
+            } else {
+                Status::WRITE_FAULT
+            };
+            self.flushes.swap_remove(i);
+            let c = Completion {
+                dw0: 0,
+                sqhd,
+                sqid: f.sqid,
+                cid: f.cid,
+                status,
+            };
+            ok = self.post(cqid, &c);
+            false
+        });
+        self.flush_results = results;
+        self.note_flushes_in_flight();
+        ok
+    }
+
+    /// Delete I/O SQ `qid`: its Flushes in flight complete now as aborted, before the
+    /// deletion's own completion (NVMe 1.4, 5.6).
+    pub fn abort_flushes_of(&mut self, qid: u16, sqhd: u16) {
+        let (aborted, kept): (Vec<InFlightFlush>, _) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|f| f.sqid == qid);
+        self.flushes = kept;
+        for f in aborted {
+            let c = Completion {
+                dw0: 0,
+                sqhd,
+                sqid: f.sqid,
+                cid: f.cid,
+                status: Status::ABORTED_SQ_DELETION,
+            };
+            if !self.post(usize::from(f.cqid), &c) {
+                break;
+            }
+        }
+        self.note_flushes_in_flight();
+    }
+
     /// Takes the doorbell values written by MMIO since the last pass.
     fn apply_doorbells(&mut self) {
         let doorbells = self.doorbells.clone();
@@ -269,48 +437,78 @@ impl Controller {
         }
     }
 
-    /// One pass: pick up doorbells (MMIO and shadow), then take up to [`BATCH`] commands from
-    /// each submission queue, admin first, posting a completion for each. A command is taken
-    /// only when its completion queue has room, so a full queue holds commands back instead of
-    /// overwriting entries the driver has not consumed.
+    /// One pass: post the completions of Flushes whose sync returned, pick up doorbells (MMIO
+    /// and shadow), then take up to [`BATCH`] commands from each submission queue, admin
+    /// first, posting a completion for each (a Flush's comes in a later pass). A command is
+    /// taken only when its completion queue has room for it and for the Flushes in flight
+    /// that will complete there, so a full queue holds commands back instead of overwriting
+    /// entries the driver has not consumed.
     pub fn pass(&mut self) -> Pass {
-        let mut pass = Pass::default();
+        self.posted = 0;
+        let consumed = self.run_pass();
+        Pass {
+            consumed,
+            posted: std::mem::take(&mut self.posted),
+        }
+    }
+
+    /// Before the thread serving the controller sleeps: sets the shadow event indexes and
+    /// re-checks. True when work arrived meanwhile (commands, or Flushes whose sync returned).
+    pub fn arm(&mut self) -> bool {
+        self.ready() && (self.flushes_done() || self.arm_event_idx())
+    }
+
+    /// Whether results of Flushes may be waiting to be posted.
+    pub fn flushes_done(&self) -> bool {
+        !self.flush_results.is_empty() || self.flusher.has_done()
+    }
+
+    /// The body of [`Controller::pass`]; returns the commands taken.
+    fn run_pass(&mut self) -> usize {
+        let mut consumed = 0;
         if !self.ready() {
             for d in self.doorbells.iter() {
                 d.store(0, Ordering::Relaxed);
             }
-            return pass;
+            return consumed;
+        }
+        if self.flushes_done() && !self.complete_flushes() {
+            return consumed;
         }
         self.apply_doorbells();
         self.read_shadow_doorbells();
         for qid in 0..self.sqs.len() {
             for _ in 0..BATCH {
                 if !self.ready() {
-                    return pass;
+                    return consumed;
                 }
+                let Some(sq) = self.sqs[qid].as_ref() else {
+                    break;
+                };
+                let cqid = sq.cqid;
+                let reserved = self.reserved(cqid);
+                let room = self
+                    .cqs
+                    .get(usize::from(cqid))
+                    .and_then(Option::as_ref)
+                    .is_some_and(|cq| cq.free() > reserved);
                 let Some(sq) = self.sqs[qid].as_mut() else {
                     break;
                 };
-                let cqid = usize::from(sq.cqid);
-                let room = self
-                    .cqs
-                    .get(cqid)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|cq| !cq.is_full());
                 if !sq.has_work() || !room {
                     break;
                 }
                 let Ok(cmd) = sq.fetch(&self.dma) else {
                     // Bus mastering is off: the device stalls until it is back on.
-                    return pass;
+                    return consumed;
                 };
                 let sqhd = sq.head;
-                pass.consumed += 1;
+                consumed += 1;
                 Observed::bump(&self.observed.commands);
                 let result = if qid == 0 {
                     self.admin(&cmd)
                 } else {
-                    Some(self.io(&cmd))
+                    self.io(&cmd, qid as u16, cqid)
                 };
                 let Some((dw0, status)) = result else {
                     continue;
@@ -322,16 +520,11 @@ impl Controller {
                     cid: cmd.cid,
                     status,
                 };
-                if let Some(cq) = self.cqs.get_mut(cqid).and_then(Option::as_mut) {
-                    if cq.post(&self.dma, &c).is_err() {
-                        self.fatal();
-                        return pass;
-                    }
-                    pass.posted += 1;
-                    Observed::bump(&self.observed.completions);
+                if !self.post(usize::from(cqid), &c) {
+                    return consumed;
                 }
             }
         }
-        pass
+        consumed
     }
 }

@@ -29,13 +29,14 @@ const DSM_RANGE_SIZE: usize = 16;
 type Outcome = (u32, Status);
 
 impl Controller {
-    /// Executes an I/O command.
-    pub(super) fn io(&mut self, cmd: &Command) -> Outcome {
+    /// Executes an I/O command taken from submission queue `sqid` (bound to completion queue
+    /// `cqid`); `None` when it completes later (a Flush whose sync runs on the flusher).
+    pub(super) fn io(&mut self, cmd: &Command, sqid: u16, cqid: u16) -> Option<Outcome> {
         let status = if cmd.fuse != 0 || cmd.psdt != 0 {
             Status::INVALID_FIELD
         } else {
             match cmd.opcode {
-                opcode::FLUSH => self.flush(cmd),
+                opcode::FLUSH => self.flush(cmd, sqid, cqid)?,
                 opcode::WRITE => self.read_write(cmd, true),
                 opcode::READ => self.read_write(cmd, false),
                 opcode::WRITE_ZEROES => self.write_zeroes(cmd),
@@ -43,7 +44,7 @@ impl Controller {
                 _ => Status::INVALID_OPCODE,
             }
         };
-        (0, status)
+        Some((0, status))
     }
 
     /// Starting LBA and block count (from the 0's based NLB) of a Read/Write/Write Zeroes.
@@ -52,14 +53,23 @@ impl Controller {
         (slba, u64::from(cmd.cdw(12) & 0xffff) + 1)
     }
 
-    fn flush(&mut self, cmd: &Command) -> Status {
+    /// Flush: the volatile cache goes to the file here; the sync runs on the flusher thread
+    /// when there is one to hand it to (`None`: the completion comes in a later pass), else
+    /// here. Either way it starts after every write completed before this command was taken.
+    fn flush(&mut self, cmd: &Command, sqid: u16, cqid: u16) -> Option<Status> {
         if cmd.nsid != NSID && cmd.nsid != NSID_ALL {
-            return Status::INVALID_NAMESPACE;
+            return Some(Status::INVALID_NAMESPACE);
         }
-        match self.ns.flush() {
+        if self.ns.write_back().is_err() {
+            return Some(Status::WRITE_FAULT);
+        }
+        if self.flush_async(sqid, cqid, cmd.cid) {
+            return None;
+        }
+        Some(match self.ns.file().sync_data() {
             Ok(()) => Status::SUCCESS,
             Err(_) => Status::WRITE_FAULT,
-        }
+        })
     }
 
     fn read_write(&mut self, cmd: &Command, write: bool) -> Status {

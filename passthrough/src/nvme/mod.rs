@@ -33,6 +33,18 @@
 //!
 //! With neither, only trapped doorbell writes are processed.
 //!
+//! # Flush
+//!
+//! A Flush does not hold up the queues while the host syncs the backing file: the pass writes
+//! the volatile cache back to the file, hands the sync to the controller's flusher thread
+//! ([`flusher`]) and goes on with the next commands. When the sync returns, the flusher writes
+//! the doorbell eventfd, so the worker or the poller's owner wakes and its next pass posts
+//! the Flush's completion. A reset forgets the Flushes in flight without waiting for their
+//! syncs: their completions are never posted to the queues of the driver after it. Without
+//! a worker or a poller there is nobody to post a completion later, so the sync runs inside
+//! the pass, as do the syncs of FUA writes, of a shutdown notification and of switching the
+//! cache off.
+//!
 //! # A controller that outlives its domain
 //!
 //! Like a real device handed to a VM through VFIO, the controller (its namespace, its volatile
@@ -52,6 +64,7 @@
 
 mod admin;
 mod controller;
+mod flusher;
 mod identify;
 mod io;
 mod namespace;
@@ -172,6 +185,15 @@ pub enum NvmeError {
         /// Backing file.
         backing: PathBuf,
     },
+    /// The flusher thread cannot be spawned.
+    #[error("NVMe controller for {backing}: cannot spawn the flusher thread: {source}")]
+    FlusherSpawn {
+        /// Backing file.
+        backing: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The worker thread cannot be spawned.
     #[error("NVMe controller for {backing}: cannot spawn the worker thread: {source}")]
     Spawn {
@@ -205,6 +227,16 @@ pub struct NvmeStats {
     /// `dma_errors`, plus queue and doorbell-buffer accesses), bus mastering off, or detached
     /// ([`crate::DmaWindow::refused`]).
     pub dma_refused: u64,
+    /// Flush commands whose sync ran on the flusher thread while the queues were served.
+    pub flushes_async: u64,
+    /// Syncs the flusher thread ran (one covers every Flush waiting when it starts, so there
+    /// may be fewer than `flushes_async`).
+    pub flush_syncs: u64,
+    /// Flushes handed to the flusher whose completion is not posted yet (now, not a total).
+    pub flushes_in_flight: u64,
+    /// Flushes in flight when a reset came: their syncs ran, their completions were never
+    /// posted.
+    pub flushes_abandoned: u64,
 }
 
 /// A handle on a controller's counters and shadow doorbell state that stays valid after the
@@ -249,7 +281,7 @@ impl NvmePoller {
     /// Before the caller sleeps: asks the driver to ring (shadow doorbell event indexes) and
     /// re-checks. True when work arrived meanwhile and the caller must poll instead of sleep.
     pub fn arm(&self) -> bool {
-        self.shared.with_ctrl(|c| c.ready() && c.arm_event_idx())
+        self.shared.with_ctrl(Controller::arm)
     }
 
     /// Readable when a doorbell arrived by ioeventfd or bus mastering came back on: sleep on
@@ -273,7 +305,8 @@ pub type ShadowCallback = Box<dyn Fn(bool) + Send>;
 struct Shared {
     ctrl: Mutex<Controller>,
     doorbells: Arc<[AtomicU32]>,
-    eventfd: EventFd,
+    /// Written by doorbells (ioeventfd), bus mastering, stop, and the flusher.
+    eventfd: Arc<EventFd>,
     stop: AtomicBool,
     observed: Arc<Observed>,
     on_shadow: Mutex<Option<ShadowCallback>>,
@@ -329,6 +362,8 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct EmulatedNvme {
     shared: Arc<Shared>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// Joined when the controller is dropped.
+    flusher: flusher::FlusherThread,
     backing: PathBuf,
     max_io_queues: u16,
 }
@@ -373,6 +408,7 @@ impl EmulatedNvme {
             backing: cfg.backing.clone(),
             source,
         })?;
+        let eventfd = Arc::new(eventfd);
         let slots = 2 * (usize::from(cfg.max_io_queues) + 1);
         let doorbells: Arc<[AtomicU32]> = (0..slots).map(|_| AtomicU32::new(0)).collect();
         let observed = Arc::new(Observed::default());
@@ -381,7 +417,21 @@ impl EmulatedNvme {
             serial: cfg.serial,
             model: cfg.model,
         };
-        let ctrl = Controller::new(ns, dma.clone(), observed.clone(), doorbells.clone(), limits);
+        let (flusher, flusher_thread) =
+            flusher::spawn(ns.file(), eventfd.clone(), observed.clone()).map_err(|source| {
+                NvmeError::FlusherSpawn {
+                    backing: cfg.backing.clone(),
+                    source,
+                }
+            })?;
+        let ctrl = Controller::new(
+            ns,
+            dma.clone(),
+            observed.clone(),
+            doorbells.clone(),
+            limits,
+            flusher,
+        );
         Ok(EmulatedNvme {
             shared: Arc::new(Shared {
                 ctrl: Mutex::new(ctrl),
@@ -394,6 +444,7 @@ impl EmulatedNvme {
                 dma,
             }),
             worker: Mutex::new(None),
+            flusher: flusher_thread,
             backing: cfg.backing,
             max_io_queues: cfg.max_io_queues,
         })
@@ -418,6 +469,8 @@ impl EmulatedNvme {
                 source,
             })?;
         *worker = Some(handle);
+        // Someone now polls: a Flush's completion can come after its pass.
+        self.shared.with_ctrl(|c| c.async_flush = true);
         Ok(())
     }
 
@@ -487,11 +540,32 @@ impl EmulatedNvme {
     }
 
     /// A handle to run the controller's passes on the caller's thread (see the module docs).
-    /// Use it instead of a worker, not beside one.
+    /// Use it instead of a worker, not beside one. From now on the caller must poll: a
+    /// Flush's completion is posted by a pass after its sync returns, which writes
+    /// [`NvmePoller::eventfd`].
     pub fn poller(&self) -> NvmePoller {
+        self.shared.with_ctrl(|c| c.async_flush = true);
         NvmePoller {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Calls `hook` on the flusher thread before each sync (`None`: no hook).
+    #[cfg(test)]
+    pub(crate) fn set_sync_hook(&self, hook: Option<flusher::SyncHook>) {
+        self.shared.with_ctrl(|c| c.flusher.set_hook(hook));
+    }
+
+    /// Stops the flusher thread as the drop does, keeping the controller.
+    #[cfg(test)]
+    pub(crate) fn stop_flusher(&mut self) {
+        self.flusher.stop();
+    }
+
+    /// Upgradable exactly while the flusher thread runs.
+    #[cfg(test)]
+    pub(crate) fn flusher_alive(&self) -> std::sync::Weak<()> {
+        self.flusher.alive()
     }
 
     fn doorbell_write(&self, offset: u64, data: &[u8]) {
@@ -526,6 +600,9 @@ impl Drop for EmulatedNvme {
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }
+        // After the sync under way, if any: no thread outlives the controller (a poller kept
+        // beyond it syncs in its passes).
+        self.flusher.stop();
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::controller::Controller;
 use super::Shared;
 
 /// How long the worker keeps polling after its last piece of work.
@@ -37,7 +38,7 @@ pub(super) fn run(shared: Arc<Shared>) {
             std::hint::spin_loop();
             continue;
         }
-        if shared.with_ctrl(|c| c.ready() && c.arm_event_idx()) {
+        if shared.with_ctrl(Controller::arm) {
             last_work = Instant::now();
             continue;
         }
