@@ -3,6 +3,7 @@
 mod admin;
 mod cache;
 mod controller;
+mod flush;
 mod io;
 mod malformed;
 mod pci;
