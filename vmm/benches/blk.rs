@@ -6,11 +6,21 @@
 //! the run as the block service counted them, the prefill included) and the copy cost of
 //! the VMM (bytes copied between client and backend, and the time spent copying).
 //!
-//! `cargo bench -p ddvm --bench blk` (`-- --quick` for a short run).
+//! It also prints, per thread of the run (client vCPU, block service, domain vCPU), the time
+//! on a CPU, the time runnable but waiting for one (the cost of three busy threads on two
+//! cores) and the context switches, from `/proc/self/task/*/{schedstat,status}`, sampled every
+//! 20 ms while the run lasts (so a thread that ended is counted up to its last sample).
+//!
+//! `cargo bench -p ddvm --bench blk` (`-- --quick` for a short run; `--runs N` repeats each
+//! case N times and prints every ratio; `--case randread|seqwrite` runs one case;
+//! `--side a|b` runs one side only and `--count N` sets the requests of the 4 KiB case, for
+//! profiling; `--echo` shows the guests' consoles).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ddvm::blk::Backend;
 use ddvm::client::WorkloadReport;
@@ -28,15 +38,150 @@ struct Run {
     domain_exits: u64,
     copy_bytes: u64,
     copy_ns: u64,
+    wall: Duration,
+    threads: Vec<ThreadStat>,
+    /// CPU time other processes used during the run.
+    others: Duration,
 }
 
-fn run(hv: &std::sync::Arc<Hypervisor>, disk: &Path, direct: bool, workload: &str) -> Run {
+/// What the scheduler says about one thread.
+#[derive(Clone, Debug, Default)]
+struct ThreadStat {
+    name: String,
+    /// Time on a CPU.
+    run_ns: u64,
+    /// Time runnable, waiting for a CPU.
+    wait_ns: u64,
+    voluntary: u64,
+    involuntary: u64,
+}
+
+fn thread_stats() -> BTreeMap<u32, ThreadStat> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let path = e.path();
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+        let mut t = ThreadStat {
+            name: read("comm").trim().to_string(),
+            ..ThreadStat::default()
+        };
+        let sched: Vec<u64> = read("schedstat")
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let [run, wait, ..] = sched[..] {
+            t.run_ns = run;
+            t.wait_ns = wait;
+        }
+        for line in read("status").lines() {
+            let value = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse().ok());
+            if line.starts_with("voluntary_ctxt_switches") {
+                t.voluntary = value(line).unwrap_or(0);
+            } else if line.starts_with("nonvoluntary_ctxt_switches") {
+                t.involuntary = value(line).unwrap_or(0);
+            }
+        }
+        out.insert(tid, t);
+    }
+    out
+}
+
+/// CPU time used so far, in clock ticks: by the whole machine (busy, not idle), and by this
+/// process. Their difference over a run is what other processes took from it.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let machine = stat
+        .lines()
+        .next()
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal (guest time is inside user).
+            v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0)
+        })
+        .unwrap_or(0);
+    let own = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let own = own
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+            // `rest` starts at field 3 (the state).
+            field(14 - 3) + field(15 - 3)
+        })
+        .unwrap_or(0);
+    (machine, own)
+}
+
+/// Samples the stats of threads that were not there at the start, until stopped.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<BTreeMap<u32, ThreadStat>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start() -> Sampler {
+        let before = thread_stats();
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let (s, v) = (stop.clone(), seen.clone());
+        let thread = std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || loop {
+                let done = s.load(Ordering::Acquire);
+                let now = thread_stats();
+                let mut v = v.lock().unwrap();
+                for (tid, t) in now {
+                    if !before.contains_key(&tid) {
+                        v.insert(tid, t);
+                    }
+                }
+                drop(v);
+                if done {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            })
+            .expect("sampler thread");
+        Sampler { stop, seen, thread }
+    }
+
+    fn finish(self) -> Vec<ThreadStat> {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.thread.join();
+        let v = self.seen.lock().unwrap();
+        v.values()
+            .filter(|t| t.name.starts_with("vcpu-") || t.name.starts_with("blk-"))
+            .cloned()
+            .collect()
+    }
+}
+
+fn run(
+    hv: &Arc<Hypervisor>,
+    disk: &Path,
+    direct: bool,
+    workload: &str,
+    echo: Echo,
+    domain_cmdline: &str,
+) -> Run {
     let mut text = String::new();
     let target = if direct {
         format!("file:{}", disk.display())
     } else {
         text += &format!(
-            "[[domain]]\nname = \"nvme0\"\nmemory_mib = 32\nchannel_kib = 8448\n[domain.device]\nkind = \"emulated-nvme\"\nbacking = \"{}\"\nsize_mib = 64\nlba_size = 4096\n",
+            "[[domain]]\nname = \"nvme0\"\nmemory_mib = 32\nchannel_kib = 8448\ncmdline = \"{domain_cmdline}\"\n[domain.device]\nkind = \"emulated-nvme\"\nbacking = \"{}\"\nsize_mib = 64\nlba_size = 4096\n",
             disk.display()
         );
         "nvme0".to_string()
@@ -46,8 +191,18 @@ fn run(hv: &std::sync::Arc<Hypervisor>, disk: &Path, direct: bool, workload: &st
     );
     let file = Path::new("bench.toml");
     let config = Config::parse(file, &text).expect("bench config");
-    let mut topo = Topology::start(hv, &config, file, Echo::Off).expect("start");
+    let sampler = Sampler::start();
+    let cpu0 = cpu_ticks();
+    let t0 = Instant::now();
+    let mut topo = Topology::start(hv, &config, file, echo).expect("start");
     let outcome = topo.wait_clients(Duration::from_secs(600)).remove(0);
+    let wall = t0.elapsed();
+    let cpu1 = cpu_ticks();
+    let threads = sampler.finish();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let other_ticks = (cpu1.0 - cpu0.0).saturating_sub(cpu1.1 - cpu0.1);
+    let others = Duration::from_secs_f64(other_ticks as f64 / hz);
     let client_exits = topo.clients[0].domain().vcpu_stat("exits").unwrap_or(0);
     let s = &mut topo.services[0];
     let copy_bytes = s.counters().copy_bytes.load(Ordering::Relaxed);
@@ -72,6 +227,9 @@ fn run(hv: &std::sync::Arc<Hypervisor>, disk: &Path, direct: bool, workload: &st
         domain_exits,
         copy_bytes,
         copy_ns,
+        wall,
+        threads,
+        others,
     }
 }
 
@@ -89,23 +247,62 @@ fn line(label: &str, r: &Run) {
         r.copy_ns as f64 / 1e6,
         r.copy_bytes as f64 / r.copy_ns.max(1) as f64 / 1.073_741_824,
     );
+    let wall = r.wall.as_secs_f64() * 1e3;
+    println!(
+        "             other processes used {:.0} ms of CPU during the {wall:.0} ms run",
+        r.others.as_secs_f64() * 1e3
+    );
+    for t in &r.threads {
+        println!(
+            "             thread {:<12} on CPU {:>6.0} ms ({:>3.0}% of {:.0} ms)  waiting for a CPU {:>6.0} ms  switches {} voluntary, {} involuntary  ({:.2} per request)",
+            t.name,
+            t.run_ns as f64 / 1e6,
+            t.run_ns as f64 / 1e6 / wall * 100.0,
+            wall,
+            t.wait_ns as f64 / 1e6,
+            t.voluntary,
+            t.involuntary,
+            per(t.voluntary + t.involuntary),
+        );
+    }
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let hv = std::sync::Arc::new(
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let value = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let quick = flag("--quick");
+    let runs: usize = value("--runs").and_then(|v| v.parse().ok()).unwrap_or(1);
+    let only_case = value("--case");
+    let side = value("--side");
+    let domain_cmdline = value("--domain-cmdline").unwrap_or_default();
+    let echo = if flag("--echo") {
+        Echo::Stderr
+    } else {
+        Echo::Off
+    };
+    let hv = Arc::new(
         Hypervisor::open(Path::new(ddvm::hypervisor::DEFAULT_KVM_PATH)).expect("/dev/kvm"),
     );
     let dir = std::env::temp_dir().join(format!("ddvm-bench-blk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let disk: PathBuf = dir.join("disk.img");
-    let n = if quick { 5_000 } else { 50_000 };
+    let n: u64 = value("--count")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 5_000 } else { 50_000 });
     let cases = [
         (
+            "randread",
             "4 KiB random read, QD32",
             format!("workload=randread bs=4096 qd=32 count={n} verify_pass=0"),
         ),
         (
+            "seqwrite",
             "128 KiB sequential write, QD8",
             format!(
                 "workload=seqwrite bs=131072 qd=8 count={} verify_pass=0",
@@ -116,23 +313,65 @@ fn main() {
     println!(
         "ddvm blk bench: the same client against (a) a driver domain and (b) the file directly"
     );
-    for (i, (name, workload)) in cases.iter().enumerate() {
-        // Alternate the order so neither side always runs on a warmer page cache.
-        let (a, b) = if i % 2 == 0 {
-            let b = run(&hv, &disk, true, workload);
-            (run(&hv, &disk, false, workload), b)
-        } else {
-            let a = run(&hv, &disk, false, workload);
-            (a, run(&hv, &disk, true, workload))
-        };
-        println!("{name}:");
-        // Exits over every request of the run (the prefill included), as the service counted.
-        line("(a) domain", &a);
-        line("(b) direct", &b);
-        println!(
-            "  ratio (a)/(b): {:.1}% of the direct IOPS (target >= 80%)",
-            100.0 * a.report.iops / b.report.iops.max(1.0)
-        );
+    for (i, (key, name, workload)) in cases.iter().enumerate() {
+        if only_case.as_deref().is_some_and(|c| c != *key) {
+            continue;
+        }
+        let mut ratios = Vec::new();
+        for r in 0..runs {
+            // Alternate the order so neither side always runs on a warmer page cache.
+            let (first_direct, second_direct) = if (i + r) % 2 == 0 {
+                (true, false)
+            } else {
+                (false, true)
+            };
+            let mut done: Vec<(bool, Run)> = Vec::new();
+            for direct in [first_direct, second_direct] {
+                let wanted = match side.as_deref() {
+                    Some("a") => !direct,
+                    Some("b") => direct,
+                    _ => true,
+                };
+                if wanted {
+                    done.push((
+                        direct,
+                        run(&hv, &disk, direct, workload, echo, &domain_cmdline),
+                    ));
+                }
+            }
+            println!(
+                "{name}{}:",
+                if runs > 1 {
+                    format!(" (run {})", r + 1)
+                } else {
+                    String::new()
+                }
+            );
+            let a = done.iter().find(|(d, _)| !d).map(|(_, r)| r);
+            let b = done.iter().find(|(d, _)| *d).map(|(_, r)| r);
+            // Exits over every request of the run (the prefill included), as the service counted.
+            if let Some(a) = a {
+                line("(a) domain", a);
+            }
+            if let Some(b) = b {
+                line("(b) direct", b);
+            }
+            if let (Some(a), Some(b)) = (a, b) {
+                let ratio = 100.0 * a.report.iops / b.report.iops.max(1.0);
+                ratios.push(ratio);
+                println!("  ratio (a)/(b): {ratio:.1}% of the direct IOPS (target >= 80%)");
+            }
+        }
+        if ratios.len() > 1 {
+            let text: Vec<String> = ratios.iter().map(|r| format!("{r:.0}%")).collect();
+            let min = ratios.iter().cloned().fold(f64::MAX, f64::min);
+            let max = ratios.iter().cloned().fold(f64::MIN, f64::max);
+            println!(
+                "{name}: ratios (a)/(b) of {} runs: {} (min {min:.0}%, max {max:.0}%)",
+                ratios.len(),
+                text.join(" ")
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -78,7 +78,14 @@ pub struct DomainDevice {
     poller: Option<NvmePoller>,
     // The VM whose ioeventfds the shadow-doorbell callback (un)registers: the current domain's.
     vm: Arc<Mutex<Option<Arc<VmFd>>>>,
+    // The owner's pass, run on the domain's vCPU thread when the domain waits.
+    owner_pass: Arc<Mutex<Option<OwnerPass>>>,
 }
+
+/// One pass of the device's owner (the block service: device, channel, clients), run on a
+/// domain's vCPU thread when the domain waits; true when it made progress. It must not block
+/// on the thread it runs on (it may find the owner busy and do nothing).
+pub type OwnerPass = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl std::fmt::Debug for DomainDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -154,6 +161,7 @@ impl DomainDevice {
             pci: Arc::new(Mutex::new(pci)),
             monitor,
             poller,
+            owner_pass: Arc::default(),
             vm,
         }))
     }
@@ -171,6 +179,31 @@ impl DomainDevice {
     /// see [`DeviceThread::Owner`]). Returns the commands taken.
     pub fn poll(&self) -> u64 {
         self.poller.as_ref().map_or(0, NvmePoller::poll)
+    }
+
+    /// Work for the vCPU thread of the domain this device serves when the domain waits (see
+    /// [`crate::vcpu::VcpuContext::on_wait`]): the owner's pass if it set one
+    /// ([`DomainDevice::set_owner_pass`]), else the device's passes. A domain waits when it
+    /// has nothing to do until the device or the VMM acts, so its thread acts itself, in the
+    /// exit it pays anyway, instead of blocking until the owner's thread gets a CPU and wakes
+    /// it. The owner's thread keeps serving too, so a domain that never waits (hung, or busy)
+    /// changes nothing for it.
+    pub fn wait_work(&self) -> Option<crate::vcpu::WaitWork> {
+        let poller = self.poller.clone()?;
+        let owner = self.owner_pass.clone();
+        Some(Box::new(move || {
+            let pass = owner.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match pass {
+                Some(pass) => pass(),
+                None => poller.poll() > 0,
+            }
+        }))
+    }
+
+    /// Sets (or clears) the owner's pass that [`DomainDevice::wait_work`] runs; it holds for
+    /// every domain the device serves from now on.
+    pub fn set_owner_pass(&self, pass: Option<OwnerPass>) {
+        *self.owner_pass.lock().unwrap_or_else(|p| p.into_inner()) = pass;
     }
 
     /// Before the owner sleeps: asks the driver to ring, and re-checks. True when work
@@ -712,6 +745,7 @@ impl Domain {
             log: Some(log),
             channel: channel.map(|gpa| (gpa, epoch)),
             started,
+            on_wait: device.as_ref().and_then(|(d, _)| d.wait_work()),
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu-{name}"))

@@ -310,7 +310,14 @@ pub struct VcpuContext {
     pub channel: Option<(u64, u64)>,
     /// When boot started.
     pub started: Instant,
+    /// Work the VMM runs on this thread when the guest asks to wait, before it blocks (the
+    /// exit is paid already): true when it did something the guest is waiting for, and the
+    /// guest resumes at once instead of waiting.
+    pub on_wait: Option<WaitWork>,
 }
+
+/// See [`VcpuContext::on_wait`].
+pub type WaitWork = Box<dyn FnMut() -> bool + Send>;
 
 /// Signal used to kick a vCPU out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -493,6 +500,12 @@ fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
         t => t.min(port::WAIT_MAX_US),
     };
     if ctx.shared.stop.load(Ordering::Acquire) {
+        return;
+    }
+    if ctx.on_wait.as_mut().is_some_and(|work| work()) {
+        // The guest looks at everything again when it resumes: a kick meanwhile (the work's
+        // own, or anyone's) would only end its next wait early.
+        let _ = ctx.shared.kick.read();
         return;
     }
     ctx.shared.waiting.store(true, Ordering::Release);

@@ -287,6 +287,11 @@ pub struct ChannelBackend {
     failed: Vec<Finished>,
     done: Vec<Done>,
     handle: RecoveryHandle,
+    // Set while a pass runs on the domain's own vCPU thread (in its wait exit), which must
+    // not tear the domain down (that joins the thread): a failure found there waits here for
+    // the service thread's next pass.
+    on_domain_thread: bool,
+    deferred: Option<FailureReason>,
 }
 
 /// Why the first boot failed.
@@ -392,6 +397,8 @@ impl ChannelBackend {
             failed: Vec::new(),
             done: Vec::new(),
             handle,
+            on_domain_thread: false,
+            deferred: None,
         };
         let info = b.boot().map_err(|reason| StartError::Failed {
             name: name.clone(),
@@ -435,6 +442,19 @@ impl ChannelBackend {
     /// The supervisor.
     pub fn supervisor(&self) -> &Supervisor {
         &self.sup
+    }
+
+    /// Lets the device's domains run `pass` on their vCPU thread when they wait (see
+    /// [`DomainDevice::wait_work`]); `None` stops it.
+    pub fn set_domain_thread_pass(&self, pass: Option<crate::domain::OwnerPass>) {
+        self.device.set_owner_pass(pass);
+    }
+
+    /// Marks the passes that follow as running on the domain's vCPU thread (or not): there,
+    /// failures are deferred to the service thread, and neither detection, commands nor
+    /// restarts run.
+    pub fn set_on_domain_thread(&mut self, on: bool) {
+        self.on_domain_thread = on;
     }
 
     /// The device's counters.
@@ -589,6 +609,12 @@ impl ChannelBackend {
 
     /// Tears the domain down and lets the policy decide what happens next.
     fn fail(&mut self, reason: FailureReason, shadow: &mut ShadowQueue<Part>) {
+        if self.on_domain_thread {
+            // The first failure is the reason; the service thread acts on it.
+            self.deferred.get_or_insert(reason);
+            let _ = self.handle.wake.write(1);
+            return;
+        }
         let now = Instant::now();
         let epoch = self.live.as_ref().map_or(0, |l| l.epoch);
         let name = reason.name();
@@ -829,7 +855,15 @@ impl ChannelBackend {
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
     ) -> usize {
-        self.tend(shadow);
+        if !self.on_domain_thread {
+            if let Some(reason) = self.deferred.take() {
+                self.fail(reason, shadow);
+            }
+            self.tend(shadow);
+        }
+        if self.deferred.is_some() {
+            return 0;
+        }
         if self.sup.admission() == Admission::Fail {
             // Given up: every owed request is failed, as MINIX pushes errors up.
             for e in shadow.drain() {
@@ -992,6 +1026,9 @@ impl ChannelBackend {
         out: &mut Vec<Finished>,
     ) -> usize {
         out.append(&mut self.failed);
+        if self.deferred.is_some() {
+            return 0;
+        }
         let Some(live) = self.live.as_mut() else {
             return 0;
         };
@@ -1109,7 +1146,7 @@ impl ChannelBackend {
     /// Asks for (or stops asking for) a wake-up when completions arrive; returns whether some
     /// already did.
     pub fn arm(&mut self, on: bool) -> bool {
-        if !self.failed.is_empty() {
+        if !self.failed.is_empty() || self.deferred.is_some() {
             return true;
         }
         let Some(live) = self.live.as_mut() else {
