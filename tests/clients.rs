@@ -77,6 +77,31 @@ fn a_client_verifies_every_block_through_a_driver_domain() {
     assert_eq!(r[0].ops, 4000);
 }
 
+/// The domain's vCPU thread serves the disk in the wait exits it pays anyway (device passes,
+/// completions, new requests), and the domain resumes at once when that made progress.
+#[test]
+fn the_domain_thread_serves_the_disk_in_its_waits() {
+    let dir = scratch("client-dd-waits");
+    let text = domain(&dir, 16)
+        + &client(
+            "c0",
+            "nvme0",
+            0,
+            16,
+            "workload=randread bs=4096 qd=32 count=20000 seed=5",
+        );
+    let mut topo = start(&text);
+    let outcomes = topo.wait_clients(Duration::from_secs(120));
+    let passes = topo.services[0]
+        .counters()
+        .domain_passes
+        .load(Ordering::Relaxed);
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.clean(), "{r:?}");
+    assert!(passes > 0, "no pass ran on the domain's thread");
+}
+
 #[test]
 fn a_client_verifies_every_block_on_the_direct_file_baseline() {
     let dir = scratch("client-file");

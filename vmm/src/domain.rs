@@ -707,7 +707,7 @@ impl Domain {
                 handover = Some(Handover {
                     device: dev.clone(),
                     pci_bus,
-                    present,
+                    present: present.clone(),
                 });
             }
         }
@@ -745,7 +745,14 @@ impl Domain {
             log: Some(log),
             channel: channel.map(|gpa| (gpa, epoch)),
             started,
-            on_wait: device.as_ref().and_then(|(d, _)| d.wait_work()),
+            // A standby runs none of the disk's work before it is handed the device.
+            on_wait: device
+                .as_ref()
+                .and_then(|(d, _)| d.wait_work())
+                .map(|mut work| {
+                    let present = present.clone();
+                    Box::new(move || present.load(Ordering::Acquire) && work()) as vcpu::WaitWork
+                }),
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu-{name}"))

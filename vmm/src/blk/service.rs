@@ -85,6 +85,9 @@ pub struct ServiceCounters {
     pub copy_bytes: AtomicU64,
     /// Time spent copying, in nanoseconds.
     pub copy_ns: AtomicU64,
+    /// Passes a driver domain's vCPU thread ran in its wait exits that made progress (the
+    /// domain then resumed at once instead of waiting).
+    pub domain_passes: AtomicU64,
 }
 
 impl ServiceCounters {
@@ -273,6 +276,12 @@ impl Worker {
         self.signal_clients();
         if let Backend::Channel(c) = &mut self.backend {
             c.set_on_domain_thread(false);
+        }
+        if progress > 0 {
+            self.shared
+                .counters
+                .domain_passes
+                .fetch_add(1, Ordering::Relaxed);
         }
         progress > 0
     }
