@@ -111,7 +111,7 @@ fn hung_domain_stops_heartbeating_and_still_tears_down() {
     );
     // It spins: its vCPU keeps running (what tells a hang from a host that starves it).
     let ran = d.vcpu_cpu_time().unwrap() - ran0;
-    assert!(ran > Duration::from_millis(10), "ran {ran:?} in 100 ms");
+    assert!(ran > Duration::from_millis(5), "ran {ran:?} in 100 ms");
     assert!(matches!(d.state(), RunState::Ready(_)));
     let t = std::time::Instant::now();
     assert_eq!(d.stop(), DomainExit::Stopped);
