@@ -130,6 +130,13 @@ fn chaos_rounds_alternate_baseline_and_chaos_segments_on_one_timeline() {
         "the second segment's faults follow the first's: {marks:?}"
     );
     assert!(r.recoveries >= kills - 1, "{}", r.table());
+    // Every recovery followed a kill, and is counted under it.
+    assert_eq!(
+        r.recovery_by_fault.get("kill").map(|s| s.count),
+        Some(r.recoveries),
+        "{}",
+        r.table()
+    );
     assert_eq!(r.clients.len(), 1);
     assert_eq!(r.requests, r.clients[0].ops);
 }

@@ -460,6 +460,10 @@ pub struct RecoverySamples {
     pub detection_to_first_completion_us: Vec<u64>,
     /// Fault injection to that completion (recoveries whose injection time is known).
     pub fault_to_first_completion_us: Vec<u64>,
+    /// Detection to first completion again, by the [`FaultKind::name`] of the fault that led
+    /// to it (recoveries whose fault is known).
+    #[serde(default)]
+    pub detection_to_first_completion_us_by_fault: BTreeMap<String, Vec<u64>>,
 }
 
 /// What one client guest's verifying workload saw.
@@ -560,6 +564,10 @@ pub struct ChaosReport {
     pub detection_to_first_completion_us: Summary,
     /// Fault injection to that completion.
     pub fault_to_first_completion_us: Summary,
+    /// Detection to first completion, by the fault that led to the recovery (a slow kind
+    /// shows here rather than only in the overall tail).
+    #[serde(default)]
+    pub recovery_by_fault: BTreeMap<String, Summary>,
     /// The samples the summaries come from.
     pub samples: RecoverySamples,
     /// Requests the clients saw fail (sum over `clients`).
@@ -607,6 +615,7 @@ impl ChaosReport {
             fault_to_detection_us: Summary::default(),
             detection_to_first_completion_us: Summary::default(),
             fault_to_first_completion_us: Summary::default(),
+            recovery_by_fault: BTreeMap::new(),
             samples: RecoverySamples::default(),
             client_errors: 0,
             mismatches: 0,
@@ -645,10 +654,32 @@ impl ChaosReport {
         fault_to_detection: Option<Duration>,
         detection_to_first_completion: Duration,
     ) {
+        self.recovered_from(
+            None,
+            detected_at,
+            fault_to_detection,
+            detection_to_first_completion,
+        );
+    }
+
+    /// As [`recovered`](Self::recovered), from a fault of `kind` when it is known.
+    pub fn recovered_from(
+        &mut self,
+        kind: Option<FaultKind>,
+        detected_at: Instant,
+        fault_to_detection: Option<Duration>,
+        detection_to_first_completion: Duration,
+    ) {
         self.recoveries = self.recoveries.saturating_add(1);
         let s = &mut self.samples;
         s.detection_to_first_completion_us
             .push(micros(detection_to_first_completion));
+        if let Some(kind) = kind {
+            s.detection_to_first_completion_us_by_fault
+                .entry(kind.name().to_string())
+                .or_default()
+                .push(micros(detection_to_first_completion));
+        }
         if let Some(f2d) = fault_to_detection {
             s.fault_to_detection_us.push(micros(f2d));
             s.fault_to_first_completion_us
@@ -678,6 +709,12 @@ impl ChaosReport {
         self.detection_to_first_completion_us =
             Summary::of(&self.samples.detection_to_first_completion_us);
         self.fault_to_first_completion_us = Summary::of(&self.samples.fault_to_first_completion_us);
+        self.recovery_by_fault = self
+            .samples
+            .detection_to_first_completion_us_by_fault
+            .iter()
+            .map(|(k, v)| (k.clone(), Summary::of(v)))
+            .collect();
         let sum = |f: fn(&ClientResult) -> u64| {
             self.clients
                 .iter()
@@ -800,6 +837,23 @@ impl ChaosReport {
                 ms(s.p99),
                 ms(s.max)
             )?;
+        }
+        if !self.recovery_by_fault.is_empty() {
+            writeln!(
+                o,
+                "\n{:<34}{:>8}{:>10}{:>10}{:>10}",
+                "detection -> first completion", "count", "p50", "p99", "max"
+            )?;
+            for (kind, s) in &self.recovery_by_fault {
+                writeln!(
+                    o,
+                    "  after {kind:<26}{:>8}{:>10}{:>10}{:>10}",
+                    s.count,
+                    ms(s.p50),
+                    ms(s.p99),
+                    ms(s.max)
+                )?;
+            }
         }
         writeln!(
             o,
@@ -1530,10 +1584,15 @@ mod tests {
         );
         r.injected(FaultKind::Panic, t0 + ms(1000));
         r.detected("panic");
-        r.recovered(t0 + ms(1001), Some(ms(1)), Duration::from_micros(2500));
+        r.recovered_from(
+            Some(FaultKind::Panic),
+            t0 + ms(1001),
+            Some(ms(1)),
+            Duration::from_micros(2500),
+        );
         r.injected(FaultKind::Kill, t0 + ms(1500));
         r.detected("operator-kill");
-        r.recovered(t0 + ms(1500), None, ms(12));
+        r.recovered_from(Some(FaultKind::Kill), t0 + ms(1500), None, ms(12));
         r.clients = vec![
             ClientResult {
                 name: "client0".into(),
@@ -1565,6 +1624,11 @@ mod tests {
         assert_eq!(r.recoveries, 3);
         assert_eq!(r.samples.fault_to_detection_us, [0, 1000]);
         assert_eq!(r.samples.fault_to_first_completion_us, [1500, 3500]);
+        // The first kill's recovery came without its fault kind: it is in no per-kind row.
+        assert_eq!(r.recovery_by_fault.len(), 2);
+        assert_eq!(r.recovery_by_fault["panic"].p50, Some(2500));
+        assert_eq!(r.recovery_by_fault["kill"].count, 1);
+        assert_eq!(r.recovery_by_fault["kill"].max, Some(12_000));
         assert_eq!(
             r.detection_to_first_completion_us,
             Summary {
@@ -1662,6 +1726,8 @@ mod tests {
             "  FAIL  recovery_p99_ms       12.00 ms  (target <= 10.00 ms)",
             "  PASS  throughput_ratio         0.955  (target >= 0.950): the target is set for --faults kill --every 1s",
             "  client0                   1000       0           0         500       500.0",
+            "  after kill                             1     12.00     12.00     12.00",
+            "  after panic                            1      2.50      2.50      2.50",
         ] {
             assert!(table.contains(line), "missing {line:?} in\n{table}");
         }

@@ -210,12 +210,15 @@ impl ChaosRun {
         let mut next_sample = start + Duration::from_millis(10);
         let mut last_answered = 0;
         let mut k = self.faults_sent;
+        // What was sent when, to tell which fault each recovery followed.
+        let mut sent: Vec<(Instant, FaultKind)> = Vec::new();
         let end = start + length;
         while Instant::now() < end {
             let now = Instant::now();
             if now >= next_fault && !plan.faults.is_empty() {
                 let kind = plan.faults[k % plan.faults.len()];
                 k += 1;
+                sent.push((now, kind));
                 handle.send(Command::Inject { kind, arg: 0 });
                 report.injected(kind, on_timeline(now));
                 next_fault += plan.every;
@@ -243,7 +246,13 @@ impl ChaosRun {
             }
             for &(injected, detected, recovered) in &o.recoveries {
                 let f2d = injected.map(|i| detected.saturating_duration_since(i));
-                report.recovered(
+                // The service marks the injection when it takes the command, after it was sent.
+                let kind = injected.and_then(|i| {
+                    let n = sent.partition_point(|&(t, _)| t <= i);
+                    n.checked_sub(1).and_then(|j| sent.get(j)).map(|&(_, k)| k)
+                });
+                report.recovered_from(
+                    kind,
                     on_timeline(detected),
                     f2d,
                     recovered.saturating_duration_since(detected),

@@ -393,8 +393,16 @@ fn hostile_chains_get_an_error_or_needs_reset_and_harm_nobody() {
         (
             "avail index jumping by more than the queue size",
             |d| {
-                d.request(0, b::VIRTIO_BLK_T_IN, 0, 0, 512);
-                d.avail = d.avail.wrapping_add(QUEUE_SIZE + 5);
+                // A well-formed chain, published with an index QUEUE_SIZE + 1 past the last
+                // one in a single write (publishing it first and then jumping would race the
+                // service, which may answer the chain in between).
+                d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+                d.desc(0, HDR, 16, F_NEXT, 1);
+                d.desc(1, DATA, 512, F_WRITE | F_NEXT, 2);
+                d.desc(2, STATUS, 1, F_WRITE, 0);
+                let slot = AVAIL + 4 + u64::from(d.avail % QUEUE_SIZE) * 2;
+                d.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+                d.avail = d.avail.wrapping_add(QUEUE_SIZE + 1);
                 d.mem.write_obj(d.avail, GuestAddress(AVAIL + 2)).unwrap();
                 d.port.notify.write(1).unwrap();
             },
