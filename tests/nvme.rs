@@ -35,13 +35,25 @@ fn nvme_config(name: &str, cmdline: &str, lba_size: u32) -> DomainConfig {
 fn boot_nvme(name: &str, lba_size: u32) -> (Domain, HostChannel) {
     let hv = kvm();
     let d = Domain::boot(&hv, &nvme_config(name, "", lba_size), 1).unwrap();
+    let ch = ready_channel(&d, lba_size);
+    (d, ch)
+}
+
+/// Waits for `d` to be ready and opens its channel; the device must be the 64 MiB disk of
+/// [`nvme_config`] with `lba_size` blocks.
+fn ready_channel(d: &Domain, lba_size: u32) -> HostChannel {
     d.wait_ready(Duration::from_secs(10))
         .unwrap_or_else(|s| panic!("not ready: {s:?}\n{}", d.console().text()));
     let mut ch = HostChannel::new(d.channel().unwrap(), d.channel_header().unwrap());
     let info = ch.device_info(d.memory()).expect("device info");
     assert_eq!(info.capacity_sectors, (64 << 20) / 512);
     assert_eq!(info.block_size, lba_size);
-    (d, ch)
+    ch
+}
+
+/// MMIO exits of `d`'s vCPU so far (device registers and configuration space).
+fn mmio_exits(d: &Domain) -> u64 {
+    d.exits().mmio.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn workload(requests: u64, qd: u32, block_sectors: u32, random: bool, blocks: u64) -> Workload {
@@ -157,11 +169,8 @@ fn a_bar0_placed_by_the_vmm_saves_the_probe_seven_exits() {
     let hv = kvm();
     let mmio_to_ready = |name: &str, cmdline: &str| {
         let d = Domain::boot(&hv, &nvme_config(name, cmdline, 512), 1).unwrap();
-        d.wait_ready(Duration::from_secs(10))
-            .unwrap_or_else(|s| panic!("not ready: {s:?}\n{}", d.console().text()));
-        let text = d.console().text();
-        let mmio = d.exits().mmio.load(std::sync::atomic::Ordering::Relaxed);
-        (mmio, text)
+        ready_channel(&d, 512);
+        (mmio_exits(&d), d.console().text())
     };
     let (placed, console) = mmio_to_ready("nvme-bar-hint", "");
     assert!(console.contains("nvme_bar0=0xe0000000/0x4000"), "{console}");
@@ -192,10 +201,7 @@ fn a_warm_standby_waits_without_its_device_until_promoted() {
     cfg.device = Some(DeviceSpec::Persistent(device.clone()));
 
     let mut live = Domain::boot(&hv, &cfg, 1).unwrap();
-    live.wait_ready(Duration::from_secs(10))
-        .unwrap_or_else(|s| panic!("not ready: {s:?}\n{}", live.console().text()));
-    let mut ch = HostChannel::new(live.channel().unwrap(), live.channel_header().unwrap());
-    ch.device_info(live.memory()).unwrap();
+    let mut ch = ready_channel(&live, 512);
 
     let mut standby = Domain::boot_standby(&hv, &cfg, 2).unwrap();
     assert!(
@@ -209,13 +215,7 @@ fn a_warm_standby_waits_without_its_device_until_promoted() {
     // reached a device register or configuration space.
     let r = testclient::run(&live, &mut ch, &workload(500, 8, 8, true, 64)).unwrap();
     assert_clean(&r, "beside a standby");
-    assert_eq!(
-        standby
-            .exits()
-            .mmio
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(mmio_exits(&standby), 0);
     assert!(matches!(standby.state(), ddvm::vcpu::RunState::Standby));
 
     // The hand-over: the holder is quiesced first, then the standby probes and serves.
@@ -223,24 +223,10 @@ fn a_warm_standby_waits_without_its_device_until_promoted() {
     standby.promote().unwrap();
     assert!(!standby.is_standby());
     assert!(standby.promote().is_err(), "promoted twice");
-    standby
-        .wait_ready(Duration::from_secs(10))
-        .unwrap_or_else(|s| panic!("not ready: {s:?}\n{}", standby.console().text()));
-    let mut ch = HostChannel::new(
-        standby.channel().unwrap(),
-        standby.channel_header().unwrap(),
-    );
-    let info = ch.device_info(standby.memory()).unwrap();
-    assert_eq!(info.capacity_sectors, (64 << 20) / 512);
+    let mut ch = ready_channel(&standby, 512);
     let r = testclient::run(&standby, &mut ch, &workload(500, 8, 8, true, 64)).unwrap();
     assert_clean(&r, "promoted standby");
-    assert!(
-        standby
-            .exits()
-            .mmio
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
+    assert!(mmio_exits(&standby) > 0);
 
     // A standby that is never needed goes without touching the device either.
     let spare = Domain::boot_standby(&hv, &cfg, 3).unwrap();

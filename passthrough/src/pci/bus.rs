@@ -95,17 +95,12 @@ impl PciBus {
 
     /// A read of CONFIG_DATA at `0xCFC + offset_in_window`; absent functions read all ones.
     pub fn read_data(&self, offset_in_window: u8, data: &mut [u8]) {
-        match self.target(offset_in_window, data.len()) {
-            Some((d, register)) => lock(d).config_read(register, data),
-            None => data.fill(0xff),
-        }
+        config_read(self.target(offset_in_window, data.len()), data);
     }
 
     /// A write of CONFIG_DATA at `0xCFC + offset_in_window`; dropped for absent functions.
     pub fn write_data(&self, offset_in_window: u8, data: &[u8]) {
-        if let Some((d, register)) = self.target(offset_in_window, data.len()) {
-            lock(d).config_write(register, data);
-        }
+        config_write(self.target(offset_in_window, data.len()), data);
     }
 
     /// The device and register an ECAM access at `offset` reaches, if it is 1 to 4 bytes
@@ -125,18 +120,28 @@ impl PciBus {
     /// A read at `offset` in the ECAM window of bus 0. Absent functions, and accesses wider
     /// than 4 bytes or crossing a dword, read all ones.
     pub fn ecam_read(&self, offset: u64, data: &mut [u8]) {
-        match self.ecam_target(offset, data.len()) {
-            Some((d, register)) => lock(d).config_read(register, data),
-            None => data.fill(0xff),
-        }
+        config_read(self.ecam_target(offset, data.len()), data);
     }
 
     /// A write at `offset` in the ECAM window of bus 0; dropped for absent functions and for
     /// accesses wider than 4 bytes or crossing a dword.
     pub fn ecam_write(&self, offset: u64, data: &[u8]) {
-        if let Some((d, register)) = self.ecam_target(offset, data.len()) {
-            lock(d).config_write(register, data);
-        }
+        config_write(self.ecam_target(offset, data.len()), data);
+    }
+}
+
+/// A configuration read of `target` (device and register); nothing there reads all ones.
+fn config_read(target: Option<(&Arc<Mutex<PciDevice>>, u16)>, data: &mut [u8]) {
+    match target {
+        Some((d, register)) => lock(d).config_read(register, data),
+        None => data.fill(0xff),
+    }
+}
+
+/// A configuration write to `target`; dropped when nothing is there.
+fn config_write(target: Option<(&Arc<Mutex<PciDevice>>, u16)>, data: &[u8]) {
+    if let Some((d, register)) = target {
+        lock(d).config_write(register, data);
     }
 }
 

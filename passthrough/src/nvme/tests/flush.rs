@@ -95,6 +95,14 @@ fn flush_cmd() -> Command {
     }
 }
 
+/// Places a Flush in queue 1 and rings its doorbell; returns the CID.
+fn ring_flush(d: &mut TestDriver) -> u16 {
+    let old = d.sq_tail(1);
+    let f = d.push(1, flush_cmd());
+    d.ring_sq(1, old);
+    f
+}
+
 /// Places a write of `data` at `slba` in queue `qid` without ringing; returns the CID.
 fn push_write(d: &mut TestDriver, qid: usize, slba: u64, data: &[u8]) -> u16 {
     let buf = d.alloc((data.len() as u64).div_ceil(PAGE));
@@ -201,9 +209,7 @@ fn a_reset_during_a_flush_never_posts_it_to_the_next_driver_and_does_not_wait_fo
     let gate = Gate::install(&d.nvme);
     let kept = pattern(4096, 51);
     assert_eq!(d.write_blocks(1, 0, &kept), Status::SUCCESS);
-    let old = d.sq_tail(1);
-    d.push(1, flush_cmd());
-    d.ring_sq(1, old);
+    ring_flush(&mut d);
     gate.wait_entered(1);
     let lost = pattern(4096, 52);
     assert_eq!(d.write_blocks(1, 64, &lost), Status::SUCCESS);
@@ -225,9 +231,7 @@ fn a_reset_during_a_flush_never_posts_it_to_the_next_driver_and_does_not_wait_fo
     d.enable();
     d.create_io_queue(1, 16);
     let commands = d.nvme.stats().commands;
-    let old = d.sq_tail(1);
-    let f = d.push(1, flush_cmd());
-    d.ring_sq(1, old);
+    let f = ring_flush(&mut d);
     gate.open();
     let c = d.reap(1);
     assert_eq!((c.cid, c.status), (f, Status::SUCCESS));
@@ -257,9 +261,7 @@ fn disabling_the_controller_during_a_flush_drops_its_completion() {
     d.enable();
     d.create_io_queue(1, 16);
     let gate = Gate::install(&d.nvme);
-    let old = d.sq_tail(1);
-    d.push(1, flush_cmd());
-    d.ring_sq(1, old);
+    ring_flush(&mut d);
     gate.wait_entered(1);
     let start = Instant::now();
     d.disable();
@@ -286,9 +288,7 @@ fn data_written_before_a_completed_flush_survives_a_reset_that_drops_the_cache()
     let (a, b, after) = (pattern(4096, 61), pattern(2048, 62), pattern(4096, 63));
     assert_eq!(d.write_blocks(1, 0, &a), Status::SUCCESS);
     assert_eq!(d.write_blocks(1, 100, &b), Status::SUCCESS);
-    let old = d.sq_tail(1);
-    let f = d.push(1, flush_cmd());
-    d.ring_sq(1, old);
+    let f = ring_flush(&mut d);
     gate.wait_entered(1);
     assert_eq!(d.write_blocks(1, 200, &after), Status::SUCCESS);
     gate.open();
@@ -355,9 +355,7 @@ fn deleting_a_queue_aborts_its_flush_in_flight() {
     d.enable();
     d.create_io_queue(1, 16);
     let gate = Gate::install(&d.nvme);
-    let old = d.sq_tail(1);
-    let f = d.push(1, flush_cmd());
-    d.ring_sq(1, old);
+    let f = ring_flush(&mut d);
     gate.wait_entered(1);
     let del = d.admin(Command {
         opcode: 0x00,
@@ -388,9 +386,7 @@ fn without_a_worker_or_poller_a_flush_completes_inside_the_doorbell_write() {
     d.enable();
     d.create_io_queue(1, 16);
     let gate = Gate::install(&d.nvme);
-    let old = d.sq_tail(1);
-    let f = d.push(1, flush_cmd());
-    d.ring_sq(1, old);
+    let f = ring_flush(&mut d);
     let c = d.try_reap(1).expect("nobody would post it later");
     assert_eq!((c.cid, c.status), (f, Status::SUCCESS));
     assert_eq!(gate.entered(), 0, "the sync ran here, not on the flusher");
