@@ -645,25 +645,10 @@ impl ChaosReport {
         *n = n.saturating_add(1);
     }
 
-    /// A domain recovered: its failure was detected at `detected_at`,
-    /// `fault_to_detection` after the injection when that is known, and the first completion
-    /// after the restart came `detection_to_first_completion` after detection.
+    /// A domain recovered from a fault of `kind` (when it is known): its failure was detected
+    /// at `detected_at`, `fault_to_detection` after the injection when that is known, and the
+    /// first completion after the restart came `detection_to_first_completion` after detection.
     pub fn recovered(
-        &mut self,
-        detected_at: Instant,
-        fault_to_detection: Option<Duration>,
-        detection_to_first_completion: Duration,
-    ) {
-        self.recovered_from(
-            None,
-            detected_at,
-            fault_to_detection,
-            detection_to_first_completion,
-        );
-    }
-
-    /// As [`recovered`](Self::recovered), from a fault of `kind` when it is known.
-    pub fn recovered_from(
         &mut self,
         kind: Option<FaultKind>,
         detected_at: Instant,
@@ -1578,13 +1563,14 @@ mod tests {
         r.injected(FaultKind::Kill, t0 + ms(500));
         r.detected("operator-kill");
         r.recovered(
+            None,
             t0 + ms(500),
             Some(Duration::ZERO),
             Duration::from_micros(1500),
         );
         r.injected(FaultKind::Panic, t0 + ms(1000));
         r.detected("panic");
-        r.recovered_from(
+        r.recovered(
             Some(FaultKind::Panic),
             t0 + ms(1001),
             Some(ms(1)),
@@ -1592,7 +1578,7 @@ mod tests {
         );
         r.injected(FaultKind::Kill, t0 + ms(1500));
         r.detected("operator-kill");
-        r.recovered_from(Some(FaultKind::Kill), t0 + ms(1500), None, ms(12));
+        r.recovered(Some(FaultKind::Kill), t0 + ms(1500), None, ms(12));
         r.clients = vec![
             ClientResult {
                 name: "client0".into(),

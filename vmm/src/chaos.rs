@@ -251,7 +251,7 @@ impl ChaosRun {
                     let n = sent.partition_point(|&(t, _)| t <= i);
                     n.checked_sub(1).and_then(|j| sent.get(j)).map(|&(_, k)| k)
                 });
-                report.recovered_from(
+                report.recovered(
                     kind,
                     on_timeline(detected),
                     f2d,

@@ -263,8 +263,8 @@ pub struct ChannelBackend {
     // serves (off the recovery path).
     retired: Option<Domain>,
     // The next domains, booted ahead and held before their device probe (policy `standbys`),
-    // the next to serve first; and the thread booting them.
-    // the thread booting it (off the service thread: a boot takes about a millisecond here).
+    // the next to serve first; and the thread that boots them (off the service thread: a boot
+    // takes about a millisecond of it here).
     standbys: VecDeque<Domain>,
     booter: Option<StandbyBooter>,
     disk: DiskInfo,
@@ -530,8 +530,9 @@ impl ChannelBackend {
         None
     }
 
-    /// Brings up the next domain and waits for it to be ready: the standby if there is one,
-    /// else a fresh boot with the next epoch. A new standby boots meanwhile.
+    /// Brings up the next domain and waits for it to be ready: the oldest standby if there is
+    /// one, else a fresh boot with the next epoch. (The pool refills once the recovery has
+    /// served a client, in `collect`.)
     fn boot(&mut self) -> Result<DeviceInfo, FailureReason> {
         let now = Instant::now();
         let promoted = self.promote_standby();
@@ -690,21 +691,18 @@ impl ChannelBackend {
             return;
         }
         self.next_check = now + CHECK_EVERY;
-        let dead: Vec<DomainExit> = self
-            .standbys
-            .iter()
-            .filter_map(Domain::has_stopped)
-            .collect();
-        if !dead.is_empty() {
-            // A bug in the image rather than a fault of the live domain: they are not replaced
-            // until the next restart (a standby that always dies would boot in a loop).
-            for exit in dead {
-                tracing::warn!(
-                    "domain {}: a warm standby stopped ({exit}); dropping it",
-                    self.cfg.name
-                );
+        // A standby that died is a bug in the image rather than a fault of the live domain: it
+        // is not replaced until the next restart (one that always dies would boot in a loop).
+        let before = self.standbys.len();
+        let name = &self.cfg.name;
+        self.standbys.retain(|d| match d.has_stopped() {
+            Some(exit) => {
+                tracing::warn!("domain {name}: a warm standby stopped ({exit}); dropping it");
+                false
             }
-            self.standbys.retain(|d| d.has_stopped().is_none());
+            None => true,
+        });
+        if self.standbys.len() != before {
             self.publish(shadow);
         }
         if let Some(reason) = self.detect(now, shadow) {
