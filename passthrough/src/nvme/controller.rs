@@ -342,8 +342,10 @@ impl Controller {
                 // Cannot happen while the slot is reserved; keep it for a later pass.
                 return true;
             }
-            let sqhd = self.sqs[usize::from(f.sqid)]
-                .as_ref()
+            let sqhd = self
+                .sqs
+                .get(usize::from(f.sqid))
+                .and_then(Option::as_ref)
                 .map_or(0, |sq| sq.head);
             let status = if synced {
                 Status::SUCCESS
