@@ -324,7 +324,10 @@ fn a_thousand_restarts_leak_nothing() {
             });
         }
     };
-    restart(50);
+    // Warm up until the bounded buffers are in use (the write log and its replay copy hold up
+    // to 4 MiB each; measured: RSS steps up over the first ~200 restarts, then moves within a
+    // few MiB), so the 1,000 that follow measure leaks, not filling.
+    restart(200);
     let (fds, threads, rss) = (fd_count(), thread_count(), rss_kib());
     restart(1000);
     let (fds2, threads2, rss2) = (fd_count(), thread_count(), rss_kib());
@@ -340,7 +343,7 @@ fn a_thousand_restarts_leak_nothing() {
     assert!(rss2 < rss + 16 * 1024, "rss {rss} -> {rss2} KiB");
     assert_eq!(
         handle.with(|o| o.promoted),
-        1050,
+        1200,
         "every restart promoted a standby"
     );
 }
