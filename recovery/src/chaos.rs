@@ -565,7 +565,9 @@ pub struct ChaosReport {
     /// Fault injection to that completion.
     pub fault_to_first_completion_us: Summary,
     /// Detection to first completion, by the fault that led to the recovery (a slow kind
-    /// shows here rather than only in the overall tail).
+    /// shows here rather than only in the overall tail): the last fault injected before the
+    /// failure was detected. A fault detected only after the next injection (`slow`, whose
+    /// deadline is longer than `--every 100ms`) is counted under that next one.
     #[serde(default)]
     pub recovery_by_fault: BTreeMap<String, Summary>,
     /// The samples the summaries come from.

@@ -210,15 +210,12 @@ impl ChaosRun {
         let mut next_sample = start + Duration::from_millis(10);
         let mut last_answered = 0;
         let mut k = self.faults_sent;
-        // What was sent when, to tell which fault each recovery followed.
-        let mut sent: Vec<(Instant, FaultKind)> = Vec::new();
         let end = start + length;
         while Instant::now() < end {
             let now = Instant::now();
             if now >= next_fault && !plan.faults.is_empty() {
                 let kind = plan.faults[k % plan.faults.len()];
                 k += 1;
-                sent.push((now, kind));
                 handle.send(Command::Inject { kind, arg: 0 });
                 report.injected(kind, on_timeline(now));
                 next_fault += plan.every;
@@ -244,18 +241,15 @@ impl ChaosRun {
             for (name, _) in &o.detections {
                 report.detected(name);
             }
-            for &(injected, detected, recovered) in &o.recoveries {
-                let f2d = injected.map(|i| detected.saturating_duration_since(i));
-                // The service marks the injection when it takes the command, after it was sent.
-                let kind = injected.and_then(|i| {
-                    let n = sent.partition_point(|&(t, _)| t <= i);
-                    n.checked_sub(1).and_then(|j| sent.get(j)).map(|&(_, k)| k)
-                });
+            for r in &o.recoveries {
+                let f2d = r
+                    .injected
+                    .map(|(at, _)| r.detected.saturating_duration_since(at));
                 report.recovered(
-                    kind,
-                    on_timeline(detected),
+                    r.injected.map(|(_, kind)| kind),
+                    on_timeline(r.detected),
                     f2d,
-                    recovered.saturating_duration_since(detected),
+                    r.recovered.saturating_duration_since(r.detected),
                 );
             }
             if o.status.as_ref().is_some_and(|s| s.broken) {

@@ -67,6 +67,18 @@ pub enum Command {
     Update(Image),
 }
 
+/// One recovery, as observers see it.
+#[derive(Clone, Copy, Debug)]
+pub struct RecoveryRecord {
+    /// The last fault injected before the failure was detected (when, which kind), if any:
+    /// the fault that led to it, unless that fault was detected only after the next injection.
+    pub injected: Option<(Instant, FaultKind)>,
+    /// When the failure was detected.
+    pub detected: Instant,
+    /// When the first client request completed after the restart.
+    pub recovered: Instant,
+}
+
 /// What observers see of a recovering disk.
 #[derive(Default)]
 pub struct Observed {
@@ -82,8 +94,8 @@ pub struct Observed {
     pub standbys: Vec<u64>,
     /// Restarts that promoted a warm standby (the rest booted a fresh domain).
     pub promoted: u64,
-    /// (injected at, detected at, recovered at) of the last [`RECORDS`] recoveries.
-    pub recoveries: VecDeque<(Option<Instant>, Instant, Instant)>,
+    /// The last [`RECORDS`] recoveries.
+    pub recoveries: VecDeque<RecoveryRecord>,
     /// Reason names of the last [`RECORDS`] detections.
     pub detections: VecDeque<(&'static str, Instant)>,
 }
@@ -281,7 +293,7 @@ pub struct ChannelBackend {
     restart_at: Option<Instant>,
     next_check: Instant,
     dma_refused: u64,
-    injected_at: Option<Instant>,
+    injected_at: Option<(Instant, FaultKind)>,
     detected_at: Option<Instant>,
     fault_on_next_boot: bool,
     failed: Vec<Finished>,
@@ -749,7 +761,7 @@ impl ChannelBackend {
                 );
             }
             Command::Inject { kind, arg } => {
-                self.injected_at = Some(now);
+                self.injected_at = Some((now, kind));
                 self.sup.fault_injected(now);
                 match kind {
                     // A kill, and the fresh domain panics before its replay is done.
@@ -1123,7 +1135,14 @@ impl ChannelBackend {
                     let injected = self.injected_at.take();
                     let mut o = lock(&self.handle.observed);
                     o.recovered += 1;
-                    push_record(&mut o.recoveries, (injected, detected, now));
+                    push_record(
+                        &mut o.recoveries,
+                        RecoveryRecord {
+                            injected,
+                            detected,
+                            recovered: now,
+                        },
+                    );
                     tracing::info!("domain {}: recovered in {took:?}", self.cfg.name);
                 }
             }
