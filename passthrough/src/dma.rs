@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// A refused DMA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -172,6 +172,40 @@ impl DmaWindow {
         self.access(addr, data.len(), |mem| {
             mem.write_slice(data, GuestAddress(addr))
         })
+    }
+
+    /// Runs `f` on the memory of `segs` (device address, length), in order, as vm-memory
+    /// slices: for I/O straight between a file and domain memory, as a device's DMA does.
+    /// Every segment is checked first, and the read lock is held until `f` returns, so the
+    /// window cannot be detached or retargeted under it.
+    pub fn with_slices<R>(
+        &self,
+        segs: &[(u64, usize)],
+        f: impl FnOnce(&[VolatileSlice<'_>]) -> R,
+    ) -> Result<R, DmaError> {
+        let target = self.target();
+        let Some(mem) = target.as_ref() else {
+            let (addr, len) = segs.first().copied().unwrap_or_default();
+            return Err(self.refuse(DmaError::Detached {
+                addr,
+                len: len as u64,
+            }));
+        };
+        let mut slices = Vec::with_capacity(segs.len());
+        for &(addr, len) in segs {
+            let len64 = len as u64;
+            if !self.bus_master() {
+                return Err(self.refuse(DmaError::BusMasterDisabled { addr, len: len64 }));
+            }
+            match inside(mem, addr, len)
+                .then(|| mem.get_slice(GuestAddress(addr), len).ok())
+                .flatten()
+            {
+                Some(s) => slices.push(s),
+                None => return Err(self.refuse(DmaError::OutOfWindow { addr, len: len64 })),
+            }
+        }
+        Ok(f(&slices))
     }
 
     /// Reads an aligned little-endian `u32` atomically with `order` (shadow doorbells).

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod dma;
+pub mod fileio;
 pub mod nvme;
 pub mod pci;
 

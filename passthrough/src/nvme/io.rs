@@ -89,22 +89,18 @@ impl Controller {
             Ok(s) => s,
             Err(f) => return self.prp_status(Err(f)),
         };
-        let mut buf = vec![0u8; len];
-        if write {
-            let s = self.prp_status(prp::gather(&self.dma, &segs, &mut buf));
-            if !s.is_success() {
-                return s;
+        let fua = cmd.cdw(12) & FUA != 0;
+        let ns = &mut self.ns;
+        let done = self.dma.with_slices(&segs, |slices| {
+            if write {
+                ns.write_from(slba, slices, fua)
+                    .map_or(Status::WRITE_FAULT, |()| Status::SUCCESS)
+            } else {
+                ns.read_into(slba, slices)
+                    .map_or(Status::UNRECOVERED_READ_ERROR, |()| Status::SUCCESS)
             }
-            match self.ns.write(slba, &buf, cmd.cdw(12) & FUA != 0) {
-                Ok(()) => Status::SUCCESS,
-                Err(_) => Status::WRITE_FAULT,
-            }
-        } else {
-            if self.ns.read(slba, &mut buf).is_err() {
-                return Status::UNRECOVERED_READ_ERROR;
-            }
-            self.prp_status(prp::scatter(&self.dma, &segs, &buf))
-        }
+        });
+        done.unwrap_or_else(|_| self.prp_status(Err(prp::PrpFault::Dma)))
     }
 
     fn write_zeroes(&mut self, cmd: &Command) -> Status {

@@ -67,7 +67,7 @@ mod controller;
 mod flusher;
 mod identify;
 mod io;
-mod namespace;
+pub(crate) mod namespace;
 pub mod prp;
 mod queue;
 mod regs;

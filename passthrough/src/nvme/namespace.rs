@@ -16,6 +16,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use vm_memory::volatile_memory::Error as VolatileError;
+use vm_memory::{Bytes, VolatileSlice};
+
+use crate::fileio;
+
 /// Cached bytes beyond which the cache is written back to the file.
 pub const CACHE_LIMIT_BYTES: usize = 64 << 20;
 /// Largest chunk written when zeroing by hand.
@@ -192,35 +197,66 @@ impl Namespace {
     }
 
     /// Reads whole blocks starting at `slba` into `buf`; the caller checked the range.
+    #[cfg(test)]
     pub fn read(&self, slba: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, self.offset(slba))?;
+        self.read_into(slba, &[VolatileSlice::from(buf)])
+    }
+
+    /// Reads whole blocks starting at `slba` into `dst` (the slices in order: a command's
+    /// data buffer in domain memory), straight from the file, then the cached blocks over
+    /// them. The caller checked the range.
+    pub fn read_into(&self, slba: u64, dst: &[VolatileSlice<'_>]) -> io::Result<()> {
+        fileio::read_exact_at(&self.file, self.offset(slba), dst)?;
         if self.cache.is_empty() {
             return Ok(());
         }
         let lsz = self.lba_size as usize;
-        let nlb = (buf.len() / lsz) as u64;
+        let nlb = (dst.iter().map(|s| s.len()).sum::<usize>() / lsz) as u64;
         for (&lba, block) in self.cache.range(slba..slba + nlb) {
-            let at = ((lba - slba) as usize) * lsz;
-            buf[at..at + lsz].copy_from_slice(block);
+            at_offset(
+                dst,
+                ((lba - slba) as usize) * lsz,
+                block.len(),
+                |s, pos, r| s.write_slice(&block[pos..pos + r.len()], r.start),
+            )?;
         }
         Ok(())
     }
 
     /// Writes whole blocks starting at `slba`; `fua` forces them to stable storage. The caller
     /// checked the range.
+    #[cfg(test)]
     pub fn write(&mut self, slba: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let mut data = data.to_vec();
+        self.write_from(slba, &[VolatileSlice::from(&mut data[..])], fua)
+    }
+
+    /// Writes whole blocks starting at `slba` from `src` (the slices in order): into the cache
+    /// while it is enabled and `fua` is clear, else straight to the file. `fua` forces them to
+    /// stable storage. The caller checked the range.
+    pub fn write_from(
+        &mut self,
+        slba: u64,
+        src: &[VolatileSlice<'_>],
+        fua: bool,
+    ) -> io::Result<()> {
         let lsz = self.lba_size as usize;
+        let len: usize = src.iter().map(|s| s.len()).sum();
         if self.cache_enabled() && !fua {
-            for (i, block) in data.chunks_exact(lsz).enumerate() {
-                self.cache.insert(slba + i as u64, block.into());
+            for i in 0..len / lsz {
+                let mut block = vec![0u8; lsz].into_boxed_slice();
+                at_offset(src, i * lsz, lsz, |s, pos, r| {
+                    s.read_slice(&mut block[pos..pos + r.len()], r.start)
+                })?;
+                self.cache.insert(slba + i as u64, block);
             }
             if self.cache.len() * lsz > CACHE_LIMIT_BYTES {
                 self.write_back()?;
             }
             return Ok(());
         }
-        self.discard_cached(slba, (data.len() / lsz) as u64);
-        self.file.write_all_at(data, self.offset(slba))?;
+        self.discard_cached(slba, (len / lsz) as u64);
+        fileio::write_all_at(&self.file, self.offset(slba), src)?;
         if fua {
             self.file.sync_data()?;
         }
@@ -315,6 +351,36 @@ impl Namespace {
     pub fn flush(&mut self) -> io::Result<()> {
         self.write_back()?;
         self.file.sync_data()
+    }
+}
+
+/// Calls `f(slice, pos, range)` for each piece of the bytes `[at, at + len)` of `slices` taken
+/// as one buffer: `range` is the piece's place in `slice`, `pos` its offset from `at`.
+fn at_offset(
+    slices: &[VolatileSlice<'_>],
+    at: usize,
+    len: usize,
+    mut f: impl FnMut(&VolatileSlice<'_>, usize, std::ops::Range<usize>) -> Result<(), VolatileError>,
+) -> io::Result<()> {
+    let (mut start, mut pos) = (0usize, 0usize);
+    for s in slices {
+        let end = start + s.len();
+        let (from, to) = (at + pos, at + len);
+        if from < end && from >= start {
+            let r = (from - start)..(to.min(end) - start);
+            let n = r.len();
+            f(s, pos, r).map_err(io::Error::other)?;
+            pos += n;
+            if pos == len {
+                return Ok(());
+            }
+        }
+        start = end;
+    }
+    if pos == len {
+        Ok(())
+    } else {
+        Err(io::Error::from(io::ErrorKind::UnexpectedEof))
     }
 }
 

@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ddvm_passthrough::fileio;
 use ddvm_recovery::shadow::{Op, ShadowQueue};
 
 use super::device::ClientPort;
@@ -89,7 +89,7 @@ impl Backend {
     ) -> usize {
         match self {
             Backend::Channel(c) => c.post(shadow, pending, ports, counters),
-            Backend::File(f) => f.run(shadow, pending, ports, counters),
+            Backend::File(f) => f.run(shadow, pending, ports),
         }
     }
 
@@ -143,7 +143,6 @@ pub struct FileBackend {
     file: File,
     path: PathBuf,
     disk: DiskInfo,
-    buf: Vec<u8>,
     done: Vec<Finished>,
 }
 
@@ -164,7 +163,6 @@ impl FileBackend {
                 discard: true,
                 write_zeroes: true,
             },
-            buf: vec![0; super::device::MAX_REQUEST as usize],
             done: Vec::new(),
         })
     }
@@ -174,13 +172,13 @@ impl FileBackend {
         &self.path
     }
 
-    /// Runs every queued part now.
+    /// Runs every queued part now, the data going straight between the file and the client's
+    /// buffers (no copy, as a production virtio-blk backend does).
     fn run(
         &mut self,
         shadow: &mut ShadowQueue<Part>,
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
-        counters: &ServiceCounters,
     ) -> usize {
         let mut n = 0;
         while let Some(e) = shadow.next_queued() {
@@ -195,29 +193,22 @@ impl FileBackend {
             let port = &ports[p.port];
             let offset = sector * 512;
             let bytes = u64::from(sectors) * 512;
+            let segs = p.data.slice(part.offset, part.len);
             let ok = match o {
                 Op::Read => {
-                    let buf = &mut self.buf[..part.len as usize];
-                    self.file.read_exact_at(buf, offset).is_ok() && {
-                        let guard = port.lock();
-                        guard.generation != p.generation
-                            || counters.copy(part.len, || {
-                                p.data
-                                    .slice(part.offset, part.len)
-                                    .write_from(&port.mem, buf)
-                                    .is_ok()
+                    // Straight into the client's buffers, unless it reset its device since
+                    // (then nobody waits for the data, and the buffers may be reused).
+                    let guard = port.lock();
+                    guard.generation != p.generation
+                        || segs
+                            .with_slices(&port.mem, |s| {
+                                fileio::read_exact_at(&self.file, offset, s)
                             })
-                    }
+                            .is_ok_and(|r| r.is_ok())
                 }
-                Op::Write => {
-                    let buf = &mut self.buf[..part.len as usize];
-                    counters.copy(part.len, || {
-                        p.data
-                            .slice(part.offset, part.len)
-                            .read_into(&port.mem, buf)
-                            .is_ok()
-                    }) && self.file.write_all_at(buf, offset).is_ok()
-                }
+                Op::Write => segs
+                    .with_slices(&port.mem, |s| fileio::write_all_at(&self.file, offset, s))
+                    .is_ok_and(|r| r.is_ok()),
                 Op::Flush => self.file.sync_data().is_ok(),
                 Op::Discard => punch(&self.file, offset, bytes, libc::FALLOC_FL_PUNCH_HOLE),
                 Op::WriteZeroes => punch(&self.file, offset, bytes, libc::FALLOC_FL_ZERO_RANGE),

@@ -107,6 +107,21 @@ impl Segments {
         Ok(())
     }
 
+    /// Runs `f` on these segments of `mem` as vm-memory slices, in order (for I/O straight
+    /// between a file and the client's buffers); an error if a segment is not in `mem`.
+    pub fn with_slices<R>(
+        &self,
+        mem: &GuestMem,
+        f: impl FnOnce(&[vm_memory::VolatileSlice<'_>]) -> R,
+    ) -> Result<R, vm_memory::GuestMemoryError> {
+        let slices = self
+            .runs
+            .iter()
+            .map(|&(addr, len)| mem.get_slice(GuestAddress(addr), len as usize))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(f(&slices))
+    }
+
     /// Copies `buf` into these segments (as much as fits).
     pub fn write_from(
         &self,
