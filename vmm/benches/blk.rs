@@ -9,7 +9,10 @@
 //! It also prints, per thread of the run (client vCPU, block service, domain vCPU), the time
 //! on a CPU, the time runnable but waiting for one (the cost of three busy threads on two
 //! cores) and the context switches, from `/proc/self/task/*/{schedstat,status}`, sampled every
-//! 20 ms while the run lasts (so a thread that ended is counted up to its last sample).
+//! 20 ms while the run lasts (so a thread that ended is counted up to its last sample), and
+//! for each side the CPU time of all those threads per request and the CPUs they kept busy:
+//! where (b) keeps the CPUs busy, (a) can reach at most (b)'s CPU per request over its own of
+//! (b)'s IOPS.
 //!
 //! `cargo bench -p ddvm --bench blk` (`-- --quick` for a short run; `--runs N` repeats each
 //! case N times and prints every ratio; `--case randread|seqwrite` runs one case;
@@ -233,6 +236,20 @@ fn run(
     }
 }
 
+impl Run {
+    /// CPU time of every thread of the run per request answered, in µs.
+    fn cpu_per_request_us(&self) -> f64 {
+        let ns: u64 = self.threads.iter().map(|t| t.run_ns).sum();
+        ns as f64 / 1e3 / self.requests.max(1) as f64
+    }
+
+    /// CPUs the run's threads kept busy on average.
+    fn busy_cpus(&self) -> f64 {
+        let ns: u64 = self.threads.iter().map(|t| t.run_ns).sum();
+        ns as f64 / self.wall.as_nanos().max(1) as f64
+    }
+}
+
 fn line(label: &str, r: &Run) {
     let per = |x: u64| x as f64 / r.requests.max(1) as f64;
     println!(
@@ -360,6 +377,14 @@ fn main() {
                 let ratio = 100.0 * a.report.iops / b.report.iops.max(1.0);
                 ratios.push(ratio);
                 println!("  ratio (a)/(b): {ratio:.1}% of the direct IOPS (target >= 80%)");
+                let (ca, cb) = (a.cpu_per_request_us(), b.cpu_per_request_us());
+                println!(
+                    "  CPU per request (every thread of the run): (a) {ca:.1} us, (b) {cb:.1} us, {:.2}x; busy CPUs (a) {:.2}, (b) {:.2} of {}",
+                    ca / cb.max(f64::MIN_POSITIVE),
+                    a.busy_cpus(),
+                    b.busy_cpus(),
+                    std::thread::available_parallelism().map_or(0, |n| n.get()),
+                );
             }
         }
         if ratios.len() > 1 {
