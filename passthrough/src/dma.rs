@@ -296,6 +296,46 @@ mod tests {
     }
 
     #[test]
+    fn slices_are_given_only_when_every_segment_may_be_accessed() {
+        let (mem, dma) = window(0x10000);
+        mem.write_slice(&[9, 8, 7], GuestAddress(0x3000)).unwrap();
+        let lens = dma
+            .with_slices(&[(0x3000, 3), (0x100, 16)], |s| {
+                s.iter().map(|s| s.len()).collect::<Vec<_>>()
+            })
+            .unwrap();
+        assert_eq!(lens, [3, 16]);
+        // One segment leaving the window refuses the whole access: `f` never runs.
+        let mut ran = false;
+        assert_eq!(
+            dma.with_slices(&[(0x3000, 3), (0xfff0, 0x20)], |_| ran = true),
+            Err(DmaError::OutOfWindow {
+                addr: 0xfff0,
+                len: 0x20
+            })
+        );
+        dma.set_bus_master(false);
+        assert_eq!(
+            dma.with_slices(&[(0x3000, 3)], |_| ran = true),
+            Err(DmaError::BusMasterDisabled {
+                addr: 0x3000,
+                len: 3
+            })
+        );
+        dma.set_bus_master(true);
+        dma.detach();
+        assert_eq!(
+            dma.with_slices(&[(0x3000, 3)], |_| ran = true),
+            Err(DmaError::Detached {
+                addr: 0x3000,
+                len: 3
+            })
+        );
+        assert!(!ran);
+        assert_eq!(dma.refused(), 3);
+    }
+
+    #[test]
     fn a_window_created_detached_refuses_until_retargeted() {
         let dma = DmaWindow::detached();
         assert!(!dma.attached());

@@ -54,24 +54,33 @@ fn transfer<B: BitmapSlice>(
     slices: &[VolatileSlice<'_, B>],
     dir: Direction,
 ) -> io::Result<()> {
+    // The slices' pointers, each kept valid by its guard until the transfer is done.
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
     // Where the transfer stands: the slice, and the bytes of it already done.
     let (mut first, mut skip) = (0usize, 0usize);
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(slices.len().min(IOV_MAX));
     while first < slices.len() {
         iov.clear();
-        for (i, s) in slices[first..].iter().take(IOV_MAX).enumerate() {
+        for (i, (s, g)) in slices
+            .iter()
+            .zip(&guards)
+            .skip(first)
+            .take(IOV_MAX)
+            .enumerate()
+        {
             let done = if i == 0 { skip } else { 0 };
             iov.push(libc::iovec {
                 // A pointer into the guest memory mapping; only the kernel dereferences it.
-                iov_base: s.ptr_guard_mut().as_ptr().wrapping_add(done).cast(),
+                iov_base: g.as_ptr().wrapping_add(done).cast(),
                 iov_len: s.len() - done,
             });
         }
         let Ok(off) = libc::off_t::try_from(offset) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
-        // SAFETY: every iovec describes memory inside a VolatileSlice borrowed for this call
-        // (the guest memory mapping outlives it); the kernel reads or writes only those bytes.
+        // SAFETY: every iovec describes memory inside a VolatileSlice borrowed for this call,
+        // its pointer held valid by its guard in `guards`; the kernel reads or writes only
+        // those bytes.
         // No Rust reference to that memory exists: the guest may change it concurrently, as it
         // may during a device's DMA. `iov.len()` is at most IOV_MAX.
         let n = unsafe {
