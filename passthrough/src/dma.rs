@@ -184,26 +184,16 @@ impl DmaWindow {
         f: impl FnOnce(&[VolatileSlice<'_>]) -> R,
     ) -> Result<R, DmaError> {
         let target = self.target();
-        let Some(mem) = target.as_ref() else {
-            let (addr, len) = segs.first().copied().unwrap_or_default();
-            return Err(self.refuse(DmaError::Detached {
-                addr,
-                len: len as u64,
-            }));
-        };
         let mut slices = Vec::with_capacity(segs.len());
         for &(addr, len) in segs {
-            let len64 = len as u64;
-            if !self.bus_master() {
-                return Err(self.refuse(DmaError::BusMasterDisabled { addr, len: len64 }));
-            }
-            match inside(mem, addr, len)
-                .then(|| mem.get_slice(GuestAddress(addr), len).ok())
-                .flatten()
-            {
-                Some(s) => slices.push(s),
-                None => return Err(self.refuse(DmaError::OutOfWindow { addr, len: len64 })),
-            }
+            let mem = self.allowed(target.as_ref(), addr, len)?;
+            let slice = mem.get_slice(GuestAddress(addr), len).map_err(|_| {
+                self.refuse(DmaError::OutOfWindow {
+                    addr,
+                    len: len as u64,
+                })
+            })?;
+            slices.push(slice);
         }
         Ok(f(&slices))
     }
@@ -232,9 +222,22 @@ impl DmaWindow {
         len: usize,
         f: impl FnOnce(&GuestMemoryMmap<()>) -> Result<R, E>,
     ) -> Result<R, DmaError> {
-        let len64 = len as u64;
         let target = self.target();
-        let Some(mem) = target.as_ref() else {
+        let mem = self.allowed(target.as_ref(), addr, len)?;
+        let len64 = len as u64;
+        f(mem).map_err(|_| self.refuse(DmaError::OutOfWindow { addr, len: len64 }))
+    }
+
+    /// `mem` (the read-locked target; `None` while detached) if `[addr, addr + len)` may be
+    /// accessed now: attached, bus mastering on, entirely inside. A refusal is counted.
+    fn allowed<'m>(
+        &self,
+        mem: Option<&'m GuestMemoryMmap<()>>,
+        addr: u64,
+        len: usize,
+    ) -> Result<&'m GuestMemoryMmap<()>, DmaError> {
+        let len64 = len as u64;
+        let Some(mem) = mem else {
             return Err(self.refuse(DmaError::Detached { addr, len: len64 }));
         };
         if !self.bus_master() {
@@ -243,7 +246,7 @@ impl DmaWindow {
         if !inside(mem, addr, len) {
             return Err(self.refuse(DmaError::OutOfWindow { addr, len: len64 }));
         }
-        f(mem).map_err(|_| self.refuse(DmaError::OutOfWindow { addr, len: len64 }))
+        Ok(mem)
     }
 
     /// Read-locks the target (a poisoned lock is still usable: the target is only ever
