@@ -42,6 +42,58 @@ pub fn write_all_at<B: BitmapSlice>(
     transfer(file, offset, slices, Direction::FromMemory)
 }
 
+/// Largest buffer of zeroes written when the file system can neither punch nor zero a range.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Makes `len` bytes of `file` at `offset` read as zeroes, keeping the file's size.
+///
+/// `deallocate` says the blocks may be freed (a discard, an unmapping write-zeroes): a hole is
+/// punched. Otherwise the range is zeroed in place (`FALLOC_FL_ZERO_RANGE`), and a hole is the
+/// second choice. Where the file system has neither (tmpfs has no zero-range; some have no
+/// holes), zeroes are written.
+pub fn zero_range(file: &File, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+    let modes: &[libc::c_int] = if deallocate {
+        &[libc::FALLOC_FL_PUNCH_HOLE]
+    } else {
+        &[libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE]
+    };
+    zero_range_with(file, offset, len, modes)
+}
+
+/// [`zero_range`] with the `fallocate` modes to try, in order, before writing zeroes.
+fn zero_range_with(file: &File, offset: u64, len: u64, modes: &[libc::c_int]) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    for &mode in modes {
+        // SAFETY: fallocate takes integers only; the fd is owned by `file` and stays open for
+        // the call.
+        let rc =
+            unsafe { libc::fallocate(file.as_raw_fd(), mode | libc::FALLOC_FL_KEEP_SIZE, off, n) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+        ) {
+            return Err(e);
+        }
+    }
+    let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeroes.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(file, &zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
     ToMemory,
@@ -174,6 +226,66 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         file.read_exact_at(&mut back, 65536).unwrap();
         assert_eq!(back, data);
+    }
+
+    /// A file of `blocks` 4 KiB blocks of 0xa5, as `file`.
+    fn filled(file: &File, blocks: u64) {
+        file.write_all_at(&vec![0xa5u8; (blocks * 4096) as usize], 0)
+            .unwrap();
+    }
+
+    /// The file's bytes, as (block, every byte of it equal to) pairs.
+    fn blocks(file: &File, blocks: u64) -> Vec<Option<u8>> {
+        let mut data = vec![0u8; (blocks * 4096) as usize];
+        file.read_exact_at(&mut data, 0).unwrap();
+        data.chunks(4096)
+            .map(|b| b.iter().all(|&x| x == b[0]).then_some(b[0]))
+            .collect()
+    }
+
+    #[test]
+    fn zeroed_ranges_read_as_zeroes_and_keep_the_size() {
+        let (_p, file, _) = setup("fileio-zero");
+        filled(&file, 8);
+        zero_range(&file, 4096, 8192, false).unwrap();
+        zero_range(&file, 5 * 4096, 4096, true).unwrap();
+        // Past the end: the size stays (KEEP_SIZE).
+        zero_range(&file, 7 * 4096, 3 * 4096, true).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 8 * 4096);
+        let a = Some(0xa5);
+        let z = Some(0);
+        assert_eq!(blocks(&file, 8), [a, z, z, a, a, z, a, z]);
+    }
+
+    #[test]
+    fn zeroing_falls_back_where_the_file_system_lacks_a_mode() {
+        // memfd is shmem, like tmpfs: it punches holes but has no FALLOC_FL_ZERO_RANGE.
+        // SAFETY: a NUL-terminated name and no flags; the returned fd is ours alone.
+        let fd = unsafe { libc::memfd_create(c"fileio-zero".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        filled(&file, 4);
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: integers only, on the fd `file` owns.
+        let rc = unsafe { libc::fallocate(fd, mode, 0, 4096) };
+        assert_eq!(
+            rc, -1,
+            "shmem zeroed a range: the fallback below is not exercised"
+        );
+        zero_range(&file, 4096, 4096, false).unwrap();
+        let (a, z) = (Some(0xa5), Some(0));
+        assert_eq!(blocks(&file, 4), [a, z, a, a]);
+        // Neither mode available: zeroes are written, more than one chunk's worth.
+        let total = 2 * ZERO_CHUNK as u64 + 3 * 4096;
+        file.write_all_at(&vec![0xa5u8; total as usize], 0).unwrap();
+        zero_range_with(&file, 4096, total - 2 * 4096, &[]).unwrap();
+        let mut data = vec![0u8; total as usize];
+        file.read_exact_at(&mut data, 0).unwrap();
+        let end = (total - 4096) as usize;
+        assert!(data[..4096].iter().all(|&b| b == 0xa5));
+        assert!(data[4096..end].iter().all(|&b| b == 0));
+        assert!(data[end..].iter().all(|&b| b == 0xa5));
     }
 
     #[test]

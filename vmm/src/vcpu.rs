@@ -380,12 +380,21 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
             Err(e) => Step::Stop(DomainExit::HostError { errno: e.errno() }),
         };
         if let Step::Stop(exit) = step {
-            return match exit {
+            let exit = match exit {
                 DomainExit::InternalError { .. } => DomainExit::InternalError {
                     suberror: internal_suberror(vcpu),
                 },
                 other => other,
             };
+            if matches!(
+                exit,
+                DomainExit::Shutdown
+                    | DomainExit::InternalError { .. }
+                    | DomainExit::FailedEntry { .. }
+            ) {
+                log_cpu_state(vcpu, &exit);
+            }
+            return exit;
         }
     }
 }
@@ -411,6 +420,49 @@ fn check_ready(ctx: &VcpuContext) -> bool {
             true
         }
         _ => false,
+    }
+}
+
+/// Logs where a vCPU was when the hypervisor stopped it (a triple fault, an entry failure, an
+/// internal error): the registers a post-mortem starts from.
+fn log_cpu_state(vcpu: &VcpuFd, exit: &DomainExit) {
+    let name = std::thread::current().name().unwrap_or("vcpu").to_string();
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        // KVM on SVM resets a vCPU that shut down: the reset vector says nothing of the fault.
+        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => tracing::warn!(
+            "{name}: {exit}: the hypervisor reset the vCPU, its registers at the fault are gone"
+        ),
+        (Ok(r), Ok(s)) => tracing::warn!(
+            "{name}: {exit}: rip {:#x} rsp {:#x} rflags {:#x} rax {:#x} rbx {:#x} rcx {:#x} \
+             rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
+             efer {:#x} cs {:#x} ss {:#x} idt {:#x}+{:#x} gdt {:#x}+{:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.ss.selector,
+            s.idt.base,
+            s.idt.limit,
+            s.gdt.base,
+            s.gdt.limit,
+        ),
+        (r, s) => tracing::warn!(
+            "{name}: {exit}: registers unreadable ({:?}, {:?})",
+            r.err(),
+            s.err()
+        ),
     }
 }
 

@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,8 +22,8 @@ use crate::fileio;
 
 /// Cached bytes beyond which the cache is written back to the file.
 pub const CACHE_LIMIT_BYTES: usize = 64 << 20;
-/// Largest chunk written when zeroing by hand.
-const ZERO_CHUNK: usize = 1 << 20;
+/// Largest run of cached blocks written back in one call.
+const WRITE_BACK_CHUNK: usize = 1 << 20;
 
 /// Errors opening a namespace's backing file.
 #[derive(Debug, thiserror::Error)]
@@ -267,40 +266,8 @@ impl Namespace {
     /// in the file, or zeroes are written where the file system cannot punch.
     pub fn zero(&mut self, slba: u64, nlb: u64) -> io::Result<()> {
         self.discard_cached(slba, nlb);
-        let off = self.offset(slba);
         let len = nlb * u64::from(self.lba_size);
-        if len == 0 || self.punch_hole(off, len).is_ok() {
-            return Ok(());
-        }
-        let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
-    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        };
-        // SAFETY: fallocate only takes integers; the fd is owned by `self.file`, open for
-        // writing, and stays open for the duration of the call.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        fileio::zero_range(&self.file, self.offset(slba), len, true)
     }
 
     fn discard_cached(&mut self, slba: u64, nlb: u64) {
@@ -334,7 +301,7 @@ impl Namespace {
             }
             run.extend_from_slice(block);
             next = Some(lba + 1);
-            if run.len() >= ZERO_CHUNK {
+            if run.len() >= WRITE_BACK_CHUNK {
                 self.file.write_all_at(&run, run_start * lsz)?;
                 run.clear();
                 next = None;

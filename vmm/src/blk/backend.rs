@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -210,8 +210,8 @@ impl FileBackend {
                     .with_slices(&port.mem, |s| fileio::write_all_at(&self.file, offset, s))
                     .is_ok_and(|r| r.is_ok()),
                 Op::Flush => self.file.sync_data().is_ok(),
-                Op::Discard => punch(&self.file, offset, bytes, libc::FALLOC_FL_PUNCH_HOLE),
-                Op::WriteZeroes => punch(&self.file, offset, bytes, libc::FALLOC_FL_ZERO_RANGE),
+                Op::Discard => fileio::zero_range(&self.file, offset, bytes, true).is_ok(),
+                Op::WriteZeroes => fileio::zero_range(&self.file, offset, bytes, false).is_ok(),
             };
             self.done.push(Finished {
                 part,
@@ -220,19 +220,4 @@ impl FileBackend {
         }
         n
     }
-}
-
-/// Deallocates (discard) or zeroes a byte range of the file, keeping its size.
-fn punch(file: &File, offset: u64, len: u64, mode: libc::c_int) -> bool {
-    // SAFETY: fallocate on a file descriptor we own, with plain integer arguments; it touches
-    // no memory of ours.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    r == 0
 }
