@@ -429,8 +429,12 @@ fn run_topology(
     for (name, t) in &topo.ready_times {
         println!("ddvm: domain {name} ready in {:.3} ms", ms(*t));
     }
+    let platform = topo
+        .clients
+        .first()
+        .map_or("unknown", |c| c.domain().platform().name());
     println!(
-        "ddvm: {} client(s) running on {} disk(s)",
+        "ddvm: {} client(s) running on {} disk(s), KVM platform {platform}",
         topo.clients.len(),
         topo.services.len()
     );
