@@ -8,8 +8,10 @@
 //!
 //! ```toml
 //! heartbeat_ms = 100           # heartbeat stall: counter still for longer than this
-//! request_deadline_ms = 5000   # a request in flight for longer than this
-//! boot_timeout_ms = 2000       # a fresh domain not ready after this
+//! request_deadline_ms = 5000   # a request in flight for longer than this (raised where the
+//!                              # disk's requests take longer: monitor::AdaptiveDeadline)
+//! boot_timeout_ms = 2000       # a fresh domain not ready after this (doubled after each
+//!                              # boot that was not, up to 16x, until one is)
 //! restart_delay_ms = 10        # backoff base: the 2nd consecutive failure waits this, then x2
 //! restart_delay_cap_ms = 1000  # backoff cap
 //! healthy_after_ms = 50        # a domain running this long restarts without delay next time
@@ -75,7 +77,8 @@ pub struct Policy {
 pub struct Detection {
     /// The heartbeat counter may stand still this long ([`crate::monitor::HeartbeatMonitor`]).
     pub heartbeat_period: Duration,
-    /// A request may stay in flight this long ([`crate::monitor::DeadlineMonitor`]).
+    /// A request may stay in flight this long, or longer where the disk's requests take
+    /// longer ([`crate::monitor::AdaptiveDeadline`]).
     pub request_deadline: Duration,
     /// A fresh domain must be ready this long after its boot started.
     pub boot_timeout: Duration,

@@ -22,10 +22,10 @@ use ddvm_abi::channel::{device_flags, fault, op, status as cstatus, DeviceInfo};
 use ddvm_recovery::chaos::FaultKind;
 use ddvm_recovery::events::EventLog;
 use ddvm_recovery::hook::HookRunner;
-use ddvm_recovery::monitor::HeartbeatMonitor;
+use ddvm_recovery::monitor::{AdaptiveDeadline, HeartbeatMonitor};
 use ddvm_recovery::policy::Policy;
 use ddvm_recovery::reason::{FailureReason, OperatorAction, ProtocolViolation, Ring};
-use ddvm_recovery::shadow::{LoggedWrite, Op, ShadowQueue, WriteLog};
+use ddvm_recovery::shadow::{LoggedWrite, Op, ShadowQueue, State, WriteLog};
 use ddvm_recovery::supervisor::{Admission, Decision, Ready, Status, Supervisor};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -41,6 +41,8 @@ use crate::vcpu::{DomainExit, RunState};
 
 /// How often the slower detectors run.
 const CHECK_EVERY: Duration = Duration::from_millis(1);
+/// Most doublings of the boot timeout after boots that were not ready in time (16x).
+const BOOT_BACKOFF_MAX: u32 = 4;
 /// Acknowledged-but-unflushed data the VMM keeps before it flushes on its own: it bounds what a
 /// restart must replay (1 MiB: ~256 writes of 4 KiB, a few ms).
 const WRITE_LOG_LIMIT: usize = 1 << 20;
@@ -284,6 +286,12 @@ pub struct ChannelBackend {
     sup: Supervisor,
     policy: Policy,
     heartbeat: HeartbeatMonitor,
+    /// The request deadline in force: the policy's, or more where requests take longer.
+    deadline: AdaptiveDeadline,
+    /// Boots in a row that were not ready in time: each doubles the next one's time, up to
+    /// 2^[`BOOT_BACKOFF_MAX`] times (a host too busy to boot a domain in time is made busier
+    /// by every retry).
+    boot_timeouts: u32,
     hooks: HookRunner,
     wlog: Option<WriteLog>,
     flush_marks: HashMap<u32, u64>,
@@ -392,6 +400,8 @@ impl ChannelBackend {
             },
             max_transfer: 0,
             heartbeat: HeartbeatMonitor::new(policy.detection.heartbeat_period),
+            deadline: AdaptiveDeadline::new(policy.detection.request_deadline),
+            boot_timeouts: 0,
             sup,
             policy,
             hooks: HookRunner::default(),
@@ -566,16 +576,26 @@ impl ChannelBackend {
             }
         };
         let created = Instant::now();
-        let timeout = self.policy.detection.boot_timeout;
+        let timeout = self
+            .policy
+            .detection
+            .boot_timeout
+            .saturating_mul(1 << self.boot_timeouts.min(BOOT_BACKOFF_MAX));
         match domain.wait_ready(timeout) {
-            Ok(_) => tracing::debug!(
-                "domain {} epoch {epoch}: {how} in {:?}, ready {:?} later",
-                self.cfg.name,
-                created - now,
-                created.elapsed()
-            ),
+            Ok(_) => {
+                self.boot_timeouts = 0;
+                tracing::debug!(
+                    "domain {} epoch {epoch}: {how} in {:?}, ready {:?} later",
+                    self.cfg.name,
+                    created - now,
+                    created.elapsed()
+                )
+            }
             Err(RunState::Stopped(exit)) => return Err(exit_reason(&exit)),
-            Err(_) => return Err(FailureReason::BootTimeout { waited: timeout }),
+            Err(_) => {
+                self.boot_timeouts += 1;
+                return Err(FailureReason::BootTimeout { waited: timeout });
+            }
         }
         let (Some(base), Some(header)) = (domain.channel(), domain.channel_header()) else {
             return Err(FailureReason::BootFailed {
@@ -736,12 +756,9 @@ impl ChannelBackend {
                 return Some(r);
             }
         }
-        let deadline = self.policy.detection.request_deadline;
-        if let Some((tag, posted)) = shadow.oldest_in_flight() {
-            let age = now.saturating_duration_since(posted);
-            if age > deadline {
-                return Some(FailureReason::Deadline { tag, age, deadline });
-            }
+        if let Some(r) = self.deadline.check(shadow.oldest_in_flight(), now) {
+            self.deadline.expired();
+            return Some(r);
         }
         let refused = self.device.stats().dma_refused;
         if refused > self.dma_refused {
@@ -835,8 +852,7 @@ impl ChannelBackend {
         let arg = match (kind, arg) {
             // Slower than the request deadline, for 4 completions.
             (FaultKind::Slow, 0) => {
-                let ms =
-                    (self.policy.detection.request_deadline.as_millis() as u32 + 20).min(0xffff);
+                let ms = (self.deadline.current().as_millis() as u32 + 20).min(0xffff);
                 ms | 4 << 16
             }
             // Enough flipped bits to matter, most of the time.
@@ -1047,6 +1063,7 @@ impl ChannelBackend {
         let mem = live.domain.memory().clone();
         self.done.clear();
         let polled = live.channel.poll(&mem, &mut self.done);
+        let now = Instant::now();
         // An error the device reports because the driver aimed its DMA outside the domain is
         // the driver's fault, not the medium's: recover, and replay the request.
         if self.done.iter().any(|d| d.status != cstatus::OK) {
@@ -1083,6 +1100,10 @@ impl ChannelBackend {
                 live.channel.finish(&mem, &d, None);
                 continue;
             };
+            if let State::InFlight { posted, .. } = entry.state {
+                self.deadline
+                    .completed(now.saturating_duration_since(posted));
+            }
             let part = entry.client;
             let mut st = virtio_status(d.status);
             let slot = live.channel.slot_address(&d);
