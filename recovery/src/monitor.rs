@@ -162,10 +162,7 @@ impl AdaptiveDeadline {
             Duration::try_from_secs_f64(srtt + 4.0 * rttvar).unwrap_or(Duration::MAX)
         });
         let cap = self.base.saturating_mul(Self::CAP);
-        self.base
-            .max(learned)
-            .saturating_mul(1 << self.backoff)
-            .min(cap)
+        crate::policy::doubled(self.base.max(learned), self.backoff, cap)
     }
 
     /// Given the oldest request in flight in the running domain as `(tag, time posted to it)`,

@@ -288,10 +288,16 @@ impl RestartPolicy {
         let Some(doublings) = attempt.checked_sub(2) else {
             return Duration::ZERO;
         };
-        1u32.checked_shl(doublings)
-            .and_then(|factor| self.delay_base.checked_mul(factor))
-            .map_or(self.delay_cap, |d| d.min(self.delay_cap))
+        doubled(self.delay_base, doublings, self.delay_cap)
     }
+}
+
+/// `base` doubled `times` times, at most `cap` (the backoffs of restarts, deadlines and boot
+/// timeouts). Never overflows.
+pub fn doubled(base: Duration, times: u32, cap: Duration) -> Duration {
+    1u32.checked_shl(times)
+        .and_then(|factor| base.checked_mul(factor))
+        .map_or(cap, |d| d.min(cap))
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> PolicyError {

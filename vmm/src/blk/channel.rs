@@ -576,11 +576,9 @@ impl ChannelBackend {
             }
         };
         let created = Instant::now();
-        let timeout = self
-            .policy
-            .detection
-            .boot_timeout
-            .saturating_mul(1 << self.boot_timeouts.min(BOOT_BACKOFF_MAX));
+        let base = self.policy.detection.boot_timeout;
+        let cap = base.saturating_mul(1 << BOOT_BACKOFF_MAX);
+        let timeout = ddvm_recovery::policy::doubled(base, self.boot_timeouts, cap);
         match domain.wait_ready(timeout) {
             Ok(_) => {
                 self.boot_timeouts = 0;
@@ -593,7 +591,7 @@ impl ChannelBackend {
             }
             Err(RunState::Stopped(exit)) => return Err(exit_reason(&exit)),
             Err(_) => {
-                self.boot_timeouts += 1;
+                self.boot_timeouts = self.boot_timeouts.saturating_add(1);
                 return Err(FailureReason::BootTimeout { waited: timeout });
             }
         }
@@ -1063,7 +1061,8 @@ impl ChannelBackend {
         let mem = live.domain.memory().clone();
         self.done.clear();
         let polled = live.channel.poll(&mem, &mut self.done);
-        let now = Instant::now();
+        // One clock read per pass that has completions (none on an idle poll).
+        let now = (!self.done.is_empty()).then(Instant::now);
         // An error the device reports because the driver aimed its DMA outside the domain is
         // the driver's fault, not the medium's: recover, and replay the request.
         if self.done.iter().any(|d| d.status != cstatus::OK) {
@@ -1100,7 +1099,7 @@ impl ChannelBackend {
                 live.channel.finish(&mem, &d, None);
                 continue;
             };
-            if let State::InFlight { posted, .. } = entry.state {
+            if let (State::InFlight { posted, .. }, Some(now)) = (entry.state, now) {
                 self.deadline
                     .completed(now.saturating_duration_since(posted));
             }
@@ -1145,8 +1144,7 @@ impl ChannelBackend {
             out.push(Finished { part, status: st });
             n += 1;
         }
-        if n > 0 {
-            let now = Instant::now();
+        if let (true, Some(now)) = (n > 0, now) {
             if let Some(took) = self.sup.completed(now) {
                 if let Some(detected) = self.detected_at.take() {
                     // The pool refills once the clients are served again: a standby's boot
