@@ -398,3 +398,64 @@ fn the_control_socket_reports_status_and_takes_commands() {
     let r = outcomes[0].report.clone().expect("report");
     assert!(r.clean(), "{r:?}");
 }
+
+/// The tid of this process's thread named `name`.
+fn thread_named(name: &str) -> Option<i32> {
+    std::fs::read_dir("/proc/self/task").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim_end() == name).then(|| e.file_name().to_str()?.parse().ok())?
+    })
+}
+
+/// A domain the host starves (its vCPU thread in `SCHED_IDLE` while spinning threads keep
+/// every core busy) serves far slower than the 100 ms deadline on the wall clock. Detection
+/// leaves out the time it waited for a CPU, so it is not failed, and its client sees no error.
+#[test]
+fn a_domain_the_host_starves_is_not_failed() {
+    let _serial = serial();
+    let dir = scratch("recovery-starved");
+    let cfg = config(
+        &dir,
+        &format!("{FAST}standbys = 0\n"),
+        "workload=randrw bs=4096 qd=4 duration_ms=3000",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    std::thread::sleep(Duration::from_millis(300));
+    let tid = thread_named("vcpu-nvme0").expect("the domain's vCPU thread");
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param; the call only changes the thread's policy.
+    let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let spinners: Vec<_> = (0..2 * cpus)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    let (detections, stalls, discounted) =
+        handle.with(|o| (o.detections.clone(), o.stalls, o.discounted));
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(detections.is_empty(), "{detections:?}, {stalls:?}");
+    assert!(r.clean() && r.ops > 0, "{r:?}");
+    assert!(
+        stalls.domain >= Duration::from_millis(200),
+        "the domain waited for a CPU: {stalls:?}"
+    );
+    assert!(discounted >= Duration::from_millis(200), "{discounted:?}");
+}

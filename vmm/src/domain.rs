@@ -978,6 +978,11 @@ impl Domain {
         ))
     }
 
+    /// The vCPU thread's id, while it runs.
+    pub fn vcpu_tid(&self) -> Option<i32> {
+        self.shared.tid().filter(|_| self.thread.is_some())
+    }
+
     /// Whether the vCPU is blocked in a wait exit (idle, so a still heartbeat is no hang).
     pub fn is_waiting(&self) -> bool {
         self.shared.waiting()

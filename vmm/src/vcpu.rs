@@ -6,7 +6,7 @@
 //! out and checked; nothing a guest does panics this thread.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -189,6 +189,8 @@ pub struct Shared {
     // the state lock).
     promoted: AtomicBool,
     kick: EventFd,
+    // The vCPU thread's id (0 until it runs).
+    tid: AtomicI32,
     /// Written when the domain writes the notify port (normally in the kernel, by ioeventfd).
     pub notify: EventFd,
     /// Exit counters.
@@ -215,6 +217,7 @@ impl Shared {
             waiting: AtomicBool::new(false),
             promoted: AtomicBool::new(has_device),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            tid: AtomicI32::new(0),
             notify: EventFd::new(libc::EFD_NONBLOCK)?,
             exits: ExitCounters::default(),
             state: Mutex::new(RunState::Booting),
@@ -231,6 +234,11 @@ impl Shared {
     /// Whether the vCPU is blocked in a wait exit (the guest is idle, not hung).
     pub fn waiting(&self) -> bool {
         self.waiting.load(Ordering::Acquire)
+    }
+
+    /// The vCPU thread's id, once it runs.
+    pub fn tid(&self) -> Option<i32> {
+        Some(self.tid.load(Ordering::Acquire)).filter(|&t| t != 0)
     }
 
     /// Asks the vCPU thread to stop at its next chance.
@@ -344,6 +352,10 @@ enum Step {
 
 /// Runs the guest until it stops; returns why.
 pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> DomainExit {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    ctx.shared
+        .tid
+        .store(unsafe { libc::gettid() }, Ordering::Release);
     let exit = run_loop(&mut vcpu, &mut ctx);
     if let Some(log) = ctx.log.as_mut() {
         log.drain(&ctx.mem, &ctx.console);

@@ -22,7 +22,7 @@ use ddvm_abi::channel::{device_flags, fault, op, status as cstatus, DeviceInfo};
 use ddvm_recovery::chaos::FaultKind;
 use ddvm_recovery::events::EventLog;
 use ddvm_recovery::hook::HookRunner;
-use ddvm_recovery::monitor::{AdaptiveDeadline, HeartbeatMonitor};
+use ddvm_recovery::monitor::{AdaptiveDeadline, HeartbeatMonitor, ServiceClock};
 use ddvm_recovery::policy::Policy;
 use ddvm_recovery::reason::{FailureReason, OperatorAction, ProtocolViolation, Ring};
 use ddvm_recovery::shadow::{LoggedWrite, Op, ShadowQueue, State, WriteLog};
@@ -35,6 +35,7 @@ use super::request::status;
 use super::service::{copy_part, Part, Pending, ServiceCounters};
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::domain::{DeviceSpec, DeviceThread, Domain, DomainConfig, DomainDevice, DomainError};
+use crate::hoststall::{Lost, StallMeter};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::vcpu::{DomainExit, RunState};
@@ -100,6 +101,10 @@ pub struct Observed {
     pub recoveries: VecDeque<RecoveryRecord>,
     /// Reason names of the last [`RECORDS`] detections.
     pub detections: VecDeque<(&'static str, Instant)>,
+    /// Time the host kept the domain or its service from running, left out of detection.
+    pub discounted: Duration,
+    /// What the host took, by source (this includes time not yet discounted).
+    pub stalls: Lost,
 }
 
 /// The handle others hold on a recovering disk.
@@ -288,6 +293,11 @@ pub struct ChannelBackend {
     heartbeat: HeartbeatMonitor,
     /// The request deadline in force: the policy's, or more where requests take longer.
     deadline: AdaptiveDeadline,
+    /// Detection's clock: the wall clock less the time the host kept the domain or this
+    /// service from running, as `stalls` measures it. Requests' posting times and the
+    /// heartbeat are on it.
+    clock: ServiceClock,
+    stalls: StallMeter,
     /// Boots in a row that were not ready in time: each doubles the next one's time, up to
     /// 2^[`BOOT_BACKOFF_MAX`] times (a host too busy to boot a domain in time is made busier
     /// by every retry).
@@ -401,6 +411,8 @@ impl ChannelBackend {
             max_transfer: 0,
             heartbeat: HeartbeatMonitor::new(policy.detection.heartbeat_period),
             deadline: AdaptiveDeadline::new(policy.detection.request_deadline),
+            clock: ServiceClock::new(now),
+            stalls: StallMeter::new(),
             boot_timeouts: 0,
             sup,
             policy,
@@ -721,6 +733,13 @@ impl ChannelBackend {
             return;
         }
         self.next_check = now + CHECK_EVERY;
+        let domain = self
+            .live
+            .as_ref()
+            .and_then(|l| Some((l.epoch, l.domain.vcpu_tid()?)));
+        let lost = self.stalls.sample(now, domain);
+        self.clock.stalled(now, lost.total());
+        let service_now = self.clock.at(now);
         // A standby that died is a bug in the image rather than a fault of the live domain: it
         // is not replaced until the next restart (one that always dies would boot in a loop).
         let before = self.standbys.len();
@@ -735,12 +754,23 @@ impl ChannelBackend {
         if self.standbys.len() != before {
             self.publish(shadow);
         }
-        if let Some(reason) = self.detect(now, shadow) {
+        if let Some(reason) = self.detect(service_now, shadow) {
+            let t = self.stalls.total();
+            tracing::info!(
+                "domain {}: host stalls discounted so far: {:?} (steal {:?}, service waited \
+                 {:?}, domain waited {:?})",
+                self.cfg.name,
+                self.clock.lost(),
+                t.steal,
+                t.service,
+                t.domain
+            );
             self.fail(reason, shadow);
         }
         self.publish(shadow);
     }
 
+    /// The detectors, at `now` on the service clock.
     fn detect(&mut self, now: Instant, shadow: &ShadowQueue<Part>) -> Option<FailureReason> {
         let live = self.live.as_ref()?;
         if let Some(exit) = live.domain.has_stopped() {
@@ -848,9 +878,11 @@ impl ChannelBackend {
             FaultKind::Kill | FaultKind::DuringRecovery => return,
         };
         let arg = match (kind, arg) {
-            // Slower than the request deadline, for 4 completions.
+            // Slower than the request deadline, for 4 completions: twice it, so that it is
+            // still slower when the host takes half the time away (which detection leaves
+            // out).
             (FaultKind::Slow, 0) => {
-                let ms = (self.deadline.current().as_millis() as u32 + 20).min(0xffff);
+                let ms = (self.deadline.current().as_millis() * 2 + 20).min(0xffff) as u32;
                 ms | 4 << 16
             }
             // Enough flipped bits to matter, most of the time.
@@ -869,6 +901,8 @@ impl ChannelBackend {
         o.in_flight = shadow.in_flight();
         o.queued = shadow.queued();
         o.standbys = self.standbys.iter().map(Domain::epoch).collect();
+        o.discounted = self.clock.lost();
+        o.stalls = self.stalls.total();
     }
 
     /// Posts replayed writes, then queued parts, while the channel has room.
@@ -949,7 +983,7 @@ impl ChannelBackend {
                     });
             match r {
                 Ok(tag) => {
-                    shadow.posted(seq, tag, live.epoch, Instant::now());
+                    shadow.posted(seq, tag, live.epoch, self.clock.at(Instant::now()));
                     if o == Op::Flush {
                         if let Some(log) = &self.wlog {
                             self.flush_marks.insert(tag, log.flush_posted());
@@ -1062,7 +1096,7 @@ impl ChannelBackend {
         self.done.clear();
         let polled = live.channel.poll(&mem, &mut self.done);
         // One clock read per pass that has completions (none on an idle poll).
-        let now = (!self.done.is_empty()).then(Instant::now);
+        let now = (!self.done.is_empty()).then(|| self.clock.at(Instant::now()));
         // An error the device reports because the driver aimed its DMA outside the domain is
         // the driver's fault, not the medium's: recover, and replay the request.
         if self.done.iter().any(|d| d.status != cstatus::OK) {
