@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::{BlockGeometry, ClientPort, VirtioBlock};
 use crate::console::Echo;
 use crate::domain::{Domain, DomainConfig, DomainError, MmioAttachment};
 use crate::hypervisor::Hypervisor;
+use crate::linux::LinuxBoot;
 use crate::loader::Image;
 use crate::vcpu::DomainExit;
 use crate::virtio::mmio::{MmioTransport, WINDOW};
@@ -17,10 +19,15 @@ use crate::virtio::Interrupt;
 
 /// Guest-physical base of a client's first virtio-mmio device.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The GSI of a Linux client's virtio-blk device (an ISA line: edge-triggered, active-high
+/// without an override).
+pub const VIRTIO_GSI: u32 = 5;
 /// QueueNotify register offset.
 const QUEUE_NOTIFY: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// Prefix of the workload client's report line.
 pub const REPORT_PREFIX: &str = "ddvm-workload: ";
+/// Prefix of a stock Linux client's report line (`images/linux-client/init`).
+pub const LINUX_PREFIX: &str = "ddvm-linux: ";
 /// Prefix of the workload client's hostile-mode line.
 pub const HOSTILE_PREFIX: &str = "ddvm-hostile: ";
 
@@ -52,6 +59,9 @@ pub struct ClientConfig {
     pub geometry: BlockGeometry,
     /// Echo its console.
     pub echo: Echo,
+    /// Boot this stock Linux kernel instead of `image` (VMX/SVM hosts only): it finds its
+    /// disk through ACPI and takes its interrupts.
+    pub linux: Option<LinuxBoot>,
 }
 
 /// A running client guest.
@@ -63,6 +73,9 @@ pub struct Client {
 impl Client {
     /// Boots a client; its block device is `port()`, to be served by a block service.
     pub fn boot(hv: &Hypervisor, cfg: &ClientConfig) -> Result<Client, DomainError> {
+        if let Some(linux) = &cfg.linux {
+            return Self::boot_linux(hv, cfg, linux);
+        }
         let cmdline = format!(
             "{} virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}",
             cfg.cmdline
@@ -105,6 +118,64 @@ impl Client {
                 len: WINDOW,
                 device: Arc::new(Mutex::new(transport)),
                 ioevents: vec![(VIRTIO_MMIO_BASE + QUEUE_NOTIFY, ioevent)],
+                irq: None,
+            }])
+        })?;
+        let port = port_out.ok_or_else(|| DomainError::Host {
+            name: cfg.name.clone(),
+            what: "virtio-blk device",
+            source: std::io::Error::other("device was not built"),
+        })?;
+        Ok(Client { domain, port })
+    }
+
+    /// A stock Linux client: the device's interrupts go to an irqfd.
+    fn boot_linux(
+        hv: &Hypervisor,
+        cfg: &ClientConfig,
+        linux: &LinuxBoot,
+    ) -> Result<Client, DomainError> {
+        let dcfg = DomainConfig {
+            name: cfg.name.clone(),
+            image: cfg.image.clone(),
+            memory: cfg.memory,
+            cmdline: linux.cmdline.clone(),
+            channel_size: 0,
+            echo: cfg.echo,
+            device: None,
+        };
+        let mut port_out = None;
+        let name = cfg.name.clone();
+        let geometry = cfg.geometry.clone();
+        let domain = Domain::boot_linux(hv, &dcfg, linux, &mut |mem, _shared| {
+            let host = |source| DomainError::Host {
+                name: name.clone(),
+                what: "virtio-blk device",
+                source,
+            };
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host)?;
+            let line = irq.try_clone().map_err(host)?;
+            // An eventfd write fails only when its counter would overflow: already raised.
+            let interrupt = Interrupt::new(Arc::new(move || {
+                let _ = line.write(1);
+            }));
+            let port = ClientPort::new(&name, mem.clone(), geometry.clone(), interrupt.clone())
+                .map_err(host)?;
+            let notify = port.notify.try_clone().map_err(host)?;
+            let ioevent = port.notify.try_clone().map_err(host)?;
+            let transport = MmioTransport::new(
+                VirtioBlock::new(port.clone()),
+                mem.clone(),
+                interrupt,
+                notify,
+            );
+            port_out = Some(port);
+            Ok(vec![MmioAttachment {
+                base: VIRTIO_MMIO_BASE,
+                len: WINDOW,
+                device: Arc::new(Mutex::new(transport)),
+                ioevents: vec![(VIRTIO_MMIO_BASE + QUEUE_NOTIFY, ioevent)],
+                irq: Some((VIRTIO_GSI, irq)),
             }])
         })?;
         let port = port_out.ok_or_else(|| DomainError::Host {
@@ -194,6 +265,50 @@ pub struct WorkloadReport {
     pub verified: u64,
     /// The first error or mismatch.
     pub first_error: Option<String>,
+}
+
+/// A stock Linux client's report line (`ddvm-linux: {json}`, from `images/linux-client/init`):
+/// what its kernel saw of the disk, and the checks it ran through it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct LinuxReport {
+    /// `uname -r`.
+    pub kernel: String,
+    /// Checks run.
+    pub checks: u64,
+    /// Checks failed.
+    pub failed: u64,
+    /// Write-fsync-read-verify rounds of the test area.
+    pub rounds: u64,
+    /// MiB written and read back.
+    pub verified_mib: u64,
+    /// Blocks written and read back with O_DIRECT.
+    pub direct_blocks: u64,
+    /// Disk size in 512-byte sectors, as the kernel saw it.
+    pub sectors: u64,
+    /// Logical block size.
+    pub block_size: u64,
+    /// The kernel's cache mode ("write back" when FLUSH is offered).
+    pub write_cache: String,
+    /// Largest discard the kernel will send (0: none offered).
+    pub discard_max_bytes: u64,
+    /// Largest write-zeroes the kernel will send (0: none offered).
+    pub write_zeroes_max_bytes: u64,
+    /// The disk's serial (GET_ID).
+    pub serial: String,
+    /// The first failed check.
+    pub first_error: Option<String>,
+}
+
+impl LinuxReport {
+    /// Finds and parses the report line in console text.
+    pub fn find(console: &str) -> Option<LinuxReport> {
+        serde_json::from_str(last_json(console, LINUX_PREFIX)?).ok()
+    }
+
+    /// Whether checks ran and none failed.
+    pub fn clean(&self) -> bool {
+        self.checks > 0 && self.failed == 0
+    }
 }
 
 impl WorkloadReport {

@@ -56,6 +56,16 @@ pub struct ClientSection {
     /// Image path or `builtin:workload-client`.
     #[serde(default = "default_client_image")]
     pub image: String,
+    /// A stock Linux kernel (bzImage, relative to the config file) to boot instead of
+    /// `image`. It finds its disk through ACPI; VMX/SVM hosts only (the TCG rig here).
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// The Linux client's initramfs (relative to the config file).
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// The Linux client's command line.
+    #[serde(default)]
+    pub cmdline: Option<String>,
 }
 
 fn default_client_memory() -> u64 {
@@ -76,6 +86,15 @@ impl ClientSection {
     /// The image path (`None`: the built-in workload client).
     pub fn image_path(&self, config_file: &Path) -> Option<PathBuf> {
         (self.image != BUILTIN_WORKLOAD_CLIENT).then(|| resolve(config_file, &self.image))
+    }
+
+    /// The stock Linux kernel to boot, if the client is one (`kernel` is set).
+    pub fn linux_boot(&self, config_file: &Path) -> Option<crate::linux::LinuxBoot> {
+        Some(crate::linux::LinuxBoot {
+            kernel: resolve(config_file, self.kernel.as_deref()?),
+            initrd: self.initrd.as_deref().map(|p| resolve(config_file, p)),
+            cmdline: self.cmdline.clone().unwrap_or_default(),
+        })
     }
 }
 
@@ -298,6 +317,42 @@ impl Config {
                     ),
                 ));
             }
+            match &c.kernel {
+                None => {
+                    for (k, set) in [
+                        ("initrd", c.initrd.is_some()),
+                        ("cmdline", c.cmdline.is_some()),
+                    ] {
+                        if set {
+                            return Err(invalid(
+                                key(k),
+                                "set without `kernel`; expected it only for a Linux client (with `kernel`)".into(),
+                            ));
+                        }
+                    }
+                }
+                Some(_) => {
+                    if !c.workload.is_empty() {
+                        return Err(invalid(
+                            key("workload"),
+                            "set with `kernel`; a Linux client runs its own programs: expected no workload".into(),
+                        ));
+                    }
+                    if c.image != BUILTIN_WORKLOAD_CLIENT {
+                        return Err(invalid(
+                            key("image"),
+                            "set with `kernel`; expected one of `image` and `kernel`".into(),
+                        ));
+                    }
+                    let min = crate::linux::MIN_MEMORY >> 20;
+                    if c.memory_mib < min {
+                        return Err(invalid(
+                            key("memory_mib"),
+                            format!("{}: a Linux client needs at least {min} MiB", c.memory_mib),
+                        ));
+                    }
+                }
+            }
             if c.memory_mib < 4 || c.memory_mib % 2 != 0 || c.memory_mib > 3072 {
                 return Err(invalid(
                     key("memory_mib"),
@@ -446,6 +501,37 @@ mod tests {
         assert!(e.to_string().contains("used twice"), "{e}");
         let e = parse("[[domain]]\nname = \"a b\"\n").unwrap_err();
         assert!(e.to_string().contains("domain[0].name"), "{e}");
+    }
+
+    #[test]
+    fn a_linux_client_takes_kernel_initrd_and_cmdline_and_nothing_of_the_workload() {
+        let base = "[[client]]\nname = \"l0\"\ndisk = \"file:d.img\"\nsize_mib = 8\n";
+        let c = parse(&format!(
+            "{base}memory_mib = 256\nkernel = \"vmlinuz\"\ninitrd = \"i.cpio\"\ncmdline = \"console=ttyS0\"\n"
+        ))
+        .unwrap();
+        let boot = c.clients[0]
+            .linux_boot(Path::new("/etc/ddvm/t.toml"))
+            .unwrap();
+        assert_eq!(boot.kernel, Path::new("/etc/ddvm/vmlinuz"));
+        assert_eq!(boot.initrd.as_deref(), Some(Path::new("/etc/ddvm/i.cpio")));
+        assert_eq!(boot.cmdline, "console=ttyS0");
+        for (extra, key) in [
+            ("initrd = \"i.cpio\"\n", "client[0].initrd"),
+            ("cmdline = \"x\"\n", "client[0].cmdline"),
+            (
+                "memory_mib = 256\nkernel = \"k\"\nworkload = \"qd=4\"\n",
+                "client[0].workload",
+            ),
+            (
+                "memory_mib = 256\nkernel = \"k\"\nimage = \"c.elf\"\n",
+                "client[0].image",
+            ),
+            ("kernel = \"k\"\n", "client[0].memory_mib"),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(e.contains("t.toml") && e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

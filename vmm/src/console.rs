@@ -67,6 +67,10 @@ impl Console {
         let mut s = self.lock();
         s.total += bytes.len() as u64;
         for &b in bytes {
+            // A serial console ends lines with CR LF: the CR carries nothing.
+            if b == b'\r' {
+                continue;
+            }
             if s.kept.len() == CONSOLE_KEEP {
                 s.kept.pop_front();
             }
@@ -118,7 +122,8 @@ impl Console {
     }
 }
 
-/// Tabs and newlines pass; other control characters and DEL become '?'.
+/// Tabs and newlines pass; other control characters and DEL become '?' (carriage returns are
+/// dropped before this).
 fn sanitize(b: u8) -> u8 {
     match b {
         b'\n' | b'\t' => b,
@@ -240,5 +245,8 @@ mod tests {
         let console = Console::new("t", Echo::Off);
         console.push(b"a\x1b[2Jb\n");
         assert_eq!(console.text(), "a?[2Jb\n");
+        // A serial console's CR LF is a newline; a lone CR cannot rewrite a line.
+        console.push(b"c\r\nd\re\n");
+        assert_eq!(console.text(), "a?[2Jb\nc\nde\n");
     }
 }

@@ -345,6 +345,23 @@ pub enum DomainError {
         /// What went wrong.
         what: &'static str,
     },
+    /// A stock Linux guest could not be set up.
+    #[error("guest {name}: {source}")]
+    Linux {
+        /// Guest name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::linux::LinuxError,
+    },
+    /// The host cannot run this guest.
+    #[error("guest {name}: {what}")]
+    Unsupported {
+        /// Guest name.
+        name: String,
+        /// Why.
+        what: String,
+    },
     /// Host resources (threads, eventfds, signals).
     #[error("domain {name}: {what}: {source}")]
     Host {
@@ -368,6 +385,9 @@ pub struct MmioAttachment {
     pub device: Arc<Mutex<dyn crate::devices::BusDevice>>,
     /// Eventfds to register as ioeventfds (guest-physical address, eventfd), no datamatch.
     pub ioevents: Vec<(u64, vmm_sys_util::eventfd::EventFd)>,
+    /// The device's interrupt: an eventfd to make an irqfd on a GSI. Only guests with an
+    /// interrupt controller take it (a stock Linux guest); ddvm's own guests poll.
+    pub irq: Option<(u32, vmm_sys_util::eventfd::EventFd)>,
 }
 
 /// Builds the devices of a guest once its memory and shared state exist.
@@ -745,6 +765,7 @@ impl Domain {
             log: Some(log),
             channel: channel.map(|gpa| (gpa, epoch)),
             started,
+            abi_ports: true,
             // A standby runs none of the disk's work before it is handed the device.
             on_wait: device
                 .as_ref()
@@ -775,6 +796,231 @@ impl Domain {
             exit: None,
             device: device.map(|(d, _)| d).filter(|_| !standby),
             handover,
+            vm: Some(vm),
+            mem,
+        })
+    }
+
+    /// Boots a stock Linux kernel ([`crate::linux`]) with the devices `attach` builds: each
+    /// goes on the MMIO bus and into the ACPI tables, its interrupt an irqfd on the I/O APIC.
+    /// VMX/SVM hosts only: under PVM a stock kernel never leaves the instruction emulator.
+    pub fn boot_linux(
+        hv: &Hypervisor,
+        cfg: &DomainConfig,
+        boot: &crate::linux::LinuxBoot,
+        attach: &mut AttachFn<'_>,
+    ) -> Result<Domain, DomainError> {
+        use crate::linux;
+        let started = Instant::now();
+        let name = cfg.name.clone();
+        if cfg.memory < linux::MIN_MEMORY {
+            return Err(DomainError::Unsupported {
+                name,
+                what: format!(
+                    "memory of {} MiB; a Linux guest needs at least {} MiB",
+                    cfg.memory >> 20,
+                    linux::MIN_MEMORY >> 20
+                ),
+            });
+        }
+        let mem = memory::create(cfg.memory, layout::IDENTITY_MAPPED).map_err(|source| {
+            DomainError::Memory {
+                name: name.clone(),
+                source,
+            }
+        })?;
+        let setup = |what: &'static str| {
+            let name = name.clone();
+            move |source| DomainError::Setup { name, what, source }
+        };
+        let host_err = |what: &'static str| {
+            let name = name.clone();
+            move |source| DomainError::Host { name, what, source }
+        };
+        let kvm_err = |what: &'static str| {
+            let name = name.clone();
+            move |source| DomainError::Kvm { name, what, source }
+        };
+        arch::write_page_tables_and_gdt(&mem).map_err(setup("page tables"))?;
+        let shared = Arc::new(Shared::new().map_err(host_err("eventfd"))?);
+        let attachments = attach(&mem, &shared)?;
+        let devices: Vec<linux::MmioDevice> = attachments
+            .iter()
+            .filter_map(|a| {
+                a.irq.as_ref().map(|(gsi, _)| linux::MmioDevice {
+                    base: a.base,
+                    len: a.len,
+                    gsi: *gsi,
+                })
+            })
+            .collect();
+        if let Some(a) = attachments.iter().find(|a| a.base < cfg.memory) {
+            return Err(DomainError::Unsupported {
+                name,
+                what: format!(
+                    "memory of {} MiB reaches the device window at {:#x}",
+                    cfg.memory >> 20,
+                    a.base
+                ),
+            });
+        }
+        let kernel = linux::load(&mem, boot, &devices).map_err(|source| DomainError::Linux {
+            name: name.clone(),
+            source,
+        })?;
+
+        let vm = Arc::new(hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let (host, len) = memory::host_range(&mem).ok_or_else(|| DomainError::Setup {
+            name: name.clone(),
+            what: "memory slot",
+            source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
+        })?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: len,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: the region maps `mem`, which this guest owns and drops only after the VM
+        // (field order and `Drop`); the host range is exactly the mapping vm-memory created.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        // VMX needs a TSS area for real-mode emulation; elsewhere the call fails harmlessly.
+        let _ = vm.set_tss_address(linux::TSS_ADDRESS);
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_bindings::kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        if register_pvm_vif(&vcpu, layout::VIF_PAGE) {
+            return Err(DomainError::Unsupported {
+                name,
+                what: "/dev/kvm is PVM, which cannot run a stock Linux kernel (it would run in \
+                       PVM's instruction emulator); run it on a VMX/SVM host, or in the TCG rig \
+                       (scripts/rig)"
+                    .into(),
+            });
+        }
+        let platform = hv.host_kind();
+        let mut cpuid = hv
+            .supported_cpuid()
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?
+            .clone();
+        linux::set_hypervisor_bit(&mut cpuid);
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        linux::virtual_wire(&mut lapic);
+        vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&arch::long_mode_sregs(sregs))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&kvm_bindings::kvm_regs {
+            rip: kernel.entry,
+            rsi: linux::ZERO_PAGE,
+            rsp: linux::INITIAL_RSP,
+            rflags: 0x2,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_SET_REGS"))?;
+        let stats = VcpuStats::open(&vcpu);
+
+        let console = Arc::new(Console::new(&name, cfg.echo));
+        let bus_err = |e: crate::devices::bus::BusError| DomainError::Host {
+            name: name.clone(),
+            what: "device buses",
+            source: std::io::Error::other(e),
+        };
+        let irqfd = |gsi: u32| -> Result<vmm_sys_util::eventfd::EventFd, DomainError> {
+            let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(host_err("eventfd"))?;
+            vm.register_irqfd(&fd, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+            Ok(fd)
+        };
+        let mut pio = Bus::new();
+        pio.insert(
+            u64::from(port::SERIAL_COM1),
+            u64::from(port::SERIAL_LEN),
+            Arc::new(Mutex::new(SerialPort::with_interrupt(
+                console.clone(),
+                irqfd(linux::SERIAL_GSI)?,
+            ))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(linux::CMOS_PORT),
+            2,
+            Arc::new(Mutex::new(linux::Cmos::default())),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(linux::I8042_PORT),
+            5,
+            Arc::new(Mutex::new(linux::I8042::new(shared.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(linux::SLEEP_PORT),
+            2,
+            Arc::new(Mutex::new(linux::SleepControl::new(shared.clone()))),
+        )
+        .map_err(bus_err)?;
+        let mut mmio = Bus::new();
+        for a in attachments {
+            mmio.insert(a.base, a.len, a.device).map_err(bus_err)?;
+            for (addr, fd) in &a.ioevents {
+                vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            }
+            if let Some((gsi, fd)) = &a.irq {
+                vm.register_irqfd(fd, *gsi).map_err(kvm_err("KVM_IRQFD"))?;
+            }
+        }
+        vcpu::install_kick_handler().map_err(|e| DomainError::Host {
+            name: name.clone(),
+            what: "kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let ctx = VcpuContext {
+            mem: mem.clone(),
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            shared: shared.clone(),
+            console: console.clone(),
+            log: None,
+            channel: None,
+            started,
+            abi_ports: false,
+            on_wait: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu-{name}"))
+            .spawn(move || vcpu::run(vcpu, ctx))
+            .map_err(host_err("spawning the vCPU thread"))?;
+        let cpu_clock = thread_cpu_clock(&thread);
+        Ok(Domain {
+            name,
+            epoch: 0,
+            platform,
+            loaded: Loaded {
+                entry: kernel.entry,
+                end: kernel.end,
+                has_pvh_entry: false,
+            },
+            channel: None,
+            channel_header: None,
+            started,
+            shared,
+            console,
+            stats,
+            thread: Some(thread),
+            cpu_clock,
+            exit: None,
+            device: None,
+            handover: None,
             vm: Some(vm),
             mem,
         })

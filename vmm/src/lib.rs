@@ -17,6 +17,7 @@ pub mod devices;
 pub mod domain;
 pub mod hoststall;
 pub mod hypervisor;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod stats;

@@ -483,7 +483,16 @@ fn run_topology(
                 r.mismatches,
                 r.verified
             ),
-            None => println!("{:<10} (no report)", o.name),
+            None => match &o.linux {
+                Some(l) => println!(
+                    "{:<10} Linux {}: {} checks, {} failed; {} MiB verified in {} rounds, {} O_DIRECT blocks",
+                    o.name, l.kernel, l.checks, l.failed, l.verified_mib, l.rounds, l.direct_blocks
+                ),
+                None => println!("{:<10} (no report)", o.name),
+            },
+        }
+        if let Some(e) = o.linux.as_ref().and_then(|l| l.first_error.as_ref()) {
+            println!("{:<10} first failed check: {e}", "");
         }
         if let Some(e) = o.report.as_ref().and_then(|r| r.first_error.as_ref()) {
             println!("{:<10} first error: {e}", "");

@@ -15,7 +15,8 @@ use crate::blk::{
     Backend, BlockGeometry, BlockService, ChannelBackend, ClientPort, FileBackend, LbaRange,
 };
 use crate::client::{
-    builtin_workload_client, last_json, Client, ClientConfig, WorkloadReport, HOSTILE_PREFIX,
+    builtin_workload_client, last_json, Client, ClientConfig, LinuxReport, WorkloadReport,
+    HOSTILE_PREFIX,
 };
 use crate::config::{ClientSection, Config, DeviceSection, DomainSection};
 use crate::console::Echo;
@@ -144,13 +145,16 @@ pub struct ClientOutcome {
     pub report: Option<WorkloadReport>,
     /// Its hostile-mode line (`ddvm-hostile: {json}`), if it printed one.
     pub hostile: Option<String>,
+    /// A Linux client's report line (`ddvm-linux: {json}`), if it printed one.
+    pub linux: Option<LinuxReport>,
 }
 
 impl ClientOutcome {
-    /// Exited 0 with a clean report.
+    /// Exited 0 (a Linux client: powered off) with a clean report.
     pub fn ok(&self) -> bool {
         matches!(self.exit, Some(DomainExit::Exited { status: 0 }))
-            && self.report.as_ref().is_some_and(WorkloadReport::clean)
+            && (self.report.as_ref().is_some_and(WorkloadReport::clean)
+                || self.linux.as_ref().is_some_and(LinuxReport::clean))
     }
 }
 
@@ -243,6 +247,7 @@ impl Topology {
                     exit,
                     report: WorkloadReport::find(&console),
                     hostile: last_json(&console, HOSTILE_PREFIX).map(str::to_string),
+                    linux: LinuxReport::find(&console),
                 }
             })
             .collect()
@@ -315,6 +320,7 @@ pub fn client_config(
             serial: format!("ddvm-{}", c.name).chars().take(20).collect(),
         },
         echo,
+        linux: c.linux_boot(file),
     })
 }
 

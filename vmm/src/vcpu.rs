@@ -77,6 +77,9 @@ pub enum DomainExit {
     },
     /// The VMM stopped the guest (teardown or kill).
     Stopped,
+    /// The guest reset the machine (a Linux guest's `reboot`, through the keyboard
+    /// controller): ddvm does not restart a client, so the guest ends.
+    Reset,
 }
 
 impl DomainExit {
@@ -84,7 +87,10 @@ impl DomainExit {
     pub fn is_crash(&self) -> bool {
         !matches!(
             self,
-            DomainExit::Exited { status: 0 } | DomainExit::Stopped | DomainExit::HostError { .. }
+            DomainExit::Exited { status: 0 }
+                | DomainExit::Stopped
+                | DomainExit::HostError { .. }
+                | DomainExit::Reset
         )
     }
 
@@ -103,6 +109,7 @@ impl DomainExit {
             DomainExit::Unexpected { .. } => "unexpected-exit",
             DomainExit::HostError { .. } => "host-error",
             DomainExit::Stopped => "stopped",
+            DomainExit::Reset => "reset",
         }
     }
 }
@@ -147,6 +154,7 @@ impl fmt::Display for DomainExit {
                 std::io::Error::from_raw_os_error(*errno)
             ),
             DomainExit::Stopped => write!(f, "stopped by the VMM"),
+            DomainExit::Reset => write!(f, "reset by the guest"),
         }
     }
 }
@@ -191,6 +199,8 @@ pub struct Shared {
     kick: EventFd,
     // The vCPU thread's id (0 until it runs).
     tid: AtomicI32,
+    // How a device of the guest ended it (a power-off, a reset), if one did.
+    guest_exit: Mutex<Option<DomainExit>>,
     /// Written when the domain writes the notify port (normally in the kernel, by ioeventfd).
     pub notify: EventFd,
     /// Exit counters.
@@ -218,6 +228,7 @@ impl Shared {
             promoted: AtomicBool::new(has_device),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             tid: AtomicI32::new(0),
+            guest_exit: Mutex::new(None),
             notify: EventFd::new(libc::EFD_NONBLOCK)?,
             exits: ExitCounters::default(),
             state: Mutex::new(RunState::Booting),
@@ -239,6 +250,16 @@ impl Shared {
     /// The vCPU thread's id, once it runs.
     pub fn tid(&self) -> Option<i32> {
         Some(self.tid.load(Ordering::Acquire)).filter(|&t| t != 0)
+    }
+
+    /// A device of the guest ends it (a power-off, a reset): the vCPU stops at its next chance
+    /// with `exit` (the first such exit counts).
+    pub fn guest_stop(&self, exit: DomainExit) {
+        self.guest_exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(exit);
+        self.request_stop();
     }
 
     /// Asks the vCPU thread to stop at its next chance.
@@ -318,6 +339,9 @@ pub struct VcpuContext {
     pub channel: Option<(u64, u64)>,
     /// When boot started.
     pub started: Instant,
+    /// Whether the guest speaks ddvm's port ABI (exit, panic, wait, notify, standby ports):
+    /// false for a stock kernel, whose port writes all go to the bus.
+    pub abi_ports: bool,
     /// Work the VMM runs on this thread when the guest asks to wait, before it blocks (the
     /// exit is paid already): true when it did something the guest is waiting for, and the
     /// guest resumes at once instead of waiting.
@@ -370,7 +394,8 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
     let mut ready_seen = false;
     loop {
         if ctx.shared.stop.load(Ordering::Acquire) {
-            return DomainExit::Stopped;
+            let by_guest = ctx.shared.guest_exit.lock().map(|mut e| e.take());
+            return by_guest.ok().flatten().unwrap_or(DomainExit::Stopped);
         }
         let step = match vcpu.run() {
             Ok(exit) => {
@@ -495,6 +520,13 @@ fn port_value(data: &[u8]) -> u32 {
 fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
     let exits = &ctx.shared.exits;
     match exit {
+        VcpuExit::IoOut(p, data) if !ctx.abi_ports => {
+            exits.pio.fetch_add(1, Ordering::Relaxed);
+            if !ctx.pio.write(u64::from(p), data) {
+                exits.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Step::Continue
+        }
         VcpuExit::IoOut(p, data) => {
             exits.pio.fetch_add(1, Ordering::Relaxed);
             match p {

@@ -1297,6 +1297,10 @@ pub fn exit_reason(exit: &DomainExit) -> FailureReason {
             exit: format!("KVM_RUN failed: errno {errno}"),
         },
         DomainExit::Stopped => FailureReason::Operator(OperatorAction::Kill),
+        // Driver domains have no reset line; a guest that has one and uses it is gone.
+        DomainExit::Reset => FailureReason::UnexpectedExit {
+            exit: "reset".into(),
+        },
     }
 }
 

@@ -23,10 +23,16 @@ use crate::virtio::{features, Interrupt, VirtioDevice};
 pub const DEVICE_ID: u32 = 2;
 /// Entries of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Largest data of one request the device accepts (split into channel-sized parts).
-pub const MAX_REQUEST: u64 = 1 << 20;
 /// Segments per request advertised (SEG_MAX): the queue size less header and status.
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest data segment advertised (SIZE_MAX).
+pub const SIZE_MAX: u32 = 64 << 10;
+/// Largest data of one request the device accepts (split into channel-sized parts): all a
+/// driver that keeps to SEG_MAX and SIZE_MAX can send. (Without SIZE_MAX a Linux driver
+/// sends requests of megabytes in few large segments, which a smaller limit failed.)
+pub const MAX_REQUEST: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Optimal request size advertised (TOPOLOGY).
+const OPT_IO: u64 = 1 << 20;
 
 /// The client's window on the disk: device sectors `[first, first + sectors)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +86,7 @@ impl BlockGeometry {
             | features::INDIRECT_DESC
             | features::EVENT_IDX
             | 1 << b::VIRTIO_BLK_F_SEG_MAX
+            | 1 << b::VIRTIO_BLK_F_SIZE_MAX
             | 1 << b::VIRTIO_BLK_F_BLK_SIZE
             | 1 << b::VIRTIO_BLK_F_FLUSH
             | 1 << b::VIRTIO_BLK_F_TOPOLOGY;
@@ -100,12 +107,13 @@ impl BlockGeometry {
         b::virtio_blk_config {
             capacity: self.range.sectors.to_le(),
             seg_max: SEG_MAX.to_le(),
+            size_max: SIZE_MAX.to_le(),
             blk_size: self.block_size.to_le(),
             // One logical block per physical block.
             physical_block_exp: 0,
             alignment_offset: 0,
             min_io_size: 1u16.to_le(),
-            opt_io_size: ((MAX_REQUEST / u64::from(self.block_size)) as u32).to_le(),
+            opt_io_size: ((OPT_IO / u64::from(self.block_size)) as u32).to_le(),
             max_discard_sectors: self.max_dwz_sectors().to_le(),
             max_discard_seg: 1u32.to_le(),
             discard_sector_alignment: (self.block_size / 512).to_le(),
@@ -274,5 +282,34 @@ impl ClientPort {
             self.counters.needs_reset.fetch_add(1, Ordering::Relaxed);
             self.interrupt.raise(crate::virtio::interrupt::CONFIG);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_request_within_the_advertised_segment_limits_is_accepted() {
+        let g = BlockGeometry {
+            range: LbaRange {
+                first: 0,
+                sectors: 1 << 20,
+            },
+            block_size: 4096,
+            read_only: false,
+            discard: true,
+            write_zeroes: true,
+            serial: "t".into(),
+        };
+        let f = g.features();
+        assert_ne!(f & 1 << b::VIRTIO_BLK_F_SEG_MAX, 0);
+        assert_ne!(f & 1 << b::VIRTIO_BLK_F_SIZE_MAX, 0);
+        let c = g.config();
+        let (seg_max, size_max) = (u32::from_le(c.seg_max), u32::from_le(c.size_max));
+        // The most a driver may send keeping to both is within what the parser takes.
+        assert!(u64::from(seg_max) * u64::from(size_max) <= g.limits().max_data);
+        assert!(g.limits().max_data >= 2 << 20, "Linux sends 2 MiB reads");
+        assert_eq!(u32::from_le(c.opt_io_size) as u64 * 4096, OPT_IO);
     }
 }

@@ -1,20 +1,25 @@
-//! COM1, a 16550 UART from vm-superio. ddvm guests poll it; there are no interrupts to raise.
+//! COM1, a 16550 UART from vm-superio. ddvm's own guests poll it; a stock kernel takes its
+//! interrupts (transmitter empty, above all), raised on an eventfd the VMM makes an irqfd.
 
 use std::io::Write;
 use std::sync::Arc;
 
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
 use crate::console::Console;
 
-/// Interrupt trigger of a UART nobody takes interrupts from.
-pub struct NoInterrupt;
+/// The UART's interrupt line: an eventfd (an irqfd), or none for a guest that polls.
+pub struct IrqLine(Option<EventFd>);
 
-impl Trigger for NoInterrupt {
-    type E = std::convert::Infallible;
+impl Trigger for IrqLine {
+    type E = std::io::Error;
     fn trigger(&self) -> Result<(), Self::E> {
-        Ok(())
+        match &self.0 {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
     }
 }
 
@@ -32,12 +37,17 @@ impl Write for ConsoleWriter {
 }
 
 /// The UART on the port bus.
-pub struct SerialPort(Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleWriter>);
+pub struct SerialPort(Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>);
 
 impl SerialPort {
-    /// A UART writing into `console`.
+    /// A UART writing into `console`, without interrupts.
     pub fn new(console: Arc<Console>) -> Self {
-        SerialPort(Serial::new(NoInterrupt, ConsoleWriter(console)))
+        SerialPort(Serial::new(IrqLine(None), ConsoleWriter(console)))
+    }
+
+    /// A UART writing into `console` that raises its interrupts on `irq`.
+    pub fn with_interrupt(console: Arc<Console>, irq: EventFd) -> Self {
+        SerialPort(Serial::new(IrqLine(Some(irq)), ConsoleWriter(console)))
     }
 }
 
@@ -52,7 +62,8 @@ impl BusDevice for SerialPort {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(o), Some(&v)) = (u8::try_from(offset), data.first()) {
-            // Output errors cannot happen with our writer; a guest cannot make them happen.
+            // Output errors cannot happen with our writer, nor interrupt errors with an
+            // eventfd (its counter cannot overflow from one write per byte).
             let _ = self.0.write(o, v);
         }
     }
