@@ -295,8 +295,24 @@ pub struct LinuxReport {
     pub write_zeroes_max_bytes: u64,
     /// The disk's serial (GET_ID).
     pub serial: String,
+    /// Timed I/O (`ddvm.bench=M` on its command line), if it ran.
+    #[serde(default)]
+    pub bench: Option<LinuxBench>,
     /// The first failed check.
     pub first_error: Option<String>,
+}
+
+/// A Linux client's timed I/O: `dd` with O_DIRECT on its disk.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct LinuxBench {
+    /// MiB written, then read, in 1 MiB requests.
+    pub mib: u64,
+    /// Sequential 1 MiB writes.
+    pub write_mib_s: f64,
+    /// Sequential 1 MiB reads.
+    pub read_mib_s: f64,
+    /// 4 KiB reads, one at a time (latency-bound).
+    pub read_4k_iops: f64,
 }
 
 impl LinuxReport {
