@@ -605,7 +605,9 @@ mod tests {
             + 8;
         let len = readme[start..].find("```").expect("the example ends");
         let c = parse(&readme[start..start + len]).unwrap();
-        assert_eq!((c.domains.len(), c.clients.len()), (1, 1));
+        assert_eq!((c.domains.len(), c.clients.len()), (1, 2));
+        assert!(c.clients[0].linux_boot(Path::new("t.toml")).is_none());
+        assert!(c.clients[1].linux_boot(Path::new("t.toml")).is_some());
         let p = c.domains[0].recovery.to_policy().unwrap();
         assert_eq!(
             p.detection.heartbeat_period,
