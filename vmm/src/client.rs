@@ -13,7 +13,9 @@ use crate::domain::{Domain, DomainConfig, DomainError, MmioAttachment};
 use crate::hypervisor::Hypervisor;
 use crate::linux::LinuxBoot;
 use crate::loader::Image;
+use crate::memory::GuestMem;
 use crate::vcpu::DomainExit;
+use crate::vcpu::Shared;
 use crate::virtio::mmio::{MmioTransport, WINDOW};
 use crate::virtio::Interrupt;
 
@@ -73,15 +75,15 @@ pub struct Client {
 impl Client {
     /// Boots a client; its block device is `port()`, to be served by a block service.
     pub fn boot(hv: &Hypervisor, cfg: &ClientConfig) -> Result<Client, DomainError> {
-        if let Some(linux) = &cfg.linux {
-            return Self::boot_linux(hv, cfg, linux);
-        }
-        let cmdline = format!(
-            "{} virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}",
-            cfg.cmdline
-        )
-        .trim_start()
-        .to_string();
+        let cmdline = match &cfg.linux {
+            Some(linux) => linux.cmdline.clone(),
+            None => format!(
+                "{} virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}",
+                cfg.cmdline
+            )
+            .trim_start()
+            .to_string(),
+        };
         let dcfg = DomainConfig {
             name: cfg.name.clone(),
             image: cfg.image.clone(),
@@ -91,94 +93,17 @@ impl Client {
             echo: cfg.echo,
             device: None,
         };
-        let mut port_out = None;
-        let name = cfg.name.clone();
-        let geometry = cfg.geometry.clone();
-        let domain = Domain::boot_with(hv, &dcfg, 0, &mut |mem, shared| {
-            let host = |source| DomainError::Host {
-                name: name.clone(),
-                what: "virtio-blk device",
-                source,
-            };
-            let waker = shared.clone();
-            let interrupt = Interrupt::new(Arc::new(move || waker.kick()));
-            let port = ClientPort::new(&name, mem.clone(), geometry.clone(), interrupt.clone())
-                .map_err(host)?;
-            let notify = port.notify.try_clone().map_err(host)?;
-            let ioevent = port.notify.try_clone().map_err(host)?;
-            let transport = MmioTransport::new(
-                VirtioBlock::new(port.clone()),
-                mem.clone(),
-                interrupt,
-                notify,
-            );
-            port_out = Some(port);
-            Ok(vec![MmioAttachment {
-                base: VIRTIO_MMIO_BASE,
-                len: WINDOW,
-                device: Arc::new(Mutex::new(transport)),
-                ioevents: vec![(VIRTIO_MMIO_BASE + QUEUE_NOTIFY, ioevent)],
-                irq: None,
-            }])
-        })?;
-        let port = port_out.ok_or_else(|| DomainError::Host {
-            name: cfg.name.clone(),
-            what: "virtio-blk device",
-            source: std::io::Error::other("device was not built"),
-        })?;
-        Ok(Client { domain, port })
-    }
-
-    /// A stock Linux client: the device's interrupts go to an irqfd.
-    fn boot_linux(
-        hv: &Hypervisor,
-        cfg: &ClientConfig,
-        linux: &LinuxBoot,
-    ) -> Result<Client, DomainError> {
-        let dcfg = DomainConfig {
-            name: cfg.name.clone(),
-            image: cfg.image.clone(),
-            memory: cfg.memory,
-            cmdline: linux.cmdline.clone(),
-            channel_size: 0,
-            echo: cfg.echo,
-            device: None,
+        let mut port = None;
+        let mut attach = |mem: &GuestMem, shared: &Arc<Shared>| {
+            let (device, p) = virtio_blk(cfg, mem, shared)?;
+            port = Some(p);
+            Ok(vec![device])
         };
-        let mut port_out = None;
-        let name = cfg.name.clone();
-        let geometry = cfg.geometry.clone();
-        let domain = Domain::boot_linux(hv, &dcfg, linux, &mut |mem, _shared| {
-            let host = |source| DomainError::Host {
-                name: name.clone(),
-                what: "virtio-blk device",
-                source,
-            };
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host)?;
-            let line = irq.try_clone().map_err(host)?;
-            // An eventfd write fails only when its counter would overflow: already raised.
-            let interrupt = Interrupt::new(Arc::new(move || {
-                let _ = line.write(1);
-            }));
-            let port = ClientPort::new(&name, mem.clone(), geometry.clone(), interrupt.clone())
-                .map_err(host)?;
-            let notify = port.notify.try_clone().map_err(host)?;
-            let ioevent = port.notify.try_clone().map_err(host)?;
-            let transport = MmioTransport::new(
-                VirtioBlock::new(port.clone()),
-                mem.clone(),
-                interrupt,
-                notify,
-            );
-            port_out = Some(port);
-            Ok(vec![MmioAttachment {
-                base: VIRTIO_MMIO_BASE,
-                len: WINDOW,
-                device: Arc::new(Mutex::new(transport)),
-                ioevents: vec![(VIRTIO_MMIO_BASE + QUEUE_NOTIFY, ioevent)],
-                irq: Some((VIRTIO_GSI, irq)),
-            }])
-        })?;
-        let port = port_out.ok_or_else(|| DomainError::Host {
+        let domain = match &cfg.linux {
+            Some(linux) => Domain::boot_linux(hv, &dcfg, linux, &mut attach)?,
+            None => Domain::boot_with(hv, &dcfg, 0, &mut attach)?,
+        };
+        let port = port.ok_or_else(|| DomainError::Host {
             name: cfg.name.clone(),
             what: "virtio-blk device",
             source: std::io::Error::other("device was not built"),
@@ -205,6 +130,59 @@ impl Client {
     pub fn wait(&self, timeout: Duration) -> Option<DomainExit> {
         self.domain.wait_stopped(timeout)
     }
+}
+
+/// The client's virtio-blk device on its MMIO window, and the port a block service serves. Its
+/// interrupt wakes the vCPU of a ddvm guest (which polls, and waits in the VMM when idle); a
+/// stock Linux guest's is an irqfd on [`VIRTIO_GSI`].
+fn virtio_blk(
+    cfg: &ClientConfig,
+    mem: &GuestMem,
+    shared: &Arc<Shared>,
+) -> Result<(MmioAttachment, Arc<ClientPort>), DomainError> {
+    let host = |source| DomainError::Host {
+        name: cfg.name.clone(),
+        what: "virtio-blk device",
+        source,
+    };
+    let (interrupt, irq) = match cfg.linux {
+        Some(_) => {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host)?;
+            let line = irq.try_clone().map_err(host)?;
+            // An eventfd write fails only when its counter would overflow: already raised.
+            let signal = Arc::new(move || {
+                let _ = line.write(1);
+            });
+            (Interrupt::new(signal), Some((VIRTIO_GSI, irq)))
+        }
+        None => {
+            let waker = shared.clone();
+            (Interrupt::new(Arc::new(move || waker.kick())), None)
+        }
+    };
+    let port = ClientPort::new(
+        &cfg.name,
+        mem.clone(),
+        cfg.geometry.clone(),
+        interrupt.clone(),
+    )
+    .map_err(host)?;
+    let notify = port.notify.try_clone().map_err(host)?;
+    let ioevent = port.notify.try_clone().map_err(host)?;
+    let transport = MmioTransport::new(
+        VirtioBlock::new(port.clone()),
+        mem.clone(),
+        interrupt,
+        notify,
+    );
+    let device = MmioAttachment {
+        base: VIRTIO_MMIO_BASE,
+        len: WINDOW,
+        device: Arc::new(Mutex::new(transport)),
+        ioevents: vec![(VIRTIO_MMIO_BASE + QUEUE_NOTIFY, ioevent)],
+        irq,
+    };
+    Ok((device, port))
 }
 
 /// Latency percentiles in µs.

@@ -592,23 +592,7 @@ impl Domain {
             let name = name.clone();
             move |source| DomainError::Kvm { name, what, source }
         };
-        let vm = Arc::new(hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        let (host, len) = memory::host_range(&mem).ok_or_else(|| DomainError::Setup {
-            name: name.clone(),
-            what: "memory slot",
-            source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
-        })?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: 0,
-            memory_size: len,
-            userspace_addr: host,
-            flags: 0,
-        };
-        // SAFETY: the region maps `mem`, which this domain owns and drops only after the VM
-        // (field order and `Drop`); the host range is exactly the mapping vm-memory created.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let vm = vm_with_memory(hv, &name, &mem)?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = hv
             .supported_cpuid()
@@ -652,10 +636,6 @@ impl Domain {
         arch::write_boot_info(&mem, &boot_info, &cmdline).map_err(setup("boot info"))?;
 
         // 5. Devices and the vCPU thread.
-        let host_err = |what: &'static str| {
-            let name = name.clone();
-            move |source| DomainError::Host { name, what, source }
-        };
         let console = Arc::new(Console::new(&name, cfg.echo));
         let mut pio = Bus::new();
         pio.insert(
@@ -732,16 +712,7 @@ impl Domain {
             }
         }
         for a in attach(&mem, &shared)? {
-            mmio.insert(a.base, a.len, a.device)
-                .map_err(|e| DomainError::Host {
-                    name: name.clone(),
-                    what: "MMIO bus",
-                    source: std::io::Error::other(e),
-                })?;
-            for (addr, fd) in &a.ioevents {
-                vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
-                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
-            }
+            put_on_bus(&vm, &name, &mut mmio, a)?;
         }
         // Completion notifications are handled in the kernel: ~23 µs instead of ~70 µs.
         if let Err(e) = vm.register_ioevent(
@@ -751,11 +722,6 @@ impl Domain {
         ) {
             tracing::warn!("domain {name}: notify ioeventfd unavailable ({e}); using exits");
         }
-        vcpu::install_kick_handler().map_err(|e| DomainError::Host {
-            name: name.clone(),
-            what: "kick signal handler",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
         let ctx = VcpuContext {
             mem: mem.clone(),
             pio: Arc::new(pio),
@@ -775,11 +741,7 @@ impl Domain {
                     Box::new(move || present.load(Ordering::Acquire) && work()) as vcpu::WaitWork
                 }),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu-{name}"))
-            .spawn(move || vcpu::run(vcpu, ctx))
-            .map_err(host_err("spawning the vCPU thread"))?;
-        let cpu_clock = thread_cpu_clock(&thread);
+        let (thread, cpu_clock) = start_vcpu(&name, vcpu, ctx)?;
         Ok(Domain {
             name,
             epoch,
@@ -869,23 +831,7 @@ impl Domain {
             source,
         })?;
 
-        let vm = Arc::new(hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        let (host, len) = memory::host_range(&mem).ok_or_else(|| DomainError::Setup {
-            name: name.clone(),
-            what: "memory slot",
-            source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
-        })?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: 0,
-            memory_size: len,
-            userspace_addr: host,
-            flags: 0,
-        };
-        // SAFETY: the region maps `mem`, which this guest owns and drops only after the VM
-        // (field order and `Drop`); the host range is exactly the mapping vm-memory created.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let vm = vm_with_memory(hv, &name, &mem)?;
         // VMX needs a TSS area for real-mode emulation; elsewhere the call fails harmlessly.
         let _ = vm.set_tss_address(linux::TSS_ADDRESS);
         vm.create_irq_chip()
@@ -970,20 +916,8 @@ impl Domain {
         .map_err(bus_err)?;
         let mut mmio = Bus::new();
         for a in attachments {
-            mmio.insert(a.base, a.len, a.device).map_err(bus_err)?;
-            for (addr, fd) in &a.ioevents {
-                vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
-                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
-            }
-            if let Some((gsi, fd)) = &a.irq {
-                vm.register_irqfd(fd, *gsi).map_err(kvm_err("KVM_IRQFD"))?;
-            }
+            put_on_bus(&vm, &name, &mut mmio, a)?;
         }
-        vcpu::install_kick_handler().map_err(|e| DomainError::Host {
-            name: name.clone(),
-            what: "kick signal handler",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
         let ctx = VcpuContext {
             mem: mem.clone(),
             pio: Arc::new(pio),
@@ -996,11 +930,7 @@ impl Domain {
             abi_ports: false,
             on_wait: None,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu-{name}"))
-            .spawn(move || vcpu::run(vcpu, ctx))
-            .map_err(host_err("spawning the vCPU thread"))?;
-        let cpu_clock = thread_cpu_clock(&thread);
+        let (thread, cpu_clock) = start_vcpu(&name, vcpu, ctx)?;
         Ok(Domain {
             name,
             epoch: 0,
@@ -1276,6 +1206,78 @@ pub fn channel_header(name: &str, epoch: u64, size: u64) -> Result<ChannelHeader
         });
     }
     Ok(header)
+}
+
+/// A VM whose one memory slot is `mem`, from guest address 0.
+fn vm_with_memory(hv: &Hypervisor, name: &str, mem: &GuestMem) -> Result<Arc<VmFd>, DomainError> {
+    let kvm_err = |what: &'static str| {
+        let name = name.to_string();
+        move |source| DomainError::Kvm { name, what, source }
+    };
+    let vm = Arc::new(hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    let (host, len) = memory::host_range(mem).ok_or_else(|| DomainError::Setup {
+        name: name.to_string(),
+        what: "memory slot",
+        source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
+    })?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: len,
+        userspace_addr: host,
+        flags: 0,
+    };
+    // SAFETY: the region maps `mem`, which the guest owns and drops only after the VM (field
+    // order and `Drop` of `Domain`); the host range is exactly the mapping vm-memory created.
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    Ok(vm)
+}
+
+/// Puts a caller's device on the MMIO bus, with its ioeventfds and its irqfd.
+fn put_on_bus(vm: &VmFd, name: &str, mmio: &mut Bus, a: MmioAttachment) -> Result<(), DomainError> {
+    let kvm_err = |what: &'static str| {
+        let name = name.to_string();
+        move |source| DomainError::Kvm { name, what, source }
+    };
+    mmio.insert(a.base, a.len, a.device)
+        .map_err(|e| DomainError::Host {
+            name: name.to_string(),
+            what: "MMIO bus",
+            source: std::io::Error::other(e),
+        })?;
+    for (addr, fd) in &a.ioevents {
+        vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    }
+    if let Some((gsi, fd)) = &a.irq {
+        vm.register_irqfd(fd, *gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    }
+    Ok(())
+}
+
+/// Starts the vCPU thread (`vcpu-NAME`); returns it and its CPU-time clock.
+fn start_vcpu(
+    name: &str,
+    vcpu: kvm_ioctls::VcpuFd,
+    ctx: VcpuContext,
+) -> Result<(JoinHandle<DomainExit>, Option<libc::clockid_t>), DomainError> {
+    let host_err = |what: &'static str, source| DomainError::Host {
+        name: name.to_string(),
+        what,
+        source,
+    };
+    vcpu::install_kick_handler().map_err(|e| {
+        host_err(
+            "kick signal handler",
+            std::io::Error::from_raw_os_error(e.errno()),
+        )
+    })?;
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu-{name}"))
+        .spawn(move || vcpu::run(vcpu, ctx))
+        .map_err(|e| host_err("spawning the vCPU thread", e))?;
+    let clock = thread_cpu_clock(&thread);
+    Ok((thread, clock))
 }
 
 /// The CPU-time clock of a running thread, if the host gives one.
