@@ -35,7 +35,7 @@ use super::request::status;
 use super::service::{copy_part, Part, Pending, ServiceCounters};
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::domain::{DeviceSpec, DeviceThread, Domain, DomainConfig, DomainDevice, DomainError};
-use crate::hoststall::{Lost, StallMeter};
+use crate::hoststall::{DomainThread, Lost, StallMeter};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::vcpu::{DomainExit, RunState};
@@ -733,10 +733,13 @@ impl ChannelBackend {
             return;
         }
         self.next_check = now + CHECK_EVERY;
-        let domain = self
-            .live
-            .as_ref()
-            .and_then(|l| Some((l.epoch, l.domain.vcpu_tid()?)));
+        let domain = self.live.as_ref().and_then(|l| {
+            Some(DomainThread {
+                key: l.epoch,
+                tid: l.domain.vcpu_tid()?,
+                ran: l.domain.vcpu_cpu_time(),
+            })
+        });
         let lost = self.stalls.sample(now, domain);
         self.clock.stalled(now, lost.total());
         let service_now = self.clock.at(now);
@@ -754,7 +757,7 @@ impl ChannelBackend {
         if self.standbys.len() != before {
             self.publish(shadow);
         }
-        if let Some(reason) = self.detect(service_now, shadow) {
+        if let Some(reason) = self.detect(now, service_now, shadow) {
             let t = self.stalls.total();
             tracing::info!(
                 "domain {}: host stalls discounted so far: {:?} (steal {:?}, service waited \
@@ -770,8 +773,18 @@ impl ChannelBackend {
         self.publish(shadow);
     }
 
-    /// The detectors, at `now` on the service clock.
-    fn detect(&mut self, now: Instant, shadow: &ShadowQueue<Part>) -> Option<FailureReason> {
+    /// The detectors, at wall time `now` and `service_now` on the service clock. The
+    /// heartbeat is on the wall clock: its guard that the vCPU has *run* for the period (its
+    /// CPU clock, which leaves steal out) already discounts the time the host did not run it,
+    /// and no more; the service clock also stops while this service waits, which says nothing
+    /// about the domain's loop. Requests age on the service clock: the service's own delays
+    /// hold their completions back.
+    fn detect(
+        &mut self,
+        now: Instant,
+        service_now: Instant,
+        shadow: &ShadowQueue<Part>,
+    ) -> Option<FailureReason> {
         let live = self.live.as_ref()?;
         if let Some(exit) = live.domain.has_stopped() {
             return Some(exit_reason(&exit));
@@ -784,7 +797,7 @@ impl ChannelBackend {
                 return Some(r);
             }
         }
-        if let Some(r) = self.deadline.check(shadow.oldest_in_flight(), now) {
+        if let Some(r) = self.deadline.check(shadow.oldest_in_flight(), service_now) {
             self.deadline.expired();
             return Some(r);
         }
@@ -878,11 +891,11 @@ impl ChannelBackend {
             FaultKind::Kill | FaultKind::DuringRecovery => return,
         };
         let arg = match (kind, arg) {
-            // Slower than the request deadline, for 4 completions: twice it, so that it is
-            // still slower when the host takes half the time away (which detection leaves
-            // out).
+            // Slower than the request deadline, for 4 completions: five times it, so that it
+            // is still slower when the host takes four fifths of the time away (which
+            // detection leaves out; measured with spinning threads on both cores).
             (FaultKind::Slow, 0) => {
-                let ms = (self.deadline.current().as_millis() * 2 + 20).min(0xffff) as u32;
+                let ms = (self.deadline.current().as_millis() * 5 + 20).min(0xffff) as u32;
                 ms | 4 << 16
             }
             // Enough flipped bits to matter, most of the time.
@@ -1096,7 +1109,10 @@ impl ChannelBackend {
         self.done.clear();
         let polled = live.channel.poll(&mem, &mut self.done);
         // One clock read per pass that has completions (none on an idle poll).
-        let now = (!self.done.is_empty()).then(|| self.clock.at(Instant::now()));
+        // The supervisor and the records are on the wall clock; request latencies on the
+        // service clock, as their posting times are.
+        let now = (!self.done.is_empty()).then(Instant::now);
+        let service_now = now.map(|t| self.clock.at(t));
         // An error the device reports because the driver aimed its DMA outside the domain is
         // the driver's fault, not the medium's: recover, and replay the request.
         if self.done.iter().any(|d| d.status != cstatus::OK) {
@@ -1133,7 +1149,7 @@ impl ChannelBackend {
                 live.channel.finish(&mem, &d, None);
                 continue;
             };
-            if let (State::InFlight { posted, .. }, Some(now)) = (entry.state, now) {
+            if let (State::InFlight { posted, .. }, Some(now)) = (entry.state, service_now) {
                 self.deadline
                     .completed(now.saturating_duration_since(posted));
             }
