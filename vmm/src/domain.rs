@@ -528,12 +528,7 @@ impl Domain {
             size => Some(channel_header(&name, epoch, size)?),
         };
         let info = cfg.image.check(layout::IMAGE_BASE, channel_gpa)?;
-        let mem = memory::create(cfg.memory, layout::IDENTITY_MAPPED).map_err(|source| {
-            DomainError::Memory {
-                name: name.clone(),
-                source,
-            }
-        })?;
+        let mem = guest_memory(&name, cfg.memory)?;
 
         // 2. Guest memory contents.
         let setup = |what: &'static str| {
@@ -785,12 +780,7 @@ impl Domain {
                 ),
             });
         }
-        let mem = memory::create(cfg.memory, layout::IDENTITY_MAPPED).map_err(|source| {
-            DomainError::Memory {
-                name: name.clone(),
-                source,
-            }
-        })?;
+        let mem = guest_memory(&name, cfg.memory)?;
         let setup = |what: &'static str| {
             let name = name.clone();
             move |source| DomainError::Setup { name, what, source }
@@ -1206,6 +1196,14 @@ pub fn channel_header(name: &str, epoch: u64, size: u64) -> Result<ChannelHeader
         });
     }
     Ok(header)
+}
+
+/// A guest's RAM, identity-mapped by the entry page tables.
+fn guest_memory(name: &str, size: u64) -> Result<GuestMem, DomainError> {
+    memory::create(size, layout::IDENTITY_MAPPED).map_err(|source| DomainError::Memory {
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// A VM whose one memory slot is `mem`, from guest address 0.

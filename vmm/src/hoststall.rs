@@ -204,7 +204,7 @@ impl StallMeter {
     }
 
     /// All the time measured lost so far, by source.
-    pub fn total(&self) -> Lost {
+    pub fn so_far(&self) -> Lost {
         self.total
     }
 
@@ -351,7 +351,7 @@ ctxt 99
             waited >= Duration::from_millis(5),
             "run-queue delay {waited:?}"
         );
-        assert_eq!(m.total().service, waited);
+        assert_eq!(m.so_far().service, waited);
     }
 
     /// Threads that spin until dropped.

@@ -101,9 +101,9 @@ pub struct Observed {
     pub recoveries: VecDeque<RecoveryRecord>,
     /// Reason names of the last [`RECORDS`] detections.
     pub detections: VecDeque<(&'static str, Instant)>,
-    /// Time the host kept the domain or its service from running, left out of detection.
+    /// Time the host kept the domain from running, left out of request ages.
     pub discounted: Duration,
-    /// What the host took, by source (this includes time not yet discounted).
+    /// What the host took, by source, so far (the service's wait is measured, not discounted).
     pub stalls: Lost,
 }
 
@@ -293,9 +293,9 @@ pub struct ChannelBackend {
     heartbeat: HeartbeatMonitor,
     /// The request deadline in force: the policy's, or more where requests take longer.
     deadline: AdaptiveDeadline,
-    /// Detection's clock: the wall clock less the time the host kept the domain or this
-    /// service from running, as `stalls` measures it. Requests' posting times and the
-    /// heartbeat are on it.
+    /// Requests' clock: the wall clock less the time the host kept the domain from running,
+    /// as `stalls` measures it. Posting times and the deadline are on it; the heartbeat is on
+    /// the wall clock (see `detect`).
     clock: ServiceClock,
     stalls: StallMeter,
     /// Boots in a row that were not ready in time: each doubles the next one's time, up to
@@ -758,7 +758,7 @@ impl ChannelBackend {
             self.publish(shadow);
         }
         if let Some(reason) = self.detect(now, service_now, shadow) {
-            let t = self.stalls.total();
+            let t = self.stalls.so_far();
             tracing::info!(
                 "domain {}: host stalls discounted so far: {:?} (steal {:?}, service waited \
                  {:?}, domain waited {:?})",
@@ -915,7 +915,7 @@ impl ChannelBackend {
         o.queued = shadow.queued();
         o.standbys = self.standbys.iter().map(Domain::epoch).collect();
         o.discounted = self.clock.lost();
-        o.stalls = self.stalls.total();
+        o.stalls = self.stalls.so_far();
     }
 
     /// Posts replayed writes, then queued parts, while the channel has room.
