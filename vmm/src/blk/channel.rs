@@ -293,9 +293,8 @@ pub struct ChannelBackend {
     heartbeat: HeartbeatMonitor,
     /// The request deadline in force: the policy's, or more where requests take longer.
     deadline: AdaptiveDeadline,
-    /// Requests' clock: the wall clock less the time the host kept the domain from running,
-    /// as `stalls` measures it. Posting times and the deadline are on it; the heartbeat is on
-    /// the wall clock (see `detect`).
+    /// Detection's clock: the wall clock less the time the host kept the domain from running,
+    /// as `stalls` measures it. Posting times, the deadline and the heartbeat are on it.
     clock: ServiceClock,
     stalls: StallMeter,
     /// Boots in a row that were not ready in time: each doubles the next one's time, up to
@@ -757,7 +756,7 @@ impl ChannelBackend {
         if self.standbys.len() != before {
             self.publish(shadow);
         }
-        if let Some(reason) = self.detect(now, service_now, shadow) {
+        if let Some(reason) = self.detect(service_now, shadow) {
             let t = self.stalls.so_far();
             tracing::info!(
                 "domain {}: host stalls discounted so far: {:?} (steal {:?}, service waited \
@@ -773,15 +772,12 @@ impl ChannelBackend {
         self.publish(shadow);
     }
 
-    /// The detectors, at wall time `now` and `service_now` on the service clock. The
-    /// heartbeat is on the wall clock: its guard that the vCPU has *run* for the period (its
-    /// CPU clock, which leaves steal out) already discounts the time the host did not run it,
-    /// and no more; the service clock also stops while this service waits, which says nothing
-    /// about the domain's loop. Requests age on the service clock: the service's own delays
-    /// hold their completions back.
+    /// The detectors, at `service_now` on the service clock (which leaves out steal and the
+    /// domain's waits for a CPU). The heartbeat also needs the vCPU to have *run* the period:
+    /// a thread's CPU clock on a VM may count stolen time as run time (measured: a heartbeat
+    /// detection of a starved domain under 7 s of steal), so the clock guards it too.
     fn detect(
         &mut self,
-        now: Instant,
         service_now: Instant,
         shadow: &ShadowQueue<Part>,
     ) -> Option<FailureReason> {
@@ -790,10 +786,10 @@ impl ChannelBackend {
             return Some(exit_reason(&exit));
         }
         if live.domain.is_waiting() {
-            self.heartbeat.touch(now);
+            self.heartbeat.touch(service_now);
         } else if let Some(hb) = live.domain.heartbeat() {
             let ran = live.domain.vcpu_cpu_time();
-            if let Some(r) = self.heartbeat.sample_running(hb, now, ran) {
+            if let Some(r) = self.heartbeat.sample_running(hb, service_now, ran) {
                 return Some(r);
             }
         }
