@@ -48,6 +48,7 @@ fn a_debian_bzimage_is_loaded_with_its_zero_page_initrd_and_acpi() {
         kernel: rig_kernel(),
         initrd: Some(scratch_file("initrd.img", &initrd)),
         cmdline: "console=ttyS0 quiet".into(),
+        vcpus: 2,
     };
     let mem = ddvm::memory::create(128 << 20, 4 << 30).unwrap();
     let dev = linux::MmioDevice {
@@ -107,6 +108,7 @@ fn an_initrd_that_cannot_fit_is_refused_naming_it() {
         kernel: rig_kernel(),
         initrd: Some(big),
         cmdline: String::new(),
+        vcpus: 1,
     };
     let mem = ddvm::memory::create(64 << 20, 4 << 30).unwrap();
     let e = linux::load(&mem, &boot, &[]).unwrap_err().to_string();
@@ -139,6 +141,7 @@ fn a_stock_kernel_is_refused_on_pvm_and_booted_elsewhere() {
             kernel: rig_kernel(),
             initrd: None,
             cmdline: "console=ttyS0".into(),
+            vcpus: 2,
         }),
     };
     match Client::boot(&hv, &cfg) {

@@ -86,6 +86,7 @@ fn demo_verifies_every_block_on_svm_kvm() {
 /// by an NVMe driver domain into which every fault kind of `ddvm chaos` is injected (a build
 /// without fault injection: three kills), one per round of the client's writes, flushes and
 /// read-backs. The client sees no I/O error and every byte it reads back is what it wrote.
+/// It has two vCPUs, brought up by its kernel, and does I/O from both at once.
 ///
 /// The rig runs with one vCPU: with two, single-threaded TCG lets the nested guest's timer
 /// interrupts stop (measured: a stock kernel then hangs in every boot, also under the
@@ -156,6 +157,8 @@ fn a_stock_linux_client_is_served_through_every_domain_fault_on_svm_kvm() {
         report.verified_mib >= 48 && report.direct_blocks == 6,
         "{report:?}"
     );
+    // linux-client.toml gives it two vCPUs: both came up, and both did I/O at once.
+    assert_eq!((report.cpus, report.cpu_blocks), (2, 2), "{report:?}");
     // What its driver negotiated: FLUSH, DISCARD, WRITE_ZEROES, BLK_SIZE, GET_ID, the size.
     assert_eq!(report.write_cache, "write back");
     assert!(report.discard_max_bytes > 0 && report.write_zeroes_max_bytes > 0);

@@ -261,6 +261,13 @@ pub struct LinuxReport {
     pub verified_mib: u64,
     /// Blocks written and read back with O_DIRECT.
     pub direct_blocks: u64,
+    /// CPUs the kernel brought up.
+    #[serde(default)]
+    pub cpus: u64,
+    /// Blocks written with O_DIRECT from every CPU at once (one each, when there are
+    /// several), and read back.
+    #[serde(default)]
+    pub cpu_blocks: u64,
     /// Disk size in 512-byte sectors, as the kernel saw it.
     pub sectors: u64,
     /// Logical block size.

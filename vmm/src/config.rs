@@ -66,6 +66,9 @@ pub struct ClientSection {
     /// The Linux client's command line.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// The Linux client's vCPUs (1 when unset; ddvm's own clients have one).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
 }
 
 fn default_client_memory() -> u64 {
@@ -94,6 +97,7 @@ impl ClientSection {
             kernel: resolve(config_file, self.kernel.as_deref()?),
             initrd: self.initrd.as_deref().map(|p| resolve(config_file, p)),
             cmdline: self.cmdline.clone().unwrap_or_default(),
+            vcpus: self.vcpus.unwrap_or(1),
         })
     }
 }
@@ -322,6 +326,7 @@ impl Config {
                     for (k, set) in [
                         ("initrd", c.initrd.is_some()),
                         ("cmdline", c.cmdline.is_some()),
+                        ("vcpus", c.vcpus.is_some()),
                     ] {
                         if set {
                             return Err(invalid(
@@ -342,6 +347,13 @@ impl Config {
                         return Err(invalid(
                             key("image"),
                             "set with `kernel`; expected one of `image` and `kernel`".into(),
+                        ));
+                    }
+                    let most = crate::linux::MAX_VCPUS;
+                    if c.vcpus.is_some_and(|n| n == 0 || n > most) {
+                        return Err(invalid(
+                            key("vcpus"),
+                            format!("{}: expected from 1 to {most}", c.vcpus.unwrap_or_default()),
                         ));
                     }
                     let min = crate::linux::MIN_MEMORY >> 20;
@@ -516,9 +528,25 @@ mod tests {
         assert_eq!(boot.kernel, Path::new("/etc/ddvm/vmlinuz"));
         assert_eq!(boot.initrd.as_deref(), Some(Path::new("/etc/ddvm/i.cpio")));
         assert_eq!(boot.cmdline, "console=ttyS0");
+        assert_eq!(boot.vcpus, 1, "one vCPU unless asked");
+        let c = parse(&format!(
+            "{base}memory_mib = 256\nkernel = \"vmlinuz\"\nvcpus = 4\n"
+        ))
+        .unwrap();
+        let boot = c.clients[0].linux_boot(Path::new("t.toml")).unwrap();
+        assert_eq!(boot.vcpus, 4);
         for (extra, key) in [
             ("initrd = \"i.cpio\"\n", "client[0].initrd"),
             ("cmdline = \"x\"\n", "client[0].cmdline"),
+            ("vcpus = 2\n", "client[0].vcpus"),
+            (
+                "memory_mib = 256\nkernel = \"k\"\nvcpus = 0\n",
+                "client[0].vcpus",
+            ),
+            (
+                "memory_mib = 256\nkernel = \"k\"\nvcpus = 999\n",
+                "client[0].vcpus",
+            ),
             (
                 "memory_mib = 256\nkernel = \"k\"\nworkload = \"qd=4\"\n",
                 "client[0].workload",

@@ -1,9 +1,10 @@
-//! A guest VM: memory, image, one vCPU thread, devices — from creation to teardown.
+//! A guest VM: memory, image, vCPU threads (one, but for a Linux client's), devices — from
+//! creation to teardown.
 //!
 //! Booting checks everything that can be wrong with the request (image, sizes) before any KVM
 //! object exists; a failure after that drops what was built, so nothing is left half-started.
-//! Teardown stops the vCPU thread (a kick signal takes it out of KVM_RUN), joins it, then drops
-//! the vCPU, the VM and the memory, in that order.
+//! Teardown stops the vCPU threads (a kick signal takes each out of KVM_RUN), joins them, then
+//! drops the vCPUs, the VM and the memory, in that order.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -418,6 +419,8 @@ pub struct Domain {
     console: Arc<Console>,
     stats: Option<VcpuStats>,
     thread: Option<JoinHandle<DomainExit>>,
+    // The other vCPUs' threads (a Linux client's application processors), joined with it.
+    aps: Vec<JoinHandle<DomainExit>>,
     // The vCPU thread's CPU-time clock (valid while `thread` is held, not joined).
     cpu_clock: Option<libc::clockid_t>,
     exit: Option<DomainExit>,
@@ -735,6 +738,7 @@ impl Domain {
                     let present = present.clone();
                     Box::new(move || present.load(Ordering::Acquire) && work()) as vcpu::WaitWork
                 }),
+            index: 0,
         };
         let (thread, cpu_clock) = start_vcpu(&name, vcpu, ctx)?;
         Ok(Domain {
@@ -749,6 +753,7 @@ impl Domain {
             console,
             stats,
             thread: Some(thread),
+            aps: Vec::new(),
             cpu_clock,
             exit: None,
             device: device.map(|(d, _)| d).filter(|_| !standby),
@@ -831,38 +836,49 @@ impl Domain {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        if register_pvm_vif(&vcpu, layout::VIF_PAGE) {
-            return Err(DomainError::Unsupported {
-                name,
-                what: "/dev/kvm is PVM, which cannot run a stock Linux kernel (it would run in \
-                       PVM's instruction emulator); run it on a VMX/SVM host, or in the TCG rig \
-                       (scripts/rig)"
-                    .into(),
-            });
+        let mut vcpus = Vec::new();
+        for index in 0..boot.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            if index == 0 && register_pvm_vif(&vcpu, layout::VIF_PAGE) {
+                return Err(DomainError::Unsupported {
+                    name,
+                    what: "/dev/kvm is PVM, which cannot run a stock Linux kernel (it would run \
+                           in PVM's instruction emulator); run it on a VMX/SVM host, or in the \
+                           TCG rig (scripts/rig)"
+                        .into(),
+                });
+            }
+            let mut cpuid = hv
+                .supported_cpuid()
+                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?
+                .clone();
+            linux::vcpu_cpuid(&mut cpuid, index, boot.vcpus);
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            if index == 0 {
+                // The boot processor: the legacy PIC's wire, long mode, the 64-bit entry. The
+                // others stay in reset until the kernel's INIT/SIPI (KVM's local APIC holds
+                // them: with the in-kernel irqchip they start uninitialized).
+                let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+                linux::virtual_wire(&mut lapic);
+                vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+                let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                vcpu.set_sregs(&arch::long_mode_sregs(sregs))
+                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+                vcpu.set_regs(&kvm_bindings::kvm_regs {
+                    rip: kernel.entry,
+                    rsi: linux::ZERO_PAGE,
+                    rsp: linux::INITIAL_RSP,
+                    rflags: 0x2,
+                    ..Default::default()
+                })
+                .map_err(kvm_err("KVM_SET_REGS"))?;
+            }
+            vcpus.push(vcpu);
         }
         let platform = hv.host_kind();
-        let mut cpuid = hv
-            .supported_cpuid()
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?
-            .clone();
-        linux::set_hypervisor_bit(&mut cpuid);
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
-        linux::virtual_wire(&mut lapic);
-        vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&arch::long_mode_sregs(sregs))
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&kvm_bindings::kvm_regs {
-            rip: kernel.entry,
-            rsi: linux::ZERO_PAGE,
-            rsp: linux::INITIAL_RSP,
-            rflags: 0x2,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_SET_REGS"))?;
-        let stats = VcpuStats::open(&vcpu);
+        let stats = VcpuStats::open(&vcpus[0]);
 
         let console = Arc::new(Console::new(&name, cfg.echo));
         let bus_err = |e: crate::devices::bus::BusError| DomainError::Host {
@@ -908,19 +924,46 @@ impl Domain {
         for a in attachments {
             put_on_bus(&vm, &name, &mut mmio, a)?;
         }
-        let ctx = VcpuContext {
-            mem: mem.clone(),
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            shared: shared.clone(),
-            console: console.clone(),
-            log: None,
-            channel: None,
-            started,
-            abi_ports: false,
-            on_wait: None,
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let mut threads = Vec::new();
+        for (index, vcpu) in (0..).zip(vcpus) {
+            let ctx = VcpuContext {
+                mem: mem.clone(),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                shared: shared.clone(),
+                console: console.clone(),
+                log: None,
+                channel: None,
+                started,
+                abi_ports: false,
+                on_wait: None,
+                index,
+            };
+            let thread_name = match index {
+                0 => name.clone(),
+                i => format!("{name}-{i}"),
+            };
+            match start_vcpu(&thread_name, vcpu, ctx) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Those started go down with the guest.
+                    shared.request_stop();
+                    for (t, _) in threads {
+                        join_vcpu(t);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut threads = threads.into_iter();
+        let Some((thread, cpu_clock)) = threads.next() else {
+            return Err(DomainError::Unsupported {
+                name,
+                what: "no vCPU".into(),
+            });
         };
-        let (thread, cpu_clock) = start_vcpu(&name, vcpu, ctx)?;
+        let aps = threads.map(|(t, _)| t).collect();
         Ok(Domain {
             name,
             epoch: 0,
@@ -937,6 +980,7 @@ impl Domain {
             console,
             stats,
             thread: Some(thread),
+            aps,
             cpu_clock,
             exit: None,
             device: None,
@@ -1171,7 +1215,12 @@ impl Domain {
     pub fn stop(&mut self) -> DomainExit {
         if let Some(thread) = self.thread.take() {
             self.shared.request_stop();
-            self.exit = Some(join_vcpu(thread));
+            let exit = join_vcpu(thread);
+            for ap in self.aps.drain(..) {
+                join_vcpu(ap);
+            }
+            // With several vCPUs, the first to stop says why.
+            self.exit = Some(self.has_stopped().unwrap_or(exit));
         }
         self.exit.clone().unwrap_or(DomainExit::Stopped)
     }

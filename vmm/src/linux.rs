@@ -66,6 +66,8 @@ pub const I8042_PORT: u16 = 0x60;
 pub const SLEEP_PORT: u16 = 0x3c0;
 /// Smallest memory for a Linux guest.
 pub const MIN_MEMORY: u64 = 64 << 20;
+/// Most vCPUs of a Linux client: one package of cores, APIC IDs 0 to 31.
+pub const MAX_VCPUS: u32 = 32;
 /// The TSS area VMX needs below 4 GiB (three pages), out of the way of RAM and devices.
 pub const TSS_ADDRESS: usize = 0xfffb_d000;
 /// `SLP_TYP` of S5 (soft off), as the DSDT's `_S5_` gives it.
@@ -82,6 +84,8 @@ pub struct LinuxBoot {
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
+    /// vCPUs (1 to [`MAX_VCPUS`]).
+    pub vcpus: u32,
 }
 
 /// A virtio-mmio window to describe in the DSDT.
@@ -133,6 +137,12 @@ pub enum LinuxError {
     Cmdline {
         /// Its length.
         len: usize,
+    },
+    /// A vCPU count out of range.
+    #[error("{count} vCPUs; expected from 1 to {MAX_VCPUS}")]
+    Vcpus {
+        /// The count asked for.
+        count: u32,
     },
     /// Writing into guest memory failed.
     #[error("writing {what} into guest memory: {source}")]
@@ -232,7 +242,10 @@ pub fn load(
     mem.write_slice(&cmdline, GuestAddress(CMDLINE))
         .map_err(mem_err("command line"))?;
 
-    let rsdp = write_acpi(mem, devices)?;
+    if !(1..=MAX_VCPUS).contains(&boot.vcpus) {
+        return Err(LinuxError::Vcpus { count: boot.vcpus });
+    }
+    let rsdp = write_acpi(mem, devices, boot.vcpus)?;
 
     // The zero page: the kernel's own setup header, and what a boot loader fills in.
     hdr.type_of_loader = 0xff;
@@ -314,8 +327,9 @@ fn dsdt(devices: &[MmioDevice]) -> Sdt {
     t
 }
 
-/// Writes RSDP, XSDT, FADT, MADT and DSDT; returns the RSDP's address.
-fn write_acpi(mem: &GuestMem, devices: &[MmioDevice]) -> Result<u64, LinuxError> {
+/// Writes RSDP, XSDT, FADT, MADT (with `vcpus` local APICs) and DSDT; returns the RSDP's
+/// address.
+fn write_acpi(mem: &GuestMem, devices: &[MmioDevice], vcpus: u32) -> Result<u64, LinuxError> {
     // The RSDP first, at the start of the area (16-byte aligned, where a scan finds it); its
     // XSDT address is known once the rest is placed, so it is written last.
     let mut area = vec![0u8; Rsdp::len()];
@@ -346,11 +360,14 @@ fn write_acpi(mem: &GuestMem, devices: &[MmioDevice]) -> Result<u64, LinuxError>
         1,
         madt::LocalInterruptController::Address(LAPIC_BASE),
     );
-    madt.add_structure(madt::ProcessorLocalApic::new(
-        0,
-        0,
-        madt::EnabledStatus::Enabled,
-    ));
+    // Processor UID and APIC ID both the vCPU's index: what its CPUID says ([`vcpu_cpuid`]).
+    for id in 0..u8::try_from(vcpus.min(MAX_VCPUS)).unwrap_or(1) {
+        madt.add_structure(madt::ProcessorLocalApic::new(
+            id,
+            id,
+            madt::EnabledStatus::Enabled,
+        ));
+    }
     madt.add_structure(madt::IoApic::new(0, IOAPIC_BASE, 0));
     let madt_at = place(&mut area, &madt);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, 1);
@@ -370,12 +387,47 @@ fn write_acpi(mem: &GuestMem, devices: &[MmioDevice]) -> Result<u64, LinuxError>
     Ok(ACPI_BASE)
 }
 
-/// Sets CPUID.1:ECX[31], "running on a hypervisor": without it the kernel does not look for
-/// KVM's leaves, gets no kvm-clock, and hangs calibrating its clocks (measured in the rig).
-pub fn set_hypervisor_bit(cpuid: &mut kvm_bindings::CpuId) {
+/// Fits KVM's supported CPUID to vCPU `index` of `count`:
+/// - CPUID.1:ECX[31], "running on a hypervisor": without it the kernel does not look for
+///   KVM's leaves, gets no kvm-clock, and hangs calibrating its clocks (measured in the rig);
+/// - the vCPU's APIC ID (= `index`, as the MADT says) in every leaf that carries one, and a
+///   topology of `count` single-thread cores in one package (leaves 0xB/0x1F, and AMD's
+///   0x8000_0008 and 0x8000_001E), whatever the host's own is.
+pub fn vcpu_cpuid(cpuid: &mut kvm_bindings::CpuId, index: u32, count: u32) {
+    // Bits of the APIC ID that number the cores of the one package.
+    let shift = count.next_power_of_two().trailing_zeros();
     for e in cpuid.as_mut_slice() {
-        if e.function == 1 {
-            e.ecx |= 1 << 31;
+        match (e.function, e.index) {
+            (0x1, _) => {
+                e.ecx |= 1 << 31;
+                // Initial APIC ID (31:24) and logical processors of the package (23:16),
+                // valid with HTT.
+                e.ebx = (e.ebx & 0xffff) | index << 24 | count.next_power_of_two() << 16;
+                if count > 1 {
+                    e.edx |= 1 << 28;
+                }
+            }
+            // Extended topology: SMT level of one thread, core level of `count` cores; EDX is
+            // the x2APIC ID at every level.
+            (0xb | 0x1f, 0) => {
+                (e.eax, e.ebx, e.ecx, e.edx) = (0, 1, 1 << 8, index);
+            }
+            (0xb | 0x1f, 1) => {
+                (e.eax, e.ebx, e.ecx, e.edx) = (shift, count, 2 << 8 | 1, index);
+            }
+            (0xb | 0x1f, n) => {
+                (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, n, index);
+            }
+            // AMD: cores of the package minus one, and the APIC-ID bits that number them.
+            (0x8000_0008, _) => {
+                e.ecx = (e.ecx & !0xf0ff) | shift << 12 | (count - 1);
+            }
+            // AMD TOPOEXT: extended APIC ID, and one thread per core.
+            (0x8000_001e, _) => {
+                e.eax = index;
+                e.ebx = (e.ebx & !0xffff) | (index & 0xff);
+            }
+            _ => {}
         }
     }
 }
@@ -507,7 +559,7 @@ mod tests {
             len: 0x1000,
             gsi: 5,
         };
-        assert_eq!(write_acpi(&mem, &[dev]).unwrap(), ACPI_BASE);
+        assert_eq!(write_acpi(&mem, &[dev], 3).unwrap(), ACPI_BASE);
         let mut area = vec![0u8; (ACPI_END - ACPI_BASE) as usize];
         mem.read_slice(&mut area, GuestAddress(ACPI_BASE)).unwrap();
         assert_eq!(&area[..8], b"RSD PTR ");
@@ -552,6 +604,54 @@ mod tests {
             LAPIC_BASE
         );
         assert!(madt.windows(4).any(|w| w == IOAPIC_BASE.to_le_bytes()));
+        // One enabled processor local APIC (type 0, length 8) per vCPU, UID = APIC ID.
+        let mut apics = Vec::new();
+        let mut at = 44;
+        while at + 2 <= madt.len() {
+            let (kind, len) = (madt[at], usize::from(madt[at + 1]));
+            assert!(len >= 2 && at + len <= madt.len(), "MADT entry at {at}");
+            if kind == 0 {
+                assert_eq!(len, 8);
+                let flags = u32::from_le_bytes(madt[at + 4..at + 8].try_into().unwrap());
+                assert_eq!(flags & 1, 1, "enabled");
+                apics.push((madt[at + 2], madt[at + 3]));
+            }
+            at += len;
+        }
+        assert_eq!(apics, [(0, 0), (1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn each_vcpu_has_its_own_apic_id_in_one_package() {
+        let entry = |function, index| kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx: 0xdead_0000,
+            ..Default::default()
+        };
+        let base = kvm_bindings::CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap();
+        for (index, count) in [(0, 1), (2, 3), (5, 8)] {
+            let mut c = base.clone();
+            vcpu_cpuid(&mut c, index, count);
+            let e = c.as_slice();
+            assert_ne!(e[0].ecx & 1 << 31, 0, "the hypervisor bit");
+            assert_eq!(e[0].ebx >> 24, index, "leaf 1: initial APIC ID");
+            assert_eq!(e[0].edx >> 28 & 1, u32::from(count > 1), "HTT");
+            assert_eq!(e[0].ebx >> 16 & 0xff, count.next_power_of_two());
+            assert!(e[1..4].iter().all(|l| l.edx == index), "x2APIC IDs");
+            assert_eq!((e[1].ebx, e[1].ecx >> 8 & 0xff), (1, 1), "SMT: one thread");
+            assert_eq!((e[2].ebx, e[2].ecx >> 8 & 0xff), (count, 2), "cores");
+            assert_eq!(1 << e[2].eax, count.next_power_of_two());
+            assert_eq!(e[3].ecx >> 8 & 0xff, 0, "no further level");
+            assert_eq!(e[4].ecx & 0xff, count - 1, "AMD: cores minus one");
+        }
     }
 
     #[test]
@@ -565,6 +665,7 @@ mod tests {
             kernel: path.clone(),
             initrd: None,
             cmdline: "console=ttyS0".into(),
+            vcpus: 1,
         };
         let e = load(&mem, &boot, &[]).unwrap_err();
         assert!(matches!(e, LinuxError::Kernel { .. }), "{e}");

@@ -282,6 +282,18 @@ impl Shared {
         self.changed.notify_all();
     }
 
+    /// A vCPU thread ended with `exit`. The first to end says why the guest stopped; with
+    /// more than one vCPU, the others are asked to stop (their owner joins them).
+    fn stopped(&self, exit: DomainExit) {
+        let mut state = self.lock();
+        if !matches!(*state, RunState::Stopped(_)) {
+            *state = RunState::Stopped(exit);
+        }
+        drop(state);
+        self.changed.notify_all();
+        self.request_stop();
+    }
+
     /// Lets a standby go on from its standby exit (or never stop there, if it has not reached
     /// it yet): it is booting again. False when the guest has already stopped.
     pub fn promote(&self) -> bool {
@@ -346,6 +358,10 @@ pub struct VcpuContext {
     /// exit is paid already): true when it did something the guest is waiting for, and the
     /// guest resumes at once instead of waiting.
     pub on_wait: Option<WaitWork>,
+    /// Which of the guest's vCPUs this is: 0 boots it and is the one the domain's heartbeat,
+    /// host-stall and CPU-time checks watch; the others (a Linux client's application
+    /// processors) wait for the kernel's INIT/SIPI in KVM's local APIC.
+    pub index: u32,
 }
 
 /// See [`VcpuContext::on_wait`].
@@ -376,15 +392,17 @@ enum Step {
 
 /// Runs the guest until it stops; returns why.
 pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> DomainExit {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    ctx.shared
-        .tid
-        .store(unsafe { libc::gettid() }, Ordering::Release);
+    if ctx.index == 0 {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        ctx.shared
+            .tid
+            .store(unsafe { libc::gettid() }, Ordering::Release);
+    }
     let exit = run_loop(&mut vcpu, &mut ctx);
     if let Some(log) = ctx.log.as_mut() {
         log.drain(&ctx.mem, &ctx.console);
     }
-    ctx.shared.set(RunState::Stopped(exit.clone()));
+    ctx.shared.stopped(exit.clone());
     // Whoever waits on completions (the block service) learns at once that none will come.
     let _ = ctx.shared.notify.write(1);
     exit
@@ -394,7 +412,8 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
     let mut ready_seen = false;
     loop {
         if ctx.shared.stop.load(Ordering::Acquire) {
-            let by_guest = ctx.shared.guest_exit.lock().map(|mut e| e.take());
+            // Every vCPU that stops for the guest's reason reports it.
+            let by_guest = ctx.shared.guest_exit.lock().map(|e| e.clone());
             return by_guest.ok().flatten().unwrap_or(DomainExit::Stopped);
         }
         let step = match vcpu.run() {
