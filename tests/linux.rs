@@ -135,6 +135,7 @@ fn a_stock_kernel_is_refused_on_pvm_and_booted_elsewhere() {
             discard: false,
             write_zeroes: false,
             serial: "t".into(),
+            queues: 2,
         },
         echo: Echo::Off,
         linux: Some(LinuxBoot {

@@ -157,8 +157,10 @@ fn a_stock_linux_client_is_served_through_every_domain_fault_on_svm_kvm() {
         report.verified_mib >= 48 && report.direct_blocks == 6,
         "{report:?}"
     );
-    // linux-client.toml gives it two vCPUs: both came up, and both did I/O at once.
+    // linux-client.toml gives it two vCPUs: both came up, and both did I/O at once, each on
+    // its own queue of the disk (MQ: a queue per vCPU).
     assert_eq!((report.cpus, report.cpu_blocks), (2, 2), "{report:?}");
+    assert_eq!(report.queues, 2, "{report:?}");
     // What its driver negotiated: FLUSH, DISCARD, WRITE_ZEROES, BLK_SIZE, GET_ID, the size.
     assert_eq!(report.write_cache, "write back");
     assert!(report.discard_max_bytes > 0 && report.write_zeroes_max_bytes > 0);

@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::{BlockGeometry, ClientPort, VirtioBlock};
 use crate::console::Echo;
-use crate::domain::{Domain, DomainConfig, DomainError, MmioAttachment};
+use crate::domain::{Domain, DomainConfig, DomainError, LevelIrq, MmioAttachment};
 use crate::hypervisor::Hypervisor;
 use crate::linux::LinuxBoot;
 use crate::loader::Image;
@@ -147,13 +147,22 @@ fn virtio_blk(
     };
     let (interrupt, irq) = match cfg.linux {
         Some(_) => {
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host)?;
-            let line = irq.try_clone().map_err(host)?;
+            let trigger = EventFd::new(libc::EFD_NONBLOCK).map_err(host)?;
+            let line = trigger.try_clone().map_err(host)?;
             // An eventfd write fails only when its counter would overflow: already raised.
             let signal = Arc::new(move || {
                 let _ = line.write(1);
             });
-            (Interrupt::new(signal), Some((VIRTIO_GSI, irq)))
+            let interrupt = Interrupt::new(signal);
+            // Level-triggered: asserted again after each EOI while InterruptStatus is not
+            // all acknowledged.
+            let status = interrupt.clone();
+            let irq = LevelIrq {
+                gsi: VIRTIO_GSI,
+                trigger,
+                pending: Arc::new(move || status.status() != 0),
+            };
+            (interrupt, Some(irq))
         }
         None => {
             let waker = shared.clone();
@@ -268,6 +277,9 @@ pub struct LinuxReport {
     /// several), and read back.
     #[serde(default)]
     pub cpu_blocks: u64,
+    /// The disk's request queues its driver uses (blk-mq hardware queues).
+    #[serde(default)]
+    pub queues: u64,
     /// Disk size in 512-byte sectors, as the kernel saw it.
     pub sectors: u64,
     /// Logical block size.

@@ -69,6 +69,10 @@ pub struct ClientSection {
     /// The Linux client's vCPUs (1 when unset; ddvm's own clients have one).
     #[serde(default)]
     pub vcpus: Option<u32>,
+    /// Request queues its virtio-blk disk offers (MQ when more than one; a driver without
+    /// MQ uses one). Default: one per vCPU.
+    #[serde(default)]
+    pub queues: Option<u16>,
 }
 
 fn default_client_memory() -> u64 {
@@ -89,6 +93,14 @@ impl ClientSection {
     /// The image path (`None`: the built-in workload client).
     pub fn image_path(&self, config_file: &Path) -> Option<PathBuf> {
         (self.image != BUILTIN_WORKLOAD_CLIENT).then(|| resolve(config_file, &self.image))
+    }
+
+    /// Request queues of its disk: `queues`, else one per vCPU.
+    pub fn queue_count(&self) -> u16 {
+        self.queues.unwrap_or_else(|| {
+            self.vcpus
+                .map_or(1, |n| u16::try_from(n).unwrap_or(u16::MAX))
+        })
     }
 
     /// The stock Linux kernel to boot, if the client is one (`kernel` is set).
@@ -365,6 +377,16 @@ impl Config {
                     }
                 }
             }
+            let most = crate::blk::MAX_QUEUES;
+            if c.queues.is_some_and(|n| n == 0 || n > most) {
+                return Err(invalid(
+                    key("queues"),
+                    format!(
+                        "{}: expected from 1 to {most}",
+                        c.queues.unwrap_or_default()
+                    ),
+                ));
+            }
             if c.memory_mib < 4 || c.memory_mib % 2 != 0 || c.memory_mib > 3072 {
                 return Err(invalid(
                     key("memory_mib"),
@@ -535,10 +557,18 @@ mod tests {
         .unwrap();
         let boot = c.clients[0].linux_boot(Path::new("t.toml")).unwrap();
         assert_eq!(boot.vcpus, 4);
+        assert_eq!(c.clients[0].queue_count(), 4, "a queue per vCPU");
+        let c = parse(&format!(
+            "{base}memory_mib = 256\nkernel = \"vmlinuz\"\nvcpus = 4\nqueues = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(c.clients[0].queue_count(), 2);
         for (extra, key) in [
             ("initrd = \"i.cpio\"\n", "client[0].initrd"),
             ("cmdline = \"x\"\n", "client[0].cmdline"),
             ("vcpus = 2\n", "client[0].vcpus"),
+            ("queues = 0\n", "client[0].queues"),
+            ("queues = 33\n", "client[0].queues"),
             (
                 "memory_mib = 256\nkernel = \"k\"\nvcpus = 0\n",
                 "client[0].vcpus",

@@ -386,9 +386,41 @@ pub struct MmioAttachment {
     pub device: Arc<Mutex<dyn crate::devices::BusDevice>>,
     /// Eventfds to register as ioeventfds (guest-physical address, eventfd), no datamatch.
     pub ioevents: Vec<(u64, vmm_sys_util::eventfd::EventFd)>,
-    /// The device's interrupt: an eventfd to make an irqfd on a GSI. Only guests with an
-    /// interrupt controller take it (a stock Linux guest); ddvm's own guests poll.
-    pub irq: Option<(u32, vmm_sys_util::eventfd::EventFd)>,
+    /// The device's interrupt line. Only guests with an interrupt controller take it (a
+    /// stock Linux guest); ddvm's own guests poll.
+    pub irq: Option<LevelIrq>,
+}
+
+/// A device's level-triggered interrupt line on the guest's I/O APIC (as QEMU's virtio-mmio
+/// lines are). An irqfd with a resample eventfd: writing `trigger` asserts the line; at the
+/// guest's EOI KVM de-asserts it and signals the resample eventfd, and the line is asserted
+/// again while `pending` holds. Unlike an edge, a level survives the guest masking the pin
+/// (Linux masks it while it moves an interrupt between CPUs; an edge then is lost for good).
+pub struct LevelIrq {
+    /// The I/O APIC input.
+    pub gsi: u32,
+    /// Written to assert the line.
+    pub trigger: vmm_sys_util::eventfd::EventFd,
+    /// Whether the device still has an interrupt for the guest.
+    pub pending: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Re-asserts level-triggered lines after each EOI while their device has an interrupt
+/// pending; ends once the guest is asked to stop.
+fn resample_lines(shared: &Shared, lines: Vec<(LevelIrq, vmm_sys_util::eventfd::EventFd)>) {
+    use std::os::fd::AsRawFd;
+    let fds: Vec<_> = lines.iter().map(|(_, r)| r.as_raw_fd()).collect();
+    while !shared.stopping() {
+        if !vcpu::wait_fds(&fds, Duration::from_millis(50)) {
+            continue;
+        }
+        for (line, resample) in &lines {
+            if resample.read().is_ok() && (line.pending)() {
+                // Fails only when the counter would overflow: asserted already.
+                let _ = line.trigger.write(1);
+            }
+        }
+    }
 }
 
 /// Builds the devices of a guest once its memory and shared state exist.
@@ -421,6 +453,8 @@ pub struct Domain {
     thread: Option<JoinHandle<DomainExit>>,
     // The other vCPUs' threads (a Linux client's application processors), joined with it.
     aps: Vec<JoinHandle<DomainExit>>,
+    // Threads that end when the guest is asked to stop (the interrupt-line resampler).
+    helpers: Vec<JoinHandle<()>>,
     // The vCPU thread's CPU-time clock (valid while `thread` is held, not joined).
     cpu_clock: Option<libc::clockid_t>,
     exit: Option<DomainExit>,
@@ -710,7 +744,8 @@ impl Domain {
             }
         }
         for a in attach(&mem, &shared)? {
-            put_on_bus(&vm, &name, &mut mmio, a)?;
+            // ddvm's guests poll: their devices have no interrupt line to resample.
+            let _ = put_on_bus(&vm, &name, &mut mmio, a)?;
         }
         // Completion notifications are handled in the kernel: ~23 µs instead of ~70 µs.
         if let Err(e) = vm.register_ioevent(
@@ -754,6 +789,7 @@ impl Domain {
             stats,
             thread: Some(thread),
             aps: Vec::new(),
+            helpers: Vec::new(),
             cpu_clock,
             exit: None,
             device: device.map(|(d, _)| d).filter(|_| !standby),
@@ -804,10 +840,10 @@ impl Domain {
         let devices: Vec<linux::MmioDevice> = attachments
             .iter()
             .filter_map(|a| {
-                a.irq.as_ref().map(|(gsi, _)| linux::MmioDevice {
+                a.irq.as_ref().map(|line| linux::MmioDevice {
                     base: a.base,
                     len: a.len,
-                    gsi: *gsi,
+                    gsi: line.gsi,
                 })
             })
             .collect();
@@ -886,20 +922,34 @@ impl Domain {
             what: "device buses",
             source: std::io::Error::other(e),
         };
-        let irqfd = |gsi: u32| -> Result<vmm_sys_util::eventfd::EventFd, DomainError> {
-            let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(host_err("eventfd"))?;
-            vm.register_irqfd(&fd, gsi).map_err(kvm_err("KVM_IRQFD"))?;
-            Ok(fd)
-        };
+        // COM1's line, level-triggered like the disk's: asserted while the UART has an
+        // interrupt pending.
+        let trigger =
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+        let uart = Arc::new(Mutex::new(SerialPort::with_interrupt(
+            console.clone(),
+            trigger.try_clone().map_err(host_err("eventfd"))?,
+        )));
+        let pending = uart.clone();
+        let mut lines = vec![register_line(
+            &vm,
+            &name,
+            LevelIrq {
+                gsi: linux::SERIAL_GSI,
+                trigger,
+                pending: Arc::new(move || {
+                    pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .interrupt_pending()
+                }),
+            },
+        )?];
         let mut pio = Bus::new();
         pio.insert(
             u64::from(port::SERIAL_COM1),
             u64::from(port::SERIAL_LEN),
-            Arc::new(Mutex::new(SerialPort::with_interrupt(
-                console.clone(),
-                irqfd(linux::SERIAL_GSI)?,
-            ))),
+            uart,
         )
         .map_err(bus_err)?;
         pio.insert(
@@ -922,7 +972,17 @@ impl Domain {
         .map_err(bus_err)?;
         let mut mmio = Bus::new();
         for a in attachments {
-            put_on_bus(&vm, &name, &mut mmio, a)?;
+            lines.extend(put_on_bus(&vm, &name, &mut mmio, a)?);
+        }
+        let mut helpers = Vec::new();
+        {
+            let shared = shared.clone();
+            helpers.push(
+                std::thread::Builder::new()
+                    .name(format!("irq-{name}"))
+                    .spawn(move || resample_lines(&shared, lines))
+                    .map_err(host_err("spawning the interrupt thread"))?,
+            );
         }
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let mut threads = Vec::new();
@@ -951,6 +1011,9 @@ impl Domain {
                     shared.request_stop();
                     for (t, _) in threads {
                         join_vcpu(t);
+                    }
+                    for h in helpers {
+                        let _ = h.join();
                     }
                     return Err(e);
                 }
@@ -981,6 +1044,7 @@ impl Domain {
             stats,
             thread: Some(thread),
             aps,
+            helpers,
             cpu_clock,
             exit: None,
             device: None,
@@ -1219,6 +1283,9 @@ impl Domain {
             for ap in self.aps.drain(..) {
                 join_vcpu(ap);
             }
+            for h in self.helpers.drain(..) {
+                let _ = h.join();
+            }
             // With several vCPUs, the first to stop says why.
             self.exit = Some(self.has_stopped().unwrap_or(exit));
         }
@@ -1281,7 +1348,14 @@ fn vm_with_memory(hv: &Hypervisor, name: &str, mem: &GuestMem) -> Result<Arc<VmF
 }
 
 /// Puts a caller's device on the MMIO bus, with its ioeventfds and its irqfd.
-fn put_on_bus(vm: &VmFd, name: &str, mmio: &mut Bus, a: MmioAttachment) -> Result<(), DomainError> {
+/// Puts a device on the MMIO bus with its ioeventfds and, if it has one, its interrupt line
+/// (returned with its resample eventfd, for [`resample_lines`]).
+fn put_on_bus(
+    vm: &VmFd,
+    name: &str,
+    mmio: &mut Bus,
+    a: MmioAttachment,
+) -> Result<Option<(LevelIrq, vmm_sys_util::eventfd::EventFd)>, DomainError> {
     let kvm_err = |what: &'static str| {
         let name = name.to_string();
         move |source| DomainError::Kvm { name, what, source }
@@ -1296,10 +1370,30 @@ fn put_on_bus(vm: &VmFd, name: &str, mmio: &mut Bus, a: MmioAttachment) -> Resul
         vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
             .map_err(kvm_err("KVM_IOEVENTFD"))?;
     }
-    if let Some((gsi, fd)) = &a.irq {
-        vm.register_irqfd(fd, *gsi).map_err(kvm_err("KVM_IRQFD"))?;
-    }
-    Ok(())
+    a.irq.map(|line| register_line(vm, name, line)).transpose()
+}
+
+/// Registers `line` as an irqfd with a resample eventfd; returns both, for
+/// [`resample_lines`].
+fn register_line(
+    vm: &VmFd,
+    name: &str,
+    line: LevelIrq,
+) -> Result<(LevelIrq, vmm_sys_util::eventfd::EventFd), DomainError> {
+    let resample = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+        DomainError::Host {
+            name: name.to_string(),
+            what: "eventfd",
+            source,
+        }
+    })?;
+    vm.register_irqfd_with_resample(&line.trigger, &resample, line.gsi)
+        .map_err(|source| DomainError::Kvm {
+            name: name.to_string(),
+            what: "KVM_IRQFD (resample)",
+            source,
+        })?;
+    Ok((line, resample))
 }
 
 /// Starts the vCPU thread (`vcpu-NAME`); returns it and its CPU-time clock.
@@ -1370,5 +1464,47 @@ impl Drop for Domain {
         self.retire();
         // Then the VM goes, and then (as a field) the memory.
         self.vm.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// After an EOI (the resample eventfd), the line is asserted again exactly while its
+    /// device has an interrupt pending; the thread ends once the guest is asked to stop.
+    #[test]
+    fn a_level_line_is_asserted_again_after_eoi_only_while_pending() {
+        let shared = Arc::new(Shared::new().unwrap());
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = trigger.try_clone().unwrap();
+        let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let eoi = resample.try_clone().unwrap();
+        let pending = Arc::new(AtomicBool::new(true));
+        let p = pending.clone();
+        let line = LevelIrq {
+            gsi: 5,
+            trigger,
+            pending: Arc::new(move || p.load(Ordering::Acquire)),
+        };
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || resample_lines(&s, vec![(line, resample)]));
+        let asserted =
+            |timeout: Duration| vcpu::wait_eventfd(&seen, timeout) && seen.read().is_ok();
+        eoi.write(1).unwrap();
+        assert!(
+            asserted(Duration::from_secs(2)),
+            "pending at EOI: asserted again"
+        );
+        pending.store(false, Ordering::Release);
+        eoi.write(1).unwrap();
+        assert!(
+            !asserted(Duration::from_millis(200)),
+            "nothing pending: left low"
+        );
+        shared.request_stop();
+        thread.join().unwrap();
     }
 }

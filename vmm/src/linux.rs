@@ -300,8 +300,9 @@ fn dsdt(devices: &[MmioDevice]) -> Sdt {
     let mut body = Vec::new();
     for (i, d) in devices.iter().enumerate() {
         let mem = aml::Memory32Fixed::new(true, d.base as u32, d.len as u32);
-        // Consumer, edge-triggered, active-high, exclusive: what an irqfd gives.
-        let irq = aml::Interrupt::new(true, true, false, false, d.gsi);
+        // Consumer, level-triggered, active-high, exclusive: the device's line stays
+        // asserted until its interrupt is acknowledged (see `domain::LevelIrq`).
+        let irq = aml::Interrupt::new(true, false, false, false, d.gsi);
         let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
         let hid = aml::Name::new("_HID".into(), &"LNRO0005");
         let uid_value = i as u32;
@@ -315,7 +316,8 @@ fn dsdt(devices: &[MmioDevice]) -> Sdt {
     let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let com1_uid = aml::Name::new("_UID".into(), &0u8);
     let com1_io = aml::IO::new(COM1, COM1, 1, 8);
-    let com1_irq = aml::Interrupt::new(true, true, false, false, SERIAL_GSI);
+    // Level-triggered, active-high: asserted while the UART has an interrupt pending.
+    let com1_irq = aml::Interrupt::new(true, false, false, false, SERIAL_GSI);
     let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let com1_crs = aml::Name::new("_CRS".into(), &com1_crs);
     aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs])
@@ -590,13 +592,13 @@ mod tests {
         let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"LNRO0005\0"), "the virtio-mmio HID");
         assert!(has(&0xd000_0000u32.to_le_bytes()), "the window's base");
-        // Extended interrupt descriptor: consumer, edge, active-high, one interrupt, GSI 5.
-        assert!(has(&[0x89, 6, 0, 0b011, 1, 5, 0, 0, 0]), "the interrupt");
+        // Extended interrupt descriptor: consumer, level, active-high, one interrupt, GSI 5.
+        assert!(has(&[0x89, 6, 0, 0b001, 1, 5, 0, 0, 0]), "the interrupt");
         assert!(has(b"_S5_"));
         // COM1: PNP0501 (EISA-compressed), its ports and GSI 4.
         assert!(has(&[0x41, 0xd0, 0x05, 0x01]), "PNP0501");
         assert!(has(&[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]), "COM1's ports");
-        assert!(has(&[0x89, 6, 0, 0b011, 1, 4, 0, 0, 0]), "COM1's interrupt");
+        assert!(has(&[0x89, 6, 0, 0b001, 1, 4, 0, 0, 0]), "COM1's interrupt");
         // The MADT: a local APIC and an I/O APIC at their bases.
         let madt = table_at(&area, entries[1]);
         assert_eq!(

@@ -485,8 +485,8 @@ fn run_topology(
             ),
             None => match &o.linux {
                 Some(l) => println!(
-                    "{:<10} Linux {} on {} CPUs: {} checks, {} failed; {} MiB verified in {} rounds, {} O_DIRECT blocks ({} from every CPU at once)",
-                    o.name, l.kernel, l.cpus, l.checks, l.failed, l.verified_mib, l.rounds, l.direct_blocks, l.cpu_blocks
+                    "{:<10} Linux {} on {} CPUs, {} disk queues: {} checks, {} failed; {} MiB verified in {} rounds, {} O_DIRECT blocks ({} from every CPU at once)",
+                    o.name, l.kernel, l.cpus, l.queues, l.checks, l.failed, l.verified_mib, l.rounds, l.direct_blocks, l.cpu_blocks
                 ),
                 None => println!("{:<10} (no report)", o.name),
             },

@@ -318,6 +318,7 @@ pub fn client_config(
             discard: info.discard,
             write_zeroes: info.write_zeroes,
             serial: format!("ddvm-{}", c.name).chars().take(20).collect(),
+            queues: c.queue_count(),
         },
         echo,
         linux: c.linux_boot(file),

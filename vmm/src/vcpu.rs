@@ -262,6 +262,11 @@ impl Shared {
         self.request_stop();
     }
 
+    /// Whether the guest was asked to stop (or one of its vCPUs stopped).
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
     /// Asks the vCPU thread to stop at its next chance.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);

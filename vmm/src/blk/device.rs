@@ -31,6 +31,8 @@ pub const SIZE_MAX: u32 = 64 << 10;
 /// driver that keeps to SEG_MAX and SIZE_MAX can send. (Without SIZE_MAX a Linux driver
 /// sends requests of megabytes in few large segments, which a smaller limit failed.)
 pub const MAX_REQUEST: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Most request queues a device offers (MQ): one per vCPU of the largest client.
+pub const MAX_QUEUES: u16 = 32;
 /// Optimal request size advertised (TOPOLOGY).
 const OPT_IO: u64 = 1 << 20;
 
@@ -58,6 +60,8 @@ pub struct BlockGeometry {
     pub write_zeroes: bool,
     /// ID string answered to GET_ID (at most 20 bytes).
     pub serial: String,
+    /// Request queues offered (1 to [`MAX_QUEUES`]; more than one offers MQ).
+    pub queues: u16,
 }
 
 impl BlockGeometry {
@@ -99,7 +103,15 @@ impl BlockGeometry {
         if self.write_zeroes {
             f |= 1 << b::VIRTIO_BLK_F_WRITE_ZEROES;
         }
+        if self.queues > 1 {
+            f |= 1 << b::VIRTIO_BLK_F_MQ;
+        }
         f
+    }
+
+    /// Request queues offered, within 1 to [`MAX_QUEUES`].
+    pub fn queue_count(&self) -> u16 {
+        self.queues.clamp(1, MAX_QUEUES)
     }
 
     /// The configuration space (struct virtio_blk_config, little endian).
@@ -120,6 +132,7 @@ impl BlockGeometry {
             max_write_zeroes_sectors: self.max_dwz_sectors().to_le(),
             max_write_zeroes_seg: 1u32.to_le(),
             write_zeroes_may_unmap: 0,
+            num_queues: self.queue_count().to_le(),
             ..Default::default()
         }
     }
@@ -138,10 +151,11 @@ pub struct PortCounters {
     pub needs_reset: AtomicU64,
 }
 
-/// The queue as the service sees it.
+/// The queues as the service sees them.
 pub struct PortState {
-    /// The queue, while the driver has it running.
-    pub queue: Option<Queue>,
+    /// The request queues by index, while the driver has the device running (`None`: a
+    /// queue it left unused).
+    pub queues: Vec<Option<Queue>>,
     /// Bumped at every activation and reset.
     pub generation: u64,
     /// The service gave up on this queue until the driver resets the device.
@@ -181,7 +195,7 @@ impl ClientPort {
             interrupt,
             counters: PortCounters::default(),
             state: Mutex::new(PortState {
-                queue: None,
+                queues: Vec::new(),
                 generation: 0,
                 needs_reset: false,
             }),
@@ -199,6 +213,7 @@ pub struct VirtioBlock {
     port: Arc<ClientPort>,
     config: Config,
     features: u64,
+    queue_sizes: Vec<u16>,
 }
 
 impl VirtioBlock {
@@ -206,10 +221,12 @@ impl VirtioBlock {
     pub fn new(port: Arc<ClientPort>) -> Self {
         let config = Config(port.geometry.config());
         let features = port.geometry.features();
+        let queue_sizes = vec![QUEUE_SIZE; usize::from(port.geometry.queue_count())];
         VirtioBlock {
             port,
             config,
             features,
+            queue_sizes,
         }
     }
 }
@@ -224,7 +241,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -242,14 +259,24 @@ impl VirtioDevice for VirtioBlock {
         // Nothing is writable (no CONFIG_WCE): writes are ignored.
     }
 
-    fn activate(&mut self, _acked: u64, mut queues: Vec<Queue>) -> Result<(), String> {
-        let queue = queues.pop().ok_or("no request queue")?;
-        if !queue.ready() {
+    fn activate(&mut self, _acked: u64, queues: Vec<Option<Queue>>) -> Result<(), String> {
+        // A driver without MQ uses queue 0 only; with it, any of the queues offered.
+        if queues.len() > self.queue_sizes.len() {
+            return Err(format!(
+                "{} queues; offered {}",
+                queues.len(),
+                self.queue_sizes.len()
+            ));
+        }
+        if queues.iter().flatten().next().is_none() {
+            return Err("no request queue".into());
+        }
+        if queues.iter().flatten().any(|q| !q.ready()) {
             return Err("request queue not ready".into());
         }
         {
             let mut st = self.port.lock();
-            st.queue = Some(queue);
+            st.queues = queues;
             st.generation += 1;
             st.needs_reset = false;
         }
@@ -260,7 +287,7 @@ impl VirtioDevice for VirtioBlock {
 
     fn reset(&mut self) {
         let mut st = self.port.lock();
-        st.queue = None;
+        st.queues.clear();
         st.generation += 1;
         st.needs_reset = false;
     }
@@ -301,6 +328,7 @@ mod tests {
             discard: true,
             write_zeroes: true,
             serial: "t".into(),
+            queues: 1,
         };
         let f = g.features();
         assert_ne!(f & 1 << b::VIRTIO_BLK_F_SEG_MAX, 0);
@@ -311,5 +339,59 @@ mod tests {
         assert!(u64::from(seg_max) * u64::from(size_max) <= g.limits().max_data);
         assert!(g.limits().max_data >= 2 << 20, "Linux sends 2 MiB reads");
         assert_eq!(u32::from_le(c.opt_io_size) as u64 * 4096, OPT_IO);
+    }
+
+    #[test]
+    fn several_queues_are_offered_as_mq() {
+        let mut g = BlockGeometry {
+            range: LbaRange {
+                first: 0,
+                sectors: 1 << 20,
+            },
+            block_size: 512,
+            read_only: false,
+            discard: false,
+            write_zeroes: false,
+            serial: "t".into(),
+            queues: 1,
+        };
+        assert_eq!(
+            g.features() & 1 << b::VIRTIO_BLK_F_MQ,
+            0,
+            "one queue: no MQ"
+        );
+        assert_eq!(u16::from_le(g.config().num_queues), 1);
+        g.queues = 4;
+        assert_ne!(g.features() & 1 << b::VIRTIO_BLK_F_MQ, 0);
+        assert_eq!(u16::from_le(g.config().num_queues), 4);
+        let port = ClientPort::new(
+            "mq",
+            crate::memory::create(4 << 20, 1 << 30).unwrap(),
+            g,
+            crate::virtio::Interrupt::new(Arc::new(|| {})),
+        )
+        .unwrap();
+        let mut dev = VirtioBlock::new(port.clone());
+        assert_eq!(dev.queue_max_sizes(), [QUEUE_SIZE; 4]);
+        // num_queues at offset 34 of the configuration space, as a driver reads it.
+        let mut n = [0u8; 2];
+        dev.read_config(34, &mut n);
+        assert_eq!(u16::from_le_bytes(n), 4);
+        let ready = || {
+            let mut q = Queue::new(QUEUE_SIZE).unwrap();
+            q.set_ready(true);
+            Some(q)
+        };
+        // More queues than offered, none at all, or one not ready: refused.
+        assert!(dev.activate(0, (0..5).map(|_| ready()).collect()).is_err());
+        assert!(dev.activate(0, vec![None, None]).is_err());
+        let unready = Some(Queue::new(QUEUE_SIZE).unwrap());
+        assert!(dev.activate(0, vec![ready(), unready]).is_err());
+        // A driver may leave queues unused; the others keep their indices.
+        dev.activate(0, vec![None, ready(), None, ready()]).unwrap();
+        let present: Vec<bool> = port.lock().queues.iter().map(Option::is_some).collect();
+        assert_eq!(present, [false, true, false, true]);
+        dev.reset();
+        assert!(port.lock().queues.is_empty());
     }
 }

@@ -15,7 +15,7 @@ pub mod request;
 pub mod service;
 
 pub use backend::{Backend, BackendError, ChannelBackend, DiskInfo, FileBackend};
-pub use device::{BlockGeometry, ClientPort, LbaRange, VirtioBlock};
+pub use device::{BlockGeometry, ClientPort, LbaRange, VirtioBlock, MAX_QUEUES};
 pub use service::BlockService;
 
 #[cfg(test)]

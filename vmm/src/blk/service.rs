@@ -60,6 +60,8 @@ pub struct Part {
 pub struct Pending {
     /// Index of the client port.
     pub port: usize,
+    /// Index of the request queue it came from.
+    pub queue: u16,
     /// Queue generation it came from.
     pub generation: u64,
     /// Head descriptor index.
@@ -143,7 +145,7 @@ impl BlockService {
             shadow: ShadowQueue::new(),
             pending: HashMap::new(),
             next_rid: 0,
-            signal: vec![false; ports.len()],
+            signal: vec![0; ports.len()],
             finished: Vec::new(),
         };
         let worker = Arc::new(Mutex::new(worker));
@@ -252,7 +254,8 @@ struct Worker {
     shadow: ShadowQueue<Part>,
     pending: HashMap<u64, Pending>,
     next_rid: u64,
-    signal: Vec<bool>,
+    /// Per port, the queues (bits by index) that got answers since the last signal.
+    signal: Vec<u64>,
     finished: Vec<Finished>,
 }
 
@@ -296,7 +299,7 @@ impl Worker {
             if st.needs_reset {
                 continue;
             }
-            if let Some(q) = st.queue.as_mut() {
+            for q in st.queues.iter_mut().flatten() {
                 // Ok(true): the driver added buffers meanwhile.
                 ready |= q.enable_notification(&port.mem).unwrap_or(true);
             }
@@ -318,7 +321,7 @@ impl Worker {
         w.backend.arm(false);
         for port in &w.ports {
             let mut st = port.lock();
-            if let Some(q) = st.queue.as_mut() {
+            for q in st.queues.iter_mut().flatten() {
                 let _ = q.disable_notification(&port.mem);
             }
         }
@@ -331,44 +334,49 @@ impl Worker {
             let port = self.ports[i].clone();
             let limits = port.geometry.limits();
             let mut st = port.lock();
-            if st.needs_reset {
-                continue;
-            }
             let generation = st.generation;
-            let Some(q) = st.queue.as_mut() else { continue };
-            let chains: Vec<_> = match q.iter(&port.mem) {
-                Ok(it) => it.collect(),
-                Err(_) => {
-                    port.give_up_queue(&mut st, "available index moved past the queue size");
-                    continue;
+            for queue in 0..st.queues.len() as u16 {
+                if st.needs_reset {
+                    break;
                 }
-            };
-            let mut answers = Vec::new();
-            let mut unusable = None;
-            for chain in chains {
-                n += 1;
-                let head = chain.head_index();
-                match request::parse(chain, &port.mem, &limits) {
-                    Ok(req) => {
-                        if let Some(a) = self.accept(i, generation, head, req) {
-                            answers.push(a);
-                        }
-                    }
-                    Err(Invalid::Status { status, value, why }) => {
-                        tracing::debug!("{}: request refused: {why}", port.name);
-                        answers.push((head, status, value, 0));
-                    }
-                    Err(Invalid::Unusable(why)) => {
-                        unusable = Some(why);
+                let Some(q) = st.queues[usize::from(queue)].as_mut() else {
+                    continue;
+                };
+                let chains: Vec<_> = match q.iter(&port.mem) {
+                    Ok(it) => it.collect(),
+                    Err(_) => {
+                        port.give_up_queue(&mut st, "available index moved past the queue size");
                         break;
                     }
+                };
+                let mut answers = Vec::new();
+                let mut unusable = None;
+                for chain in chains {
+                    n += 1;
+                    let head = chain.head_index();
+                    match request::parse(chain, &port.mem, &limits) {
+                        Ok(req) => {
+                            if let Some(a) = self.accept(i, queue, generation, head, req) {
+                                answers.push(a);
+                            }
+                        }
+                        Err(Invalid::Status { status, value, why }) => {
+                            tracing::debug!("{}: request refused: {why}", port.name);
+                            answers.push((head, status, value, 0));
+                        }
+                        Err(Invalid::Unusable(why)) => {
+                            unusable = Some(why);
+                            break;
+                        }
+                    }
                 }
-            }
-            for (head, status_addr, value, len) in answers {
-                self.answer_locked(&port, &mut st, i, head, status_addr, value, len);
-            }
-            if let Some(why) = unusable {
-                port.give_up_queue(&mut st, why);
+                for (head, status_addr, value, len) in answers {
+                    let at = (i, queue, head);
+                    self.answer_locked(&port, &mut st, at, status_addr, value, len);
+                }
+                if let Some(why) = unusable {
+                    port.give_up_queue(&mut st, why);
+                }
             }
         }
         n
@@ -378,6 +386,7 @@ impl Worker {
     fn accept(
         &mut self,
         port: usize,
+        queue: u16,
         generation: u64,
         head: u16,
         req: request::Request,
@@ -441,6 +450,7 @@ impl Worker {
             rid,
             Pending {
                 port,
+                queue,
                 generation,
                 head,
                 kind: req.kind,
@@ -502,18 +512,17 @@ impl Worker {
         } else {
             0
         };
-        self.answer_locked(&port, &mut st, p.port, p.head, p.status, p.result, len);
+        let at = (p.port, p.queue, p.head);
+        self.answer_locked(&port, &mut st, at, p.status, p.result, len);
     }
 
-    /// Writes the status byte and puts the chain in the used ring. `len`: data bytes written
-    /// into the client's buffers (the status byte is added).
-    #[allow(clippy::too_many_arguments)]
+    /// Writes the status byte and puts the chain `at` (port, queue, head) in its queue's used
+    /// ring. `len`: data bytes written into the client's buffers (the status byte is added).
     fn answer_locked(
         &mut self,
         port: &ClientPort,
         st: &mut super::device::PortState,
-        index: usize,
-        head: u16,
+        (index, queue, head): (usize, u16, u16),
         status_addr: u64,
         value: u8,
         len: u32,
@@ -522,24 +531,34 @@ impl Worker {
             .counters
             .answered
             .fetch_add(1, Ordering::Relaxed);
-        let Some(q) = st.queue.as_mut() else { return };
+        let Some(Some(q)) = st.queues.get_mut(usize::from(queue)) else {
+            return;
+        };
         let written = port.mem.write_obj(value, GuestAddress(status_addr)).is_ok();
         if !written || q.add_used(&port.mem, head, len + 1).is_err() {
             port.give_up_queue(st, "used ring or status byte not writable");
             return;
         }
-        self.signal[index] = true;
+        self.signal[index] |= 1 << queue;
     }
 
     /// Signals clients that got answers, where their event index asks for it.
     fn signal_clients(&mut self) {
         for (i, port) in self.ports.iter().enumerate() {
-            if !std::mem::take(&mut self.signal[i]) {
+            let answered = std::mem::take(&mut self.signal[i]);
+            if answered == 0 {
                 continue;
             }
             let mut st = port.lock();
-            let Some(q) = st.queue.as_mut() else { continue };
-            if q.needs_notification(&port.mem).unwrap_or(true) {
+            // One interrupt for the device: raised when any queue that got answers asks for
+            // it (every queue's event index is checked, so each knows it was seen).
+            let mut raise = false;
+            for (n, q) in st.queues.iter_mut().enumerate() {
+                if let Some(q) = q.as_mut().filter(|_| answered >> n & 1 == 1) {
+                    raise |= q.needs_notification(&port.mem).unwrap_or(true);
+                }
+            }
+            if raise {
                 port.interrupt.raise(crate::virtio::interrupt::VRING);
             }
         }

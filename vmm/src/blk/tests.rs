@@ -26,7 +26,8 @@ const HDR: u64 = 0x40000;
 const DATA: u64 = 0x100000;
 const STATUS: u64 = 0x50000;
 
-/// A scripted driver: one queue of `QUEUE_SIZE` in a 4 MiB client.
+/// A scripted driver: one queue of `QUEUE_SIZE` in a 4 MiB client (or, from
+/// [`Driver::queues`], one of several queues of the same device).
 struct Driver {
     mem: GuestMem,
     port: Arc<ClientPort>,
@@ -34,10 +35,35 @@ struct Driver {
     avail: u16,
     used_seen: u16,
     wakes: Arc<AtomicU64>,
+    /// Where this queue's rings are, past DESC, AVAIL and USED (0 for the first queue).
+    rings: u64,
+}
+
+/// Rings of queue `n`: 4 KiB apart, inside each ring area.
+fn rings_of(n: u16) -> u64 {
+    u64::from(n) * 0x1000
+}
+
+fn ready_queue(rings: u64) -> Queue {
+    let mut q = Queue::new(QUEUE_SIZE).unwrap();
+    q.set_size(QUEUE_SIZE);
+    q.try_set_desc_table_address(GuestAddress(DESC + rings))
+        .unwrap();
+    q.try_set_avail_ring_address(GuestAddress(AVAIL + rings))
+        .unwrap();
+    q.try_set_used_ring_address(GuestAddress(USED + rings))
+        .unwrap();
+    q.set_ready(true);
+    q
 }
 
 impl Driver {
     fn new(name: &str, range: LbaRange) -> Driver {
+        Self::queues(name, range, 1).pop().unwrap()
+    }
+
+    /// A device with `n` queues, all in use: a driver per queue (the first owns the device).
+    fn queues(name: &str, range: LbaRange, n: u16) -> Vec<Driver> {
         let mem = memory::create(4 << 20, 1 << 30).unwrap();
         let wakes = Arc::new(AtomicU64::new(0));
         let w = wakes.clone();
@@ -51,28 +77,31 @@ impl Driver {
             discard: true,
             write_zeroes: true,
             serial: format!("ser-{name}"),
+            queues: n,
         };
         let port = ClientPort::new(name, mem.clone(), geometry, interrupt).unwrap();
         let mut device = VirtioBlock::new(port.clone());
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_size(QUEUE_SIZE);
-        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-        q.set_ready(true);
-        device.activate(0, vec![q]).unwrap();
-        Driver {
-            mem,
-            port,
-            device,
-            avail: 0,
-            used_seen: 0,
-            wakes,
-        }
+        device
+            .activate(0, (0..n).map(|i| Some(ready_queue(rings_of(i)))).collect())
+            .unwrap();
+        let mut devices = vec![device];
+        devices.extend((1..n).map(|_| VirtioBlock::new(port.clone())));
+        (0..n)
+            .zip(devices)
+            .map(|(i, device)| Driver {
+                mem: mem.clone(),
+                port: port.clone(),
+                device,
+                avail: 0,
+                used_seen: 0,
+                wakes: wakes.clone(),
+                rings: rings_of(i),
+            })
+            .collect()
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = DESC + u64::from(i) * 16;
+        let at = DESC + self.rings + u64::from(i) * 16;
         self.mem.write_obj(addr, GuestAddress(at)).unwrap();
         self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
         self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
@@ -87,11 +116,11 @@ impl Driver {
 
     /// Makes head `head` available and notifies.
     fn publish(&mut self, head: u16) {
-        let slot = AVAIL + 4 + u64::from(self.avail % QUEUE_SIZE) * 2;
+        let slot = AVAIL + self.rings + 4 + u64::from(self.avail % QUEUE_SIZE) * 2;
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail = self.avail.wrapping_add(1);
         self.mem
-            .write_obj(self.avail, GuestAddress(AVAIL + 2))
+            .write_obj(self.avail, GuestAddress(AVAIL + self.rings + 2))
             .unwrap();
         self.port.notify.write(1).unwrap();
     }
@@ -122,9 +151,10 @@ impl Driver {
     fn wait_used(&mut self, status_at: u64) -> Option<(u32, u32, u8)> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            let used = USED + self.rings;
+            let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
             if idx != self.used_seen {
-                let e = USED + 4 + u64::from(self.used_seen % QUEUE_SIZE) * 8;
+                let e = used + 4 + u64::from(self.used_seen % QUEUE_SIZE) * 8;
                 let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
                 let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
                 self.used_seen = self.used_seen.wrapping_add(1);
@@ -159,12 +189,9 @@ impl Driver {
         self.used_seen = 0;
         self.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
         self.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-        q.set_ready(true);
-        self.device.activate(0, vec![q]).unwrap();
+        self.device
+            .activate(0, vec![Some(ready_queue(self.rings))])
+            .unwrap();
     }
 }
 
@@ -235,6 +262,43 @@ fn writes_read_back_and_stay_inside_each_clients_range() {
         .all(|&x| x == 0xbb));
     assert!(
         a.wakes.load(Ordering::Relaxed) > 0,
+        "the client was signalled"
+    );
+}
+
+/// MQ: requests on every queue of one device are served, each answered on the queue it came
+/// from (in that queue's used ring, its status byte), and the data is one disk for all.
+#[test]
+fn each_queue_of_a_multiqueue_device_is_answered_on_its_own_ring() {
+    let (_path, backend) = disk(2);
+    let mut qs = Driver::queues("mq", RANGE_A, 3);
+    let svc = service(&[&qs[0]], backend);
+    // A write on queue 2, read back on queue 1; descriptors apart (each queue has its own
+    // table, but the headers and status bytes of a test request sit at its head's index).
+    qs[2].fill(2, 4096, 0x3c);
+    qs[2].request(6, b::VIRTIO_BLK_T_OUT, 16, 2, 4096);
+    assert_eq!(qs[2].wait_used(STATUS + 6), Some((6, 1, status::OK)));
+    qs[1].fill(1, 4096, 0);
+    qs[1].request(3, b::VIRTIO_BLK_T_IN, 16, 1, 4096);
+    assert_eq!(qs[1].wait_used(STATUS + 3), Some((3, 4097, status::OK)));
+    assert_eq!(qs[1].data(1, 4096), vec![0x3c; 4096]);
+    // Several queues at once: each gets exactly its own answers.
+    for (i, q) in qs.iter_mut().enumerate() {
+        let base = 9 + 3 * i as u16;
+        q.request(base, b::VIRTIO_BLK_T_IN, 16, 4 + i as u64, 512);
+    }
+    for (i, q) in qs.iter_mut().enumerate() {
+        let base = 9 + 3 * i as u16;
+        let got = q.wait_used(STATUS + u64::from(base));
+        assert_eq!(got, Some((u32::from(base), 513, status::OK)), "queue {i}");
+    }
+    for (i, q) in qs.iter().enumerate() {
+        let used: u16 = q.mem.read_obj(GuestAddress(USED + q.rings + 2)).unwrap();
+        assert_eq!(used, q.used_seen, "queue {i}: its own answers only");
+    }
+    assert_eq!(svc.counters().answered.load(Ordering::Relaxed), 5);
+    assert!(
+        qs[0].wakes.load(Ordering::Relaxed) > 0,
         "the client was signalled"
     );
 }

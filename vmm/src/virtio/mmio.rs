@@ -133,6 +133,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter_mut().enumerate() {
             if !q.ready() {
+                queues.push(None);
                 continue;
             }
             q.set_event_idx(event_idx);
@@ -143,14 +144,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 return;
             }
             match Queue::try_from(q.state()) {
-                Ok(copy) => queues.push(copy),
+                Ok(copy) => queues.push(Some(copy)),
                 Err(e) => {
                     self.fail(format!("queue {i}: {e}"));
                     return;
                 }
             }
         }
-        if queues.is_empty() {
+        if queues.iter().all(Option::is_none) {
             self.fail("no queue is ready".into());
             return;
         }

@@ -110,9 +110,10 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (ignored where read-only).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// The driver set DRIVER_OK: serve `queues` with the features it accepted. An error means
+    /// The driver set DRIVER_OK: serve `queues` (by index; `None` where the driver left a
+    /// queue unused, at least one is there) with the features it accepted. An error means
     /// the configuration is unusable; the transport then sets DEVICE_NEEDS_RESET.
-    fn activate(&mut self, acked_features: u64, queues: Vec<Queue>) -> Result<(), String>;
+    fn activate(&mut self, acked_features: u64, queues: Vec<Option<Queue>>) -> Result<(), String>;
     /// The driver reset the device: stop serving the queues. When this returns the device no
     /// longer touches the driver's memory.
     fn reset(&mut self);
