@@ -395,7 +395,8 @@ pub struct MmioAttachment {
 /// lines are). An irqfd with a resample eventfd: writing `trigger` asserts the line; at the
 /// guest's EOI KVM de-asserts it and signals the resample eventfd, and the line is asserted
 /// again while `pending` holds. Unlike an edge, a level survives the guest masking the pin
-/// (Linux masks it while it moves an interrupt between CPUs; an edge then is lost for good).
+/// for a moment (as Linux does when it reprograms one): KVM's I/O APIC drops an edge that
+/// arrives on a masked pin. With edges, a 2-vCPU Linux client stopped for good now and then.
 pub struct LevelIrq {
     /// The I/O APIC input.
     pub gsi: u32,
