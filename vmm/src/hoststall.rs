@@ -440,9 +440,19 @@ ctxt 99
         assert_eq!(m.domain.as_ref().map(|(k, _)| *k), Some(2), "a new domain");
         m.sample(now, None);
         assert!(m.domain.is_none());
-        // A thread that is gone cannot be read: nothing is counted.
+        // A thread that is gone cannot be read: nothing is counted. (`join` returns once the
+        // kernel clears the thread's id, which is before its /proc entry goes.)
         done_tx.send(()).unwrap();
         t.join().unwrap();
+        let task = std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
+        let until = Instant::now() + Duration::from_secs(5);
+        while task.exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !task.exists(),
+            "the thread's /proc entry outlived it by 5 s"
+        );
         assert_eq!(m.sample(now, Some(dt(3, tid))).domain, Duration::ZERO);
         assert!(m.domain.is_none());
     }
