@@ -10,6 +10,10 @@
 //! the mean over its segments. The chaos segments are laid end to end on one timeline for
 //! the report and its plots.
 //!
+//! Faults go in one period apart, each into a domain that has recovered from the one before
+//! (a fault waits for that at most eight periods): a fault sent into a domain still hung would
+//! be taken by nobody and hide its kind.
+//!
 //! Fault injection is compiled in only with the `fault-injection` cargo feature; a build
 //! without it (such as the release binary) refuses to inject.
 
@@ -25,6 +29,11 @@ use crate::config::Config;
 use crate::console::Echo;
 use crate::hypervisor::Hypervisor;
 use crate::topology::Topology;
+
+/// At most this many periods a fault waits for the last one's recovery.
+const SETTLE_EVERIES: u32 = 8;
+/// How often a fault held back looks again.
+const SETTLE_POLL: Duration = Duration::from_millis(5);
 
 /// Whether this build can inject faults.
 pub const ENABLED: bool = cfg!(feature = "fault-injection");
@@ -211,14 +220,26 @@ impl ChaosRun {
         let mut last_answered = 0;
         let mut k = self.faults_sent;
         let end = start + length;
+        // The recoveries counted when the last fault went in (none yet in this segment).
+        let mut recovered_then: Option<(u64, Instant)> = None;
         while Instant::now() < end {
             let now = Instant::now();
-            if now >= next_fault && !plan.faults.is_empty() {
+            // A fault goes into a domain that has recovered from the last one: injected into
+            // one that is still hung (detection waits for the host's steal to be left out),
+            // it would test nothing and hide the next kind. A fault that nothing detects
+            // holds the next one back for at most `SETTLE_EVERIES` periods.
+            let settled = recovered_then.is_none_or(|(r, at)| {
+                handle.with(|o| o.recovered) > r || now >= at + plan.every * SETTLE_EVERIES
+            });
+            if now >= next_fault && !plan.faults.is_empty() && !settled {
+                next_fault = now + SETTLE_POLL;
+            } else if now >= next_fault && !plan.faults.is_empty() {
                 let kind = plan.faults[k % plan.faults.len()];
                 k += 1;
+                recovered_then = Some((handle.with(|o| o.recovered), now));
                 handle.send(Command::Inject { kind, arg: 0 });
                 report.injected(kind, on_timeline(now));
-                next_fault += plan.every;
+                next_fault = now + plan.every;
             }
             if now >= next_sample {
                 let answered: u64 = topo

@@ -79,7 +79,8 @@ enum Command {
         /// Fault kinds, injected in turn: a comma list or `all`.
         #[arg(long, default_value = "kill")]
         faults: String,
-        /// Time between faults (e.g. 100ms, 1s).
+        /// Time between faults (e.g. 100ms, 1s); a fault also waits for the domain to recover
+        /// from the last one (at most 8 such periods).
         #[arg(long, default_value = "1s")]
         every: String,
         /// Length of the chaos run, and of the fault-free baseline run.
