@@ -397,14 +397,16 @@ fn write_acpi(mem: &GuestMem, devices: &[MmioDevice], vcpus: u32) -> Result<u64,
 ///   0x8000_0008 and 0x8000_001E), whatever the host's own is.
 pub fn vcpu_cpuid(cpuid: &mut kvm_bindings::CpuId, index: u32, count: u32) {
     // Bits of the APIC ID that number the cores of the one package.
-    let shift = count.next_power_of_two().trailing_zeros();
+    // APIC IDs a package of `count` cores spans, and the bits that number them.
+    let slots = count.max(1).next_power_of_two();
+    let shift = slots.trailing_zeros();
     for e in cpuid.as_mut_slice() {
         match (e.function, e.index) {
             (0x1, _) => {
                 e.ecx |= 1 << 31;
                 // Initial APIC ID (31:24) and logical processors of the package (23:16),
                 // valid with HTT.
-                e.ebx = (e.ebx & 0xffff) | index << 24 | count.next_power_of_two() << 16;
+                e.ebx = (e.ebx & 0xffff) | index << 24 | slots << 16;
                 if count > 1 {
                     e.edx |= 1 << 28;
                 }
@@ -422,7 +424,7 @@ pub fn vcpu_cpuid(cpuid: &mut kvm_bindings::CpuId, index: u32, count: u32) {
             }
             // AMD: cores of the package minus one, and the APIC-ID bits that number them.
             (0x8000_0008, _) => {
-                e.ecx = (e.ecx & !0xf0ff) | shift << 12 | (count - 1);
+                e.ecx = (e.ecx & !0xf0ff) | shift << 12 | count.saturating_sub(1);
             }
             // AMD TOPOEXT: extended APIC ID, and one thread per core.
             (0x8000_001e, _) => {
