@@ -33,7 +33,7 @@ fn config(dir: &Path, recovery: &str, workload: &str, clients: usize) -> Config 
     Config::parse(Path::new("test.toml"), &text).unwrap()
 }
 
-const FAST: &str = "heartbeat_ms = 20\nrequest_deadline_ms = 100\nmax_restarts = 100000\nrestart_delay_ms = 1\nrestart_delay_cap_ms = 5\n";
+const FAST: &str = "heartbeat_ms = 20\nrequest_deadline_ms = 100\nmax_restarts = 100000\nrestart_delay_ms = 1\nrestart_delay_cap_ms = 5\nboot_timeout_ms = 400\n";
 
 fn hv() -> Arc<ddvm::hypervisor::Hypervisor> {
     Arc::new(kvm())
@@ -80,6 +80,7 @@ fn every_fault_kind_is_detected_recovered_and_invisible_to_clients() {
         "protocol-stale-epoch",
         "dma-refused",
         "deadline",
+        "boot-timeout",
     ] {
         assert!(
             r.detections.contains_key(reason),
@@ -175,6 +176,176 @@ fn writes_a_reset_drops_from_the_volatile_cache_are_replayed() {
     assert!(r.verified > 0, "{r:?}");
     assert!(dropped > 0, "the resets dropped cached writes ({dropped})");
     assert!(handle.with(|o| o.recovered) >= 6);
+}
+
+/// Restarts that fail before ready — the fresh or promoted domain dies during its device's
+/// bring-up, or hangs there until the boot timeout — are failures of the epoch that was
+/// booting: each is counted, backs off and is followed by another attempt, and the domain that
+/// finally comes up replays the write log. The clients write without flushing to a volatile
+/// cache each reset drops, and read back every block they wrote: none is lost.
+#[test]
+fn restarts_that_fail_before_ready_replay_on_the_domain_that_comes_up() {
+    let _serial = serial();
+    for standbys in [0usize, 2] {
+        let dir = scratch(&format!("recovery-failed-restart-{standbys}"));
+        let cfg = config(
+            &dir,
+            &format!("{FAST}standbys = {standbys}\n"),
+            "workload=randwrite bs=4096 qd=8 duration_ms=2500 flush_every=0 verify_pass=1",
+            2,
+        );
+        let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+        let handle = topo.recovery[0].1.clone();
+        // One dies then one hangs (the default); then three die in a row.
+        for arg in [0, 0x203, 0] {
+            std::thread::sleep(Duration::from_millis(250));
+            let before = handle.with(|o| o.recovered);
+            handle.send(Command::Inject {
+                kind: FaultKind::FailedRestart,
+                arg,
+            });
+            wait_until(&handle, "a recovery", |o| o.recovered > before);
+        }
+        let outcomes = topo.wait_clients(Duration::from_secs(60));
+        let backend = topo.services[0].stop().unwrap();
+        let Backend::Channel(b) = backend else {
+            panic!("a channel backend")
+        };
+        let dropped = b.device_stats().dropped_cached_writes;
+        drop(b);
+        topo.stop();
+        for o in &outcomes {
+            let r = o.report.clone().expect("report");
+            assert!(r.clean(), "standbys={standbys}: {r:?}");
+            assert!(r.verified > 0, "standbys={standbys}: {r:?}");
+        }
+        assert!(dropped > 0, "the resets dropped cached writes ({dropped})");
+        let status = handle.with(|o| o.status.clone()).unwrap();
+        // The kill, then 2, 3 and 2 failed boots: 10 failures, each a restart decision.
+        assert_eq!(status.restarts, 10, "standbys={standbys}: {status:?}");
+        assert_eq!(status.duplicates, 0, "standbys={standbys}: {status:?}");
+        assert!(!status.broken, "{status:?}");
+        assert_eq!(status.detections.get("panic"), Some(&5), "{status:?}");
+        assert_eq!(
+            status.detections.get("boot-timeout"),
+            Some(&2),
+            "{status:?}"
+        );
+        assert_eq!(status.state, "running", "{status:?}");
+    }
+}
+
+/// Restarts that keep failing before ready exhaust the policy like any other failures: each
+/// is counted in the window and backs off, the hook runs for each decision and for the
+/// give-up, and then the disk gives up (requests fail with an error status; no block read is
+/// wrong), instead of retrying in a loop that the supervisor ignores.
+#[test]
+fn restarts_that_keep_failing_before_ready_give_up_and_run_the_hook() {
+    let _serial = serial();
+    let dir = scratch("recovery-failed-restart-giveup");
+    let calls = dir.join("hook.log");
+    let hook = dir.join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = config(
+        &dir,
+        &format!(
+            "max_restarts = 3\nwindow_ms = 60000\nrestart_delay_ms = 2\nrestart_delay_cap_ms = 100\n\
+             heartbeat_ms = 20\nstandbys = 1\nhook = [\"{}\"]\n",
+            hook.display()
+        ),
+        "workload=randrw bs=4096 qd=4 duration_ms=1500 timeout_ms=2000",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    // A kill, then every boot dies during its bring-up.
+    handle.send(Command::Inject {
+        kind: FaultKind::FailedRestart,
+        arg: 0x200 | 20,
+    });
+    wait_until(&handle, "give-up", |o| {
+        o.status.as_ref().is_some_and(|s| s.broken)
+    });
+    let took = t0.elapsed();
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    let status = handle.with(|o| o.status.clone()).unwrap();
+    topo.stop();
+    // The kill and two failed boots restarted; the third failed boot gave up.
+    assert_eq!(status.restarts, 3, "{status:?}");
+    assert_eq!(status.duplicates, 0, "{status:?}");
+    assert_eq!(status.state, "gave-up", "{status:?}");
+    assert_eq!(status.detections.get("panic"), Some(&3), "{status:?}");
+    // Backoff: the restarts after failed boots waited 2 and 4 ms.
+    assert!(took >= Duration::from_millis(6), "{took:?}");
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.errors > 0, "errors reach the client: {r:?}");
+    assert_eq!(r.mismatches, 0, "{r:?}");
+    // The hook: one run per restart decision and one for the give-up, the count rising.
+    let t0 = Instant::now();
+    let lines = loop {
+        let text = std::fs::read_to_string(&calls).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= 4 || t0.elapsed() > Duration::from_secs(10) {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(lines[0].starts_with("nvme0 operator-kill"), "{lines:?}");
+    assert!(
+        lines[1..].iter().all(|l| l.starts_with("nvme0 panic")),
+        "{lines:?}"
+    );
+}
+
+/// A write replayed after a restart that the next domain completes with an error (it never
+/// reached the device) is not dropped: the domain has failed, the write stays in the log, and
+/// the domain after it replays it again. The clients, which never flush, read back every
+/// block they wrote.
+#[test]
+fn a_replayed_write_that_fails_is_replayed_again() {
+    let _serial = serial();
+    for standbys in [0usize, 2] {
+        let dir = scratch(&format!("recovery-failed-replay-{standbys}"));
+        let cfg = config(
+            &dir,
+            &format!("{FAST}standbys = {standbys}\n"),
+            // Each block written once (3,800 of the client's 4,096): a write whose replay is
+            // lost is never written again, and the final pass reads it back.
+            "workload=seqwrite bs=4096 qd=4 count=3800 flush_every=0 verify_pass=1",
+            1,
+        );
+        let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+        let handle = topo.recovery[0].1.clone();
+        for _ in 0..4 {
+            std::thread::sleep(Duration::from_millis(40));
+            let before = handle.with(|o| o.recovered);
+            handle.send(Command::Inject {
+                kind: FaultKind::FailedReplay,
+                arg: 0,
+            });
+            wait_until(&handle, "a recovery", |o| o.recovered > before);
+        }
+        let outcomes = topo.wait_clients(Duration::from_secs(60));
+        let status = handle.with(|o| o.status.clone()).unwrap();
+        topo.stop();
+        let r = outcomes[0].report.clone().expect("report");
+        assert!(r.clean(), "standbys={standbys}: {r:?}");
+        assert!(r.verified > 0, "{r:?}");
+        assert_eq!(
+            status.detections.get("replay-failed"),
+            Some(&4),
+            "standbys={standbys}: {status:?}"
+        );
+        assert_eq!(status.duplicates, 0, "{status:?}");
+    }
 }
 
 /// Waits until `f` holds for what the disk's service publishes.

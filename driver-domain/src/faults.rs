@@ -6,9 +6,9 @@
 //! to find here:
 //! - 1 to 5 end the domain at once, through the path a real bug takes (guest-kernel's `fault`);
 //! - [`fault::WILD_WRITE`] scribbles on the channel right away ([`wild_write`]);
-//! - [`fault::BOGUS_TAG`], [`fault::BOGUS_LEN`], [`fault::STALE_EPOCH`], [`fault::DMA_OUTSIDE`]
-//!   and [`fault::SLOW`] arm a [`Sabotage`], which the channel service consults when it takes a
-//!   request, when it completes one, and on every pass;
+//! - [`fault::BOGUS_TAG`], [`fault::BOGUS_LEN`], [`fault::STALE_EPOCH`], [`fault::DMA_OUTSIDE`],
+//!   [`fault::SLOW`] and [`fault::FAIL_WRITE`] arm a [`Sabotage`], which the channel service
+//!   consults when it takes a request, when it completes one, and on every pass;
 //! - [`fault::BITFLIP`] flips random bits of the domain's own image ([`bitflip`]).
 
 #![forbid(unsafe_code)]
@@ -17,7 +17,7 @@ use alloc::vec::Vec;
 use core::mem::{offset_of, size_of};
 
 use ddvm_abi::channel::{
-    fault, offset, ring, ChannelHeader, Completion, DeviceInfo, Entry, DEVICE_INFO_OFFSET,
+    fault, offset, ring, ChannelHeader, Completion, DeviceInfo, Entry, Request, DEVICE_INFO_OFFSET,
 };
 use ddvm_abi::layout::PAGE_SIZE;
 use guest_kernel::{boot, println, time};
@@ -50,12 +50,27 @@ pub fn inject(inj: Injection, service: Option<&mut Service>) {
         | fault::BOGUS_LEN
         | fault::STALE_EPOCH
         | fault::DMA_OUTSIDE
-        | fault::SLOW => match service {
+        | fault::SLOW
+        | fault::FAIL_WRITE => match service {
             Some(s) => on_channel(code, arg, s),
             None => println!("fault {code}: no channel to misbehave on: ignored"),
         },
         other => println!("ignoring unknown fault request {other}"),
     }
+}
+
+/// Whether fault `code` works through the channel service (rather than ending the domain).
+pub fn needs_service(code: u32) -> bool {
+    matches!(
+        code,
+        fault::WILD_WRITE
+            | fault::BOGUS_TAG
+            | fault::BOGUS_LEN
+            | fault::STALE_EPOCH
+            | fault::DMA_OUTSIDE
+            | fault::SLOW
+            | fault::FAIL_WRITE
+    )
 }
 
 /// The faults that misuse the channel or the device.
@@ -74,6 +89,7 @@ fn on_channel(code: u32, arg: u32, s: &mut Service) {
             println!("fault: the next read or write DMAs at {addr:#x}, past the memory's end");
             armed.dma_outside = Some(addr);
         }
+        fault::FAIL_WRITE => armed.fail_write = Some(u64::from(arg)),
         fault::SLOW => {
             armed.slow = (arg & 0xffff != 0).then(|| Slow {
                 delay_ticks: time::us_to_ticks(u64::from(arg & 0xffff) * 1000),
@@ -117,6 +133,8 @@ pub struct Sabotage {
     pub dma_outside: Option<u64>,
     /// Completions of the next requests are held back.
     pub slow: Option<Slow>,
+    /// The next write taken that starts at this sector completes with an I/O error.
+    pub fail_write: Option<u64>,
     /// Requests taken whose completion is tampered with.
     marked: Vec<Mark>,
     /// Completions held back, with the tick they are due.
@@ -124,8 +142,18 @@ pub struct Sabotage {
 }
 
 impl Sabotage {
-    /// The service took `tag` (`len` data bytes): arms what applies to it.
-    pub fn taken(&mut self, tag: u32, len: u32) {
+    /// The service took `req`: arms what applies to it. True when the request is to fail at
+    /// once, with an I/O error, without reaching the device.
+    pub fn taken(&mut self, req: &Request) -> bool {
+        let (tag, len) = (req.tag, req.len);
+        if req.op == ddvm_abi::channel::op::WRITE && self.fail_write == Some(req.sector) {
+            self.fail_write = None;
+            println!(
+                "fault: failing the write of tag {tag} at sector {}",
+                req.sector
+            );
+            return true;
+        }
         let delay_ticks = match self.slow.as_mut() {
             Some(slow) => {
                 let delay = slow.delay_ticks;
@@ -152,6 +180,7 @@ impl Sabotage {
         if mark.extra_len.is_some() || mark.epochs_back != 0 || delay_ticks != 0 {
             self.marked.push(mark);
         }
+        false
     }
 
     /// Where a read or write of `tag` is to DMA instead of its bounce slot, if armed.

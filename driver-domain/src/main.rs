@@ -13,6 +13,12 @@
 //!   that whoever the domain waits for may need; waiting costs an exit;
 //! - `spin=N`: before marking ready, run N iterations of a tight loop and report its cycles;
 //! - `panic` / `ud2`: die right after boot through the panic / exception path;
+//! - `boot_fault=N` (and `boot_fault_arg=N`, default 0): act on fault-injection request N
+//!   during the device's bring-up, after the device is attached and before the domain marks
+//!   itself ready: one that ends the domain makes a restart fail before ready; one that works
+//!   through the channel applies to the first requests served. The VMM's chaos runs use it on
+//!   domains they boot cold, and the channel's fault word (written before promotion, and read
+//!   at the same point) on warm standbys;
 //! - `fault=N` (and `fault_arg=N`, default 0): act on fault-injection request N
 //!   (`ddvm_abi::channel::fault`) with that argument right after marking ready, as if the VMM
 //!   had written them (proves each fault path without a VMM; see `faults`);
@@ -68,6 +74,8 @@ struct Modes {
     ud2: bool,
     fault: Option<u32>,
     fault_arg: u32,
+    boot_fault: Option<u32>,
+    boot_fault_arg: u32,
     exit: Option<u32>,
     idle: bool,
     standby: bool,
@@ -93,6 +101,8 @@ impl Modes {
             ud2: cmdline.flag("ud2"),
             fault: number(cmdline, "fault"),
             fault_arg: number(cmdline, "fault_arg").unwrap_or(0),
+            boot_fault: number(cmdline, "boot_fault"),
+            boot_fault_arg: number(cmdline, "boot_fault_arg").unwrap_or(0),
             exit: number(cmdline, "exit"),
             idle: cmdline.flag("idle"),
             standby: cmdline.flag("standby"),
@@ -186,6 +196,20 @@ fn main() -> ! {
             vmm::standby();
         }
         let disk = attach(&ch, &modes);
+        // A fault asked for during bring-up (see `boot_fault`): the domain dies or hangs with
+        // its device attached and live, before it is ready.
+        let bring_up_fault = ch.take_fault().or(modes.boot_fault.map(|code| Injection {
+            code,
+            arg: modes.boot_fault_arg,
+        }));
+        let bring_up_fault = bring_up_fault.filter(|f| {
+            if faults::needs_service(f.code) {
+                return true;
+            }
+            println!("ddvm driver-domain: fault during bring-up");
+            faults::inject(*f, None);
+            false
+        });
         let info = disk.as_ref().map_or_else(DeviceInfo::default, |d| {
             service::device_info(d.info(), ch.header().max_transfer)
         });
@@ -201,7 +225,12 @@ fn main() -> ! {
         ch.write_device_info(&info);
         ch.mark_ready();
         println!("ready epoch={}", ch.epoch());
-        Service::new(ch, disk, info)
+        let mut service = Service::new(ch, disk, info);
+        // A channel fault found during bring-up applies to the first requests served.
+        if let Some(f) = bring_up_fault {
+            faults::inject(f, Some(&mut service));
+        }
+        service
     });
     if let Some(code) = modes.fault {
         let arg = modes.fault_arg;

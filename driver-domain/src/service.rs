@@ -313,7 +313,9 @@ impl Service {
 
     /// Validates `req` and submits it, or completes it at once.
     fn serve(&mut self, req: &Request) {
-        self.sabotage.taken(req.tag, req.len);
+        if self.sabotage.taken(req) {
+            return self.complete(req.tag, status::IO_ERROR, 0);
+        }
         let mut io = match self.validate(req) {
             Ok(io) => io,
             Err(code) => return self.complete(req.tag, code, 0),

@@ -51,11 +51,20 @@ pub enum FaultKind {
     Exception,
     /// An exception the CPU cannot deliver: the domain's vCPU shuts down.
     TripleFault,
+    /// The domain is killed, and the restarts that follow fail before ready: the next fresh or
+    /// promoted domain dies during its device's bring-up, the one after it hangs there until
+    /// the boot timeout fails it (as on a host that starves the restart). The domain after
+    /// those must replay everything the clients are owed.
+    FailedRestart,
+    /// The domain is killed, and the next one fails the first write the VMM replays to it
+    /// (completes it with an I/O error without writing it): the write stays owed and is
+    /// replayed again on the domain after that.
+    FailedReplay,
 }
 
 impl FaultKind {
     /// Every kind, in the order `all` expands to.
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::Kill,
         FaultKind::Panic,
         FaultKind::Hang,
@@ -69,6 +78,8 @@ impl FaultKind {
         FaultKind::DuringRecovery,
         FaultKind::Exception,
         FaultKind::TripleFault,
+        FaultKind::FailedRestart,
+        FaultKind::FailedReplay,
     ];
 
     /// The stable name: `kill`, `wild-write`, `triple-fault`, ...
@@ -87,6 +98,8 @@ impl FaultKind {
             FaultKind::DuringRecovery => "during-recovery",
             FaultKind::Exception => "exception",
             FaultKind::TripleFault => "triple-fault",
+            FaultKind::FailedRestart => "failed-restart",
+            FaultKind::FailedReplay => "failed-replay",
         }
     }
 
@@ -1118,9 +1131,9 @@ const THROUGHPUT: &str = "#1f77b4";
 const BASELINE: &str = "#555555";
 const RECOVERY: &str = "#f5b041";
 /// Fault colours; the first (red) when there is one kind.
-const PALETTE: [&str; 13] = [
+const PALETTE: [&str; 15] = [
     "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e",
-    "#2ca02c", "#393b79", "#637939", "#843c39", "#000000",
+    "#2ca02c", "#393b79", "#637939", "#843c39", "#000000", "#e7ba52", "#7b4173",
 ];
 
 /// Escapes text for SVG content and attribute values.
@@ -1370,7 +1383,7 @@ mod tests {
         );
         assert_eq!(parse_fault_list("all").unwrap(), FaultKind::ALL);
         assert_eq!(parse_fault_list("slow,all").unwrap()[0], FaultKind::Slow);
-        assert_eq!(parse_fault_list("slow,all").unwrap().len(), 13);
+        assert_eq!(parse_fault_list("slow,all").unwrap().len(), 15);
         assert_eq!(parse_fault_list("kill,kill").unwrap(), [FaultKind::Kill]);
         for k in FaultKind::ALL {
             assert_eq!(k.name().parse::<FaultKind>(), Ok(k));
@@ -1389,7 +1402,7 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains("\"explode\""), "{msg}");
-        assert!(msg.contains("wild-write") && msg.contains("triple-fault, or all"));
+        assert!(msg.contains("wild-write") && msg.contains("failed-replay, or all"));
         assert!(matches!(
             parse_fault_list("kill,,panic"),
             Err(ParseError::UnknownFault { item }) if item.is_empty()

@@ -94,6 +94,17 @@ pub enum FailureReason {
         /// What failed.
         message: String,
     },
+    /// A write the VMM replayed after a restart (one a volatile write cache may have lost)
+    /// completed with an error: the domain or its device could not make an acknowledged write
+    /// good again. It stays in the write log and is replayed on the next domain.
+    ReplayFailed {
+        /// First sector of the write.
+        sector: u64,
+        /// Its sectors.
+        sectors: u32,
+        /// The channel status the domain completed it with.
+        status: u16,
+    },
     /// A fresh domain did not report ready within the boot timeout.
     BootTimeout {
         /// Time since its boot started.
@@ -210,6 +221,7 @@ impl FailureReason {
         "protocol-bad-header",
         "protocol-bad-device-info",
         "dma-refused",
+        "replay-failed",
         "boot-failed",
         "boot-timeout",
         "operator-kill",
@@ -233,6 +245,7 @@ impl FailureReason {
             FailureReason::Deadline { .. } => "deadline",
             FailureReason::Protocol(v) => v.name(),
             FailureReason::DmaRefused { .. } => "dma-refused",
+            FailureReason::ReplayFailed { .. } => "replay-failed",
             FailureReason::BootFailed { .. } => "boot-failed",
             FailureReason::BootTimeout { .. } => "boot-timeout",
             FailureReason::Operator(a) => a.name(),
@@ -342,6 +355,14 @@ impl fmt::Display for FailureReason {
             FailureReason::DmaRefused { count } => write!(
                 f,
                 "{count} DMA access(es) outside the domain refused by the device model"
+            ),
+            FailureReason::ReplayFailed {
+                sector,
+                sectors,
+                status,
+            } => write!(
+                f,
+                "replayed write of {sectors} sector(s) at {sector} failed (channel status {status})"
             ),
             FailureReason::BootFailed { message } => write!(f, "boot failed: {message}"),
             FailureReason::BootTimeout { waited } => {
@@ -528,6 +549,14 @@ pub(crate) mod tests {
                 "protocol-bad-device-info",
             ),
             (FailureReason::DmaRefused { count: 2 }, "dma-refused"),
+            (
+                FailureReason::ReplayFailed {
+                    sector: 8,
+                    sectors: 8,
+                    status: 2,
+                },
+                "replay-failed",
+            ),
             (
                 FailureReason::BootFailed {
                     message: "ENOMEM".into(),

@@ -176,6 +176,11 @@ impl<C> ShadowQueue<C> {
         self.entries.remove(&seq).ok_or(NotInFlight { tag, epoch })
     }
 
+    /// Whether the entry `seq` is still owed (queued or in flight).
+    pub fn contains(&self, seq: u64) -> bool {
+        self.entries.contains_key(&seq)
+    }
+
     /// Removes an entry whatever its state (a client that reset its device, or give-up).
     pub fn remove(&mut self, seq: u64) -> Option<Entry<C>> {
         let e = self.entries.remove(&seq)?;

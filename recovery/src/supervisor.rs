@@ -1135,6 +1135,70 @@ mod tests {
         assert_eq!(sup.metrics().restarts, 3);
     }
 
+    /// Boots that fail before ready, several in a row (a fresh domain that dies during its
+    /// bring-up, one that never becomes ready): each is a failure of the epoch that was
+    /// booting, so it backs off, counts in the window and calls the hook; the domain that
+    /// finally comes up replays. A report for any other epoch (none is live) is ignored.
+    #[test]
+    fn failures_before_ready_back_off_count_and_end_in_a_replay() {
+        let t0 = Instant::now();
+        let config = PolicyConfig {
+            restart_delay_ms: 1,
+            restart_delay_cap_ms: 8,
+            max_restarts: 5,
+            window_ms: 1000,
+            hook: Some(vec!["notify".into()]),
+            ..PolicyConfig::default()
+        };
+        let mut sup = Supervisor::new("dd0", config.to_policy().unwrap()).unwrap();
+        running(&mut sup, t0);
+        let d = sup.failure(1, FailureReason::Shutdown, t0 + ms(100));
+        assert!(sup.take_hook_call().is_some());
+        let mut at = match d {
+            Decision::Restart { at, .. } => at,
+            other => panic!("{other:?}"),
+        };
+        let mut delays = Vec::new();
+        for epoch in 2..=4 {
+            sup.boot_started(epoch, at).unwrap();
+            // Nothing is live but `epoch`: the report of a dead domain is not this failure.
+            assert_eq!(
+                sup.failure(epoch - 1, FailureReason::Halted, at),
+                Decision::Ignored
+            );
+            let reason = FailureReason::Panic {
+                message: "bring-up".into(),
+            };
+            let d = sup.failure(epoch, reason, at + ms(1));
+            let call = sup
+                .take_hook_call()
+                .expect("the hook runs for every restart");
+            assert_eq!(call.reason, "panic");
+            delays.push(delay_of(d));
+            at = match d {
+                Decision::Restart { at, .. } => at,
+                other => panic!("{other:?}"),
+            };
+        }
+        assert_eq!(delays, [ms(1), ms(2), ms(4)], "backoff doubles");
+        assert_eq!(sup.restarts_in_window(at), 4);
+        assert_eq!(sup.metrics().duplicates, 3);
+        sup.boot_started(5, at).unwrap();
+        assert_eq!(sup.ready(5, at + ms(1)), Ok(Ready::Replay));
+        sup.replay_done(3, at + ms(1)).unwrap();
+        assert_eq!(sup.state().name(), "running");
+        // One more failed boot after the next crash exhausts the window: give-up and hook.
+        let d = sup.failure(5, FailureReason::Shutdown, at + ms(2));
+        let Decision::Restart { at, .. } = d else {
+            panic!("{d:?}")
+        };
+        sup.boot_started(6, at).unwrap();
+        let d = sup.failure(6, FailureReason::BootTimeout { waited: ms(2) }, at + ms(3));
+        assert!(matches!(d, Decision::GiveUp(_)), "{d:?}");
+        assert_eq!(sup.take_hook_call().unwrap().reason, "boot-timeout");
+        assert!(sup.is_broken());
+    }
+
     #[test]
     fn operator_kill_is_a_crash_and_update_restarts_at_once() {
         let t0 = Instant::now();

@@ -81,6 +81,9 @@ pub struct DomainDevice {
     vm: Arc<Mutex<Option<Arc<VmFd>>>>,
     // The owner's pass, run on the domain's vCPU thread when the domain waits.
     owner_pass: Arc<Mutex<Option<OwnerPass>>>,
+    // Whether the device has a volatile write cache, as the VMM itself knows it (`None`:
+    // unknown to the VMM).
+    volatile_write_cache: Option<bool>,
 }
 
 /// One pass of the device's owner (the block service: device, channel, clients), run on a
@@ -164,7 +167,15 @@ impl DomainDevice {
             poller,
             owner_pass: Arc::default(),
             vm,
+            volatile_write_cache: Some(cfg.volatile_write_cache),
         }))
+    }
+
+    /// Whether the device has a volatile write cache that a reset may drop, as the VMM knows
+    /// it without asking a driver domain (the emulated controller's configuration); `None`
+    /// where the VMM does not know. A domain's own claim can add to this, never take away.
+    pub fn volatile_write_cache(&self) -> Option<bool> {
+        self.volatile_write_cache
     }
 
     /// The device's counters (they keep counting across domains).
@@ -1211,6 +1222,15 @@ impl Domain {
     /// Puts a fault-injection request with its argument in the channel header (the argument
     /// first: the domain reads it when it sees the code) and wakes the domain.
     pub fn request_fault_with(&self, fault: u32, arg: u32) -> bool {
+        let ok = self.arm_fault(fault, arg);
+        self.shared.kick();
+        ok
+    }
+
+    /// Puts a fault-injection request in the channel header without waking the domain: a
+    /// warm standby, parked before its bring-up, finds it there once promoted (its bring-up
+    /// acts on a pending request before it marks itself ready).
+    pub fn arm_fault(&self, fault: u32, arg: u32) -> bool {
         let Some(gpa) = self.channel else {
             return false;
         };
@@ -1219,17 +1239,14 @@ impl Domain {
             .write_obj(arg, GuestAddress(gpa + chan::FAULT_ARG))
             .is_ok();
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let ok = ok
-            && self
-                .mem
-                .store(
-                    fault,
-                    GuestAddress(gpa + chan::FAULT),
-                    std::sync::atomic::Ordering::Release,
-                )
-                .is_ok();
-        self.shared.kick();
-        ok
+        ok && self
+            .mem
+            .store(
+                fault,
+                GuestAddress(gpa + chan::FAULT),
+                std::sync::atomic::Ordering::Release,
+            )
+            .is_ok()
     }
 
     /// How long the vCPU thread has run on a CPU so far, guest and VMM work together (`None`

@@ -94,6 +94,11 @@ pub mod fault {
     /// names the seed and every flip). The effect is whatever it is: a crash, a hang, garbage
     /// on the channel, or nothing.
     pub const BITFLIP: u32 = 12;
+    /// Fail a write: the next write request taken that starts at sector `fault_arg` completes
+    /// with `status::IO_ERROR` without reaching the device, as a driver whose command failed
+    /// would. Armed before a restarted domain is ready, at the first sector the VMM will
+    /// replay, it fails a replayed write (a client's write to those sectors waits for it).
+    pub const FAIL_WRITE: u32 = 13;
 
     /// [`WILD_WRITE`] target: every completion ring entry.
     pub const WILD_WRITE_ENTRIES: u32 = 1 << 0;

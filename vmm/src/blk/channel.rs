@@ -26,18 +26,19 @@ use ddvm_recovery::monitor::{AdaptiveDeadline, HeartbeatMonitor, ServiceClock};
 use ddvm_recovery::policy::Policy;
 use ddvm_recovery::reason::{FailureReason, OperatorAction, ProtocolViolation, Ring};
 use ddvm_recovery::shadow::{LoggedWrite, Op, ShadowQueue, State, WriteLog};
-use ddvm_recovery::supervisor::{Admission, Decision, Ready, Status, Supervisor};
+use ddvm_recovery::supervisor::{Admission, Decision, Status, Supervisor};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::backend::{DiskInfo, Finished};
 use super::device::ClientPort;
-use super::request::status;
+use super::request::{status, Segments};
 use super::service::{copy_part, Part, Pending, ServiceCounters};
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::domain::{DeviceSpec, DeviceThread, Domain, DomainConfig, DomainDevice, DomainError};
 use crate::hoststall::{DomainThread, Lost, StallMeter};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
+use crate::memory::GuestMem;
 use crate::vcpu::{DomainExit, RunState};
 
 /// How often the slower detectors run.
@@ -51,6 +52,12 @@ const WRITE_LOG_LIMIT: usize = 1 << 20;
 /// restarts that come faster than a replay completes, the VMM's own flush (which must wait for
 /// the replay) might otherwise never run, and the log would grow without bound.
 const WRITE_LOG_HARD_LIMIT: usize = 4 * WRITE_LOG_LIMIT;
+/// The same limits in entries: discards and write-zeroes carry no data but each is a command
+/// to replay (and an entry to keep).
+const WRITE_LOG_ENTRY_LIMIT: usize = 1024;
+const WRITE_LOG_ENTRY_HARD_LIMIT: usize = 4 * WRITE_LOG_ENTRY_LIMIT;
+/// Boots that a `failed-restart` fault makes fail before ready when its argument is 0.
+const FAILED_RESTARTS_DEFAULT: u32 = 2;
 
 /// A request from outside the service thread (control socket, chaos runner, tests).
 #[derive(Clone, Debug)]
@@ -303,6 +310,10 @@ pub struct ChannelBackend {
     boot_timeouts: u32,
     hooks: HookRunner,
     wlog: Option<WriteLog>,
+    // The bytes of each client write in flight (by shadow sequence number), as the VMM copied
+    // them from the client, for the write log once the write is acknowledged: the copy in the
+    // domain's bounce slot is the domain's to overwrite.
+    write_data: HashMap<u64, Vec<u8>>,
     flush_marks: HashMap<u32, u64>,
     internal: HashMap<u32, Internal>,
     replay: VecDeque<LoggedWrite>,
@@ -313,6 +324,10 @@ pub struct ChannelBackend {
     injected_at: Option<(Instant, FaultKind)>,
     detected_at: Option<Instant>,
     fault_on_next_boot: bool,
+    // Faults (ABI codes and arguments) for the next boots to act on during their bring-up,
+    // before ready: restarts that fail, or replays (the `failed-restart` and `failed-replay`
+    // chaos faults).
+    failing_boots: VecDeque<(u32, u32)>,
     failed: Vec<Finished>,
     done: Vec<Done>,
     handle: RecoveryHandle,
@@ -417,6 +432,7 @@ impl ChannelBackend {
             policy,
             hooks: HookRunner::default(),
             wlog: None,
+            write_data: HashMap::new(),
             flush_marks: HashMap::new(),
             internal: HashMap::new(),
             replay: VecDeque::new(),
@@ -427,13 +443,14 @@ impl ChannelBackend {
             injected_at: None,
             detected_at: None,
             fault_on_next_boot: false,
+            failing_boots: VecDeque::new(),
             failed: Vec::new(),
             done: Vec::new(),
             handle,
             on_domain_thread: false,
             deferred: None,
         };
-        let info = b.boot().map_err(|reason| StartError::Failed {
+        let info = b.boot().map_err(|(_, reason)| StartError::Failed {
             name: name.clone(),
             reason,
         })?;
@@ -444,9 +461,6 @@ impl ChannelBackend {
             write_zeroes: info.flags & device_flags::WRITE_ZEROES != 0,
         };
         b.max_transfer = info.max_transfer;
-        if info.flags & device_flags::VOLATILE_WRITE_CACHE != 0 {
-            b.wlog = Some(WriteLog::new());
-        }
         b.prepare_standby();
         b.publish(&ShadowQueue::new());
         Ok(b)
@@ -550,11 +564,16 @@ impl ChannelBackend {
 
     /// The standby promoted to serve, if there is a usable one: the oldest (one still booting
     /// is waited for: it is further along than a cold boot would be).
-    fn promote_standby(&mut self) -> Option<Domain> {
+    /// `bring_up_fault`: a fault (ABI code) for it to act on during its bring-up, put in its
+    /// channel header before it is let go.
+    fn promote_standby(&mut self, bring_up_fault: Option<(u32, u32)>) -> Option<Domain> {
         if self.standbys.is_empty() {
             self.collect_standby(true);
         }
         while let Some(mut d) = self.standbys.pop_front() {
+            if let Some((code, arg)) = bring_up_fault {
+                d.arm_fault(code, arg);
+            }
             match d.promote() {
                 Ok(()) => return Some(d),
                 Err(e) => tracing::warn!("domain {}: {e}; dropping it", self.cfg.name),
@@ -565,24 +584,38 @@ impl ChannelBackend {
 
     /// Brings up the next domain and waits for it to be ready: the oldest standby if there is
     /// one, else a fresh boot with the next epoch. (The pool refills once the recovery has
-    /// served a client, in `collect`.)
-    fn boot(&mut self) -> Result<DeviceInfo, FailureReason> {
+    /// served a client, in `collect`.) A domain that fails before it is ready is a failure of
+    /// the epoch that was booting: the error carries that epoch for [`Self::fail_epoch`].
+    fn boot(&mut self) -> Result<DeviceInfo, (u64, FailureReason)> {
         let now = Instant::now();
-        let promoted = self.promote_standby();
+        let bring_up_fault = self.failing_boots.pop_front();
+        let mut promoted = self.promote_standby(bring_up_fault);
         let epoch = promoted.as_ref().map_or(self.next_epoch, Domain::epoch);
-        let _ = self.sup.boot_started(epoch, now);
+        if let Err(e) = self.sup.boot_started(epoch, now) {
+            self.supervisor_bug("boot_started", epoch, &e);
+        }
         let how = if promoted.is_some() {
             lock(&self.handle.observed).promoted += 1;
             "standby promoted"
         } else {
             "vm created"
         };
-        let domain = match promoted {
+        let domain = match promoted.take() {
             Some(d) => d,
             None => {
                 self.next_epoch += 1;
-                Domain::boot(&self.hv, &self.cfg, epoch).map_err(|e| FailureReason::BootFailed {
-                    message: e.to_string(),
+                let booted = match bring_up_fault {
+                    Some((code, arg)) => {
+                        let mut cfg = self.cfg.clone();
+                        let fault = format!("boot_fault={code} boot_fault_arg={arg}");
+                        cfg.cmdline = format!("{} {fault}", cfg.cmdline).trim_start().to_string();
+                        Domain::boot(&self.hv, &cfg, epoch)
+                    }
+                    None => Domain::boot(&self.hv, &self.cfg, epoch),
+                };
+                booted.map_err(|e| {
+                    let message = e.to_string();
+                    (epoch, FailureReason::BootFailed { message })
                 })?
             }
         };
@@ -600,43 +633,52 @@ impl ChannelBackend {
                     created.elapsed()
                 )
             }
-            Err(RunState::Stopped(exit)) => return Err(exit_reason(&exit)),
+            Err(RunState::Stopped(exit)) => return Err((epoch, exit_reason(&exit))),
             Err(_) => {
                 self.boot_timeouts = self.boot_timeouts.saturating_add(1);
-                return Err(FailureReason::BootTimeout { waited: timeout });
+                return Err((epoch, FailureReason::BootTimeout { waited: timeout }));
             }
         }
         let (Some(base), Some(header)) = (domain.channel(), domain.channel_header()) else {
-            return Err(FailureReason::BootFailed {
-                message: "the domain has no channel".into(),
-            });
+            let message = "the domain has no channel".into();
+            return Err((epoch, FailureReason::BootFailed { message }));
         };
         let mut channel = HostChannel::new(base, header);
         let info = channel
             .device_info(domain.memory())
-            .map_err(|e| FailureReason::Protocol(violation(e)))?;
+            .map_err(|e| (epoch, FailureReason::Protocol(violation(e))))?;
         if self.disk.sectors != 0
             && (info.capacity_sectors != self.disk.sectors
                 || info.block_size != self.disk.block_size)
         {
-            return Err(FailureReason::Protocol(ProtocolViolation::BadDeviceInfo {
-                what: "the disk changed geometry across a restart".into(),
-            }));
+            let what = "the disk changed geometry across a restart".into();
+            return Err((
+                epoch,
+                FailureReason::Protocol(ProtocolViolation::BadDeviceInfo { what }),
+            ));
         }
-        let ready = self.sup.ready(epoch, Instant::now()).ok();
+        if let Err(e) = self.sup.ready(epoch, Instant::now()) {
+            self.supervisor_bug("ready", epoch, &e);
+        }
+        // Whether writes must be logged is the VMM's own knowledge of the device, checked at
+        // every boot; a domain that claims a volatile cache adds to it, never takes it away.
+        let claimed = info.flags & device_flags::VOLATILE_WRITE_CACHE != 0;
+        if keeps_write_log(self.device.volatile_write_cache(), claimed) && self.wlog.is_none() {
+            self.wlog = Some(WriteLog::new());
+        }
         self.heartbeat.reset();
         // DMA the quiesce cut off while the old domain died is not this domain's doing.
         self.dma_refused = self.device.stats().dma_refused;
         self.flush_marks.clear();
         self.internal.clear();
-        if ready == Some(Ready::Replay) {
-            // A reset may have dropped these from the device's cache: they go first.
-            self.replay = self
-                .wlog
-                .as_ref()
-                .map(|l| l.pending().iter().cloned().collect())
-                .unwrap_or_default();
-        }
+        // Every domain that comes up replays, first, what a reset may have dropped from the
+        // device's cache: however many attempts failed before this one (a first boot has
+        // nothing logged).
+        self.replay = self
+            .wlog
+            .as_ref()
+            .map(|l| l.pending().iter().cloned().collect())
+            .unwrap_or_default();
         self.live = Some(Live {
             domain,
             channel,
@@ -649,6 +691,16 @@ impl ChannelBackend {
         Ok(info)
     }
 
+    /// A supervisor transition the VMM asked for was refused: the VMM's bookkeeping is wrong.
+    /// Recovery goes on (what clients are owed is the shadow queue's and the write log's, not
+    /// the supervisor's), but the bug is reported.
+    fn supervisor_bug(&self, call: &str, epoch: u64, e: &dyn std::fmt::Display) {
+        tracing::error!(
+            "domain {}: VMM bug: the supervisor refused {call} for epoch {epoch}: {e}",
+            self.cfg.name
+        );
+    }
+
     /// Tears the domain down and lets the policy decide what happens next.
     fn fail(&mut self, reason: FailureReason, shadow: &mut ShadowQueue<Part>) {
         if self.on_domain_thread {
@@ -657,8 +709,19 @@ impl ChannelBackend {
             let _ = self.handle.wake.write(1);
             return;
         }
+        let epoch = match &self.live {
+            Some(l) => l.epoch,
+            // Nothing is live: the failure is the latest boot's.
+            None => self.sup.epoch().unwrap_or(0),
+        };
+        self.fail_epoch(epoch, reason, shadow);
+    }
+
+    /// Tears the domain of `epoch` down (if it is the live one) and lets the policy decide
+    /// what happens next: a domain that failed before it was ready (never live) is a failure
+    /// like any other — backoff, the window's count, the hook and give-up apply.
+    fn fail_epoch(&mut self, epoch: u64, reason: FailureReason, shadow: &mut ShadowQueue<Part>) {
         let now = Instant::now();
-        let epoch = self.live.as_ref().map_or(0, |l| l.epoch);
         let name = reason.name();
         tracing::warn!("domain {}: failed ({reason}); recovering", self.cfg.name);
         push_record(&mut lock(&self.handle.observed).detections, (name, now));
@@ -669,8 +732,27 @@ impl ChannelBackend {
         self.tear_down(shadow);
         match decision {
             Decision::Restart { at, .. } => self.restart_at = Some(at),
-            Decision::GiveUp(_) => self.restart_at = None,
+            Decision::GiveUp(_) => {
+                self.restart_at = None;
+                if let Some(log) = self.wlog.as_ref().filter(|l| !l.is_empty()) {
+                    tracing::error!(
+                        "domain {}: gave up with {} acknowledged write(s) ({} bytes) not known \
+                         to be durable; they are kept and replayed if an operator restarts it",
+                        self.cfg.name,
+                        log.len(),
+                        log.bytes()
+                    );
+                }
+            }
             Decision::Ignored => {
+                // Every failure the VMM reports is of the domain it booted last: the
+                // supervisor ignoring one means the two disagree.
+                tracing::error!(
+                    "domain {}: VMM bug: the supervisor ignored a failure of epoch {epoch} \
+                     (state {})",
+                    self.cfg.name,
+                    self.sup.state().name()
+                );
                 if self.restart_at.is_none() && !self.sup.is_broken() {
                     self.restart_at = Some(now);
                 }
@@ -717,12 +799,8 @@ impl ChannelBackend {
         if self.live.is_none() {
             if self.restart_at.is_some_and(|t| now >= t) {
                 self.restart_at = None;
-                match self.boot() {
-                    Ok(_) => {}
-                    Err(reason) => {
-                        self.live = None;
-                        self.fail(reason, shadow);
-                    }
+                if let Err((epoch, reason)) = self.boot() {
+                    self.fail_epoch(epoch, reason, shadow);
                 }
                 self.publish(shadow);
             }
@@ -755,6 +833,10 @@ impl ChannelBackend {
         });
         if self.standbys.len() != before {
             self.publish(shadow);
+        }
+        // Copies of writes whose entries left the queue some other way (a client's reset).
+        if !self.write_data.is_empty() {
+            self.write_data.retain(|&seq, _| shadow.contains(seq));
         }
         if let Some(reason) = self.detect(service_now, shadow) {
             let t = self.stalls.so_far();
@@ -824,6 +906,28 @@ impl ChannelBackend {
                         self.kill_now(shadow);
                     }
                     FaultKind::Kill => self.kill_now(shadow),
+                    // A kill, and the next restarts fail before ready.
+                    FaultKind::FailedRestart => {
+                        self.failing_boots = failing_boots(arg);
+                        self.kill_now(shadow);
+                    }
+                    // A kill, and the next domain fails the first write replayed to it.
+                    FaultKind::FailedReplay => {
+                        let first = self.wlog.as_ref().and_then(|l| {
+                            let w = l.pending().iter().find(|w| w.op == Op::Write)?;
+                            u32::try_from(w.sector).ok()
+                        });
+                        match first {
+                            Some(sector) => {
+                                self.failing_boots = [(fault::FAIL_WRITE, sector)].into();
+                            }
+                            None => tracing::info!(
+                                "domain {}: failed-replay: no logged write to replay; a kill",
+                                self.cfg.name
+                            ),
+                        }
+                        self.kill_now(shadow);
+                    }
                     _ => self.inject(kind, arg),
                 }
             }
@@ -884,7 +988,10 @@ impl ChannelBackend {
             FaultKind::DmaOutside => fault::DMA_OUTSIDE,
             FaultKind::Slow => fault::SLOW,
             FaultKind::Bitflip => fault::BITFLIP,
-            FaultKind::Kill | FaultKind::DuringRecovery => return,
+            FaultKind::Kill
+            | FaultKind::DuringRecovery
+            | FaultKind::FailedRestart
+            | FaultKind::FailedReplay => return,
         };
         let arg = match (kind, arg) {
             // Slower than the request deadline, for 4 completions: five times it, so that it
@@ -939,6 +1046,7 @@ impl ChannelBackend {
                     status: status::IOERR,
                 });
             }
+            self.write_data.clear();
             return 0;
         }
         let Some(live) = self.live.as_mut() else {
@@ -957,10 +1065,9 @@ impl ChannelBackend {
                 .chain(self.internal.values().filter_map(Internal::replayed))
                 .collect(),
         );
-        let log_full = self
-            .wlog
-            .as_ref()
-            .is_some_and(|l| l.bytes() > WRITE_LOG_HARD_LIMIT);
+        let log_full = self.wlog.as_ref().is_some_and(|l| {
+            l.bytes() > WRITE_LOG_HARD_LIMIT || l.len() > WRITE_LOG_ENTRY_HARD_LIMIT
+        });
         let mut passed = None;
         while !broken && live.channel.has_room() {
             let next = match passed {
@@ -980,16 +1087,51 @@ impl ChannelBackend {
             }
             let Some(p) = pending.get(&part.rid) else {
                 shadow.remove(seq);
+                self.write_data.remove(&seq);
                 continue;
             };
             let client = &ports[p.port].mem;
+            // With a write log, the VMM keeps its own copy of what the client gave (once: a
+            // write posted again after a restart sends the same bytes).
+            let capture = o == Op::Write && self.wlog.is_some();
+            if capture && !self.write_data.contains_key(&seq) {
+                let segments = p.data.slice(part.offset, part.len);
+                match gather(client, &segments, counters) {
+                    Some(data) => {
+                        self.write_data.insert(seq, data);
+                    }
+                    None => {
+                        shadow.remove(seq);
+                        self.failed.push(Finished {
+                            part,
+                            status: status::IOERR,
+                        });
+                        continue;
+                    }
+                }
+            }
+            let data = self.write_data.get(&seq).filter(|_| capture);
             let r =
                 live.channel
-                    .submit_with(&mem, channel_op(o), sector, sectors, |dmem, gpa, len| {
-                        let len = (len as u64).min(part.len);
-                        let segments = p.data.slice(part.offset, len);
-                        copy_part(client, &segments, dmem, gpa, false, counters);
-                    });
+                    .submit_with(
+                        &mem,
+                        channel_op(o),
+                        sector,
+                        sectors,
+                        |dmem, gpa, len| match data {
+                            Some(d) => {
+                                let d = &d[..len.min(d.len())];
+                                counters.copy(d.len() as u64, || {
+                                    let _ = dmem.write_slice(d, GuestAddress(gpa));
+                                });
+                            }
+                            None => {
+                                let len = (len as u64).min(part.len);
+                                let segments = p.data.slice(part.offset, len);
+                                copy_part(client, &segments, dmem, gpa, false, counters);
+                            }
+                        },
+                    );
             match r {
                 Ok(tag) => {
                     shadow.posted(seq, tag, live.epoch, self.clock.at(Instant::now()));
@@ -1054,7 +1196,7 @@ impl ChannelBackend {
                 .internal
                 .values()
                 .any(|i| matches!(i, Internal::Flush(_)));
-            if log.bytes() > WRITE_LOG_LIMIT
+            if (log.bytes() > WRITE_LOG_LIMIT || log.len() > WRITE_LOG_ENTRY_LIMIT)
                 && !flushing
                 && fence.0.is_empty()
                 && self.replay.is_empty()
@@ -1124,13 +1266,27 @@ impl ChannelBackend {
             return 0;
         };
         let mut n = 0;
+        let mut replay_failed = None;
         for d in std::mem::take(&mut self.done) {
             let tag = d.request.tag;
             let ok = d.status == cstatus::OK;
             if let Some(internal) = self.internal.remove(&tag) {
-                if let (Internal::Flush(mark), true, Some(log)) = (internal, ok, self.wlog.as_mut())
-                {
-                    log.flush_completed(mark);
+                match internal {
+                    Internal::Flush(mark) if ok => {
+                        if let Some(log) = self.wlog.as_mut() {
+                            log.flush_completed(mark);
+                        }
+                    }
+                    // An acknowledged write that could not be made good again: never dropped.
+                    // It stays in the log, and the domain has failed: the next one replays it.
+                    Internal::Replay(sector, sectors) if !ok => {
+                        replay_failed.get_or_insert(FailureReason::ReplayFailed {
+                            sector,
+                            sectors,
+                            status: d.status,
+                        });
+                    }
+                    _ => {}
                 }
                 live.channel.finish(&mem, &d, None);
                 continue;
@@ -1152,6 +1308,7 @@ impl ChannelBackend {
             let part = entry.client;
             let mut st = virtio_status(d.status);
             let slot = live.channel.slot_address(&d);
+            let written = self.write_data.remove(&entry.seq);
             match entry.op {
                 Op::Read if st == status::OK => {
                     if u64::from(d.len) != part.len {
@@ -1169,11 +1326,21 @@ impl ChannelBackend {
                 }
                 Op::Write | Op::WriteZeroes | Op::Discard if ok => {
                     if let Some(log) = self.wlog.as_mut() {
-                        let mut data = Vec::new();
-                        if entry.op == Op::Write {
-                            data = vec![0; part.len as usize];
-                            let _ = mem.read_slice(&mut data, GuestAddress(slot));
-                        }
+                        // The bytes the VMM copied from the client when it posted the write
+                        // (never a read-back of the bounce slot, which the domain can write).
+                        let data = match (entry.op, written) {
+                            (Op::Write, Some(data)) => data,
+                            (Op::Write, None) => {
+                                tracing::error!(
+                                    "domain {}: VMM bug: write at sector {} acknowledged with \
+                                     no copy for the write log",
+                                    self.cfg.name,
+                                    entry.sector
+                                );
+                                Vec::new()
+                            }
+                            _ => Vec::new(),
+                        };
                         log.acknowledged(entry.op, entry.sector, entry.sectors, data);
                     }
                 }
@@ -1211,15 +1378,22 @@ impl ChannelBackend {
                     tracing::info!("domain {}: recovered in {took:?}", self.cfg.name);
                 }
             }
-            if matches!(
-                self.sup.state(),
-                ddvm_recovery::supervisor::State::Replaying { .. }
-            ) && self.replay.is_empty()
+            if replay_failed.is_none()
+                && matches!(
+                    self.sup.state(),
+                    ddvm_recovery::supervisor::State::Replaying { .. }
+                )
+                && self.replay.is_empty()
             {
-                let _ = self.sup.replay_done(n, now);
+                if let Err(e) = self.sup.replay_done(n, now) {
+                    let epoch = self.live.as_ref().map_or(0, |l| l.epoch);
+                    self.supervisor_bug("replay_done", epoch, &e);
+                }
             }
         }
-        if let Err(e) = polled {
+        if let Some(reason) = replay_failed {
+            self.fail(reason, shadow);
+        } else if let Err(e) = polled {
             self.fail(FailureReason::Protocol(violation(e)), shadow);
         }
         n + device_work
@@ -1364,6 +1538,52 @@ pub fn violation(e: DomainProtocolError) -> ProtocolViolation {
     }
 }
 
+/// Copies a client's `segments` into a buffer of the VMM's own (counted as a copy); `None`
+/// when the client's memory cannot be read there.
+fn gather(client: &GuestMem, segments: &Segments, counters: &ServiceCounters) -> Option<Vec<u8>> {
+    let len = usize::try_from(segments.len).ok()?;
+    counters.copy(segments.len, || {
+        let mut data = vec![0u8; len];
+        let mut pos = 0usize;
+        for &(addr, n) in &segments.runs {
+            let end = pos.checked_add(n as usize).filter(|&e| e <= len)?;
+            client
+                .read_slice(&mut data[pos..end], GuestAddress(addr))
+                .ok()?;
+            pos = end;
+        }
+        Some(data)
+    })
+}
+
+/// What the boots after a `failed-restart` fault with `arg` do during bring-up (ABI fault codes
+/// and arguments, one per boot): `arg & 0xff` boots fail ([`FAILED_RESTARTS_DEFAULT`] for 0),
+/// alternately dying (a panic) and hanging until the boot timeout fails them; with bit 8
+/// (0x100) set every one hangs, with bit 9 (0x200) every one dies.
+fn failing_boots(arg: u32) -> VecDeque<(u32, u32)> {
+    let n = match arg & 0xff {
+        0 => FAILED_RESTARTS_DEFAULT,
+        n => n,
+    };
+    (0..n)
+        .map(|i| {
+            let hang = match arg & 0x300 {
+                0x100 => true,
+                0x200 => false,
+                _ => i % 2 == 1,
+            };
+            (if hang { fault::HANG } else { fault::PANIC }, 0)
+        })
+        .collect()
+}
+
+/// Whether a disk's acknowledged writes must be logged for replay: when the VMM knows the
+/// device has a volatile write cache, when it does not know, or when the domain says so (a
+/// domain can turn the log on, never off).
+fn keeps_write_log(known: Option<bool>, claimed_by_domain: bool) -> bool {
+    known.unwrap_or(true) || claimed_by_domain
+}
+
 fn channel_op(o: Op) -> u16 {
     match o {
         Op::Read => op::READ,
@@ -1385,6 +1605,34 @@ fn virtio_status(channel_status: u16) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_log_is_the_vmms_call_and_a_domain_can_only_add_to_it() {
+        // The VMM knows the cache is volatile: a domain that says otherwise changes nothing.
+        assert!(keeps_write_log(Some(true), false));
+        assert!(keeps_write_log(Some(true), true));
+        // The VMM knows it is not: a domain that says it is turns the log on.
+        assert!(!keeps_write_log(Some(false), false));
+        assert!(keeps_write_log(Some(false), true));
+        // The VMM does not know: logged, whatever the domain says.
+        assert!(keeps_write_log(None, false));
+    }
+
+    #[test]
+    fn failed_restart_arguments_choose_how_many_boots_fail_and_how() {
+        use fault::{HANG, PANIC};
+        let codes = |arg| {
+            failing_boots(arg)
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(codes(0), [PANIC, HANG], "default: one dies, one hangs");
+        assert_eq!(codes(3), [PANIC, HANG, PANIC]);
+        assert_eq!(codes(0x100 | 2), [HANG, HANG]);
+        assert_eq!(codes(0x200 | 3), [PANIC, PANIC, PANIC]);
+        assert!(failing_boots(0x200 | 200).iter().all(|&(_, arg)| arg == 0));
+    }
 
     #[test]
     fn replayed_writes_fence_what_overlaps_them_and_every_flush() {
