@@ -305,6 +305,50 @@ fn restarts_that_keep_failing_before_ready_give_up_and_run_the_hook() {
     );
 }
 
+/// An operator update to an image that crashes at its first instruction: each boot of it
+/// fails before ready, backs off and counts, and the policy gives up (holding the requests);
+/// an update back to a good image then recovers the disk, replays the write log, and the
+/// clients, which never flush, finish without an error and read back every block.
+#[test]
+fn an_update_to_a_crashing_image_gives_up_and_an_update_back_recovers() {
+    let _serial = serial();
+    let dir = scratch("recovery-bad-update");
+    let bad = ddvm::loader::Image::from_file(&crashing_image(&dir)).unwrap();
+    let cfg = config(
+        &dir,
+        "max_restarts = 3\nwindow_ms = 60000\nrestart_delay_ms = 1\nheartbeat_ms = 20\n\
+         on_give_up = \"hold\"\nstandbys = 1\n",
+        "workload=randwrite bs=4096 qd=8 duration_ms=1500 flush_every=0 verify_pass=1",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    std::thread::sleep(Duration::from_millis(300));
+    handle.send(Command::Update(bad));
+    wait_until(&handle, "give-up", |o| {
+        o.status.as_ref().is_some_and(|s| s.state == "gave-up")
+    });
+    let status = handle.with(|o| o.status.clone()).unwrap();
+    // The update starts a fresh window: three restarts after failed boots, and the fourth
+    // failed boot gives up.
+    assert_eq!(status.restarts, 3, "{status:?}");
+    assert_eq!(status.duplicates, 0, "{status:?}");
+    assert!(!status.broken, "requests are held: {status:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    handle.send(Command::Update(ddvm::builtin_driver_domain()));
+    wait_until(&handle, "running again", |o| {
+        o.status.as_ref().is_some_and(|s| s.state == "running")
+    });
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    let status = handle.with(|o| o.status.clone()).unwrap();
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.clean(), "{r:?}\n{status:?}");
+    assert!(r.verified > 0, "{r:?}");
+    assert_eq!(status.operator_restarts, 2, "{status:?}");
+    assert_eq!(status.detections.get("shutdown"), Some(&4), "{status:?}");
+}
+
 /// A write replayed after a restart that the next domain completes with an error (it never
 /// reached the device) is not dropped: the domain has failed, the write stays in the log, and
 /// the domain after it replays it again. The clients, which never flush, read back every

@@ -161,3 +161,36 @@ pub fn qemu(machine: &str, args: &[&str]) -> (Option<i32>, String) {
     let text = out.join().unwrap_or_default() + &err.join().unwrap_or_default();
     (status.code(), text)
 }
+
+/// Writes `dir/crash.elf`: a static x86-64 executable at 1 MiB whose first instruction is
+/// `ud2` (an image that crashes at once). Returns its path.
+pub fn crashing_image(dir: &Path) -> PathBuf {
+    const PT_LOAD: u32 = 1;
+    let base: u64 = 0x10_0000;
+    let code = [0x0f, 0x0b];
+    let mut b = vec![0u8; 0x1000];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little-endian
+    b[6] = 1; // version
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&base.to_le_bytes()); // entry
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    b[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+    b[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    b[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    b[ph + 16..ph + 24].copy_from_slice(&base.to_le_bytes());
+    b[ph + 24..ph + 32].copy_from_slice(&base.to_le_bytes());
+    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    b[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    b.extend_from_slice(&code);
+    let path = dir.join("crash.elf");
+    std::fs::write(&path, b).expect("write the crashing image");
+    path
+}
