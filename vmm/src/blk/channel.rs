@@ -943,10 +943,17 @@ impl ChannelBackend {
                     }
                     _ => OperatorAction::Restart,
                 };
-                if let Ok(decision) = self.sup.operator(action, now) {
-                    self.tear_down(shadow);
-                    if let Decision::Restart { at, .. } = decision {
-                        self.restart_at = Some(at);
+                match self.sup.operator(action, now) {
+                    Ok(decision) => {
+                        self.tear_down(shadow);
+                        if let Decision::Restart { at, .. } = decision {
+                            self.restart_at = Some(at);
+                        }
+                    }
+                    // Only a stopped supervisor refuses, and a stopped disk takes no commands.
+                    Err(e) => {
+                        let epoch = self.sup.epoch().unwrap_or(0);
+                        self.supervisor_bug("operator", epoch, &e);
                     }
                 }
             }
