@@ -75,6 +75,7 @@ impl BlockGeometry {
             write_zeroes: self.write_zeroes,
             max_dwz_sectors: self.max_dwz_sectors(),
             block_sectors: u64::from(self.block_size / 512),
+            max_segments: SEG_MAX,
         }
     }
 
