@@ -194,24 +194,34 @@ impl FileBackend {
             let offset = sector * 512;
             let bytes = u64::from(sectors) * 512;
             let segs = p.data.slice(part.offset, part.len);
+            // A client that reset its device since wants no answer, and its buffers may hold
+            // something else now: nothing is read from them or written into them, and the
+            // request is not executed. Reads and writes copy under the port's lock, so a
+            // reset cannot pass between this check and the copy.
+            let current = port.lock();
+            if current.generation != p.generation {
+                drop(current);
+                self.done.push(Finished {
+                    part,
+                    status: status::IOERR,
+                });
+                continue;
+            }
             let ok = match o {
-                Op::Read => {
-                    // Straight into the client's buffers, unless it reset its device since
-                    // (then nobody waits for the data, and the buffers may be reused).
-                    let guard = port.lock();
-                    guard.generation != p.generation
-                        || segs
-                            .with_slices(&port.mem, |s| {
-                                fileio::read_exact_at(&self.file, offset, s)
-                            })
-                            .is_ok_and(|r| r.is_ok())
-                }
+                Op::Read => segs
+                    .with_slices(&port.mem, |s| fileio::read_exact_at(&self.file, offset, s))
+                    .is_ok_and(|r| r.is_ok()),
                 Op::Write => segs
                     .with_slices(&port.mem, |s| fileio::write_all_at(&self.file, offset, s))
                     .is_ok_and(|r| r.is_ok()),
-                Op::Flush => self.file.sync_data().is_ok(),
-                Op::Discard => fileio::zero_range(&self.file, offset, bytes, true).is_ok(),
-                Op::WriteZeroes => fileio::zero_range(&self.file, offset, bytes, false).is_ok(),
+                Op::Flush | Op::Discard | Op::WriteZeroes => {
+                    drop(current);
+                    match o {
+                        Op::Flush => self.file.sync_data().is_ok(),
+                        Op::Discard => fileio::zero_range(&self.file, offset, bytes, true).is_ok(),
+                        _ => fileio::zero_range(&self.file, offset, bytes, false).is_ok(),
+                    }
+                }
             };
             self.done.push(Finished {
                 part,

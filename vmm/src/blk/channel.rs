@@ -1097,6 +1097,16 @@ impl ChannelBackend {
                 self.write_data.remove(&seq);
                 continue;
             };
+            // A client that reset its device since wants no answer and may have reused its
+            // buffers: the part is dropped, not posted with what they hold now. The port's
+            // lock keeps a reset from passing between this check and the copy.
+            let current = ports[p.port].lock();
+            if current.generation != p.generation {
+                drop(current);
+                shadow.remove(seq);
+                self.write_data.remove(&seq);
+                continue;
+            }
             let client = &ports[p.port].mem;
             // With a write log, the VMM keeps its own copy of what the client gave (once: a
             // write posted again after a restart sends the same bytes).
@@ -1139,6 +1149,7 @@ impl ChannelBackend {
                             }
                         },
                     );
+            drop(current);
             match r {
                 Ok(tag) => {
                     shadow.posted(seq, tag, live.epoch, self.clock.at(Instant::now()));

@@ -6,6 +6,38 @@
 //! takes the backend's completions, copies read data to the client, answers each client
 //! request once all its parts are done, and signals the clients that asked for it (EVENT_IDX).
 //!
+//! # Bounded client work
+//!
+//! Nothing a client does makes this thread work or hold memory without bound, or keeps it
+//! from the other clients:
+//! - **Intake is fair.** Each pass visits the ports in turn from a rotating start, and each
+//!   port's queues in turn; it takes at most [`QUEUE_BUDGET`] chains from a queue, and none
+//!   from a port that has [`CLIENT_WINDOW`] parts waiting for the backend already. A client
+//!   that publishes more than the backend serves keeps the rest in its own ring, so another
+//!   client's request waits behind at most one window of it, whatever it floods.
+//! - **In flight per queue: at most the queue size.** Each queue's accepted, unanswered heads
+//!   are a bit set; a head published again while it is in flight is a driver error (the
+//!   device still owns it), and the device is marked DEVICE_NEEDS_RESET, as QEMU does when a
+//!   queue exceeds its size. Once it is, nothing more is written into that device's rings.
+//! - **Per chain: at most SEG_MAX data descriptors**, and the walk stops at SEG_MAX + 16
+//!   descriptors, indirect tables included (see [`super::request`]).
+//! - **A device reset forgets the client's requests.** At a new generation, requests the
+//!   backend has not taken leave the shadow queue without a byte read from the client; those
+//!   it has taken complete there and are dropped unanswered; both backends check the
+//!   generation under the port's lock before they copy to or from the client's memory, so
+//!   nothing is read from buffers the client reuses or written into them after the reset.
+//!
+//! The memory bound that follows. A client request is held only while it has parts in the
+//! shadow queue, waiting or in flight at the backend. A client's waiting parts are at most
+//! `CLIENT_WINDOW + P - 1`, where P is the most parts of one request (`MAX_REQUEST` over the
+//! backend's largest transfer: 127 over a channel of 128 KiB slots, 1 from a file), since the
+//! window is checked before each chain; its parts in flight are at most the backend's slots
+//! (a file backend has none: it runs each part at once). So a client holds at most
+//! `min(queues x QUEUE_SIZE, CLIENT_WINDOW + P + slots)` requests, each at most one
+//! [`Pending`] with at most SEG_MAX segments (16 bytes each: about 4 KiB) and one shadow entry
+//! per part (under 100 bytes): with the defaults, under 1.5 MiB per client whatever it sends,
+//! and nothing more while a driver domain is down (its requests then wait, in its ring).
+//!
 //! With nothing to do it polls a little (exits cost tens of µs here, a short spin is cheaper
 //! than sleeping and being woken), then asks for notifications from every side — the clients'
 //! queues (avail_event), the driver domain (NOTIFY_ME) — re-checks, and sleeps on their
@@ -21,20 +53,20 @@
 //! recovery (detection, restarts, teardown) to this thread, which keeps serving whatever the
 //! domain does, so a hung domain is detected as before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ddvm_recovery::shadow::{Op, ShadowQueue};
+use ddvm_recovery::shadow::{Op, ShadowQueue, State};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Backend, BackendError, Finished};
-use super::device::ClientPort;
+use super::device::{ClientPort, QUEUE_SIZE};
 use super::request::{self, status, Invalid, Kind, Segments};
 use crate::memory::GuestMem;
 use crate::vcpu::wait_fds;
@@ -43,6 +75,12 @@ use crate::vcpu::wait_fds;
 const SPIN: Duration = Duration::from_micros(300);
 /// Longest sleep (a safety net: every source has an eventfd).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// Chains taken from one client queue in one pass, at most.
+pub const QUEUE_BUDGET: usize = 16;
+/// Parts of one client waiting in the shadow queue (accepted, not yet taken by the backend)
+/// at which its queues are left alone until the backend takes some: the rest of what it
+/// published waits in its own ring, not ahead of other clients' requests.
+pub const CLIENT_WINDOW: usize = 32;
 
 /// A part of a client request, as a shadow-queue entry carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +185,9 @@ impl BlockService {
             next_rid: 0,
             signal: vec![0; ports.len()],
             finished: Vec::new(),
+            tracks: (0..ports.len()).map(|_| Track::default()).collect(),
+            cursor: 0,
+            waiting: vec![0; ports.len()],
         };
         let worker = Arc::new(Mutex::new(worker));
         if let Backend::Channel(c) = &lock(&worker).backend {
@@ -247,7 +288,7 @@ fn run(worker: Arc<Mutex<Worker>>) -> Backend {
     }
 }
 
-struct Worker {
+pub(super) struct Worker {
     shared: Arc<ServiceShared>,
     ports: Vec<Arc<ClientPort>>,
     backend: Backend,
@@ -257,6 +298,63 @@ struct Worker {
     /// Per port, the queues (bits by index) that got answers since the last signal.
     signal: Vec<u64>,
     finished: Vec<Finished>,
+    /// Per port: the generation served and the heads in flight on each queue.
+    tracks: Vec<Track>,
+    /// The port intake starts at in the next pass (round-robin).
+    cursor: usize,
+    /// Per port, its parts waiting in the shadow queue (refreshed at each intake).
+    waiting: Vec<usize>,
+}
+
+/// Heads of one queue accepted and not yet answered: one bit per descriptor index, so at most
+/// the queue size of them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Heads([u64; (QUEUE_SIZE as usize).div_ceil(64)]);
+
+impl Heads {
+    fn contains(&self, head: u16) -> bool {
+        let h = usize::from(head);
+        self.0.get(h / 64).is_some_and(|w| w >> (h % 64) & 1 == 1)
+    }
+
+    fn set(&mut self, head: u16, on: bool) {
+        let h = usize::from(head);
+        if let Some(w) = self.0.get_mut(h / 64) {
+            if on {
+                *w |= 1 << (h % 64);
+            } else {
+                *w &= !(1 << (h % 64));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+/// What the service knows of one client port.
+#[derive(Debug, Default)]
+struct Track {
+    /// The port generation its requests are served for.
+    generation: u64,
+    /// Heads in flight by queue index.
+    heads: Vec<Heads>,
+    /// The queue intake starts at in the port's next turn (round-robin).
+    next_queue: usize,
+    /// Its window was full at the last intake: chains it published wait in its ring.
+    held: bool,
+}
+
+impl Track {
+    fn heads(&mut self, queue: u16) -> &mut Heads {
+        let q = usize::from(queue);
+        if self.heads.len() <= q {
+            self.heads.resize(q + 1, Heads::default());
+        }
+        &mut self.heads[q]
+    }
 }
 
 impl Worker {
@@ -294,14 +392,15 @@ impl Worker {
     fn sleep(worker: &Mutex<Worker>) {
         let mut w = lock(worker);
         let mut ready = false;
-        for port in &w.ports {
+        for (port, track) in w.ports.iter().zip(&w.tracks) {
             let mut st = port.lock();
             if st.needs_reset {
                 continue;
             }
             for q in st.queues.iter_mut().flatten() {
-                // Ok(true): the driver added buffers meanwhile.
-                ready |= q.enable_notification(&port.mem).unwrap_or(true);
+                // Ok(true): the driver added buffers meanwhile. A client whose window is full
+                // has buffers left in its ring on purpose: the backend's progress wakes us.
+                ready |= q.enable_notification(&port.mem).unwrap_or(true) && !track.held;
             }
         }
         ready |= w.backend.arm(true);
@@ -327,59 +426,162 @@ impl Worker {
         }
     }
 
-    /// Takes new requests from every client queue.
+    /// Takes new requests from the client queues, fairly: ports in turn from a rotating start,
+    /// each port's queues in turn, at most [`QUEUE_BUDGET`] chains per queue per pass, and none
+    /// from a port with [`CLIENT_WINDOW`] parts already waiting for the backend.
     fn intake(&mut self) -> usize {
+        let count = self.ports.len();
+        if count == 0 {
+            return 0;
+        }
+        self.count_waiting();
+        let start = self.cursor % count;
+        self.cursor = (start + 1) % count;
         let mut n = 0;
-        for i in 0..self.ports.len() {
+        for k in 0..count {
+            let i = (start + k) % count;
             let port = self.ports[i].clone();
-            let limits = port.geometry.limits();
             let mut st = port.lock();
-            let generation = st.generation;
-            for queue in 0..st.queues.len() as u16 {
+            self.sync_generation(i, st.generation);
+            self.tracks[i].held = false;
+            if st.needs_reset || st.queues.is_empty() {
+                continue;
+            }
+            let limits = port.geometry.limits();
+            let queues = st.queues.len();
+            let first = self.tracks[i].next_queue % queues;
+            self.tracks[i].next_queue = (first + 1) % queues;
+            for j in 0..queues {
+                let queue = ((first + j) % queues) as u16;
                 if st.needs_reset {
                     break;
                 }
-                let Some(q) = st.queues[usize::from(queue)].as_mut() else {
-                    continue;
-                };
-                let chains: Vec<_> = match q.iter(&port.mem) {
-                    Ok(it) => it.collect(),
-                    Err(_) => {
-                        port.give_up_queue(&mut st, "available index moved past the queue size");
-                        break;
-                    }
-                };
-                let mut answers = Vec::new();
-                let mut unusable = None;
-                for chain in chains {
-                    n += 1;
-                    let head = chain.head_index();
-                    match request::parse(chain, &port.mem, &limits) {
-                        Ok(req) => {
-                            if let Some(a) = self.accept(i, queue, generation, head, req) {
-                                answers.push(a);
-                            }
-                        }
-                        Err(Invalid::Status { status, value, why }) => {
-                            tracing::debug!("{}: request refused: {why}", port.name);
-                            answers.push((head, status, value, 0));
-                        }
-                        Err(Invalid::Unusable(why)) => {
-                            unusable = Some(why);
-                            break;
-                        }
-                    }
-                }
-                for (head, status_addr, value, len) in answers {
-                    let at = (i, queue, head);
-                    self.answer_locked(&port, &mut st, at, status_addr, value, len);
-                }
-                if let Some(why) = unusable {
-                    port.give_up_queue(&mut st, why);
-                }
+                n += self.intake_queue(&port, &mut st, i, queue, &limits);
             }
         }
         n
+    }
+
+    /// Takes up to [`QUEUE_BUDGET`] chains from queue `queue` of port `i` (locked as `st`).
+    fn intake_queue(
+        &mut self,
+        port: &ClientPort,
+        st: &mut super::device::PortState,
+        i: usize,
+        queue: u16,
+        limits: &request::Limits,
+    ) -> usize {
+        let generation = st.generation;
+        let mut n = 0;
+        let mut unusable = None;
+        while n < QUEUE_BUDGET {
+            if self.waiting[i] >= CLIENT_WINDOW {
+                self.tracks[i].held = true;
+                break;
+            }
+            let Some(Some(q)) = st.queues.get_mut(usize::from(queue)) else {
+                break;
+            };
+            let chain = match q.iter(&port.mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => {
+                    unusable = Some("available index moved past the queue size");
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            n += 1;
+            let head = chain.head_index();
+            if self.tracks[i].heads(queue).contains(head) {
+                // The driver gave back a chain the device still owns: more than the queue
+                // size could be in flight.
+                unusable = Some("a head published again while still in flight");
+                break;
+            }
+            match request::parse(chain, &port.mem, limits) {
+                Ok(req) => {
+                    let before = self.shadow.queued();
+                    match self.accept(i, queue, generation, head, req) {
+                        Some((head, status_addr, value, len)) => {
+                            self.answer_locked(port, st, (i, queue, head), status_addr, value, len);
+                        }
+                        None => {
+                            self.tracks[i].heads(queue).set(head, true);
+                            self.waiting[i] += self.shadow.queued().saturating_sub(before);
+                        }
+                    }
+                }
+                Err(Invalid::Status { status, value, why }) => {
+                    tracing::debug!("{}: request refused: {why}", port.name);
+                    self.answer_locked(port, st, (i, queue, head), status, value, 0);
+                }
+                Err(Invalid::Unusable(why)) => {
+                    unusable = Some(why);
+                    break;
+                }
+            }
+        }
+        if let Some(why) = unusable {
+            port.give_up_queue(st, why);
+        }
+        n
+    }
+
+    /// Counts each port's parts waiting in the shadow queue (not yet taken by the backend).
+    fn count_waiting(&mut self) {
+        self.waiting.iter_mut().for_each(|w| *w = 0);
+        if self.shadow.queued() == 0 {
+            return;
+        }
+        for e in self.shadow.iter() {
+            if e.state != State::Queued {
+                continue;
+            }
+            if let Some(p) = self.pending.get(&e.client.rid) {
+                self.waiting[p.port] += 1;
+            }
+        }
+    }
+
+    /// Port `i` is at `generation`: if the client reset its device since the last look, its
+    /// earlier requests are forgotten. Those the backend never took leave the shadow queue
+    /// unread (nothing is read from the client's memory for them); those it took complete
+    /// there, or are dropped when it finds them forgotten at their next posting (after a
+    /// domain was lost), and are never answered. The backends check the generation again,
+    /// under the port's lock, before they copy to or from the client's memory.
+    fn sync_generation(&mut self, i: usize, generation: u64) {
+        let track = &mut self.tracks[i];
+        if track.generation == generation {
+            return;
+        }
+        track.generation = generation;
+        track.heads.clear();
+        let stale: HashSet<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.port == i && p.generation != generation)
+            .map(|(&rid, _)| rid)
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        self.pending.retain(|rid, _| !stale.contains(rid));
+        let queued: Vec<u64> = self
+            .shadow
+            .iter()
+            // Never posted: the backend holds nothing for them. One posted before (back in the
+            // queue after a domain was lost) is left to the backend, which drops it, with what
+            // it keeps for it, when it finds it forgotten.
+            .filter(|e| {
+                e.state == State::Queued && e.attempts == 0 && stale.contains(&e.client.rid)
+            })
+            .map(|e| e.seq)
+            .collect();
+        for seq in queued {
+            self.shadow.remove(seq);
+        }
     }
 
     /// Accepts a valid request: answers it at once (get-id) or queues its parts.
@@ -531,6 +733,12 @@ impl Worker {
             .counters
             .answered
             .fetch_add(1, Ordering::Relaxed);
+        self.tracks[index].heads(queue).set(head, false);
+        if st.needs_reset {
+            // The device gave up on the driver: nothing more goes into its rings until it
+            // resets the device (as QEMU stops once it sets DEVICE_NEEDS_RESET).
+            return;
+        }
         let Some(Some(q)) = st.queues.get_mut(usize::from(queue)) else {
             return;
         };
@@ -562,6 +770,76 @@ impl Worker {
                 port.interrupt.raise(crate::virtio::interrupt::VRING);
             }
         }
+    }
+}
+
+/// What the tests drive and look at: the service's steps one at a time, without its thread.
+#[cfg(test)]
+impl Worker {
+    /// A worker serving `ports` from `backend`, with no thread.
+    pub(super) fn for_test(ports: Vec<Arc<ClientPort>>, backend: Backend) -> Worker {
+        Worker {
+            shared: Arc::new(ServiceShared::new().unwrap()),
+            signal: vec![0; ports.len()],
+            tracks: (0..ports.len()).map(|_| Track::default()).collect(),
+            waiting: vec![0; ports.len()],
+            ports,
+            backend,
+            shadow: ShadowQueue::new(),
+            pending: HashMap::new(),
+            next_rid: 0,
+            finished: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Takes new requests only (as while the backend is down).
+    pub(super) fn test_intake(&mut self) -> usize {
+        self.intake()
+    }
+
+    /// Posts and collects only.
+    pub(super) fn test_post_collect(&mut self) -> usize {
+        let n = self.post() + self.collect();
+        self.signal_clients();
+        n
+    }
+
+    /// A whole pass.
+    pub(super) fn test_pass(&mut self) -> usize {
+        self.pass()
+    }
+
+    /// Client requests the service holds (accepted, not answered).
+    pub(super) fn test_pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Entries in the shadow queue.
+    pub(super) fn test_shadow(&self) -> usize {
+        self.shadow.len()
+    }
+
+    /// Pending requests of port `port`.
+    pub(super) fn test_pending_of(&self, port: usize) -> usize {
+        self.pending.values().filter(|p| p.port == port).count()
+    }
+
+    /// Heads in flight on queue `queue` of port `port`.
+    pub(super) fn test_heads(&self, port: usize, queue: u16) -> u32 {
+        self.tracks[port]
+            .heads
+            .get(usize::from(queue))
+            .map_or(0, Heads::len)
+    }
+
+    /// The ports of the shadow queue's queued entries, oldest first.
+    pub(super) fn test_queued_ports(&self) -> Vec<usize> {
+        self.shadow
+            .iter()
+            .filter(|e| e.state == State::Queued)
+            .filter_map(|e| self.pending.get(&e.client.rid).map(|p| p.port))
+            .collect()
     }
 }
 

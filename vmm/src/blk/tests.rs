@@ -10,14 +10,16 @@ use virtio_bindings::virtio_blk as b;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::device::{BlockGeometry, ClientPort, LbaRange, VirtioBlock, QUEUE_SIZE};
+use super::device::{BlockGeometry, ClientPort, LbaRange, VirtioBlock, QUEUE_SIZE, SEG_MAX};
 use super::request::status;
+use super::service::{Worker, CLIENT_WINDOW, QUEUE_BUDGET};
 use super::{Backend, BlockService, FileBackend};
 use crate::memory::{self, GuestMem};
 use crate::virtio::{Interrupt, VirtioDevice};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
 
 const DESC: u64 = 0x10000;
 const AVAIL: u64 = 0x20000;
@@ -25,6 +27,8 @@ const USED: u64 = 0x30000;
 const HDR: u64 = 0x40000;
 const DATA: u64 = 0x100000;
 const STATUS: u64 = 0x50000;
+/// Where indirect tables go: 1 MiB, room for 65,535 descriptors.
+const TABLE: u64 = 0x200000;
 
 /// A scripted driver: one queue of `QUEUE_SIZE` in a 4 MiB client (or, from
 /// [`Driver::queues`], one of several queues of the same device).
@@ -106,6 +110,40 @@ impl Driver {
         self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
         self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
         self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Writes `entries` (address, length, flags) as an indirect table at [`TABLE`], each
+    /// chained to the next where it says NEXT, and makes descriptor `head` point to it.
+    fn indirect(&self, head: u16, entries: &[(u64, u32, u16)]) {
+        let mut table = Vec::with_capacity(entries.len() * 16);
+        for (i, &(addr, len, flags)) in entries.iter().enumerate() {
+            table.extend_from_slice(&addr.to_le_bytes());
+            table.extend_from_slice(&len.to_le_bytes());
+            table.extend_from_slice(&flags.to_le_bytes());
+            table.extend_from_slice(&((i + 1) as u16).to_le_bytes());
+        }
+        self.mem.write_slice(&table, GuestAddress(TABLE)).unwrap();
+        self.desc(head, TABLE, table.len() as u32, F_INDIRECT, 0);
+    }
+
+    /// Makes `heads` available in one step (one write of the index) and notifies.
+    fn publish_all(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = AVAIL + self.rings + 4 + u64::from(self.avail % QUEUE_SIZE) * 2;
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail = self.avail.wrapping_add(1);
+        }
+        self.mem
+            .write_obj(self.avail, GuestAddress(AVAIL + self.rings + 2))
+            .unwrap();
+        self.port.notify.write(1).unwrap();
+    }
+
+    /// The used ring's index.
+    fn used_idx(&self) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(USED + self.rings + 2))
+            .unwrap()
     }
 
     fn header(&self, at: u64, kind: u32, sector: u64) {
@@ -193,6 +231,48 @@ impl Driver {
             .activate(0, vec![Some(ready_queue(self.rings))])
             .unwrap();
     }
+}
+
+/// A read through an indirect table of 65,535 descriptors: the header, 65,533 data
+/// descriptors of 512 bytes and the status byte (33 MB of data, SEG_MAX 254).
+fn table_of_65535(d: &mut Driver) {
+    d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+    let mut e = vec![(HDR, 16, F_NEXT)];
+    e.extend((0..65_533u64).map(|i| (DATA + i * 512 % 0x80000, 512, F_WRITE | F_NEXT)));
+    e.push((STATUS, 1, F_WRITE));
+    d.indirect(0, &e);
+    d.publish(0);
+}
+
+/// A write through an indirect table of `n` one-byte descriptors: the header in 16, the data
+/// in `n - 17`, the status byte.
+fn one_byte_descriptors(d: &mut Driver, n: usize) {
+    d.header(HDR, b::VIRTIO_BLK_T_OUT, 0);
+    let mut e: Vec<_> = (0..16).map(|i| (HDR + i, 1, F_NEXT)).collect();
+    e.extend((0..(n - 17) as u64).map(|i| (DATA + i, 1, F_NEXT)));
+    e.push((STATUS, 1, F_WRITE));
+    d.indirect(0, &e);
+    d.publish(0);
+}
+
+/// A read of SEG_MAX + 1 sectors, one 512-byte data descriptor each (indirect): within the
+/// device's byte limits, beyond its segment limit.
+fn seg_max_plus_one(d: &mut Driver) {
+    d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+    let mut e = vec![(HDR, 16, F_NEXT)];
+    e.extend((0..u64::from(SEG_MAX) + 1).map(|i| (DATA + i * 512, 512, F_WRITE | F_NEXT)));
+    e.push((STATUS, 1, F_WRITE));
+    d.indirect(0, &e);
+    d.publish(0);
+}
+
+/// A valid read at head 0, made available `times` times in one step.
+fn republished(d: &mut Driver, times: usize) {
+    d.header(HDR, b::VIRTIO_BLK_T_IN, 0);
+    d.desc(0, HDR, 16, F_NEXT, 1);
+    d.desc(1, DATA, 512, F_WRITE | F_NEXT, 2);
+    d.desc(2, STATUS, 1, F_WRITE, 0);
+    d.publish_all(&vec![0; times]);
 }
 
 fn disk(mib: u64) -> (tempfile_path::TempPath, FileBackend) {
@@ -369,7 +449,27 @@ fn hostile_chains_get_an_error_or_needs_reset_and_harm_nobody() {
     let mut good = Driver::new("good", RANGE_B);
     let _svc = service(&[&bad, &good], backend);
     type Case = (&'static str, fn(&mut Driver), Option<u8>);
-    let cases: [Case; 9] = [
+    let cases: [Case; 13] = [
+        (
+            "indirect table of 65,535 descriptors",
+            |d| table_of_65535(d),
+            None,
+        ),
+        (
+            "chain of 10,000 one-byte descriptors",
+            |d| one_byte_descriptors(d, 10_000),
+            None,
+        ),
+        (
+            "one data descriptor more than SEG_MAX",
+            |d| seg_max_plus_one(d),
+            Some(status::IOERR),
+        ),
+        (
+            "a head published again while in flight",
+            |d| republished(d, 2),
+            None,
+        ),
         (
             "descriptor loop",
             |d| {
@@ -504,4 +604,230 @@ fn hostile_chains_get_an_error_or_needs_reset_and_harm_nobody() {
     bad.request(0, b::VIRTIO_BLK_T_OUT, 0, 0, 512);
     assert_eq!(bad.wait_used(STATUS), Some((0, 1, status::OK)));
     assert!(bad.port.counters.needs_reset.load(Ordering::Relaxed) >= 3);
+}
+
+/// A neighbour attacks without pause — tables of 65,535 descriptors, chains of 10,000 one-byte
+/// descriptors, heads published again while in flight, floods of valid requests, resets with
+/// requests in flight — while a well-behaved client writes and reads back its blocks: every
+/// one of its requests is answered correctly and in time.
+#[test]
+fn a_well_behaved_client_is_served_while_a_neighbour_attacks() {
+    let (_path, backend) = disk(2);
+    let mut bad = Driver::new("bad", RANGE_A);
+    let mut good = Driver::new("good", RANGE_B);
+    let svc = service(&[&bad, &good], backend);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let attacker = std::thread::spawn(move || {
+        let mut rounds = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            bad.reset();
+            match rounds % 5 {
+                0 => table_of_65535(&mut bad),
+                1 => one_byte_descriptors(&mut bad, 10_000),
+                2 => republished(&mut bad, 200),
+                3 => {
+                    // A flood of valid reads, and a reset while they are in flight.
+                    for i in 0..80u16 {
+                        bad.request(3 * i, b::VIRTIO_BLK_T_IN, u64::from(i) * 8, 0, 4096);
+                    }
+                }
+                _ => {
+                    for i in 0..80u16 {
+                        bad.request(3 * i, b::VIRTIO_BLK_T_OUT, u64::from(i) * 8, 1, 4096);
+                    }
+                    bad.wait_used(STATUS);
+                }
+            }
+            let t = Instant::now();
+            while !bad.device.needs_reset() && t.elapsed() < Duration::from_millis(2) {
+                std::hint::spin_loop();
+            }
+            rounds += 1;
+        }
+        (rounds, bad)
+    });
+    let t = Instant::now();
+    for i in 0..300u64 {
+        let sector = (i % 200) * 8;
+        good.fill(0, 4096, i as u8 | 1);
+        good.request(0, b::VIRTIO_BLK_T_OUT, sector, 0, 4096);
+        assert_eq!(
+            good.wait_used(STATUS),
+            Some((0, 1, status::OK)),
+            "write {i}"
+        );
+        good.fill(1, 4096, 0);
+        good.request(3, b::VIRTIO_BLK_T_IN, sector, 1, 4096);
+        assert_eq!(
+            good.wait_used(STATUS + 3),
+            Some((3, 4097, status::OK)),
+            "read {i}"
+        );
+        assert_eq!(good.data(1, 4096), vec![i as u8 | 1; 4096], "read {i}");
+    }
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (rounds, bad) = attacker.join().unwrap();
+    let resets = bad.port.counters.needs_reset.load(Ordering::Relaxed);
+    assert!(rounds >= 5, "the attack ran ({rounds} rounds)");
+    assert!(
+        resets >= 3,
+        "the attacks were refused ({resets} of {rounds} rounds)"
+    );
+    assert!(!svc.is_finished(), "the service survived");
+    assert!(took < Duration::from_secs(60), "600 requests took {took:?}");
+    assert_eq!(good.port.counters.needs_reset.load(Ordering::Relaxed), 0);
+}
+
+fn worker(drivers: &[&Driver], backend: FileBackend) -> Worker {
+    let ports = drivers.iter().map(|d| d.port.clone()).collect();
+    Worker::for_test(ports, Backend::File(backend))
+}
+
+/// A client publishes the same head again and again while the backend takes nothing (as while
+/// a driver domain restarts): the device asks for a reset at the first repeat, and what the
+/// service holds stays within the queue size, not one entry per publication.
+#[test]
+fn a_head_republished_in_flight_needs_reset_and_memory_stays_bounded() {
+    let (_path, backend) = disk(2);
+    let mut a = Driver::new("a", RANGE_A);
+    let mut w = worker(&[&a], backend);
+    republished(&mut a, 1);
+    w.test_intake();
+    assert_eq!(w.test_pending(), 1);
+    assert_eq!(w.test_heads(0, 0), 1, "head 0 is in flight");
+    for _ in 0..40 {
+        let heads = vec![0u16; 200];
+        a.publish_all(&heads);
+        w.test_intake();
+    }
+    assert!(a.device.needs_reset(), "a repeated head needs a reset");
+    assert!(
+        w.test_pending() <= usize::from(QUEUE_SIZE),
+        "{} requests held for one head",
+        w.test_pending()
+    );
+    assert!(w.test_shadow() <= usize::from(QUEUE_SIZE));
+    // Nothing is answered into the rings of a device that needs a reset.
+    for _ in 0..4 {
+        w.test_post_collect();
+    }
+    assert_eq!(a.used_idx(), 0);
+    // After a reset the client is served again.
+    a.reset();
+    a.request(0, b::VIRTIO_BLK_T_IN, 0, 0, 512);
+    for _ in 0..4 {
+        w.test_pass();
+    }
+    assert_eq!(a.wait_used(STATUS), Some((0, 513, status::OK)));
+    assert_eq!(w.test_pending(), 0);
+    assert_eq!(w.test_shadow(), 0);
+}
+
+/// A client resets its device with requests accepted but not yet executed, and reuses their
+/// buffers: the write is never executed (neither with the old data nor with what the buffers
+/// hold now), the read copies nothing into them, nothing is answered into the new rings, and
+/// the service forgets both. Whether the service notices the reset before the backend runs
+/// the requests or only as it runs them.
+#[test]
+fn a_reset_drops_requests_without_touching_the_clients_memory() {
+    for intake_first in [false, true] {
+        let (path, backend) = disk(2);
+        let mut a = Driver::new("a", RANGE_A);
+        let mut w = worker(&[&a], backend);
+        // Sector 8 holds 0x11 on the disk.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path.0)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x11; 4096], 8 * 512).unwrap();
+        a.fill(0, 4096, 0xaa);
+        a.request(0, b::VIRTIO_BLK_T_OUT, 0, 0, 4096);
+        a.request(3, b::VIRTIO_BLK_T_IN, 8, 1, 4096);
+        w.test_intake();
+        assert_eq!(w.test_pending(), 2, "both accepted");
+        // The reset; the driver reuses the buffers at once.
+        a.reset();
+        a.fill(0, 4096, 0x55);
+        a.fill(1, 4096, 0x77);
+        for at in [STATUS, STATUS + 3] {
+            a.mem.write_obj(0xeeu8, GuestAddress(at)).unwrap();
+        }
+        if intake_first {
+            w.test_intake();
+        }
+        for _ in 0..4 {
+            w.test_post_collect();
+        }
+        w.test_intake();
+        let bytes = std::fs::read(&path.0).unwrap();
+        assert!(
+            bytes[..4096].iter().all(|&x| x == 0),
+            "intake first {intake_first}: the abandoned write was executed (first byte {:#x})",
+            bytes[0]
+        );
+        assert_eq!(
+            a.data(1, 4096),
+            vec![0x77; 4096],
+            "the read copied into a reused buffer"
+        );
+        assert_eq!(a.used_idx(), 0, "answered into the new rings");
+        for at in [STATUS, STATUS + 3] {
+            assert_eq!(a.mem.read_obj::<u8>(GuestAddress(at)).unwrap(), 0xee);
+        }
+        assert_eq!(w.test_pending(), 0);
+        assert_eq!(w.test_shadow(), 0);
+        // The device works normally after it.
+        a.request(6, b::VIRTIO_BLK_T_IN, 8, 2, 4096);
+        for _ in 0..4 {
+            w.test_pass();
+        }
+        assert_eq!(a.wait_used(STATUS + 6), Some((6, 4097, status::OK)));
+        assert_eq!(a.data(2, 4096), vec![0x11; 4096]);
+    }
+}
+
+/// A client with its queue full of valid requests and a client with one: the service takes
+/// at most QUEUE_BUDGET chains from a queue per pass, so the second client's request is
+/// queued behind at most that many of the first's; and while the backend takes nothing, the
+/// first client's requests wait in its own ring, not in the service (at most CLIENT_WINDOW
+/// of them). Everything is answered once the backend runs.
+#[test]
+fn intake_is_fair_between_clients_and_holds_a_flood_in_its_own_ring() {
+    let (_path, backend) = disk(2);
+    let mut flood = Driver::new("flood", RANGE_A);
+    let mut good = Driver::new("good", RANGE_B);
+    let mut w = worker(&[&flood, &good], backend);
+    for i in 0..80u16 {
+        flood.request(3 * i, b::VIRTIO_BLK_T_IN, u64::from(i) * 8, 0, 512);
+    }
+    good.request(0, b::VIRTIO_BLK_T_IN, 0, 0, 512);
+    w.test_intake();
+    let order = w.test_queued_ports();
+    let ahead = order.iter().take_while(|&&p| p == 0).count();
+    assert!(
+        order.contains(&1),
+        "the good client's request was taken: {order:?}"
+    );
+    assert!(
+        ahead <= QUEUE_BUDGET,
+        "{ahead} of the flood's requests queued ahead of the good client's"
+    );
+    for _ in 0..10 {
+        w.test_intake();
+    }
+    assert!(
+        w.test_pending_of(0) <= CLIENT_WINDOW,
+        "{} of the flood's requests held by the service",
+        w.test_pending_of(0)
+    );
+    for _ in 0..20 {
+        w.test_pass();
+    }
+    assert_eq!(good.wait_used(STATUS), Some((0, 513, status::OK)));
+    for _ in 0..80 {
+        assert_eq!(flood.wait_used(STATUS).map(|u| u.1), Some(513));
+    }
+    assert_eq!(w.test_pending(), 0);
 }
