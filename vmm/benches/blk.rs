@@ -14,8 +14,16 @@
 //! where (b) keeps the CPUs busy, (a) can reach at most (b)'s CPU per request over its own of
 //! (b)'s IOPS.
 //!
+//! The `attack` case measures fairness: a well-behaved client guest (4 KiB random reads, QD16)
+//! on the driver domain, alone and then with a hostile neighbour on the same disk and block
+//! service — a scripted driver in the VMM that keeps all 256 heads of its queue busy with
+//! valid reads (`--attack-bs`, default 4 KiB) and every `--bomb-ms` (default 20) publishes a
+//! 65,535-descriptor indirect table and resets its device when it is refused. It prints the
+//! client's IOPS in both runs and their ratio (target: at least 50%), and what the attacker
+//! got: its answered requests per second and the resets it was told to do.
+//!
 //! `cargo bench -p ddvm --bench blk` (`-- --quick` for a short run; `--runs N` repeats each
-//! case N times and prints every ratio; `--case randread|seqwrite` runs one case;
+//! case N times and prints every ratio; `--case randread|seqwrite|attack` runs one case;
 //! `--side a|b` runs one side only and `--count N` sets the requests of the 4 KiB case, for
 //! profiling; `--echo` shows the guests' consoles).
 
@@ -25,12 +33,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ddvm::blk::Backend;
-use ddvm::client::WorkloadReport;
+use ddvm::blk::{
+    Backend, BlockGeometry, BlockService, ChannelBackend, ClientPort, LbaRange, VirtioBlock,
+};
+use ddvm::client::{Client, WorkloadReport};
 use ddvm::config::Config;
 use ddvm::console::Echo;
 use ddvm::hypervisor::Hypervisor;
-use ddvm::topology::Topology;
+use ddvm::topology::{client_config, domain_config, Topology};
+use ddvm::virtio::{Interrupt, Queue, VirtioDevice};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
 
 struct Run {
     report: WorkloadReport,
@@ -284,6 +297,318 @@ fn line(label: &str, r: &Run) {
     }
 }
 
+/// The hostile neighbour of the `attack` case: a driver scripted in the VMM on a client port of
+/// its own (no vCPU), as hostile as the device lets it be.
+struct Attacker {
+    mem: ddvm::memory::GuestMem,
+    port: Arc<ClientPort>,
+    device: VirtioBlock,
+    avail: u16,
+    used_seen: u16,
+    bs: u32,
+    sectors: u64,
+    seed: u64,
+}
+
+const QSIZE: u16 = ddvm::blk::device::QUEUE_SIZE;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+const A_DESC: u64 = 0x10000;
+const A_AVAIL: u64 = 0x20000;
+const A_USED: u64 = 0x30000;
+const A_TABLES: u64 = 0x40000;
+const A_HDR: u64 = 0x50000;
+const A_STATUS: u64 = 0x58000;
+const A_BOMB: u64 = 0x100000;
+const A_DATA: u64 = 0x300000;
+const BOMB_ENTRIES: u64 = 65_535;
+
+/// What the attacker got.
+#[derive(Default)]
+struct AttackStats {
+    answered: u64,
+    refused: u64,
+    wall: Duration,
+}
+
+impl Attacker {
+    fn new(range: LbaRange, block_size: u32, bs: u32) -> Attacker {
+        let mem = ddvm::memory::create(8 << 20, 1 << 30).expect("attacker memory");
+        let geometry = BlockGeometry {
+            range,
+            block_size,
+            read_only: false,
+            discard: false,
+            write_zeroes: false,
+            serial: "attacker".into(),
+            queues: 1,
+        };
+        let port = ClientPort::new(
+            "attacker",
+            mem.clone(),
+            geometry,
+            Interrupt::new(Arc::new(|| {})),
+        )
+        .expect("attacker port");
+        let device = VirtioBlock::new(port.clone());
+        // The bomb: a read whose indirect table holds 65,535 descriptors.
+        let mut table = Vec::with_capacity(BOMB_ENTRIES as usize * 16);
+        for i in 0..BOMB_ENTRIES {
+            let (addr, len, flags) = match i {
+                0 => (A_HDR, 16, F_NEXT),
+                _ if i == BOMB_ENTRIES - 1 => (A_STATUS, 1, F_WRITE),
+                _ => (A_DATA, 512, F_WRITE | F_NEXT),
+            };
+            table.extend_from_slice(&u64::to_le_bytes(addr));
+            table.extend_from_slice(&u32::to_le_bytes(len));
+            table.extend_from_slice(&u16::to_le_bytes(flags));
+            table.extend_from_slice(&u16::to_le_bytes((i + 1) as u16));
+        }
+        mem.write_slice(&table, GuestAddress(A_BOMB))
+            .expect("bomb table");
+        let mut a = Attacker {
+            mem,
+            port,
+            device,
+            avail: 0,
+            used_seen: 0,
+            bs,
+            sectors: range.sectors,
+            seed: 0x9e37_79b9_7f4a_7c15,
+        };
+        a.reset();
+        a
+    }
+
+    fn w<T: vm_memory::ByteValued>(&self, v: T, at: u64) {
+        self.mem
+            .write_obj(v, GuestAddress(at))
+            .expect("attacker memory");
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.avail = 0;
+        self.used_seen = 0;
+        self.w(0u16, A_AVAIL + 2);
+        self.w(0u16, A_USED + 2);
+        let mut q = Queue::new(QSIZE).expect("queue");
+        q.set_size(QSIZE);
+        q.try_set_desc_table_address(GuestAddress(A_DESC))
+            .expect("desc");
+        q.try_set_avail_ring_address(GuestAddress(A_AVAIL))
+            .expect("avail");
+        q.try_set_used_ring_address(GuestAddress(A_USED))
+            .expect("used");
+        q.set_ready(true);
+        self.device.activate(0, vec![Some(q)]).expect("activate");
+    }
+
+    /// Head `i`: a valid read of `bs` bytes at a random block, through a 3-entry indirect table.
+    fn request(&mut self, i: u16) {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let blocks = self.sectors / u64::from(self.bs / 512);
+        let sector = (self.seed % blocks.max(1)) * u64::from(self.bs / 512);
+        let (hdr, status, table) = (
+            A_HDR + u64::from(i) * 16,
+            A_STATUS + u64::from(i),
+            A_TABLES + u64::from(i) * 48,
+        );
+        self.w(virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN, hdr);
+        self.w(0u32, hdr + 4);
+        self.w(sector, hdr + 8);
+        for (k, (addr, len, flags)) in [
+            (hdr, 16, F_NEXT),
+            (A_DATA, self.bs, F_WRITE | F_NEXT),
+            (status, 1, F_WRITE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let at = table + k as u64 * 16;
+            self.w(addr, at);
+            self.w(len, at + 8);
+            self.w(flags, at + 12);
+            self.w(k as u16 + 1, at + 14);
+        }
+        self.desc(i, table, 48, F_INDIRECT);
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16) {
+        let at = A_DESC + u64::from(i) * 16;
+        self.w(addr, at);
+        self.w(len, at + 8);
+        self.w(flags, at + 12);
+        self.w(0u16, at + 14);
+    }
+
+    fn publish(&mut self, heads: &[u16]) {
+        for &h in heads {
+            self.w(h, A_AVAIL + 4 + u64::from(self.avail % QSIZE) * 2);
+            self.avail = self.avail.wrapping_add(1);
+        }
+        self.w(self.avail, A_AVAIL + 2);
+        let _ = self.port.notify.write(1);
+    }
+
+    /// Heads answered since the last look.
+    fn reap(&mut self) -> Vec<u16> {
+        let idx: u16 = self.mem.read_obj(GuestAddress(A_USED + 2)).expect("used");
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let e = A_USED + 4 + u64::from(self.used_seen % QSIZE) * 8;
+            let id: u32 = self.mem.read_obj(GuestAddress(e)).expect("used");
+            out.push(id as u16);
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Every head busy with a valid read.
+    fn flood(&mut self) {
+        let heads: Vec<u16> = (0..QSIZE).collect();
+        for &h in &heads {
+            self.request(h);
+        }
+        self.publish(&heads);
+    }
+
+    /// Runs until `stop`: the queue kept full, and a bomb every `bomb_every`.
+    fn run(mut self, stop: Arc<AtomicBool>, bomb_every: Duration) -> AttackStats {
+        let mut st = AttackStats::default();
+        let t0 = Instant::now();
+        let mut last_bomb = Instant::now();
+        self.flood();
+        while !stop.load(Ordering::Relaxed) {
+            if last_bomb.elapsed() >= bomb_every {
+                last_bomb = Instant::now();
+                // Reset with the flood in flight, then the bomb on a fresh queue.
+                self.reset();
+                self.desc(0, A_BOMB, (BOMB_ENTRIES * 16) as u32, F_INDIRECT);
+                self.publish(&[0]);
+                let t = Instant::now();
+                while !self.device.needs_reset() && t.elapsed() < Duration::from_millis(100) {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                if self.device.needs_reset() {
+                    st.refused += 1;
+                }
+                self.reset();
+                self.flood();
+                continue;
+            }
+            let done = self.reap();
+            if done.is_empty() {
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            st.answered += done.len() as u64;
+            for &h in &done {
+                self.request(h);
+            }
+            self.publish(&done);
+        }
+        st.wall = t0.elapsed();
+        st
+    }
+}
+
+/// The `attack` case: the bench client on the domain with the attacker on the same disk (or
+/// alone); returns its report and what the attacker got.
+fn attack_run(
+    hv: &Arc<Hypervisor>,
+    disk: &Path,
+    workload: &str,
+    echo: Echo,
+    attack: Option<(u32, Duration)>,
+) -> (WorkloadReport, Option<AttackStats>) {
+    let text = format!(
+        "[[domain]]\nname = \"nvme0\"\nmemory_mib = 32\nchannel_kib = 8448\n[domain.device]\nkind = \"emulated-nvme\"\nbacking = \"{}\"\nsize_mib = 64\nlba_size = 4096\n[[client]]\nname = \"bench\"\ndisk = \"nvme0\"\nsize_mib = 32\nmemory_mib = 64\nworkload = \"{workload}\"\n",
+        disk.display()
+    );
+    let file = Path::new("bench.toml");
+    let config = Config::parse(file, &text).expect("bench config");
+    let d = &config.domains[0];
+    let dc = domain_config(file, d, echo).expect("domain config");
+    let policy = d.recovery.to_policy().expect("policy");
+    let backend = ChannelBackend::start(hv.clone(), dc, policy).expect("domain");
+    let info = backend.disk();
+    let mut client = Client::boot(
+        hv,
+        &client_config(file, &config.clients[0], &info, echo).expect("client"),
+    )
+    .expect("client boot");
+    let mut ports = vec![client.port().clone()];
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut thread = None;
+    if let Some((bs, bomb_every)) = attack {
+        let half = (32 << 20) / 512;
+        let range = LbaRange {
+            first: half,
+            sectors: info.sectors.saturating_sub(half).min(half),
+        };
+        let a = Attacker::new(range, info.block_size, bs);
+        ports.push(a.port.clone());
+        let s = stop.clone();
+        thread = Some(
+            std::thread::Builder::new()
+                .name("attacker".into())
+                .spawn(move || a.run(s, bomb_every))
+                .expect("attacker thread"),
+        );
+    }
+    let mut svc =
+        BlockService::spawn("nvme0", ports, Backend::Channel(Box::new(backend))).expect("service");
+    let exit = client.wait(Duration::from_secs(600));
+    stop.store(true, Ordering::Relaxed);
+    let stats = thread.map(|t| t.join().expect("attacker"));
+    let console = client.domain().console().text();
+    client.domain_mut().stop();
+    let _ = svc.stop();
+    let report =
+        WorkloadReport::find(&console).unwrap_or_else(|| panic!("no report ({exit:?}): {console}"));
+    assert!(report.clean(), "{report:?}");
+    (report, stats)
+}
+
+fn attack_case(hv: &Arc<Hypervisor>, disk: &Path, n: u64, echo: Echo, bs: u32, bomb_ms: u64) {
+    let workload = format!("workload=randread bs=4096 qd=16 count={n} verify_pass=0");
+    println!(
+        "attack: 4 KiB random read, QD16, alone and next to an attacker ({bs}-byte reads on all 256 heads, a 65,535-descriptor table and a reset every {bomb_ms} ms)"
+    );
+    let (alone, _) = attack_run(hv, disk, &workload, echo, None);
+    let (shared, stats) = attack_run(
+        hv,
+        disk,
+        &workload,
+        echo,
+        Some((bs, Duration::from_millis(bomb_ms))),
+    );
+    let stats = stats.unwrap_or_default();
+    println!(
+        "  alone          {:>9.0} IOPS  p50 {:>6} us  p99 {:>6} us",
+        alone.iops, alone.lat_us.p50, alone.lat_us.p99
+    );
+    println!(
+        "  with attacker  {:>9.0} IOPS  p50 {:>6} us  p99 {:>6} us",
+        shared.iops, shared.lat_us.p50, shared.lat_us.p99
+    );
+    let wall = stats.wall.as_secs_f64().max(1e-9);
+    println!(
+        "  attacker: {:.0} requests/s answered, {} tables refused with a reset in {:.1} s",
+        stats.answered as f64 / wall,
+        stats.refused,
+        wall
+    );
+    println!(
+        "  ratio: {:.1}% of its IOPS alone (target >= 50%)",
+        100.0 * shared.iops / alone.iops.max(1.0)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
@@ -397,6 +722,15 @@ fn main() {
                 text.join(" ")
             );
         }
+    }
+    if only_case.as_deref().is_none_or(|c| c == "attack") {
+        let bs = value("--attack-bs")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4096);
+        let bomb_ms = value("--bomb-ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        attack_case(&hv, &disk, n, echo, bs, bomb_ms);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

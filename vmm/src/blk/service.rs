@@ -12,9 +12,10 @@
 //! from the other clients:
 //! - **Intake is fair.** Each pass visits the ports in turn from a rotating start, and each
 //!   port's queues in turn; it takes at most [`QUEUE_BUDGET`] chains from a queue, and none
-//!   from a port that has [`CLIENT_WINDOW`] parts waiting for the backend already. A client
-//!   that publishes more than the backend serves keeps the rest in its own ring, so another
-//!   client's request waits behind at most one window of it, whatever it floods.
+//!   from a port that holds its share of parts already (accepted, not completed:
+//!   [`CLIENT_SHARE`] while another client has requests held, [`CLIENT_LIMIT`] alone). A client
+//!   that publishes more than that keeps the rest in its own ring, so another client's request
+//!   waits behind at most one share of it, whatever it floods.
 //! - **In flight per queue: at most the queue size.** Each queue's accepted, unanswered heads
 //!   are a bit set; a head published again while it is in flight is a driver error (the
 //!   device still owns it), and the device is marked DEVICE_NEEDS_RESET, as QEMU does when a
@@ -27,16 +28,15 @@
 //!   generation under the port's lock before they copy to or from the client's memory, so
 //!   nothing is read from buffers the client reuses or written into them after the reset.
 //!
-//! The memory bound that follows. A client request is held only while it has parts in the
-//! shadow queue, waiting or in flight at the backend. A client's waiting parts are at most
-//! `CLIENT_WINDOW + P - 1`, where P is the most parts of one request (`MAX_REQUEST` over the
-//! backend's largest transfer: 127 over a channel of 128 KiB slots, 1 from a file), since the
-//! window is checked before each chain; its parts in flight are at most the backend's slots
-//! (a file backend has none: it runs each part at once). So a client holds at most
-//! `min(queues x QUEUE_SIZE, CLIENT_WINDOW + P + slots)` requests, each at most one
+//! The memory bound that follows. A client request is held only while it has parts not
+//! completed, and a client holds at most `CLIENT_LIMIT + P - 1` parts, where P is the most
+//! parts of one request (`MAX_REQUEST` over the backend's largest transfer: 127 over a channel
+//! of 128 KiB slots, 1 from a file), since the limit is checked before each chain. So a client
+//! holds at most `min(queues x QUEUE_SIZE, CLIENT_LIMIT + P - 1)` requests, each one
 //! [`Pending`] with at most SEG_MAX segments (16 bytes each: about 4 KiB) and one shadow entry
-//! per part (under 100 bytes): with the defaults, under 1.5 MiB per client whatever it sends,
-//! and nothing more while a driver domain is down (its requests then wait, in its ring).
+//! per part (under 100 bytes): with the defaults under 1.1 MiB per client (256 requests of
+//! 4 KiB of segments, 382 parts), whatever it sends and however long a driver domain is down
+//! (what it publishes beyond that waits in its ring).
 //!
 //! With nothing to do it polls a little (exits cost tens of µs here, a short spin is cheaper
 //! than sleeping and being woken), then asks for notifications from every side — the clients'
@@ -77,10 +77,13 @@ const SPIN: Duration = Duration::from_micros(300);
 const MAX_SLEEP: Duration = Duration::from_millis(50);
 /// Chains taken from one client queue in one pass, at most.
 pub const QUEUE_BUDGET: usize = 16;
-/// Parts of one client waiting in the shadow queue (accepted, not yet taken by the backend)
-/// at which its queues are left alone until the backend takes some: the rest of what it
-/// published waits in its own ring, not ahead of other clients' requests.
-pub const CLIENT_WINDOW: usize = 32;
+/// Parts of one client the service holds (accepted and not completed: waiting for the backend
+/// or in flight there) at which its queues are left alone while another client has requests
+/// held too: the rest of what it published waits in its own ring, not ahead of the others'.
+pub const CLIENT_SHARE: usize = 16;
+/// The same limit for a client that is alone on the disk (enough to keep a driver domain's
+/// channel full).
+pub const CLIENT_LIMIT: usize = 256;
 
 /// A part of a client request, as a shadow-queue entry carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,7 +190,7 @@ impl BlockService {
             finished: Vec::new(),
             tracks: (0..ports.len()).map(|_| Track::default()).collect(),
             cursor: 0,
-            waiting: vec![0; ports.len()],
+            outstanding: vec![0; ports.len()],
         };
         let worker = Arc::new(Mutex::new(worker));
         if let Backend::Channel(c) = &lock(&worker).backend {
@@ -302,8 +305,8 @@ pub(super) struct Worker {
     tracks: Vec<Track>,
     /// The port intake starts at in the next pass (round-robin).
     cursor: usize,
-    /// Per port, its parts waiting in the shadow queue (refreshed at each intake).
-    waiting: Vec<usize>,
+    /// Per port, its parts held: accepted and not completed (or forgotten at a reset).
+    outstanding: Vec<usize>,
 }
 
 /// Heads of one queue accepted and not yet answered: one bit per descriptor index, so at most
@@ -428,13 +431,13 @@ impl Worker {
 
     /// Takes new requests from the client queues, fairly: ports in turn from a rotating start,
     /// each port's queues in turn, at most [`QUEUE_BUDGET`] chains per queue per pass, and none
-    /// from a port with [`CLIENT_WINDOW`] parts already waiting for the backend.
+    /// from a port that holds its share of parts already ([`CLIENT_SHARE`] while others have
+    /// requests held, else [`CLIENT_LIMIT`]).
     fn intake(&mut self) -> usize {
         let count = self.ports.len();
         if count == 0 {
             return 0;
         }
-        self.count_waiting();
         let start = self.cursor % count;
         self.cursor = (start + 1) % count;
         let mut n = 0;
@@ -472,10 +475,16 @@ impl Worker {
         limits: &request::Limits,
     ) -> usize {
         let generation = st.generation;
+        let others = self
+            .outstanding
+            .iter()
+            .enumerate()
+            .any(|(j, &held)| j != i && held > 0);
+        let limit = if others { CLIENT_SHARE } else { CLIENT_LIMIT };
         let mut n = 0;
         let mut unusable = None;
         while n < QUEUE_BUDGET {
-            if self.waiting[i] >= CLIENT_WINDOW {
+            if self.outstanding[i] >= limit {
                 self.tracks[i].held = true;
                 break;
             }
@@ -501,18 +510,14 @@ impl Worker {
                 break;
             }
             match request::parse(chain, &port.mem, limits) {
-                Ok(req) => {
-                    let before = self.shadow.queued();
-                    match self.accept(i, queue, generation, head, req) {
-                        Some((head, status_addr, value, len)) => {
-                            self.answer_locked(port, st, (i, queue, head), status_addr, value, len);
-                        }
-                        None => {
-                            self.tracks[i].heads(queue).set(head, true);
-                            self.waiting[i] += self.shadow.queued().saturating_sub(before);
-                        }
+                Ok(req) => match self.accept(i, queue, generation, head, req) {
+                    Some((head, status_addr, value, len)) => {
+                        self.answer_locked(port, st, (i, queue, head), status_addr, value, len);
                     }
-                }
+                    None => {
+                        self.tracks[i].heads(queue).set(head, true);
+                    }
+                },
                 Err(Invalid::Status { status, value, why }) => {
                     tracing::debug!("{}: request refused: {why}", port.name);
                     self.answer_locked(port, st, (i, queue, head), status, value, 0);
@@ -527,22 +532,6 @@ impl Worker {
             port.give_up_queue(st, why);
         }
         n
-    }
-
-    /// Counts each port's parts waiting in the shadow queue (not yet taken by the backend).
-    fn count_waiting(&mut self) {
-        self.waiting.iter_mut().for_each(|w| *w = 0);
-        if self.shadow.queued() == 0 {
-            return;
-        }
-        for e in self.shadow.iter() {
-            if e.state != State::Queued {
-                continue;
-            }
-            if let Some(p) = self.pending.get(&e.client.rid) {
-                self.waiting[p.port] += 1;
-            }
-        }
     }
 
     /// Port `i` is at `generation`: if the client reset its device since the last look, its
@@ -567,7 +556,11 @@ impl Worker {
         if stale.is_empty() {
             return;
         }
-        self.pending.retain(|rid, _| !stale.contains(rid));
+        for rid in &stale {
+            if let Some(p) = self.pending.remove(rid) {
+                self.outstanding[i] = self.outstanding[i].saturating_sub(p.parts_left as usize);
+            }
+        }
         let queued: Vec<u64> = self
             .shadow
             .iter()
@@ -648,6 +641,7 @@ impl Worker {
             self.shadow.push(op, sector, sectors, part, now);
             parts = 1;
         }
+        self.outstanding[port] += parts as usize;
         self.pending.insert(
             rid,
             Pending {
@@ -692,6 +686,7 @@ impl Worker {
             };
             p.result = p.result.max(f.status);
             p.parts_left -= 1;
+            self.outstanding[p.port] = self.outstanding[p.port].saturating_sub(1);
             if p.parts_left == 0 {
                 if let Some(p) = self.pending.remove(&f.part.rid) {
                     self.answer(p);
@@ -782,7 +777,7 @@ impl Worker {
             shared: Arc::new(ServiceShared::new().unwrap()),
             signal: vec![0; ports.len()],
             tracks: (0..ports.len()).map(|_| Track::default()).collect(),
-            waiting: vec![0; ports.len()],
+            outstanding: vec![0; ports.len()],
             ports,
             backend,
             shadow: ShadowQueue::new(),

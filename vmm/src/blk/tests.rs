@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::device::{BlockGeometry, ClientPort, LbaRange, VirtioBlock, QUEUE_SIZE, SEG_MAX};
 use super::request::status;
-use super::service::{Worker, CLIENT_WINDOW, QUEUE_BUDGET};
+use super::service::{Worker, CLIENT_SHARE, QUEUE_BUDGET};
 use super::{Backend, BlockService, FileBackend};
 use crate::memory::{self, GuestMem};
 use crate::virtio::{Interrupt, VirtioDevice};
@@ -791,8 +791,8 @@ fn a_reset_drops_requests_without_touching_the_clients_memory() {
 /// A client with its queue full of valid requests and a client with one: the service takes
 /// at most QUEUE_BUDGET chains from a queue per pass, so the second client's request is
 /// queued behind at most that many of the first's; and while the backend takes nothing, the
-/// first client's requests wait in its own ring, not in the service (at most CLIENT_WINDOW
-/// of them). Everything is answered once the backend runs.
+/// first client's requests wait in its own ring, not in the service (at most CLIENT_SHARE
+/// of them while the other client has requests held). Everything is answered once the backend runs.
 #[test]
 fn intake_is_fair_between_clients_and_holds_a_flood_in_its_own_ring() {
     let (_path, backend) = disk(2);
@@ -818,7 +818,7 @@ fn intake_is_fair_between_clients_and_holds_a_flood_in_its_own_ring() {
         w.test_intake();
     }
     assert!(
-        w.test_pending_of(0) <= CLIENT_WINDOW,
+        w.test_pending_of(0) <= CLIENT_SHARE,
         "{} of the flood's requests held by the service",
         w.test_pending_of(0)
     );
