@@ -1506,9 +1506,10 @@ impl ChannelBackend {
             Err(why) => stop::by_vmm(&self.device, why),
         };
         let logged = self.wlog.as_ref().map_or(0, WriteLog::len);
+        // Logged writes are durable once they are on the device and it wrote its cache back
+        // (through the domain or the VMM); the rest a reset dropped with no replay since.
         let at_risk = match &how {
-            StopHow::Domain => 0,
-            StopHow::Device { .. } if on_device => 0,
+            StopHow::Domain | StopHow::Device { .. } if on_device => 0,
             _ => logged,
         };
         let report = stop::StopReport {
