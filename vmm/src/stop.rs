@@ -261,3 +261,65 @@ pub fn domain_without_clients(
         at_risk: 0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(how: StopHow, unanswered: usize, at_risk: usize) -> StopReport {
+        StopReport {
+            disk: "nvme0".into(),
+            how,
+            took: Duration::from_micros(41_300),
+            unanswered,
+            at_risk,
+        }
+    }
+
+    #[test]
+    fn a_stop_is_clean_only_when_nothing_acknowledged_may_be_lost() {
+        let done = report(StopHow::Domain, 0, 0);
+        assert!(done.clean());
+        assert_eq!(
+            done.to_string(),
+            "disk nvme0: flushed and shut down in 41.3 ms"
+        );
+        let by_vmm = report(
+            StopHow::Device {
+                why: "the domain hung".into(),
+            },
+            2,
+            0,
+        );
+        assert!(
+            by_vmm.clean(),
+            "unanswered requests were never acknowledged"
+        );
+        assert!(by_vmm
+            .to_string()
+            .contains("the VMM shut the controller down itself"));
+        assert!(by_vmm
+            .to_string()
+            .contains("2 client request(s) unanswered"));
+        let lost = report(
+            StopHow::NotEnabled {
+                why: "no domain was serving".into(),
+            },
+            0,
+            3,
+        );
+        assert!(!lost.clean());
+        assert!(lost
+            .to_string()
+            .contains("3 acknowledged write(s) may not be on the medium"));
+        let failed = report(
+            StopHow::Failed {
+                why: "the controller does not respond".into(),
+            },
+            0,
+            0,
+        );
+        assert!(!failed.clean());
+        assert!(failed.to_string().contains("NOT shut down cleanly"));
+    }
+}
