@@ -17,6 +17,13 @@
 //! (timeout, bogus completion) are fatal: the domain marks the channel failed and panics with
 //! the reason, and the supervisor restarts it.
 //!
+//! Orderly stop (`op::SHUTDOWN`): the service takes no more work, lets every request taken
+//! before it complete, sends the device a Flush, then gives the NVMe shutdown notification
+//! (CC.SHN = 01b) and polls CSTS.SHST until the controller reports it complete (within
+//! RTD3E, at least 5 s); the SHUTDOWN request completes `OK` only if both succeeded. The main
+//! loop keeps running meanwhile (heartbeat, completions), so the VMM sees a live domain.
+//! Requests that arrive after it complete `IO_ERROR`: the device is shut down.
+//!
 //! Fault injection (`faults`) hooks in at four points, each through the service's
 //! [`Sabotage`]: a request taken ([`Sabotage::taken`], [`Sabotage::redirect`]), a completion
 //! about to be pushed ([`Sabotage::complete`], which may hold it back), each pass (held-back
@@ -28,6 +35,7 @@
 use ddvm_abi::channel::ring::SharedMemory;
 use ddvm_abi::channel::ring::{Consumer, Producer, CONSUMER, PRODUCER};
 use ddvm_abi::channel::{device_flags, op, status, Completion, DeviceInfo, Request};
+use guest_kernel::println;
 use guest_kernel::shared::SharedRegion;
 
 use crate::channel::Channel;
@@ -72,6 +80,24 @@ fn token(tag: u32, len: u32) -> u64 {
     u64::from(tag) | u64::from(len) << 32
 }
 
+/// The token of the Flush an orderly stop sends: no request's (a length of `u32::MAX` is
+/// never a request's).
+const STOP_FLUSH: u64 = u64::MAX;
+
+/// Where an orderly stop (`op::SHUTDOWN`) is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Requests taken before it are still on the device.
+    Draining { tag: u32 },
+    /// The device's Flush is in flight.
+    Flushing { tag: u32 },
+    /// The shutdown notification is given; waiting for CSTS.SHST (`flushed`: the Flush
+    /// succeeded).
+    Notifying { tag: u32, flushed: bool },
+    /// The device is shut down (or the stop failed): nothing more reaches it.
+    Done,
+}
+
 /// The service over one channel.
 pub struct Service {
     channel: Channel,
@@ -85,6 +111,8 @@ pub struct Service {
     unpublished: bool,
     /// Misbehaviour armed by fault injection.
     sabotage: Sabotage,
+    /// The orderly stop the VMM asked for, if it did.
+    stop: Option<Stop>,
 }
 
 impl Service {
@@ -117,6 +145,7 @@ impl Service {
             epoch: h.epoch as u32,
             unpublished: false,
             sabotage: Sabotage::default(),
+            stop: None,
         }
     }
 
@@ -133,7 +162,13 @@ impl Service {
     /// Requests taken and not yet completed on the ring: commands in flight on the device and
     /// completions held back by fault injection.
     pub fn in_flight(&self) -> usize {
-        self.disk.as_ref().map_or(0, Controller::in_flight) + self.sabotage.held()
+        let stopping = matches!(
+            self.stop,
+            Some(Stop::Draining { .. } | Stop::Flushing { .. } | Stop::Notifying { .. })
+        );
+        self.disk.as_ref().map_or(0, Controller::in_flight)
+            + self.sabotage.held()
+            + usize::from(stopping)
     }
 
     /// Fault injection armed on this service.
@@ -157,8 +192,9 @@ impl Service {
         let completed = self.reap();
         let injected = self.post_injected();
         let taken = self.take_requests();
+        let stopped = self.stop_step();
         self.publish();
-        completed + injected + taken > 0
+        completed + injected + taken + stopped > 0
     }
 
     /// Before waiting: sets `WAITING` and re-checks. Returns true when the domain may wait;
@@ -173,7 +209,9 @@ impl Service {
             .disk
             .as_ref()
             .is_some_and(Controller::completion_pending);
-        if requests > 0 || device || self.sabotage.ready() {
+        // A shutdown in progress is polled (CSTS.SHST), not waited for.
+        let shutting_down = matches!(self.stop, Some(Stop::Notifying { .. }));
+        if requests > 0 || device || self.sabotage.ready() || shutting_down {
             self.channel.set_waiting(false);
             return false;
         }
@@ -196,7 +234,12 @@ impl Service {
         let channel = &self.channel;
         let sabotage = &mut self.sabotage;
         let mut posted = 0;
+        let mut stop_flush = None;
         let result = disk.poll(|d: IoDone| {
+            if d.user == STOP_FLUSH {
+                stop_flush = Some(d.status);
+                return;
+            }
             let st = d.status;
             let (code, len) = if st.is_success() {
                 (status::OK, (d.user >> 32) as u32)
@@ -228,6 +271,14 @@ impl Service {
         }
         if posted > 0 {
             self.unpublished = true;
+        }
+        if let (Some(st), Some(Stop::Flushing { tag })) = (stop_flush, self.stop) {
+            if !st.is_success() {
+                println!("stop: the device's Flush failed: {st}");
+            }
+            // The shutdown notification also writes the cache back: give it even so.
+            self.notify_shutdown(tag, st.is_success());
+            posted += 1;
         }
         posted
     }
@@ -315,6 +366,20 @@ impl Service {
     fn serve(&mut self, req: &Request) {
         if self.sabotage.taken(req) {
             return self.complete(req.tag, status::IO_ERROR, 0);
+        }
+        if self.stop.is_some() {
+            // The device is shut down, or is being: nothing more goes to it.
+            return self.complete(req.tag, status::IO_ERROR, 0);
+        }
+        if req.op == op::SHUTDOWN {
+            if req.flags != 0 || req.len != 0 || req.sectors != 0 {
+                return self.complete(req.tag, status::BAD_REQUEST, 0);
+            }
+            if self.disk.is_none() {
+                return self.complete(req.tag, status::UNSUPPORTED, 0);
+            }
+            self.stop = Some(Stop::Draining { tag: req.tag });
+            return;
         }
         let mut io = match self.validate(req) {
             Ok(io) => io,
@@ -450,6 +515,65 @@ impl Service {
         if self.channel.vmm_wants_notify() {
             guest_kernel::vmm::notify();
         }
+    }
+
+    /// Moves an orderly stop along: once nothing taken before it is on the device, the Flush;
+    /// after the shutdown notification, CSTS.SHST. Returns 1 when it moved.
+    fn stop_step(&mut self) -> usize {
+        let Some(disk) = self.disk.as_mut() else {
+            return 0;
+        };
+        match self.stop {
+            Some(Stop::Draining { tag }) => {
+                if disk.in_flight() > 0 || self.sabotage.held() > 0 {
+                    return 0;
+                }
+                let flush = IoRequest {
+                    kind: IoKind::Flush,
+                    lba: 0,
+                    blocks: 0,
+                    buf: 0,
+                    len: 0,
+                };
+                match disk.submit(&flush, STOP_FLUSH) {
+                    Ok(()) => {
+                        disk.ring();
+                        self.stop = Some(Stop::Flushing { tag });
+                    }
+                    Err(e) => {
+                        println!("stop: the device's Flush not sent: {e}");
+                        self.notify_shutdown(tag, false);
+                    }
+                }
+                1
+            }
+            Some(Stop::Notifying { tag, flushed }) => {
+                let code = match disk.shutdown_done() {
+                    Ok(false) => return 0,
+                    Ok(true) if flushed => status::OK,
+                    Ok(true) => status::IO_ERROR,
+                    Err(e) => {
+                        println!("stop: {e}");
+                        status::IO_ERROR
+                    }
+                };
+                if code == status::OK {
+                    println!("stop: device flushed and shut down");
+                }
+                self.stop = Some(Stop::Done);
+                self.complete(tag, code, 0);
+                1
+            }
+            _ => 0,
+        }
+    }
+
+    /// Gives the device the shutdown notification for the stop request `tag`.
+    fn notify_shutdown(&mut self, tag: u32, flushed: bool) {
+        if let Some(disk) = self.disk.as_mut() {
+            disk.begin_shutdown();
+        }
+        self.stop = Some(Stop::Notifying { tag, flushed });
     }
 
     fn vmm_broke(&self, e: ddvm_abi::channel::ring::IndexError) -> ! {

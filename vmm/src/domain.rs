@@ -256,6 +256,64 @@ impl DomainDevice {
         *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.lock().quiesce();
     }
+
+    /// The NVMe normal shutdown given by the VMM itself, through the controller's registers
+    /// (BAR0: CC.SHN = 01b, then CSTS.SHST polled until it reads 10b, at most `timeout`):
+    /// the controller writes its volatile cache back to the medium. It is what an orderly
+    /// stop falls back to when the domain cannot shut the controller down itself (dead,
+    /// hung, or an image without the channel's SHUTDOWN): the VMM reaches the registers of
+    /// the emulated controller, as it would a VFIO device's through its BAR region. Call it
+    /// with the domain's vCPU stopped (nothing else drives the controller) and before the
+    /// reset of [`DomainDevice::quiesce`], which would drop the cache.
+    pub fn shutdown_controller(&self, timeout: Duration) -> DeviceShutdown {
+        const CC: u64 = 0x14;
+        const CSTS: u64 = 0x1c;
+        const CC_EN: u32 = 1;
+        const CC_SHN: u32 = 0b11 << 14;
+        const CC_SHN_NORMAL: u32 = 0b01 << 14;
+        const CSTS_SHST: u32 = 0b11 << 2;
+        const CSTS_SHST_COMPLETE: u32 = 0b10 << 2;
+        let t0 = Instant::now();
+        let read = |off: u64| {
+            let mut b = [0u8; 4];
+            self.lock().backend.bar_read(0, off, &mut b);
+            u32::from_le_bytes(b)
+        };
+        let cc = read(CC);
+        if cc == u32::MAX {
+            return DeviceShutdown::Failed("the controller does not respond".into());
+        }
+        if cc & CC_EN == 0 {
+            // Disabled: its last reset already dropped whatever its cache held.
+            return DeviceShutdown::NotEnabled;
+        }
+        let value = cc & !CC_SHN | CC_SHN_NORMAL;
+        self.lock().backend.bar_write(0, CC, &value.to_le_bytes());
+        loop {
+            let csts = read(CSTS);
+            if csts != u32::MAX && csts & CSTS_SHST == CSTS_SHST_COMPLETE {
+                return DeviceShutdown::Done(t0.elapsed());
+            }
+            if t0.elapsed() >= timeout {
+                return DeviceShutdown::Failed(format!(
+                    "CSTS.SHST not complete within {timeout:?} (CSTS {csts:#x})"
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// What [`DomainDevice::shutdown_controller`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceShutdown {
+    /// The controller reported its shutdown complete after this long: its cache is on the
+    /// medium.
+    Done(Duration),
+    /// The controller was not enabled: its last reset left no cache to write back.
+    NotEnabled,
+    /// It could not be shut down (why).
+    Failed(String),
 }
 
 /// Guest-physical address of the ECAM window of bus 0 ([`ddvm_passthrough::ECAM_BUS_SIZE`]
@@ -1286,6 +1344,11 @@ impl Domain {
             RunState::Stopped(e) => Some(e),
             _ => None,
         }
+    }
+
+    /// The device handed to the domain, if it has one (and is not retired).
+    pub fn device(&self) -> Option<&Arc<DomainDevice>> {
+        self.device.as_ref()
     }
 
     /// Wakes the domain if it waits.

@@ -21,6 +21,7 @@ pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod stats;
+pub mod stop;
 pub mod testclient;
 pub mod topology;
 pub mod vcpu;

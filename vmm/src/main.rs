@@ -321,6 +321,7 @@ workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=
     );
     let hv = Arc::new(open_kvm(kvm)?);
     let echo = if verbose { Echo::Stderr } else { Echo::Off };
+    on_stop_signals();
     let result = run_topology(&hv, &config, file, echo, None, None);
     let _ = std::fs::remove_file(&disk);
     result
@@ -440,7 +441,7 @@ fn run_topology(
         topo.services.len()
     );
     let timeout = duration.map_or(Duration::from_secs(600), Duration::from_secs_f64);
-    let outcomes = topo.wait_clients(timeout);
+    let outcomes = topo.wait_clients_until(timeout, &|| STOP.load(Ordering::Relaxed));
     let mut disks = Vec::new();
     for s in &mut topo.services {
         let c = s.counters();
@@ -463,7 +464,8 @@ fn run_topology(
         };
         disks.push((name, kind, answered, copy_bytes, copy_ns, exits, emul));
     }
-    topo.stop();
+    // Every disk's stop, in order (services stopped above, then domains without clients).
+    let stops = topo.stop();
     println!();
     println!(
         "{:<10} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>9}",
@@ -526,6 +528,10 @@ fn run_topology(
         }
         println!();
     }
+    for r in &stops {
+        println!("ddvm: {r}");
+        ok &= r.clean();
+    }
     println!(
         "ddvm: {} in {:.2} s",
         if ok {
@@ -543,11 +549,7 @@ fn run_topology(
 }
 
 /// Runs the in-VMM test client on `d`; returns whether every byte verified.
-fn verify_domain(d: &Domain, requests: u64) -> anyhow::Result<bool> {
-    let (Some(gpa), Some(header)) = (d.channel(), d.channel_header()) else {
-        anyhow::bail!("domain {} has no channel", d.name());
-    };
-    let mut ch = HostChannel::new(gpa, header);
+fn verify_domain(d: &Domain, ch: &mut HostChannel, requests: u64) -> anyhow::Result<bool> {
     let info = ch
         .device_info(d.memory())
         .with_context(|| format!("domain {}", d.name()))?;
@@ -571,7 +573,7 @@ fn verify_domain(d: &Domain, requests: u64) -> anyhow::Result<bool> {
         seed: 0x5eed,
         timeout: Duration::from_secs(10),
     };
-    let r = testclient::run(d, &mut ch, &w).with_context(|| format!("domain {}", d.name()))?;
+    let r = testclient::run(d, ch, &w).with_context(|| format!("domain {}", d.name()))?;
     println!(
         "ddvm: domain {} verify: {} reads ({} of unwritten blocks), {} writes, {} errors, {} mismatches, {:.0} IOPS, p50 {:.1} us, p99 {:.1} us, {:.2} exits/request",
         d.name(),
@@ -597,7 +599,27 @@ fn verify_domain(d: &Domain, requests: u64) -> anyhow::Result<bool> {
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+    if STOP.swap(true, Ordering::Relaxed) {
+        // A second signal: the user will not wait for the orderly stop.
+        // SAFETY: `_exit` is async-signal-safe; nothing else runs here.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// SIGINT and SIGTERM set [`STOP`]: the run ends in order (every disk flushed and its
+/// controller shut down); a second one ends the process at once.
+fn on_stop_signals() {
+    // SAFETY: the handler only touches an atomic and calls `_exit`, both async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_stop_signal as *const () as libc::sighandler_t,
+        );
+    }
 }
 
 fn run_config(
@@ -608,6 +630,7 @@ fn run_config(
     verify: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
+    on_stop_signals();
     if !config.clients.is_empty() {
         let hv = Arc::new(open_kvm(kvm)?);
         return run_topology(&hv, &config, file, Echo::Stderr, duration, control);
@@ -620,17 +643,6 @@ fn run_config(
         cfgs.push(cfg);
     }
     let hv = open_kvm(kvm)?;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_stop_signal as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_stop_signal as *const () as libc::sighandler_t,
-        );
-    }
     let mut domains = Vec::new();
     for cfg in &cfgs {
         let d = Domain::boot(&hv, cfg, 1).with_context(|| format!("starting {}", cfg.name))?;
@@ -650,9 +662,17 @@ fn run_config(
         domains.push(d);
     }
     let mut crashed = false;
+    // The VMM's side of each domain's channel, kept for the stop's FLUSH and SHUTDOWN.
+    let mut channels: Vec<Option<HostChannel>> = domains
+        .iter()
+        .map(|d| Some(HostChannel::new(d.channel()?, d.channel_header()?)))
+        .collect();
     if let Some(requests) = verify {
-        for d in domains.iter().filter(|d| d.nvme_stats().is_some()) {
-            if !verify_domain(d, requests)? {
+        for (d, ch) in domains.iter().zip(&mut channels) {
+            let Some(ch) = ch.as_mut().filter(|_| d.nvme_stats().is_some()) else {
+                continue;
+            };
+            if !verify_domain(d, ch, requests)? {
                 crashed = true;
             }
         }
@@ -668,7 +688,11 @@ fn run_config(
             }
         }
     }
-    for d in &mut domains {
+    for (d, ch) in domains.iter_mut().zip(&mut channels) {
+        if let Some(r) = ddvm::stop::domain_without_clients(d, ch.as_mut()) {
+            println!("ddvm: {r}");
+            crashed |= !r.clean();
+        }
         d.stop();
     }
     println!("ddvm: stopped {} domain(s)", domains.len());

@@ -230,6 +230,26 @@ impl Topology {
         })
     }
 
+    /// Waits until every client guest stops, `timeout` passes or `stop` says so (checked every
+    /// 10 ms: a signal, the control socket); clients still running then are stopped.
+    pub fn wait_clients_until(
+        &mut self,
+        timeout: Duration,
+        stop: &dyn Fn() -> bool,
+    ) -> Vec<ClientOutcome> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline
+            && !stop()
+            && self
+                .clients
+                .iter()
+                .any(|c| c.domain().has_stopped().is_none())
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.wait_clients(Duration::ZERO)
+    }
+
     /// Waits until every client guest stops (or `timeout` passes; late ones are stopped).
     pub fn wait_clients(&mut self, timeout: Duration) -> Vec<ClientOutcome> {
         let deadline = Instant::now() + timeout;
@@ -253,17 +273,24 @@ impl Topology {
             .collect()
     }
 
-    /// Stops clients, services and domains, in that order.
-    pub fn stop(&mut self) {
+    /// Stops clients, services and domains, in that order; each disk in order (see
+    /// [`crate::stop`]: requests taken answered, a final flush, the controller shut down
+    /// before its reset). Returns what each disk's stop did (services stopped before are
+    /// included).
+    pub fn stop(&mut self) -> Vec<crate::stop::StopReport> {
         for c in &mut self.clients {
             c.domain_mut().stop();
         }
+        let mut reports = Vec::new();
         for s in &mut self.services {
             let _ = s.stop();
+            reports.extend(s.stop_report());
         }
         for d in &mut self.idle_domains {
+            reports.extend(crate::stop::domain_without_clients(d, None));
             d.stop();
         }
+        reports
     }
 }
 

@@ -342,6 +342,13 @@ pub mod op {
     pub const WRITE_ZEROES: u16 = 4;
     /// Deallocate `sectors` (no data).
     pub const DISCARD: u16 = 5;
+    /// Orderly stop (no range, no data): once every request taken before it has completed,
+    /// make every completed write durable and shut the device down as its specification
+    /// says (NVMe: a Flush, then the normal shutdown notification, CC.SHN = 01b, until
+    /// CSTS.SHST = 10b). Completes `OK` only when both succeeded. The domain takes no
+    /// requests after it: later ones complete `IO_ERROR`. A domain that does not know it
+    /// completes it `UNSUPPORTED`.
+    pub const SHUTDOWN: u16 = 6;
 }
 
 /// Completion status.

@@ -33,7 +33,7 @@ use super::info::DiskInfo;
 use super::io::{IoDone, IoKind, IoRequest, IoStats, SubmitError};
 use super::prp;
 use super::queue::{CompletionQueue, Doorbell, ShadowBuffers, SubmissionQueue};
-use super::regs::{cc, doorbell_index_offset, DoorbellKind, Registers};
+use super::regs::{cc, csts, doorbell_index_offset, DoorbellKind, Registers};
 
 /// Admin queue entries (the driver runs one admin command at a time).
 const ADMIN_ENTRIES: u16 = 16;
@@ -46,6 +46,11 @@ const CQES: u8 = 4;
 const MAX_BLOCKS_PER_COMMAND: u32 = 1 << 16;
 /// How often in-flight commands are checked against the timeout.
 const TIMEOUT_CHECK_US: u64 = 1_000;
+/// Shortest wait for a shutdown to complete, whatever RTD3E says (as Linux waits at least
+/// 5 s): some controllers report a latency they do not keep.
+const SHUTDOWN_TIMEOUT_MIN_MS: u64 = 5_000;
+/// Longest wait for a shutdown to complete, whatever RTD3E says.
+const SHUTDOWN_TIMEOUT_MAX_MS: u64 = 60_000;
 
 /// Driver settings.
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +100,8 @@ pub struct Controller {
     last_timeout_check: Instant,
     /// Kept alive while the controller may read and write it.
     _shadow: Option<Rc<ShadowBuffers>>,
+    /// When the shutdown notification was given, if it was.
+    shutdown_at: Option<Instant>,
 }
 
 impl Controller {
@@ -289,6 +296,7 @@ impl Controller {
             },
             last_timeout_check: Instant::now(),
             _shadow: shadow,
+            shutdown_at: None,
         })
     }
 
@@ -473,5 +481,49 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// How long a normal shutdown may take: RTD3E when the controller reports it, between
+    /// [`SHUTDOWN_TIMEOUT_MIN_MS`] and [`SHUTDOWN_TIMEOUT_MAX_MS`].
+    pub fn shutdown_timeout_ms(&self) -> u64 {
+        u64::from(self.info.controller.rtd3e)
+            .div_ceil(1000)
+            .clamp(SHUTDOWN_TIMEOUT_MIN_MS, SHUTDOWN_TIMEOUT_MAX_MS)
+    }
+
+    /// Gives the normal shutdown notification (NVMe base specification 1.4, 7.6.2): CC.SHN =
+    /// 01b, the rest of CC kept. The controller then writes its volatile cache back and
+    /// reports CSTS.SHST = 10b ([`Controller::shutdown_done`]). Submit nothing after it: the
+    /// controller needs a reset before it takes commands again.
+    pub fn begin_shutdown(&mut self) {
+        let cc = self.regs.cc();
+        self.regs.set_cc(cc & !cc::SHN_MASK | cc::SHN_NORMAL);
+        self.shutdown_at = Some(Instant::now());
+    }
+
+    /// Whether the shutdown [`Controller::begin_shutdown`] started is complete (CSTS.SHST =
+    /// 10b); an error when the controller is gone or fatal, when no shutdown was started, or
+    /// once [`Controller::shutdown_timeout_ms`] has passed.
+    pub fn shutdown_done(&self) -> Result<bool, NvmeError> {
+        let Some(started) = self.shutdown_at else {
+            return Err(NvmeError::Unsupported(
+                "shutdown status before the notification",
+            ));
+        };
+        let s = self.regs.csts();
+        if s == u32::MAX {
+            return Err(NvmeError::NotResponding);
+        }
+        if s & csts::SHST_MASK == csts::SHST_COMPLETE {
+            return Ok(true);
+        }
+        if s & csts::CFS != 0 {
+            return Err(NvmeError::ControllerFatal);
+        }
+        let waited = started.elapsed_us() / 1000;
+        if waited >= self.shutdown_timeout_ms() {
+            return Err(NvmeError::ShutdownTimeout { ms: waited });
+        }
+        Ok(false)
     }
 }

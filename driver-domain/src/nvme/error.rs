@@ -67,6 +67,11 @@ pub enum NvmeError {
     },
     /// The heap could not hold the queues or buffers.
     OutOfMemory,
+    /// CSTS.SHST did not become 10b (shutdown complete) in time after CC.SHN.
+    ShutdownTimeout {
+        /// Time waited.
+        ms: u64,
+    },
 }
 
 impl fmt::Display for NvmeError {
@@ -112,6 +117,10 @@ impl fmt::Display for NvmeError {
                 "nvme: namespace format LBADS={lbads} with {metadata} metadata bytes is not served"
             ),
             NvmeError::OutOfMemory => write!(f, "nvme: out of memory for queues and buffers"),
+            NvmeError::ShutdownTimeout { ms } => write!(
+                f,
+                "nvme: shutdown not complete (CSTS.SHST) within {ms} ms of CC.SHN"
+            ),
         }
     }
 }

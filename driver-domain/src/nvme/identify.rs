@@ -52,6 +52,9 @@ pub struct ControllerInfo {
     pub oncs: u16,
     /// Volatile Write Cache present.
     pub vwc: bool,
+    /// RTD3 Entry Latency: the time a normal shutdown may take, in microseconds (0: not
+    /// reported).
+    pub rtd3e: u32,
 }
 
 /// Replaces what is not printable ASCII (or NUL) with `?`: these bytes are shown to people
@@ -83,6 +86,7 @@ impl ControllerInfo {
             nn: u32_at(b, 516),
             oncs: u16_at(b, 520),
             vwc: b[525] & 1 != 0,
+            rtd3e: u32_at(b, 88),
         }
     }
 

@@ -78,6 +78,10 @@ pub mod cc {
     pub const IOSQES_SHIFT: u32 = 16;
     /// I/O completion queue entry size = 2^IOCQES: shift of the field.
     pub const IOCQES_SHIFT: u32 = 20;
+    /// Shutdown Notification (SHN): the field.
+    pub const SHN_MASK: u32 = 0b11 << 14;
+    /// SHN = 01b: normal shutdown.
+    pub const SHN_NORMAL: u32 = 0b01 << 14;
 }
 
 /// CSTS bits.
@@ -86,6 +90,10 @@ pub mod csts {
     pub const RDY: u32 = 1 << 0;
     /// Controller fatal status.
     pub const CFS: u32 = 1 << 1;
+    /// Shutdown Status (SHST): the field.
+    pub const SHST_MASK: u32 = 0b11 << 2;
+    /// SHST = 10b: shutdown processing complete.
+    pub const SHST_COMPLETE: u32 = 0b10 << 2;
 }
 
 /// Which doorbell of a queue pair.

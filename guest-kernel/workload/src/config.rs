@@ -34,6 +34,7 @@ const KEYS: &[&str] = &[
     "span",
     "prefill",
     "flush_every",
+    "flush",
     "verify_pass",
     "timeout_ms",
     "hostile",
@@ -125,6 +126,8 @@ pub struct Config {
     pub prefill: bool,
     /// FLUSH after every this many acknowledged writes (0: only at the end).
     pub flush_every: u64,
+    /// Send FLUSH at all (pre-check, `flush_every`, the end of the timed phase).
+    pub flush: bool,
     /// Read back and check every written block after the timed phase.
     pub verify_pass: bool,
     /// A request not completed after this long is an error that ends the run.
@@ -240,6 +243,7 @@ fn parse_workload(c: Cmdline<'_>) -> Result<Config, BadArg> {
     }
     let prefill = flag(c, "prefill", workload.reads())?;
     let flush_every = number(c, "flush_every", 0, 0, u64::MAX, "a number of writes")?;
+    let flush = flag(c, "flush", true)?;
     let verify_pass = flag(c, "verify_pass", true)?;
     let timeout_ms = number(
         c,
@@ -261,6 +265,7 @@ fn parse_workload(c: Cmdline<'_>) -> Result<Config, BadArg> {
         span,
         prefill,
         flush_every,
+        flush,
         verify_pass,
         timeout_ms,
     })

@@ -35,6 +35,9 @@
 //!   is checked (default 1 for workloads that read, 0 for the others);
 //! - `flush_every=N`: FLUSH after every N acknowledged writes of the timed phase (default 0:
 //!   only the one at its end);
+//! - `flush=0|1`: send FLUSH at all (default 1); with 0 none is sent, not the pre-check's,
+//!   not `flush_every`'s, not the one at the end: what the disk keeps of writes no client
+//!   flushed is then the VMM's doing alone;
 //! - `verify_pass=0|1`: after the timed phase and its flush, read back and check every block
 //!   written in the run (default 1);
 //! - `timeout_ms=N`: a request still in flight after N ms ends the run with an error

@@ -333,7 +333,7 @@ impl<'a> Run<'a> {
             flush_in_flight: false,
         });
         self.phase(&mut plan, timed)?;
-        if self.disk.info().flush() {
+        if self.disk.info().flush() && self.cfg.flush {
             let c = self.sync(Op::Flush)?;
             if c.status == status::OK {
                 timed.flushes += 1;
@@ -444,7 +444,7 @@ impl<'a> Run<'a> {
                 }
             }
         }
-        if info.flush() {
+        if info.flush() && self.cfg.flush {
             let c = self.sync(Op::Flush)?;
             if c.status != status::OK {
                 self.checks
@@ -749,7 +749,8 @@ impl<'a> Run<'a> {
                     stats.bytes += bytes;
                     if let Plan::Timed(t) = plan {
                         t.acked_since_flush += 1;
-                        if self.cfg.flush_every > 0
+                        if self.cfg.flush
+                            && self.cfg.flush_every > 0
                             && t.acked_since_flush >= self.cfg.flush_every
                             && self.disk.info().flush()
                         {

@@ -136,6 +136,38 @@ impl Backend {
             Backend::File(_) => std::time::Duration::from_millis(50),
         }
     }
+
+    /// Whether an orderly stop may go on to its final flush (see [`crate::stop`]).
+    pub fn settled(&self, shadow: &ShadowQueue<Part>) -> bool {
+        match self {
+            Backend::Channel(c) => c.settled(shadow),
+            Backend::File(_) => true,
+        }
+    }
+
+    /// The end of an orderly stop that began at `started`: everything acknowledged made
+    /// durable, the device shut down (see [`crate::stop`]). `unanswered`: client requests
+    /// the stop stopped waiting for.
+    pub fn shut_down(&mut self, started: Instant, unanswered: usize) -> crate::stop::StopReport {
+        match self {
+            Backend::Channel(c) => c.shut_down(started, unanswered),
+            Backend::File(f) => {
+                let how = match f.file.sync_data() {
+                    Ok(()) => crate::stop::StopHow::File,
+                    Err(e) => crate::stop::StopHow::Failed {
+                        why: format!("fdatasync: {e}"),
+                    },
+                };
+                crate::stop::StopReport {
+                    disk: f.path.display().to_string(),
+                    how,
+                    took: started.elapsed(),
+                    unanswered,
+                    at_risk: 0,
+                }
+            }
+        }
+    }
 }
 
 /// A file served directly by the VMM (the baseline).

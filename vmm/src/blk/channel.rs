@@ -336,6 +336,8 @@ pub struct ChannelBackend {
     // the service thread's next pass.
     on_domain_thread: bool,
     deferred: Option<FailureReason>,
+    // How the orderly stop went, once it ran (`shut_down`).
+    stopped: Option<crate::stop::StopReport>,
 }
 
 /// Why the first boot failed.
@@ -449,6 +451,7 @@ impl ChannelBackend {
             handle,
             on_domain_thread: false,
             deferred: None,
+            stopped: None,
         };
         let info = b.boot().map_err(|(_, reason)| StartError::Failed {
             name: name.clone(),
@@ -1460,10 +1463,114 @@ impl ChannelBackend {
             (None, None) => Duration::from_millis(50),
         }
     }
+
+    /// Whether an orderly stop has nothing more to wait for before its final flush: nothing
+    /// queued or in flight, no replay left, and a domain serving (or none coming: given up).
+    /// While the domain is down with a restart due, the stop waits for it: the write log is
+    /// replayed on it (a reset dropped the cache), and only then can a flush cover it.
+    pub fn settled(&self, shadow: &ShadowQueue<Part>) -> bool {
+        if self.sup.is_broken() || (self.live.is_none() && self.restart_at.is_none()) {
+            return true;
+        }
+        self.live.is_some()
+            && self.deferred.is_none()
+            && shadow.is_empty()
+            && self.replay.is_empty()
+            && self.internal.is_empty()
+    }
+
+    /// Steps 3–4 of an orderly stop (see [`crate::stop`]): a FLUSH and a SHUTDOWN through the
+    /// channel, else the VMM's own shutdown of the controller; the vCPU is stopped either
+    /// way (the device is quiesced when the backend is dropped). `started`: when the stop
+    /// began; `unanswered`: client requests still owed. Runs once; logs what it did.
+    pub fn shut_down(&mut self, started: Instant, unanswered: usize) -> crate::stop::StopReport {
+        use crate::stop::{self, StopHow};
+        if let Some(r) = &self.stopped {
+            return r.clone();
+        }
+        let period = self.policy.detection.heartbeat_period;
+        // Every logged write is on the device (in its cache or on the medium) once its replay
+        // on the live domain has completed.
+        let replayed = self.replay.is_empty()
+            && !self
+                .internal
+                .values()
+                .any(|i| matches!(i, Internal::Replay(..)));
+        let mut result = Err("no domain was serving".to_string());
+        if let Some(reason) = &self.deferred {
+            result = Err(format!("the domain failed ({reason})"));
+        } else if let Some(live) = self.live.as_mut() {
+            let wlog = &mut self.wlog;
+            let mark = wlog.as_ref().map(WriteLog::flush_posted);
+            result = stop::through_domain(&live.domain, &mut live.channel, period, || {
+                if let (true, Some(log), Some(mark)) = (replayed, wlog.as_mut(), mark) {
+                    log.flush_completed(mark);
+                }
+            });
+        }
+        let on_device = self.live.is_some() && replayed;
+        if let Some(live) = self.live.as_mut() {
+            live.domain.stop();
+        }
+        let how = match result {
+            Ok(()) => StopHow::Domain,
+            Err(why) => stop::by_vmm(&self.device, why),
+        };
+        let logged = self.wlog.as_ref().map_or(0, WriteLog::len);
+        // Logged writes are durable once they are on the device and it wrote its cache back
+        // (through the domain or the VMM); the rest a reset dropped with no replay since.
+        let at_risk = match &how {
+            StopHow::Domain | StopHow::Device { .. } if on_device => 0,
+            _ => logged,
+        };
+        let report = stop::StopReport {
+            disk: self.cfg.name.clone(),
+            how,
+            took: started.elapsed(),
+            unanswered,
+            at_risk,
+        };
+        if report.clean() && report.unanswered == 0 {
+            tracing::info!("{report}");
+        } else if report.clean() {
+            tracing::warn!("{report}");
+        } else {
+            tracing::error!("{report}");
+        }
+        self.drop_standbys();
+        self.stopped = Some(report.clone());
+        report
+    }
+
+    /// How the orderly stop went, once it ran.
+    pub fn stop_report(&self) -> Option<&crate::stop::StopReport> {
+        self.stopped.as_ref()
+    }
+
+    /// The stop of a backend dropped without one (a test, a panic): the domain's vCPU
+    /// stopped, then the VMM's own shutdown of the controller, so its cache is written back
+    /// before the quiesce resets it.
+    fn shut_down_if_not_yet(&mut self) {
+        if self.stopped.is_some() {
+            return;
+        }
+        if let Some(live) = self.live.as_mut() {
+            live.domain.stop();
+        }
+        if let crate::domain::DeviceShutdown::Failed(e) =
+            self.device.shutdown_controller(crate::stop::DEVICE_TIMEOUT)
+        {
+            tracing::error!(
+                "disk {}: the controller could not be shut down: {e}",
+                self.cfg.name
+            );
+        }
+    }
 }
 
 impl Drop for ChannelBackend {
     fn drop(&mut self) {
+        self.shut_down_if_not_yet();
         self.sup.stop(Instant::now());
         // The domain (and with it the device's hold on its memory) goes first.
         self.live = None;

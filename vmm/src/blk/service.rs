@@ -151,6 +151,7 @@ pub struct ServiceShared {
     wake: EventFd,
     /// Counters.
     pub counters: ServiceCounters,
+    stopped: Mutex<Option<crate::stop::StopReport>>,
 }
 
 impl ServiceShared {
@@ -159,6 +160,7 @@ impl ServiceShared {
             stop: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             counters: ServiceCounters::default(),
+            stopped: Mutex::new(None),
         })
     }
 }
@@ -231,7 +233,14 @@ impl BlockService {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Stops the thread; returns the backend (or the error that stopped it).
+    /// How the disk's orderly stop went, once [`BlockService::stop`] has run it.
+    pub fn stop_report(&self) -> Option<crate::stop::StopReport> {
+        lock(&self.shared.stopped).clone()
+    }
+
+    /// Stops the thread in order (see [`crate::stop`]: no new requests, those taken answered,
+    /// a final flush, the device shut down); returns the backend (or the error that stopped
+    /// it).
     pub fn stop(&mut self) -> Result<Backend, BackendError> {
         self.shared.stop.store(true, Ordering::Release);
         let _ = self.shared.wake.write(1);
@@ -274,6 +283,7 @@ fn run(worker: Arc<Mutex<Worker>>) -> Backend {
         Worker::sleep(&worker);
         idle_since = None;
     }
+    Worker::stop_in_order(&worker);
     if let Backend::Channel(c) = &lock(&worker).backend {
         c.set_domain_thread_pass(None);
     }
@@ -434,6 +444,10 @@ impl Worker {
     /// from a port that holds its share of parts already ([`CLIENT_SHARE`] while others have
     /// requests held, else [`CLIENT_LIMIT`]).
     fn intake(&mut self) -> usize {
+        if self.shared.stop.load(Ordering::Acquire) {
+            // Stopping: what is taken is answered, nothing new is taken.
+            return 0;
+        }
         let count = self.ports.len();
         if count == 0 {
             return 0;
@@ -765,6 +779,31 @@ impl Worker {
                 port.interrupt.raise(crate::virtio::interrupt::VRING);
             }
         }
+    }
+
+    /// The orderly stop (see [`crate::stop`]), once the loop has ended: passes without intake
+    /// until every request taken is answered and the backend has settled (at most
+    /// [`crate::stop::DRAIN_TIMEOUT`]), then the backend's final flush and shutdown.
+    fn stop_in_order(worker: &Mutex<Worker>) {
+        let started = Instant::now();
+        loop {
+            let mut w = lock(worker);
+            let progress = w.post() + w.collect();
+            w.signal_clients();
+            if (w.pending.is_empty() && w.backend.settled(&w.shadow))
+                || started.elapsed() >= crate::stop::DRAIN_TIMEOUT
+            {
+                break;
+            }
+            drop(w);
+            if progress == 0 {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        let mut w = lock(worker);
+        let unanswered = w.pending.len();
+        let report = w.backend.shut_down(started, unanswered);
+        *lock(&w.shared.stopped) = Some(report);
     }
 }
 

@@ -97,3 +97,38 @@ fn disabling_the_cache_writes_it_back_and_fua_is_durable() {
     d.nvme.reset();
     assert_eq!(d.nvme.stats().dropped_cached_writes, 0);
 }
+
+/// The normal shutdown notification (CC.SHN = 01b, the rest of CC kept), as a driver gives it
+/// before the device is reset: the cache is on the file once CSTS.SHST reads 10b, so the reset
+/// that follows drops nothing, and a controller on the same file reads every write back.
+#[test]
+fn a_shutdown_notification_writes_the_cache_back_before_the_reset() {
+    let mut d = TestDriver::new(|c| c.volatile_write_cache = true);
+    d.enable();
+    d.create_io_queue(1, 16);
+    let data = pattern(8192, 13);
+    assert_eq!(d.write_blocks(1, 16, &data), Status::SUCCESS);
+    assert_eq!(d.nvme.cached_blocks(), 16);
+    let cc = d.read32(0x14);
+    d.write32(0x14, cc | (0b01 << 14));
+    assert_eq!(d.read32(0x1c) & 0xc, 0x8, "CSTS.SHST = 10b: complete");
+    assert_eq!(
+        d.read32(0x1c) & 1,
+        1,
+        "still ready until the host resets it"
+    );
+    assert_eq!(d.nvme.cached_blocks(), 0);
+    let file = std::fs::read(&d.path.0).unwrap();
+    assert_eq!(&file[16 * 512..16 * 512 + 8192], &data[..], "on the file");
+    d.nvme.reset();
+    assert_eq!(d.nvme.stats().dropped_cached_writes, 0);
+    assert_eq!(d.read32(0x1c), 0, "the reset clears SHST");
+    let TestDriver {
+        nvme, path, cfg, ..
+    } = d;
+    drop(nvme);
+    let mut d = TestDriver::with_path(path, cfg);
+    d.enable();
+    d.create_io_queue(1, 16);
+    assert_eq!(d.read_blocks(1, 16, 8192), (Status::SUCCESS, data));
+}
