@@ -23,6 +23,7 @@ use crate::console::Echo;
 use crate::domain::{DeviceSpec, Domain, DomainConfig};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
+use crate::stop::Stop;
 use crate::vcpu::{DomainExit, RunState};
 
 /// How long a domain may take to become ready.
@@ -251,6 +252,24 @@ impl Topology {
                 }
             })
             .collect()
+    }
+
+    /// [`Topology::wait_clients`], but a requested `stop` ends the wait early: the clients
+    /// still running are stopped (their outcomes have no exit).
+    pub fn wait_clients_or_stop(&mut self, timeout: Duration, stop: &Stop) -> Vec<ClientOutcome> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let running = self
+                .clients
+                .iter()
+                .any(|c| c.wait(Duration::ZERO).is_none());
+            if !running || left.is_zero() || stop.requested() {
+                break;
+            }
+            stop.sleep(left.min(Duration::from_millis(20)));
+        }
+        self.wait_clients(Duration::ZERO)
     }
 
     /// Stops clients, services and domains, in that order.
