@@ -286,12 +286,70 @@ mod tests {
         assert!(n <= MAX_KEYS, "{n}");
     }
 
-    #[test]
-    fn the_macro_compiles_in_both_forms() {
-        let name = String::from("d0");
-        for i in 0..20 {
-            crate::limited!(warn, key: name, "domain {name}: line {i}");
-            crate::limited!(debug, "line {}", i);
+    /// Collects what a `tracing` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
         }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn captured(f: impl FnOnce()) -> Vec<String> {
+        let out = Captured::default();
+        let w = out.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_string).collect()
+    }
+
+    /// One call site of each form (the limit is per call site).
+    fn keyed_site(name: &str, what: &str) {
+        crate::limited!(warn, key: name, "domain {name}: {what}");
+    }
+
+    fn plain_site(i: u32) {
+        crate::limited!(debug, "plain line {}", i);
+    }
+
+    #[test]
+    fn the_macro_logs_a_burst_per_key_then_says_what_it_held_back() {
+        let lines = captured(|| {
+            for i in 0..25 {
+                for name in ["d0", "d1"] {
+                    keyed_site(name, &format!("line {i}"));
+                }
+                plain_site(i);
+            }
+        });
+        let of = |p: &str| lines.iter().filter(|l| l.contains(p)).count();
+        // DEFAULT lets 10 through at once, per key and per call site.
+        assert_eq!(of("domain d0:"), 10, "{lines:#?}");
+        assert_eq!(of("domain d1:"), 10, "{lines:#?}");
+        assert_eq!(of("plain line"), 10, "{lines:#?}");
+        assert!(lines.iter().all(|l| !l.contains("suppressed")));
+        // A second later one more line of a key goes, saying how many were held back.
+        std::thread::sleep(Duration::from_millis(1010));
+        let lines = captured(|| {
+            keyed_site("d0", "again");
+            keyed_site("d0", "and again");
+        });
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].ends_with("domain d0: again (15 similar lines suppressed)"),
+            "{lines:#?}"
+        );
     }
 }
