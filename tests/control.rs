@@ -89,6 +89,32 @@ fn a_file_at_the_socket_path_is_not_replaced() {
     assert_eq!(mode(&stale), 0o600);
 }
 
+/// A directory where another user could swap the socket is refused: one other users may
+/// write (not sticky), and one another user owns. /tmp-like sticky directories are fine.
+#[test]
+fn a_directory_others_control_is_refused() {
+    let dir = scratch("control-dir");
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = ControlServer::start(&open.join("s"), Vec::new())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("mode 0777"), "{err}");
+    let theirs = dir.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    let err = ControlServer::start(&theirs.join("s"), Vec::new())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("uid 65534"), "{err}");
+    let sticky = dir.join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let _ok = ControlServer::start(&sticky.join("s"), Vec::new()).unwrap();
+    assert_eq!(mode(&sticky.join("s")), 0o600);
+}
+
 /// A peer of another user is refused even where the socket's mode would let it connect (the
 /// operator loosened it): SO_PEERCRED is checked. With the socket as ddvm made it, the kernel
 /// refuses the connection itself.

@@ -213,6 +213,17 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
             parent.display()
         )));
     }
+    let me = sys::euid();
+    if dir.uid() != me && dir.uid() != 0 {
+        return Err(std::io::Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "directory {} belongs to uid {}: its owner could replace the socket; expected a directory of this user (uid {me}) or root",
+                parent.display(),
+                dir.uid()
+            ),
+        ));
+    }
     let mode = dir.permissions().mode();
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {
         return Err(std::io::Error::new(
@@ -258,7 +269,12 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     let private = private_dir(&parent)?;
     let tmp = private.join("s");
     let made = (|| {
-        let listener = UnixListener::bind(&tmp)?;
+        let listener = UnixListener::bind(&tmp).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("binding {} (then moved into place): {e}", tmp.display()),
+            )
+        })?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         std::fs::rename(&tmp, parent.join(name))?;
         Ok(listener)
@@ -599,6 +615,46 @@ mod tests {
         let a = handle("{\"cmd\":\"kill\",\"domain\":\"nope\"}", &[], None);
         assert!(a["error"].as_str().unwrap().contains("nope"));
         assert_eq!(handle("{\"cmd\":\"status\"}", &[], None)["ok"], true);
+    }
+
+    #[test]
+    fn a_peer_that_stalls_holds_its_thread_only_until_the_deadline() {
+        // Sends nothing.
+        let (mut a, _b) = UnixStream::pair().unwrap();
+        let t = Instant::now();
+        let r = read_request(&mut a, t + Duration::from_millis(200));
+        assert!(r.unwrap_err().contains("no complete request line"));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // Sends a byte at a time and never a newline: the deadline is for the whole line.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let drip = std::thread::spawn(move || {
+            for _ in 0..100 {
+                if b.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let t = Instant::now();
+        assert!(read_request(&mut a, t + Duration::from_millis(300)).is_err());
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        drop(a);
+        drip.join().unwrap();
+        // Sends more than a line may hold.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let flood = std::thread::spawn(move || {
+            let _ = b.write_all(&vec![b'x'; MAX_LINE * 4]);
+        });
+        let r = read_request(&mut a, Instant::now() + Duration::from_secs(5));
+        assert!(r.unwrap_err().contains("longer than"));
+        drop(a);
+        flood.join().unwrap();
+        // Never reads a large answer.
+        let (mut a, _b) = UnixStream::pair().unwrap();
+        let t = Instant::now();
+        let big = json!({"ok": true, "x": "y".repeat(8 << 20)});
+        write_answer(&mut a, &big, t + Duration::from_millis(200));
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -540,7 +540,7 @@ fn run_topology(
     println!(
         "ddvm: {} in {:.2} s",
         if ok && stopped {
-            "stopped on request; no client saw an error"
+            "stopped on request; every client that finished verified every block it read"
         } else if ok {
             "every client verified every block it read"
         } else {
