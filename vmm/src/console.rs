@@ -2,11 +2,14 @@
 //!
 //! A guest console is untrusted text. It is kept in a bounded buffer (the newest bytes win),
 //! split into lines, optionally echoed with the guest's name as a prefix, with control
-//! characters replaced so a guest cannot drive the operator's terminal.
+//! characters replaced so a guest cannot drive the operator's terminal. The echo is
+//! rate-limited ([`ECHO_BUDGET`]): a guest printing in a loop cannot flood the operator's
+//! stderr (nor hold the VMM's threads writing to it); what it holds back it counts and says.
 
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ddvm_abi::log::{
     plan_drain, ring_pieces, LogHeader, LOG_HEADER_SIZE, LOG_HEAD_OFFSET, LOG_MAGIC,
@@ -14,11 +17,17 @@ use ddvm_abi::log::{
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMem;
+use crate::ratelimit::{Budget, Limiter};
 
 /// Bytes of console output kept per guest.
 pub const CONSOLE_KEEP: usize = 256 << 10;
 /// Longest line echoed; longer lines are cut.
 const LINE_MAX: usize = 512;
+/// Lines a console echoes: a boot's worth at once, then 100 a second.
+pub const ECHO_BUDGET: Budget = Budget {
+    burst: 500,
+    every: Duration::from_millis(10),
+};
 
 /// Where echoed lines go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +49,7 @@ struct State {
 pub struct Console {
     name: String,
     echo: Echo,
+    echo_limit: Limiter,
     state: Mutex<State>,
 }
 
@@ -49,6 +59,7 @@ impl Console {
         Console {
             name: name.to_string(),
             echo,
+            echo_limit: Limiter::new(ECHO_BUDGET),
             state: Mutex::new(State {
                 kept: VecDeque::new(),
                 line: Vec::new(),
@@ -100,9 +111,28 @@ impl Console {
 
     fn emit(&self, line: &[u8]) {
         if self.echo == Echo::Stderr {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "[{}] {}", self.name, String::from_utf8_lossy(line));
+            let text = self.echo_text(line, Instant::now());
+            if !text.is_empty() {
+                let _ = std::io::stderr().lock().write_all(text.as_bytes());
+            }
         }
+    }
+
+    /// What echoing `line` at `now` writes: the line, after a note of the lines held back
+    /// before it; nothing if it is held back itself.
+    fn echo_text(&self, line: &[u8], now: Instant) -> String {
+        let Some(held) = self.echo_limit.admit_at(now) else {
+            return String::new();
+        };
+        let mut text = String::new();
+        if held > 0 {
+            text = format!(
+                "[{}] [{held} lines not echoed: more than {} a second]\n",
+                self.name,
+                1_000_000_000 / ECHO_BUDGET.every.as_nanos().max(1)
+            );
+        }
+        text + &format!("[{}] {}\n", self.name, String::from_utf8_lossy(line))
     }
 
     /// Everything kept, as text.
@@ -238,6 +268,31 @@ mod tests {
             .unwrap();
         r.drain(&mem, &console);
         assert!(console.text().len() <= CONSOLE_KEEP);
+    }
+
+    #[test]
+    fn a_flood_is_echoed_in_part_and_counted_but_kept_whole() {
+        let console = Console::new("g", Echo::Off);
+        let t = Instant::now();
+        let n = ECHO_BUDGET.burst as usize + 1000;
+        let echoed = (0..n)
+            .filter(|i| {
+                !console
+                    .echo_text(format!("line {i}").as_bytes(), t)
+                    .is_empty()
+            })
+            .count();
+        assert_eq!(echoed, ECHO_BUDGET.burst as usize);
+        let later = console.echo_text(b"after", t + Duration::from_secs(1));
+        assert_eq!(
+            later,
+            "[g] [1000 lines not echoed: more than 100 a second]\n[g] after\n"
+        );
+        // Kept text is not limited.
+        for i in 0..n {
+            console.push(format!("{i}\n").as_bytes());
+        }
+        assert!(console.text().ends_with(&format!("{}\n", n - 1)));
     }
 
     #[test]

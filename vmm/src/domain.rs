@@ -154,7 +154,13 @@ impl DomainDevice {
                     vm.unregister_ioevent(&doorbell, &addr, NoDatamatch)
                 };
                 if let Err(e) = r {
-                    tracing::debug!("domain {domain}: doorbell ioeventfd at {off:#x}: {e}");
+                    // The domain decides how often this runs (it sets up its shadow doorbells
+                    // at every controller bring-up): limited.
+                    crate::limited!(
+                        debug,
+                        key: domain,
+                        "domain {domain}: doorbell ioeventfd at {off:#x}: {e}"
+                    );
                 }
             }
         }));
@@ -823,7 +829,12 @@ impl Domain {
             &IoEventAddress::Pio(u64::from(port::NOTIFY)),
             NoDatamatch,
         ) {
-            tracing::warn!("domain {name}: notify ioeventfd unavailable ({e}); using exits");
+            // Once per boot, and a failing domain is booted again and again: limited.
+            crate::limited!(
+                warn,
+                key: name,
+                "domain {name}: notify ioeventfd unavailable ({e}); using exits"
+            );
         }
         let ctx = VcpuContext {
             mem: mem.clone(),

@@ -43,8 +43,16 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// Not a regular file (a FIFO, a device, a directory...).
+    #[error("image {path}: {what}, expected a regular file (an x86-64 ELF executable)")]
+    NotRegular {
+        /// Image path.
+        path: PathBuf,
+        /// What it is.
+        what: String,
+    },
     /// Larger than [`IMAGE_MAX`].
-    #[error("image {path}: {size} bytes, expected at most {IMAGE_MAX}")]
+    #[error("image {path}: {size} bytes or more, expected at most {IMAGE_MAX}")]
     TooLarge {
         /// Image path.
         path: PathBuf,
@@ -141,28 +149,67 @@ pub struct Loaded {
 }
 
 impl Image {
-    /// Reads an image from a file.
+    /// Reads an image from a file: a regular file (a symbolic link is followed, and what it
+    /// leads to must be one) of at most [`IMAGE_MAX`] bytes. A FIFO, a device, a socket or a
+    /// directory is refused without reading from it (nor waiting for a FIFO's writer), and a
+    /// file that grows past the limit while it is read is refused too.
     pub fn from_file(path: &Path) -> Result<Self, ImageError> {
-        let meta = std::fs::metadata(path).map_err(|source| ImageError::Read {
+        use std::io::Read;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let read_err = |source| ImageError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        // O_NONBLOCK: opening a FIFO does not wait for a writer; the type is checked on what
+        // was opened, so nothing can swap the file between the check and the read.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            let kind = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_block_device() {
+                "a block device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            };
+            let via = std::fs::symlink_metadata(path)
+                .ok()
+                .filter(|m| m.file_type().is_symlink())
+                .and_then(|_| std::fs::canonicalize(path).ok())
+                .map(|t| format!(" (a symbolic link to {})", t.display()))
+                .unwrap_or_default();
+            return Err(ImageError::NotRegular {
+                path: path.to_path_buf(),
+                what: format!("{kind}{via}"),
+            });
+        }
         if meta.len() > IMAGE_MAX as u64 {
             return Err(ImageError::TooLarge {
                 path: path.to_path_buf(),
                 size: meta.len(),
             });
         }
-        if meta.is_dir() {
-            return Err(ImageError::Read {
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(IMAGE_MAX as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() > IMAGE_MAX {
+            return Err(ImageError::TooLarge {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+                size: bytes.len() as u64,
             });
         }
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
         Ok(Image {
             name: path.to_path_buf(),
             bytes: Cow::Owned(bytes),

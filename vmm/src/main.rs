@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use ddvm::console::Echo;
 use ddvm::domain::{Domain, DomainConfig};
 use ddvm::hypervisor::{Hypervisor, DEFAULT_KVM_PATH};
 use ddvm::loader::Image;
+use ddvm::stop::Stop;
 use ddvm::testclient::{self, Workload};
 use ddvm::topology::Topology;
 use ddvm::vcpu::{DomainExit, RunState};
@@ -63,7 +64,8 @@ enum Command {
         /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
         #[arg(long)]
         duration: Option<f64>,
-        /// Serve the control socket (JSON; see `ddvm ctl`) at this path.
+        /// Serve the control socket (JSON; see `ddvm ctl`) at this path: mode 0600, for this
+        /// user and root only (a missing directory is made 0700).
         #[arg(long)]
         control: Option<PathBuf>,
         /// Once ready, run the in-VMM test client on every domain with a device: this many
@@ -101,12 +103,13 @@ enum Command {
         no_baseline: bool,
     },
     /// Talk to a running `ddvm run --control SOCKET`: status, events, kill, restart, update,
-    /// inject.
+    /// inject, stop.
     Ctl {
         /// The control socket.
         socket: PathBuf,
         /// `status`, `events [SINCE]`, `kill DOMAIN`, `restart DOMAIN`,
-        /// `update DOMAIN IMAGE`, `inject DOMAIN FAULT [ARG]`.
+        /// `update DOMAIN IMAGE`, `inject DOMAIN FAULT [ARG]`, `stop` (ends the run as SIGTERM
+        /// does).
         #[arg(required = true, num_args = 1..)]
         request: Vec<String>,
     },
@@ -321,8 +324,8 @@ workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=
     );
     let hv = Arc::new(open_kvm(kvm)?);
     let echo = if verbose { Echo::Stderr } else { Echo::Off };
-    on_stop_signals();
-    let result = run_topology(&hv, &config, file, echo, None, None);
+    let stop = Stop::on_signals();
+    let result = run_topology(&hv, &config, file, echo, None, None, &stop);
     let _ = std::fs::remove_file(&disk);
     result
 }
@@ -335,10 +338,12 @@ fn ctl(socket: &Path, words: &[String]) -> anyhow::Result<ExitCode> {
         ["events", since] => serde_json::json!({"cmd": "events", "since": since.parse::<u64>().context("events SINCE: expected a number")?}),
         ["kill", d] => serde_json::json!({"cmd": "kill", "domain": d}),
         ["restart", d] => serde_json::json!({"cmd": "restart", "domain": d}),
-        ["update", d, image] => serde_json::json!({"cmd": "update", "domain": d, "image": image}),
+        // The server resolves a relative path from its own directory: send an absolute one.
+        ["update", d, image] => serde_json::json!({"cmd": "update", "domain": d, "image": std::path::absolute(image).with_context(|| format!("update IMAGE {image}"))?}),
+        ["stop"] => serde_json::json!({"cmd": "stop"}),
         ["inject", d, fault] => serde_json::json!({"cmd": "inject", "domain": d, "fault": fault}),
         ["inject", d, fault, arg] => serde_json::json!({"cmd": "inject", "domain": d, "fault": fault, "arg": arg.parse::<u32>().context("inject ARG: expected a number")?}),
-        _ => anyhow::bail!("expected one of: status | events [SINCE] | kill DOMAIN | restart DOMAIN | update DOMAIN IMAGE | inject DOMAIN FAULT [ARG]"),
+        _ => anyhow::bail!("expected one of: status | events [SINCE] | kill DOMAIN | restart DOMAIN | update DOMAIN IMAGE | inject DOMAIN FAULT [ARG] | stop"),
     };
     let answer = ddvm::control::request(socket, &req)
         .with_context(|| format!("control socket {}", socket.display()))?;
@@ -418,12 +423,13 @@ fn run_topology(
     echo: Echo,
     duration: Option<f64>,
     control: Option<&Path>,
+    stop: &Stop,
 ) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let mut topo = Topology::start(hv, config, file, echo)?;
-    let _control = match control {
+    let control = match control {
         Some(p) => Some(
-            ddvm::control::ControlServer::start(p, topo.recovery.clone())
+            ddvm::control::ControlServer::start_with(p, topo.recovery.clone(), Some(stop.clone()))
                 .with_context(|| format!("control socket {}", p.display()))?,
         ),
         None => None,
@@ -441,7 +447,9 @@ fn run_topology(
         topo.services.len()
     );
     let timeout = duration.map_or(Duration::from_secs(600), Duration::from_secs_f64);
-    let outcomes = topo.wait_clients_until(timeout, &|| STOP.load(Ordering::Relaxed));
+    let outcomes = topo.wait_clients_or_stop(timeout, stop);
+    let stopped = stop.requested();
+    drop(control);
     let mut disks = Vec::new();
     for s in &mut topo.services {
         let c = s.counters();
@@ -503,9 +511,11 @@ fn run_topology(
         match &o.exit {
             Some(DomainExit::Exited { status: 0 }) => {}
             Some(e) => println!("{:<10} {e}", ""),
+            None if stopped => println!("{:<10} stopped on request before it finished", ""),
             None => println!("{:<10} still running after {timeout:?}; stopped", ""),
         }
-        ok &= o.ok();
+        // A client stopped on request is not a failure; one that reported errors is.
+        ok &= o.ok() || (stopped && o.exit.is_none());
     }
     println!();
     for (name, kind, answered, copy_bytes, copy_ns, exits, emul) in &disks {
@@ -534,7 +544,9 @@ fn run_topology(
     }
     println!(
         "ddvm: {} in {:.2} s",
-        if ok {
+        if ok && stopped {
+            "stopped on request; every client that finished verified every block it read"
+        } else if ok {
             "every client verified every block it read"
         } else {
             "FAILED: a client saw an error or a mismatch"
@@ -596,32 +608,6 @@ fn verify_domain(d: &Domain, ch: &mut HostChannel, requests: u64) -> anyhow::Res
     Ok(r.errors == 0 && r.mismatches == 0)
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    if STOP.swap(true, Ordering::Relaxed) {
-        // A second signal: the user will not wait for the orderly stop.
-        // SAFETY: `_exit` is async-signal-safe; nothing else runs here.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// SIGINT and SIGTERM set [`STOP`]: the run ends in order (every disk flushed and its
-/// controller shut down); a second one ends the process at once.
-fn on_stop_signals() {
-    // SAFETY: the handler only touches an atomic and calls `_exit`, both async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_stop_signal as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_stop_signal as *const () as libc::sighandler_t,
-        );
-    }
-}
-
 fn run_config(
     kvm: &Path,
     file: &Path,
@@ -630,10 +616,11 @@ fn run_config(
     verify: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
-    on_stop_signals();
+    // SIGINT, SIGTERM and the control socket's `stop` end the run alike.
+    let stop = Stop::on_signals();
     if !config.clients.is_empty() {
         let hv = Arc::new(open_kvm(kvm)?);
-        return run_topology(&hv, &config, file, Echo::Stderr, duration, control);
+        return run_topology(&hv, &config, file, Echo::Stderr, duration, control, &stop);
     }
     let mut cfgs = Vec::new();
     for d in &config.domains {
@@ -677,17 +664,30 @@ fn run_config(
             }
         }
     }
+    // Domains without clients have no recovery handles: the socket serves status and stop.
+    let control = match control {
+        Some(p) => Some(
+            ddvm::control::ControlServer::start_with(p, Vec::new(), Some(stop.clone()))
+                .with_context(|| format!("control socket {}", p.display()))?,
+        ),
+        None => None,
+    };
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
-    while !STOP.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-        std::thread::sleep(Duration::from_millis(20));
+    let mut ended = false;
+    while !ended && !stop.requested() && deadline.is_none_or(|d| Instant::now() < d) {
+        stop.sleep(Duration::from_millis(20));
         for d in &domains {
             if let RunState::Stopped(exit) = d.state() {
                 report_exit(d, &exit);
                 crashed |= exit.is_crash();
-                STOP.store(true, Ordering::Relaxed);
+                ended = true;
             }
         }
     }
+    if stop.requested() {
+        println!("ddvm: stopped on request");
+    }
+    drop(control);
     for (d, ch) in domains.iter_mut().zip(&mut channels) {
         if let Some(r) = ddvm::stop::domain_without_clients(d, ch.as_mut()) {
             println!("ddvm: {r}");

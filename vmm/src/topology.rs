@@ -23,6 +23,7 @@ use crate::console::Echo;
 use crate::domain::{DeviceSpec, Domain, DomainConfig};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
+use crate::stop::Stop;
 use crate::vcpu::{DomainExit, RunState};
 
 /// How long a domain may take to become ready.
@@ -230,26 +231,6 @@ impl Topology {
         })
     }
 
-    /// Waits until every client guest stops, `timeout` passes or `stop` says so (checked every
-    /// 10 ms: a signal, the control socket); clients still running then are stopped.
-    pub fn wait_clients_until(
-        &mut self,
-        timeout: Duration,
-        stop: &dyn Fn() -> bool,
-    ) -> Vec<ClientOutcome> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline
-            && !stop()
-            && self
-                .clients
-                .iter()
-                .any(|c| c.domain().has_stopped().is_none())
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.wait_clients(Duration::ZERO)
-    }
-
     /// Waits until every client guest stops (or `timeout` passes; late ones are stopped).
     pub fn wait_clients(&mut self, timeout: Duration) -> Vec<ClientOutcome> {
         let deadline = Instant::now() + timeout;
@@ -271,6 +252,24 @@ impl Topology {
                 }
             })
             .collect()
+    }
+
+    /// [`Topology::wait_clients`], but a requested `stop` ends the wait early: the clients
+    /// still running are stopped (their outcomes have no exit).
+    pub fn wait_clients_or_stop(&mut self, timeout: Duration, stop: &Stop) -> Vec<ClientOutcome> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let running = self
+                .clients
+                .iter()
+                .any(|c| c.wait(Duration::ZERO).is_none());
+            if !running || left.is_zero() || stop.requested() {
+                break;
+            }
+            stop.sleep(left.min(Duration::from_millis(20)));
+        }
+        self.wait_clients(Duration::ZERO)
     }
 
     /// Stops clients, services and domains, in that order; each disk in order (see

@@ -470,9 +470,13 @@ fn check_ready(ctx: &VcpuContext) -> bool {
             ctx.shared.set(RunState::Ready(ctx.started.elapsed()));
             // Exits are what boot time is made of on PVM: show where they went.
             let e = &ctx.shared.exits;
-            tracing::debug!(
-                "{}: ready after {} exits ({} port I/O, {} MMIO, {} waits)",
-                std::thread::current().name().unwrap_or("vcpu"),
+            // Once per boot; a domain that fails at once is booted again and again.
+            let vcpu = std::thread::current();
+            let who = vcpu.name().unwrap_or("vcpu");
+            crate::limited!(
+                debug,
+                key: who,
+                "{who}: ready after {} exits ({} port I/O, {} MMIO, {} waits)",
                 e.total.load(Ordering::Relaxed),
                 e.pio.load(Ordering::Relaxed),
                 e.mmio.load(Ordering::Relaxed),
@@ -487,13 +491,19 @@ fn check_ready(ctx: &VcpuContext) -> bool {
 /// Logs where a vCPU was when the hypervisor stopped it (a triple fault, an entry failure, an
 /// internal error): the registers a post-mortem starts from.
 fn log_cpu_state(vcpu: &VcpuFd, exit: &DomainExit) {
+    // A guest that faults as soon as it is booted again decides how often this is logged:
+    // limited, per vCPU thread.
     let name = std::thread::current().name().unwrap_or("vcpu").to_string();
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         // KVM on SVM resets a vCPU that shut down: the reset vector says nothing of the fault.
-        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => tracing::warn!(
+        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => crate::limited!(
+            warn,
+            key: name,
             "{name}: {exit}: the hypervisor reset the vCPU, its registers at the fault are gone"
         ),
-        (Ok(r), Ok(s)) => tracing::warn!(
+        (Ok(r), Ok(s)) => crate::limited!(
+            warn,
+            key: name,
             "{name}: {exit}: rip {:#x} rsp {:#x} rflags {:#x} rax {:#x} rbx {:#x} rcx {:#x} \
              rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
              efer {:#x} cs {:#x} ss {:#x} idt {:#x}+{:#x} gdt {:#x}+{:#x}",
@@ -519,7 +529,9 @@ fn log_cpu_state(vcpu: &VcpuFd, exit: &DomainExit) {
             s.gdt.base,
             s.gdt.limit,
         ),
-        (r, s) => tracing::warn!(
+        (r, s) => crate::limited!(
+            warn,
+            key: name,
             "{name}: {exit}: registers unreadable ({:?}, {:?})",
             r.err(),
             s.err()

@@ -162,7 +162,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn fail(&mut self, why: String) {
-        tracing::warn!("virtio-mmio: device needs reset: {why}");
+        // The guest decides how often this happens: limited, per vCPU thread (so per guest).
+        let vcpu = std::thread::current();
+        let who = vcpu.name().unwrap_or("vcpu");
+        crate::limited!(warn, key: who, "virtio-mmio ({who}): device needs reset: {why}");
         self.status |= status::NEEDS_RESET;
         self.interrupt.raise(interrupt::CONFIG);
     }
