@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddvm::blk::channel::Command;
 use ddvm::blk::Backend;
 use ddvm::chaos::{self, ChaosPlan};
 use ddvm::config::Config;
 use ddvm::console::Echo;
+use ddvm::reincarnation::Command;
 use ddvm::topology::Topology;
 use ddvm_recovery::chaos::FaultKind;
 
@@ -405,9 +405,9 @@ fn a_replayed_write_that_fails_is_replayed_again() {
 
 /// Waits until `f` holds for what the disk's service publishes.
 fn wait_until(
-    handle: &ddvm::blk::channel::RecoveryHandle,
+    handle: &ddvm::reincarnation::RecoveryHandle,
     what: &str,
-    f: impl Fn(&ddvm::blk::channel::Observed) -> bool,
+    f: impl Fn(&ddvm::reincarnation::Observed) -> bool,
 ) {
     let t0 = Instant::now();
     while !handle.with(&f) {

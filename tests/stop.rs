@@ -12,9 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddvm::blk::channel::Command as Ctl;
 use ddvm::config::Config;
 use ddvm::console::Echo;
+use ddvm::reincarnation::Command as Ctl;
 use ddvm::stop::StopHow;
 use ddvm::topology::Topology;
 use ddvm_recovery::chaos::FaultKind;

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use ddvm_recovery::chaos::{ChaosReport, ClientResult, FaultKind, DEFAULT_BIN};
 
-use crate::blk::channel::Command;
 use crate::config::Config;
 use crate::console::Echo;
 use crate::hypervisor::Hypervisor;
+use crate::reincarnation::Command;
 use crate::topology::Topology;
 
 /// At most this many periods a fault waits for the last one's recovery.

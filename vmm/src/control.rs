@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::blk::channel::{Command, RecoveryHandle};
 use crate::loader::Image;
+use crate::reincarnation::{Command, RecoveryHandle};
 use crate::stop::Stop;
 use crate::sys;
 

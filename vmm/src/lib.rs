@@ -21,6 +21,7 @@ pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod ratelimit;
+pub mod reincarnation;
 pub mod stats;
 pub mod stop;
 pub mod sys;

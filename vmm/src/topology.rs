@@ -132,7 +132,7 @@ pub struct Topology {
     /// Boot-to-ready time of each domain.
     pub ready_times: Vec<(String, Duration)>,
     /// Recovery handles of the disk domains (commands, events, status), by domain name.
-    pub recovery: Vec<(String, crate::blk::channel::RecoveryHandle)>,
+    pub recovery: Vec<(String, crate::reincarnation::RecoveryHandle)>,
 }
 
 /// How one client ended.

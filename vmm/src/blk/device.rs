@@ -302,7 +302,9 @@ impl ClientPort {
     /// Counts and reports a queue the service cannot serve any more.
     pub fn give_up_queue(&self, st: &mut PortState, why: &str) {
         if !st.needs_reset {
-            tracing::warn!(
+            crate::limited!(
+                warn,
+                key: self.name,
                 "{}: virtio-blk queue unusable ({why}); device needs reset",
                 self.name
             );

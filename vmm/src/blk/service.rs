@@ -533,7 +533,7 @@ impl Worker {
                     }
                 },
                 Err(Invalid::Status { status, value, why }) => {
-                    tracing::debug!("{}: request refused: {why}", port.name);
+                    crate::limited!(debug, key: port.name, "{}: request refused: {why}", port.name);
                     self.answer_locked(port, st, (i, queue, head), status, value, 0);
                 }
                 Err(Invalid::Unusable(why)) => {

@@ -1,0 +1,159 @@
+//! The engine's domains as real VMs: [`Domain`] is a [`DomainHandle`], and [`VmLauncher`]
+//! boots them (fresh, or as warm standbys) for one device.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ddvm_recovery::reason::{FailureReason, OperatorAction};
+
+use super::{DomainHandle, Launcher};
+use crate::domain::{DeviceSpec, Domain, DomainConfig, DomainDevice};
+use crate::hypervisor::Hypervisor;
+use crate::loader::Image;
+use crate::vcpu::{DomainExit, RunState};
+
+/// Boots the driver domains of one device: `cfg` with the device that outlives them.
+pub struct VmLauncher {
+    hv: Arc<Hypervisor>,
+    cfg: DomainConfig,
+    device: Arc<DomainDevice>,
+}
+
+impl VmLauncher {
+    /// A launcher for `cfg`, whose domains are handed `device`.
+    pub fn new(hv: Arc<Hypervisor>, mut cfg: DomainConfig, device: Arc<DomainDevice>) -> Self {
+        cfg.device = Some(DeviceSpec::Persistent(device.clone()));
+        VmLauncher { hv, cfg, device }
+    }
+
+    /// The device the domains are handed.
+    pub fn device(&self) -> &Arc<DomainDevice> {
+        &self.device
+    }
+
+    /// The configuration domains boot with.
+    pub fn config(&self) -> &DomainConfig {
+        &self.cfg
+    }
+}
+
+impl Launcher for VmLauncher {
+    type Domain = Domain;
+
+    fn boot(&self, epoch: u64, fault: Option<(u32, u32)>) -> Result<Domain, String> {
+        let booted = match fault {
+            Some((code, arg)) => {
+                let mut cfg = self.cfg.clone();
+                let fault = format!("boot_fault={code} boot_fault_arg={arg}");
+                cfg.cmdline = format!("{} {fault}", cfg.cmdline).trim_start().to_string();
+                Domain::boot(&self.hv, &cfg, epoch)
+            }
+            None => Domain::boot(&self.hv, &self.cfg, epoch),
+        };
+        booted.map_err(|e| e.to_string())
+    }
+
+    fn standby_boots(&self) -> Box<dyn FnMut(u64) -> Result<Domain, String> + Send> {
+        let (hv, cfg) = (self.hv.clone(), self.cfg.clone());
+        Box::new(move |epoch| Domain::boot_standby(&hv, &cfg, epoch).map_err(|e| e.to_string()))
+    }
+
+    fn set_image(&mut self, image: Image) {
+        self.cfg.image = image;
+    }
+
+    fn dma_refused(&self) -> u64 {
+        self.device.stats().dma_refused
+    }
+}
+
+impl DomainHandle for Domain {
+    fn epoch(&self) -> u64 {
+        Domain::epoch(self)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<(), Option<FailureReason>> {
+        match Domain::wait_ready(self, timeout) {
+            Ok(_) => Ok(()),
+            Err(RunState::Stopped(exit)) => Err(Some(exit_reason(&exit))),
+            Err(_) => Err(None),
+        }
+    }
+
+    fn has_stopped(&self) -> Option<FailureReason> {
+        Domain::has_stopped(self).map(|exit| exit_reason(&exit))
+    }
+
+    fn promote(&mut self) -> Result<(), String> {
+        Domain::promote(self).map_err(|e| e.to_string())
+    }
+
+    fn retire(&mut self) {
+        Domain::retire(self)
+    }
+
+    fn stop_vcpu(&mut self) {
+        Domain::stop(self);
+    }
+
+    fn is_waiting(&self) -> bool {
+        Domain::is_waiting(self)
+    }
+
+    fn heartbeat(&self) -> Option<u64> {
+        Domain::heartbeat(self)
+    }
+
+    fn cpu_time(&self) -> Option<Duration> {
+        self.vcpu_cpu_time()
+    }
+
+    fn thread_id(&self) -> Option<i32> {
+        self.vcpu_tid()
+    }
+
+    fn arm_fault(&self, code: u32, arg: u32) -> bool {
+        Domain::arm_fault(self, code, arg)
+    }
+
+    fn request_fault(&self, code: u32, arg: u32) -> bool {
+        self.request_fault_with(code, arg)
+    }
+}
+
+/// The reason for a domain's exit.
+pub fn exit_reason(exit: &DomainExit) -> FailureReason {
+    match exit {
+        DomainExit::Shutdown => FailureReason::Shutdown,
+        DomainExit::InternalError { suberror } => FailureReason::InternalError {
+            suberror: *suberror,
+        },
+        DomainExit::FailedEntry { reason } => FailureReason::FailedEntry { reason: *reason },
+        DomainExit::Panicked { message } => FailureReason::Panic {
+            message: message.clone(),
+        },
+        DomainExit::Exception {
+            vector,
+            rip,
+            error_code,
+            cr2,
+        } => FailureReason::Exception {
+            vector: *vector,
+            rip: *rip,
+            error_code: *error_code,
+            cr2: *cr2,
+        },
+        DomainExit::BadPanicReport { value } => FailureReason::BadPanicReport { value: *value },
+        DomainExit::Halted => FailureReason::Halted,
+        DomainExit::Exited { status } => FailureReason::ExitedUnexpectedly { status: *status },
+        DomainExit::Unexpected { exit } => FailureReason::UnexpectedExit { exit: exit.clone() },
+        DomainExit::HostError { errno } => FailureReason::UnexpectedExit {
+            exit: format!("KVM_RUN failed: errno {errno}"),
+        },
+        DomainExit::Stopped => FailureReason::Operator(OperatorAction::Kill),
+        // Driver domains have no reset line; a guest that has one and uses it is gone.
+        DomainExit::Reset => FailureReason::UnexpectedExit {
+            exit: "reset".into(),
+        },
+    }
+}
