@@ -14,7 +14,7 @@ use ddvm::chaos::{self, ChaosPlan};
 use ddvm::config::Config;
 use ddvm::console::Echo;
 use ddvm::topology::Topology;
-use ddvm_recovery::chaos::FaultKind;
+use ddvm_recovery::fault::FaultKind;
 
 use common::*;
 

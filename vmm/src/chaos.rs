@@ -22,7 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddvm_recovery::chaos::{ChaosReport, ClientResult, FaultKind, DEFAULT_BIN};
+use ddvm_chaos_report::{ChaosReport, ClientResult, DEFAULT_BIN};
+use ddvm_recovery::fault::FaultKind;
 
 use crate::blk::channel::Command;
 use crate::config::Config;

@@ -177,7 +177,7 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)]) -> Value {
             if !crate::chaos::ENABLED {
                 return json!({"ok": false, "error": crate::chaos::ChaosError::Disabled.to_string()});
             }
-            match fault.parse::<ddvm_recovery::chaos::FaultKind>() {
+            match fault.parse::<ddvm_recovery::fault::FaultKind>() {
                 Ok(kind) => send(&domain, Command::Inject { kind, arg }),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use ddvm_abi::channel::ring::IndexError;
 use ddvm_abi::channel::{device_flags, fault, op, status as cstatus, DeviceInfo};
-use ddvm_recovery::chaos::FaultKind;
 use ddvm_recovery::events::EventLog;
+use ddvm_recovery::fault::FaultKind;
 use ddvm_recovery::hook::HookRunner;
 use ddvm_recovery::monitor::{AdaptiveDeadline, HeartbeatMonitor, ServiceClock};
 use ddvm_recovery::policy::Policy;
