@@ -41,6 +41,8 @@ enum Request {
         domain: String,
         image: PathBuf,
     },
+    // Parsed in every build, so that one without fault injection can say it has none.
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     Inject {
         domain: String,
         fault: String,
@@ -173,10 +175,12 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)]) -> Value {
             },
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
+        #[cfg(not(feature = "fault-injection"))]
+        Request::Inject { .. } => {
+            json!({"ok": false, "error": crate::chaos::ChaosError::Disabled.to_string()})
+        }
+        #[cfg(feature = "fault-injection")]
         Request::Inject { domain, fault, arg } => {
-            if !crate::chaos::ENABLED {
-                return json!({"ok": false, "error": crate::chaos::ChaosError::Disabled.to_string()});
-            }
             match fault.parse::<ddvm_recovery::fault::FaultKind>() {
                 Ok(kind) => send(&domain, Command::Inject { kind, arg }),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
@@ -215,5 +219,40 @@ mod tests {
         let a = handle("{\"cmd\":\"kill\",\"domain\":\"nope\"}", &[]);
         assert!(a["error"].as_str().unwrap().contains("nope"));
         assert_eq!(handle("{\"cmd\":\"status\"}", &[])["ok"], true);
+    }
+
+    /// A build without fault injection has no code to inject: it refuses every fault, even
+    /// for a domain it does not have, and says how to get one that can.
+    #[test]
+    #[cfg(not(feature = "fault-injection"))]
+    fn a_build_without_fault_injection_refuses_to_inject() {
+        for req in [
+            r#"{"cmd":"inject","domain":"nvme0","fault":"panic"}"#,
+            r#"{"cmd":"inject","domain":"nope","fault":"kill","arg":3}"#,
+        ] {
+            let a = handle(req, &[]);
+            assert_eq!(a["ok"], false, "{req}: {a}");
+            let err = a["error"].as_str().unwrap();
+            assert!(
+                err.contains("built without fault injection")
+                    && err.contains("--features fault-injection"),
+                "{err}"
+            );
+        }
+    }
+
+    /// A build with it checks the fault's name, then the domain's.
+    #[test]
+    #[cfg(feature = "fault-injection")]
+    fn a_build_with_fault_injection_names_a_bad_fault_or_domain() {
+        let a = handle(
+            r#"{"cmd":"inject","domain":"nvme0","fault":"explode"}"#,
+            &[],
+        );
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(a["error"].as_str().unwrap().contains("\"explode\""), "{a}");
+        let a = handle(r#"{"cmd":"inject","domain":"nope","fault":"panic"}"#, &[]);
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(a["error"].as_str().unwrap().contains("nope"), "{a}");
     }
 }

@@ -17,8 +17,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "fault-injection")]
+use ddvm_abi::channel::fault;
 use ddvm_abi::channel::ring::IndexError;
-use ddvm_abi::channel::{device_flags, fault, op, status as cstatus, DeviceInfo};
+use ddvm_abi::channel::{device_flags, op, status as cstatus, DeviceInfo};
 use ddvm_recovery::events::EventLog;
 use ddvm_recovery::fault::FaultKind;
 use ddvm_recovery::hook::HookRunner;
@@ -57,6 +59,7 @@ const WRITE_LOG_HARD_LIMIT: usize = 4 * WRITE_LOG_LIMIT;
 const WRITE_LOG_ENTRY_LIMIT: usize = 1024;
 const WRITE_LOG_ENTRY_HARD_LIMIT: usize = 4 * WRITE_LOG_ENTRY_LIMIT;
 /// Boots that a `failed-restart` fault makes fail before ready when its argument is 0.
+#[cfg(feature = "fault-injection")]
 const FAILED_RESTARTS_DEFAULT: u32 = 2;
 
 /// A request from outside the service thread (control socket, chaos runner, tests).
@@ -323,6 +326,7 @@ pub struct ChannelBackend {
     dma_refused: u64,
     injected_at: Option<(Instant, FaultKind)>,
     detected_at: Option<Instant>,
+    #[cfg(feature = "fault-injection")]
     fault_on_next_boot: bool,
     // Faults (ABI codes and arguments) for the next boots to act on during their bring-up,
     // before ready: restarts that fail, or replays (the `failed-restart` and `failed-replay`
@@ -442,6 +446,7 @@ impl ChannelBackend {
             dma_refused: 0,
             injected_at: None,
             detected_at: None,
+            #[cfg(feature = "fault-injection")]
             fault_on_next_boot: false,
             failing_boots: VecDeque::new(),
             failed: Vec::new(),
@@ -684,6 +689,7 @@ impl ChannelBackend {
             channel,
             epoch,
         });
+        #[cfg(feature = "fault-injection")]
         if std::mem::take(&mut self.fault_on_next_boot) {
             // A fault during recovery: the fresh domain dies before its replay is done.
             self.inject(FaultKind::Panic, 0);
@@ -891,11 +897,13 @@ impl ChannelBackend {
     fn command(&mut self, c: Command, shadow: &mut ShadowQueue<Part>) {
         let now = Instant::now();
         match c {
-            Command::Inject { .. } if !crate::chaos::ENABLED => {
+            #[cfg(not(feature = "fault-injection"))]
+            Command::Inject { .. } => {
                 tracing::warn!(
                     "fault injection refused: built without the fault-injection feature"
                 );
             }
+            #[cfg(feature = "fault-injection")]
             Command::Inject { kind, arg } => {
                 self.injected_at = Some((now, kind));
                 self.sup.fault_injected(now);
@@ -981,6 +989,7 @@ impl ChannelBackend {
     }
 
     /// Asks the running domain to fault.
+    #[cfg(feature = "fault-injection")]
     fn inject(&mut self, kind: FaultKind, arg: u32) {
         let Some(live) = &self.live else { return };
         let code = match kind {
@@ -1567,6 +1576,7 @@ fn gather(client: &GuestMem, segments: &Segments, counters: &ServiceCounters) ->
 /// and arguments, one per boot): `arg & 0xff` boots fail ([`FAILED_RESTARTS_DEFAULT`] for 0),
 /// alternately dying (a panic) and hanging until the boot timeout fails them; with bit 8
 /// (0x100) set every one hangs, with bit 9 (0x200) every one dies.
+#[cfg(feature = "fault-injection")]
 fn failing_boots(arg: u32) -> VecDeque<(u32, u32)> {
     let n = match arg & 0xff {
         0 => FAILED_RESTARTS_DEFAULT,
@@ -1626,6 +1636,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "fault-injection")]
     fn failed_restart_arguments_choose_how_many_boots_fail_and_how() {
         use fault::{HANG, PANIC};
         let codes = |arg| {
