@@ -78,7 +78,7 @@ pub struct ClientResult {
     pub mismatches: u64,
     /// Reads whose data was checked and matched.
     pub verified: u64,
-    /// Its IOPS over its own run time ([`rate`]).
+    /// Its IOPS over its own run time ([`rate`](crate::rate)).
     pub iops: f64,
 }
 
@@ -194,7 +194,7 @@ pub struct ChaosReport {
 
 impl ChaosReport {
     /// An empty report of a run of `config` injecting `faults` every `every` for `duration`
-    /// from `start`; its timeline has bins of `bin` (e.g. [`DEFAULT_BIN`]).
+    /// from `start`; its timeline has bins of `bin` (e.g. [`DEFAULT_BIN`](crate::DEFAULT_BIN)).
     pub fn new(
         config: impl Into<String>,
         faults: &[FaultKind],

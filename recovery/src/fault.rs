@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// A fault the chaos runner injects into a driver domain.
 ///
 /// Its [`name`](Self::name) (kebab-case, also its JSON form) is stable: it appears on the
-/// command line and as a key of [`ChaosReport::faults_injected`].
+/// command line and as a key of the chaos report's `faults_injected`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
