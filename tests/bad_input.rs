@@ -138,3 +138,70 @@ fn nix_access_ok() -> bool {
         .map(|m| m.permissions().mode() & 0o006 == 0o006)
         .unwrap_or(false)
 }
+
+/// `ddvm chaos` with a bad fault list or duration: the option, the bad part and what is
+/// accepted are named (in every build: the arguments are checked first).
+#[test]
+fn bad_chaos_faults_and_durations_are_named() {
+    for (faults, every, duration, wants) in [
+        (
+            "kill,explode",
+            "1s",
+            "1s",
+            ["--faults", "\"explode\"", "wild-write"],
+        ),
+        (" ", "1s", "1s", ["--faults", "no fault kinds given", "all"]),
+        (
+            "kill",
+            "100",
+            "1s",
+            ["--every", "the unit is missing", "100ms"],
+        ),
+        (
+            "kill",
+            "1s",
+            "0s",
+            ["--duration", "greater than zero", "1.5s"],
+        ),
+    ] {
+        let err = one_line_error(&ddvm(&[
+            "chaos",
+            "/nonexistent/topology.toml",
+            "--faults",
+            faults,
+            "--every",
+            every,
+            "--duration",
+            duration,
+        ]));
+        for want in wants {
+            assert!(err.contains(want), "{faults} {every} {duration}: {err}");
+        }
+    }
+}
+
+/// A build without fault injection refuses `ddvm chaos` before it reads or starts anything,
+/// and says how to build one that can; a build with it goes on to read the config.
+#[test]
+fn chaos_needs_a_build_with_fault_injection() {
+    let err = one_line_error(&ddvm(&[
+        "chaos",
+        "/nonexistent/topology.toml",
+        "--faults",
+        "kill",
+        "--every",
+        "1s",
+        "--duration",
+        "1s",
+    ]));
+    if cfg!(feature = "fault-injection") {
+        assert!(err.contains("/nonexistent/topology.toml"), "{err}");
+    } else {
+        assert!(
+            err.contains("built without fault injection")
+                && err.contains("--features fault-injection")
+                && !err.contains("topology.toml"),
+            "{err}"
+        );
+    }
+}

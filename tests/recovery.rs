@@ -14,7 +14,7 @@ use ddvm::config::Config;
 use ddvm::console::Echo;
 use ddvm::reincarnation::Command;
 use ddvm::topology::Topology;
-use ddvm_recovery::chaos::FaultKind;
+use ddvm_recovery::fault::FaultKind;
 
 use common::*;
 

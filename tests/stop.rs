@@ -17,7 +17,7 @@ use ddvm::console::Echo;
 use ddvm::reincarnation::Command as Ctl;
 use ddvm::stop::StopHow;
 use ddvm::topology::Topology;
-use ddvm_recovery::chaos::FaultKind;
+use ddvm_recovery::fault::FaultKind;
 
 use common::*;
 

@@ -65,6 +65,8 @@ enum Request {
         domain: String,
         image: PathBuf,
     },
+    // Parsed in every build, so that one without fault injection can say it has none.
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     Inject {
         domain: String,
         fault: String,
@@ -547,11 +549,13 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)], stop: Option<&St
             },
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
+        #[cfg(not(feature = "fault-injection"))]
+        Request::Inject { .. } => {
+            json!({"ok": false, "error": crate::chaos::ChaosError::Disabled.to_string()})
+        }
+        #[cfg(feature = "fault-injection")]
         Request::Inject { domain, fault, arg } => {
-            if !crate::chaos::ENABLED {
-                return json!({"ok": false, "error": crate::chaos::ChaosError::Disabled.to_string()});
-            }
-            match fault.parse::<ddvm_recovery::chaos::FaultKind>() {
+            match fault.parse::<ddvm_recovery::fault::FaultKind>() {
                 Ok(kind) => send(&domain, Command::Inject { kind, arg }),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }
@@ -665,5 +669,45 @@ mod tests {
         let a = handle("{\"cmd\":\"stop\"}", &[], Some(&stop));
         assert_eq!(a["ok"], true, "{a}");
         assert!(stop.requested());
+    }
+
+    /// A build without fault injection has no code to inject: it refuses every fault, even
+    /// for a domain it does not have, and says how to get one that can.
+    #[test]
+    #[cfg(not(feature = "fault-injection"))]
+    fn a_build_without_fault_injection_refuses_to_inject() {
+        for req in [
+            r#"{"cmd":"inject","domain":"nvme0","fault":"panic"}"#,
+            r#"{"cmd":"inject","domain":"nope","fault":"kill","arg":3}"#,
+        ] {
+            let a = handle(req, &[], None);
+            assert_eq!(a["ok"], false, "{req}: {a}");
+            let err = a["error"].as_str().unwrap();
+            assert!(
+                err.contains("built without fault injection")
+                    && err.contains("--features fault-injection"),
+                "{err}"
+            );
+        }
+    }
+
+    /// A build with it checks the fault's name, then the domain's.
+    #[test]
+    #[cfg(feature = "fault-injection")]
+    fn a_build_with_fault_injection_names_a_bad_fault_or_domain() {
+        let a = handle(
+            r#"{"cmd":"inject","domain":"nvme0","fault":"explode"}"#,
+            &[],
+            None,
+        );
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(a["error"].as_str().unwrap().contains("\"explode\""), "{a}");
+        let a = handle(
+            r#"{"cmd":"inject","domain":"nope","fault":"panic"}"#,
+            &[],
+            None,
+        );
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(a["error"].as_str().unwrap().contains("nope"), "{a}");
     }
 }

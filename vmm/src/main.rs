@@ -178,10 +178,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_baseline,
             rounds,
         } => {
-            let duration = ddvm_recovery::chaos::parse_duration(&duration).context("--duration")?;
+            let duration = ddvm_chaos_report::parse_duration(&duration).context("--duration")?;
             let plan = ddvm::chaos::ChaosPlan {
-                faults: ddvm_recovery::chaos::parse_fault_list(&faults).context("--faults")?,
-                every: ddvm_recovery::chaos::parse_duration(&every).context("--every")?,
+                faults: ddvm_recovery::fault::parse_fault_list(&faults).context("--faults")?,
+                every: ddvm_chaos_report::parse_duration(&every).context("--every")?,
                 duration,
                 skip_baseline: no_baseline,
                 rounds: rounds

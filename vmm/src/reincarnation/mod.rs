@@ -28,9 +28,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "fault-injection")]
 use ddvm_abi::channel::fault;
-use ddvm_recovery::chaos::FaultKind;
 use ddvm_recovery::events::EventLog;
+use ddvm_recovery::fault::FaultKind;
 use ddvm_recovery::hook::HookRunner;
 use ddvm_recovery::monitor::{AdaptiveDeadline, HeartbeatMonitor, ServiceClock};
 use ddvm_recovery::policy::Policy;
@@ -47,6 +48,7 @@ const CHECK_EVERY: Duration = Duration::from_millis(1);
 /// Most doublings of the boot timeout after boots that were not ready in time (16x).
 const BOOT_BACKOFF_MAX: u32 = 4;
 /// Boots that a `failed-restart` fault makes fail before ready when its argument is 0.
+#[cfg(feature = "fault-injection")]
 const FAILED_RESTARTS_DEFAULT: u32 = 2;
 /// Records kept of recent recoveries and detections (the counts in the supervisor's metrics
 /// cover all of them).
@@ -290,6 +292,7 @@ pub struct Engine<L: Launcher> {
     dma_refused: u64,
     injected_at: Option<(Instant, FaultKind)>,
     detected_at: Option<Instant>,
+    #[cfg(feature = "fault-injection")]
     fault_on_next_boot: bool,
     // Faults (ABI codes and arguments) for the next boots to act on during their bring-up,
     // before ready: restarts that fail, or replays (the `failed-restart` and `failed-replay`
@@ -336,6 +339,7 @@ impl<L: Launcher> Engine<L> {
             dma_refused: 0,
             injected_at: None,
             detected_at: None,
+            #[cfg(feature = "fault-injection")]
             fault_on_next_boot: false,
             failing_boots: VecDeque::new(),
             handle,
@@ -788,6 +792,7 @@ impl<L: Launcher> Engine<L> {
         // DMA the quiesce cut off while the old domain died is not this domain's doing.
         self.dma_refused = self.launcher.dma_refused();
         self.live = Some(Live { domain, epoch });
+        #[cfg(feature = "fault-injection")]
         if std::mem::take(&mut self.fault_on_next_boot) {
             // A fault during recovery: the fresh domain dies before its replay is done.
             self.inject(FaultKind::Panic, 0);
@@ -829,12 +834,14 @@ impl<L: Launcher> Engine<L> {
     fn command(&mut self, c: Command, class: &mut impl DeviceClass<L::Domain>) {
         let now = Instant::now();
         match c {
-            Command::Inject { .. } if !crate::chaos::ENABLED => {
+            #[cfg(not(feature = "fault-injection"))]
+            Command::Inject { .. } => {
                 crate::limited!(
                     warn,
                     "fault injection refused: built without the fault-injection feature"
                 );
             }
+            #[cfg(feature = "fault-injection")]
             Command::Inject { kind, arg } => {
                 self.injected_at = Some((now, kind));
                 self.sup.fault_injected(now);
@@ -917,24 +924,12 @@ impl<L: Launcher> Engine<L> {
     }
 
     /// Asks the running domain to fault.
+    #[cfg(feature = "fault-injection")]
     fn inject(&mut self, kind: FaultKind, arg: u32) {
         let Some(live) = &self.live else { return };
-        let code = match kind {
-            FaultKind::Panic => fault::PANIC,
-            FaultKind::Hang => fault::HANG,
-            FaultKind::Exception => fault::INVALID_OPCODE,
-            FaultKind::TripleFault => fault::TRIPLE_FAULT,
-            FaultKind::WildWrite => fault::WILD_WRITE,
-            FaultKind::BogusTag => fault::BOGUS_TAG,
-            FaultKind::BogusLen => fault::BOGUS_LEN,
-            FaultKind::StaleEpoch => fault::STALE_EPOCH,
-            FaultKind::DmaOutside => fault::DMA_OUTSIDE,
-            FaultKind::Slow => fault::SLOW,
-            FaultKind::Bitflip => fault::BITFLIP,
-            FaultKind::Kill
-            | FaultKind::DuringRecovery
-            | FaultKind::FailedRestart
-            | FaultKind::FailedReplay => return,
+        // The kinds the VMM does itself have no code: the caller handles them.
+        let Some(code) = kind.domain_code() else {
+            return;
         };
         let arg = match (kind, arg) {
             // Slower than the request deadline, for 4 completions: five times it, so that it
@@ -979,6 +974,7 @@ impl<L: Launcher> Drop for Engine<L> {
 /// and arguments, one per boot): `arg & 0xff` boots fail ([`FAILED_RESTARTS_DEFAULT`] for 0),
 /// alternately dying (a panic) and hanging until the boot timeout fails them; with bit 8
 /// (0x100) set every one hangs, with bit 9 (0x200) every one dies.
+#[cfg(feature = "fault-injection")]
 fn failing_boots(arg: u32) -> VecDeque<(u32, u32)> {
     let n = match arg & 0xff {
         0 => FAILED_RESTARTS_DEFAULT,

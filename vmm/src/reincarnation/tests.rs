@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ddvm_abi::channel::fault;
-use ddvm_recovery::chaos::FaultKind;
+#[cfg(feature = "fault-injection")]
+use ddvm_recovery::fault::FaultKind;
 use ddvm_recovery::policy::PolicyConfig;
 use ddvm_recovery::reason::FailureReason;
 use ddvm_recovery::shadow::{Op, WriteLog};
@@ -471,6 +472,7 @@ fn an_operator_update_boots_the_new_image_and_a_bad_one_gives_up_until_the_next_
 }
 
 #[test]
+#[cfg(feature = "fault-injection")]
 fn a_failed_restart_fault_fails_the_promoted_standby_and_the_cold_boot_after_it() {
     let (mut e, world, mut class) = engine(policy(|c| c.standbys = 1));
     tend_until(&mut e, &mut class, "a standby", |e| {
@@ -507,6 +509,7 @@ fn a_failed_restart_fault_fails_the_promoted_standby_and_the_cold_boot_after_it(
 }
 
 #[test]
+#[cfg(feature = "fault-injection")]
 fn a_failed_replay_fault_arms_the_next_domain_at_the_first_logged_write() {
     let (mut e, world, mut class) = engine(policy(|_| {}));
     class.write(24, 8, 1);
@@ -523,6 +526,7 @@ fn a_failed_replay_fault_arms_the_next_domain_at_the_first_logged_write() {
 }
 
 #[test]
+#[cfg(feature = "fault-injection")]
 fn failed_restart_arguments_choose_how_many_boots_fail_and_how() {
     use fault::{HANG, PANIC};
     let codes = |arg| {

@@ -1,0 +1,236 @@
+//! The chaos runner itself (built with the `fault-injection` feature only): the rounds of
+//! baseline and chaos segments, the faults sent one period apart, and what the report is fed.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ddvm_chaos_report::{ChaosReport, ClientResult, DEFAULT_BIN};
+
+use super::{ChaosError, ChaosPlan};
+use crate::config::Config;
+use crate::console::Echo;
+use crate::hypervisor::Hypervisor;
+use crate::reincarnation::Command;
+use crate::topology::Topology;
+
+/// At most this many periods a fault waits for the last one's recovery.
+const SETTLE_EVERIES: u32 = 8;
+/// How often a fault held back looks again.
+const SETTLE_POLL: Duration = Duration::from_millis(5);
+
+/// Gives every client the run's length (replacing any `count=` or `duration_ms=` it had).
+fn timed(config: &Config, duration: Duration) -> Config {
+    let mut c = config.clone();
+    for cl in &mut c.clients {
+        let kept: Vec<&str> = cl
+            .workload
+            .split_whitespace()
+            .filter(|t| !t.starts_with("count=") && !t.starts_with("duration_ms="))
+            .collect();
+        cl.workload = format!("{} duration_ms={}", kept.join(" "), duration.as_millis())
+            .trim()
+            .to_string();
+    }
+    c
+}
+
+struct Outcome {
+    clients: Vec<ClientResult>,
+    iops: f64,
+}
+
+fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
+    let mut clients = Vec::new();
+    let mut iops = 0.0;
+    for o in outcomes {
+        let (ops, errors, mismatches, verified, i) = match &o.report {
+            Some(r) => (r.ops, r.errors, r.mismatches, r.verified, r.iops),
+            // No report: the client did not finish cleanly; count it as an error.
+            None => (0, 1, 0, 0, 0.0),
+        };
+        iops += i;
+        clients.push(ClientResult {
+            name: o.name.clone(),
+            ops,
+            errors,
+            mismatches,
+            verified,
+            iops: i,
+        });
+    }
+    Outcome { clients, iops }
+}
+
+/// Runs the rounds of baseline and chaos segments (see the module docs); returns the report.
+pub fn run(
+    hv: &Arc<Hypervisor>,
+    config: &Config,
+    file: &Path,
+    plan: &ChaosPlan,
+) -> Result<ChaosReport, ChaosError> {
+    let rounds = plan.rounds.max(1);
+    let segment = plan.duration / rounds;
+    let config = timed(config, segment);
+    let limit = segment + Duration::from_secs(120);
+    let mut report = ChaosReport::new(
+        file.display().to_string(),
+        &plan.faults,
+        plan.every,
+        plan.duration,
+        Instant::now(),
+        DEFAULT_BIN,
+    );
+    let mut run = ChaosRun {
+        report_start: Instant::now(),
+        faults_sent: 0,
+        clients: Vec::new(),
+    };
+    let mut baseline_iops = 0.0;
+    for round in 0..rounds {
+        let baseline_first = round % 2 == 0;
+        if baseline_first && !plan.skip_baseline {
+            baseline_iops += baseline(hv, &config, file, limit)?;
+        }
+        let offset = segment * round;
+        run.segment(hv, &config, file, plan, segment, offset, limit, &mut report)?;
+        if !baseline_first && !plan.skip_baseline {
+            baseline_iops += baseline(hv, &config, file, limit)?;
+        }
+    }
+    // Each client's IOPS: the mean over the chaos segments (all of the same length).
+    for c in &mut run.clients {
+        c.iops /= f64::from(rounds);
+    }
+    report.clients = run.clients;
+    let baseline = if plan.skip_baseline {
+        0.0
+    } else {
+        baseline_iops / f64::from(rounds)
+    };
+    report.finish(baseline);
+    Ok(report)
+}
+
+/// One fault-free segment; returns the clients' summed IOPS.
+fn baseline(
+    hv: &Arc<Hypervisor>,
+    config: &Config,
+    file: &Path,
+    limit: Duration,
+) -> Result<f64, ChaosError> {
+    let mut topo = Topology::start(hv, config, file, Echo::Off)?;
+    let outcomes = topo.wait_clients(limit);
+    topo.stop();
+    Ok(client_results(&outcomes).iops)
+}
+
+/// The chaos segments of a run, with what they add up to.
+struct ChaosRun {
+    report_start: Instant,
+    faults_sent: usize,
+    clients: Vec<ClientResult>,
+}
+
+impl ChaosRun {
+    /// Runs one chaos segment that starts `offset` into the report's timeline.
+    #[allow(clippy::too_many_arguments)]
+    fn segment(
+        &mut self,
+        hv: &Arc<Hypervisor>,
+        config: &Config,
+        file: &Path,
+        plan: &ChaosPlan,
+        length: Duration,
+        offset: Duration,
+        limit: Duration,
+        report: &mut ChaosReport,
+    ) -> Result<(), ChaosError> {
+        let mut topo = Topology::start(hv, config, file, Echo::Off)?;
+        let Some((_, handle)) = topo.recovery.first().cloned() else {
+            topo.stop();
+            return Err(ChaosError::NoTarget(file.display().to_string()));
+        };
+        let start = Instant::now();
+        // Where an instant of this segment lies on the report's timeline.
+        let on_timeline =
+            |t: Instant| self.report_start + offset + t.saturating_duration_since(start);
+        let mut next_fault = start + plan.every;
+        let mut next_sample = start + Duration::from_millis(10);
+        let mut last_answered = 0;
+        let mut k = self.faults_sent;
+        let end = start + length;
+        // The recoveries counted when the last fault went in (none yet in this segment).
+        let mut recovered_then: Option<(u64, Instant)> = None;
+        while Instant::now() < end {
+            let now = Instant::now();
+            // A fault goes into a domain that has recovered from the last one: injected into
+            // one that is still hung (detection waits for the host's steal to be left out),
+            // it would test nothing and hide the next kind. A fault that nothing detects
+            // holds the next one back for at most `SETTLE_EVERIES` periods.
+            let settled = recovered_then.is_none_or(|(r, at)| {
+                handle.with(|o| o.recovered) > r || now >= at + plan.every * SETTLE_EVERIES
+            });
+            if now >= next_fault && !plan.faults.is_empty() && !settled {
+                next_fault = now + SETTLE_POLL;
+            } else if now >= next_fault && !plan.faults.is_empty() {
+                let kind = plan.faults[k % plan.faults.len()];
+                k += 1;
+                recovered_then = Some((handle.with(|o| o.recovered), now));
+                handle.send(Command::Inject { kind, arg: 0 });
+                report.injected(kind, on_timeline(now));
+                next_fault = now + plan.every;
+            }
+            if now >= next_sample {
+                let answered: u64 = topo
+                    .services
+                    .iter()
+                    .map(|s| s.counters().answered.load(Ordering::Relaxed))
+                    .sum();
+                report.completed(on_timeline(now), answered - last_answered);
+                last_answered = answered;
+                next_sample += Duration::from_millis(10);
+            }
+            let wake = next_fault.min(next_sample).min(end);
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        }
+        self.faults_sent = k;
+        let outcomes = topo.wait_clients(limit);
+        // Let a recovery in progress finish before reading the numbers.
+        std::thread::sleep(Duration::from_millis(50));
+        handle.with(|o| {
+            for (name, _) in &o.detections {
+                report.detected(name);
+            }
+            for r in &o.recoveries {
+                let f2d = r
+                    .injected
+                    .map(|(at, _)| r.detected.saturating_duration_since(at));
+                report.recovered(
+                    r.injected.map(|(_, kind)| kind),
+                    on_timeline(r.detected),
+                    f2d,
+                    r.recovered.saturating_duration_since(r.detected),
+                );
+            }
+            if o.status.as_ref().is_some_and(|s| s.broken) {
+                report.gave_up();
+            }
+        });
+        topo.stop();
+        for c in client_results(&outcomes).clients {
+            match self.clients.iter_mut().find(|x| x.name == c.name) {
+                Some(x) => {
+                    x.ops += c.ops;
+                    x.errors += c.errors;
+                    x.mismatches += c.mismatches;
+                    x.verified += c.verified;
+                    x.iops += c.iops;
+                }
+                None => self.clients.push(c),
+            }
+        }
+        Ok(())
+    }
+}
