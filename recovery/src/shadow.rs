@@ -8,33 +8,43 @@
 //! anything that arrived later. A completion is matched by tag *and* epoch, so a late completion
 //! from a dead domain can never answer a request twice.
 //!
-//! With a volatile write cache a reset may drop writes the device already acknowledged. The
-//! [`WriteLog`] keeps a copy of each acknowledged write until a flush that was submitted after
-//! it completes; after a reset those writes are replayed first.
+//! The queue is generic over what its requests are ([`Operation`]): the device class says
+//! whether one changes the device's state, whether the request deadline applies to it, and
+//! what becomes of it when its domain is lost. What a class replays beyond the queue (block's
+//! write log of acknowledged writes a volatile cache may have dropped) is the class's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
-/// What a request does (the channel's operations).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// Read sectors.
-    Read,
-    /// Write sectors.
-    Write,
-    /// Flush the volatile write cache.
-    Flush,
-    /// Write zeroes to sectors.
-    WriteZeroes,
-    /// Discard sectors.
-    Discard,
+/// What a device class's requests are, as the shadow queue needs to know them. The class
+/// (block, network) decides; the queue keeps the order, the tags and the epochs.
+pub trait Operation: Copy + std::fmt::Debug {
+    /// Whether the request changes what the device holds (a write, a discard).
+    fn modifies(&self) -> bool;
+
+    /// Whether the request deadline applies while it is in flight. A request that waits on
+    /// the world outside rather than on the device — a receive buffer posted for a frame that
+    /// may come much later — is not bound by it.
+    fn deadline_bound(&self) -> bool {
+        true
+    }
+
+    /// What becomes of it, in flight, when its domain is lost.
+    fn on_loss(&self) -> OnLoss {
+        OnLoss::Requeue
+    }
 }
 
-impl Op {
-    /// Whether the request changes what the medium holds.
-    pub fn modifies(self) -> bool {
-        matches!(self, Op::Write | Op::WriteZeroes | Op::Discard)
-    }
+/// What becomes of an in-flight request when its domain is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnLoss {
+    /// It is queued again in its original place and posted to the next domain (reads,
+    /// writes, flushes, discards: idempotent when replayed in order; a frame sent at least
+    /// once).
+    Requeue,
+    /// It leaves the queue and is handed back to the class, which answers it (what a network
+    /// may drop anyway).
+    Drop,
 }
 
 /// Where an entry is.
@@ -55,15 +65,11 @@ pub enum State {
 
 /// One request owed to a client.
 #[derive(Clone, Debug)]
-pub struct Entry<C> {
+pub struct Entry<O, C> {
     /// Order of arrival (replay order).
     pub seq: u64,
-    /// Operation.
-    pub op: Op,
-    /// First device sector (already mapped into the client's range).
-    pub sector: u64,
-    /// Number of sectors (0 for a flush).
-    pub sectors: u32,
+    /// What it asks of the device (the class's operation).
+    pub op: O,
     /// The client's handle for the request (its descriptor chain, or part of one).
     pub client: C,
     /// Where the entry is.
@@ -86,15 +92,15 @@ pub struct NotInFlight {
 
 /// The shadow queue of one driver domain.
 #[derive(Debug)]
-pub struct ShadowQueue<C> {
-    entries: BTreeMap<u64, Entry<C>>,
+pub struct ShadowQueue<O, C> {
+    entries: BTreeMap<u64, Entry<O, C>>,
     by_tag: HashMap<(u64, u32), u64>,
     /// Sequence numbers of the queued entries, in order (the next to post is the first).
     queued: BTreeSet<u64>,
     next_seq: u64,
 }
 
-impl<C> Default for ShadowQueue<C> {
+impl<O, C> Default for ShadowQueue<O, C> {
     fn default() -> Self {
         ShadowQueue {
             entries: BTreeMap::new(),
@@ -105,7 +111,7 @@ impl<C> Default for ShadowQueue<C> {
     }
 }
 
-impl<C> ShadowQueue<C> {
+impl<O: Operation, C> ShadowQueue<O, C> {
     /// An empty queue.
     pub fn new() -> Self {
         Self::default()
@@ -113,7 +119,7 @@ impl<C> ShadowQueue<C> {
 
     /// Accepts a request; it is queued until [`ShadowQueue::posted`]. Returns its sequence
     /// number.
-    pub fn push(&mut self, op: Op, sector: u64, sectors: u32, client: C, now: Instant) -> u64 {
+    pub fn push(&mut self, op: O, client: C, now: Instant) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.entries.insert(
@@ -121,8 +127,6 @@ impl<C> ShadowQueue<C> {
             Entry {
                 seq,
                 op,
-                sector,
-                sectors,
                 client,
                 state: State::Queued,
                 attempts: 0,
@@ -134,12 +138,12 @@ impl<C> ShadowQueue<C> {
     }
 
     /// The oldest queued entry (the next to post).
-    pub fn next_queued(&self) -> Option<&Entry<C>> {
+    pub fn next_queued(&self) -> Option<&Entry<O, C>> {
         self.entries.get(self.queued.first()?)
     }
 
     /// The oldest queued entry that arrived after `seq` (to pass over entries that must wait).
-    pub fn next_queued_after(&self, seq: u64) -> Option<&Entry<C>> {
+    pub fn next_queued_after(&self, seq: u64) -> Option<&Entry<O, C>> {
         let next = self
             .queued
             .range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded))
@@ -168,7 +172,7 @@ impl<C> ShadowQueue<C> {
 
     /// Takes the entry completed by `tag` in `epoch`. Each entry completes at most once: a
     /// second completion, or one from another epoch, is refused.
-    pub fn complete(&mut self, tag: u32, epoch: u64) -> Result<Entry<C>, NotInFlight> {
+    pub fn complete(&mut self, tag: u32, epoch: u64) -> Result<Entry<O, C>, NotInFlight> {
         let seq = self
             .by_tag
             .remove(&(epoch, tag))
@@ -182,7 +186,7 @@ impl<C> ShadowQueue<C> {
     }
 
     /// Removes an entry whatever its state (a client that reset its device, or give-up).
-    pub fn remove(&mut self, seq: u64) -> Option<Entry<C>> {
+    pub fn remove(&mut self, seq: u64) -> Option<Entry<O, C>> {
         let e = self.entries.remove(&seq)?;
         match e.state {
             State::Queued => {
@@ -195,19 +199,30 @@ impl<C> ShadowQueue<C> {
         Some(e)
     }
 
-    /// The domain is gone: every in-flight entry becomes queued again, in its original place.
-    /// Returns how many were in flight.
-    pub fn domain_lost(&mut self) -> usize {
-        let mut n = 0;
+    /// The domain is gone: every in-flight entry becomes queued again, in its original place,
+    /// or leaves the queue, as its operation says ([`Operation::on_loss`]). Returns how many
+    /// were requeued, and the entries that left (for the class to answer).
+    pub fn domain_lost(&mut self) -> (usize, Vec<Entry<O, C>>) {
+        let mut requeued = 0;
+        let mut dropped = Vec::new();
         for e in self.entries.values_mut() {
             if matches!(e.state, State::InFlight { .. }) {
-                e.state = State::Queued;
-                self.queued.insert(e.seq);
-                n += 1;
+                match e.op.on_loss() {
+                    OnLoss::Requeue => {
+                        e.state = State::Queued;
+                        self.queued.insert(e.seq);
+                        requeued += 1;
+                    }
+                    OnLoss::Drop => dropped.push(e.seq),
+                }
             }
         }
         self.by_tag.clear();
-        n
+        let dropped = dropped
+            .into_iter()
+            .filter_map(|seq| self.entries.remove(&seq))
+            .collect();
+        (requeued, dropped)
     }
 
     /// Entries not yet answered.
@@ -230,10 +245,12 @@ impl<C> ShadowQueue<C> {
         self.entries.len() - self.queued.len()
     }
 
-    /// The in-flight entry posted longest ago: (tag, posted).
-    pub fn oldest_in_flight(&self) -> Option<(u32, Instant)> {
+    /// The in-flight entry bound by the request deadline ([`Operation::deadline_bound`])
+    /// that was posted longest ago: (tag, posted).
+    pub fn oldest_deadline_bound(&self) -> Option<(u32, Instant)> {
         self.entries
             .values()
+            .filter(|e| e.op.deadline_bound())
             .filter_map(|e| match e.state {
                 State::InFlight { tag, posted, .. } => Some((tag, posted)),
                 State::Queued => None,
@@ -242,93 +259,15 @@ impl<C> ShadowQueue<C> {
     }
 
     /// Every entry, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = &Entry<C>> {
+    pub fn iter(&self) -> impl Iterator<Item = &Entry<O, C>> {
         self.entries.values()
     }
 
     /// Removes and returns every entry (give-up: each is failed to its client).
-    pub fn drain(&mut self) -> Vec<Entry<C>> {
+    pub fn drain(&mut self) -> Vec<Entry<O, C>> {
         self.by_tag.clear();
         self.queued.clear();
         std::mem::take(&mut self.entries).into_values().collect()
-    }
-}
-
-/// One acknowledged write a volatile write cache may still hold.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LoggedWrite {
-    /// Order in which it was acknowledged.
-    pub seq: u64,
-    /// Operation (write, write zeroes or discard).
-    pub op: Op,
-    /// First device sector.
-    pub sector: u64,
-    /// Sectors.
-    pub sectors: u32,
-    /// Data (writes only).
-    pub data: Vec<u8>,
-}
-
-/// Acknowledged changes not yet covered by a completed flush, for devices with a volatile write
-/// cache that a reset may drop.
-///
-/// A flush covers exactly the writes acknowledged before it was *posted*: call
-/// [`WriteLog::flush_posted`] when posting and [`WriteLog::flush_completed`] with its mark.
-#[derive(Debug, Default)]
-pub struct WriteLog {
-    writes: Vec<LoggedWrite>,
-    bytes: usize,
-    next_seq: u64,
-}
-
-impl WriteLog {
-    /// An empty log.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Records an acknowledged change.
-    pub fn acknowledged(&mut self, op: Op, sector: u64, sectors: u32, data: Vec<u8>) {
-        self.bytes += data.len();
-        self.writes.push(LoggedWrite {
-            seq: self.next_seq,
-            op,
-            sector,
-            sectors,
-            data,
-        });
-        self.next_seq += 1;
-    }
-
-    /// A flush is being posted: returns the mark its completion will clear up to.
-    pub fn flush_posted(&self) -> u64 {
-        self.next_seq
-    }
-
-    /// A flush posted at `mark` completed: every write acknowledged before it is durable.
-    pub fn flush_completed(&mut self, mark: u64) {
-        self.writes.retain(|w| w.seq >= mark);
-        self.bytes = self.writes.iter().map(|w| w.data.len()).sum();
-    }
-
-    /// Writes to replay after a reset, in acknowledgement order.
-    pub fn pending(&self) -> &[LoggedWrite] {
-        &self.writes
-    }
-
-    /// Bytes of data held.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Number of writes held.
-    pub fn len(&self) -> usize {
-        self.writes.len()
-    }
-
-    /// Whether every acknowledged write is durable.
-    pub fn is_empty(&self) -> bool {
-        self.writes.is_empty()
     }
 }
 
@@ -336,13 +275,39 @@ impl WriteLog {
 mod tests {
     use super::*;
 
+    /// A class with reads, writes and receive buffers (not deadline-bound, dropped on loss).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum TestOp {
+        Read,
+        Write,
+        Flush,
+        Receive,
+    }
+
+    impl Operation for TestOp {
+        fn modifies(&self) -> bool {
+            *self == TestOp::Write
+        }
+        fn deadline_bound(&self) -> bool {
+            *self != TestOp::Receive
+        }
+        fn on_loss(&self) -> OnLoss {
+            match self {
+                TestOp::Receive => OnLoss::Drop,
+                _ => OnLoss::Requeue,
+            }
+        }
+    }
+
+    use TestOp::*;
+
     #[test]
     fn queued_entries_can_be_walked_past_ones_that_wait() {
         let now = Instant::now();
         let mut q = ShadowQueue::new();
-        let a = q.push(Op::Write, 0, 8, "a", now);
-        let b = q.push(Op::Flush, 0, 0, "b", now);
-        let c = q.push(Op::Read, 16, 8, "c", now);
+        let a = q.push(Write, "a", now);
+        let b = q.push(Flush, "b", now);
+        let c = q.push(Read, "c", now);
         assert!(q.posted(b, 1, 1, now));
         assert_eq!(
             q.next_queued_after(a).unwrap().seq,
@@ -357,7 +322,7 @@ mod tests {
     fn entries_complete_once_and_only_in_their_epoch() {
         let now = Instant::now();
         let mut q = ShadowQueue::new();
-        let a = q.push(Op::Write, 8, 8, "a", now);
+        let a = q.push(Write, "a", now);
         assert_eq!(q.next_queued().unwrap().seq, a);
         assert!(q.posted(a, 7, 1, now));
         assert!(!q.posted(a, 8, 1, now), "posting twice is refused");
@@ -375,13 +340,14 @@ mod tests {
     fn a_lost_domain_requeues_in_flight_entries_ahead_of_later_ones() {
         let now = Instant::now();
         let mut q = ShadowQueue::new();
-        let a = q.push(Op::Write, 0, 8, 'a', now);
-        let b = q.push(Op::Read, 8, 8, 'b', now);
-        let c = q.push(Op::Flush, 0, 0, 'c', now);
+        let a = q.push(Write, 'a', now);
+        let b = q.push(Read, 'b', now);
+        let c = q.push(Flush, 'c', now);
         assert!(q.posted(a, 1, 1, now));
         assert!(q.posted(b, 2, 1, now));
         assert_eq!(q.next_queued().unwrap().seq, c);
-        assert_eq!(q.domain_lost(), 2);
+        let (requeued, dropped) = q.domain_lost();
+        assert_eq!((requeued, dropped.len()), (2, 0));
         assert_eq!(q.queued(), 3);
         // Replay in order of arrival: a, b, then c.
         let mut order = Vec::new();
@@ -398,34 +364,54 @@ mod tests {
     }
 
     #[test]
+    fn what_the_class_drops_on_loss_leaves_and_is_handed_back() {
+        let now = Instant::now();
+        let mut q = ShadowQueue::new();
+        let rx = q.push(Receive, 'r', now);
+        let w = q.push(Write, 'w', now);
+        let queued_rx = q.push(Receive, 'q', now);
+        assert!(q.posted(rx, 1, 1, now));
+        assert!(q.posted(w, 2, 1, now));
+        let (requeued, dropped) = q.domain_lost();
+        assert_eq!(requeued, 1);
+        assert_eq!(dropped.iter().map(|e| e.client).collect::<Vec<_>>(), ['r']);
+        assert!(!q.contains(rx));
+        // A receive buffer never posted is still owed, in its place.
+        assert_eq!(q.next_queued().unwrap().seq, w);
+        assert_eq!(q.next_queued_after(w).unwrap().seq, queued_rx);
+    }
+
+    #[test]
+    fn only_deadline_bound_entries_age_against_the_deadline() {
+        let t0 = Instant::now();
+        let later = t0 + std::time::Duration::from_millis(5);
+        let mut q = ShadowQueue::new();
+        let rx = q.push(Receive, 0, t0);
+        let r = q.push(Read, 1, t0);
+        assert!(q.posted(rx, 1, 1, t0));
+        assert_eq!(
+            q.oldest_deadline_bound(),
+            None,
+            "a receive buffer waits freely"
+        );
+        assert!(q.posted(r, 2, 1, later));
+        assert_eq!(q.oldest_deadline_bound(), Some((2, later)));
+        assert!(Write.modifies() && !Read.modifies());
+    }
+
+    #[test]
     fn removal_and_drain_keep_counts_right() {
         let now = Instant::now();
         let mut q = ShadowQueue::new();
-        let a = q.push(Op::Read, 0, 1, 0, now);
-        let b = q.push(Op::Read, 1, 1, 1, now);
+        let a = q.push(Read, 0, now);
+        let b = q.push(Read, 1, now);
         q.posted(a, 1, 1, now);
-        assert_eq!(q.oldest_in_flight().map(|(t, _)| t), Some(1));
+        assert_eq!(q.oldest_deadline_bound().map(|(t, _)| t), Some(1));
         assert!(q.remove(a).is_some());
         assert!(q.complete(1, 1).is_err());
         assert_eq!((q.queued(), q.in_flight()), (1, 0));
         assert_eq!(q.drain().len(), 1);
         assert_eq!((q.len(), q.queued()), (0, 0));
         assert!(q.remove(b).is_none());
-    }
-
-    #[test]
-    fn a_flush_covers_only_writes_acknowledged_before_it_was_posted() {
-        let mut log = WriteLog::new();
-        log.acknowledged(Op::Write, 0, 1, vec![1; 512]);
-        let mark = log.flush_posted();
-        log.acknowledged(Op::Write, 1, 1, vec![2; 512]);
-        assert_eq!(log.len(), 2);
-        log.flush_completed(mark);
-        assert_eq!(log.len(), 1);
-        assert_eq!(log.pending()[0].sector, 1);
-        assert_eq!(log.bytes(), 512);
-        let mark = log.flush_posted();
-        log.flush_completed(mark);
-        assert!(log.is_empty());
     }
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ddvm_passthrough::fileio;
-use ddvm_recovery::shadow::{Op, ShadowQueue};
+use ddvm_recovery::shadow::ShadowQueue;
+
+use super::replay::{BlockOp, Op};
 
 use super::device::ClientPort;
 use super::request::status;
@@ -82,7 +84,7 @@ impl Backend {
     /// Posts queued parts while there is room.
     pub fn post(
         &mut self,
-        shadow: &mut ShadowQueue<Part>,
+        shadow: &mut ShadowQueue<BlockOp, Part>,
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
@@ -96,7 +98,7 @@ impl Backend {
     /// Takes finished parts into `out` (read data already copied to the client).
     pub fn collect(
         &mut self,
-        shadow: &mut ShadowQueue<Part>,
+        shadow: &mut ShadowQueue<BlockOp, Part>,
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
@@ -138,7 +140,7 @@ impl Backend {
     }
 
     /// Whether an orderly stop may go on to its final flush (see [`crate::stop`]).
-    pub fn settled(&self, shadow: &ShadowQueue<Part>) -> bool {
+    pub fn settled(&self, shadow: &ShadowQueue<BlockOp, Part>) -> bool {
         match self {
             Backend::Channel(c) => c.settled(shadow),
             Backend::File(_) => true,
@@ -208,13 +210,14 @@ impl FileBackend {
     /// buffers (no copy, as a production virtio-blk backend does).
     fn run(
         &mut self,
-        shadow: &mut ShadowQueue<Part>,
+        shadow: &mut ShadowQueue<BlockOp, Part>,
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
     ) -> usize {
         let mut n = 0;
         while let Some(e) = shadow.next_queued() {
-            let (seq, o, sector, sectors, part) = (e.seq, e.op, e.sector, e.sectors, e.client);
+            let (seq, o, sector, sectors, part) =
+                (e.seq, e.op.kind, e.op.sector, e.op.sectors, e.client);
             let now = Instant::now();
             shadow.posted(seq, seq as u32, 0, now);
             let _ = shadow.complete(seq as u32, 0);

@@ -17,12 +17,13 @@ use ddvm_abi::channel::ring::IndexError;
 use ddvm_abi::channel::{device_flags, fault, op, status as cstatus};
 use ddvm_recovery::policy::Policy;
 use ddvm_recovery::reason::{FailureReason, ProtocolViolation, Ring};
-use ddvm_recovery::shadow::{LoggedWrite, Op, ShadowQueue, State, WriteLog};
+use ddvm_recovery::shadow::{ShadowQueue, State};
 use ddvm_recovery::supervisor::{Admission, Supervisor};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::backend::{DiskInfo, Finished};
 use super::device::ClientPort;
+use super::replay::{BlockOp, LoggedWrite, Op, ReplayFence, WriteLog};
 use super::request::{status, Segments};
 use super::service::{copy_part, Part, Pending, ServiceCounters};
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
@@ -63,26 +64,6 @@ impl Internal {
     }
 }
 
-/// Sector ranges of replayed writes not yet complete. A client part that overlaps one, or a
-/// flush (which must cover them all), waits until they are: the device may run commands in
-/// flight in any order, and a replayed write holds older data than a client's new one.
-struct ReplayFence(Vec<(u64, u32)>);
-
-impl ReplayFence {
-    fn blocks(&self, op: Op, sector: u64, sectors: u32) -> bool {
-        match op {
-            _ if self.0.is_empty() => false,
-            Op::Flush => true,
-            Op::Read | Op::Write | Op::WriteZeroes | Op::Discard => {
-                let end = sector.saturating_add(u64::from(sectors.max(1)));
-                self.0
-                    .iter()
-                    .any(|&(s, n)| sector < s.saturating_add(u64::from(n)) && s < end)
-            }
-        }
-    }
-}
-
 /// What block keeps beside the engine: the live domain's channel, the disk, the write log.
 struct BlockState {
     name: String,
@@ -110,7 +91,7 @@ struct BlockState {
 /// The block class as the engine sees it: the state and the disk's shadow queue.
 struct BlockClass<'a> {
     s: &'a mut BlockState,
-    shadow: &'a mut ShadowQueue<Part>,
+    shadow: &'a mut ShadowQueue<BlockOp, Part>,
 }
 
 impl DeviceClass<Domain> for BlockClass<'_> {
@@ -162,7 +143,9 @@ impl DeviceClass<Domain> for BlockClass<'_> {
     }
 
     fn lost(&mut self) {
-        self.shadow.domain_lost();
+        // Every block request is requeued (`BlockOp` keeps `OnLoss::Requeue`): none is dropped.
+        let (_, dropped) = self.shadow.domain_lost();
+        debug_assert!(dropped.is_empty());
         self.s.replay.clear();
         self.s.channel = None;
         self.s.mem = None;
@@ -170,7 +153,7 @@ impl DeviceClass<Domain> for BlockClass<'_> {
 
     fn oldest_deadline_bound(&self) -> Option<(u32, Instant)> {
         // Every block request is bound by the deadline.
-        self.shadow.oldest_in_flight()
+        self.shadow.oldest_deadline_bound()
     }
 
     fn owed(&self) -> (usize, usize) {
@@ -331,7 +314,7 @@ impl ChannelBackend {
     }
 
     /// The live domain failed.
-    fn fail(&mut self, reason: FailureReason, shadow: &mut ShadowQueue<Part>) {
+    fn fail(&mut self, reason: FailureReason, shadow: &mut ShadowQueue<BlockOp, Part>) {
         self.engine.fail(
             reason,
             &mut BlockClass {
@@ -344,7 +327,7 @@ impl ChannelBackend {
     /// Posts replayed writes, then queued parts, while the channel has room.
     pub fn post(
         &mut self,
-        shadow: &mut ShadowQueue<Part>,
+        shadow: &mut ShadowQueue<BlockOp, Part>,
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
@@ -398,7 +381,8 @@ impl ChannelBackend {
                 Some(seq) => shadow.next_queued_after(seq),
             };
             let Some(e) = next else { break };
-            let (seq, o, sector, sectors, part) = (e.seq, e.op, e.sector, e.sectors, e.client);
+            let (seq, o, sector, sectors, part) =
+                (e.seq, e.op.kind, e.op.sector, e.op.sectors, e.client);
             if fence.blocks(o, sector, sectors) || (log_full && o.modifies()) {
                 // It waits, and so does whatever overlaps it (a flush overlaps nothing: a later
                 // write that completes first is one it may cover anyway).
@@ -553,7 +537,7 @@ impl ChannelBackend {
     /// Takes completions; copies read data to clients; records acknowledged writes.
     pub fn collect(
         &mut self,
-        shadow: &mut ShadowQueue<Part>,
+        shadow: &mut ShadowQueue<BlockOp, Part>,
         pending: &HashMap<u64, Pending>,
         ports: &[Arc<ClientPort>],
         counters: &ServiceCounters,
@@ -633,7 +617,7 @@ impl ChannelBackend {
             let mut st = virtio_status(d.status);
             let slot = channel.slot_address(&d);
             let written = self.blk.write_data.remove(&entry.seq);
-            match entry.op {
+            match entry.op.kind {
                 Op::Read if st == status::OK => {
                     if u64::from(d.len) != part.len {
                         st = status::IOERR;
@@ -652,7 +636,7 @@ impl ChannelBackend {
                     if let Some(log) = self.blk.wlog.as_mut() {
                         // The bytes the VMM copied from the client when it posted the write
                         // (never a read-back of the bounce slot, which the domain can write).
-                        let data = match (entry.op, written) {
+                        let data = match (entry.op.kind, written) {
                             (Op::Write, Some(data)) => data,
                             (Op::Write, None) => {
                                 crate::limited!(
@@ -661,13 +645,13 @@ impl ChannelBackend {
                                     "domain {}: VMM bug: write at sector {} acknowledged with \
                                      no copy for the write log",
                                     self.blk.name,
-                                    entry.sector
+                                    entry.op.sector
                                 );
                                 Vec::new()
                             }
                             _ => Vec::new(),
                         };
-                        log.acknowledged(entry.op, entry.sector, entry.sectors, data);
+                        log.acknowledged(entry.op.kind, entry.op.sector, entry.op.sectors, data);
                     }
                 }
                 Op::Flush if ok => {
@@ -745,7 +729,7 @@ impl ChannelBackend {
     /// queued or in flight, no replay left, and a domain serving (or none coming: given up).
     /// While the domain is down with a restart due, the stop waits for it: the write log is
     /// replayed on it (a reset dropped the cache), and only then can a flush cover it.
-    pub fn settled(&self, shadow: &ShadowQueue<Part>) -> bool {
+    pub fn settled(&self, shadow: &ShadowQueue<BlockOp, Part>) -> bool {
         let live = self.engine.live().is_some();
         if self.engine.is_broken() || (!live && self.engine.restart_at().is_none()) {
             return true;
@@ -962,36 +946,5 @@ mod tests {
         assert!(keeps_write_log(Some(false), true));
         // The VMM does not know: logged, whatever the domain says.
         assert!(keeps_write_log(None, false));
-    }
-
-    #[test]
-    fn replayed_writes_fence_what_overlaps_them_and_every_flush() {
-        let fence = ReplayFence(vec![(8, 8), (100, 1)]);
-        // Sectors 8..16 and 100.
-        assert!(fence.blocks(Op::Read, 8, 8));
-        assert!(fence.blocks(Op::Write, 15, 1));
-        assert!(fence.blocks(Op::Write, 0, 9), "its last sector overlaps");
-        assert!(fence.blocks(Op::Discard, 90, 20));
-        assert!(fence.blocks(Op::WriteZeroes, 100, 1));
-        assert!(
-            !fence.blocks(Op::Read, 0, 8),
-            "ends where the replay starts"
-        );
-        assert!(
-            !fence.blocks(Op::Write, 16, 8),
-            "starts where the replay ends"
-        );
-        assert!(!fence.blocks(Op::Read, 101, u32::MAX));
-        assert!(
-            fence.blocks(Op::Flush, 0, 0),
-            "a flush must cover every replay"
-        );
-        assert!(
-            !fence.blocks(Op::Read, u64::MAX, 8),
-            "no overflow at the end"
-        );
-        let none = ReplayFence(Vec::new());
-        assert!(!none.blocks(Op::Flush, 0, 0));
-        assert!(!none.blocks(Op::Write, 8, 8));
     }
 }

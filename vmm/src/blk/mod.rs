@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod channel;
 pub mod device;
+pub mod replay;
 pub mod request;
 pub mod service;
 

@@ -60,13 +60,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ddvm_recovery::shadow::{Op, ShadowQueue, State};
+use ddvm_recovery::shadow::{ShadowQueue, State};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{Backend, BackendError, Finished};
 use super::device::{ClientPort, QUEUE_SIZE};
+use super::replay::{BlockOp, Op};
 use super::request::{self, status, Invalid, Kind, Segments};
 use crate::memory::GuestMem;
 use crate::vcpu::wait_fds;
@@ -305,7 +306,7 @@ pub(super) struct Worker {
     shared: Arc<ServiceShared>,
     ports: Vec<Arc<ClientPort>>,
     backend: Backend,
-    shadow: ShadowQueue<Part>,
+    shadow: ShadowQueue<BlockOp, Part>,
     pending: HashMap<u64, Pending>,
     next_rid: u64,
     /// Per port, the queues (bits by index) that got answers since the last signal.
@@ -636,8 +637,15 @@ impl Worker {
             while offset < req.data.len {
                 let len = (req.data.len - offset).min(max);
                 let part = Part { rid, offset, len };
-                self.shadow
-                    .push(op, first + offset / 512, (len / 512) as u32, part, now);
+                self.shadow.push(
+                    BlockOp {
+                        kind: op,
+                        sector: first + offset / 512,
+                        sectors: (len / 512) as u32,
+                    },
+                    part,
+                    now,
+                );
                 offset += len;
                 parts += 1;
             }
@@ -652,7 +660,15 @@ impl Worker {
             } else {
                 (first, req.sectors as u32)
             };
-            self.shadow.push(op, sector, sectors, part, now);
+            self.shadow.push(
+                BlockOp {
+                    kind: op,
+                    sector,
+                    sectors,
+                },
+                part,
+                now,
+            );
             parts = 1;
         }
         self.outstanding[port] += parts as usize;

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::blk::replay::{Op, WriteLog};
 use ddvm_abi::channel::fault;
 #[cfg(feature = "fault-injection")]
 use ddvm_recovery::fault::FaultKind;
 use ddvm_recovery::policy::PolicyConfig;
 use ddvm_recovery::reason::FailureReason;
-use ddvm_recovery::shadow::{Op, WriteLog};
 
 use super::*;
 
