@@ -89,6 +89,12 @@ pub enum FailureReason {
         /// Refused accesses since the last check.
         count: u64,
     },
+    /// The host failed to run the domain (`KVM_RUN` itself failed): the host's fault, not the
+    /// domain's; it is recovered like a failure, and named apart so nobody blames the driver.
+    HostError {
+        /// The error number `KVM_RUN` returned.
+        errno: i32,
+    },
     /// The VMM could not start a fresh domain (memory, image, KVM).
     BootFailed {
         /// What failed.
@@ -222,6 +228,7 @@ impl FailureReason {
         "protocol-bad-device-info",
         "dma-refused",
         "replay-failed",
+        "host-error",
         "boot-failed",
         "boot-timeout",
         "operator-kill",
@@ -246,6 +253,7 @@ impl FailureReason {
             FailureReason::Protocol(v) => v.name(),
             FailureReason::DmaRefused { .. } => "dma-refused",
             FailureReason::ReplayFailed { .. } => "replay-failed",
+            FailureReason::HostError { .. } => "host-error",
             FailureReason::BootFailed { .. } => "boot-failed",
             FailureReason::BootTimeout { .. } => "boot-timeout",
             FailureReason::Operator(a) => a.name(),
@@ -363,6 +371,11 @@ impl fmt::Display for FailureReason {
             } => write!(
                 f,
                 "replayed write of {sectors} sector(s) at {sector} failed (channel status {status})"
+            ),
+            FailureReason::HostError { errno } => write!(
+                f,
+                "the host failed to run it (KVM_RUN: {}; not the domain's fault)",
+                std::io::Error::from_raw_os_error(*errno)
             ),
             FailureReason::BootFailed { message } => write!(f, "boot failed: {message}"),
             FailureReason::BootTimeout { waited } => {
@@ -557,6 +570,7 @@ pub(crate) mod tests {
                 },
                 "replay-failed",
             ),
+            (FailureReason::HostError { errno: 12 }, "host-error"),
             (
                 FailureReason::BootFailed {
                     message: "ENOMEM".into(),

@@ -36,6 +36,7 @@ use serde_json::{json, Value};
 use crate::loader::Image;
 use crate::reincarnation::{Command, RecoveryHandle};
 use crate::stop::Stop;
+use crate::sync::lock;
 use crate::sys;
 
 /// Connections served at once; more are answered "busy" and closed.
@@ -86,10 +87,6 @@ struct Shared {
     conns: Mutex<HashMap<u64, UnixStream>>,
     /// Connection threads, joined when they end (and all of them when the server stops).
     threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A running control socket server.
@@ -525,7 +522,7 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)], stop: Option<&St
             let events: Vec<Value> = handles
                 .iter()
                 .flat_map(|(_, h)| {
-                    let log = h.events.lock().unwrap_or_else(|p| p.into_inner());
+                    let log = lock(&h.events);
                     log.since(since)
                         .filter_map(|e| serde_json::to_value(e).ok())
                         .collect::<Vec<_>>()

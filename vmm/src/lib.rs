@@ -24,6 +24,7 @@ pub mod ratelimit;
 pub mod reincarnation;
 pub mod stats;
 pub mod stop;
+pub mod sync;
 pub mod sys;
 pub mod testclient;
 pub mod topology;

@@ -106,7 +106,7 @@ impl Limiter {
 
     /// [`Limiter::admit`] at time `now`.
     pub fn admit_at(&self, now: Instant) -> Option<u64> {
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = crate::sync::lock(&self.bucket);
         b.get_or_insert_with(|| Bucket::new(self.budget, now))
             .admit(self.budget, now)
     }
@@ -136,7 +136,7 @@ impl KeyedLimiter {
 
     /// [`KeyedLimiter::admit`] at time `now`.
     pub fn admit_at(&self, key: &str, now: Instant) -> Option<u64> {
-        let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::sync::lock(&self.buckets);
         let map = guard.get_or_insert_with(HashMap::new);
         if let Some(b) = map.get_mut(key) {
             return b.admit(self.budget, now);

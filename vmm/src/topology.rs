@@ -52,13 +52,41 @@ pub enum TopologyError {
         /// Domain.
         name: String,
     },
-    /// A disk backend could not be set up.
-    #[error("disk {disk}: {message}")]
-    Disk {
+    /// A disk's recovery policy is invalid.
+    #[error("disk {disk}: recovery policy: {source}")]
+    Policy {
+        /// Disk (domain name).
+        disk: String,
+        /// What is wrong with it.
+        #[source]
+        source: ddvm_recovery::policy::PolicyError,
+    },
+    /// A disk's driver domain could not be started.
+    #[error("disk {disk}: {source}")]
+    Start {
+        /// Disk (domain name).
+        disk: String,
+        /// Why.
+        #[source]
+        source: crate::blk::channel::StartError,
+    },
+    /// A disk's block service thread could not be started.
+    #[error("disk {disk}: starting its block service: {source}")]
+    Service {
         /// Disk (domain name or file).
         disk: String,
-        /// What went wrong.
-        message: String,
+        /// The host's refusal.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file disk's backing file cannot be used.
+    #[error("disk {}: {source} (expected a readable and writable file)", path.display())]
+    Backing {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -174,15 +202,18 @@ impl Topology {
         for d in &cfg.domains {
             let dc = domain_config(file, d, echo)?;
             if cfg.clients.iter().any(|c| c.disk == d.name) {
-                let policy = d.recovery.to_policy().map_err(|e| TopologyError::Disk {
-                    disk: d.name.clone(),
-                    message: e.to_string(),
-                })?;
-                let t0 = Instant::now();
-                let b = ChannelBackend::start(hv.clone(), dc, policy).map_err(|e| {
-                    TopologyError::Disk {
+                let policy = d
+                    .recovery
+                    .to_policy()
+                    .map_err(|source| TopologyError::Policy {
                         disk: d.name.clone(),
-                        message: e.to_string(),
+                        source,
+                    })?;
+                let t0 = Instant::now();
+                let b = ChannelBackend::start(hv.clone(), dc, policy).map_err(|source| {
+                    TopologyError::Start {
+                        disk: d.name.clone(),
+                        source,
                     }
                 })?;
                 ready_times.push((d.name.clone(), t0.elapsed()));
@@ -215,11 +246,12 @@ impl Topology {
         }
         let mut services = Vec::new();
         for ((name, backend), ports) in backends.into_iter().zip(ports) {
-            let s =
-                BlockService::spawn(&name, ports, backend).map_err(|e| TopologyError::Disk {
+            let s = BlockService::spawn(&name, ports, backend).map_err(|source| {
+                TopologyError::Service {
                     disk: name.clone(),
-                    message: format!("starting its block service: {e}"),
-                })?;
+                    source,
+                }
+            })?;
             services.push(s);
         }
         Ok(Topology {
@@ -302,9 +334,9 @@ fn open_file_disk(path: &Path, cfg: &Config, disk: &str) -> Result<FileBackend, 
         .map(|c| (c.offset_mib + c.size_mib) << 20)
         .max()
         .unwrap_or(0);
-    let err = |e: std::io::Error| TopologyError::Disk {
-        disk: path.display().to_string(),
-        message: format!("{e} (expected a readable and writable file)"),
+    let err = |source: std::io::Error| TopologyError::Backing {
+        path: path.to_path_buf(),
+        source,
     };
     let f = std::fs::OpenOptions::new()
         .read(true)

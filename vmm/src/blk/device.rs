@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::Limits;
 use crate::memory::GuestMem;
-use crate::virtio::{features, Interrupt, VirtioDevice};
+use crate::virtio::{features, ActivateError, Interrupt, VirtioDevice};
 
 /// Virtio device ID of a block device.
 pub const DEVICE_ID: u32 = 2;
@@ -205,7 +205,7 @@ impl ClientPort {
 
     /// Locks the queue state (even if a holder panicked: the state stays consistent).
     pub fn lock(&self) -> MutexGuard<'_, PortState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 
@@ -260,20 +260,22 @@ impl VirtioDevice for VirtioBlock {
         // Nothing is writable (no CONFIG_WCE): writes are ignored.
     }
 
-    fn activate(&mut self, _acked: u64, queues: Vec<Option<Queue>>) -> Result<(), String> {
+    fn activate(&mut self, _acked: u64, queues: Vec<Option<Queue>>) -> Result<(), ActivateError> {
         // A driver without MQ uses queue 0 only; with it, any of the queues offered.
         if queues.len() > self.queue_sizes.len() {
-            return Err(format!(
-                "{} queues; offered {}",
-                queues.len(),
-                self.queue_sizes.len()
-            ));
+            return Err(ActivateError::TooManyQueues {
+                given: queues.len(),
+                offered: self.queue_sizes.len(),
+            });
         }
         if queues.iter().flatten().next().is_none() {
-            return Err("no request queue".into());
+            return Err(ActivateError::NoQueue);
         }
-        if queues.iter().flatten().any(|q| !q.ready()) {
-            return Err("request queue not ready".into());
+        if let Some(index) = queues
+            .iter()
+            .position(|q| q.as_ref().is_some_and(|q| !q.ready()))
+        {
+            return Err(ActivateError::QueueNotReady { index });
         }
         {
             let mut st = self.port.lock();

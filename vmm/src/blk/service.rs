@@ -56,7 +56,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,7 @@ use super::device::{ClientPort, QUEUE_SIZE};
 use super::replay::{BlockOp, Op};
 use super::request::{self, status, Invalid, Kind, Segments};
 use crate::memory::GuestMem;
+use crate::sync::lock;
 use crate::vcpu::wait_fds;
 
 /// How long the loop polls before it sleeps.
@@ -258,10 +259,6 @@ impl Drop for BlockService {
             let _ = self.stop();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The service thread: passes while there is progress, a short poll, then sleep. Returns the

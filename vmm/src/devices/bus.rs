@@ -110,7 +110,7 @@ impl Bus {
 
 /// Locks a device even if a previous holder panicked: device state stays usable for teardown.
 fn lock(d: &Mutex<dyn BusDevice>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    d.lock().unwrap_or_else(|p| p.into_inner())
+    crate::sync::lock(d)
 }
 
 #[cfg(test)]

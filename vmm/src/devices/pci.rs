@@ -2,16 +2,13 @@
 //! 0xCF8..0xCFF and the ECAM window of bus 0 on the MMIO bus (both reach the same
 //! configuration spaces), and each device's BARs on the MMIO bus.
 
+use crate::sync::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ddvm_passthrough::{PciBus, PciDevice};
 
 use super::BusDevice;
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Ports 0xCF8..0xCFF: the address register and the data window.
 pub struct PciConfigPorts(pub Arc<Mutex<PciBus>>);

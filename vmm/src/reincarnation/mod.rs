@@ -42,6 +42,7 @@ use vmm_sys_util::eventfd::EventFd;
 use self::standby::StandbyBooter;
 use crate::hoststall::{DomainThread, Lost, StallMeter};
 use crate::loader::Image;
+use crate::sync::lock;
 
 /// How often the slower detectors run.
 const CHECK_EVERY: Duration = Duration::from_millis(1);
@@ -222,10 +223,6 @@ fn push_record<T>(v: &mut VecDeque<T>, record: T) {
         v.pop_front();
     }
     v.push_back(record);
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The domain that serves, and its boot generation.

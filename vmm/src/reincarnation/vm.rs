@@ -147,9 +147,8 @@ pub fn exit_reason(exit: &DomainExit) -> FailureReason {
         DomainExit::Halted => FailureReason::Halted,
         DomainExit::Exited { status } => FailureReason::ExitedUnexpectedly { status: *status },
         DomainExit::Unexpected { exit } => FailureReason::UnexpectedExit { exit: exit.clone() },
-        DomainExit::HostError { errno } => FailureReason::UnexpectedExit {
-            exit: format!("KVM_RUN failed: errno {errno}"),
-        },
+        // The host's failure: named as such, never as the domain's.
+        DomainExit::HostError { errno } => FailureReason::HostError { errno: *errno },
         DomainExit::Stopped => FailureReason::Operator(OperatorAction::Kill),
         // Driver domains have no reset line; a guest that has one and uses it is gone.
         DomainExit::Reset => FailureReason::UnexpectedExit {

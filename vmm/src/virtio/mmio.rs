@@ -157,7 +157,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         match self.device.activate(self.driver_features, queues) {
             Ok(()) => self.activated = true,
-            Err(e) => self.fail(e),
+            Err(e) => self.fail(e.to_string()),
         }
     }
 

@@ -98,6 +98,29 @@ impl Interrupt {
     }
 }
 
+/// Why a device refused the queues a driver set up (the driver's error: the transport marks
+/// the device DEVICE_NEEDS_RESET).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ActivateError {
+    /// More queues than the device offers.
+    #[error("{given} queues set up; the device offers {offered}")]
+    TooManyQueues {
+        /// Queues the driver set up.
+        given: usize,
+        /// Queues the device offers.
+        offered: usize,
+    },
+    /// No request queue at all.
+    #[error("no request queue")]
+    NoQueue,
+    /// A queue the driver handed over is not ready.
+    #[error("queue {index} is not ready")]
+    QueueNotReady {
+        /// Its index.
+        index: usize,
+    },
+}
+
 /// A device behind a virtio transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2: block).
@@ -113,7 +136,11 @@ pub trait VirtioDevice: Send {
     /// The driver set DRIVER_OK: serve `queues` (by index; `None` where the driver left a
     /// queue unused, at least one is there) with the features it accepted. An error means
     /// the configuration is unusable; the transport then sets DEVICE_NEEDS_RESET.
-    fn activate(&mut self, acked_features: u64, queues: Vec<Option<Queue>>) -> Result<(), String>;
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: Vec<Option<Queue>>,
+    ) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving the queues. When this returns the device no
     /// longer touches the driver's memory.
     fn reset(&mut self);
