@@ -39,7 +39,8 @@ mod nvme;
 mod selftest;
 mod service;
 
-use ddvm_abi::channel::DeviceInfo;
+use ddvm_abi::channel::blk::DeviceInfo;
+use ddvm_abi::channel::class;
 use guest_kernel::cmdline::Cmdline;
 use guest_kernel::time::{self, Instant};
 use guest_kernel::{arch, boot, println, vmm};
@@ -186,6 +187,11 @@ fn main() -> ! {
     let mut service = boot::channel().map(|region| {
         let ch = Channel::open(region).unwrap_or_else(|e| panic!("cannot use the channel: {e}"));
         if let Err(e) = ch.check_geometry() {
+            service::fail(&ch, format_args!("cannot use the channel: {e}"));
+        }
+        // The channel service is block's: any other class is refused before the device is
+        // touched.
+        if let Err(e) = ch.check_class(class::BLK) {
             service::fail(&ch, format_args!("cannot use the channel: {e}"));
         }
         if modes.standby {

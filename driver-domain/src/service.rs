@@ -32,9 +32,10 @@
 
 #![forbid(unsafe_code)]
 
+use ddvm_abi::channel::blk::{device_flags, op, DeviceInfo, Request};
 use ddvm_abi::channel::ring::SharedMemory;
 use ddvm_abi::channel::ring::{Consumer, Producer, CONSUMER, PRODUCER};
-use ddvm_abi::channel::{device_flags, op, status, Completion, DeviceInfo, Request};
+use ddvm_abi::channel::{status, Completion};
 use guest_kernel::println;
 use guest_kernel::shared::SharedRegion;
 

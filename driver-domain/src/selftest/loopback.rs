@@ -17,10 +17,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use ddvm_abi::boot::Platform;
+use ddvm_abi::channel::blk::{device_flags, op, Request};
 use ddvm_abi::channel::ring::{Consumer, IndexError, Producer, SharedMemory, CONSUMER};
 use ddvm_abi::channel::{
-    device_flags, domain_flags, fault, offset, op, status, vmm_flags, ChannelHeader, Completion,
-    Request,
+    class, domain_flags, fault, offset, status, vmm_flags, ChannelHeader, Completion,
 };
 use guest_kernel::boot;
 use guest_kernel::dma::{DmaBuffer, PAGE_SIZE};
@@ -158,7 +158,7 @@ pub fn run(disk: Controller) -> Result<(u64, u64), String> {
     let region = DmaBuffer::new(pages)
         .ok_or_else(|| String::from("out of memory for the stand-in channel"))?
         .leak();
-    let header = ChannelHeader::new(EPOCH, CHANNEL_SIZE, ENTRIES, 128 << 10);
+    let header = ChannelHeader::new(class::BLK, EPOCH, CHANNEL_SIZE, ENTRIES, 128 << 10);
     region.write(0, header);
     region.write(offset::VMM_FLAGS, vmm_flags::NOTIFY_ME);
 
