@@ -11,6 +11,7 @@
 //! a stale epoch, an unknown tag, an I/O error for DMA outside the domain (under ddvm, whose DMA
 //! window refuses it), a late completion, and a completion producer index past the ring.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
@@ -28,6 +29,7 @@ use guest_kernel::shared::SharedRegion;
 use guest_kernel::time::Instant;
 
 use crate::channel::Channel;
+use crate::driver::BlockDriver;
 use crate::faults::{self, Injection};
 use crate::nvme::Controller;
 use crate::service::{self, Service};
@@ -164,13 +166,13 @@ pub fn run(disk: Controller) -> Result<(u64, u64), String> {
 
     let ch = Channel::open(region).map_err(|e| format!("{e}"))?;
     ch.check_geometry().map_err(|e| format!("{e}"))?;
-    let info = service::device_info(disk.info(), header.max_transfer);
+    let info = service::device_info(&disk.properties(), header.max_transfer);
     ch.write_device_info(&info);
     ch.mark_ready();
     if !region.read::<ChannelHeader>(0).is_ready_for(EPOCH) {
         return Err(String::from("channel not marked ready"));
     }
-    let mut svc = Service::new(ch, Some(disk), info);
+    let mut svc = Service::new(ch, Some(Box::new(disk)), info);
     let mut vmm = Vmm {
         region,
         header,
