@@ -671,6 +671,15 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "a host channel serves the block class")]
+    fn a_host_channel_opens_only_a_block_header() {
+        let mut header = crate::domain::channel_header("t", 3, 1 << 20).unwrap();
+        assert_eq!(header.class, class::BLK, "the VMM writes the block class");
+        header.class = class::NET;
+        let _ = HostChannel::new(BASE, header);
+    }
+
+    #[test]
     fn device_info_is_validated() {
         let (mem, mut ch, _) = setup();
         let mut info = DeviceInfo {
