@@ -9,7 +9,8 @@ use ddvm::channel::HostChannel;
 use ddvm::domain::{DeviceSpec, Domain, DomainConfig};
 use ddvm::testclient::{self, Workload};
 use ddvm::vcpu::DomainExit;
-use ddvm_abi::channel::{op, status};
+use ddvm_abi::channel::blk::op;
+use ddvm_abi::channel::status;
 use ddvm_passthrough::NvmeConfig;
 
 use common::*;

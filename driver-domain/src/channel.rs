@@ -1,14 +1,15 @@
-//! The domain's side of the channel header (DESIGN.md, "Channel ABI"): take it at boot, check
-//! its geometry, publish the device info, mark ready for the VMM's epoch, heartbeat, take
+//! The domain's side of the channel header: take it at boot, check its geometry and device
+//! class, publish the device info, mark ready for the VMM's epoch, heartbeat, take
 //! fault-injection requests (word and argument), and the event-suppression flags. The rings
 //! are served by `service`.
 
 use core::fmt;
 use core::mem::size_of;
 
+use ddvm_abi::channel::blk::DeviceInfo;
 use ddvm_abi::channel::{
-    domain_flags, offset, state, vmm_flags, ChannelHeader, DeviceInfo, GeometryError,
-    CHANNEL_MAGIC, CHANNEL_VERSION, DEVICE_INFO_OFFSET,
+    class, domain_flags, offset, state, vmm_flags, ChannelHeader, GeometryError, CHANNEL_MAGIC,
+    CHANNEL_VERSION, DEVICE_INFO_OFFSET,
 };
 use guest_kernel::shared::{full_fence, publish_fence, SharedRegion};
 
@@ -27,6 +28,13 @@ pub enum ChannelError {
     },
     /// The ring and data-area geometry is refused.
     Geometry(GeometryError),
+    /// The header names a device class this domain does not serve.
+    Class {
+        /// `ChannelHeader::class`.
+        class: u32,
+        /// The class the domain serves.
+        serves: u32,
+    },
     /// The header says the channel is larger than the region the boot info gives.
     Size {
         /// `ChannelHeader::size`.
@@ -45,6 +53,12 @@ impl fmt::Display for ChannelError {
                  version {CHANNEL_VERSION}"
             ),
             ChannelError::Geometry(e) => write!(f, "channel geometry refused: {e:?}"),
+            ChannelError::Class { class, serves } => write!(
+                f,
+                "channel device class {class} ({}), this domain serves class {serves} ({})",
+                class::name(class),
+                class::name(serves)
+            ),
             ChannelError::Size { header, region } => write!(
                 f,
                 "channel header size {header:#x} exceeds the {region:#x}-byte channel region"
@@ -104,6 +118,17 @@ impl Channel {
             });
         }
         self.header.check_geometry().map_err(ChannelError::Geometry)
+    }
+
+    /// Checks that the header names device class `serves` (one of `ddvm_abi::channel::class`).
+    pub fn check_class(&self, serves: u32) -> Result<(), ChannelError> {
+        if self.header.class != serves {
+            return Err(ChannelError::Class {
+                class: self.header.class,
+                serves,
+            });
+        }
+        Ok(())
     }
 
     /// Publishes the device info (before [`Channel::mark_ready`]).

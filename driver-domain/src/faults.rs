@@ -16,8 +16,9 @@
 use alloc::vec::Vec;
 use core::mem::{offset_of, size_of};
 
+use ddvm_abi::channel::blk::{op, DeviceInfo, Request};
 use ddvm_abi::channel::{
-    fault, offset, ring, ChannelHeader, Completion, DeviceInfo, Entry, Request, DEVICE_INFO_OFFSET,
+    fault, offset, ring, ChannelHeader, Completion, Entry, DEVICE_INFO_OFFSET,
 };
 use ddvm_abi::layout::PAGE_SIZE;
 use guest_kernel::{boot, println, time};
@@ -146,7 +147,7 @@ impl Sabotage {
     /// once, with an I/O error, without reaching the device.
     pub fn taken(&mut self, req: &Request) -> bool {
         let (tag, len) = (req.tag, req.len);
-        if req.op == ddvm_abi::channel::op::WRITE && self.fail_write == Some(req.sector) {
+        if req.op == op::WRITE && self.fail_write == Some(req.sector) {
             self.fail_write = None;
             println!(
                 "fault: failing the write of tag {tag} at sector {}",
@@ -241,12 +242,13 @@ fn wild_write(s: &mut Service, arg: u32, rng: &mut Rng) {
         }
     }
     if targets & fault::WILD_WRITE_HEADER != 0 {
-        // What the VMM wrote (magic, version, epoch; size to max_transfer) and the device
-        // info it checks at ready; not the live words (state, fault, ready_epoch, heartbeat,
-        // flags): losing the ready mark would only hide the rest.
+        // What the VMM wrote (magic, version, epoch; size to max_transfer; class) and the
+        // device info it checks at ready; not the live words (state, fault, ready_epoch,
+        // heartbeat, flags): losing the ready mark would only hide the rest.
         let fields = [
             0..offset::STATE,
             offset_of!(ChannelHeader, size) as u64..offset::FAULT_ARG,
+            offset::CLASS..offset::CLASS + size_of::<u32>() as u64,
             DEVICE_INFO_OFFSET..DEVICE_INFO_OFFSET + size_of::<DeviceInfo>() as u64,
         ];
         for off in fields.into_iter().flat_map(|r| r.step_by(4)) {

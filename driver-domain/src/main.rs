@@ -1,5 +1,7 @@
-//! The ddvm driver-domain image: boots, finds its NVMe controller on PCI bus 0, and serves it
-//! to the VMM over the channel (`service`); heartbeats and takes fault-injection requests.
+//! The ddvm driver-domain image: boots, finds the device the VMM gave it on PCI bus 0, picks
+//! the driver its PCI class calls for (`driver::pick`: NVMe, class 01/08/02) and serves it to
+//! the VMM over the channel (`service`, through the `driver::BlockDriver` trait); heartbeats
+//! and takes fault-injection requests.
 //!
 //! Command-line modes and settings, for tests:
 //! - `selftest`: drive the NVMe controller without a channel and report one
@@ -34,17 +36,22 @@
 extern crate alloc;
 
 mod channel;
+mod driver;
 mod faults;
 mod nvme;
 mod selftest;
 mod service;
 
-use ddvm_abi::channel::DeviceInfo;
+use ddvm_abi::channel::blk::DeviceInfo;
+use ddvm_abi::channel::class;
 use guest_kernel::cmdline::Cmdline;
 use guest_kernel::time::{self, Instant};
 use guest_kernel::{arch, boot, println, vmm};
 
+use alloc::boxed::Box;
+
 use crate::channel::Channel;
+use crate::driver::{BlockDriver, Driver};
 use crate::faults::Injection;
 use crate::nvme::probe::{self, BarHint, Location};
 use crate::nvme::{Controller, Options};
@@ -188,6 +195,11 @@ fn main() -> ! {
         if let Err(e) = ch.check_geometry() {
             service::fail(&ch, format_args!("cannot use the channel: {e}"));
         }
+        // The channel service is block's: any other class is refused before the device is
+        // touched.
+        if let Err(e) = ch.check_class(class::BLK) {
+            service::fail(&ch, format_args!("cannot use the channel: {e}"));
+        }
         if modes.standby {
             // Everything up to here is the boot a restart no longer waits for; so is the
             // first touch of the heap the bring-up will use (a shadow page fault, ~25 µs, on
@@ -211,7 +223,7 @@ fn main() -> ! {
             false
         });
         let info = disk.as_ref().map_or_else(DeviceInfo::default, |d| {
-            service::device_info(d.info(), ch.header().max_transfer)
+            service::device_info(&d.properties(), ch.header().max_transfer)
         });
         if disk.is_some() && info.max_transfer == 0 {
             service::fail(
@@ -255,9 +267,10 @@ fn prefault_heap(bytes: usize) {
     }
 }
 
-/// Finds and brings up the NVMe controller, if there is one. A controller that is present
-/// but unusable is fatal (the channel is marked failed first).
-fn attach(ch: &Channel, modes: &Modes) -> Option<Controller> {
+/// Finds the device the VMM gave the domain, picks its driver from its PCI class and brings
+/// it up, if there is one. A device that is present but unusable is fatal (the channel is
+/// marked failed first).
+fn attach(ch: &Channel, modes: &Modes) -> Option<Box<dyn BlockDriver>> {
     let found = match probe::find(modes.nvme, modes.nvme_bar0) {
         Ok(Some(found)) => found,
         Ok(None) => {
@@ -266,17 +279,31 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Controller> {
         }
         Err(e) => service::fail(ch, format_args!("{e}")),
     };
-    println!(
-        "nvme: controller {:04x}:{:04x} at {}, BAR0 {:#x}",
-        found.function.vendor, found.function.device, found.function.bdf, found.bar.base
-    );
-    let start = Instant::now();
-    match Controller::init(found.registers, modes.nvme_options) {
-        Ok(disk) => {
-            println!("{} (ready in {} us)", disk.info(), start.elapsed_us());
-            Some(disk)
+    let f = &found.function;
+    let Some(driver) = driver::pick(f.class) else {
+        service::fail(
+            ch,
+            format_args!(
+                "no driver for {:04x}:{:04x} class {:06x} at {}",
+                f.vendor, f.device, f.class, f.bdf
+            ),
+        )
+    };
+    match driver {
+        Driver::Nvme => {
+            println!(
+                "nvme: controller {:04x}:{:04x} at {}, BAR0 {:#x}",
+                f.vendor, f.device, f.bdf, found.bar.base
+            );
+            let start = Instant::now();
+            match Controller::init(found.registers, modes.nvme_options) {
+                Ok(disk) => {
+                    println!("{} (ready in {} us)", disk.info(), start.elapsed_us());
+                    Some(Box::new(disk))
+                }
+                Err(e) => service::fail(ch, format_args!("{e}")),
+            }
         }
-        Err(e) => service::fail(ch, format_args!("{e}")),
     }
 }
 

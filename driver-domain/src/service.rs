@@ -1,6 +1,9 @@
-//! The channel service: requests from the VMM become NVMe commands whose PRPs point straight at
-//! the request's bounce slot in the channel (identity mapped: the slot's address is the
-//! channel's base plus `Request::data`); their completions go back on the completion ring.
+//! The channel service of the block class: requests from the VMM become commands of the
+//! domain's [`BlockDriver`] (NVMe: commands whose PRPs point straight at the request's bounce
+//! slot in the channel, identity mapped: the slot's address is the channel's base plus
+//! `Request::data`); their completions go back on the completion ring. The service knows the
+//! channel and the block class, not the device: everything it asks of the device goes through
+//! the trait.
 //!
 //! Flow control: a request is taken off the request ring only when the device has a free
 //! command slot and the completion ring has room for its completion and for those of every
@@ -13,14 +16,14 @@
 //! `WAITING`, then re-checks the request ring and the device's completion queue so no wake-up
 //! is lost.
 //!
-//! A VMM that breaks the ring protocol (an impossible index) and a device that breaks NVMe
-//! (timeout, bogus completion) are fatal: the domain marks the channel failed and panics with
-//! the reason, and the supervisor restarts it.
+//! A VMM that breaks the ring protocol (an impossible index) and a device its driver gives up
+//! on (NVMe: timeout, bogus completion) are fatal: the domain marks the channel failed and
+//! panics with the reason, and the supervisor restarts it.
 //!
 //! Orderly stop (`op::SHUTDOWN`): the service takes no more work, lets every request taken
-//! before it complete, sends the device a Flush, then gives the NVMe shutdown notification
-//! (CC.SHN = 01b) and polls CSTS.SHST until the controller reports it complete (within
-//! RTD3E, at least 5 s); the SHUTDOWN request completes `OK` only if both succeeded. The main
+//! before it complete, sends the device a Flush, then starts the driver's shutdown (NVMe: the
+//! shutdown notification, CC.SHN = 01b) and polls until the driver reports it complete (NVMe:
+//! CSTS.SHST, within RTD3E, at least 5 s); the SHUTDOWN request completes `OK` only if both succeeded. The main
 //! loop keeps running meanwhile (heartbeat, completions), so the VMM sees a live domain.
 //! Requests that arrive after it complete `IO_ERROR`: the device is shut down.
 //!
@@ -32,30 +35,34 @@
 
 #![forbid(unsafe_code)]
 
+use ddvm_abi::channel::blk::{device_flags, op, DeviceInfo, Request};
 use ddvm_abi::channel::ring::SharedMemory;
 use ddvm_abi::channel::ring::{Consumer, Producer, CONSUMER, PRODUCER};
-use ddvm_abi::channel::{device_flags, op, status, Completion, DeviceInfo, Request};
+use ddvm_abi::channel::{status, Completion};
 use guest_kernel::println;
 use guest_kernel::shared::SharedRegion;
 
+use alloc::boxed::Box;
+
 use crate::channel::Channel;
+use crate::driver::{
+    BlockDriver, BlockProperties, Completed, DriverError, IoKind, IoRequest, SubmitError,
+};
 use crate::faults::Sabotage;
-use crate::nvme::{Controller, DiskInfo, IoDone, IoKind, IoRequest, NvmeError, SubmitError};
 
 /// Bytes of a channel sector.
 const SECTOR: u64 = 512;
 
 /// What the service tells the VMM about the device.
-pub fn device_info(disk: &DiskInfo, channel_max_transfer: u32) -> DeviceInfo {
-    let c = &disk.controller;
+pub fn device_info(disk: &BlockProperties, channel_max_transfer: u32) -> DeviceInfo {
     let mut flags = 0;
-    if c.vwc {
+    if disk.volatile_write_cache {
         flags |= device_flags::VOLATILE_WRITE_CACHE;
     }
-    if c.dataset_management() {
+    if disk.discard {
         flags |= device_flags::DISCARD;
     }
-    if c.write_zeroes() {
+    if disk.write_zeroes {
         flags |= device_flags::WRITE_ZEROES;
     }
     let block = disk.block_size;
@@ -69,8 +76,8 @@ pub fn device_info(disk: &DiskInfo, channel_max_transfer: u32) -> DeviceInfo {
         block_size: block,
         flags,
         max_transfer: disk.max_transfer.min(channel_max_transfer) / block * block,
-        serial: c.serial,
-        model: c.model,
+        serial: disk.serial,
+        model: disk.model,
         ..DeviceInfo::default()
     }
 }
@@ -104,7 +111,7 @@ pub struct Service {
     region: SharedRegion,
     requests: Consumer<Request>,
     completions: Producer<Completion>,
-    disk: Option<Controller>,
+    disk: Option<Box<dyn BlockDriver>>,
     info: DeviceInfo,
     epoch: u32,
     /// Completions pushed but not yet published.
@@ -119,7 +126,7 @@ impl Service {
     /// Serves `channel` (geometry checked, device info written, ready marked) with `disk`
     /// (none: every request completes `UNSUPPORTED`). Resumes at the ring indices the VMM left
     /// in shared memory.
-    pub fn new(channel: Channel, disk: Option<Controller>, info: DeviceInfo) -> Self {
+    pub fn new(channel: Channel, disk: Option<Box<dyn BlockDriver>>, info: DeviceInfo) -> Self {
         let region = channel.region();
         let h = *channel.header();
         let (req, cpl) = (u64::from(h.req_ring), u64::from(h.cpl_ring));
@@ -166,7 +173,7 @@ impl Service {
             self.stop,
             Some(Stop::Draining { .. } | Stop::Flushing { .. } | Stop::Notifying { .. })
         );
-        self.disk.as_ref().map_or(0, Controller::in_flight)
+        self.disk.as_ref().map_or(0, |d| d.in_flight())
             + self.sabotage.held()
             + usize::from(stopping)
     }
@@ -205,10 +212,7 @@ impl Service {
             Ok(n) => n,
             Err(e) => self.vmm_broke(e),
         };
-        let device = self
-            .disk
-            .as_ref()
-            .is_some_and(Controller::completion_pending);
+        let device = self.disk.as_ref().is_some_and(|d| d.completion_pending());
         // A shutdown in progress is polled (CSTS.SHST), not waited for.
         let shutting_down = matches!(self.stop, Some(Stop::Notifying { .. }));
         if requests > 0 || device || self.sabotage.ready() || shutting_down {
@@ -235,23 +239,23 @@ impl Service {
         let sabotage = &mut self.sabotage;
         let mut posted = 0;
         let mut stop_flush = None;
-        let result = disk.poll(|d: IoDone| {
-            if d.user == STOP_FLUSH {
+        let result = disk.poll(&mut |d: Completed| {
+            if d.token == STOP_FLUSH {
                 stop_flush = Some(d.status);
                 return;
             }
             let st = d.status;
             let (code, len) = if st.is_success() {
-                (status::OK, (d.user >> 32) as u32)
+                (status::OK, (d.token >> 32) as u32)
             } else if st.is_unsupported() {
                 (status::UNSUPPORTED, 0)
             } else {
                 (status::IO_ERROR, 0)
             };
             let c = Completion {
-                tag: d.user as u32,
+                tag: d.token as u32,
                 status: code,
-                detail: st.0,
+                detail: st.detail(),
                 len,
                 epoch,
             };
@@ -399,18 +403,16 @@ impl Service {
         match disk.submit(&io, token(req.tag, len)) {
             Ok(()) => {}
             Err(SubmitError::Unsupported) => self.complete(req.tag, status::UNSUPPORTED, 0),
-            Err(SubmitError::Invalid(_) | SubmitError::Prp(_)) => {
-                self.complete(req.tag, status::BAD_REQUEST, 0)
-            }
+            Err(SubmitError::Invalid) => self.complete(req.tag, status::BAD_REQUEST, 0),
             // `has_room` checked for a free slot.
             Err(SubmitError::Full) => fail(
                 &self.channel,
-                format_args!("nvme: queue full despite a free slot"),
+                format_args!("driver: queue full despite a free slot"),
             ),
         }
     }
 
-    /// The NVMe work for `req`, or the status it completes with at once.
+    /// The driver's work for `req`, or the status it completes with at once.
     fn validate(&self, req: &Request) -> Result<IoRequest, u16> {
         let kind = match req.op {
             op::READ => IoKind::Read,
@@ -518,7 +520,7 @@ impl Service {
     }
 
     /// Moves an orderly stop along: once nothing taken before it is on the device, the Flush;
-    /// after the shutdown notification, CSTS.SHST. Returns 1 when it moved.
+    /// after the shutdown started, its end. Returns 1 when it moved.
     fn stop_step(&mut self) -> usize {
         let Some(disk) = self.disk.as_mut() else {
             return 0;
@@ -568,7 +570,7 @@ impl Service {
         }
     }
 
-    /// Gives the device the shutdown notification for the stop request `tag`.
+    /// Starts the device's shutdown for the stop request `tag`.
     fn notify_shutdown(&mut self, tag: u32, flushed: bool) {
         if let Some(disk) = self.disk.as_mut() {
             disk.begin_shutdown();
@@ -583,7 +585,7 @@ impl Service {
         )
     }
 
-    fn device_broke(&self, e: NvmeError) -> ! {
+    fn device_broke(&self, e: DriverError) -> ! {
         fail(&self.channel, format_args!("{e}"))
     }
 }

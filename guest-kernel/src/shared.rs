@@ -9,8 +9,9 @@ use core::ptr;
 use core::sync::atomic::{compiler_fence, fence, Ordering};
 
 use ddvm_abi::boot::BootInfo;
+use ddvm_abi::channel::blk::DeviceInfo;
 use ddvm_abi::channel::ring::SharedMemory;
-use ddvm_abi::channel::{ChannelHeader, DeviceInfo};
+use ddvm_abi::channel::ChannelHeader;
 use ddvm_abi::log::LogHeader;
 
 /// Types for which every bit pattern is a valid value and that have no padding: safe to copy

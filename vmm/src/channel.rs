@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::Instant;
 
+use ddvm_abi::channel::blk::{op, DeviceInfo, Request};
 use ddvm_abi::channel::ring::{Consumer, IndexError, Producer, SharedMemory};
 use ddvm_abi::channel::{
-    domain_flags, offset, op, vmm_flags, ChannelHeader, Completion, DeviceInfo, Request,
-    DEVICE_INFO_OFFSET,
+    class, domain_flags, offset, vmm_flags, ChannelHeader, Completion, DEVICE_INFO_OFFSET,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -178,8 +178,17 @@ pub struct HostChannel {
 }
 
 impl HostChannel {
-    /// The VMM side of the channel at `base` whose header the VMM wrote as `header`.
+    /// The VMM side of the channel at `base` whose header the VMM wrote as `header`, a block
+    /// channel ([`class::BLK`]): the requests it posts and the device info it checks are
+    /// block's. Any other class is a VMM bug and panics.
     pub fn new(base: u64, header: ChannelHeader) -> Self {
+        assert_eq!(
+            header.class,
+            class::BLK,
+            "a host channel serves the block class, the header names class {} ({})",
+            header.class,
+            class::name(header.class)
+        );
         let slots = (header.data_size / header.max_transfer.max(1)).min(header.req_entries);
         HostChannel {
             base,
@@ -659,6 +668,15 @@ mod tests {
             Err(SubmitError::TooLarge { .. })
         ));
         let _ = Completion::SIZE;
+    }
+
+    #[test]
+    #[should_panic(expected = "a host channel serves the block class")]
+    fn a_host_channel_opens_only_a_block_header() {
+        let mut header = crate::domain::channel_header("t", 3, 1 << 20).unwrap();
+        assert_eq!(header.class, class::BLK, "the VMM writes the block class");
+        header.class = class::NET;
+        let _ = HostChannel::new(BASE, header);
     }
 
     #[test]

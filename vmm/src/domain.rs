@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
-use ddvm_abi::channel::{offset as chan, ChannelHeader};
+use ddvm_abi::channel::{class, offset as chan, ChannelHeader};
 use ddvm_abi::layout;
 use ddvm_abi::port;
 use ddvm_passthrough::{
@@ -1393,10 +1393,10 @@ pub const MAX_TRANSFER_LIMIT: u32 = 128 << 10;
 /// The channel header for a channel of `size` bytes: [`RING_ENTRIES`] per ring, the rest as
 /// bounce slots, one per ring entry, each as large as fits (at most 128 KiB).
 pub fn channel_header(name: &str, epoch: u64, size: u64) -> Result<ChannelHeader, DomainError> {
-    let probe = ChannelHeader::new(epoch, size, RING_ENTRIES, 512);
+    let probe = ChannelHeader::new(class::BLK, epoch, size, RING_ENTRIES, 512);
     let per_slot = u64::from(probe.data_size) / u64::from(RING_ENTRIES);
     let max_transfer = (per_slot.min(u64::from(MAX_TRANSFER_LIMIT)) / 4096 * 4096) as u32;
-    let header = ChannelHeader::new(epoch, size, RING_ENTRIES, max_transfer);
+    let header = ChannelHeader::new(class::BLK, epoch, size, RING_ENTRIES, max_transfer);
     if max_transfer == 0 || header.check_geometry().is_err() {
         return Err(DomainError::ChannelSize {
             name: name.to_string(),

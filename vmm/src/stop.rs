@@ -30,7 +30,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddvm_abi::channel::{op, status as cstatus};
+use ddvm_abi::channel::blk::op;
+use ddvm_abi::channel::status as cstatus;
 use ddvm_recovery::monitor::HeartbeatMonitor;
 
 use crate::channel::{Done, HostChannel};

@@ -10,7 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ddvm_abi::channel::{op, status};
+use ddvm_abi::channel::blk::op;
+use ddvm_abi::channel::status;
 
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::domain::Domain;

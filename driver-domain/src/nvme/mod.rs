@@ -26,5 +26,4 @@ pub mod regs;
 
 pub use controller::{Controller, Options};
 pub use error::NvmeError;
-pub use info::DiskInfo;
-pub use io::{IoDone, IoKind, IoRequest, SubmitError};
+pub use io::{IoKind, IoRequest, SubmitError};

@@ -11,16 +11,17 @@
 //! a stale epoch, an unknown tag, an I/O error for DMA outside the domain (under ddvm, whose DMA
 //! window refuses it), a late completion, and a completion producer index past the ring.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use ddvm_abi::boot::Platform;
+use ddvm_abi::channel::blk::{device_flags, op, Request};
 use ddvm_abi::channel::ring::{Consumer, IndexError, Producer, SharedMemory, CONSUMER};
 use ddvm_abi::channel::{
-    device_flags, domain_flags, fault, offset, op, status, vmm_flags, ChannelHeader, Completion,
-    Request,
+    class, domain_flags, fault, offset, status, vmm_flags, ChannelHeader, Completion,
 };
 use guest_kernel::boot;
 use guest_kernel::dma::{DmaBuffer, PAGE_SIZE};
@@ -28,6 +29,7 @@ use guest_kernel::shared::SharedRegion;
 use guest_kernel::time::Instant;
 
 use crate::channel::Channel;
+use crate::driver::BlockDriver;
 use crate::faults::{self, Injection};
 use crate::nvme::Controller;
 use crate::service::{self, Service};
@@ -158,19 +160,19 @@ pub fn run(disk: Controller) -> Result<(u64, u64), String> {
     let region = DmaBuffer::new(pages)
         .ok_or_else(|| String::from("out of memory for the stand-in channel"))?
         .leak();
-    let header = ChannelHeader::new(EPOCH, CHANNEL_SIZE, ENTRIES, 128 << 10);
+    let header = ChannelHeader::new(class::BLK, EPOCH, CHANNEL_SIZE, ENTRIES, 128 << 10);
     region.write(0, header);
     region.write(offset::VMM_FLAGS, vmm_flags::NOTIFY_ME);
 
     let ch = Channel::open(region).map_err(|e| format!("{e}"))?;
     ch.check_geometry().map_err(|e| format!("{e}"))?;
-    let info = service::device_info(disk.info(), header.max_transfer);
+    let info = service::device_info(&disk.properties(), header.max_transfer);
     ch.write_device_info(&info);
     ch.mark_ready();
     if !region.read::<ChannelHeader>(0).is_ready_for(EPOCH) {
         return Err(String::from("channel not marked ready"));
     }
-    let mut svc = Service::new(ch, Some(disk), info);
+    let mut svc = Service::new(ch, Some(Box::new(disk)), info);
     let mut vmm = Vmm {
         region,
         header,

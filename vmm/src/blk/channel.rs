@@ -13,8 +13,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ddvm_abi::channel::blk::{device_flags, op};
 use ddvm_abi::channel::ring::IndexError;
-use ddvm_abi::channel::{device_flags, fault, op, status as cstatus};
+use ddvm_abi::channel::{fault, status as cstatus};
 use ddvm_recovery::policy::Policy;
 use ddvm_recovery::reason::{FailureReason, ProtocolViolation, Ring};
 use ddvm_recovery::shadow::{ShadowQueue, State};

@@ -4,7 +4,8 @@
 use vm_memory::ByteValued;
 
 use crate::boot::BootInfo;
-use crate::channel::{ChannelHeader, DeviceInfo};
+use crate::channel::blk::DeviceInfo;
+use crate::channel::ChannelHeader;
 use crate::log::LogHeader;
 use crate::panic::PanicRecord;
 

@@ -1,11 +1,11 @@
-//! The channel between the VMM and a driver domain (DESIGN.md, "Channel ABI").
+//! The channel between the VMM and a driver domain.
 //!
 //! One region inside the domain's memory, at the address given in the boot info:
 //!
 //! ```text
-//! 0x0000  ChannelHeader (VMM: magic, version, epoch, geometry; domain: state, heartbeat, ...)
-//! 0x0100  DeviceInfo (domain, before it marks itself ready)
-//! req     request ring:    RingIndex (producer = VMM, consumer = domain) + Request entries
+//! 0x0000  ChannelHeader (VMM: magic, version, class, epoch, geometry; domain: state, ...)
+//! 0x0100  device info of the class (domain, before it marks itself ready)
+//! req     request ring:    RingIndex (producer = VMM, consumer = domain) + request entries
 //! cpl     completion ring: RingIndex (producer = domain, consumer = VMM) + Completion entries
 //! data    bounce area: request data, addressed by offset from the channel start
 //! ```
@@ -13,18 +13,51 @@
 //! Rings are single-producer single-consumer with free-running `u32` indices. Each side keeps
 //! its own index privately as the truth and only *reads* the peer's index, validating it
 //! against what is possible (see [`ring`]); the peer can write anything at any time.
+//!
+//! This module is what every device class shares: the header and its [`class`] field, the
+//! domain [`state`], the [`fault`] words, the notification flags ([`vmm_flags`],
+//! [`domain_flags`]), the rings, the [`Completion`] entry and its [`status`] codes. A class
+//! adds its device info (at [`DEVICE_INFO_OFFSET`], at most [`DEVICE_INFO_MAX`] bytes), its
+//! request entry ([`REQUEST_SIZE`] bytes, starting with the tag, the operation and its flags)
+//! and its operations, in a module of its own: [`blk`] for block devices.
 
 use crate::assert_abi_size;
 
+pub mod blk;
+
 /// `ChannelHeader::magic`.
 pub const CHANNEL_MAGIC: u32 = 0x6464_6368; // "ddch"
-/// `ChannelHeader::version`.
-pub const CHANNEL_VERSION: u32 = 2;
+/// `ChannelHeader::version`. 3: the header names the device class (`class`).
+pub const CHANNEL_VERSION: u32 = 3;
 
-/// Offset of [`DeviceInfo`] in the channel.
+/// Offset of the class's device info in the channel (block: [`blk::DeviceInfo`]).
 pub const DEVICE_INFO_OFFSET: u64 = 0x100;
+/// Most bytes a class's device info may take (it ends before the rings).
+pub const DEVICE_INFO_MAX: u64 = HEADER_AREA - DEVICE_INFO_OFFSET;
 /// Bytes reserved at the start of the channel for the header and device info.
 pub const HEADER_AREA: u64 = 0x1000;
+/// Bytes of one request ring entry, whatever the class: the tag (`u32`), the operation
+/// (`u16`) and its flags (`u16`), then 24 bytes the class defines (block: [`blk::Request`]).
+pub const REQUEST_SIZE: u64 = 32;
+
+/// Device classes, written by the VMM into `ChannelHeader::class`. A domain serves the
+/// classes it has a channel service for and fails at boot on any other (it marks the channel
+/// failed and panics naming the class); the VMM opens a channel only as the class it wrote.
+pub mod class {
+    /// Block devices: requests address 512-byte sectors ([`super::blk`]).
+    pub const BLK: u32 = 1;
+    /// Network devices: reserved for the network class, not served yet.
+    pub const NET: u32 = 2;
+
+    /// A class's name, for messages.
+    pub fn name(class: u32) -> &'static str {
+        match class {
+            BLK => "blk",
+            NET => "net",
+            _ => "unknown",
+        }
+    }
+}
 
 /// Domain states written by the domain into `ChannelHeader::state`.
 pub mod state {
@@ -103,7 +136,7 @@ pub mod fault {
     /// [`WILD_WRITE`] target: every completion ring entry.
     pub const WILD_WRITE_ENTRIES: u32 = 1 << 0;
     /// [`WILD_WRITE`] target: the header fields the VMM wrote (magic, version, epoch, size,
-    /// geometry, `max_transfer`) and the device info (which the VMM checks when it sees the
+    /// geometry, `max_transfer`, class) and the device info (which the VMM checks when it sees the
     /// ready mark: garbage there before that is a device-info violation).
     pub const WILD_WRITE_HEADER: u32 = 1 << 1;
     /// [`WILD_WRITE`] target: the completion ring's producer index.
@@ -167,8 +200,11 @@ pub struct ChannelHeader {
     /// writes it before `fault`; the domain reads it when it takes `fault`. This slot was
     /// `reserved0` before fault arguments existed (same offset, the layout is unchanged).
     pub fault_arg: u32,
+    /// Device class served over this channel, one of [`class`] (VMM). This slot was reserved
+    /// (zero) before version 3.
+    pub class: u32,
     /// Reserved, zero.
-    pub reserved: [u64; 5],
+    pub reserved: [u32; 9],
 }
 assert_abi_size!(ChannelHeader, 128);
 
@@ -190,6 +226,8 @@ pub mod offset {
     pub const VMM_FLAGS: u64 = 44;
     /// `fault_arg`.
     pub const FAULT_ARG: u64 = 84;
+    /// `class`.
+    pub const CLASS: u64 = 88;
 }
 
 /// Why a channel geometry is refused.
@@ -207,15 +245,17 @@ pub enum GeometryError {
 pub const MAX_RING_ENTRIES: u32 = 4096;
 
 impl ChannelHeader {
-    /// A header as the VMM writes it at boot, with the standard geometry for a channel of
-    /// `size` bytes: `entries` in each ring, the rest of the channel as data area.
-    pub fn new(epoch: u64, size: u64, entries: u32, max_transfer: u32) -> Self {
+    /// A header as the VMM writes it at boot for a channel of device class `class` (one of
+    /// [`class`]), with the standard geometry for a channel of `size` bytes: `entries` in each
+    /// ring, the rest of the channel as data area.
+    pub fn new(class: u32, epoch: u64, size: u64, entries: u32, max_transfer: u32) -> Self {
         let req_ring = HEADER_AREA;
-        let cpl_ring = align_up(req_ring + ring::ring_bytes(entries, Request::SIZE), 4096);
+        let cpl_ring = align_up(req_ring + ring::ring_bytes(entries, REQUEST_SIZE), 4096);
         let data = align_up(cpl_ring + ring::ring_bytes(entries, Completion::SIZE), 4096);
         ChannelHeader {
             magic: CHANNEL_MAGIC,
             version: CHANNEL_VERSION,
+            class,
             epoch,
             size,
             req_ring: req_ring as u32,
@@ -243,7 +283,7 @@ impl ChannelHeader {
         let parts = [
             (
                 self.req_ring as u64,
-                ring::ring_bytes(self.req_entries, Request::SIZE),
+                ring::ring_bytes(self.req_entries, REQUEST_SIZE),
             ),
             (
                 self.cpl_ring as u64,
@@ -282,75 +322,6 @@ const fn align_up(v: u64, a: u64) -> u64 {
     (v + a - 1) & !(a - 1)
 }
 
-/// What the domain tells the VMM about its device, written before it marks itself ready.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeviceInfo {
-    /// Capacity in 512-byte sectors.
-    pub capacity_sectors: u64,
-    /// Logical block size of the device in bytes (512 or 4096): requests must be aligned to it.
-    pub block_size: u32,
-    /// [`device_flags`].
-    pub flags: u32,
-    /// Largest data length of one request the domain accepts (at most the header's).
-    pub max_transfer: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
-    /// Device serial number, ASCII, space or NUL padded.
-    pub serial: [u8; 20],
-    /// Device model, ASCII, space or NUL padded.
-    pub model: [u8; 40],
-    /// Reserved, zero.
-    pub reserved2: [u8; 44],
-}
-assert_abi_size!(DeviceInfo, 128);
-
-impl Default for DeviceInfo {
-    fn default() -> Self {
-        DeviceInfo {
-            capacity_sectors: 0,
-            block_size: 0,
-            flags: 0,
-            max_transfer: 0,
-            reserved: 0,
-            serial: [0; 20],
-            model: [0; 40],
-            reserved2: [0; 44],
-        }
-    }
-}
-
-/// `DeviceInfo::flags`.
-pub mod device_flags {
-    /// The device has a volatile write cache: writes are durable only after a flush.
-    pub const VOLATILE_WRITE_CACHE: u32 = 1 << 0;
-    /// The device supports deallocate (discard).
-    pub const DISCARD: u32 = 1 << 1;
-    /// The device supports write zeroes.
-    pub const WRITE_ZEROES: u32 = 1 << 2;
-}
-
-/// Request operations.
-pub mod op {
-    /// Read `sectors` into the data slot.
-    pub const READ: u16 = 1;
-    /// Write `sectors` from the data slot.
-    pub const WRITE: u16 = 2;
-    /// Make every completed write durable.
-    pub const FLUSH: u16 = 3;
-    /// Zero `sectors` (no data).
-    pub const WRITE_ZEROES: u16 = 4;
-    /// Deallocate `sectors` (no data).
-    pub const DISCARD: u16 = 5;
-    /// Orderly stop (no range, no data): once every request taken before it has completed,
-    /// make every completed write durable and shut the device down as its specification
-    /// says (NVMe: a Flush, then the normal shutdown notification, CC.SHN = 01b, until
-    /// CSTS.SHST = 10b). Completes `OK` only when both succeeded. The domain takes no
-    /// requests after it: later ones complete `IO_ERROR`. A domain that does not know it
-    /// completes it `UNSUPPORTED`.
-    pub const SHUTDOWN: u16 = 6;
-}
-
 /// Completion status.
 pub mod status {
     /// Done.
@@ -361,25 +332,6 @@ pub mod status {
     pub const UNSUPPORTED: u16 = 2;
     /// The request itself was malformed (range, alignment, data slot): a VMM bug.
     pub const BAD_REQUEST: u16 = 3;
-}
-
-/// A request, VMM → domain. 32 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Request {
-    /// VMM-chosen tag, unique among requests in flight.
-    pub tag: u32,
-    /// One of [`op`].
-    pub op: u16,
-    /// Reserved, zero.
-    pub flags: u16,
-    /// First 512-byte sector.
-    pub sector: u64,
-    /// Number of 512-byte sectors.
-    pub sectors: u32,
-    /// Bytes of data in the slot (reads and writes: `sectors * 512`; others 0).
-    pub len: u32,
-    /// Offset of the data slot from the channel start.
-    pub data: u64,
 }
 
 /// A completion, domain → VMM. 16 bytes.
@@ -409,41 +361,14 @@ pub trait Entry: Sized + Copy {
     fn decode(b: &Self::Bytes) -> Self;
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     (u32_at(b, at) as u64) | ((u32_at(b, at + 4) as u64) << 32)
-}
-
-impl Entry for Request {
-    const SIZE: u64 = 32;
-    type Bytes = [u8; 32];
-    fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        b[0..4].copy_from_slice(&self.tag.to_le_bytes());
-        b[4..6].copy_from_slice(&self.op.to_le_bytes());
-        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
-        b[8..16].copy_from_slice(&self.sector.to_le_bytes());
-        b[16..20].copy_from_slice(&self.sectors.to_le_bytes());
-        b[20..24].copy_from_slice(&self.len.to_le_bytes());
-        b[24..32].copy_from_slice(&self.data.to_le_bytes());
-        b
-    }
-    fn decode(b: &[u8; 32]) -> Self {
-        Request {
-            tag: u32_at(b, 0),
-            op: u16_at(b, 4),
-            flags: u16_at(b, 6),
-            sector: u64_at(b, 8),
-            sectors: u32_at(b, 16),
-            len: u32_at(b, 20),
-            data: u64_at(b, 24),
-        }
-    }
 }
 
 impl Entry for Completion {
@@ -724,6 +649,7 @@ pub mod ring {
 mod tests {
     extern crate std;
 
+    use super::blk::{op, Request};
     use super::ring::*;
     use super::*;
     use core::cell::RefCell;
@@ -796,11 +722,32 @@ mod tests {
             offset::FAULT_ARG,
             "fault_arg took the place of reserved0, right after max_transfer"
         );
+        assert_eq!(offset_of!(ChannelHeader, class) as u64, offset::CLASS);
+        assert_eq!(
+            offset::FAULT_ARG + 4,
+            offset::CLASS,
+            "class took the first reserved word, right after fault_arg"
+        );
+    }
+
+    #[test]
+    fn the_header_names_its_class() {
+        let h = ChannelHeader::new(class::BLK, 1, 1 << 20, 64, 128 << 10);
+        assert_eq!(h.class, class::BLK);
+        assert_eq!(h.version, CHANNEL_VERSION);
+        assert_eq!(class::name(h.class), "blk");
+        assert_eq!(class::name(class::NET), "net");
+        assert_eq!(class::name(0), "unknown");
+        assert_eq!(
+            Request::SIZE,
+            REQUEST_SIZE,
+            "a block request is one ring entry"
+        );
     }
 
     #[test]
     fn ready_needs_the_current_epoch() {
-        let mut h = ChannelHeader::new(7, 1 << 20, 64, 128 << 10);
+        let mut h = ChannelHeader::new(class::BLK, 7, 1 << 20, 64, 128 << 10);
         assert!(!h.is_ready_for(7));
         h.state = state::READY;
         h.ready_epoch = 6;
@@ -814,7 +761,7 @@ mod tests {
 
     #[test]
     fn standard_geometry_is_valid_and_bad_ones_are_refused() {
-        let h = ChannelHeader::new(1, 1 << 20, 64, 128 << 10);
+        let h = ChannelHeader::new(class::BLK, 1, 1 << 20, 64, 128 << 10);
         assert_eq!(h.check_geometry(), Ok(()));
         assert!(h.data_range_ok(h.data as u64, h.data_size as u64));
         assert!(!h.data_range_ok(h.data as u64 - 1, 1));
@@ -832,7 +779,7 @@ mod tests {
         let mut b = h;
         b.max_transfer = 1000;
         assert_eq!(b.check_geometry(), Err(GeometryError::MaxTransfer));
-        let tiny = ChannelHeader::new(1, 8192, 64, 4096);
+        let tiny = ChannelHeader::new(class::BLK, 1, 8192, 64, 4096);
         assert!(tiny.check_geometry().is_err());
     }
 
