@@ -154,8 +154,8 @@ fn a_stock_kernel_is_refused_on_pvm_and_booted_elsewhere() {
             );
         }
         Ok(mut c) => {
-            let platform = c.domain().platform();
-            c.domain_mut().stop();
+            let platform = c.guest().platform();
+            c.guest_mut().stop();
             assert_ne!(platform, ddvm_abi::boot::Platform::Pvm, "booted under PVM");
         }
     }

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use ddvm::channel::HostChannel;
-use ddvm::domain::{DeviceSpec, Domain, DomainConfig};
+use ddvm::devices::DeviceSpec;
+use ddvm::domain::{Domain, DomainConfig};
 use ddvm::testclient::{self, Workload};
 use ddvm::vcpu::DomainExit;
 use ddvm_abi::channel::blk::op;

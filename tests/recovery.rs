@@ -561,7 +561,7 @@ fn a_thousand_restarts_leak_nothing() {
         "1000 restarts: fds {fds}->{fds2}, threads {threads}->{threads2}, rss {rss}->{rss2} KiB"
     );
     for c in &mut topo.clients {
-        c.domain_mut().stop();
+        c.guest_mut().stop();
     }
     topo.stop();
     assert!(fds2 <= fds + 2, "fds {fds} -> {fds2}");

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use ddvm::domain::{Domain, DomainError};
 use ddvm::vcpu::DomainExit;
+use ddvm::vm::GuestError;
 
 use common::*;
 
@@ -56,7 +57,7 @@ fn failed_boot_leaves_nothing_behind() {
     cfg.memory = 2 << 20;
     assert!(matches!(
         Domain::boot(&hv, &cfg, 1),
-        Err(DomainError::MemoryTooSmall { .. })
+        Err(DomainError::Guest(GuestError::MemoryTooSmall { .. }))
     ));
     let mut cfg = dd_config("bad", "");
     cfg.channel_size = 12345;
@@ -82,7 +83,7 @@ fn nvme_domains_tear_down_without_leaking_device_threads_or_files() {
     let cfg = |i: usize| ddvm::domain::DomainConfig {
         memory: 32 << 20,
         channel_size: 8448 << 10,
-        device: Some(ddvm::domain::DeviceSpec::EmulatedNvme(
+        device: Some(ddvm::devices::DeviceSpec::EmulatedNvme(
             ddvm_passthrough::NvmeConfig {
                 backing: dir.join(format!("disk{}.img", i % 2)),
                 size: 16 << 20,

@@ -219,7 +219,7 @@ fn run(
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let other_ticks = (cpu1.0 - cpu0.0).saturating_sub(cpu1.1 - cpu0.1);
     let others = Duration::from_secs_f64(other_ticks as f64 / hz);
-    let client_exits = topo.clients[0].domain().vcpu_stat("exits").unwrap_or(0);
+    let client_exits = topo.clients[0].guest().vcpu_stat("exits").unwrap_or(0);
     let s = &mut topo.services[0];
     let copy_bytes = s.counters().copy_bytes.load(Ordering::Relaxed);
     let copy_ns = s.counters().copy_ns.load(Ordering::Relaxed);
@@ -565,8 +565,8 @@ fn attack_run(
     let exit = client.wait(Duration::from_secs(600));
     stop.store(true, Ordering::Relaxed);
     let stats = thread.map(|t| t.join().expect("attacker"));
-    let console = client.domain().console().text();
-    client.domain_mut().stop();
+    let console = client.guest().console().text();
+    client.guest_mut().stop();
     let _ = svc.stop();
     let report =
         WorkloadReport::find(&console).unwrap_or_else(|| panic!("no report ({exit:?}): {console}"));

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use ddvm::channel::HostChannel;
 use ddvm::console::Echo;
-use ddvm::domain::{DeviceSpec, Domain, DomainConfig};
+use ddvm::devices::DeviceSpec;
+use ddvm::domain::{Domain, DomainConfig};
 use ddvm::hypervisor::{Hypervisor, DEFAULT_KVM_PATH};
 use ddvm::testclient::{self, Report, Workload};
 use ddvm_passthrough::NvmeConfig;

@@ -9,15 +9,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::{BlockGeometry, ClientPort, VirtioBlock};
 use crate::console::Echo;
-use crate::domain::{Domain, DomainConfig, DomainError, LevelIrq, MmioAttachment};
 use crate::hypervisor::Hypervisor;
-use crate::linux::LinuxBoot;
+use crate::linux::{self, LevelIrq, LinuxBoot};
 use crate::loader::Image;
 use crate::memory::GuestMem;
 use crate::vcpu::DomainExit;
 use crate::vcpu::Shared;
 use crate::virtio::mmio::{MmioTransport, WINDOW};
 use crate::virtio::Interrupt;
+use crate::vm::{Guest, GuestConfig, GuestError, MmioAttachment};
 
 /// Guest-physical base of a client's first virtio-mmio device.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -68,13 +68,13 @@ pub struct ClientConfig {
 
 /// A running client guest.
 pub struct Client {
-    domain: Domain,
+    guest: Guest,
     port: Arc<ClientPort>,
 }
 
 impl Client {
     /// Boots a client; its block device is `port()`, to be served by a block service.
-    pub fn boot(hv: &Hypervisor, cfg: &ClientConfig) -> Result<Client, DomainError> {
+    pub fn boot(hv: &Hypervisor, cfg: &ClientConfig) -> Result<Client, GuestError> {
         let cmdline = match &cfg.linux {
             Some(linux) => linux.cmdline.clone(),
             None => format!(
@@ -84,14 +84,12 @@ impl Client {
             .trim_start()
             .to_string(),
         };
-        let dcfg = DomainConfig {
+        let gcfg = GuestConfig {
             name: cfg.name.clone(),
             image: cfg.image.clone(),
             memory: cfg.memory,
             cmdline,
-            channel_size: 0,
             echo: cfg.echo,
-            device: None,
         };
         let mut port = None;
         let mut attach = |mem: &GuestMem, shared: &Arc<Shared>| {
@@ -99,16 +97,16 @@ impl Client {
             port = Some(p);
             Ok(vec![device])
         };
-        let domain = match &cfg.linux {
-            Some(linux) => Domain::boot_linux(hv, &dcfg, linux, &mut attach)?,
-            None => Domain::boot_with(hv, &dcfg, 0, &mut attach)?,
+        let guest = match &cfg.linux {
+            Some(boot) => linux::boot(hv, &gcfg, boot, &mut attach)?,
+            None => Guest::boot(hv, &gcfg, &mut attach)?,
         };
-        let port = port.ok_or_else(|| DomainError::Host {
+        let port = port.ok_or_else(|| GuestError::Host {
             name: cfg.name.clone(),
             what: "virtio-blk device",
             source: std::io::Error::other("device was not built"),
         })?;
-        Ok(Client { domain, port })
+        Ok(Client { guest, port })
     }
 
     /// The port a block service serves.
@@ -117,18 +115,18 @@ impl Client {
     }
 
     /// The guest.
-    pub fn domain(&self) -> &Domain {
-        &self.domain
+    pub fn guest(&self) -> &Guest {
+        &self.guest
     }
 
     /// The guest, mutably (to stop it).
-    pub fn domain_mut(&mut self) -> &mut Domain {
-        &mut self.domain
+    pub fn guest_mut(&mut self) -> &mut Guest {
+        &mut self.guest
     }
 
     /// Waits for the guest to finish; returns how it stopped (None: still running).
     pub fn wait(&self, timeout: Duration) -> Option<DomainExit> {
-        self.domain.wait_stopped(timeout)
+        self.guest.wait_stopped(timeout)
     }
 }
 
@@ -139,8 +137,8 @@ fn virtio_blk(
     cfg: &ClientConfig,
     mem: &GuestMem,
     shared: &Arc<Shared>,
-) -> Result<(MmioAttachment, Arc<ClientPort>), DomainError> {
-    let host = |source| DomainError::Host {
+) -> Result<(MmioAttachment, Arc<ClientPort>), GuestError> {
+    let host = |source| GuestError::Host {
         name: cfg.name.clone(),
         what: "virtio-blk device",
         source,

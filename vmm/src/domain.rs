@@ -1,41 +1,35 @@
-//! A guest VM: memory, image, vCPU threads (one, but for a Linux client's), devices — from
-//! creation to teardown.
+//! Driver domains: a guest ([`crate::vm::Guest`]) with a channel at the top of its memory and,
+//! if it has one, the PCI device it drives — boot, warm standby, promotion, retirement — and
+//! the device that outlives its domains ([`DomainDevice`]).
 //!
-//! Booting checks everything that can be wrong with the request (image, sizes) before any KVM
-//! object exists; a failure after that drops what was built, so nothing is left half-started.
-//! Teardown stops the vCPU threads (a kick signal takes each out of KVM_RUN), joins them, then
-//! drops the vCPUs, the VM and the memory, in that order.
+//! The device is reached through its PCI function only ([`PciDevice`] over a
+//! [`ddvm_passthrough::PciBackend`]): attached to a domain's memory at boot or promotion,
+//! quiesced (bus mastering off, function reset, DMA detached) when the domain goes. What one
+//! kind of device needs beyond that (for the emulated NVMe controller: doorbells served in the
+//! kernel, passes its owner runs, a shutdown through its registers) is its [`DeviceModel`],
+//! in a module of its own ([`crate::devices::nvme`]).
 
+use std::any::Any;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ddvm_abi::boot::{BootInfo, Platform, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
 use ddvm_abi::channel::{class, offset as chan, ChannelHeader};
 use ddvm_abi::layout;
 use ddvm_abi::port;
-use ddvm_passthrough::{
-    DmaWindow, EmulatedNvme, NvmeConfig, NvmeMonitor, NvmePoller, PciBus, PciDevice,
-};
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use ddvm_passthrough::{DmaWindow, PciBus, PciDevice};
+use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::signal::Killable;
 
-use crate::arch;
-use crate::console::{Console, Echo, LogReader};
+use crate::console::Echo;
 use crate::devices::pci::{BarWindow, PciConfigPorts, PciEcam};
-use crate::devices::serial::SerialPort;
-use crate::devices::Bus;
-use crate::hypervisor::{register_pvm_vif, Hypervisor};
-use crate::loader::{Image, ImageError, Loaded};
-use crate::memory::{self, GuestMem, MemoryError};
-use crate::stats::VcpuStats;
-use crate::vcpu::{self, DomainExit, RunState, Shared, VcpuContext};
-
-/// Smallest guest: low pages, a 1 MiB-based image and a channel must fit.
-pub const MIN_MEMORY: u64 = 4 << 20;
+use crate::devices::{Bus, DeviceSpec};
+use crate::hypervisor::Hypervisor;
+use crate::loader::Image;
+use crate::memory::GuestMem;
+use crate::vcpu::{self, RunState, Shared};
+use crate::vm::{self, Guest, GuestConfig, GuestError, ImageExtras};
 
 /// How to build a domain.
 #[derive(Clone, Debug)]
@@ -56,15 +50,33 @@ pub struct DomainConfig {
     pub device: Option<DeviceSpec>,
 }
 
-/// A device handed to a driver domain.
-#[derive(Clone, Debug)]
-pub enum DeviceSpec {
-    /// A fresh emulated NVMe controller (stands in for hardware; VFIO comes later), created
-    /// with the domain and gone with it.
-    EmulatedNvme(NvmeConfig),
-    /// A device that outlives its domains (recovery hands it from a dead domain to a fresh
-    /// one, as a VFIO device would be).
-    Persistent(Arc<DomainDevice>),
+/// What one kind of device needs from the VMM beyond its PCI function (implemented by
+/// [`crate::devices::nvme`]). The generic path calls only this.
+pub trait DeviceModel: Send + Sync {
+    /// The VM of the domain that holds the device now (`None`: the holder is going; whatever
+    /// the model registered with its VM goes with that VM).
+    fn set_vm(&self, vm: Option<Arc<VmFd>>);
+    /// The device's own orderly shutdown, given by the VMM through its registers: what an
+    /// orderly stop falls back to when the domain cannot give it. Called with the domain's
+    /// vCPU stopped (nothing else drives the device), before the reset of
+    /// [`DomainDevice::quiesce`].
+    fn shutdown(&self, pci: &Mutex<PciDevice>, timeout: Duration) -> DeviceShutdown;
+    /// The model, for its own module to look at (its counters).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A device's passes, run by its owner's thread instead of a worker thread of the device's
+/// own ([`DeviceThread::Owner`]).
+pub trait DevicePoller: Send + Sync {
+    /// Serves what the driver submitted without trapping; returns the work taken.
+    fn poll(&self) -> u64;
+    /// Before the owner sleeps: asks the driver to ring, and re-checks. True when work
+    /// arrived meanwhile (poll instead of sleeping).
+    fn arm(&self) -> bool;
+    /// The eventfd an owner sleeps on.
+    fn eventfd(&self) -> std::os::fd::RawFd;
+    /// Resets the eventfd after the owner woke.
+    fn clear(&self);
 }
 
 /// A PCI device that outlives the driver domains it is handed to.
@@ -74,11 +86,11 @@ pub enum DeviceSpec {
 /// drops a volatile write cache), DMA detached — before its memory is freed.
 pub struct DomainDevice {
     pci: Arc<Mutex<PciDevice>>,
-    monitor: NvmeMonitor,
+    // The window the device's DMA goes through (a clone: its counters are the device's).
+    dma: DmaWindow,
+    model: Box<dyn DeviceModel>,
     // Set when the device's owner runs its passes (`DeviceThread::Owner`).
-    poller: Option<NvmePoller>,
-    // The VM whose ioeventfds the shadow-doorbell callback (un)registers: the current domain's.
-    vm: Arc<Mutex<Option<Arc<VmFd>>>>,
+    poller: Option<Arc<dyn DevicePoller>>,
     // The owner's pass, run on the domain's vCPU thread when the domain waits.
     owner_pass: Arc<Mutex<Option<OwnerPass>>>,
     // Whether the device has a volatile write cache, as the VMM itself knows it (`None`:
@@ -97,8 +109,9 @@ impl std::fmt::Debug for DomainDevice {
     }
 }
 
-/// Which thread serves an emulated controller's shadow doorbells (trapped doorbell writes are
-/// always served on the vCPU thread that wrote them).
+/// Which thread serves a device's work that does not trap (for the emulated controller: its
+/// shadow doorbells; trapped doorbell writes are always served on the vCPU thread that wrote
+/// them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceThread {
     /// A worker thread of its own.
@@ -110,71 +123,24 @@ pub enum DeviceThread {
 }
 
 impl DomainDevice {
-    /// Creates the emulated NVMe controller of `cfg` (opening its backing file), detached.
-    pub fn emulated_nvme(
-        name: &str,
-        cfg: &NvmeConfig,
-        thread: DeviceThread,
-    ) -> Result<Arc<DomainDevice>, DomainError> {
-        let device_err = |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
-            name: name.to_string(),
-            source,
-        };
-        // Detached until a boot attaches it to the domain's memory.
-        let dma = DmaWindow::detached();
-        let nvme = EmulatedNvme::new(cfg.clone(), dma).map_err(|e| device_err(Box::new(e)))?;
-        let poller = match thread {
-            DeviceThread::Worker => {
-                nvme.start_worker(Arc::new(|| {}))
-                    .map_err(|e| device_err(Box::new(e)))?;
-                None
-            }
-            DeviceThread::Owner => Some(nvme.poller()),
-        };
-        let vm: Arc<Mutex<Option<Arc<VmFd>>>> = Arc::default();
-        // While the driver uses shadow doorbells, its I/O doorbell writes carry no information
-        // the device needs: serve them in the kernel (ioeventfd, ~23 µs) instead of exiting to
-        // us (~70 µs).
-        let doorbell = nvme
-            .doorbell_eventfd()
-            .try_clone()
-            .map_err(|e| device_err(Box::new(e)))?;
-        let range = nvme.io_doorbell_range();
-        let current = vm.clone();
-        let domain = name.to_string();
-        nvme.set_on_shadow_doorbells(Box::new(move |active| {
-            let Some(vm) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-                return;
-            };
-            for off in range.clone().step_by(4) {
-                let addr = IoEventAddress::Mmio(PCI_MMIO_BASE + off);
-                let r = if active {
-                    vm.register_ioevent(&doorbell, &addr, NoDatamatch)
-                } else {
-                    vm.unregister_ioevent(&doorbell, &addr, NoDatamatch)
-                };
-                if let Err(e) = r {
-                    // The domain decides how often this runs (it sets up its shadow doorbells
-                    // at every controller bring-up): limited.
-                    crate::limited!(
-                        debug,
-                        key: domain,
-                        "domain {domain}: doorbell ioeventfd at {off:#x}: {e}"
-                    );
-                }
-            }
-        }));
-        let monitor = nvme.monitor();
-        let pci = PciDevice::new(Box::new(nvme), &[(0, PCI_MMIO_BASE)])
-            .map_err(|e| device_err(Box::new(e)))?;
-        Ok(Arc::new(DomainDevice {
+    /// A device that outlives its domains, detached: its PCI function (BARs placed from
+    /// [`PCI_MMIO_BASE`]), the DMA window its backend reaches memory through, what its kind
+    /// needs beyond PCI, and the passes its owner runs (`None`: it has a worker of its own).
+    pub fn new(
+        pci: PciDevice,
+        dma: DmaWindow,
+        model: Box<dyn DeviceModel>,
+        poller: Option<Arc<dyn DevicePoller>>,
+        volatile_write_cache: Option<bool>,
+    ) -> Arc<DomainDevice> {
+        Arc::new(DomainDevice {
             pci: Arc::new(Mutex::new(pci)),
-            monitor,
+            dma,
+            model,
             poller,
             owner_pass: Arc::default(),
-            vm,
-            volatile_write_cache: Some(cfg.volatile_write_cache),
-        }))
+            volatile_write_cache,
+        })
     }
 
     /// Whether the device has a volatile write cache that a reset may drop, as the VMM knows
@@ -184,19 +150,25 @@ impl DomainDevice {
         self.volatile_write_cache
     }
 
-    /// The device's counters (they keep counting across domains).
-    pub fn stats(&self) -> ddvm_passthrough::NvmeStats {
-        self.monitor.stats()
+    /// Accesses the device's DMA window refused so far (outside the domain's memory, bus
+    /// mastering off, or detached), across every domain it served.
+    pub fn dma_refused(&self) -> u64 {
+        self.dma.refused()
+    }
+
+    /// What the device's kind adds to PCI.
+    pub fn model(&self) -> &dyn DeviceModel {
+        self.model.as_ref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PciDevice> {
         self.pci.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Serves what the driver submitted through shadow doorbells (owner-served devices only;
-    /// see [`DeviceThread::Owner`]). Returns the commands taken.
+    /// Serves what the driver submitted without trapping (owner-served devices only; see
+    /// [`DeviceThread::Owner`]). Returns the work taken.
     pub fn poll(&self) -> u64 {
-        self.poller.as_ref().map_or(0, NvmePoller::poll)
+        self.poller.as_ref().map_or(0, |p| p.poll())
     }
 
     /// Work for the vCPU thread of the domain this device serves when the domain waits (see
@@ -227,12 +199,13 @@ impl DomainDevice {
     /// Before the owner sleeps: asks the driver to ring, and re-checks. True when work
     /// arrived meanwhile (poll instead of sleeping).
     pub fn arm(&self) -> bool {
-        self.poller.as_ref().is_some_and(NvmePoller::arm)
+        self.poller.as_ref().is_some_and(|p| p.arm())
     }
 
-    /// The eventfd an owner sleeps on (an ioeventfd doorbell, bus mastering back on).
+    /// The eventfd an owner sleeps on (for the emulated controller: an ioeventfd doorbell,
+    /// bus mastering back on).
     pub fn eventfd(&self) -> Option<std::os::fd::RawFd> {
-        self.poller.as_ref().map(NvmePoller::eventfd)
+        self.poller.as_ref().map(|p| p.eventfd())
     }
 
     /// Resets the eventfd after the owner woke.
@@ -242,71 +215,38 @@ impl DomainDevice {
         }
     }
 
-    /// Attaches the device to a domain: DMA into `mem`, completions kick its vCPU, shadow
-    /// doorbells become ioeventfds of `vm`.
+    /// Attaches the device to a domain: DMA into `mem`, completions kick its vCPU, and the
+    /// model's registrations go to `vm`.
     fn attach_to(&self, mem: &GuestMem, shared: &Arc<Shared>, vm: &Arc<VmFd>) {
-        // The controller's completions wake the domain if it waits. The closure holds the
-        // shared state, never the device (no reference cycle).
+        // The device's completions wake the domain if it waits. The closure holds the shared
+        // state, never the device (no reference cycle).
         let waker = shared.clone();
         self.lock()
             .attach(mem.clone(), Arc::new(move || waker.kick()));
-        *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.clone());
+        self.model.set_vm(Some(vm.clone()));
     }
 
     /// Bus mastering off, function reset, DMA detached: the device can no longer touch the
     /// domain it served.
     pub fn quiesce(&self) {
-        // The VM goes first: the reset then stops shadow doorbells without unregistering the
-        // dying VM's ioeventfds one by one (each waits for a KVM SRCU grace period: 0.3–1 ms
-        // in all, sometimes tens of ms, on the recovery path). They go with the VM.
-        *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // The VM goes first: the reset then stops what the model registered with the dying
+        // VM without unregistering it piece by piece (for the emulated controller, each
+        // doorbell ioeventfd waits for a KVM SRCU grace period: 0.3–1 ms in all, sometimes
+        // tens of ms, on the recovery path). It goes with the VM.
+        self.model.set_vm(None);
         self.lock().quiesce();
     }
 
-    /// The NVMe normal shutdown given by the VMM itself, through the controller's registers
-    /// (BAR0: CC.SHN = 01b, then CSTS.SHST polled until it reads 10b, at most `timeout`):
-    /// the controller writes its volatile cache back to the medium. It is what an orderly
-    /// stop falls back to when the domain cannot shut the controller down itself (dead,
-    /// hung, or an image without the channel's SHUTDOWN): the VMM reaches the registers of
-    /// the emulated controller, as it would a VFIO device's through its BAR region. Call it
-    /// with the domain's vCPU stopped (nothing else drives the controller) and before the
-    /// reset of [`DomainDevice::quiesce`], which would drop the cache.
+    /// The device's orderly shutdown given by the VMM itself, through its registers (for an
+    /// NVMe controller: CC.SHN = 01b, then CSTS.SHST polled until it reads 10b, at most
+    /// `timeout`, so the controller writes its volatile cache back to the medium). It is what
+    /// an orderly stop falls back to when the domain cannot shut the device down itself
+    /// (dead, hung, or an image without the channel's SHUTDOWN): the VMM reaches the
+    /// registers of the emulated controller, as it would a VFIO device's through its BAR
+    /// region. Call it with the domain's vCPU stopped (nothing else drives the device) and
+    /// before the reset of [`DomainDevice::quiesce`], which would drop the cache.
     pub fn shutdown_controller(&self, timeout: Duration) -> DeviceShutdown {
-        const CC: u64 = 0x14;
-        const CSTS: u64 = 0x1c;
-        const CC_EN: u32 = 1;
-        const CC_SHN: u32 = 0b11 << 14;
-        const CC_SHN_NORMAL: u32 = 0b01 << 14;
-        const CSTS_SHST: u32 = 0b11 << 2;
-        const CSTS_SHST_COMPLETE: u32 = 0b10 << 2;
-        let t0 = Instant::now();
-        let read = |off: u64| {
-            let mut b = [0u8; 4];
-            self.lock().backend.bar_read(0, off, &mut b);
-            u32::from_le_bytes(b)
-        };
-        let cc = read(CC);
-        if cc == u32::MAX {
-            return DeviceShutdown::Failed("the controller does not respond".into());
-        }
-        if cc & CC_EN == 0 {
-            // Disabled: its last reset already dropped whatever its cache held.
-            return DeviceShutdown::NotEnabled;
-        }
-        let value = cc & !CC_SHN | CC_SHN_NORMAL;
-        self.lock().backend.bar_write(0, CC, &value.to_le_bytes());
-        loop {
-            let csts = read(CSTS);
-            if csts != u32::MAX && csts & CSTS_SHST == CSTS_SHST_COMPLETE {
-                return DeviceShutdown::Done(t0.elapsed());
-            }
-            if t0.elapsed() >= timeout {
-                return DeviceShutdown::Failed(format!(
-                    "CSTS.SHST not complete within {timeout:?} (CSTS {csts:#x})"
-                ));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.model.shutdown(&self.pci, timeout)
     }
 }
 
@@ -335,26 +275,9 @@ pub const PCI_DEVICE_NUMBER: u8 = 1;
 /// Errors creating a domain.
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
-    /// A bad image.
+    /// What can go wrong with any guest.
     #[error(transparent)]
-    Image(#[from] ImageError),
-    /// A bad memory size.
-    #[error("domain {name}: memory: {source}")]
-    Memory {
-        /// Domain name.
-        name: String,
-        /// Cause.
-        #[source]
-        source: MemoryError,
-    },
-    /// Memory too small for the layout.
-    #[error("domain {name}: memory of {memory} bytes is too small; expected at least {MIN_MEMORY} bytes")]
-    MemoryTooSmall {
-        /// Domain name.
-        name: String,
-        /// Requested size.
-        memory: u64,
-    },
+    Guest(#[from] GuestError),
     /// Memory reaching into the device window.
     #[error("domain {name}: memory of {memory} bytes overlaps the PCI windows from {PCI_ECAM_BASE:#x}; expected at most {PCI_ECAM_BASE} bytes with a device")]
     MemoryTooLarge {
@@ -370,39 +293,6 @@ pub enum DomainError {
         name: String,
         /// Requested size.
         size: u64,
-    },
-    /// Command line too long or with a NUL.
-    #[error(
-        "domain {name}: command line of {len} bytes; expected at most {} bytes without NUL",
-        layout::CMDLINE_MAX
-    )]
-    Cmdline {
-        /// Domain name.
-        name: String,
-        /// Its length.
-        len: usize,
-    },
-    /// A KVM call failed.
-    #[error("domain {name}: {what}: {source}")]
-    Kvm {
-        /// Domain name.
-        name: String,
-        /// What we were doing.
-        what: &'static str,
-        /// Cause.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// Writing the boot structures failed.
-    #[error("domain {name}: writing {what} into guest memory: {source}")]
-    Setup {
-        /// Domain name.
-        name: String,
-        /// Which structure.
-        what: &'static str,
-        /// Cause.
-        #[source]
-        source: vm_memory::GuestMemoryError,
     },
     /// The device could not be created.
     #[error("domain {name}: device: {source}")]
@@ -421,87 +311,7 @@ pub enum DomainError {
         /// What went wrong.
         what: &'static str,
     },
-    /// A stock Linux guest could not be set up.
-    #[error("guest {name}: {source}")]
-    Linux {
-        /// Guest name.
-        name: String,
-        /// Cause.
-        #[source]
-        source: crate::linux::LinuxError,
-    },
-    /// The host cannot run this guest.
-    #[error("guest {name}: {what}")]
-    Unsupported {
-        /// Guest name.
-        name: String,
-        /// Why.
-        what: String,
-    },
-    /// Host resources (threads, eventfds, signals).
-    #[error("domain {name}: {what}: {source}")]
-    Host {
-        /// Domain name.
-        name: String,
-        /// What we were doing.
-        what: &'static str,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
 }
-
-/// A device a caller puts on the guest's MMIO bus (see [`Domain::boot_with`]).
-pub struct MmioAttachment {
-    /// Guest-physical base.
-    pub base: u64,
-    /// Length of the window.
-    pub len: u64,
-    /// The device.
-    pub device: Arc<Mutex<dyn crate::devices::BusDevice>>,
-    /// Eventfds to register as ioeventfds (guest-physical address, eventfd), no datamatch.
-    pub ioevents: Vec<(u64, vmm_sys_util::eventfd::EventFd)>,
-    /// The device's interrupt line. Only guests with an interrupt controller take it (a
-    /// stock Linux guest); ddvm's own guests poll.
-    pub irq: Option<LevelIrq>,
-}
-
-/// A device's level-triggered interrupt line on the guest's I/O APIC (as QEMU's virtio-mmio
-/// lines are). An irqfd with a resample eventfd: writing `trigger` asserts the line; at the
-/// guest's EOI KVM de-asserts it and signals the resample eventfd, and the line is asserted
-/// again while `pending` holds. Unlike an edge, a level survives the guest masking the pin
-/// for a moment (as Linux does when it reprograms one): KVM's I/O APIC drops an edge that
-/// arrives on a masked pin. With edges, a 2-vCPU Linux client stopped for good now and then.
-pub struct LevelIrq {
-    /// The I/O APIC input.
-    pub gsi: u32,
-    /// Written to assert the line.
-    pub trigger: vmm_sys_util::eventfd::EventFd,
-    /// Whether the device still has an interrupt for the guest.
-    pub pending: Arc<dyn Fn() -> bool + Send + Sync>,
-}
-
-/// Re-asserts level-triggered lines after each EOI while their device has an interrupt
-/// pending; ends once the guest is asked to stop.
-fn resample_lines(shared: &Shared, lines: Vec<(LevelIrq, vmm_sys_util::eventfd::EventFd)>) {
-    use std::os::fd::AsRawFd;
-    let fds: Vec<_> = lines.iter().map(|(_, r)| r.as_raw_fd()).collect();
-    while !shared.stopping() {
-        if !vcpu::wait_fds(&fds, Duration::from_millis(50)) {
-            continue;
-        }
-        for (line, resample) in &lines {
-            if resample.read().is_ok() && (line.pending)() {
-                // Fails only when the counter would overflow: asserted already.
-                let _ = line.trigger.write(1);
-            }
-        }
-    }
-}
-
-/// Builds the devices of a guest once its memory and shared state exist.
-pub type AttachFn<'a> =
-    dyn FnMut(&GuestMem, &Arc<Shared>) -> Result<Vec<MmioAttachment>, DomainError> + 'a;
 
 /// What a standby is handed when it is promoted.
 struct Handover {
@@ -514,51 +324,175 @@ fn lock_bus(bus: &Mutex<PciBus>) -> std::sync::MutexGuard<'_, PciBus> {
     bus.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A running guest.
+/// A running driver domain: a guest ([`Guest`], whose accessors it derefs to) with its
+/// channel and device.
 pub struct Domain {
-    name: String,
     epoch: u64,
-    platform: Platform,
-    loaded: Loaded,
     channel: Option<u64>,
     channel_header: Option<ChannelHeader>,
-    started: Instant,
-    shared: Arc<Shared>,
-    console: Arc<Console>,
-    stats: Option<VcpuStats>,
-    thread: Option<JoinHandle<DomainExit>>,
-    // The other vCPUs' threads (a Linux client's application processors), joined with it.
-    aps: Vec<JoinHandle<DomainExit>>,
-    // Threads that end when the guest is asked to stop (the interrupt-line resampler).
-    helpers: Vec<JoinHandle<()>>,
-    // The vCPU thread's CPU-time clock (valid while `thread` is held, not joined).
-    cpu_clock: Option<libc::clockid_t>,
-    exit: Option<DomainExit>,
     // Quiesced after the vCPU thread (which holds it through the buses) is joined, before the
     // VM and the memory its DMA window maps are freed.
     device: Option<Arc<DomainDevice>>,
     // A standby's device, PCI slot and BAR gate, until its promotion.
     handover: Option<Handover>,
-    // Dropped after the vCPU thread has been joined; the VM before the memory it maps.
-    vm: Option<Arc<VmFd>>,
-    mem: GuestMem,
+    // Dropped after the device is quiesced: vCPU threads joined, then the VM, then the memory.
+    guest: Guest,
+}
+
+impl Deref for Domain {
+    type Target = Guest;
+    fn deref(&self) -> &Guest {
+        &self.guest
+    }
+}
+
+impl DerefMut for Domain {
+    fn deref_mut(&mut self) -> &mut Guest {
+        &mut self.guest
+    }
+}
+
+/// What a driver domain adds to the boot of its image: the channel, the device on the PCI
+/// bus (or, for a standby, the empty slot it will fill).
+struct DomainBoot<'a> {
+    name: String,
+    epoch: u64,
+    standby: bool,
+    channel_size: u64,
+    channel: Option<u64>,
+    header: Option<ChannelHeader>,
+    spec: Option<&'a DeviceSpec>,
+    // The domain's command line places the device itself (`nvme=`): no BAR0 hint added.
+    user_placed: bool,
+    device: Option<Arc<DomainDevice>>,
+    handover: Option<Handover>,
+}
+
+impl ImageExtras for DomainBoot<'_> {
+    type Error = DomainError;
+
+    fn channel_size(&self) -> u64 {
+        self.channel_size
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn pci_ecam(&self) -> u64 {
+        if self.spec.is_some() {
+            PCI_ECAM_BASE
+        } else {
+            0
+        }
+    }
+
+    fn standby(&self) -> bool {
+        self.standby
+    }
+
+    fn prepare(&mut self, mem: &GuestMem) -> Result<Option<String>, DomainError> {
+        if let (Some(gpa), Some(header)) = (self.channel, self.header) {
+            mem.write_obj(header, GuestAddress(gpa))
+                .map_err(|source| GuestError::Setup {
+                    name: self.name.clone(),
+                    what: "channel header",
+                    source,
+                })?;
+        }
+        let device = match self.spec {
+            None => None,
+            Some(spec) => Some(spec.device(&self.name, DeviceThread::Worker)?),
+        };
+        let bar0 = device.as_ref().filter(|_| !self.user_placed).and_then(|d| {
+            d.lock()
+                .config
+                .bars()
+                .into_iter()
+                .find(|(b, _)| b.index == 0)
+        });
+        self.device = device;
+        // The VMM placed it (BARs cannot be moved): the domain need not size it.
+        Ok(bar0.map(|(bar, gpa)| format!("nvme_bar0={gpa:#x}/{:#x}", bar.size)))
+    }
+
+    fn attach(
+        &mut self,
+        mem: &GuestMem,
+        shared: &Arc<Shared>,
+        vm: &Arc<VmFd>,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<Option<vcpu::WaitWork>, DomainError> {
+        let Some(dev) = self.device.clone() else {
+            return Ok(None);
+        };
+        let name = &self.name;
+        let standby = self.standby;
+        // A standby's device stays with the live domain until the hand-over.
+        let present = Arc::new(AtomicBool::new(!standby));
+        if !standby {
+            dev.attach_to(mem, shared, vm);
+        }
+        let device = &dev.pci;
+        let bus_err = |e: crate::devices::bus::BusError| GuestError::Host {
+            name: name.clone(),
+            what: "device buses",
+            source: std::io::Error::other(e),
+        };
+        let mut pci_bus = PciBus::new();
+        if !standby {
+            pci_bus
+                .insert(PCI_DEVICE_NUMBER, device.clone())
+                .map_err(|e| DomainError::Device {
+                    name: name.clone(),
+                    source: Box::new(e),
+                })?;
+        }
+        let pci_bus = Arc::new(Mutex::new(pci_bus));
+        pio.insert(
+            u64::from(port::PCI_CONFIG_ADDRESS),
+            8,
+            Arc::new(Mutex::new(PciConfigPorts(pci_bus.clone()))),
+        )
+        .map_err(bus_err)?;
+        mmio.insert(
+            PCI_ECAM_BASE,
+            ddvm_passthrough::ECAM_BUS_SIZE,
+            Arc::new(Mutex::new(PciEcam(pci_bus.clone()))),
+        )
+        .map_err(bus_err)?;
+        let bars = dev.lock().config.bars();
+        for (bar, gpa) in bars {
+            mmio.insert(
+                gpa,
+                bar.size,
+                Arc::new(Mutex::new(BarWindow {
+                    base: gpa,
+                    device: device.clone(),
+                    present: present.clone(),
+                })),
+            )
+            .map_err(bus_err)?;
+        }
+        if standby {
+            self.handover = Some(Handover {
+                device: dev.clone(),
+                pci_bus,
+                present: present.clone(),
+            });
+        }
+        // A standby runs none of the disk's work before it is handed the device.
+        Ok(dev.wait_work().map(|mut work| {
+            Box::new(move || present.load(Ordering::Acquire) && work()) as vcpu::WaitWork
+        }))
+    }
 }
 
 impl Domain {
     /// Builds and starts a domain for boot generation `epoch`.
     pub fn boot(hv: &Hypervisor, cfg: &DomainConfig, epoch: u64) -> Result<Domain, DomainError> {
-        Self::boot_with(hv, cfg, epoch, &mut |_, _| Ok(Vec::new()))
-    }
-
-    /// Like [`Domain::boot`], with devices built by `attach` (client guests' virtio devices)
-    /// on the MMIO bus; their ioeventfds are registered before the vCPU starts.
-    pub fn boot_with(
-        hv: &Hypervisor,
-        cfg: &DomainConfig,
-        epoch: u64,
-        attach: &mut AttachFn<'_>,
-    ) -> Result<Domain, DomainError> {
-        Self::build(hv, cfg, epoch, attach, false)
+        Self::build(hv, cfg, epoch, false)
     }
 
     /// Boots a warm standby for boot generation `epoch`: a fresh domain that boots and opens
@@ -578,25 +512,19 @@ impl Domain {
                 what: "a standby needs a device that outlives its domains",
             });
         }
-        Self::build(hv, cfg, epoch, &mut |_, _| Ok(Vec::new()), true)
+        Self::build(hv, cfg, epoch, true)
     }
 
     fn build(
         hv: &Hypervisor,
         cfg: &DomainConfig,
         epoch: u64,
-        attach: &mut AttachFn<'_>,
         standby: bool,
     ) -> Result<Domain, DomainError> {
         let started = Instant::now();
         let name = cfg.name.clone();
-        // 1. Everything the request can get wrong, before any KVM object exists.
-        if cfg.memory < MIN_MEMORY {
-            return Err(DomainError::MemoryTooSmall {
-                name,
-                memory: cfg.memory,
-            });
-        }
+        // Everything the request can get wrong, before any KVM object exists.
+        vm::check_memory(&name, cfg.memory)?;
         if cfg.channel_size % layout::PAGE_SIZE != 0 || cfg.channel_size > cfg.memory / 2 {
             return Err(DomainError::ChannelSize {
                 name,
@@ -623,515 +551,47 @@ impl Domain {
         } else {
             cmdline
         };
-        if cmdline.len() > layout::CMDLINE_MAX || cmdline.contains('\0') {
-            return Err(DomainError::Cmdline {
-                name,
-                len: cmdline.len(),
-            });
-        }
+        vm::check_cmdline(&name, &cmdline)?;
         if cfg.device.is_some() && cfg.memory > PCI_ECAM_BASE {
             return Err(DomainError::MemoryTooLarge {
                 name,
                 memory: cfg.memory,
             });
         }
-        let channel_gpa = cfg.memory - cfg.channel_size;
         let header = match cfg.channel_size {
             0 => None,
             size => Some(channel_header(&name, epoch, size)?),
         };
-        let info = cfg.image.check(layout::IMAGE_BASE, channel_gpa)?;
-        let mem = guest_memory(&name, cfg.memory)?;
-
-        // 2. Guest memory contents.
-        let setup = |what: &'static str| {
-            let name = name.clone();
-            move |source| DomainError::Setup { name, what, source }
-        };
-        let loaded = cfg.image.load(&info, &mem)?;
-        arch::write_page_tables_and_gdt(&mem).map_err(setup("page tables"))?;
-        let log = LogReader::create(&mem, layout::LOG_RING, layout::LOG_RING_SIZE)
-            .map_err(setup("log ring"))?;
-        let channel = (cfg.channel_size > 0).then_some(channel_gpa);
-        if let (Some(gpa), Some(header)) = (channel, header) {
-            mem.write_obj(header, GuestAddress(gpa))
-                .map_err(setup("channel header"))?;
-        }
-
-        let shared = if standby {
-            Shared::standby()
-        } else {
-            Shared::new()
-        };
-        let shared = Arc::new(shared.map_err(|source| DomainError::Host {
+        let channel = (cfg.channel_size > 0).then_some(cfg.memory - cfg.channel_size);
+        let mut extras = DomainBoot {
             name: name.clone(),
-            what: "eventfd",
-            source,
-        })?);
-        let device = match &cfg.device {
-            None => None,
-            Some(DeviceSpec::EmulatedNvme(nvme_cfg)) => {
-                let dev = DomainDevice::emulated_nvme(&name, nvme_cfg, DeviceThread::Worker)?;
-                Some((dev, false))
-            }
-            Some(DeviceSpec::Persistent(d)) => Some((d.clone(), true)),
-        };
-        let bar0 = device.as_ref().filter(|_| !user_placed).and_then(|(d, _)| {
-            d.lock()
-                .config
-                .bars()
-                .into_iter()
-                .find(|(b, _)| b.index == 0)
-        });
-        let cmdline = match bar0 {
-            // The VMM placed it (BARs cannot be moved): the domain need not size it.
-            Some((bar, gpa)) => format!("{cmdline} nvme_bar0={gpa:#x}/{:#x}", bar.size),
-            None => cmdline,
-        };
-        if cmdline.len() > layout::CMDLINE_MAX {
-            return Err(DomainError::Cmdline {
-                name,
-                len: cmdline.len(),
-            });
-        }
-
-        // 3. KVM objects.
-        let kvm_err = |what: &'static str| {
-            let name = name.clone();
-            move |source| DomainError::Kvm { name, what, source }
-        };
-        let vm = vm_with_memory(hv, &name, &mem)?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = hv
-            .supported_cpuid()
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&arch::long_mode_sregs(sregs))
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&arch::entry_regs(loaded.entry))
-            .map_err(kvm_err("KVM_SET_REGS"))?;
-        let platform = if register_pvm_vif(&vcpu, layout::VIF_PAGE) {
-            Platform::Pvm
-        } else {
-            hv.host_kind()
-        };
-        let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-        let stats = VcpuStats::open(&vcpu);
-
-        // 4. Boot info, now that the platform is known.
-        let boot_info = BootInfo {
-            magic: BOOT_INFO_MAGIC,
-            version: BOOT_INFO_VERSION,
-            platform: platform as u32,
-            mem_size: cfg.memory,
-            tsc_khz: u64::from(tsc_khz),
-            log_ring: layout::LOG_RING,
-            log_ring_size: layout::LOG_RING_SIZE,
-            panic_record: layout::PANIC_RECORD,
-            channel: channel.unwrap_or(0),
-            channel_size: cfg.channel_size,
-            cmdline: layout::BOOT_INFO + layout::CMDLINE_OFFSET,
-            cmdline_len: cmdline.len() as u64,
-            // Configuration space through ECAM: one exit per access instead of two.
-            pci_ecam: if cfg.device.is_some() {
-                PCI_ECAM_BASE
-            } else {
-                0
-            },
-            reserved: [0; 4],
-        };
-        arch::write_boot_info(&mem, &boot_info, &cmdline).map_err(setup("boot info"))?;
-
-        // 5. Devices and the vCPU thread.
-        let console = Arc::new(Console::new(&name, cfg.echo));
-        let mut pio = Bus::new();
-        pio.insert(
-            u64::from(port::SERIAL_COM1),
-            u64::from(port::SERIAL_LEN),
-            Arc::new(Mutex::new(SerialPort::new(console.clone()))),
-        )
-        .map_err(|e| DomainError::Host {
-            name: name.clone(),
-            what: "port bus",
-            source: std::io::Error::other(e),
-        })?;
-        let mut mmio = Bus::new();
-        // A standby's device stays with the live domain until the hand-over.
-        let present = Arc::new(AtomicBool::new(!standby));
-        if let Some((dev, _)) = device.as_ref().filter(|_| !standby) {
-            dev.attach_to(&mem, &shared, &vm);
-        }
-        let mut handover = None;
-        if let Some((dev, _)) = &device {
-            let device = &dev.pci;
-            let bus_err = |e: crate::devices::bus::BusError| DomainError::Host {
-                name: name.clone(),
-                what: "device buses",
-                source: std::io::Error::other(e),
-            };
-            let device_err =
-                |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
-                    name: name.clone(),
-                    source,
-                };
-            let mut pci_bus = PciBus::new();
-            if !standby {
-                pci_bus
-                    .insert(PCI_DEVICE_NUMBER, device.clone())
-                    .map_err(|e| device_err(Box::new(e)))?;
-            }
-            let pci_bus = Arc::new(Mutex::new(pci_bus));
-            pio.insert(
-                u64::from(port::PCI_CONFIG_ADDRESS),
-                8,
-                Arc::new(Mutex::new(PciConfigPorts(pci_bus.clone()))),
-            )
-            .map_err(bus_err)?;
-            mmio.insert(
-                PCI_ECAM_BASE,
-                ddvm_passthrough::ECAM_BUS_SIZE,
-                Arc::new(Mutex::new(PciEcam(pci_bus.clone()))),
-            )
-            .map_err(bus_err)?;
-            let bars = device
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .config
-                .bars();
-            for (bar, gpa) in bars {
-                mmio.insert(
-                    gpa,
-                    bar.size,
-                    Arc::new(Mutex::new(BarWindow {
-                        base: gpa,
-                        device: device.clone(),
-                        present: present.clone(),
-                    })),
-                )
-                .map_err(bus_err)?;
-            }
-            if standby {
-                handover = Some(Handover {
-                    device: dev.clone(),
-                    pci_bus,
-                    present: present.clone(),
-                });
-            }
-        }
-        for a in attach(&mem, &shared)? {
-            // ddvm's guests poll: their devices have no interrupt line to resample.
-            let _ = put_on_bus(&vm, &name, &mut mmio, a)?;
-        }
-        // Completion notifications are handled in the kernel: ~23 µs instead of ~70 µs.
-        if let Err(e) = vm.register_ioevent(
-            &shared.notify,
-            &IoEventAddress::Pio(u64::from(port::NOTIFY)),
-            NoDatamatch,
-        ) {
-            // Once per boot, and a failing domain is booted again and again: limited.
-            crate::limited!(
-                warn,
-                key: name,
-                "domain {name}: notify ioeventfd unavailable ({e}); using exits"
-            );
-        }
-        let ctx = VcpuContext {
-            mem: mem.clone(),
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            shared: shared.clone(),
-            console: console.clone(),
-            log: Some(log),
-            channel: channel.map(|gpa| (gpa, epoch)),
-            started,
-            abi_ports: true,
-            // A standby runs none of the disk's work before it is handed the device.
-            on_wait: device
-                .as_ref()
-                .and_then(|(d, _)| d.wait_work())
-                .map(|mut work| {
-                    let present = present.clone();
-                    Box::new(move || present.load(Ordering::Acquire) && work()) as vcpu::WaitWork
-                }),
-            index: 0,
-        };
-        let (thread, cpu_clock) = start_vcpu(&name, vcpu, ctx)?;
-        Ok(Domain {
-            name,
             epoch,
-            platform,
-            loaded,
+            standby,
+            channel_size: cfg.channel_size,
             channel,
-            channel_header: header,
-            started,
-            shared,
-            console,
-            stats,
-            thread: Some(thread),
-            aps: Vec::new(),
-            helpers: Vec::new(),
-            cpu_clock,
-            exit: None,
-            device: device.map(|(d, _)| d).filter(|_| !standby),
-            handover,
-            vm: Some(vm),
-            mem,
-        })
-    }
-
-    /// Boots a stock Linux kernel ([`crate::linux`]) with the devices `attach` builds: each
-    /// goes on the MMIO bus and into the ACPI tables, its interrupt an irqfd on the I/O APIC.
-    /// VMX/SVM hosts only: under PVM a stock kernel never leaves the instruction emulator.
-    pub fn boot_linux(
-        hv: &Hypervisor,
-        cfg: &DomainConfig,
-        boot: &crate::linux::LinuxBoot,
-        attach: &mut AttachFn<'_>,
-    ) -> Result<Domain, DomainError> {
-        use crate::linux;
-        let started = Instant::now();
-        let name = cfg.name.clone();
-        if cfg.memory < linux::MIN_MEMORY {
-            return Err(DomainError::Unsupported {
-                name,
-                what: format!(
-                    "memory of {} MiB; a Linux guest needs at least {} MiB",
-                    cfg.memory >> 20,
-                    linux::MIN_MEMORY >> 20
-                ),
-            });
-        }
-        let mem = guest_memory(&name, cfg.memory)?;
-        let setup = |what: &'static str| {
-            let name = name.clone();
-            move |source| DomainError::Setup { name, what, source }
-        };
-        let host_err = |what: &'static str| {
-            let name = name.clone();
-            move |source| DomainError::Host { name, what, source }
-        };
-        let kvm_err = |what: &'static str| {
-            let name = name.clone();
-            move |source| DomainError::Kvm { name, what, source }
-        };
-        arch::write_page_tables_and_gdt(&mem).map_err(setup("page tables"))?;
-        let shared = Arc::new(Shared::new().map_err(host_err("eventfd"))?);
-        let attachments = attach(&mem, &shared)?;
-        let devices: Vec<linux::MmioDevice> = attachments
-            .iter()
-            .filter_map(|a| {
-                a.irq.as_ref().map(|line| linux::MmioDevice {
-                    base: a.base,
-                    len: a.len,
-                    gsi: line.gsi,
-                })
-            })
-            .collect();
-        if let Some(a) = attachments.iter().find(|a| a.base < cfg.memory) {
-            return Err(DomainError::Unsupported {
-                name,
-                what: format!(
-                    "memory of {} MiB reaches the device window at {:#x}",
-                    cfg.memory >> 20,
-                    a.base
-                ),
-            });
-        }
-        let kernel = linux::load(&mem, boot, &devices).map_err(|source| DomainError::Linux {
-            name: name.clone(),
-            source,
-        })?;
-
-        let vm = vm_with_memory(hv, &name, &mem)?;
-        // VMX needs a TSS area for real-mode emulation; elsewhere the call fails harmlessly.
-        let _ = vm.set_tss_address(linux::TSS_ADDRESS);
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_bindings::kvm_pit_config {
-            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        let mut vcpus = Vec::new();
-        for index in 0..boot.vcpus {
-            let vcpu = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            if index == 0 && register_pvm_vif(&vcpu, layout::VIF_PAGE) {
-                return Err(DomainError::Unsupported {
-                    name,
-                    what: "/dev/kvm is PVM, which cannot run a stock Linux kernel (it would run \
-                           in PVM's instruction emulator); run it on a VMX/SVM host, or in the \
-                           TCG rig (scripts/rig)"
-                        .into(),
-                });
-            }
-            let mut cpuid = hv
-                .supported_cpuid()
-                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?
-                .clone();
-            linux::vcpu_cpuid(&mut cpuid, index, boot.vcpus);
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            if index == 0 {
-                // The boot processor: the legacy PIC's wire, long mode, the 64-bit entry. The
-                // others stay in reset until the kernel's INIT/SIPI (KVM's local APIC holds
-                // them: with the in-kernel irqchip they start uninitialized).
-                let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
-                linux::virtual_wire(&mut lapic);
-                vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-                let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                vcpu.set_sregs(&arch::long_mode_sregs(sregs))
-                    .map_err(kvm_err("KVM_SET_SREGS"))?;
-                vcpu.set_regs(&kvm_bindings::kvm_regs {
-                    rip: kernel.entry,
-                    rsi: linux::ZERO_PAGE,
-                    rsp: linux::INITIAL_RSP,
-                    rflags: 0x2,
-                    ..Default::default()
-                })
-                .map_err(kvm_err("KVM_SET_REGS"))?;
-            }
-            vcpus.push(vcpu);
-        }
-        let platform = hv.host_kind();
-        let stats = VcpuStats::open(&vcpus[0]);
-
-        let console = Arc::new(Console::new(&name, cfg.echo));
-        let bus_err = |e: crate::devices::bus::BusError| DomainError::Host {
-            name: name.clone(),
-            what: "device buses",
-            source: std::io::Error::other(e),
-        };
-        // COM1's line, level-triggered like the disk's: asserted while the UART has an
-        // interrupt pending.
-        let trigger =
-            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
-        let uart = Arc::new(Mutex::new(SerialPort::with_interrupt(
-            console.clone(),
-            trigger.try_clone().map_err(host_err("eventfd"))?,
-        )));
-        let pending = uart.clone();
-        let mut lines = vec![register_line(
-            &vm,
-            &name,
-            LevelIrq {
-                gsi: linux::SERIAL_GSI,
-                trigger,
-                pending: Arc::new(move || {
-                    pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .interrupt_pending()
-                }),
-            },
-        )?];
-        let mut pio = Bus::new();
-        pio.insert(
-            u64::from(port::SERIAL_COM1),
-            u64::from(port::SERIAL_LEN),
-            uart,
-        )
-        .map_err(bus_err)?;
-        pio.insert(
-            u64::from(linux::CMOS_PORT),
-            2,
-            Arc::new(Mutex::new(linux::Cmos::default())),
-        )
-        .map_err(bus_err)?;
-        pio.insert(
-            u64::from(linux::I8042_PORT),
-            5,
-            Arc::new(Mutex::new(linux::I8042::new(shared.clone()))),
-        )
-        .map_err(bus_err)?;
-        pio.insert(
-            u64::from(linux::SLEEP_PORT),
-            2,
-            Arc::new(Mutex::new(linux::SleepControl::new(shared.clone()))),
-        )
-        .map_err(bus_err)?;
-        let mut mmio = Bus::new();
-        for a in attachments {
-            lines.extend(put_on_bus(&vm, &name, &mut mmio, a)?);
-        }
-        let mut helpers = Vec::new();
-        {
-            let shared = shared.clone();
-            helpers.push(
-                std::thread::Builder::new()
-                    .name(format!("irq-{name}"))
-                    .spawn(move || resample_lines(&shared, lines))
-                    .map_err(host_err("spawning the interrupt thread"))?,
-            );
-        }
-        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-        let mut threads = Vec::new();
-        for (index, vcpu) in (0..).zip(vcpus) {
-            let ctx = VcpuContext {
-                mem: mem.clone(),
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                shared: shared.clone(),
-                console: console.clone(),
-                log: None,
-                channel: None,
-                started,
-                abi_ports: false,
-                on_wait: None,
-                index,
-            };
-            let thread_name = match index {
-                0 => name.clone(),
-                i => format!("{name}-{i}"),
-            };
-            match start_vcpu(&thread_name, vcpu, ctx) {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    // Those started go down with the guest.
-                    shared.request_stop();
-                    for (t, _) in threads {
-                        join_vcpu(t);
-                    }
-                    for h in helpers {
-                        let _ = h.join();
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let mut threads = threads.into_iter();
-        let Some((thread, cpu_clock)) = threads.next() else {
-            return Err(DomainError::Unsupported {
-                name,
-                what: "no vCPU".into(),
-            });
-        };
-        let aps = threads.map(|(t, _)| t).collect();
-        Ok(Domain {
-            name,
-            epoch: 0,
-            platform,
-            loaded: Loaded {
-                entry: kernel.entry,
-                end: kernel.end,
-                has_pvh_entry: false,
-            },
-            channel: None,
-            channel_header: None,
-            started,
-            shared,
-            console,
-            stats,
-            thread: Some(thread),
-            aps,
-            helpers,
-            cpu_clock,
-            exit: None,
+            header,
+            spec: cfg.device.as_ref(),
+            user_placed,
             device: None,
             handover: None,
-            vm: Some(vm),
-            mem,
+        };
+        let guest_cfg = GuestConfig {
+            name,
+            image: cfg.image.clone(),
+            memory: cfg.memory,
+            cmdline,
+            echo: cfg.echo,
+        };
+        let guest = Guest::boot_image(hv, &guest_cfg, started, &mut extras, &mut |_, _| {
+            Ok(Vec::new())
+        })?;
+        Ok(Domain {
+            epoch,
+            channel,
+            channel_header: header,
+            device: extras.device.filter(|_| !standby),
+            handover: extras.handover,
+            guest,
         })
     }
 
@@ -1139,26 +599,28 @@ impl Domain {
     /// domain's memory and VM, puts it in the PCI slot, opens its BAR windows, and lets the
     /// vCPU go on to probe it. The previous holder must have been quiesced (its
     /// [`retire`](Self::retire) or drop). From then on the domain is timed as booting: wait for
-    /// it with [`wait_ready`](Self::wait_ready).
+    /// it with [`wait_ready`](Guest::wait_ready).
     pub fn promote(&mut self) -> Result<(), DomainError> {
+        let name = self.name().to_string();
         let standby_err = |what| DomainError::Standby {
-            name: self.name.clone(),
+            name: name.clone(),
             what,
         };
         if self.has_stopped().is_some() {
             return Err(standby_err("the standby has stopped"));
         }
-        let (Some(h), Some(vm)) = (self.handover.take(), self.vm.clone()) else {
+        let (Some(h), Some(vm)) = (self.handover.take(), self.guest.vm_fd().cloned()) else {
             return Err(standby_err("the domain is not a standby"));
         };
-        h.device.attach_to(&self.mem, &self.shared, &vm);
+        h.device
+            .attach_to(self.guest.memory(), self.guest.shared(), &vm);
         // Quiesced with this domain from now on, whatever happens next.
         self.device = Some(h.device.clone());
         lock_bus(&h.pci_bus)
             .insert(PCI_DEVICE_NUMBER, h.device.pci.clone())
             .map_err(|_| standby_err("the standby's PCI slot is taken"))?;
         h.present.store(true, Ordering::Release);
-        if !self.shared.promote() {
+        if !self.guest.shared().promote() {
             return Err(standby_err("the standby has stopped"));
         }
         Ok(())
@@ -1169,39 +631,9 @@ impl Domain {
         self.handover.is_some()
     }
 
-    /// Name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Boot generation.
     pub fn epoch(&self) -> u64 {
         self.epoch
-    }
-
-    /// Platform the domain runs on.
-    pub fn platform(&self) -> Platform {
-        self.platform
-    }
-
-    /// What was loaded.
-    pub fn loaded(&self) -> Loaded {
-        self.loaded
-    }
-
-    /// When boot started.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
-    /// The console.
-    pub fn console(&self) -> &Arc<Console> {
-        &self.console
-    }
-
-    /// Guest memory (for the channel and tests).
-    pub fn memory(&self) -> &GuestMem {
-        &self.mem
     }
 
     /// Channel address, if the domain has a channel.
@@ -1216,69 +648,21 @@ impl Domain {
 
     /// The eventfd written when the domain notifies completions.
     pub fn notify_eventfd(&self) -> &vmm_sys_util::eventfd::EventFd {
-        &self.shared.notify
-    }
-
-    /// Statistics of the emulated NVMe controller, if the domain has one.
-    pub fn nvme_stats(&self) -> Option<ddvm_passthrough::NvmeStats> {
-        self.device.as_ref().map(|d| d.stats())
-    }
-
-    /// Exit counters.
-    pub fn exits(&self) -> &vcpu::ExitCounters {
-        &self.shared.exits
-    }
-
-    /// A KVM statistic of the vCPU (e.g. `exits`, `insn_emulation`).
-    pub fn vcpu_stat(&self, name: &str) -> Option<u64> {
-        self.stats.as_ref()?.get(name)
-    }
-
-    /// Every KVM statistic of the vCPU.
-    pub fn vcpu_stats(&self) -> Vec<(String, u64)> {
-        self.stats.as_ref().map(|s| s.all()).unwrap_or_default()
-    }
-
-    /// Current state.
-    pub fn state(&self) -> RunState {
-        self.shared.state()
-    }
-
-    /// Waits for the ready mark; returns the time from boot start to it, or the state at the
-    /// timeout (still booting, or stopped).
-    pub fn wait_ready(&self, timeout: Duration) -> Result<Duration, RunState> {
-        match self
-            .shared
-            .wait_for(timeout, |s| !matches!(s, RunState::Booting))
-        {
-            RunState::Ready(t) => Ok(t),
-            other => Err(other),
-        }
+        &self.guest.shared().notify
     }
 
     /// Waits until a standby is held at its standby exit (true), or `timeout` passes or it
     /// stops (false).
     pub fn wait_standby(&self, timeout: Duration) -> bool {
-        self.shared.wait_for(timeout, |s| {
+        self.guest.shared().wait_for(timeout, |s| {
             matches!(s, RunState::Standby | RunState::Stopped(_))
         }) == RunState::Standby
-    }
-
-    /// Waits until the guest stops or `timeout` passes.
-    pub fn wait_stopped(&self, timeout: Duration) -> Option<DomainExit> {
-        match self
-            .shared
-            .wait_for(timeout, |s| matches!(s, RunState::Stopped(_)))
-        {
-            RunState::Stopped(e) => Some(e),
-            _ => None,
-        }
     }
 
     /// The domain's heartbeat counter.
     pub fn heartbeat(&self) -> Option<u64> {
         let gpa = self.channel?;
-        self.mem
+        self.memory()
             .read_obj::<u64>(GuestAddress(gpa + chan::HEARTBEAT))
             .ok()
     }
@@ -1292,7 +676,7 @@ impl Domain {
     /// first: the domain reads it when it sees the code) and wakes the domain.
     pub fn request_fault_with(&self, fault: u32, arg: u32) -> bool {
         let ok = self.arm_fault(fault, arg);
-        self.shared.kick();
+        self.kick();
         ok
     }
 
@@ -1303,13 +687,12 @@ impl Domain {
         let Some(gpa) = self.channel else {
             return false;
         };
-        let ok = self
-            .mem
+        let mem = self.memory();
+        let ok = mem
             .write_obj(arg, GuestAddress(gpa + chan::FAULT_ARG))
             .is_ok();
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        ok && self
-            .mem
+        ok && mem
             .store(
                 fault,
                 GuestAddress(gpa + chan::FAULT),
@@ -1318,70 +701,27 @@ impl Domain {
             .is_ok()
     }
 
-    /// How long the vCPU thread has run on a CPU so far, guest and VMM work together (`None`
-    /// once it is stopped, or where the host does not say). A heartbeat that stood still
-    /// while this did not move is the host's stall, not the guest's hang.
-    pub fn vcpu_cpu_time(&self) -> Option<Duration> {
-        let clock = self.cpu_clock.filter(|_| self.thread.is_some())?;
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid out pointer; `clock` names the CPU clock of the vCPU thread,
-        // which is not joined while `self.thread` holds it, so the id cannot name another
-        // thread.
-        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-            return None;
-        }
-        Some(Duration::new(
-            u64::try_from(ts.tv_sec).ok()?,
-            u32::try_from(ts.tv_nsec).ok()?,
-        ))
-    }
-
-    /// The vCPU thread's id, while it runs.
-    pub fn vcpu_tid(&self) -> Option<i32> {
-        self.shared.tid().filter(|_| self.thread.is_some())
-    }
-
-    /// Whether the vCPU is blocked in a wait exit (idle, so a still heartbeat is no hang).
-    pub fn is_waiting(&self) -> bool {
-        self.shared.waiting()
-    }
-
-    /// Whether the guest has stopped (without blocking).
-    pub fn has_stopped(&self) -> Option<DomainExit> {
-        match self.shared.state() {
-            RunState::Stopped(e) => Some(e),
-            _ => None,
-        }
-    }
-
     /// The device handed to the domain, if it has one (and is not retired).
     pub fn device(&self) -> Option<&Arc<DomainDevice>> {
         self.device.as_ref()
     }
 
-    /// Wakes the domain if it waits.
-    pub fn kick(&self) {
-        self.shared.kick();
-    }
-
-    /// Stops the guest (if it still runs), joins its vCPU thread and returns why it stopped.
-    pub fn stop(&mut self) -> DomainExit {
-        if let Some(thread) = self.thread.take() {
-            self.shared.request_stop();
-            let exit = join_vcpu(thread);
-            for ap in self.aps.drain(..) {
-                join_vcpu(ap);
-            }
-            for h in self.helpers.drain(..) {
-                let _ = h.join();
-            }
-            // With several vCPUs, the first to stop says why.
-            self.exit = Some(self.has_stopped().unwrap_or(exit));
+    /// Stops the vCPU and quiesces the device: the domain can no longer run nor be reached
+    /// by its device. Freeing its VM and memory is left to the drop, which the caller may put
+    /// off to a less urgent moment (it takes about half a millisecond here).
+    pub fn retire(&mut self) {
+        self.guest.stop();
+        // The vCPU fd went with its thread; now the device lets go of this domain's memory.
+        if let Some(d) = self.device.take() {
+            d.quiesce();
         }
-        self.exit.clone().unwrap_or(DomainExit::Stopped)
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        self.retire();
+        // Then (as a field) the guest: its VM, then its memory.
     }
 }
 
@@ -1404,199 +744,4 @@ pub fn channel_header(name: &str, epoch: u64, size: u64) -> Result<ChannelHeader
         });
     }
     Ok(header)
-}
-
-/// A guest's RAM, identity-mapped by the entry page tables.
-fn guest_memory(name: &str, size: u64) -> Result<GuestMem, DomainError> {
-    memory::create(size, layout::IDENTITY_MAPPED).map_err(|source| DomainError::Memory {
-        name: name.to_string(),
-        source,
-    })
-}
-
-/// A VM whose one memory slot is `mem`, from guest address 0.
-fn vm_with_memory(hv: &Hypervisor, name: &str, mem: &GuestMem) -> Result<Arc<VmFd>, DomainError> {
-    let kvm_err = |what: &'static str| {
-        let name = name.to_string();
-        move |source| DomainError::Kvm { name, what, source }
-    };
-    let vm = Arc::new(hv.kvm().create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-    let (host, len) = memory::host_range(mem).ok_or_else(|| DomainError::Setup {
-        name: name.to_string(),
-        what: "memory slot",
-        source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
-    })?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: len,
-        userspace_addr: host,
-        flags: 0,
-    };
-    // SAFETY: the region maps `mem`, which the guest owns and drops only after the VM (field
-    // order and `Drop` of `Domain`); the host range is exactly the mapping vm-memory created.
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    Ok(vm)
-}
-
-/// Puts a caller's device on the MMIO bus, with its ioeventfds and its irqfd.
-/// Puts a device on the MMIO bus with its ioeventfds and, if it has one, its interrupt line
-/// (returned with its resample eventfd, for [`resample_lines`]).
-fn put_on_bus(
-    vm: &VmFd,
-    name: &str,
-    mmio: &mut Bus,
-    a: MmioAttachment,
-) -> Result<Option<(LevelIrq, vmm_sys_util::eventfd::EventFd)>, DomainError> {
-    let kvm_err = |what: &'static str| {
-        let name = name.to_string();
-        move |source| DomainError::Kvm { name, what, source }
-    };
-    mmio.insert(a.base, a.len, a.device)
-        .map_err(|e| DomainError::Host {
-            name: name.to_string(),
-            what: "MMIO bus",
-            source: std::io::Error::other(e),
-        })?;
-    for (addr, fd) in &a.ioevents {
-        vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
-            .map_err(kvm_err("KVM_IOEVENTFD"))?;
-    }
-    a.irq.map(|line| register_line(vm, name, line)).transpose()
-}
-
-/// Registers `line` as an irqfd with a resample eventfd; returns both, for
-/// [`resample_lines`].
-fn register_line(
-    vm: &VmFd,
-    name: &str,
-    line: LevelIrq,
-) -> Result<(LevelIrq, vmm_sys_util::eventfd::EventFd), DomainError> {
-    let resample = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
-        DomainError::Host {
-            name: name.to_string(),
-            what: "eventfd",
-            source,
-        }
-    })?;
-    vm.register_irqfd_with_resample(&line.trigger, &resample, line.gsi)
-        .map_err(|source| DomainError::Kvm {
-            name: name.to_string(),
-            what: "KVM_IRQFD (resample)",
-            source,
-        })?;
-    Ok((line, resample))
-}
-
-/// Starts the vCPU thread (`vcpu-NAME`); returns it and its CPU-time clock.
-fn start_vcpu(
-    name: &str,
-    vcpu: kvm_ioctls::VcpuFd,
-    ctx: VcpuContext,
-) -> Result<(JoinHandle<DomainExit>, Option<libc::clockid_t>), DomainError> {
-    let host_err = |what: &'static str, source| DomainError::Host {
-        name: name.to_string(),
-        what,
-        source,
-    };
-    vcpu::install_kick_handler().map_err(|e| {
-        host_err(
-            "kick signal handler",
-            std::io::Error::from_raw_os_error(e.errno()),
-        )
-    })?;
-    let thread = std::thread::Builder::new()
-        .name(format!("vcpu-{name}"))
-        .spawn(move || vcpu::run(vcpu, ctx))
-        .map_err(|e| host_err("spawning the vCPU thread", e))?;
-    let clock = thread_cpu_clock(&thread);
-    Ok((thread, clock))
-}
-
-/// The CPU-time clock of a running thread, if the host gives one.
-fn thread_cpu_clock<T>(thread: &JoinHandle<T>) -> Option<libc::clockid_t> {
-    use std::os::unix::thread::JoinHandleExt;
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: the thread is not joined (we borrow its handle), so its pthread_t is valid;
-    // `clock` is a valid out pointer.
-    let r = unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut clock) };
-    (r == 0).then_some(clock)
-}
-
-/// Kicks the vCPU thread out of KVM_RUN until it finishes. The first signal normally does;
-/// one that lands just before the thread enters KVM_RUN is repeated.
-fn join_vcpu(thread: JoinHandle<DomainExit>) -> DomainExit {
-    let mut delay = Duration::from_micros(20);
-    while !thread.is_finished() {
-        // The thread exists until joined, so the signal target is valid.
-        let _ = thread.kill(vcpu::kick_signal());
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(5));
-    }
-    thread
-        .join()
-        .unwrap_or(DomainExit::HostError { errno: libc::EIO })
-}
-
-impl Domain {
-    /// Stops the vCPU and quiesces the device: the domain can no longer run nor be reached
-    /// by its device. Freeing its VM and memory is left to the drop, which the caller may put
-    /// off to a less urgent moment (it takes about half a millisecond here).
-    pub fn retire(&mut self) {
-        self.stop();
-        // The vCPU fd went with its thread; now the device lets go of this domain's memory.
-        if let Some(d) = self.device.take() {
-            d.quiesce();
-        }
-    }
-}
-
-impl Drop for Domain {
-    fn drop(&mut self) {
-        self.retire();
-        // Then the VM goes, and then (as a field) the memory.
-        self.vm.take();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicBool;
-    use vmm_sys_util::eventfd::EventFd;
-
-    /// After an EOI (the resample eventfd), the line is asserted again exactly while its
-    /// device has an interrupt pending; the thread ends once the guest is asked to stop.
-    #[test]
-    fn a_level_line_is_asserted_again_after_eoi_only_while_pending() {
-        let shared = Arc::new(Shared::new().unwrap());
-        let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let seen = trigger.try_clone().unwrap();
-        let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let eoi = resample.try_clone().unwrap();
-        let pending = Arc::new(AtomicBool::new(true));
-        let p = pending.clone();
-        let line = LevelIrq {
-            gsi: 5,
-            trigger,
-            pending: Arc::new(move || p.load(Ordering::Acquire)),
-        };
-        let s = shared.clone();
-        let thread = std::thread::spawn(move || resample_lines(&s, vec![(line, resample)]));
-        let asserted =
-            |timeout: Duration| vcpu::wait_eventfd(&seen, timeout) && seen.read().is_ok();
-        eoi.write(1).unwrap();
-        assert!(
-            asserted(Duration::from_secs(2)),
-            "pending at EOI: asserted again"
-        );
-        pending.store(false, Ordering::Release);
-        eoi.write(1).unwrap();
-        assert!(
-            !asserted(Duration::from_millis(200)),
-            "nothing pending: left low"
-        );
-        shared.request_stop();
-        thread.join().unwrap();
-    }
 }

@@ -30,6 +30,7 @@ pub mod testclient;
 pub mod topology;
 pub mod vcpu;
 pub mod virtio;
+pub mod vm;
 
 use loader::Image;
 

@@ -21,7 +21,8 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use acpi_tables::{aml, fadt, gas, madt, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, Aml};
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
@@ -29,9 +30,20 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::devices::BusDevice;
+use ddvm_abi::{layout, port};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch;
+use crate::console::Console;
+use crate::devices::serial::SerialPort;
+use crate::devices::{Bus, BusDevice};
+use crate::hypervisor::{register_pvm_vif, Hypervisor};
+use crate::loader::Loaded;
 use crate::memory::GuestMem;
-use crate::vcpu::{DomainExit, Shared};
+use crate::stats::VcpuStats;
+use crate::vcpu::{self, DomainExit, Shared, VcpuContext};
+use crate::vm::{self, AttachFn, Guest, GuestConfig, GuestError, GuestParts};
 
 /// The zero page (`struct boot_params`).
 pub const ZERO_PAGE: u64 = 0x2_0000;
@@ -301,7 +313,7 @@ fn dsdt(devices: &[MmioDevice]) -> Sdt {
     for (i, d) in devices.iter().enumerate() {
         let mem = aml::Memory32Fixed::new(true, d.base as u32, d.len as u32);
         // Consumer, level-triggered, active-high, exclusive: the device's line stays
-        // asserted until its interrupt is acknowledged (see `domain::LevelIrq`).
+        // asserted until its interrupt is acknowledged (see `LevelIrq`).
         let irq = aml::Interrupt::new(true, false, false, false, d.gsi);
         let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
         let hid = aml::Name::new("_HID".into(), &"LNRO0005");
@@ -541,6 +553,306 @@ impl BusDevice for SleepControl {
     }
 }
 
+/// A device's level-triggered interrupt line on the guest's I/O APIC (as QEMU's virtio-mmio
+/// lines are). An irqfd with a resample eventfd: writing `trigger` asserts the line; at the
+/// guest's EOI KVM de-asserts it and signals the resample eventfd, and the line is asserted
+/// again while `pending` holds. Unlike an edge, a level survives the guest masking the pin
+/// for a moment (as Linux does when it reprograms one): KVM's I/O APIC drops an edge that
+/// arrives on a masked pin. With edges, a 2-vCPU Linux client stopped for good now and then.
+pub struct LevelIrq {
+    /// The I/O APIC input.
+    pub gsi: u32,
+    /// Written to assert the line.
+    pub trigger: EventFd,
+    /// Whether the device still has an interrupt for the guest.
+    pub pending: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Registers `line` as an irqfd with a resample eventfd; returns both, for
+/// [`resample_lines`].
+fn register_line(vm: &VmFd, name: &str, line: LevelIrq) -> Result<(LevelIrq, EventFd), GuestError> {
+    let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| GuestError::Host {
+        name: name.to_string(),
+        what: "eventfd",
+        source,
+    })?;
+    vm.register_irqfd_with_resample(&line.trigger, &resample, line.gsi)
+        .map_err(|source| GuestError::Kvm {
+            name: name.to_string(),
+            what: "KVM_IRQFD (resample)",
+            source,
+        })?;
+    Ok((line, resample))
+}
+
+/// Re-asserts level-triggered lines after each EOI while their device has an interrupt
+/// pending; ends once the guest is asked to stop.
+fn resample_lines(shared: &Shared, lines: Vec<(LevelIrq, EventFd)>) {
+    use std::os::fd::AsRawFd;
+    let fds: Vec<_> = lines.iter().map(|(_, r)| r.as_raw_fd()).collect();
+    while !shared.stopping() {
+        if !vcpu::wait_fds(&fds, Duration::from_millis(50)) {
+            continue;
+        }
+        for (line, resample) in &lines {
+            if resample.read().is_ok() && (line.pending)() {
+                // Fails only when the counter would overflow: asserted already.
+                let _ = line.trigger.write(1);
+            }
+        }
+    }
+}
+
+/// Boots a stock Linux kernel with the devices `attach` builds: each goes on the MMIO bus
+/// and into the ACPI tables, its interrupt a level-triggered line on the I/O APIC
+/// ([`LevelIrq`]). `cfg.image` is not used: the kernel is `boot`'s. VMX/SVM hosts only: under
+/// PVM a stock kernel never leaves the instruction emulator.
+pub fn boot(
+    hv: &Hypervisor,
+    cfg: &GuestConfig,
+    boot: &LinuxBoot,
+    attach: &mut AttachFn<'_>,
+) -> Result<Guest, GuestError> {
+    let started = Instant::now();
+    let name = cfg.name.clone();
+    if cfg.memory < MIN_MEMORY {
+        return Err(GuestError::Unsupported {
+            name,
+            what: format!(
+                "memory of {} MiB; a Linux guest needs at least {} MiB",
+                cfg.memory >> 20,
+                MIN_MEMORY >> 20
+            ),
+        });
+    }
+    let mem = vm::guest_memory(&name, cfg.memory)?;
+    let setup = |what: &'static str| {
+        let name = name.clone();
+        move |source| GuestError::Setup { name, what, source }
+    };
+    let host_err = |what: &'static str| {
+        let name = name.clone();
+        move |source| GuestError::Host { name, what, source }
+    };
+    let kvm_err = |what: &'static str| {
+        let name = name.clone();
+        move |source| GuestError::Kvm { name, what, source }
+    };
+    arch::write_page_tables_and_gdt(&mem).map_err(setup("page tables"))?;
+    let shared = Arc::new(Shared::new().map_err(host_err("eventfd"))?);
+    let attachments = attach(&mem, &shared)?;
+    let devices: Vec<MmioDevice> = attachments
+        .iter()
+        .filter_map(|a| {
+            a.irq.as_ref().map(|line| MmioDevice {
+                base: a.base,
+                len: a.len,
+                gsi: line.gsi,
+            })
+        })
+        .collect();
+    if let Some(a) = attachments.iter().find(|a| a.base < cfg.memory) {
+        return Err(GuestError::Unsupported {
+            name,
+            what: format!(
+                "memory of {} MiB reaches the device window at {:#x}",
+                cfg.memory >> 20,
+                a.base
+            ),
+        });
+    }
+    let kernel = load(&mem, boot, &devices).map_err(|source| GuestError::Linux {
+        name: name.clone(),
+        source,
+    })?;
+
+    let vm = vm::vm_with_memory(hv, &name, &mem)?;
+    // VMX needs a TSS area for real-mode emulation; elsewhere the call fails harmlessly.
+    let _ = vm.set_tss_address(TSS_ADDRESS);
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_bindings::kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let mut vcpus = Vec::new();
+    for index in 0..boot.vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        if index == 0 && register_pvm_vif(&vcpu, layout::VIF_PAGE) {
+            return Err(GuestError::Unsupported {
+                name,
+                what: "/dev/kvm is PVM, which cannot run a stock Linux kernel (it would run \
+                       in PVM's instruction emulator); run it on a VMX/SVM host, or in the \
+                       TCG rig (scripts/rig)"
+                    .into(),
+            });
+        }
+        let mut cpuid = hv
+            .supported_cpuid()
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?
+            .clone();
+        vcpu_cpuid(&mut cpuid, index, boot.vcpus);
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if index == 0 {
+            // The boot processor: the legacy PIC's wire, long mode, the 64-bit entry. The
+            // others stay in reset until the kernel's INIT/SIPI (KVM's local APIC holds
+            // them: with the in-kernel irqchip they start uninitialized).
+            let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+            virtual_wire(&mut lapic);
+            vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+            let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            vcpu.set_sregs(&arch::long_mode_sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&kvm_bindings::kvm_regs {
+                rip: kernel.entry,
+                rsi: ZERO_PAGE,
+                rsp: INITIAL_RSP,
+                rflags: 0x2,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        vcpus.push(vcpu);
+    }
+    let platform = hv.host_kind();
+    let stats = VcpuStats::open(&vcpus[0]);
+
+    let console = Arc::new(Console::new(&name, cfg.echo));
+    let bus_err = |e: crate::devices::bus::BusError| GuestError::Host {
+        name: name.clone(),
+        what: "device buses",
+        source: std::io::Error::other(e),
+    };
+    // COM1's line, level-triggered like the disk's: asserted while the UART has an
+    // interrupt pending.
+    let trigger = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+    let uart = Arc::new(Mutex::new(SerialPort::with_interrupt(
+        console.clone(),
+        trigger.try_clone().map_err(host_err("eventfd"))?,
+    )));
+    let pending = uart.clone();
+    let mut lines = vec![register_line(
+        &vm,
+        &name,
+        LevelIrq {
+            gsi: SERIAL_GSI,
+            trigger,
+            pending: Arc::new(move || {
+                pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .interrupt_pending()
+            }),
+        },
+    )?];
+    let mut pio = Bus::new();
+    pio.insert(
+        u64::from(port::SERIAL_COM1),
+        u64::from(port::SERIAL_LEN),
+        uart,
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        u64::from(CMOS_PORT),
+        2,
+        Arc::new(Mutex::new(Cmos::default())),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        u64::from(I8042_PORT),
+        5,
+        Arc::new(Mutex::new(I8042::new(shared.clone()))),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        u64::from(SLEEP_PORT),
+        2,
+        Arc::new(Mutex::new(SleepControl::new(shared.clone()))),
+    )
+    .map_err(bus_err)?;
+    let mut mmio = Bus::new();
+    for a in attachments {
+        if let Some(line) = vm::put_on_bus(&vm, &name, &mut mmio, a)? {
+            lines.push(register_line(&vm, &name, line)?);
+        }
+    }
+    let mut helpers = Vec::new();
+    {
+        let shared = shared.clone();
+        helpers.push(
+            std::thread::Builder::new()
+                .name(format!("irq-{name}"))
+                .spawn(move || resample_lines(&shared, lines))
+                .map_err(host_err("spawning the interrupt thread"))?,
+        );
+    }
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let mut threads = Vec::new();
+    for (index, vcpu) in (0..).zip(vcpus) {
+        let ctx = VcpuContext {
+            mem: mem.clone(),
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            shared: shared.clone(),
+            console: console.clone(),
+            log: None,
+            channel: None,
+            started,
+            abi_ports: false,
+            on_wait: None,
+            index,
+        };
+        let thread_name = match index {
+            0 => name.clone(),
+            i => format!("{name}-{i}"),
+        };
+        match vm::start_vcpu(&thread_name, vcpu, ctx) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // Those started go down with the guest.
+                shared.request_stop();
+                for (t, _) in threads {
+                    vm::join_vcpu(t);
+                }
+                for h in helpers {
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut threads = threads.into_iter();
+    let Some((thread, cpu_clock)) = threads.next() else {
+        return Err(GuestError::Unsupported {
+            name,
+            what: "no vCPU".into(),
+        });
+    };
+    let aps = threads.map(|(t, _)| t).collect();
+    Ok(Guest::from_parts(GuestParts {
+        name,
+        platform,
+        loaded: Loaded {
+            entry: kernel.entry,
+            end: kernel.end,
+            has_pvh_entry: false,
+        },
+        started,
+        shared,
+        console,
+        stats,
+        thread,
+        cpu_clock,
+        aps,
+        helpers,
+        vm,
+        mem,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,5 +1017,41 @@ mod tests {
                 _ => unreachable!(),
             }
         }
+    }
+
+    /// After an EOI (the resample eventfd), the line is asserted again exactly while its
+    /// device has an interrupt pending; the thread ends once the guest is asked to stop.
+    #[test]
+    fn a_level_line_is_asserted_again_after_eoi_only_while_pending() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let shared = Arc::new(Shared::new().unwrap());
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = trigger.try_clone().unwrap();
+        let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let eoi = resample.try_clone().unwrap();
+        let pending = Arc::new(AtomicBool::new(true));
+        let p = pending.clone();
+        let line = LevelIrq {
+            gsi: 5,
+            trigger,
+            pending: Arc::new(move || p.load(Ordering::Acquire)),
+        };
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || resample_lines(&s, vec![(line, resample)]));
+        let asserted =
+            |timeout: Duration| vcpu::wait_eventfd(&seen, timeout) && seen.read().is_ok();
+        eoi.write(1).unwrap();
+        assert!(
+            asserted(Duration::from_secs(2)),
+            "pending at EOI: asserted again"
+        );
+        pending.store(false, Ordering::Release);
+        eoi.write(1).unwrap();
+        assert!(
+            !asserted(Duration::from_millis(200)),
+            "nothing pending: left low"
+        );
+        shared.request_stop();
+        thread.join().unwrap();
     }
 }

@@ -440,7 +440,7 @@ fn run_topology(
     let platform = topo
         .clients
         .first()
-        .map_or("unknown", |c| c.domain().platform().name());
+        .map_or("unknown", |c| c.guest().platform().name());
     println!(
         "ddvm: {} client(s) running on {} disk(s), KVM platform {platform}",
         topo.clients.len(),

@@ -20,7 +20,8 @@ use crate::client::{
 };
 use crate::config::{ClientSection, Config, DeviceSection, DomainSection};
 use crate::console::Echo;
-use crate::domain::{DeviceSpec, Domain, DomainConfig};
+use crate::devices::DeviceSpec;
+use crate::domain::{Domain, DomainConfig};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::stop::Stop;
@@ -32,9 +33,12 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors starting a topology.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
-    /// A domain or client could not be built.
+    /// A domain could not be built.
     #[error(transparent)]
     Domain(#[from] crate::domain::DomainError),
+    /// A client guest could not be built.
+    #[error(transparent)]
+    Guest(#[from] crate::vm::GuestError),
     /// An image could not be read.
     #[error(transparent)]
     Image(#[from] crate::loader::ImageError),
@@ -272,11 +276,11 @@ impl Topology {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let exit = c.wait(left);
                 if exit.is_none() {
-                    c.domain_mut().stop();
+                    c.guest_mut().stop();
                 }
-                let console = c.domain().console().text();
+                let console = c.guest().console().text();
                 ClientOutcome {
-                    name: c.domain().name().to_string(),
+                    name: c.guest().name().to_string(),
                     exit,
                     report: WorkloadReport::find(&console),
                     hostile: last_json(&console, HOSTILE_PREFIX).map(str::to_string),
@@ -310,7 +314,7 @@ impl Topology {
     /// included).
     pub fn stop(&mut self) -> Vec<crate::stop::StopReport> {
         for c in &mut self.clients {
-            c.domain_mut().stop();
+            c.guest_mut().stop();
         }
         let mut reports = Vec::new();
         for s in &mut self.services {

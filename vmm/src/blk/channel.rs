@@ -28,7 +28,8 @@ use super::replay::{BlockOp, LoggedWrite, Op, ReplayFence, WriteLog};
 use super::request::{status, Segments};
 use super::service::{copy_part, Part, Pending, ServiceCounters};
 use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
-use crate::domain::{DeviceSpec, DeviceThread, Domain, DomainConfig, DomainDevice};
+use crate::devices::DeviceSpec;
+use crate::domain::{DeviceThread, Domain, DomainConfig, DomainDevice};
 use crate::hypervisor::Hypervisor;
 use crate::memory::GuestMem;
 use crate::reincarnation::vm::VmLauncher;
@@ -306,7 +307,7 @@ impl ChannelBackend {
 
     /// The device's counters.
     pub fn device_stats(&self) -> ddvm_passthrough::NvmeStats {
-        self.blk.device.stats()
+        self.blk.device.nvme_stats().unwrap_or_default()
     }
 
     /// The warm standbys that are up (policy `standbys`), the next to serve first.

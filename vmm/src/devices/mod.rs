@@ -1,7 +1,42 @@
-//! Devices of the ddvm machine and the buses that dispatch port and MMIO exits to them.
+//! Devices of the ddvm machine and the buses that dispatch port and MMIO exits to them, and
+//! the kinds of device a driver domain can be handed ([`DeviceSpec`]), each kind's specifics
+//! in a module of its own ([`nvme`]).
 
 pub mod bus;
+pub mod nvme;
 pub mod pci;
 pub mod serial;
 
+use std::sync::Arc;
+
+use ddvm_passthrough::NvmeConfig;
+
 pub use bus::{Bus, BusDevice};
+
+use crate::domain::{DeviceThread, DomainDevice, DomainError};
+
+/// A device handed to a driver domain.
+#[derive(Clone, Debug)]
+pub enum DeviceSpec {
+    /// A fresh emulated NVMe controller (stands in for hardware; VFIO comes later), created
+    /// with the domain and gone with it.
+    EmulatedNvme(NvmeConfig),
+    /// A device that outlives its domains (recovery hands it from a dead domain to a fresh
+    /// one, as a VFIO device would be).
+    Persistent(Arc<DomainDevice>),
+}
+
+impl DeviceSpec {
+    /// The device of a domain named `name`: a fresh one of its kind, whose work that does not
+    /// trap `thread` serves, or the one that outlives its domains.
+    pub fn device(
+        &self,
+        name: &str,
+        thread: DeviceThread,
+    ) -> Result<Arc<DomainDevice>, DomainError> {
+        match self {
+            DeviceSpec::EmulatedNvme(cfg) => DomainDevice::emulated_nvme(name, cfg, thread),
+            DeviceSpec::Persistent(d) => Ok(d.clone()),
+        }
+    }
+}

@@ -7,10 +7,12 @@ use std::time::Duration;
 use ddvm_recovery::reason::{FailureReason, OperatorAction};
 
 use super::{DomainHandle, Launcher};
-use crate::domain::{DeviceSpec, Domain, DomainConfig, DomainDevice};
+use crate::devices::DeviceSpec;
+use crate::domain::{Domain, DomainConfig, DomainDevice};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::vcpu::{DomainExit, RunState};
+use crate::vm::Guest;
 
 /// Boots the driver domains of one device: `cfg` with the device that outlives them.
 pub struct VmLauncher {
@@ -63,7 +65,7 @@ impl Launcher for VmLauncher {
     }
 
     fn dma_refused(&self) -> u64 {
-        self.device.stats().dma_refused
+        self.device.dma_refused()
     }
 }
 
@@ -73,7 +75,7 @@ impl DomainHandle for Domain {
     }
 
     fn wait_ready(&self, timeout: Duration) -> Result<(), Option<FailureReason>> {
-        match Domain::wait_ready(self, timeout) {
+        match Guest::wait_ready(self, timeout) {
             Ok(_) => Ok(()),
             Err(RunState::Stopped(exit)) => Err(Some(exit_reason(&exit))),
             Err(_) => Err(None),
@@ -81,7 +83,7 @@ impl DomainHandle for Domain {
     }
 
     fn has_stopped(&self) -> Option<FailureReason> {
-        Domain::has_stopped(self).map(|exit| exit_reason(&exit))
+        Guest::has_stopped(self).map(|exit| exit_reason(&exit))
     }
 
     fn promote(&mut self) -> Result<(), String> {
@@ -93,11 +95,11 @@ impl DomainHandle for Domain {
     }
 
     fn stop_vcpu(&mut self) {
-        Domain::stop(self);
+        Guest::stop(self);
     }
 
     fn is_waiting(&self) -> bool {
-        Domain::is_waiting(self)
+        Guest::is_waiting(self)
     }
 
     fn heartbeat(&self) -> Option<u64> {
