@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use ddvm::channel::HostChannel;
 use ddvm::devices::DeviceSpec;
 use ddvm::domain::{Domain, DomainConfig};
+use ddvm::host_channel::HostChannel;
 use ddvm::testclient::{self, Workload};
 use ddvm::vcpu::DomainExit;
 use ddvm_abi::channel::blk::op;

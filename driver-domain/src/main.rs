@@ -35,12 +35,12 @@
 
 extern crate alloc;
 
-mod channel;
 mod driver;
 mod faults;
 mod nvme;
 mod selftest;
 mod service;
+mod vmm_channel;
 
 use ddvm_abi::channel::blk::DeviceInfo;
 use ddvm_abi::channel::class;
@@ -50,12 +50,12 @@ use guest_kernel::{arch, boot, println, vmm};
 
 use alloc::boxed::Box;
 
-use crate::channel::Channel;
 use crate::driver::{BlockDriver, Driver};
 use crate::faults::Injection;
 use crate::nvme::probe::{self, BarHint, Location};
 use crate::nvme::{Controller, Options};
 use crate::service::Service;
+use crate::vmm_channel::Channel;
 
 guest_kernel::entry_point!(main);
 

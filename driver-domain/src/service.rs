@@ -44,11 +44,11 @@ use guest_kernel::shared::SharedRegion;
 
 use alloc::boxed::Box;
 
-use crate::channel::Channel;
 use crate::driver::{
     BlockDriver, BlockProperties, Completed, DriverError, IoKind, IoRequest, SubmitError,
 };
 use crate::faults::Sabotage;
+use crate::vmm_channel::Channel;
 
 /// Bytes of a channel sector.
 const SECTOR: u64 = 512;

@@ -9,10 +9,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ddvm::channel::HostChannel;
 use ddvm::console::Echo;
 use ddvm::devices::DeviceSpec;
 use ddvm::domain::{Domain, DomainConfig};
+use ddvm::host_channel::HostChannel;
 use ddvm::hypervisor::{Hypervisor, DEFAULT_KVM_PATH};
 use ddvm::testclient::{self, Report, Workload};
 use ddvm_passthrough::NvmeConfig;

@@ -7,7 +7,6 @@
 
 pub mod arch;
 pub mod blk;
-pub mod channel;
 pub mod chaos;
 pub mod client;
 pub mod config;
@@ -15,6 +14,7 @@ pub mod console;
 pub mod control;
 pub mod devices;
 pub mod domain;
+pub mod host_channel;
 pub mod hoststall;
 pub mod hypervisor;
 pub mod linux;

@@ -34,8 +34,8 @@ use ddvm_abi::channel::blk::op;
 use ddvm_abi::channel::status as cstatus;
 use ddvm_recovery::monitor::HeartbeatMonitor;
 
-use crate::channel::{Done, HostChannel};
 use crate::domain::{DeviceShutdown, Domain, DomainDevice};
+use crate::host_channel::{Done, HostChannel};
 
 /// Longest wait for the requests in flight at a stop to complete.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);

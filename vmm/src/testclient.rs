@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use ddvm_abi::channel::blk::op;
 use ddvm_abi::channel::status;
 
-use crate::channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::domain::Domain;
+use crate::host_channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::vcpu::wait_eventfd;
 
 /// What to run.

@@ -72,7 +72,7 @@ pub enum TopologyError {
         disk: String,
         /// Why.
         #[source]
-        source: crate::blk::channel::StartError,
+        source: crate::blk::class::StartError,
     },
     /// A disk's block service thread could not be started.
     #[error("disk {disk}: starting its block service: {source}")]

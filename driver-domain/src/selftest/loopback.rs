@@ -28,11 +28,11 @@ use guest_kernel::dma::{DmaBuffer, PAGE_SIZE};
 use guest_kernel::shared::SharedRegion;
 use guest_kernel::time::Instant;
 
-use crate::channel::Channel;
 use crate::driver::BlockDriver;
 use crate::faults::{self, Injection};
 use crate::nvme::Controller;
 use crate::service::{self, Service};
+use crate::vmm_channel::Channel;
 
 /// Epoch of the stand-in channel.
 const EPOCH: u64 = 0x1_0000_0007;

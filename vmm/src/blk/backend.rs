@@ -41,7 +41,7 @@ pub enum BackendError {
     Stopped,
 }
 
-pub use super::channel::ChannelBackend;
+pub use super::class::ChannelBackend;
 
 /// A disk's backend.
 pub enum Backend {

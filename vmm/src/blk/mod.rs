@@ -9,7 +9,7 @@
 //! ```
 
 pub mod backend;
-pub mod channel;
+pub mod class;
 pub mod device;
 pub mod replay;
 pub mod request;
