@@ -139,8 +139,8 @@ fn two_clients_share_one_driver_domain_each_in_its_own_range() {
     assert_eq!(r[1].id, 1);
 }
 
-/// Every hostile case from the issue, each by a real guest next to a well-behaved client on
-/// the same driver domain.
+/// Every hostile case the workload client can send (`hostile=CASE`), each by a real guest
+/// next to a well-behaved client on the same driver domain.
 #[test]
 fn a_hostile_client_gets_errors_and_harms_nobody() {
     let cases = [

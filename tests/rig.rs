@@ -89,8 +89,8 @@ fn demo_verifies_every_block_on_svm_kvm() {
 /// It has two vCPUs, brought up by its kernel, and does I/O from both at once.
 ///
 /// The rig runs with one vCPU: with two, single-threaded TCG lets the nested guest's timer
-/// interrupts stop (measured: a stock kernel then hangs in every boot, also under the
-/// reference rig's own minimal VMM), and multi-threaded TCG corrupts concurrent nested guests.
+/// interrupts stop (measured: a stock kernel then hangs in every boot, also under a minimal
+/// VMM written only to boot it), and multi-threaded TCG corrupts concurrent nested guests.
 #[test]
 fn a_stock_linux_client_is_served_through_every_domain_fault_on_svm_kvm() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-client");

@@ -17,9 +17,9 @@
 //! - panic and CPU-exception reporting through the panic record and the panic port;
 //! - [`fault`]: deliberate faults for fault injection.
 //!
-//! PVM rules this crate follows (PLATFORM.md): no `cli`/`sti`, no `int $n`, privileged
-//! instructions only at boot, `hlt` only in a loop, and the VMM's page tables stay loaded on the
-//! ddvm path. `unsafe` lives in `arch` (assembly, ports, descriptor tables) and in the small
+//! PVM rules this crate follows (`docs/ARCHITECTURE.md`, "Platforms"): no `cli`/`sti`, no
+//! `int $n`, privileged instructions only at boot, `hlt` only in a loop, and the VMM's page
+//! tables stay loaded on the ddvm path. `unsafe` lives in `arch` (assembly, ports, descriptor tables) and in the small
 //! wrappers [`shared`], [`dma`], [`mmio`], [`pci`], `boot` and `heap`, each block with its
 //! invariant.
 

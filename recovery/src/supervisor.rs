@@ -1,4 +1,4 @@
-//! The supervisor of one driver domain: DESIGN.md's state machine
+//! The supervisor of one driver domain, the recovery state machine of `docs/ARCHITECTURE.md`:
 //! `Booting -> Running -> Failed(reason) -> Restarting -> Replaying -> Running`, or `-> GaveUp`.
 //!
 //! The VMM drives it with what it observes and does; the supervisor decides (restart when,

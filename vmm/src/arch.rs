@@ -3,7 +3,8 @@
 //! The guest starts in long mode with paging on, an identity map of the first 4 GiB in 2 MiB
 //! pages with U/S set at every level (PVM runs guests at hardware CPL 3 and livelocks on shadow
 //! page faults otherwise; elsewhere the bit is harmless), and a GDT whose selector 0x10 is 64-bit
-//! code. The register values are the ones measured to run natively on PVM (`PLATFORM.md`).
+//! code. The register values are the ones measured to run natively on PVM (see
+//! `docs/ARCHITECTURE.md`, "Platforms").
 
 use ddvm_abi::boot::{BootInfo, ENTRY_MAGIC};
 use ddvm_abi::layout::{self, pte};

@@ -3,7 +3,7 @@
 //! Our development machines expose PVM, a paravirtual KVM whose guests run at hardware CPL 3
 //! with shadow paging; users mostly run on VMX or SVM. The unikernels run unchanged on all of
 //! them; on PVM the VMM also registers a VIF page per vCPU so the guest runs natively instead of
-//! in PVM's instruction emulator (see `PLATFORM.md`).
+//! in PVM's instruction emulator (see `docs/ARCHITECTURE.md`, "Platforms").
 
 use std::fmt;
 use std::path::{Path, PathBuf};

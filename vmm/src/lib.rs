@@ -1,7 +1,8 @@
 //! ddvm: a KVM-based VMM that makes device drivers crash-proof for the machines around them.
 //!
 //! Each device is handed to its own driver domain, a small unikernel VM; this crate boots and
-//! runs those VMs (and, later, the client guests). See `DESIGN.md` for the whole picture.
+//! runs those VMs and the client guests, serves the clients' virtio devices through the
+//! domains, and restarts a domain that fails. `docs/ARCHITECTURE.md` has the whole picture.
 
 #![deny(missing_docs)]
 

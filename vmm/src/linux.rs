@@ -11,12 +11,14 @@
 //!   APIC and the I/O APIC. A stock Debian kernel has no `virtio_mmio.device=` command-line
 //!   support, so ACPI is how it finds a virtio-mmio device at all.
 //! - Interrupts come from KVM's in-kernel I/O APIC: each device's eventfd is an irqfd on its
-//!   GSI (edge-triggered, active-high, so the ISA lines 0–15 need no override).
+//!   GSI with a resample eventfd, level-triggered and active-high ([`LevelIrq`]): the line is
+//!   asserted again after each EOI while the device still has an interrupt pending.
 //! - Small legacy devices a kernel touches at boot: the CMOS clock (an idle one: without it the
 //!   kernel waits seconds for an update-in-progress bit), the keyboard controller's reset line
 //!   (`reboot=k`), and the hardware-reduced ACPI sleep registers (`poweroff`).
 //!
-//! Stock kernels do not run under PVM (PLATFORM.md: they never reach PVM's native mode), so
+//! Stock kernels do not run under PVM (their page tables lack the U/S bit on kernel pages, so
+//! they never reach PVM's native mode and stay in its instruction emulator), so
 //! ddvm boots them only on VMX/SVM hosts, such as the TCG rig (`scripts/rig`).
 
 use std::fs::File;

@@ -162,7 +162,7 @@ impl ConfigSpace {
         c.put16(SUBSYSTEM_VENDOR, ids.subsystem_vendor);
         c.put16(SUBSYSTEM_VENDOR + 2, ids.subsystem);
         c.bytes[CAP_PTR] = PCIE_CAP_OFFSET as u8;
-        // Interrupt pin 0: no INTx; drivers poll (DESIGN.md, data path).
+        // Interrupt pin 0: no INTx; driver domains poll their device and the channel.
         c.bytes[PCIE_CAP_OFFSET] = PCIE_CAP_ID;
         c.bytes[PCIE_CAP_OFFSET + 1] = 0;
         c.put16(PCIE_CAP_OFFSET + 2, PCIE_CAPS);

@@ -1,6 +1,8 @@
 //! The frontend and block service against a scripted driver: split rings written by hand into
-//! a client's memory, served from a file. Every hostile chain of the issue is here, next to a
-//! well-behaved client whose data must come through untouched.
+//! a client's memory, served from a file. Every kind of hostile chain the frontend must
+//! survive is here (loops, out-of-range buffers, wrong directions, huge indirect tables,
+//! republished heads, resets with requests in flight), next to a well-behaved client whose
+//! data must come through untouched.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
