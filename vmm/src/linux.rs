@@ -404,7 +404,7 @@ fn write_acpi(mem: &GuestMem, devices: &[MmioDevice], vcpus: u32) -> Result<u64,
 }
 
 /// Fits KVM's supported CPUID to vCPU `index` of `count`:
-/// - CPUID.1:ECX[31], "running on a hypervisor": without it the kernel does not look for
+/// - CPUID.1:ECX\[31\], "running on a hypervisor": without it the kernel does not look for
 ///   KVM's leaves, gets no kvm-clock, and hangs calibrating its clocks (measured in the rig);
 /// - the vCPU's APIC ID (= `index`, as the MADT says) in every leaf that carries one, and a
 ///   topology of `count` single-thread cores in one package (leaves 0xB/0x1F, and AMD's

@@ -138,7 +138,7 @@ impl fmt::Display for StopReport {
 /// completion, at most `timeout`; returns its status, or why none came (the domain stopped
 /// or hung, the channel broke, the time ran out). Other completions that arrive meanwhile
 /// are taken and dropped. `heartbeat_period` is the domain's (a still heartbeat is a hang only
-/// after [`HANG`] or this, whichever is longer, of vCPU run time).
+/// after `HANG` or this, whichever is longer, of vCPU run time).
 pub fn request(
     domain: &Domain,
     channel: &mut HostChannel,

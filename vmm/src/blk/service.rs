@@ -48,7 +48,7 @@
 //! requests), so its thread runs one in the wait exit it pays anyway and resumes the domain at
 //! once if the pass made progress. On two cores the domain and this thread otherwise take
 //! turns on one core, each turn a wake-up and a wait exit (measured: ~70 µs of CPU per exit,
-//! one exit per ~15 requests). The state is one [`Worker`] behind a lock: the domain's
+//! one exit per ~15 requests). The state is one `Worker` behind a lock: the domain's
 //! thread only tries it (it never blocks on this thread, which may be joining it), and leaves
 //! recovery (detection, restarts, teardown) to this thread, which keeps serving whatever the
 //! domain does, so a hung domain is detected as before.

@@ -15,7 +15,7 @@
 //! tests use.
 //!
 //! Everything runs on the thread that owns the engine (a disk's block service), except the
-//! standby boots (a thread of their own, [`standby`]) and hooks (child processes).
+//! standby boots (a thread of their own, `standby`) and hooks (child processes).
 
 mod standby;
 pub mod vm;
