@@ -23,7 +23,7 @@
 //! doorbells the VMM serves through a KVM ioeventfd — needs someone to look for it, in one of
 //! two ways:
 //! - [`EmulatedNvme::start_worker`] starts a worker thread that polls and sleeps on the
-//!   doorbell eventfd ([`worker`]); dropping the controller stops and joins it.
+//!   doorbell eventfd (`worker`); dropping the controller stops and joins it.
 //! - [`EmulatedNvme::poller`] gives a [`NvmePoller`] to a thread that already polls other
 //!   work, such as the block service of the disk this controller backs: it calls
 //!   [`NvmePoller::poll`] in its loop, [`NvmePoller::arm`] before it sleeps, and sleeps on
@@ -37,7 +37,7 @@
 //!
 //! A Flush does not hold up the queues while the host syncs the backing file: the pass writes
 //! the volatile cache back to the file, hands the sync to the controller's flusher thread
-//! ([`flusher`]) and goes on with the next commands. When the sync returns, the flusher writes
+//! (`flusher`) and goes on with the next commands. When the sync returns, the flusher writes
 //! the doorbell eventfd, so the worker or the poller's owner wakes and its next pass posts
 //! the Flush's completion. A reset forgets the Flushes in flight without waiting for their
 //! syncs: their completions are never posted to the queues of the driver after it. Without
