@@ -24,6 +24,7 @@ pub mod dma;
 pub mod fileio;
 pub mod nvme;
 pub mod pci;
+mod sync;
 
 pub use dma::{DmaError, DmaWindow};
 pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmePoller, NvmeStats};

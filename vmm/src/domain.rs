@@ -162,7 +162,7 @@ impl DomainDevice {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PciDevice> {
-        self.pci.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.pci)
     }
 
     /// Serves what the driver submitted without trapping (owner-served devices only; see
@@ -182,7 +182,7 @@ impl DomainDevice {
         let poller = self.poller.clone()?;
         let owner = self.owner_pass.clone();
         Some(Box::new(move || {
-            let pass = owner.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let pass = crate::sync::lock(&owner).clone();
             match pass {
                 Some(pass) => pass(),
                 None => poller.poll() > 0,
@@ -193,7 +193,7 @@ impl DomainDevice {
     /// Sets (or clears) the owner's pass that [`DomainDevice::wait_work`] runs; it holds for
     /// every domain the device serves from now on.
     pub fn set_owner_pass(&self, pass: Option<OwnerPass>) {
-        *self.owner_pass.lock().unwrap_or_else(|p| p.into_inner()) = pass;
+        *crate::sync::lock(&self.owner_pass) = pass;
     }
 
     /// Before the owner sleeps: asks the driver to ring, and re-checks. True when work
@@ -321,7 +321,7 @@ struct Handover {
 }
 
 fn lock_bus(bus: &Mutex<PciBus>) -> std::sync::MutexGuard<'_, PciBus> {
-    bus.lock().unwrap_or_else(|p| p.into_inner())
+    crate::sync::lock(bus)
 }
 
 /// A running driver domain: a guest ([`Guest`], whose accessors it derefs to) with its

@@ -742,12 +742,7 @@ pub fn boot(
         LevelIrq {
             gsi: SERIAL_GSI,
             trigger,
-            pending: Arc::new(move || {
-                pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .interrupt_pending()
-            }),
+            pending: Arc::new(move || crate::sync::lock(&pending).interrupt_pending()),
         },
     )?];
     let mut pio = Bus::new();

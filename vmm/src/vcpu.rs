@@ -255,10 +255,7 @@ impl Shared {
     /// A device of the guest ends it (a power-off, a reset): the vCPU stops at its next chance
     /// with `exit` (the first such exit counts).
     pub fn guest_stop(&self, exit: DomainExit) {
-        self.guest_exit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(exit);
+        crate::sync::lock(&self.guest_exit).get_or_insert(exit);
         self.request_stop();
     }
 
@@ -274,7 +271,7 @@ impl Shared {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Current state.

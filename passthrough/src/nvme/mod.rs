@@ -83,7 +83,7 @@ mod tests;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vm_memory::GuestMemoryMmap;
@@ -91,6 +91,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaWindow;
 use crate::pci::{BarInfo, BarKind, PciBackend, PciIds};
+use crate::sync::lock;
 use controller::{Controller, Limits, Observed, DOORBELL_FRESH};
 pub use namespace::{NamespaceError, CACHE_LIMIT_BYTES};
 pub use queue::{Command, Completion};
@@ -351,11 +352,6 @@ impl Shared {
         }
         consumed
     }
-}
-
-/// Locks even if a holder panicked: the state stays usable for reset and teardown.
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// An emulated NVMe controller; implements [`PciBackend`] (BAR0 = registers and doorbells).

@@ -6,9 +6,10 @@
 //! that is given an ECAM window uses it. The window covers bus 0 only: function `f` of device
 //! `d` at `d << 15 | f << 12`, 4 KiB each, [`ECAM_BUS_SIZE`] in all.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use super::{PciDevice, PciError};
+use crate::sync::lock;
 
 /// Devices per bus.
 const DEVICES: usize = 32;
@@ -143,11 +144,6 @@ fn config_write(target: Option<(&Arc<Mutex<PciDevice>>, u16)>, data: &[u8]) {
     if let Some((d, register)) = target {
         lock(d).config_write(register, data);
     }
-}
-
-/// Locks a device even if a previous holder panicked, so teardown and reset still work.
-fn lock(d: &Mutex<PciDevice>) -> MutexGuard<'_, PciDevice> {
-    d.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

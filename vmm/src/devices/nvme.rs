@@ -39,7 +39,7 @@ impl NvmeModel {
 
 impl DeviceModel for NvmeModel {
     fn set_vm(&self, vm: Option<Arc<VmFd>>) {
-        *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = vm;
+        *crate::sync::lock(&self.vm) = vm;
     }
 
     /// The NVMe normal shutdown: CC.SHN = 01b, then CSTS.SHST polled until it reads 10b, at
@@ -52,7 +52,7 @@ impl DeviceModel for NvmeModel {
         const CC_SHN_NORMAL: u32 = 0b01 << 14;
         const CSTS_SHST: u32 = 0b11 << 2;
         const CSTS_SHST_COMPLETE: u32 = 0b10 << 2;
-        let lock = || pci.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = || crate::sync::lock(pci);
         let t0 = Instant::now();
         let read = |off: u64| {
             let mut b = [0u8; 4];
@@ -141,7 +141,7 @@ impl DomainDevice {
         let current = vm.clone();
         let domain = name.to_string();
         nvme.set_on_shadow_doorbells(Box::new(move |active| {
-            let Some(vm) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            let Some(vm) = crate::sync::lock(&current).clone() else {
                 return;
             };
             for off in range.clone().step_by(4) {
