@@ -16,6 +16,12 @@
 //!   [`CLIENT_SHARE`] while another client has requests held, [`CLIENT_LIMIT`] alone). A client
 //!   that publishes more than that keeps the rest in its own ring, so another client's request
 //!   waits behind at most one share of it, whatever it floods.
+//! - **Shares are even over time.** While another client is being served (it has parts held,
+//!   or took requests in this [`FAIR_WINDOW`] or the last), a client takes at most
+//!   [`FAIR_SLACK`] requests more in a window than the least served of them. A client that
+//!   answers its own requests at the service's pace (a flood) is held to the pace of one
+//!   whose guest must turn each completion into a new request; a client alone, or next to
+//!   idle ones, is not held back.
 //! - **In flight per queue: at most the queue size.** Each queue's accepted, unanswered heads
 //!   are a bit set; a head published again while it is in flight is a driver error (the
 //!   device still owns it), and the device is marked DEVICE_NEEDS_RESET, as QEMU does when a
@@ -86,6 +92,12 @@ pub const CLIENT_SHARE: usize = 16;
 /// The same limit for a client that is alone on the disk (enough to keep a driver domain's
 /// channel full).
 pub const CLIENT_LIMIT: usize = 256;
+/// The window over which clients' intake is kept even.
+pub const FAIR_WINDOW: Duration = Duration::from_millis(1);
+/// While another client has requests held, a client takes at most this many requests more
+/// in a [`FAIR_WINDOW`] than the least served of the others: equal shares of the service,
+/// whatever one of them publishes. (A client that is idle, or alone, is not held back.)
+pub const FAIR_SLACK: u32 = 16;
 
 /// A part of a client request, as a shadow-queue entry carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,6 +206,8 @@ impl BlockService {
             finished: Vec::new(),
             tracks: (0..ports.len()).map(|_| Track::default()).collect(),
             cursor: 0,
+            window: Instant::now(),
+            window_len: FAIR_WINDOW,
             outstanding: vec![0; ports.len()],
         };
         let worker = Arc::new(Mutex::new(worker));
@@ -315,6 +329,9 @@ pub(super) struct Worker {
     cursor: usize,
     /// Per port, its parts held: accepted and not completed (or forgotten at a reset).
     outstanding: Vec<usize>,
+    /// When the current fairness window began, and its length ([`FAIR_WINDOW`]).
+    window: Instant,
+    window_len: Duration,
 }
 
 /// Heads of one queue accepted and not yet answered: one bit per descriptor index, so at most
@@ -356,6 +373,17 @@ struct Track {
     next_queue: usize,
     /// Its window was full at the last intake: chains it published wait in its ring.
     held: bool,
+    /// Requests taken in the current [`FAIR_WINDOW`], and in the one before.
+    taken: u32,
+    taken_before: u32,
+}
+
+impl Track {
+    /// Whether the client is being served: it has parts held, or took requests in this window
+    /// or the last one.
+    fn active(&self, outstanding: usize) -> bool {
+        outstanding > 0 || self.taken > 0 || self.taken_before > 0
+    }
 }
 
 impl Track {
@@ -419,7 +447,11 @@ impl Worker {
             let mut fds: Vec<RawFd> = w.ports.iter().map(|p| p.notify.as_raw_fd()).collect();
             fds.push(w.shared.wake.as_raw_fd());
             fds.extend(w.backend.wait_fds());
-            let limit = MAX_SLEEP.min(w.backend.sleep_limit());
+            let mut limit = MAX_SLEEP.min(w.backend.sleep_limit());
+            if w.tracks.iter().any(|t| t.held) {
+                // A client held back for its share is served again in the next window.
+                limit = limit.min(w.window_len);
+            }
             drop(w);
             wait_fds(&fds, limit);
             w = lock(worker);
@@ -452,6 +484,13 @@ impl Worker {
         }
         let start = self.cursor % count;
         self.cursor = (start + 1) % count;
+        let now = Instant::now();
+        if now.saturating_duration_since(self.window) >= self.window_len {
+            self.window = now;
+            for t in &mut self.tracks {
+                t.taken_before = std::mem::take(&mut t.taken);
+            }
+        }
         let mut n = 0;
         for k in 0..count {
             let i = (start + k) % count;
@@ -493,10 +532,17 @@ impl Worker {
             .enumerate()
             .any(|(j, &held)| j != i && held > 0);
         let limit = if others { CLIENT_SHARE } else { CLIENT_LIMIT };
+        // Even shares: no more than the least served of the other clients with requests held,
+        // and some slack, in this window.
+        let allowance = (0..self.ports.len())
+            .filter(|&j| j != i && self.tracks[j].active(self.outstanding[j]))
+            .map(|j| self.tracks[j].taken.saturating_add(FAIR_SLACK))
+            .min()
+            .unwrap_or(u32::MAX);
         let mut n = 0;
         let mut unusable = None;
         while n < QUEUE_BUDGET {
-            if self.outstanding[i] >= limit {
+            if self.outstanding[i] >= limit || self.tracks[i].taken >= allowance {
                 self.tracks[i].held = true;
                 break;
             }
@@ -514,6 +560,7 @@ impl Worker {
                 break;
             };
             n += 1;
+            self.tracks[i].taken = self.tracks[i].taken.saturating_add(1);
             let head = chain.head_index();
             if self.tracks[i].heads(queue).contains(head) {
                 // The driver gave back a chain the device still owns: more than the queue
@@ -837,6 +884,8 @@ impl Worker {
             next_rid: 0,
             finished: Vec::new(),
             cursor: 0,
+            window: Instant::now(),
+            window_len: FAIR_WINDOW,
         }
     }
 
@@ -855,6 +904,12 @@ impl Worker {
     /// A whole pass.
     pub(super) fn test_pass(&mut self) -> usize {
         self.pass()
+    }
+
+    /// Sets the fairness window's length (from now).
+    pub(super) fn test_fair_window(&mut self, len: Duration) {
+        self.window = Instant::now();
+        self.window_len = len;
     }
 
     /// Client requests the service holds (accepted, not answered).
