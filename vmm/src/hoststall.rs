@@ -183,8 +183,7 @@ impl StallMeter {
             steal: self.steal(now),
             ..Lost::default()
         };
-        // SAFETY: gettid has no preconditions and cannot fail.
-        let tid = unsafe { libc::gettid() };
+        let tid = crate::sys::gettid();
         match &mut self.service {
             Some(r) if r.tid == tid => lost.service = r.advance(now, None),
             _ => self.service = RunDelay::open(tid, false, now, None),
@@ -243,9 +242,7 @@ impl StallMeter {
 }
 
 fn ticks_to_duration(ticks: u64) -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    let hz = crate::sys::clock_ticks_per_second().unwrap_or(100);
     Duration::from_nanos(ticks.saturating_mul(1_000_000_000 / hz))
 }
 

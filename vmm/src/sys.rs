@@ -99,6 +99,46 @@ pub fn on_stop_signals(handler: extern "C" fn(libc::c_int)) {
     }
 }
 
+/// The calling thread's kernel id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The kernel's clock ticks per second (`/proc` times are in these), if it says.
+pub fn clock_ticks_per_second() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|&h| h > 0)
+}
+
+/// The CPU-time clock of a thread that has not been joined, if the host gives one. (Once the
+/// thread is joined the id may name another thread: read it only while the handle is held.)
+pub fn thread_cpu_clock<T>(thread: &std::thread::JoinHandle<T>) -> Option<libc::clockid_t> {
+    use std::os::unix::thread::JoinHandleExt;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: the thread is not joined (its handle is borrowed), so its pthread_t is valid;
+    // `clock` is a valid out pointer.
+    let r = unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut clock) };
+    (r == 0).then_some(clock)
+}
+
+/// The time of `clock` (a CPU-time clock from [`thread_cpu_clock`]), if it can be read.
+pub fn clock_time(clock: libc::clockid_t) -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out pointer; an id that names no clock is refused (EINVAL).
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
+}
+
 /// Ends the process at once with `status`, running nothing else (no destructors, no atexit
 /// handlers): what a signal handler may do.
 pub fn exit_now(status: i32) -> ! {
@@ -111,6 +151,23 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn thread_ids_and_cpu_clocks_are_this_hosts() {
+        let me = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid: i32 = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        assert_eq!(gettid(), tid, "{me:?}");
+        assert!(clock_ticks_per_second().is_some_and(|hz| hz >= 1));
+        let t = std::thread::spawn(|| {
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < std::time::Duration::from_millis(20) {}
+            gettid()
+        });
+        let clock = thread_cpu_clock(&t).expect("a CPU clock");
+        assert!(clock_time(clock).is_some());
+        assert_ne!(t.join().unwrap(), gettid());
+        assert_eq!(clock_time(libc::clockid_t::MAX), None, "no such clock");
+    }
 
     #[test]
     fn peer_cred_names_this_process() {

@@ -395,10 +395,9 @@ enum Step {
 /// Runs the guest until it stops; returns why.
 pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> DomainExit {
     if ctx.index == 0 {
-        // SAFETY: gettid has no preconditions and cannot fail.
         ctx.shared
             .tid
-            .store(unsafe { libc::gettid() }, Ordering::Release);
+            .store(crate::sys::gettid(), Ordering::Release);
     }
     let exit = run_loop(&mut vcpu, &mut ctx);
     if let Some(log) = ctx.log.as_mut() {

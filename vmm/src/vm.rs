@@ -536,21 +536,9 @@ impl Guest {
     /// once it is stopped, or where the host does not say). A heartbeat that stood still
     /// while this did not move is the host's stall, not the guest's hang.
     pub fn vcpu_cpu_time(&self) -> Option<Duration> {
+        // The clock names the vCPU thread's only while `self.thread` holds it (not joined).
         let clock = self.cpu_clock.filter(|_| self.thread.is_some())?;
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid out pointer; `clock` names the CPU clock of the vCPU thread,
-        // which is not joined while `self.thread` holds it, so the id cannot name another
-        // thread.
-        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-            return None;
-        }
-        Some(Duration::new(
-            u64::try_from(ts.tv_sec).ok()?,
-            u32::try_from(ts.tv_nsec).ok()?,
-        ))
+        crate::sys::clock_time(clock)
     }
 
     /// The vCPU thread's id, while it runs.
@@ -707,18 +695,8 @@ pub(crate) fn start_vcpu(
         .name(format!("vcpu-{name}"))
         .spawn(move || vcpu::run(vcpu, ctx))
         .map_err(|e| host_err("spawning the vCPU thread", e))?;
-    let clock = thread_cpu_clock(&thread);
+    let clock = crate::sys::thread_cpu_clock(&thread);
     Ok((thread, clock))
-}
-
-/// The CPU-time clock of a running thread, if the host gives one.
-fn thread_cpu_clock<T>(thread: &JoinHandle<T>) -> Option<libc::clockid_t> {
-    use std::os::unix::thread::JoinHandleExt;
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: the thread is not joined (we borrow its handle), so its pthread_t is valid;
-    // `clock` is a valid out pointer.
-    let r = unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut clock) };
-    (r == 0).then_some(clock)
 }
 
 /// Kicks the vCPU thread out of KVM_RUN until it finishes. The first signal normally does;
