@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ddvm::domain::Domain;
-use ddvm::vcpu::{DomainExit, RunState};
+use ddvm::vcpu::{GuestExit, RunState};
 use ddvm_abi::boot::Platform;
 use ddvm_abi::channel::fault;
 
@@ -37,11 +37,11 @@ fn driver_domain_boots_prints_marks_ready_and_heartbeats() {
         d.exits().wait.load(Ordering::Relaxed) > 0,
         "an idle domain must use the wait exit"
     );
-    assert_eq!(d.stop(), DomainExit::Stopped);
+    assert_eq!(d.stop(), GuestExit::Stopped);
     assert!(!matches!(d.platform(), Platform::QemuPvh));
 }
 
-fn crash_with(fault: u32) -> (DomainExit, String) {
+fn crash_with(fault: u32) -> (GuestExit, String) {
     let hv = kvm();
     let d = boot_ready(&hv, "crash", "");
     assert!(d.request_fault(fault));
@@ -58,7 +58,7 @@ fn crash_with(fault: u32) -> (DomainExit, String) {
 fn panic_inside_the_domain_is_reported_with_its_message() {
     let (exit, console) = crash_with(fault::PANIC);
     match &exit {
-        DomainExit::Panicked { message } => {
+        GuestExit::Panicked { message } => {
             assert!(message.contains("fault injected: panic"), "{message}")
         }
         other => panic!("expected a panic, got {other:?}; console: {console}"),
@@ -71,7 +71,7 @@ fn panic_inside_the_domain_is_reported_with_its_message() {
 fn invalid_opcode_is_reported_by_the_guest_idt() {
     let (exit, console) = crash_with(fault::INVALID_OPCODE);
     match exit {
-        DomainExit::Exception { vector, rip, .. } => {
+        GuestExit::Exception { vector, rip, .. } => {
             assert_eq!(vector, 6, "#UD");
             assert!(
                 rip >= ddvm_abi::layout::IMAGE_BASE,
@@ -86,7 +86,7 @@ fn invalid_opcode_is_reported_by_the_guest_idt() {
 fn page_fault_is_reported_with_cr2() {
     let (exit, console) = crash_with(fault::PAGE_FAULT);
     match exit {
-        DomainExit::Exception { vector, cr2, .. } => {
+        GuestExit::Exception { vector, cr2, .. } => {
             assert_eq!(vector, 14, "#PF");
             assert!(cr2 >= 4 << 30, "cr2 {cr2:#x} beyond the identity map");
         }
@@ -97,7 +97,7 @@ fn page_fault_is_reported_with_cr2() {
 #[test]
 fn exception_the_guest_cannot_take_is_a_shutdown_exit() {
     let (exit, console) = crash_with(fault::TRIPLE_FAULT);
-    assert_eq!(exit, DomainExit::Shutdown, "console: {console}");
+    assert_eq!(exit, GuestExit::Shutdown, "console: {console}");
     assert!(exit.is_crash());
 }
 
@@ -132,7 +132,7 @@ fn hung_domain_stops_heartbeating_and_still_tears_down() {
     }
     assert!(matches!(d.state(), RunState::Ready(_)));
     let t = std::time::Instant::now();
-    assert_eq!(d.stop(), DomainExit::Stopped);
+    assert_eq!(d.stop(), GuestExit::Stopped);
     assert!(
         t.elapsed() < Duration::from_secs(1),
         "teardown of a spinning vCPU took {:?}",

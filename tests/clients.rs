@@ -12,7 +12,7 @@ use std::time::Duration;
 use ddvm::config::Config;
 use ddvm::console::Echo;
 use ddvm::topology::Topology;
-use ddvm::vcpu::DomainExit;
+use ddvm::vcpu::GuestExit;
 
 use common::*;
 
@@ -55,7 +55,7 @@ fn run_clean(text: &str) -> Vec<ddvm::client::WorkloadReport> {
                 .report
                 .unwrap_or_else(|| panic!("{}: no report ({:?})", o.name, o.exit));
             assert!(r.clean(), "{}: {r:?}", o.name);
-            assert_eq!(o.exit, Some(DomainExit::Exited { status: 0 }), "{}", o.name);
+            assert_eq!(o.exit, Some(GuestExit::Exited { status: 0 }), "{}", o.name);
             assert!(r.verified > 0 && r.writes > 0, "{}: {r:?}", o.name);
             r
         })
@@ -188,7 +188,7 @@ fn a_hostile_client_gets_errors_and_harms_nobody() {
         let text = o.hostile.clone().unwrap_or_default();
         assert_eq!(
             o.exit,
-            Some(DomainExit::Exited { status: 0 }),
+            Some(GuestExit::Exited { status: 0 }),
             "{case}: {text}"
         );
         assert!(

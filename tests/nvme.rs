@@ -9,7 +9,7 @@ use ddvm::devices::DeviceSpec;
 use ddvm::domain::{Domain, DomainConfig};
 use ddvm::host_channel::HostChannel;
 use ddvm::testclient::{self, Workload};
-use ddvm::vcpu::DomainExit;
+use ddvm::vcpu::GuestExit;
 use ddvm_abi::channel::blk::op;
 use ddvm_abi::channel::status;
 use ddvm_passthrough::NvmeConfig;
@@ -148,7 +148,7 @@ fn selftest_passes_on_the_emulated_controller() {
         .wait_stopped(Duration::from_secs(60))
         .expect("selftest ends");
     let console = d.console().text();
-    assert_eq!(exit, DomainExit::Exited { status: 0 }, "{console}");
+    assert_eq!(exit, GuestExit::Exited { status: 0 }, "{console}");
     assert!(console.contains("nvme selftest: PASS"), "{console}");
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use std::sync::Mutex;
 
 use ddvm::domain::{Domain, DomainError};
-use ddvm::vcpu::DomainExit;
+use ddvm::vcpu::GuestExit;
 use ddvm::vm::GuestError;
 
 use common::*;
@@ -21,7 +21,7 @@ fn cycle(hv: &ddvm::hypervisor::Hypervisor, i: usize) {
     let mut d = Domain::boot(hv, &dd_config(&format!("cycle{i}"), ""), i as u64 + 1).unwrap();
     d.wait_ready(Duration::from_secs(10))
         .unwrap_or_else(|s| panic!("domain {i} not ready: {s:?}"));
-    assert_eq!(d.stop(), DomainExit::Stopped);
+    assert_eq!(d.stop(), GuestExit::Stopped);
 }
 
 #[test]
@@ -100,7 +100,7 @@ fn nvme_domains_tear_down_without_leaking_device_threads_or_files() {
         let mut d = Domain::boot(&hv, &cfg(i), 1).unwrap();
         d.wait_ready(Duration::from_secs(10))
             .unwrap_or_else(|s| panic!("nvme domain {i} not ready: {s:?}"));
-        assert_eq!(d.stop(), DomainExit::Stopped);
+        assert_eq!(d.stop(), GuestExit::Stopped);
     };
     for i in 0..3 {
         cycle(i);

@@ -13,7 +13,7 @@ use crate::hypervisor::Hypervisor;
 use crate::linux::{self, LevelIrq, LinuxBoot};
 use crate::loader::Image;
 use crate::memory::GuestMem;
-use crate::vcpu::DomainExit;
+use crate::vcpu::GuestExit;
 use crate::vcpu::Shared;
 use crate::virtio::mmio::{MmioTransport, WINDOW};
 use crate::virtio::Interrupt;
@@ -125,7 +125,7 @@ impl Client {
     }
 
     /// Waits for the guest to finish; returns how it stopped (None: still running).
-    pub fn wait(&self, timeout: Duration) -> Option<DomainExit> {
+    pub fn wait(&self, timeout: Duration) -> Option<GuestExit> {
         self.guest.wait_stopped(timeout)
     }
 }

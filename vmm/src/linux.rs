@@ -44,7 +44,7 @@ use crate::hypervisor::{register_pvm_vif, Hypervisor};
 use crate::loader::Loaded;
 use crate::memory::GuestMem;
 use crate::stats::VcpuStats;
-use crate::vcpu::{self, DomainExit, Shared, VcpuContext};
+use crate::vcpu::{self, GuestExit, Shared, VcpuContext};
 use crate::vm::{self, AttachFn, Guest, GuestConfig, GuestError, GuestParts};
 
 /// The zero page (`struct boot_params`).
@@ -522,7 +522,7 @@ impl BusDevice for I8042 {
     fn write(&mut self, offset: u64, data: &[u8]) {
         // Port 0x64 is offset 4 from 0x60.
         if offset == 4 && data.first() == Some(&0xfe) {
-            self.shared.guest_stop(DomainExit::Reset);
+            self.shared.guest_stop(GuestExit::Reset);
         }
     }
 }
@@ -550,7 +550,7 @@ impl BusDevice for SleepControl {
             return;
         };
         if offset == 0 && v & SLP_EN != 0 && (v >> 2) & 0x7 == S5_TYPE {
-            self.shared.guest_stop(DomainExit::Exited { status: 0 });
+            self.shared.guest_stop(GuestExit::Exited { status: 0 });
         }
     }
 }

@@ -18,7 +18,7 @@ use ddvm::loader::Image;
 use ddvm::stop::Stop;
 use ddvm::testclient::{self, Workload};
 use ddvm::topology::Topology;
-use ddvm::vcpu::{DomainExit, RunState};
+use ddvm::vcpu::{GuestExit, RunState};
 
 /// Exit status when a guest crashed.
 const EXIT_GUEST_CRASH: u8 = 3;
@@ -268,7 +268,7 @@ fn boot_one(
     }
 }
 
-fn report_exit(domain: &Domain, exit: &DomainExit) -> ExitCode {
+fn report_exit(domain: &Domain, exit: &GuestExit) -> ExitCode {
     println!(
         "ddvm: domain {} {} [reason={}]",
         domain.name(),
@@ -509,7 +509,7 @@ fn run_topology(
             println!("{:<10} first error: {e}", "");
         }
         match &o.exit {
-            Some(DomainExit::Exited { status: 0 }) => {}
+            Some(GuestExit::Exited { status: 0 }) => {}
             Some(e) => println!("{:<10} {e}", ""),
             None if stopped => println!("{:<10} stopped on request before it finished", ""),
             None => println!("{:<10} still running after {timeout:?}; stopped", ""),

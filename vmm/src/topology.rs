@@ -25,7 +25,7 @@ use crate::domain::{Domain, DomainConfig};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::stop::Stop;
-use crate::vcpu::{DomainExit, RunState};
+use crate::vcpu::{GuestExit, RunState};
 
 /// How long a domain may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,7 +48,7 @@ pub enum TopologyError {
         /// Domain.
         name: String,
         /// How.
-        exit: DomainExit,
+        exit: GuestExit,
     },
     /// A domain did not become ready in time.
     #[error("domain {name} was not ready within {READY_TIMEOUT:?}")]
@@ -173,7 +173,7 @@ pub struct ClientOutcome {
     /// Client name.
     pub name: String,
     /// How the guest stopped (None: still running at the deadline; it was stopped).
-    pub exit: Option<DomainExit>,
+    pub exit: Option<GuestExit>,
     /// Its report line, if it printed one.
     pub report: Option<WorkloadReport>,
     /// Its hostile-mode line (`ddvm-hostile: {json}`), if it printed one.
@@ -185,7 +185,7 @@ pub struct ClientOutcome {
 impl ClientOutcome {
     /// Exited 0 (a Linux client: powered off) with a clean report.
     pub fn ok(&self) -> bool {
-        matches!(self.exit, Some(DomainExit::Exited { status: 0 }))
+        matches!(self.exit, Some(GuestExit::Exited { status: 0 }))
             && (self.report.as_ref().is_some_and(WorkloadReport::clean)
                 || self.linux.as_ref().is_some_and(LinuxReport::clean))
     }

@@ -24,7 +24,7 @@ use crate::memory::GuestMem;
 
 /// Why a guest stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DomainExit {
+pub enum GuestExit {
     /// The guest wrote `status` to the exit port.
     Exited {
         /// Exit status (0: success).
@@ -82,44 +82,44 @@ pub enum DomainExit {
     Reset,
 }
 
-impl DomainExit {
+impl GuestExit {
     /// Whether this is a crash of the guest (as opposed to an orderly exit or a stop).
     pub fn is_crash(&self) -> bool {
         !matches!(
             self,
-            DomainExit::Exited { status: 0 }
-                | DomainExit::Stopped
-                | DomainExit::HostError { .. }
-                | DomainExit::Reset
+            GuestExit::Exited { status: 0 }
+                | GuestExit::Stopped
+                | GuestExit::HostError { .. }
+                | GuestExit::Reset
         )
     }
 
     /// Short machine-readable name of the reason.
     pub fn reason(&self) -> &'static str {
         match self {
-            DomainExit::Exited { status: 0 } => "exited",
-            DomainExit::Exited { .. } => "exit-failure",
-            DomainExit::Panicked { .. } => "panic",
-            DomainExit::Exception { .. } => "exception",
-            DomainExit::BadPanicReport { .. } => "bad-panic-report",
-            DomainExit::Shutdown => "shutdown",
-            DomainExit::InternalError { .. } => "internal-error",
-            DomainExit::FailedEntry { .. } => "failed-entry",
-            DomainExit::Halted => "halted",
-            DomainExit::Unexpected { .. } => "unexpected-exit",
-            DomainExit::HostError { .. } => "host-error",
-            DomainExit::Stopped => "stopped",
-            DomainExit::Reset => "reset",
+            GuestExit::Exited { status: 0 } => "exited",
+            GuestExit::Exited { .. } => "exit-failure",
+            GuestExit::Panicked { .. } => "panic",
+            GuestExit::Exception { .. } => "exception",
+            GuestExit::BadPanicReport { .. } => "bad-panic-report",
+            GuestExit::Shutdown => "shutdown",
+            GuestExit::InternalError { .. } => "internal-error",
+            GuestExit::FailedEntry { .. } => "failed-entry",
+            GuestExit::Halted => "halted",
+            GuestExit::Unexpected { .. } => "unexpected-exit",
+            GuestExit::HostError { .. } => "host-error",
+            GuestExit::Stopped => "stopped",
+            GuestExit::Reset => "reset",
         }
     }
 }
 
-impl fmt::Display for DomainExit {
+impl fmt::Display for GuestExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DomainExit::Exited { status } => write!(f, "exited with status {status}"),
-            DomainExit::Panicked { message } => write!(f, "panicked: {message}"),
-            DomainExit::Exception {
+            GuestExit::Exited { status } => write!(f, "exited with status {status}"),
+            GuestExit::Panicked { message } => write!(f, "panicked: {message}"),
+            GuestExit::Exception {
                 vector,
                 rip,
                 error_code,
@@ -135,26 +135,26 @@ impl fmt::Display for DomainExit {
                 }
                 Ok(())
             }
-            DomainExit::BadPanicReport { value } => write!(
+            GuestExit::BadPanicReport { value } => write!(
                 f,
                 "crashed: panic port written ({value:#x}) without a valid panic record"
             ),
-            DomainExit::Shutdown => write!(f, "crashed: triple fault (shutdown exit)"),
-            DomainExit::InternalError { suberror } => {
+            GuestExit::Shutdown => write!(f, "crashed: triple fault (shutdown exit)"),
+            GuestExit::InternalError { suberror } => {
                 write!(f, "crashed: KVM internal error (suberror {suberror})")
             }
-            DomainExit::FailedEntry { reason } => {
+            GuestExit::FailedEntry { reason } => {
                 write!(f, "crashed: VM entry failed (hardware reason {reason:#x})")
             }
-            DomainExit::Halted => write!(f, "crashed: halted with interrupts off"),
-            DomainExit::Unexpected { exit } => write!(f, "crashed: unexpected exit {exit}"),
-            DomainExit::HostError { errno } => write!(
+            GuestExit::Halted => write!(f, "crashed: halted with interrupts off"),
+            GuestExit::Unexpected { exit } => write!(f, "crashed: unexpected exit {exit}"),
+            GuestExit::HostError { errno } => write!(
                 f,
                 "host error: KVM_RUN failed: {}",
                 std::io::Error::from_raw_os_error(*errno)
             ),
-            DomainExit::Stopped => write!(f, "stopped by the VMM"),
-            DomainExit::Reset => write!(f, "reset by the guest"),
+            GuestExit::Stopped => write!(f, "stopped by the VMM"),
+            GuestExit::Reset => write!(f, "reset by the guest"),
         }
     }
 }
@@ -186,7 +186,7 @@ pub enum RunState {
     /// The ready mark was seen this long after boot started.
     Ready(Duration),
     /// The guest stopped.
-    Stopped(DomainExit),
+    Stopped(GuestExit),
 }
 
 /// State shared between a vCPU thread and the domain that owns it.
@@ -200,7 +200,7 @@ pub struct Shared {
     // The vCPU thread's id (0 until it runs).
     tid: AtomicI32,
     // How a device of the guest ended it (a power-off, a reset), if one did.
-    guest_exit: Mutex<Option<DomainExit>>,
+    guest_exit: Mutex<Option<GuestExit>>,
     /// Written when the domain writes the notify port (normally in the kernel, by ioeventfd).
     pub notify: EventFd,
     /// Exit counters.
@@ -254,7 +254,7 @@ impl Shared {
 
     /// A device of the guest ends it (a power-off, a reset): the vCPU stops at its next chance
     /// with `exit` (the first such exit counts).
-    pub fn guest_stop(&self, exit: DomainExit) {
+    pub fn guest_stop(&self, exit: GuestExit) {
         crate::sync::lock(&self.guest_exit).get_or_insert(exit);
         self.request_stop();
     }
@@ -286,7 +286,7 @@ impl Shared {
 
     /// A vCPU thread ended with `exit`. The first to end says why the guest stopped; with
     /// more than one vCPU, the others are asked to stop (their owner joins them).
-    fn stopped(&self, exit: DomainExit) {
+    fn stopped(&self, exit: GuestExit) {
         let mut state = self.lock();
         if !matches!(*state, RunState::Stopped(_)) {
             *state = RunState::Stopped(exit);
@@ -389,11 +389,11 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 
 enum Step {
     Continue,
-    Stop(DomainExit),
+    Stop(GuestExit),
 }
 
 /// Runs the guest until it stops; returns why.
-pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> DomainExit {
+pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> GuestExit {
     if ctx.index == 0 {
         ctx.shared
             .tid
@@ -409,13 +409,13 @@ pub fn run(mut vcpu: VcpuFd, mut ctx: VcpuContext) -> DomainExit {
     exit
 }
 
-fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
+fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> GuestExit {
     let mut ready_seen = false;
     loop {
         if ctx.shared.stop.load(Ordering::Acquire) {
             // Every vCPU that stops for the guest's reason reports it.
             let by_guest = ctx.shared.guest_exit.lock().map(|e| e.clone());
-            return by_guest.ok().flatten().unwrap_or(DomainExit::Stopped);
+            return by_guest.ok().flatten().unwrap_or(GuestExit::Stopped);
         }
         let step = match vcpu.run() {
             Ok(exit) => {
@@ -434,20 +434,20 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &mut VcpuContext) -> DomainExit {
                 ctx.shared.exits.interrupted.fetch_add(1, Ordering::Relaxed);
                 Step::Continue
             }
-            Err(e) => Step::Stop(DomainExit::HostError { errno: e.errno() }),
+            Err(e) => Step::Stop(GuestExit::HostError { errno: e.errno() }),
         };
         if let Step::Stop(exit) = step {
             let exit = match exit {
-                DomainExit::InternalError { .. } => DomainExit::InternalError {
+                GuestExit::InternalError { .. } => GuestExit::InternalError {
                     suberror: internal_suberror(vcpu),
                 },
                 other => other,
             };
             if matches!(
                 exit,
-                DomainExit::Shutdown
-                    | DomainExit::InternalError { .. }
-                    | DomainExit::FailedEntry { .. }
+                GuestExit::Shutdown
+                    | GuestExit::InternalError { .. }
+                    | GuestExit::FailedEntry { .. }
             ) {
                 log_cpu_state(vcpu, &exit);
             }
@@ -486,7 +486,7 @@ fn check_ready(ctx: &VcpuContext) -> bool {
 
 /// Logs where a vCPU was when the hypervisor stopped it (a triple fault, an entry failure, an
 /// internal error): the registers a post-mortem starts from.
-fn log_cpu_state(vcpu: &VcpuFd, exit: &DomainExit) {
+fn log_cpu_state(vcpu: &VcpuFd, exit: &GuestExit) {
     // A guest that faults as soon as it is booted again decides how often this is logged:
     // limited, per vCPU thread.
     let name = std::thread::current().name().unwrap_or("vcpu").to_string();
@@ -562,7 +562,7 @@ fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
         VcpuExit::IoOut(p, data) => {
             exits.pio.fetch_add(1, Ordering::Relaxed);
             match p {
-                port::EXIT => Step::Stop(DomainExit::Exited {
+                port::EXIT => Step::Stop(GuestExit::Exited {
                     status: port_value(data),
                 }),
                 port::PANIC => Step::Stop(read_panic(&ctx.mem, port_value(data))),
@@ -610,11 +610,11 @@ fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
             Step::Continue
         }
         VcpuExit::Intr => Step::Continue,
-        VcpuExit::Shutdown => Step::Stop(DomainExit::Shutdown),
-        VcpuExit::InternalError => Step::Stop(DomainExit::InternalError { suberror: 0 }),
-        VcpuExit::FailEntry(reason, _cpu) => Step::Stop(DomainExit::FailedEntry { reason }),
-        VcpuExit::Hlt => Step::Stop(DomainExit::Halted),
-        other => Step::Stop(DomainExit::Unexpected {
+        VcpuExit::Shutdown => Step::Stop(GuestExit::Shutdown),
+        VcpuExit::InternalError => Step::Stop(GuestExit::InternalError { suberror: 0 }),
+        VcpuExit::FailEntry(reason, _cpu) => Step::Stop(GuestExit::FailedEntry { reason }),
+        VcpuExit::Hlt => Step::Stop(GuestExit::Halted),
+        other => Step::Stop(GuestExit::Unexpected {
             exit: format!("{other:?}"),
         }),
     }
@@ -691,24 +691,24 @@ pub fn wait_fds(fds: &[std::os::fd::RawFd], timeout: Duration) -> bool {
     }
 }
 
-fn read_panic(mem: &GuestMem, value: u32) -> DomainExit {
+fn read_panic(mem: &GuestMem, value: u32) -> GuestExit {
     let Ok(record) = mem.read_obj::<PanicRecord>(GuestAddress(layout::PANIC_RECORD)) else {
-        return DomainExit::BadPanicReport { value };
+        return GuestExit::BadPanicReport { value };
     };
     if record.magic != PANIC_MAGIC {
-        return DomainExit::BadPanicReport { value };
+        return GuestExit::BadPanicReport { value };
     }
     match PanicKind::from_raw(value) {
-        Some(PanicKind::Panic) => DomainExit::Panicked {
+        Some(PanicKind::Panic) => GuestExit::Panicked {
             message: sanitize(record.message()),
         },
-        Some(PanicKind::Exception) => DomainExit::Exception {
+        Some(PanicKind::Exception) => GuestExit::Exception {
             vector: record.vector,
             rip: record.rip,
             error_code: record.error_code,
             cr2: record.cr2,
         },
-        None => DomainExit::BadPanicReport { value },
+        None => GuestExit::BadPanicReport { value },
     }
 }
 
@@ -726,16 +726,16 @@ mod tests {
 
     #[test]
     fn crash_classification() {
-        assert!(!DomainExit::Exited { status: 0 }.is_crash());
-        assert!(DomainExit::Exited { status: 3 }.is_crash());
-        assert!(DomainExit::Shutdown.is_crash());
-        assert!(DomainExit::Panicked {
+        assert!(!GuestExit::Exited { status: 0 }.is_crash());
+        assert!(GuestExit::Exited { status: 3 }.is_crash());
+        assert!(GuestExit::Shutdown.is_crash());
+        assert!(GuestExit::Panicked {
             message: String::new()
         }
         .is_crash());
-        assert!(!DomainExit::Stopped.is_crash());
+        assert!(!GuestExit::Stopped.is_crash());
         assert_eq!(
-            DomainExit::InternalError { suberror: 1 }.reason(),
+            GuestExit::InternalError { suberror: 1 }.reason(),
             "internal-error"
         );
     }
@@ -743,7 +743,7 @@ mod tests {
     #[test]
     fn panic_report_needs_a_valid_record() {
         let mem = crate::memory::create(2 << 20, 1 << 30).unwrap();
-        assert_eq!(read_panic(&mem, 1), DomainExit::BadPanicReport { value: 1 });
+        assert_eq!(read_panic(&mem, 1), GuestExit::BadPanicReport { value: 1 });
         let mut r = PanicRecord {
             magic: PANIC_MAGIC,
             kind: 2,
@@ -759,7 +759,7 @@ mod tests {
         let e = read_panic(&mem, 2);
         assert_eq!(
             e,
-            DomainExit::Exception {
+            GuestExit::Exception {
                 vector: 14,
                 rip: 0x1234,
                 error_code: 0,
@@ -768,13 +768,13 @@ mod tests {
         );
         assert!(e.to_string().contains("page fault") && e.to_string().contains("cr2=0xdead"));
         match read_panic(&mem, 1) {
-            DomainExit::Panicked { message } => {
+            GuestExit::Panicked { message } => {
                 assert!(message.starts_with("a b"));
                 assert!(!message.contains('\n'));
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(read_panic(&mem, 9), DomainExit::BadPanicReport { value: 9 });
+        assert_eq!(read_panic(&mem, 9), GuestExit::BadPanicReport { value: 9 });
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::linux::LevelIrq;
 use crate::loader::{Image, ImageError, Loaded};
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::stats::VcpuStats;
-use crate::vcpu::{self, DomainExit, RunState, Shared, VcpuContext, WaitWork};
+use crate::vcpu::{self, GuestExit, RunState, Shared, VcpuContext, WaitWork};
 
 /// Smallest guest: low pages, a 1 MiB-based image and a channel must fit.
 pub const MIN_MEMORY: u64 = 4 << 20;
@@ -227,9 +227,9 @@ pub(crate) struct GuestParts {
     pub shared: Arc<Shared>,
     pub console: Arc<Console>,
     pub stats: Option<VcpuStats>,
-    pub thread: JoinHandle<DomainExit>,
+    pub thread: JoinHandle<GuestExit>,
     pub cpu_clock: Option<libc::clockid_t>,
-    pub aps: Vec<JoinHandle<DomainExit>>,
+    pub aps: Vec<JoinHandle<GuestExit>>,
     pub helpers: Vec<JoinHandle<()>>,
     pub vm: Arc<VmFd>,
     pub mem: GuestMem,
@@ -244,14 +244,14 @@ pub struct Guest {
     shared: Arc<Shared>,
     console: Arc<Console>,
     stats: Option<VcpuStats>,
-    thread: Option<JoinHandle<DomainExit>>,
+    thread: Option<JoinHandle<GuestExit>>,
     // The other vCPUs' threads (a Linux client's application processors), joined with it.
-    aps: Vec<JoinHandle<DomainExit>>,
+    aps: Vec<JoinHandle<GuestExit>>,
     // Threads that end when the guest is asked to stop (the interrupt-line resampler).
     helpers: Vec<JoinHandle<()>>,
     // The vCPU thread's CPU-time clock (valid while `thread` is held, not joined).
     cpu_clock: Option<libc::clockid_t>,
-    exit: Option<DomainExit>,
+    exit: Option<GuestExit>,
     // Dropped after the vCPU thread has been joined; the VM before the memory it maps.
     vm: Option<Arc<VmFd>>,
     mem: GuestMem,
@@ -522,7 +522,7 @@ impl Guest {
     }
 
     /// Waits until the guest stops or `timeout` passes.
-    pub fn wait_stopped(&self, timeout: Duration) -> Option<DomainExit> {
+    pub fn wait_stopped(&self, timeout: Duration) -> Option<GuestExit> {
         match self
             .shared
             .wait_for(timeout, |s| matches!(s, RunState::Stopped(_)))
@@ -552,7 +552,7 @@ impl Guest {
     }
 
     /// Whether the guest has stopped (without blocking).
-    pub fn has_stopped(&self) -> Option<DomainExit> {
+    pub fn has_stopped(&self) -> Option<GuestExit> {
         match self.shared.state() {
             RunState::Stopped(e) => Some(e),
             _ => None,
@@ -565,7 +565,7 @@ impl Guest {
     }
 
     /// Stops the guest (if it still runs), joins its vCPU thread and returns why it stopped.
-    pub fn stop(&mut self) -> DomainExit {
+    pub fn stop(&mut self) -> GuestExit {
         if let Some(thread) = self.thread.take() {
             self.shared.request_stop();
             let exit = join_vcpu(thread);
@@ -578,7 +578,7 @@ impl Guest {
             // With several vCPUs, the first to stop says why.
             self.exit = Some(self.has_stopped().unwrap_or(exit));
         }
-        self.exit.clone().unwrap_or(DomainExit::Stopped)
+        self.exit.clone().unwrap_or(GuestExit::Stopped)
     }
 }
 
@@ -679,7 +679,7 @@ pub(crate) fn start_vcpu(
     name: &str,
     vcpu: kvm_ioctls::VcpuFd,
     ctx: VcpuContext,
-) -> Result<(JoinHandle<DomainExit>, Option<libc::clockid_t>), GuestError> {
+) -> Result<(JoinHandle<GuestExit>, Option<libc::clockid_t>), GuestError> {
     let host_err = |what: &'static str, source| GuestError::Host {
         name: name.to_string(),
         what,
@@ -701,7 +701,7 @@ pub(crate) fn start_vcpu(
 
 /// Kicks the vCPU thread out of KVM_RUN until it finishes. The first signal normally does;
 /// one that lands just before the thread enters KVM_RUN is repeated.
-pub(crate) fn join_vcpu(thread: JoinHandle<DomainExit>) -> DomainExit {
+pub(crate) fn join_vcpu(thread: JoinHandle<GuestExit>) -> GuestExit {
     let mut delay = Duration::from_micros(20);
     while !thread.is_finished() {
         // The thread exists until joined, so the signal target is valid.
@@ -711,5 +711,5 @@ pub(crate) fn join_vcpu(thread: JoinHandle<DomainExit>) -> DomainExit {
     }
     thread
         .join()
-        .unwrap_or(DomainExit::HostError { errno: libc::EIO })
+        .unwrap_or(GuestExit::HostError { errno: libc::EIO })
 }

@@ -11,7 +11,7 @@ use crate::devices::DeviceSpec;
 use crate::domain::{Domain, DomainConfig, DomainDevice};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
-use crate::vcpu::{DomainExit, RunState};
+use crate::vcpu::{GuestExit, RunState};
 use crate::vm::Guest;
 
 /// Boots the driver domains of one device: `cfg` with the device that outlives them.
@@ -124,17 +124,17 @@ impl DomainHandle for Domain {
 }
 
 /// The reason for a domain's exit.
-pub fn exit_reason(exit: &DomainExit) -> FailureReason {
+pub fn exit_reason(exit: &GuestExit) -> FailureReason {
     match exit {
-        DomainExit::Shutdown => FailureReason::Shutdown,
-        DomainExit::InternalError { suberror } => FailureReason::InternalError {
+        GuestExit::Shutdown => FailureReason::Shutdown,
+        GuestExit::InternalError { suberror } => FailureReason::InternalError {
             suberror: *suberror,
         },
-        DomainExit::FailedEntry { reason } => FailureReason::FailedEntry { reason: *reason },
-        DomainExit::Panicked { message } => FailureReason::Panic {
+        GuestExit::FailedEntry { reason } => FailureReason::FailedEntry { reason: *reason },
+        GuestExit::Panicked { message } => FailureReason::Panic {
             message: message.clone(),
         },
-        DomainExit::Exception {
+        GuestExit::Exception {
             vector,
             rip,
             error_code,
@@ -145,15 +145,15 @@ pub fn exit_reason(exit: &DomainExit) -> FailureReason {
             error_code: *error_code,
             cr2: *cr2,
         },
-        DomainExit::BadPanicReport { value } => FailureReason::BadPanicReport { value: *value },
-        DomainExit::Halted => FailureReason::Halted,
-        DomainExit::Exited { status } => FailureReason::ExitedUnexpectedly { status: *status },
-        DomainExit::Unexpected { exit } => FailureReason::UnexpectedExit { exit: exit.clone() },
+        GuestExit::BadPanicReport { value } => FailureReason::BadPanicReport { value: *value },
+        GuestExit::Halted => FailureReason::Halted,
+        GuestExit::Exited { status } => FailureReason::ExitedUnexpectedly { status: *status },
+        GuestExit::Unexpected { exit } => FailureReason::UnexpectedExit { exit: exit.clone() },
         // The host's failure: named as such, never as the domain's.
-        DomainExit::HostError { errno } => FailureReason::HostError { errno: *errno },
-        DomainExit::Stopped => FailureReason::Operator(OperatorAction::Kill),
+        GuestExit::HostError { errno } => FailureReason::HostError { errno: *errno },
+        GuestExit::Stopped => FailureReason::Operator(OperatorAction::Kill),
         // Driver domains have no reset line; a guest that has one and uses it is gone.
-        DomainExit::Reset => FailureReason::UnexpectedExit {
+        GuestExit::Reset => FailureReason::UnexpectedExit {
             exit: "reset".into(),
         },
     }
