@@ -55,6 +55,10 @@ fn main() {
         .arg(GUEST_TARGET)
         .arg("--target-dir")
         .arg(&target_dir);
+    if env::var_os("CARGO_FEATURE_FAULT_INJECTION").is_some() {
+        // The driver domain carries fault injection only in a build that asks for it.
+        cmd.arg("--features").arg("driver-domain/fault-injection");
+    }
     for (key, _) in env::vars_os() {
         if leaks_into_guest_build(&key) {
             cmd.env_remove(&key);

@@ -179,6 +179,7 @@ impl Service {
     }
 
     /// Fault injection armed on this service.
+    #[cfg(feature = "fault-injection")]
     pub fn sabotage(&mut self) -> &mut Sabotage {
         &mut self.sabotage
     }
@@ -186,6 +187,7 @@ impl Service {
     /// Fault injection: the completion ring's producer index jumps `by` entries ahead, as if
     /// a wild write had hit both the shared index and the service's own copy of it; later
     /// completions are counted from there. Published at the end of the next pass.
+    #[cfg(feature = "fault-injection")]
     pub fn skip_completion_producer(&mut self, by: u32) {
         let h = self.channel.header();
         let index = self.completions.index().wrapping_add(by);
