@@ -403,6 +403,45 @@ fn a_replayed_write_that_fails_is_replayed_again() {
     }
 }
 
+/// A flush that fails (the domain completes it with an error; the device never saw it) may
+/// leave acknowledged writes only in a cache: the domain is failed, the next one replays the
+/// write log and the flush is posted again. The client's flushes all succeed, and it reads
+/// back every block it wrote.
+#[test]
+fn a_failed_flush_fails_the_domain_and_the_flush_is_retried_after_the_replay() {
+    let _serial = serial();
+    let dir = scratch("recovery-failed-flush");
+    let cfg = config(
+        &dir,
+        FAST,
+        "workload=randwrite bs=4096 qd=8 duration_ms=2000 flush_every=16 verify_pass=1",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(200));
+        let before = handle.with(|o| o.recovered);
+        handle.send(Command::Inject {
+            kind: FaultKind::FailedFlush,
+            arg: 0,
+        });
+        wait_until(&handle, "a recovery", |o| o.recovered > before);
+    }
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    let status = handle.with(|o| o.status.clone()).unwrap();
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.clean(), "{r:?}\n{status:?}");
+    assert!(r.verified > 0 && r.flushes > 0, "{r:?}");
+    assert_eq!(
+        status.detections.get("flush-failed"),
+        Some(&4),
+        "{status:?}"
+    );
+    assert_eq!(status.duplicates, 0, "{status:?}");
+}
+
 /// Waits until `f` holds for what the disk's service publishes.
 fn wait_until(
     handle: &ddvm::reincarnation::RecoveryHandle,

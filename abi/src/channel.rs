@@ -132,6 +132,10 @@ pub mod fault {
     /// would. Armed before a restarted domain is ready, at the first sector the VMM will
     /// replay, it fails a replayed write (a client's write to those sectors waits for it).
     pub const FAIL_WRITE: u32 = 13;
+    /// Fail a flush: the next flush request taken completes with `status::IO_ERROR` without
+    /// reaching the device. The VMM treats a failed flush as a failure of the domain (the
+    /// writes it should have made durable are replayed on the next one, then flushed again).
+    pub const FAIL_FLUSH: u32 = 14;
 
     /// [`WILD_WRITE`] target: every completion ring entry.
     pub const WILD_WRITE_ENTRIES: u32 = 1 << 0;

@@ -233,9 +233,9 @@ const THROUGHPUT: &str = "#1f77b4";
 const BASELINE: &str = "#555555";
 const RECOVERY: &str = "#f5b041";
 /// Fault colours; the first (red) when there is one kind.
-const PALETTE: [&str; 15] = [
+const PALETTE: [&str; 16] = [
     "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e",
-    "#2ca02c", "#393b79", "#637939", "#843c39", "#000000", "#e7ba52", "#7b4173",
+    "#2ca02c", "#393b79", "#637939", "#843c39", "#000000", "#e7ba52", "#7b4173", "#3182bd",
 ];
 
 /// Position of `kind` in [`FaultKind::ALL`], for its colour.

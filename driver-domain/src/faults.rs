@@ -7,8 +7,9 @@
 //! - 1 to 5 end the domain at once, through the path a real bug takes (guest-kernel's `fault`);
 //! - `fault::WILD_WRITE` scribbles on the channel right away (`wild_write`);
 //! - `fault::BOGUS_TAG`, `fault::BOGUS_LEN`, `fault::STALE_EPOCH`, `fault::DMA_OUTSIDE`,
-//!   `fault::SLOW` and `fault::FAIL_WRITE` arm a `Sabotage`, which the channel service
-//!   consults when it takes a request, when it completes one, and on every pass;
+//!   `fault::SLOW`, `fault::FAIL_WRITE` and `fault::FAIL_FLUSH` arm a `Sabotage`, which the
+//!   channel service consults when it takes a request, when it completes one, and on every
+//!   pass;
 //! - `fault::BITFLIP` flips random bits of the domain's own image (`bitflip`).
 //!
 //! All of it is in the image only when it is built with the `fault-injection` feature (a
@@ -68,7 +69,8 @@ mod on {
             | fault::STALE_EPOCH
             | fault::DMA_OUTSIDE
             | fault::SLOW
-            | fault::FAIL_WRITE => match service {
+            | fault::FAIL_WRITE
+            | fault::FAIL_FLUSH => match service {
                 Some(s) => on_channel(code, arg, s),
                 None => println!("fault {code}: no channel to misbehave on: ignored"),
             },
@@ -87,6 +89,7 @@ mod on {
                 | fault::DMA_OUTSIDE
                 | fault::SLOW
                 | fault::FAIL_WRITE
+                | fault::FAIL_FLUSH
         )
     }
 
@@ -107,6 +110,7 @@ mod on {
                 armed.dma_outside = Some(addr);
             }
             fault::FAIL_WRITE => armed.fail_write = Some(u64::from(arg)),
+            fault::FAIL_FLUSH => armed.fail_flush = true,
             fault::SLOW => {
                 armed.slow = (arg & 0xffff != 0).then(|| Slow {
                     delay_ticks: time::us_to_ticks(u64::from(arg & 0xffff) * 1000),
@@ -152,6 +156,8 @@ mod on {
         pub slow: Option<Slow>,
         /// The next write taken that starts at this sector completes with an I/O error.
         pub fail_write: Option<u64>,
+        /// The next flush taken completes with an I/O error.
+        pub fail_flush: bool,
         /// Requests taken whose completion is tampered with.
         marked: Vec<Mark>,
         /// Completions held back, with the tick they are due.
@@ -163,6 +169,11 @@ mod on {
         /// once, with an I/O error, without reaching the device.
         pub fn taken(&mut self, req: &Request) -> bool {
             let (tag, len) = (req.tag, req.len);
+            if req.op == op::FLUSH && self.fail_flush {
+                self.fail_flush = false;
+                println!("fault: failing the flush of tag {tag}");
+                return true;
+            }
             if req.op == op::WRITE && self.fail_write == Some(req.sector) {
                 self.fail_write = None;
                 println!(

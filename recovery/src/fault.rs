@@ -54,11 +54,15 @@ pub enum FaultKind {
     /// (completes it with an I/O error without writing it): the write stays owed and is
     /// replayed again on the domain after that.
     FailedReplay,
+    /// The domain fails the next flush it is given (an I/O error, the device never sees it):
+    /// the VMM fails the domain, and the next one replays the writes the flush was to make
+    /// durable and flushes them again; the client's flush waits, it does not fail.
+    FailedFlush,
 }
 
 impl FaultKind {
     /// Every kind, in the order `all` expands to.
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 16] = [
         FaultKind::Kill,
         FaultKind::Panic,
         FaultKind::Hang,
@@ -74,6 +78,7 @@ impl FaultKind {
         FaultKind::TripleFault,
         FaultKind::FailedRestart,
         FaultKind::FailedReplay,
+        FaultKind::FailedFlush,
     ];
 
     /// The stable name: `kill`, `wild-write`, `triple-fault`, ...
@@ -94,6 +99,7 @@ impl FaultKind {
             FaultKind::TripleFault => "triple-fault",
             FaultKind::FailedRestart => "failed-restart",
             FaultKind::FailedReplay => "failed-replay",
+            FaultKind::FailedFlush => "failed-flush",
         }
     }
 
@@ -121,6 +127,7 @@ impl FaultKind {
             FaultKind::DmaOutside => fault::DMA_OUTSIDE,
             FaultKind::Slow => fault::SLOW,
             FaultKind::Bitflip => fault::BITFLIP,
+            FaultKind::FailedFlush => fault::FAIL_FLUSH,
             FaultKind::Kill
             | FaultKind::DuringRecovery
             | FaultKind::FailedRestart
@@ -198,7 +205,7 @@ mod tests {
         );
         assert_eq!(parse_fault_list("all").unwrap(), FaultKind::ALL);
         assert_eq!(parse_fault_list("slow,all").unwrap()[0], FaultKind::Slow);
-        assert_eq!(parse_fault_list("slow,all").unwrap().len(), 15);
+        assert_eq!(parse_fault_list("slow,all").unwrap().len(), 16);
         assert_eq!(parse_fault_list("kill,kill").unwrap(), [FaultKind::Kill]);
         for k in FaultKind::ALL {
             assert_eq!(k.name().parse::<FaultKind>(), Ok(k));
@@ -217,7 +224,7 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains("\"explode\""), "{msg}");
-        assert!(msg.contains("wild-write") && msg.contains("failed-replay, or all"));
+        assert!(msg.contains("wild-write") && msg.contains("failed-flush, or all"));
         assert!(matches!(
             parse_fault_list("kill,,panic"),
             Err(ParseError::UnknownFault { item }) if item.is_empty()
@@ -253,6 +260,10 @@ mod tests {
         );
         assert_eq!(FaultKind::Slow.domain_code(), Some(fault::SLOW));
         assert_eq!(FaultKind::Bitflip.domain_code(), Some(fault::BITFLIP));
+        assert_eq!(
+            FaultKind::FailedFlush.domain_code(),
+            Some(fault::FAIL_FLUSH)
+        );
         // The VMM carries these out itself (a kill, then faults on the next boots).
         for k in [
             FaultKind::Kill,
@@ -267,7 +278,7 @@ mod tests {
             .iter()
             .filter_map(|k| k.domain_code())
             .collect();
-        assert_eq!(codes.len(), 11);
+        assert_eq!(codes.len(), 12);
         assert_eq!(codes.iter().collect::<BTreeSet<_>>().len(), codes.len());
         assert!(!codes.contains(&fault::NONE));
     }

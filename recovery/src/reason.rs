@@ -89,6 +89,13 @@ pub enum FailureReason {
         /// Refused accesses since the last check.
         count: u64,
     },
+    /// A flush completed with an error while acknowledged writes may still be only in a
+    /// volatile cache: whether they are durable is unknown, so the domain is failed and the
+    /// next one replays them and flushes again.
+    FlushFailed {
+        /// The channel status the domain completed it with.
+        status: u16,
+    },
     /// The host failed to run the domain (`KVM_RUN` itself failed): the host's fault, not the
     /// domain's; it is recovered like a failure, and named apart so nobody blames the driver.
     HostError {
@@ -228,6 +235,7 @@ impl FailureReason {
         "protocol-bad-device-info",
         "dma-refused",
         "replay-failed",
+        "flush-failed",
         "host-error",
         "boot-failed",
         "boot-timeout",
@@ -253,6 +261,7 @@ impl FailureReason {
             FailureReason::Protocol(v) => v.name(),
             FailureReason::DmaRefused { .. } => "dma-refused",
             FailureReason::ReplayFailed { .. } => "replay-failed",
+            FailureReason::FlushFailed { .. } => "flush-failed",
             FailureReason::HostError { .. } => "host-error",
             FailureReason::BootFailed { .. } => "boot-failed",
             FailureReason::BootTimeout { .. } => "boot-timeout",
@@ -371,6 +380,10 @@ impl fmt::Display for FailureReason {
             } => write!(
                 f,
                 "replayed write of {sectors} sector(s) at {sector} failed (channel status {status})"
+            ),
+            FailureReason::FlushFailed { status } => write!(
+                f,
+                "a flush failed (channel status {status}) with writes not known to be durable"
             ),
             FailureReason::HostError { errno } => write!(
                 f,
@@ -570,6 +583,7 @@ pub(crate) mod tests {
                 },
                 "replay-failed",
             ),
+            (FailureReason::FlushFailed { status: 1 }, "flush-failed"),
             (FailureReason::HostError { errno: 12 }, "host-error"),
             (
                 FailureReason::BootFailed {

@@ -218,6 +218,11 @@ impl HostChannel {
         self.inflight.len()
     }
 
+    /// Bounce slots free.
+    pub fn free_slots(&self) -> usize {
+        self.free_slots.len()
+    }
+
     /// Whether a bounce slot is free (the ring itself is checked by `submit`, which reads the
     /// domain's consumer index when the ring looks full).
     pub fn has_room(&self) -> bool {

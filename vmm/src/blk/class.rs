@@ -49,6 +49,10 @@ const WRITE_LOG_HARD_LIMIT: usize = 4 * WRITE_LOG_LIMIT;
 /// to replay (and an entry to keep).
 const WRITE_LOG_ENTRY_LIMIT: usize = 1024;
 const WRITE_LOG_ENTRY_HARD_LIMIT: usize = 4 * WRITE_LOG_ENTRY_LIMIT;
+/// Bounce slots client parts leave free while writes wait to be replayed: clients go first
+/// after a restart, but a busy client must not keep the replay (and every flush and
+/// overlapping request, which wait for it) from ever getting a slot.
+const REPLAY_RESERVE: usize = 8;
 
 /// Internal requests (not a client's): replayed writes and the VMM's own flushes.
 enum Internal {
@@ -341,6 +345,11 @@ impl ChannelBackend {
         if self.engine.has_deferred() {
             return 0;
         }
+        // Copies of writes whose entries left the queue another way (a client's reset before
+        // a repost) go too.
+        if !self.blk.write_data.is_empty() && shadow.len() < self.blk.write_data.len() {
+            self.blk.write_data.retain(|&seq, _| shadow.contains(seq));
+        }
         if self.engine.admission() == Admission::Fail {
             // Given up: every owed request is failed, as MINIX pushes errors up.
             for e in shadow.drain() {
@@ -377,7 +386,12 @@ impl ChannelBackend {
             l.bytes() > WRITE_LOG_HARD_LIMIT || l.len() > WRITE_LOG_ENTRY_HARD_LIMIT
         });
         let mut passed = None;
-        while !broken && channel.has_room() {
+        let reserve = if self.blk.replay.is_empty() {
+            0
+        } else {
+            REPLAY_RESERVE
+        };
+        while !broken && channel.has_room() && channel.free_slots() > reserve {
             let next = match passed {
                 None => shadow.next_queued(),
                 Some(seq) => shadow.next_queued_after(seq),
@@ -574,6 +588,7 @@ impl ChannelBackend {
             return 0;
         };
         let mut n = 0;
+        // A failed replay or flush: the domain has failed (below, once the pass is taken).
         let mut replay_failed = None;
         for d in std::mem::take(&mut self.blk.done) {
             let tag = d.request.tag;
@@ -593,6 +608,12 @@ impl ChannelBackend {
                             sectors,
                             status: d.status,
                         });
+                    }
+                    // Whether the writes it covers are durable is unknown: nothing leaves the
+                    // log, and the next domain replays them and flushes again.
+                    Internal::Flush(_) if !ok => {
+                        replay_failed
+                            .get_or_insert(FailureReason::FlushFailed { status: d.status });
                     }
                     _ => {}
                 }
@@ -663,6 +684,17 @@ impl ChannelBackend {
                         log.flush_completed(mark);
                     }
                 }
+                // With a write log, a client's flush that fails is not the client's error:
+                // the writes it covers may be only in a cache the device could not write
+                // back. The domain fails, the next one replays the log, and the flush is
+                // posted again (it waits behind the replay); the client sees it complete.
+                Op::Flush if self.blk.wlog.is_some() => {
+                    self.blk.flush_marks.remove(&tag);
+                    replay_failed.get_or_insert(FailureReason::FlushFailed { status: d.status });
+                    channel.finish(&mem, &d, None);
+                    shadow.push(entry.op, part, entry.accepted);
+                    continue;
+                }
                 _ => {}
             }
             channel.finish(&mem, &d, None);
@@ -670,7 +702,14 @@ impl ChannelBackend {
             n += 1;
         }
         if let Some(now) = now {
-            let replay_done = replay_failed.is_none() && self.blk.replay.is_empty();
+            // Done once every replayed write has completed, not only been posted.
+            let replay_done = replay_failed.is_none()
+                && self.blk.replay.is_empty()
+                && !self
+                    .blk
+                    .internal
+                    .values()
+                    .any(|i| matches!(i, Internal::Replay(..)));
             self.engine.served(n, now, replay_done);
         }
         if let Some(reason) = replay_failed {

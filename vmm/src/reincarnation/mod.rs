@@ -714,21 +714,31 @@ impl<L: Launcher> Engine<L> {
     /// is waited for: it is further along than a cold boot would be). `bring_up_fault`: a
     /// fault for it to act on during its bring-up, put where it finds it before it is let go.
     fn promote_standby(&mut self, bring_up_fault: Option<(u32, u32)>) -> Option<L::Domain> {
-        if self.standbys.is_empty() {
-            self.collect_standby(true);
-        }
-        while let Some(mut d) = self.standbys.pop_front() {
-            if let Some((code, arg)) = bring_up_fault {
-                d.arm_fault(code, arg);
+        loop {
+            if self.standbys.is_empty() && !self.collect_standby(true) {
+                return None;
             }
-            match d.promote() {
-                Ok(()) => return Some(d),
-                Err(e) => {
-                    crate::limited!(warn, key: self.name, "domain {}: {e}; dropping it", self.name)
+            while let Some(mut d) = self.standbys.pop_front() {
+                // A standby older than the latest boot (a cold boot went ahead while it was
+                // booting) would break the epochs' order: it is dropped.
+                if self.sup.epoch().is_some_and(|last| d.epoch() <= last) {
+                    continue;
+                }
+                if let Some((code, arg)) = bring_up_fault {
+                    d.arm_fault(code, arg);
+                }
+                match d.promote() {
+                    Ok(()) => return Some(d),
+                    Err(e) => crate::limited!(
+                        warn,
+                        key: self.name,
+                        "domain {}: {e}; dropping it",
+                        self.name
+                    ),
                 }
             }
+            // None usable: the one still booting is further along than a cold boot.
         }
-        None
     }
 
     /// Brings up the next domain and waits for it to be ready: the oldest standby if there is
