@@ -55,17 +55,27 @@ const WRITE_LOG_ENTRY_HARD_LIMIT: usize = 4 * WRITE_LOG_ENTRY_LIMIT;
 const REPLAY_RESERVE: usize = 8;
 
 /// Internal requests (not a client's): replayed writes and the VMM's own flushes.
+/// Each carries when it was posted (service clock): the request deadline applies to them as
+/// to clients' requests (a replay or flush the domain never completes would hold every
+/// overlapping request and every flush, or the write log, for ever).
 enum Internal {
     /// A replayed write of these sectors (first, count).
-    Replay(u64, u32),
-    Flush(u64),
+    Replay(u64, u32, Instant),
+    /// The VMM's own flush, with its write-log mark.
+    Flush(u64, Instant),
 }
 
 impl Internal {
     fn replayed(&self) -> Option<(u64, u32)> {
         match self {
-            Internal::Replay(sector, sectors) => Some((*sector, *sectors)),
-            Internal::Flush(_) => None,
+            Internal::Replay(sector, sectors, _) => Some((*sector, *sectors)),
+            Internal::Flush(..) => None,
+        }
+    }
+
+    fn posted(&self) -> Instant {
+        match self {
+            Internal::Replay(_, _, t) | Internal::Flush(_, t) => *t,
         }
     }
 }
@@ -158,8 +168,17 @@ impl DeviceClass<Domain> for BlockClass<'_> {
     }
 
     fn oldest_deadline_bound(&self) -> Option<(u32, Instant)> {
-        // Every block request is bound by the deadline.
-        self.shadow.oldest_deadline_bound()
+        // Every block request is bound by the deadline: clients' and the VMM's own.
+        let internal = self
+            .s
+            .internal
+            .iter()
+            .map(|(&tag, i)| (tag, i.posted()))
+            .min_by_key(|&(_, posted)| posted);
+        match (self.shadow.oldest_deadline_bound(), internal) {
+            (Some(a), Some(b)) => Some(if a.1 <= b.1 { a } else { b }),
+            (a, b) => a.or(b),
+        }
     }
 
     fn owed(&self) -> (usize, usize) {
@@ -502,7 +521,7 @@ impl ChannelBackend {
                 Ok(tag) => {
                     self.blk
                         .internal
-                        .insert(tag, Internal::Replay(w.sector, w.sectors));
+                        .insert(tag, Internal::Replay(w.sector, w.sectors, posted_at));
                     fence.0.push((w.sector, w.sectors));
                     self.blk.replay.pop_front();
                     n += 1;
@@ -521,7 +540,7 @@ impl ChannelBackend {
                 .blk
                 .internal
                 .values()
-                .any(|i| matches!(i, Internal::Flush(_)));
+                .any(|i| matches!(i, Internal::Flush(..)));
             if (log.bytes() > WRITE_LOG_LIMIT || log.len() > WRITE_LOG_ENTRY_LIMIT)
                 && !flushing
                 && fence.0.is_empty()
@@ -530,7 +549,9 @@ impl ChannelBackend {
             {
                 let mark = log.flush_posted();
                 if let Ok(tag) = channel.submit(&mem, op::FLUSH, 0, 0, None) {
-                    self.blk.internal.insert(tag, Internal::Flush(mark));
+                    self.blk
+                        .internal
+                        .insert(tag, Internal::Flush(mark, posted_at));
                     n += 1;
                 }
             }
@@ -595,14 +616,14 @@ impl ChannelBackend {
             let ok = d.status == cstatus::OK;
             if let Some(internal) = self.blk.internal.remove(&tag) {
                 match internal {
-                    Internal::Flush(mark) if ok => {
+                    Internal::Flush(mark, _) if ok => {
                         if let Some(log) = self.blk.wlog.as_mut() {
                             log.flush_completed(mark);
                         }
                     }
                     // An acknowledged write that could not be made good again: never dropped.
                     // It stays in the log, and the domain has failed: the next one replays it.
-                    Internal::Replay(sector, sectors) if !ok => {
+                    Internal::Replay(sector, sectors, _) if !ok => {
                         replay_failed.get_or_insert(FailureReason::ReplayFailed {
                             sector,
                             sectors,
@@ -611,7 +632,7 @@ impl ChannelBackend {
                     }
                     // Whether the writes it covers are durable is unknown: nothing leaves the
                     // log, and the next domain replays them and flushes again.
-                    Internal::Flush(_) if !ok => {
+                    Internal::Flush(..) if !ok => {
                         replay_failed
                             .get_or_insert(FailureReason::FlushFailed { status: d.status });
                     }

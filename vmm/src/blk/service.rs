@@ -376,6 +376,10 @@ struct Track {
     /// Requests taken in the current [`FAIR_WINDOW`], and in the one before.
     taken: u32,
     taken_before: u32,
+    /// Requests of an earlier generation the backend may still be carrying out: the new
+    /// generation's requests wait until they are gone, so an abandoned write can never land
+    /// after a new one to the same sectors.
+    abandoned: HashSet<u64>,
 }
 
 impl Track {
@@ -501,6 +505,20 @@ impl Worker {
             if st.needs_reset || st.queues.is_empty() {
                 continue;
             }
+            if !self.tracks[i].abandoned.is_empty() {
+                let abandoned = &self.tracks[i].abandoned;
+                if self
+                    .shadow
+                    .iter()
+                    .any(|e| abandoned.contains(&e.client.rid))
+                {
+                    // The backend still carries some out: the client's new requests wait in
+                    // its ring (the backend's progress wakes the service).
+                    self.tracks[i].held = true;
+                    continue;
+                }
+                self.tracks[i].abandoned.clear();
+            }
             let limits = port.geometry.limits();
             let queues = st.queues.len();
             let first = self.tracks[i].next_queue % queues;
@@ -620,6 +638,7 @@ impl Worker {
                 self.outstanding[i] = self.outstanding[i].saturating_sub(p.parts_left as usize);
             }
         }
+        self.tracks[i].abandoned.extend(stale.iter().copied());
         let queued: Vec<u64> = self
             .shadow
             .iter()
@@ -848,6 +867,11 @@ impl Worker {
         let started = Instant::now();
         loop {
             let mut w = lock(worker);
+            // Intake is over, but a client that resets meanwhile still forgets its requests.
+            for i in 0..w.ports.len() {
+                let generation = w.ports[i].lock().generation;
+                w.sync_generation(i, generation);
+            }
             let progress = w.post() + w.collect();
             w.signal_clients();
             if (w.pending.is_empty() && w.backend.settled(&w.shadow))
