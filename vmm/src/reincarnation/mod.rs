@@ -452,26 +452,9 @@ impl<L: Launcher> Engine<L> {
     /// closes a recovery at its first completion and ends the replay phase once the replay
     /// is done.
     pub fn served(&mut self, n: usize, now: Instant, replay_done: bool) {
-        if n == 0 {
-            return;
-        }
-        if let Some(took) = self.sup.completed(now) {
-            if let Some(detected) = self.detected_at.take() {
-                // The pool refills once the clients are served again: a standby's boot would
-                // take CPU from the recovery (the other standby covers a failure meanwhile).
-                self.prepare_standby();
-                let injected = self.injected_at.take();
-                let mut o = lock(&self.handle.observed);
-                o.recovered += 1;
-                push_record(
-                    &mut o.recoveries,
-                    RecoveryRecord {
-                        injected,
-                        detected,
-                        recovered: now,
-                    },
-                );
-                crate::limited!(info, key: self.name, "domain {}: recovered in {took:?}", self.name);
+        if n > 0 {
+            if let Some(took) = self.sup.completed(now) {
+                self.recovered(took, now);
             }
         }
         if replay_done
@@ -480,11 +463,45 @@ impl<L: Launcher> Engine<L> {
                 ddvm_recovery::supervisor::State::Replaying { .. }
             )
         {
-            if let Err(e) = self.sup.replay_done(n, now) {
-                let epoch = self.live.as_ref().map_or(0, |l| l.epoch);
-                self.supervisor_bug("replay_done", epoch, &e);
+            match self.sup.replay_done(n, now) {
+                // No client was served meanwhile (idle clients): the recovery ends with the
+                // replay, not at a first client completion that may never come.
+                Ok(()) if n == 0 => {
+                    if let Some(detected) = self.detected_at {
+                        self.recovered(now.saturating_duration_since(detected), now);
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    let epoch = self.live.as_ref().map_or(0, |l| l.epoch);
+                    self.supervisor_bug("replay_done", epoch, &e);
+                }
             }
         }
+    }
+
+    /// A recovery ended at `now`, `took` after its detection: the pool refills and it is
+    /// recorded.
+    fn recovered(&mut self, took: Duration, now: Instant) {
+        let Some(detected) = self.detected_at.take() else {
+            return;
+        };
+        // The pool refills once the clients are served again: a standby's boot would take CPU
+        // from the recovery (the other standby covers a failure meanwhile).
+        self.prepare_standby();
+        let injected = self.injected_at.take();
+        let mut o = lock(&self.handle.observed);
+        o.recovered += 1;
+        push_record(
+            &mut o.recoveries,
+            RecoveryRecord {
+                injected,
+                detected,
+                recovered: now,
+            },
+        );
+        drop(o);
+        crate::limited!(info, key: self.name, "domain {}: recovered in {took:?}", self.name);
     }
 
     /// Runs what the owner's thread runs before it serves: a failure deferred from the

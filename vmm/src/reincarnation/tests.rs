@@ -391,6 +391,24 @@ fn boots_that_fail_before_ready_back_off_and_the_domain_that_comes_up_replays() 
 }
 
 #[test]
+fn a_recovery_ends_with_its_replay_when_no_client_is_served() {
+    let (mut e, world, mut class) = engine(policy(|_| {}));
+    class.write(0, 8, 3);
+    world.crash(1);
+    let t0 = Instant::now();
+    while live_epoch(&e) != Some(2) {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        e.tend(&mut class);
+    }
+    assert_eq!(state(&e), "replaying");
+    // Only the replay completes; the clients are idle.
+    e.served(0, Instant::now(), true);
+    assert_eq!(state(&e), "running");
+    assert_eq!(e.handle().with(|o| o.recovered), 1);
+    assert_eq!(e.supervisor().metrics().recovery.recovery.count(), 1);
+}
+
+#[test]
 fn boots_that_keep_failing_before_ready_give_up() {
     let (mut e, world, mut class) = engine(policy(|c| {
         c.max_restarts = 3;
