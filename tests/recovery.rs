@@ -210,12 +210,13 @@ fn restarts_that_fail_before_ready_replay_on_the_domain_that_comes_up() {
         // One dies then one hangs (the default); then three die in a row.
         for arg in [0, 0x203, 0] {
             std::thread::sleep(Duration::from_millis(250));
-            let before = handle.with(|o| o.recovered);
-            handle.send(Command::Inject {
-                kind: FaultKind::FailedRestart,
-                arg,
-            });
-            wait_until(&handle, "a recovery", |o| o.recovered > before);
+            recover_from(
+                &handle,
+                Command::Inject {
+                    kind: FaultKind::FailedRestart,
+                    arg,
+                },
+            );
         }
         let outcomes = topo.wait_clients(Duration::from_secs(60));
         let backend = topo.services[0].stop().unwrap();
@@ -381,12 +382,13 @@ fn a_replayed_write_that_fails_is_replayed_again() {
         let handle = topo.recovery[0].1.clone();
         for _ in 0..4 {
             std::thread::sleep(Duration::from_millis(40));
-            let before = handle.with(|o| o.recovered);
-            handle.send(Command::Inject {
-                kind: FaultKind::FailedReplay,
-                arg: 0,
-            });
-            wait_until(&handle, "a recovery", |o| o.recovered > before);
+            recover_from(
+                &handle,
+                Command::Inject {
+                    kind: FaultKind::FailedReplay,
+                    arg: 0,
+                },
+            );
         }
         let outcomes = topo.wait_clients(Duration::from_secs(60));
         let status = handle.with(|o| o.status.clone()).unwrap();
@@ -421,12 +423,13 @@ fn a_failed_flush_fails_the_domain_and_the_flush_is_retried_after_the_replay() {
     let handle = topo.recovery[0].1.clone();
     for _ in 0..4 {
         std::thread::sleep(Duration::from_millis(200));
-        let before = handle.with(|o| o.recovered);
-        handle.send(Command::Inject {
-            kind: FaultKind::FailedFlush,
-            arg: 0,
-        });
-        wait_until(&handle, "a recovery", |o| o.recovered > before);
+        recover_from(
+            &handle,
+            Command::Inject {
+                kind: FaultKind::FailedFlush,
+                arg: 0,
+            },
+        );
     }
     let outcomes = topo.wait_clients(Duration::from_secs(60));
     let status = handle.with(|o| o.status.clone()).unwrap();
@@ -440,6 +443,13 @@ fn a_failed_flush_fails_the_domain_and_the_flush_is_retried_after_the_replay() {
         "{status:?}"
     );
     assert_eq!(status.duplicates, 0, "{status:?}");
+}
+
+/// Sends `command` and waits until the disk has recovered from what it caused.
+fn recover_from(handle: &ddvm::reincarnation::RecoveryHandle, command: Command) {
+    let before = handle.with(|o| o.recovered);
+    handle.send(command);
+    wait_until(handle, "a recovery", |o| o.recovered > before);
 }
 
 /// Waits until `f` holds for what the disk's service publishes.
@@ -473,9 +483,7 @@ fn restarts_promote_a_warm_standby_and_refill_the_pool() {
         for round in 1..=3 {
             wait_until(&handle, "a full pool", |o| o.standbys.len() == standbys);
             let pool = handle.with(|o| o.standbys.clone());
-            let before = handle.with(|o| o.recovered);
-            handle.send(Command::Kill);
-            wait_until(&handle, "a recovery", |o| o.recovered > before);
+            recover_from(&handle, Command::Kill);
             let (epoch, promoted) =
                 handle.with(|o| (o.status.as_ref().and_then(|s| s.epoch), o.promoted));
             if standbys > 0 {
@@ -579,9 +587,7 @@ fn a_thousand_restarts_leak_nothing() {
     let handle = topo.recovery[0].1.clone();
     let restart = |n: usize| {
         for _ in 0..n {
-            let before = handle.with(|o| o.recovered);
-            handle.send(Command::Kill);
-            wait_until(&handle, "a recovery", |o| o.recovered > before);
+            recover_from(&handle, Command::Kill);
             // Every restart goes through a standby; the pool is full again before the next
             // kill (and no boot is under way when the process is measured).
             wait_until(&handle, "a full pool", |o| {

@@ -63,14 +63,7 @@ mod on {
             fault::HANG => guest_kernel::fault::hang(),
             fault::TRIPLE_FAULT => guest_kernel::fault::triple_fault(),
             fault::BITFLIP => bitflip(arg),
-            fault::WILD_WRITE
-            | fault::BOGUS_TAG
-            | fault::BOGUS_LEN
-            | fault::STALE_EPOCH
-            | fault::DMA_OUTSIDE
-            | fault::SLOW
-            | fault::FAIL_WRITE
-            | fault::FAIL_FLUSH => match service {
+            code if needs_service(code) => match service {
                 Some(s) => on_channel(code, arg, s),
                 None => println!("fault {code}: no channel to misbehave on: ignored"),
             },

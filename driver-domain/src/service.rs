@@ -532,13 +532,7 @@ impl Service {
                 if disk.in_flight() > 0 || self.sabotage.held() > 0 {
                     return 0;
                 }
-                let flush = IoRequest {
-                    kind: IoKind::Flush,
-                    lba: 0,
-                    blocks: 0,
-                    buf: 0,
-                    len: 0,
-                };
+                let flush = IoRequest::FLUSH;
                 match disk.submit(&flush, STOP_FLUSH) {
                     Ok(()) => {
                         disk.ring();

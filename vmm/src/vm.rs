@@ -163,59 +163,46 @@ pub(crate) trait ImageExtras {
     /// Errors of the additions (every [`GuestError`] is one).
     type Error: From<GuestError>;
     /// Bytes at the top of memory kept from the image: the channel (0: none).
-    fn channel_size(&self) -> u64;
+    fn channel_size(&self) -> u64 {
+        0
+    }
     /// Boot generation the vCPU reports the channel's ready mark with.
-    fn epoch(&self) -> u64;
+    fn epoch(&self) -> u64 {
+        0
+    }
     /// Guest-physical address of the ECAM window in the boot info (0: none).
-    fn pci_ecam(&self) -> u64;
+    fn pci_ecam(&self) -> u64 {
+        0
+    }
     /// Whether the guest waits at its standby exit until promoted.
-    fn standby(&self) -> bool;
+    fn standby(&self) -> bool {
+        false
+    }
     /// After the image and the boot structures are in memory, before any KVM object exists:
     /// writes what the additions keep in guest memory; returns what to append to the command
     /// line.
-    fn prepare(&mut self, mem: &GuestMem) -> Result<Option<String>, Self::Error>;
+    fn prepare(&mut self, _mem: &GuestMem) -> Result<Option<String>, Self::Error> {
+        Ok(None)
+    }
     /// Puts the additions on the buses of `vm`; returns the work the vCPU thread does when
     /// the guest waits.
     fn attach(
         &mut self,
-        mem: &GuestMem,
-        shared: &Arc<Shared>,
-        vm: &Arc<VmFd>,
-        pio: &mut Bus,
-        mmio: &mut Bus,
-    ) -> Result<Option<WaitWork>, Self::Error>;
+        _mem: &GuestMem,
+        _shared: &Arc<Shared>,
+        _vm: &Arc<VmFd>,
+        _pio: &mut Bus,
+        _mmio: &mut Bus,
+    ) -> Result<Option<WaitWork>, Self::Error> {
+        Ok(None)
+    }
 }
 
-/// A guest without additions.
+/// A guest without additions (every default above).
 struct Plain;
 
 impl ImageExtras for Plain {
     type Error = GuestError;
-    fn channel_size(&self) -> u64 {
-        0
-    }
-    fn epoch(&self) -> u64 {
-        0
-    }
-    fn pci_ecam(&self) -> u64 {
-        0
-    }
-    fn standby(&self) -> bool {
-        false
-    }
-    fn prepare(&mut self, _: &GuestMem) -> Result<Option<String>, GuestError> {
-        Ok(None)
-    }
-    fn attach(
-        &mut self,
-        _: &GuestMem,
-        _: &Arc<Shared>,
-        _: &Arc<VmFd>,
-        _: &mut Bus,
-        _: &mut Bus,
-    ) -> Result<Option<WaitWork>, GuestError> {
-        Ok(None)
-    }
 }
 
 /// What a running guest is made of (see [`Guest::from_parts`]).

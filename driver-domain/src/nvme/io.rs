@@ -36,6 +36,17 @@ pub struct IoRequest {
     pub len: u32,
 }
 
+impl IoRequest {
+    /// A flush of the whole volatile write cache.
+    pub const FLUSH: IoRequest = IoRequest {
+        kind: IoKind::Flush,
+        lba: 0,
+        blocks: 0,
+        buf: 0,
+        len: 0,
+    };
+}
+
 /// Why a request was not submitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubmitError {

@@ -310,13 +310,7 @@ fn test(location: Location, options: Options) -> Result<(u64, u64), String> {
             }],
         )?;
     }
-    let flush = IoRequest {
-        kind: IoKind::Flush,
-        lba: 0,
-        blocks: 0,
-        buf: 0,
-        len: 0,
-    };
+    let flush = IoRequest::FLUSH;
     execute(&mut disk, &[flush])?;
     let s = disk.stats();
     println!(

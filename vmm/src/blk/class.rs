@@ -33,10 +33,7 @@ use crate::host_channel::{DomainProtocolError, Done, HostChannel, SubmitError};
 use crate::hypervisor::Hypervisor;
 use crate::memory::GuestMem;
 use crate::reincarnation::vm::VmLauncher;
-use crate::reincarnation::{DeviceClass, Engine, EngineError};
-
-pub use crate::reincarnation::vm::exit_reason;
-pub use crate::reincarnation::{Command, Observed, RecoveryHandle, RecoveryRecord, RECORDS};
+use crate::reincarnation::{DeviceClass, Engine, EngineError, RecoveryHandle};
 
 /// Acknowledged-but-unflushed data the VMM keeps before it flushes on its own: it bounds what a
 /// restart must replay (1 MiB: ~256 writes of 4 KiB, a few ms).
@@ -84,10 +81,8 @@ impl Internal {
 struct BlockState {
     name: String,
     device: Arc<DomainDevice>,
-    // The live domain's channel, memory and epoch (from its ready to its loss).
+    // The live domain's channel (from its ready to its loss).
     channel: Option<HostChannel>,
-    mem: Option<GuestMem>,
-    epoch: u64,
     disk: DiskInfo,
     max_transfer: u32,
     wlog: Option<WriteLog>,
@@ -111,7 +106,7 @@ struct BlockClass<'a> {
 }
 
 impl DeviceClass<Domain> for BlockClass<'_> {
-    fn ready(&mut self, domain: &Domain, epoch: u64) -> Result<(), FailureReason> {
+    fn ready(&mut self, domain: &Domain) -> Result<(), FailureReason> {
         let s = &mut *self.s;
         let (Some(base), Some(header)) = (domain.channel(), domain.channel_header()) else {
             let message = "the domain has no channel".into();
@@ -153,8 +148,6 @@ impl DeviceClass<Domain> for BlockClass<'_> {
             .map(|l| l.pending().iter().cloned().collect())
             .unwrap_or_default();
         s.channel = Some(channel);
-        s.mem = Some(domain.memory().clone());
-        s.epoch = epoch;
         Ok(())
     }
 
@@ -164,7 +157,6 @@ impl DeviceClass<Domain> for BlockClass<'_> {
         debug_assert!(dropped.is_empty());
         self.s.replay.clear();
         self.s.channel = None;
-        self.s.mem = None;
     }
 
     fn oldest_deadline_bound(&self) -> Option<(u32, Instant)> {
@@ -261,8 +253,6 @@ impl ChannelBackend {
                 name: name.clone(),
                 device,
                 channel: None,
-                mem: None,
-                epoch: 0,
                 disk: DiskInfo {
                     sectors: 0,
                     block_size: 512,
@@ -383,10 +373,10 @@ impl ChannelBackend {
         let Some(live) = self.engine.live() else {
             return 0;
         };
-        let (Some(channel), Some(mem)) = (self.blk.channel.as_mut(), self.blk.mem.clone()) else {
+        let Some(channel) = self.blk.channel.as_mut() else {
             return 0;
         };
-        let epoch = live.epoch;
+        let (mem, epoch) = (live.domain.memory().clone(), live.epoch);
         let posted_at = self.engine.service_time(Instant::now());
         let mut n = 0;
         let mut broken = false;
@@ -581,15 +571,18 @@ impl ChannelBackend {
         out: &mut Vec<Finished>,
     ) -> usize {
         out.append(&mut self.blk.failed);
-        if self.engine.has_deferred() || self.engine.live().is_none() {
+        if self.engine.has_deferred() {
             return 0;
         }
+        let Some(live) = self.engine.live() else {
+            return 0;
+        };
+        let (mem, epoch) = (live.domain.memory().clone(), live.epoch);
         // The device first: what the domain submitted since the last pass completes now.
         let device_work = self.blk.device.poll() as usize;
-        let (Some(channel), Some(mem)) = (self.blk.channel.as_mut(), self.blk.mem.clone()) else {
+        let Some(channel) = self.blk.channel.as_mut() else {
             return device_work;
         };
-        let epoch = self.blk.epoch;
         self.blk.done.clear();
         let polled = channel.poll(&mem, &mut self.blk.done);
         // One clock read per pass that has completions (none on an idle poll).
@@ -751,9 +744,10 @@ impl ChannelBackend {
             // Down: wake for the restart.
             return self.engine.restart_at().is_some();
         };
-        let (Some(channel), Some(mem)) = (self.blk.channel.as_mut(), self.blk.mem.as_ref()) else {
+        let Some(channel) = self.blk.channel.as_mut() else {
             return true;
         };
+        let mem = live.domain.memory();
         channel.set_notify(mem, on);
         if !on {
             let _ = live.domain.notify_eventfd().read();
@@ -768,7 +762,7 @@ impl ChannelBackend {
     /// Eventfds that wake the service: completions (and the domain stopping), commands.
     pub fn wait_fds(&self) -> Vec<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
-        let mut v = vec![self.engine.handle().wake_fd()];
+        let mut v = vec![self.engine.wake_fd()];
         if let Some(l) = self.engine.live() {
             v.push(l.domain.notify_eventfd().as_raw_fd());
             v.extend(self.blk.device.eventfd());
@@ -954,19 +948,9 @@ pub fn violation(e: DomainProtocolError) -> ProtocolViolation {
 /// Copies a client's `segments` into a buffer of the VMM's own (counted as a copy); `None`
 /// when the client's memory cannot be read there.
 fn gather(client: &GuestMem, segments: &Segments, counters: &ServiceCounters) -> Option<Vec<u8>> {
-    let len = usize::try_from(segments.len).ok()?;
-    counters.copy(segments.len, || {
-        let mut data = vec![0u8; len];
-        let mut pos = 0usize;
-        for &(addr, n) in &segments.runs {
-            let end = pos.checked_add(n as usize).filter(|&e| e <= len)?;
-            client
-                .read_slice(&mut data[pos..end], GuestAddress(addr))
-                .ok()?;
-            pos = end;
-        }
-        Some(data)
-    })
+    let mut data = vec![0u8; usize::try_from(segments.len).ok()?];
+    counters.copy(segments.len, || segments.read_into(client, &mut data).ok())?;
+    Some(data)
 }
 
 /// Whether a disk's acknowledged writes must be logged for replay: when the VMM knows the

@@ -156,13 +156,7 @@ impl Driver {
 
     /// Makes head `head` available and notifies.
     fn publish(&mut self, head: u16) {
-        let slot = AVAIL + self.rings + 4 + u64::from(self.avail % QUEUE_SIZE) * 2;
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail = self.avail.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail, GuestAddress(AVAIL + self.rings + 2))
-            .unwrap();
-        self.port.notify.write(1).unwrap();
+        self.publish_all(&[head]);
     }
 
     /// A well-formed request using descriptors `base..base+3` and the `n`-th data page.

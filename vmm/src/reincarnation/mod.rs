@@ -102,9 +102,9 @@ pub trait Launcher: Send + 'static {
 
 /// What a device class does when the engine changes domains.
 pub trait DeviceClass<D> {
-    /// `domain` (of `epoch`) reported ready: open its channel, check what it says of its
+    /// `domain` reported ready: open its channel, check what it says of its
     /// device, and build the replay. An error fails this boot.
-    fn ready(&mut self, domain: &D, epoch: u64) -> Result<(), FailureReason>;
+    fn ready(&mut self, domain: &D) -> Result<(), FailureReason>;
     /// The live domain is gone: everything it had in flight goes back to the queue, in order.
     fn lost(&mut self);
     /// The oldest request in flight that is bound by the request deadline (a request that
@@ -358,6 +358,11 @@ impl<L: Launcher> Engine<L> {
         self.handle.clone()
     }
 
+    /// The eventfd a command wakes the engine's owner with.
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.handle.wake_fd()
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -393,11 +398,6 @@ impl<L: Launcher> Engine<L> {
         self.deferred.as_ref()
     }
 
-    /// The launcher.
-    pub fn launcher(&self) -> &L {
-        &self.launcher
-    }
-
     /// The warm standbys that are up (policy `standbys`), the next to serve first.
     pub fn standbys(&self) -> impl Iterator<Item = &L::Domain> {
         self.standbys.iter()
@@ -428,11 +428,6 @@ impl<L: Launcher> Engine<L> {
     /// A request took `latency` (service clock): the adaptive deadline learns from it.
     pub fn request_completed(&mut self, latency: Duration) {
         self.deadline.completed(latency);
-    }
-
-    /// The request deadline in force.
-    pub fn deadline(&self) -> Duration {
-        self.deadline.current()
     }
 
     /// The device refused DMA since the last look: the live domain aimed it outside itself.
@@ -808,7 +803,7 @@ impl<L: Launcher> Engine<L> {
                 return Err((epoch, FailureReason::BootTimeout { waited: timeout }));
             }
         }
-        class.ready(&domain, epoch).map_err(|r| (epoch, r))?;
+        class.ready(&domain).map_err(|r| (epoch, r))?;
         if let Err(e) = self.sup.ready(epoch, Instant::now()) {
             self.supervisor_bug("ready", epoch, &e);
         }

@@ -242,7 +242,7 @@ impl FakeClass {
 }
 
 impl DeviceClass<FakeDomain> for FakeClass {
-    fn ready(&mut self, domain: &FakeDomain, _epoch: u64) -> Result<(), FailureReason> {
+    fn ready(&mut self, domain: &FakeDomain) -> Result<(), FailureReason> {
         self.ready.push(domain.epoch);
         // The replay, in log order: a later write over the same sectors lands after.
         let mut order = Vec::new();
@@ -322,6 +322,18 @@ fn tend_until(
     }
 }
 
+/// Runs the engine, serving no client, until the domain of `epoch` is live (at most 5 s).
+fn tend_until_live(e: &mut Engine<FakeLauncher>, class: &mut FakeClass, epoch: u64) {
+    let t0 = Instant::now();
+    while live_epoch(e) != Some(epoch) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "never: epoch {epoch} live"
+        );
+        e.tend(class);
+    }
+}
+
 fn state(e: &Engine<FakeLauncher>) -> &'static str {
     e.supervisor().state().name()
 }
@@ -395,11 +407,7 @@ fn a_recovery_ends_with_its_replay_when_no_client_is_served() {
     let (mut e, world, mut class) = engine(policy(|_| {}));
     class.write(0, 8, 3);
     world.crash(1);
-    let t0 = Instant::now();
-    while live_epoch(&e) != Some(2) {
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        e.tend(&mut class);
-    }
+    tend_until_live(&mut e, &mut class, 2);
     assert_eq!(state(&e), "replaying");
     // Only the replay completes; the clients are idle.
     e.served(0, Instant::now(), true);
@@ -436,11 +444,7 @@ fn a_failure_during_recovery_is_one_recovery_replayed_on_the_next_domain() {
     class.write(0, 1, 9);
     world.crash(1);
     // The fresh domain comes up and dies before a client is served.
-    let t0 = Instant::now();
-    while live_epoch(&e) != Some(2) {
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        e.tend(&mut class);
-    }
+    tend_until_live(&mut e, &mut class, 2);
     assert_eq!(state(&e), "replaying");
     world.crash(2);
     tend_until(&mut e, &mut class, "the third domain", |e| {
