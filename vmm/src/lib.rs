@@ -15,6 +15,7 @@ pub mod console;
 pub mod control;
 pub mod devices;
 pub mod domain;
+pub mod host;
 pub mod host_channel;
 pub mod hoststall;
 pub mod hypervisor;

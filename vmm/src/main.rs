@@ -113,6 +113,24 @@ enum Command {
         #[arg(required = true, num_args = 1..)]
         request: Vec<String>,
     },
+    /// Check this host for PCI passthrough: KVM, the IOMMU, vfio-pci, the locked-memory limit
+    /// and, for each ADDRESS, its driver, IOMMU group, VFIO node and reset. One line per item
+    /// (ok, warn or FAIL, with what to fix); exits 1 if something needed is missing.
+    Check {
+        /// PCI addresses of the devices to pass through (0000:00:04.0 or 00:04.0).
+        addresses: Vec<String>,
+        /// Memory of a domain (it is pinned for DMA: the locked-memory limit must allow it).
+        #[arg(long, default_value_t = ddvm::config::DEFAULT_MEMORY_MIB)]
+        memory_mib: u64,
+        /// The sysfs root (the device nodes are beside it: `/dev` for `/sys`).
+        #[arg(long, default_value = ddvm::host::DEFAULT_SYSFS, hide = true)]
+        sysfs: PathBuf,
+    },
+    /// Hand PCI devices to vfio-pci for passthrough, and back to their drivers.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
     /// Boot one image and wait until it stops; the exit status tells how it stopped.
     Boot {
         /// ELF image (x86-64 static executable); default: the built-in driver domain.
@@ -132,6 +150,29 @@ enum Command {
         /// Stop the guest as soon as it is ready.
         #[arg(long)]
         until_ready: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Bind devices to vfio-pci (driver_override, unbind, drivers_probe), remembering their
+    /// drivers in /run/ddvm/devices; the members of one IOMMU group go together.
+    Bind {
+        /// PCI addresses (0000:00:04.0 or 00:04.0).
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        /// The sysfs root (the device nodes are beside it: `/dev` for `/sys`).
+        #[arg(long, default_value = ddvm::host::DEFAULT_SYSFS, hide = true)]
+        sysfs: PathBuf,
+    },
+    /// Give devices bound with `bind` back to the drivers they had (none if they had none).
+    Unbind {
+        /// PCI addresses (0000:00:04.0 or 00:04.0).
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        /// The sysfs root (the device nodes are beside it: `/dev` for `/sys`).
+        #[arg(long, default_value = ddvm::host::DEFAULT_SYSFS, hide = true)]
+        sysfs: PathBuf,
     },
 }
 
@@ -168,6 +209,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             verify,
         } => run_config(&cli.kvm, &config, duration, control.as_deref(), verify),
         Command::Ctl { socket, request } => ctl(&socket, &request),
+        Command::Check {
+            addresses,
+            memory_mib,
+            sysfs,
+        } => Ok(check(&cli.kvm, &sysfs, &addresses, memory_mib)),
+        Command::Device { action } => device(action),
         Command::Chaos {
             config,
             faults,
@@ -219,6 +266,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
         }
     }
+}
+
+/// `ddvm check`: prints one line per item; 1 if any failed.
+fn check(kvm: &Path, sysfs: &Path, addresses: &[String], memory_mib: u64) -> ExitCode {
+    let kvm_facts = Hypervisor::open(kvm)
+        .map_err(|e| e.to_string())
+        .and_then(|hv| {
+            ddvm::vm::probe_platform(&hv)
+                .map(|p| (kvm.to_path_buf(), p))
+                .map_err(|e| format!("{}: cannot create a VM: {e}", kvm.display()))
+        });
+    let facts = ddvm::host::HostFacts::of_process(kvm_facts, memory_mib << 20);
+    let lines = ddvm::host::Host::new(sysfs).check(&facts, addresses);
+    for l in &lines {
+        println!("{l}");
+    }
+    if lines.iter().any(|l| l.status == ddvm::host::Status::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `ddvm device bind|unbind`.
+fn device(action: DeviceAction) -> anyhow::Result<ExitCode> {
+    match action {
+        DeviceAction::Bind { addresses, sysfs } => {
+            let host = ddvm::host::Host::new(&sysfs);
+            for b in host.bind(&addresses)? {
+                let node = host.vfio_node(b.group);
+                if b.already {
+                    println!(
+                        "ddvm: {} already bound to vfio-pci, IOMMU group {}, {}",
+                        b.address,
+                        b.group,
+                        node.display()
+                    );
+                } else {
+                    println!(
+                        "ddvm: {} bound to vfio-pci (was: {}), IOMMU group {}, {}",
+                        b.address,
+                        b.previous.as_deref().unwrap_or("no driver"),
+                        b.group,
+                        node.display()
+                    );
+                }
+            }
+        }
+        DeviceAction::Unbind { addresses, sysfs } => {
+            for u in ddvm::host::Host::new(&sysfs).unbind(&addresses)? {
+                let driver = u.driver.as_deref().unwrap_or("no driver");
+                if u.changed {
+                    println!("ddvm: {} unbound from vfio-pci, now: {driver}", u.address);
+                } else {
+                    println!(
+                        "ddvm: {} was not bound to vfio-pci (driver: {driver}); nothing to undo",
+                        u.address
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_kvm(path: &Path) -> anyhow::Result<Hypervisor> {

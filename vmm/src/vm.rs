@@ -700,3 +700,32 @@ pub(crate) fn join_vcpu(thread: JoinHandle<GuestExit>) -> GuestExit {
         .join()
         .unwrap_or(GuestExit::HostError { errno: libc::EIO })
 }
+
+/// Which KVM `hv` is, as a guest booted on it finds: PVM when a vCPU set up as a guest's takes
+/// PVM's VIF page, else what the CPU advertises. Builds a throwaway VM with a little memory and
+/// one vCPU (no thread, never run).
+pub fn probe_platform(hv: &Hypervisor) -> Result<Platform, GuestError> {
+    let name = "probe";
+    let kvm_err = |what: &'static str| {
+        move |source| GuestError::Kvm {
+            name: name.to_string(),
+            what,
+            source,
+        }
+    };
+    let mem = guest_memory(name, MIN_MEMORY)?;
+    let vm = vm_with_memory(hv, name, &mem)?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let cpuid = hv
+        .supported_cpuid()
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    vcpu.set_sregs(&arch::long_mode_sregs(sregs))
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    Ok(if register_pvm_vif(&vcpu, layout::VIF_PAGE) {
+        Platform::Pvm
+    } else {
+        hv.host_kind()
+    })
+}
