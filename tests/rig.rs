@@ -167,3 +167,101 @@ fn a_stock_linux_client_is_served_through_every_domain_fault_on_svm_kvm() {
     assert_eq!((report.block_size, report.sectors), (4096, 64 << 11));
     assert_eq!(report.serial, "ddvm-linux0");
 }
+
+/// The host side of passthrough on a host with an IOMMU (the rig's emulated Intel IOMMU): an
+/// NVMe controller nobody drives is reported as not bound, `ddvm device bind` hands it to
+/// vfio-pci (its VFIO node appears and the check passes), `ddvm device unbind` leaves it
+/// unbound again, as it was, with its driver_override cleared.
+#[test]
+fn device_bind_check_and_unbind_with_an_iommu() {
+    let disks = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rig-vfio-disks");
+    let _ = std::fs::remove_dir_all(&disks);
+    let script = r#"
+a=$RIG_NVME
+d=/sys/bus/pci/devices/$a
+ddvm check $a; echo "step: check-unbound $?"
+ddvm device bind ${a#0000:}; echo "step: bind $?"
+g=$(basename $(readlink $d/iommu_group))
+echo "step: bound driver=$(basename $(readlink $d/driver)) override=$(cat $d/driver_override) node=$(ls /dev/vfio/$g)"
+ddvm check $a; echo "step: check-bound $?"
+ddvm device unbind $a; echo "step: unbind $?"
+echo "step: unbound driver=$(readlink $d/driver) override=$(cat $d/driver_override) node=$(ls /dev/vfio/$g 2>&1 >/dev/null | wc -l) record=$(ls /run/ddvm/devices | wc -l)"
+"#;
+    let started = std::time::Instant::now();
+    let (status, console) = rig_with(
+        &[
+            "--iommu",
+            "--nvme",
+            "serial=ddvm-vfio0,lba=4096,size=8",
+            "--disks",
+            disks.to_str().unwrap(),
+        ],
+        &[],
+        &["sh", "-c", script],
+    );
+    println!("rig run: {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(status, 0, "the rig failed:\n{console}");
+    let a = console
+        .lines()
+        .find_map(|l| l.strip_prefix("rig: NVMe controller "))
+        .and_then(|l| l.split(',').next())
+        .unwrap_or_else(|| panic!("no NVMe controller in the rig:\n{console}"))
+        .to_string();
+    let step = |name: &str| -> String {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("step: {name} ")))
+            .unwrap_or_else(|| panic!("no step {name}:\n{console}"))
+            .to_string()
+    };
+    // Before: everything but the device's driver and node is there.
+    assert_eq!(step("check-unbound"), "1", "{console}");
+    for line in [
+        "ok   kvm: /dev/kvm, platform svm".to_string(),
+        format!("ok   {a} device: 1b36:0010, class 0x010802 (NVMe controller)"),
+        format!("FAIL {a} driver: no driver, expected vfio-pci; fix: ddvm device bind {a}"),
+        format!("ok   {a} group viable"),
+        format!("ok   {a} reset: resettable (flr)"),
+        "ok   vfio-pci: driver loaded".to_string(),
+        "ok   memlock:".to_string(),
+    ] {
+        assert!(
+            console.lines().any(|l| l.starts_with(&line)),
+            "no line {line:?}:\n{console}"
+        );
+    }
+    assert!(console
+        .lines()
+        .any(|l| l.starts_with("ok   iommu: on (dmar0)")));
+    assert!(console.contains(&format!("FAIL {a} vfio node: /dev/vfio/")));
+    // Bound.
+    assert_eq!(step("bind"), "0", "{console}");
+    assert!(
+        console.contains(&format!(
+            "ddvm: {a} bound to vfio-pci (was: no driver), IOMMU group "
+        )),
+        "{console}"
+    );
+    let bound = step("bound");
+    assert!(
+        bound.starts_with("driver=vfio-pci override=vfio-pci node=/dev/vfio/"),
+        "{console}"
+    );
+    assert_eq!(
+        step("check-bound"),
+        "0",
+        "the check still fails:\n{console}"
+    );
+    // Unbound: as before.
+    assert_eq!(step("unbind"), "0", "{console}");
+    assert!(console.contains(&format!("ddvm: {a} unbound from vfio-pci, now: no driver")));
+    assert_eq!(
+        step("unbound"),
+        "driver= override=(null) node=1 record=0",
+        "{console}"
+    );
+    // The controller's backing file, kept in --disks.
+    let img = std::fs::metadata(disks.join("nvme0.img")).expect("the backing file is kept");
+    assert_eq!(img.len(), 8 << 20);
+    let _ = std::fs::remove_dir_all(&disks);
+}
