@@ -237,3 +237,22 @@ fn a_warm_standby_waits_without_its_device_until_promoted() {
     let r = testclient::run(&standby, &mut ch, &workload(500, 8, 8, true, 64)).unwrap();
     assert_clean(&r, "after a spare standby went");
 }
+
+/// The driver asks for completion interrupts (MSI-X enabled, its I/O completion queue created
+/// with IEN on vector 1) and the controller raises them through the domain's wake eventfd:
+/// the domain's waits with commands in flight end with the device's interrupt.
+#[test]
+fn the_driver_asks_for_completion_interrupts_and_the_controller_wakes_the_domain() {
+    let (d, mut ch) = boot_nvme("nvme-irq", 512);
+    let console = d.console().text();
+    assert!(console.contains("msix_vector=1"), "{console}");
+    let before = d.nvme_stats().unwrap();
+    let r = testclient::run(&d, &mut ch, &workload(500, 4, 8, true, 64)).unwrap();
+    assert_clean(&r, "with completion interrupts");
+    let stats = d.nvme_stats().unwrap();
+    assert!(stats.interrupts > before.interrupts, "{stats:?}");
+    assert!(
+        stats.interrupts - before.interrupts <= stats.completions - before.completions,
+        "at most one interrupt per pass that posted: {stats:?}"
+    );
+}

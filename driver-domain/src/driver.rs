@@ -163,6 +163,9 @@ pub trait BlockDriver {
     fn ring(&mut self);
     /// Whether the device has completions not yet polled.
     fn completion_pending(&self) -> bool;
+    /// Whether the device wakes the domain when it completes commands (an interrupt), so a
+    /// wait with commands in flight needs no short timeout.
+    fn interrupts(&self) -> bool;
     /// Hands every completion the device has to `done`; returns how many.
     fn poll(&mut self, done: &mut dyn FnMut(Completed)) -> Result<usize, DriverError>;
     /// Starts the device's orderly shutdown (after the last command completed).
@@ -209,6 +212,10 @@ impl BlockDriver for Controller {
 
     fn completion_pending(&self) -> bool {
         Controller::completion_pending(self)
+    }
+
+    fn interrupts(&self) -> bool {
+        Controller::interrupts(self)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(Completed)) -> Result<usize, DriverError> {

@@ -65,8 +65,8 @@ const POLL_US: u64 = 20;
 const POLL_BUSY_US: u64 = 50;
 /// How long a wait lasts when nothing kicks the domain.
 const WAIT_US: u32 = 10_000;
-/// As `WAIT_US`, while device commands are in flight (a safety net: the VMM's controller kicks
-/// the domain when it posts completions).
+/// As `WAIT_US`, while device commands are in flight and the device does not interrupt: the
+/// completions are only seen by polling.
 const WAIT_BUSY_US: u32 = 1_000;
 /// Heap a standby touches before it waits: more than the controller's bring-up and the
 /// service allocate.
@@ -296,7 +296,8 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Box<dyn BlockDriver>> {
                 f.vendor, f.device, f.bdf, found.bar.base
             );
             let start = Instant::now();
-            match Controller::init(found.registers, modes.nvme_options) {
+            let vector = nvme::irq::enable(f.bdf, &found.bar, &found.registers);
+            match Controller::init(found.registers, modes.nvme_options, vector) {
                 Ok(disk) => {
                     println!("{} (ready in {} us)", disk.info(), start.elapsed_us());
                     Some(Box::new(disk))
@@ -329,6 +330,8 @@ fn serve(mut service: Option<Service>, poll: Poll) -> ! {
             }
         }
         let in_flight = service.as_ref().map_or(0, Service::in_flight);
+        // A device that interrupts ends the wait when it completes a command.
+        let polled = in_flight > 0 && !service.as_ref().is_some_and(Service::device_interrupts);
         let poll_us = if in_flight > 0 {
             poll.busy_us
         } else {
@@ -347,7 +350,7 @@ fn serve(mut service: Option<Service>, poll: Poll) -> ! {
         if !service.as_mut().is_none_or(Service::prepare_wait) {
             continue;
         }
-        vmm::wait(if in_flight > 0 { WAIT_BUSY_US } else { WAIT_US });
+        vmm::wait(if polled { WAIT_BUSY_US } else { WAIT_US });
         if let Some(s) = service.as_mut() {
             s.woke();
         }

@@ -166,6 +166,11 @@ impl Service {
         &mut self.channel
     }
 
+    /// Whether the device wakes the domain when it completes commands.
+    pub fn device_interrupts(&self) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.interrupts())
+    }
+
     /// Requests taken and not yet completed on the ring: commands in flight on the device and
     /// completions held back by fault injection.
     pub fn in_flight(&self) -> usize {

@@ -144,6 +144,96 @@ pub mod reg {
     pub const HEADER_TYPE: u8 = 0x0e;
     /// First base address register.
     pub const BAR0: u8 = 0x10;
+    /// Capabilities pointer (8 bits).
+    pub const CAPABILITIES: u8 = 0x34;
+}
+
+/// Capability IDs.
+pub mod cap {
+    /// MSI-X.
+    pub const MSIX: u8 = 0x11;
+}
+
+/// The offset of the first capability with ID `id`, walking the list from the capabilities
+/// pointer (one configuration read, then one per capability passed). `None` when the
+/// function has none, or the list is malformed (a pointer into the header, a loop).
+pub fn find_capability(bdf: Bdf, id: u8) -> Option<u8> {
+    capability(bdf, id).map(|(at, _)| at)
+}
+
+/// [`find_capability`], with the capability's first dword (ID, next pointer, and the
+/// capability's own 16 bits: Message Control for MSI and MSI-X).
+fn capability(bdf: Bdf, id: u8) -> Option<(u8, u32)> {
+    let mut at = read_u8(bdf, reg::CAPABILITIES) & 0xfc;
+    // 48 capabilities of 4 bytes fill the 192 bytes after the header: more is a loop.
+    for _ in 0..48 {
+        if at < 0x40 {
+            return None;
+        }
+        let first = read_u32(bdf, at);
+        if first as u8 == id {
+            return Some((at, first));
+        }
+        at = (first >> 8) as u8 & 0xfc;
+    }
+    None
+}
+
+/// A function's MSI-X capability (PCI Local Bus 3.0, 6.8.2), as read from configuration
+/// space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsixCapability {
+    /// Offset of the capability in configuration space.
+    pub offset: u8,
+    /// Number of vectors (Table Size + 1).
+    pub vectors: u16,
+    /// BAR holding the table (Table BIR).
+    pub table_bar: u8,
+    /// Offset of the table in that BAR.
+    pub table_offset: u32,
+}
+
+/// MSI-X table entry layout and Message Control bits.
+pub mod msix {
+    /// Bytes of one table entry.
+    pub const ENTRY_SIZE: u64 = 16;
+    /// Offset in an entry of the message address (64 bits).
+    pub const ADDRESS: u64 = 0;
+    /// Offset in an entry of the message data (32 bits), followed by Vector Control.
+    pub const DATA: u64 = 8;
+    /// Vector Control: Mask Bit.
+    pub const MASKED: u32 = 1;
+    /// Message Control: MSI-X Enable.
+    pub const ENABLE: u16 = 1 << 15;
+    /// Message Control: Function Mask.
+    pub const FUNCTION_MASK: u16 = 1 << 14;
+}
+
+/// Finds and reads the MSI-X capability of `bdf`, if it has one: the capability walk (which
+/// reads Message Control), then one read for the table's location.
+pub fn msix_capability(bdf: Bdf) -> Option<MsixCapability> {
+    let (offset, first) = capability(bdf, cap::MSIX)?;
+    let control = (first >> 16) as u16;
+    let table = read_u32(bdf, offset + 4);
+    Some(MsixCapability {
+        offset,
+        vectors: (control & 0x7ff) + 1,
+        table_bar: (table & 7) as u8,
+        table_offset: table & !7,
+    })
+}
+
+/// Writes Message Control of the MSI-X capability: MSI-X Enable and Function Mask (the
+/// other bits are read-only).
+pub fn set_msix_control(bdf: Bdf, cap: &MsixCapability, enable: bool, function_mask: bool) {
+    let mut value = 0;
+    if enable {
+        value |= msix::ENABLE;
+    }
+    if function_mask {
+        value |= msix::FUNCTION_MASK;
+    }
+    write_u16(bdf, cap.offset + 2, value);
 }
 
 /// Command register bits.

@@ -3,15 +3,17 @@
 //! A driver domain owns exactly one device. This crate models what the domain sees of it:
 //!
 //! - [`pci`]: the device's type-0 configuration space (IDs, command register, BARs with the
-//!   sizing protocol, a PCI Express capability advertising Function Level Reset), the
-//!   [`pci::PciBackend`] trait that each device model (and later VFIO) implements, and a
+//!   sizing protocol, a PCI Express capability advertising Function Level Reset, an MSI-X
+//!   capability whose table and PBA the [`pci::Msix`] serves: an interrupt is a wake-up of the
+//!   domain's vCPU), the [`pci::PciBackend`] trait that each device model (and VFIO) implements, and a
 //!   [`pci::PciBus`] answering configuration mechanism #1 (ports 0xCF8/0xCFC) and a memory-mapped
 //!   ECAM window.
 //! - [`dma`]: the [`dma::DmaWindow`], the only way a device reaches domain memory. It plays the
 //!   IOMMU: anything not entirely inside the domain's memory, or attempted while bus mastering is
 //!   off or while the device serves no domain, is refused and counted.
 //! - [`nvme`]: an emulated NVMe 1.4 controller backed by a file, with a worker thread, shadow
-//!   doorbells with event indexes, and a volatile write cache that a reset can lose.
+//!   doorbells with event indexes, completion interrupts through MSI-X, and a volatile write
+//!   cache that a reset can lose.
 //!
 //! Everything here runs on the host without KVM, so it is tested with plain vm-memory guest
 //! memory standing in for a domain. Everything the domain writes (config space, registers,
@@ -29,6 +31,6 @@ mod sync;
 pub use dma::{DmaError, DmaWindow};
 pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmePoller, NvmeStats};
 pub use pci::{
-    BarInfo, BarKind, ConfigSpace, PciBackend, PciBus, PciDevice, PciError, PciIds, WakeDomain,
-    ECAM_BUS_SIZE,
+    BarInfo, BarKind, ConfigSpace, Msix, MsixLayout, PciBackend, PciBus, PciDevice, PciError,
+    PciIds, WakeDomain, ECAM_BUS_SIZE,
 };

@@ -215,14 +215,12 @@ impl DomainDevice {
         }
     }
 
-    /// Attaches the device to a domain: DMA into `mem`, completions kick its vCPU, and the
-    /// model's registrations go to `vm`.
+    /// Attaches the device to a domain: DMA into `mem`, its interrupts (MSI-X messages) kick
+    /// the domain's vCPU, and the model's registrations go to `vm`.
     fn attach_to(&self, mem: &GuestMem, shared: &Arc<Shared>, vm: &Arc<VmFd>) {
-        // The device's completions wake the domain if it waits. The closure holds the shared
-        // state, never the device (no reference cycle).
-        let waker = shared.clone();
-        self.lock()
-            .attach(mem.clone(), Arc::new(move || waker.kick()));
+        // The device's interrupts wake the domain if it waits: they write its kick eventfd
+        // (the device holds the eventfd, never the shared state: no reference cycle).
+        self.lock().attach(mem.clone(), shared.kick_eventfd());
         self.model.set_vm(Some(vm.clone()));
     }
 

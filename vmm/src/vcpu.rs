@@ -196,7 +196,7 @@ pub struct Shared {
     // Whether the guest has its device: false for a standby until its promotion (set under
     // the state lock).
     promoted: AtomicBool,
-    kick: EventFd,
+    kick: Arc<EventFd>,
     // The vCPU thread's id (0 until it runs).
     tid: AtomicI32,
     // How a device of the guest ended it (a power-off, a reset), if one did.
@@ -226,7 +226,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             waiting: AtomicBool::new(false),
             promoted: AtomicBool::new(has_device),
-            kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
             tid: AtomicI32::new(0),
             guest_exit: Mutex::new(None),
             notify: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -240,6 +240,12 @@ impl Shared {
     pub fn kick(&self) {
         // Writing an eventfd fails only when its counter would overflow: it is already set.
         let _ = self.kick.write(1);
+    }
+
+    /// The eventfd [`Shared::kick`] writes (non-blocking): writing 1 ends the vCPU's wait. A
+    /// device's interrupts go there (its MSI-X vectors, for VFIO bound in the kernel).
+    pub fn kick_eventfd(&self) -> Arc<EventFd> {
+        self.kick.clone()
     }
 
     /// Whether the vCPU is blocked in a wait exit (the guest is idle, not hung).

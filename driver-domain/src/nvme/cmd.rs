@@ -103,15 +103,20 @@ impl Command {
         }
     }
 
-    /// Create I/O completion queue `qid` of `entries` at `addr`: physically contiguous,
-    /// interrupts off (the driver polls).
-    pub fn create_cq(qid: u16, entries: u16, addr: u64) -> Self {
+    /// Create I/O completion queue `qid` of `entries` at `addr`: physically contiguous, with
+    /// interrupts on `vector` (MSI-X), or off (`None`: the driver only polls).
+    pub fn create_cq(qid: u16, entries: u16, addr: u64, vector: Option<u16>) -> Self {
+        // PC = 1; IEN = 1 and IV = the vector when interrupts are wanted.
+        let cdw11 = match vector {
+            Some(v) => u32::from(v) << 16 | 1 << 1 | 1,
+            None => 1,
+        };
         Command {
             opcode: admin::CREATE_CQ,
             prp1: addr,
             cdw: [
                 (u32::from(entries) - 1) << 16 | u32::from(qid),
-                1, // PC = 1, IEN = 0, IV = 0
+                cdw11,
                 0,
                 0,
                 0,

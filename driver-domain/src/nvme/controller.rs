@@ -1,11 +1,11 @@
 //! The controller: bring-up (reset, admin queue, Identify, queues, shadow doorbells) and one
-//! polled I/O queue pair.
+//! polled I/O queue pair, whose completion queue interrupts when MSI-X is set up (`irq`).
 //!
 //! Bring-up follows NVMe base specification 1.4 section 7.6.1: disable and wait for
 //! CSTS.RDY = 0, program the admin queue, enable and wait for CSTS.RDY = 1 (both within
 //! CAP.TO), Identify Controller and Namespace, Set Features Number of Queues, Doorbell Buffer
-//! Config when OACS says so, then create one I/O completion queue (interrupts off) and one
-//! submission queue. Data transfers use PRPs (`prp`), one PRP list chunk per command slot.
+//! Config when OACS says so, then create one I/O completion queue (interrupts on the vector
+//! `irq` set up, if any) and one submission queue. Data transfers use PRPs (`prp`), one PRP list chunk per command slot.
 //!
 //! Every register access and doorbell write is an exit under emulation (~70 µs on PVM), and
 //! bring-up is on the recovery path, so it takes as few as it can: CAP, ASQ and ACQ as single
@@ -105,8 +105,13 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Resets and brings up the controller behind `region` (BAR0).
-    pub fn init(region: MmioRegion, options: Options) -> Result<Self, NvmeError> {
+    /// Resets and brings up the controller behind `region` (BAR0); its I/O completion queue
+    /// signals MSI-X `vector` (see [`super::irq::enable`]), or nothing (`None`).
+    pub fn init(
+        region: MmioRegion,
+        options: Options,
+        vector: Option<u16>,
+    ) -> Result<Self, NvmeError> {
         let regs = Registers::new(region)?;
         let cap = regs.cap();
         if cap.0 == u64::MAX {
@@ -193,8 +198,8 @@ impl Controller {
             v => v,
         };
 
-        // 2: the namespace, shadow doorbells if offered, the I/O completion queue (interrupts
-        // off). The controller applies Doorbell Buffer Config to queues created before it as
+        // 2: the namespace, shadow doorbells if offered, the I/O completion queue (with its
+        // interrupt vector, if any). The controller applies Doorbell Buffer Config to queues created before it as
         // well as after, so the order in which it runs them does not matter.
         let stride = cap.doorbell_stride();
         let shadow_fits =
@@ -216,7 +221,7 @@ impl Controller {
                 b.eventidx.addr(),
             ));
         }
-        cmds.push(Command::create_cq(IO_QID, entries, cq.addr()));
+        cmds.push(Command::create_cq(IO_QID, entries, cq.addr(), vector));
         // One completion per command, in the order of `cmds`.
         let done = admin.run_all(&regs, &cmds, timeout_ms)?;
         let (identified, created) = (&done[0], &done[cmds.len() - 1]);
@@ -293,6 +298,7 @@ impl Controller {
                 max_transfer,
                 queue_entries: entries,
                 shadow_doorbells: shadow.is_some(),
+                interrupt_vector: vector,
             },
             last_timeout_check: Instant::now(),
             _shadow: shadow,
@@ -303,6 +309,12 @@ impl Controller {
     /// What the driver found out about the device.
     pub fn info(&self) -> &DiskInfo {
         &self.info
+    }
+
+    /// Whether the I/O completion queue interrupts (wakes the domain) when it gets
+    /// completions.
+    pub fn interrupts(&self) -> bool {
+        self.info.interrupt_vector.is_some()
     }
 
     /// Commands in flight.

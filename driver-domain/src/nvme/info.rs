@@ -24,6 +24,8 @@ pub struct DiskInfo {
     pub queue_entries: u16,
     /// Shadow doorbells in use.
     pub shadow_doorbells: bool,
+    /// The MSI-X vector of the I/O completion queue (`None`: no interrupts, polled).
+    pub interrupt_vector: Option<u16>,
 }
 
 impl DiskInfo {
@@ -50,7 +52,7 @@ impl fmt::Display for DiskInfo {
             f,
             "nvme: \"{}\" serial \"{}\" fw \"{}\" version {}.{}, namespace {}: {} blocks of {} B \
              ({} MiB), max transfer {} KiB, {} queue entries, vwc={} discard={} write_zeroes={} \
-             shadow_doorbells={}",
+             shadow_doorbells={} ",
             trimmed(&c.model),
             trimmed(&c.serial),
             trimmed(&c.firmware),
@@ -66,6 +68,10 @@ impl fmt::Display for DiskInfo {
             u8::from(c.dataset_management()),
             u8::from(c.write_zeroes()),
             u8::from(self.shadow_doorbells),
-        )
+        )?;
+        match self.interrupt_vector {
+            Some(v) => write!(f, "msix_vector={v}"),
+            None => write!(f, "msix_vector=none"),
+        }
     }
 }

@@ -1,6 +1,8 @@
-//! The NVMe driver: one controller, one namespace, one polled I/O queue pair.
+//! The NVMe driver: one controller, one namespace, one polled I/O queue pair whose completion
+//! queue interrupts (wakes the domain) when the device has MSI-X.
 //!
 //! - [`probe`]: find the controller on PCI bus 0, place BAR0 if nobody did, enable it;
+//! - [`irq`]: MSI-X set up for the I/O completion queue;
 //! - [`regs`]: typed registers; [`cmd`]: queue entries and commands; [`prp`]: data pointers;
 //! - [`queue`]: queues in DMA memory and their doorbells (shadow doorbells + event index);
 //! - [`identify`]: Identify data; [`admin`]: admin queue and enable/disable handshakes;
@@ -19,6 +21,7 @@ pub mod error;
 pub mod identify;
 pub mod info;
 pub mod io;
+pub mod irq;
 pub mod probe;
 pub mod prp;
 pub mod queue;

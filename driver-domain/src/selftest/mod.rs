@@ -279,7 +279,9 @@ fn test(location: Location, options: Options) -> Result<(u64, u64), String> {
         found.bar.size >> 10
     );
     let init = Instant::now();
-    let mut disk = Controller::init(found.registers, options).map_err(|e| format!("{e}"))?;
+    let vector = crate::nvme::irq::enable(found.function.bdf, &found.bar, &found.registers);
+    let mut disk =
+        Controller::init(found.registers, options, vector).map_err(|e| format!("{e}"))?;
     println!("{} (ready in {} us)", disk.info(), init.elapsed_us());
     let info = *disk.info();
     let regions = plan(info.blocks, info.block_size, info.max_transfer)?;

@@ -95,7 +95,13 @@ impl Controller {
         if !s.is_success() {
             return err(s);
         }
-        self.cqs[qid] = Some(CompQueue::new(cmd.prp1, size as u16));
+        // Dword 11: Interrupt Vector (31:16), Interrupts Enabled (1).
+        let ien = cmd.cdw(11) & 2 != 0;
+        let iv = (cmd.cdw(11) >> 16) as u16;
+        if iv >= self.limits.vectors {
+            return err(Status::INVALID_INTERRUPT_VECTOR);
+        }
+        self.cqs[qid] = Some(CompQueue::new(cmd.prp1, size as u16, ien.then_some(iv)));
         self.sync_shadow_slots(qid);
         OK
     }

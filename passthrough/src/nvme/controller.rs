@@ -22,6 +22,7 @@ use super::shadow::DoorbellBuffer;
 use super::status::Status;
 use super::NvmeStats;
 use crate::dma::DmaWindow;
+use crate::pci::Msix;
 
 /// Doorbell slot flag: a value was written since the worker last looked.
 pub const DOORBELL_FRESH: u32 = 1 << 31;
@@ -49,6 +50,7 @@ pub struct Observed {
     pub flush_syncs: AtomicU64,
     pub flushes_in_flight: AtomicU64,
     pub flushes_abandoned: AtomicU64,
+    pub interrupts: AtomicU64,
     pub shadow_active: AtomicBool,
 }
 
@@ -68,6 +70,7 @@ impl Observed {
             flush_syncs: r(&self.flush_syncs),
             flushes_in_flight: r(&self.flushes_in_flight),
             flushes_abandoned: r(&self.flushes_abandoned),
+            interrupts: r(&self.interrupts),
             // The DMA window counts these; `NvmeMonitor::stats` fills them in.
             dma_refused: 0,
         }
@@ -81,6 +84,8 @@ impl Observed {
 /// Fixed properties from the configuration.
 pub struct Limits {
     pub max_io_queues: u16,
+    /// MSI-X vectors.
+    pub vectors: u16,
     pub serial: String,
     pub model: String,
 }
@@ -101,8 +106,6 @@ pub struct Regs {
 pub struct Pass {
     /// Commands taken from submission queues.
     pub consumed: usize,
-    /// Completions posted.
-    pub posted: usize,
 }
 
 /// A Flush whose sync runs on the flusher thread.
@@ -148,8 +151,10 @@ pub struct Controller {
     /// Results back from the flusher, not posted yet (token, sync succeeded).
     flush_results: Vec<(u64, bool)>,
     next_flush_token: u64,
-    /// Completions posted in the current pass.
-    posted: usize,
+    /// The function's MSI-X state (given once the controller is a PCI function).
+    pub msix: Option<Arc<Msix>>,
+    /// Vectors of the queues that got completions in the current pass.
+    raise: Vec<u16>,
 }
 
 impl Controller {
@@ -183,7 +188,8 @@ impl Controller {
             flushes: Vec::new(),
             flush_results: Vec::new(),
             next_flush_token: 0,
-            posted: 0,
+            msix: None,
+            raise: Vec::new(),
         }
     }
 
@@ -201,6 +207,7 @@ impl Controller {
             d.store(0, Ordering::Relaxed);
         }
         self.aers.clear();
+        self.raise.clear();
         self.io_sqs_allowed = self.limits.max_io_queues;
         self.io_cqs_allowed = self.limits.max_io_queues;
         self.async_event_config = 0;
@@ -284,7 +291,11 @@ impl Controller {
             self.fatal();
             return false;
         }
-        self.posted += 1;
+        if let Some(v) = cq.vector {
+            if !self.raise.contains(&v) {
+                self.raise.push(v);
+            }
+        }
         Observed::bump(&self.observed.completions);
         true
     }
@@ -444,14 +455,17 @@ impl Controller {
     /// first, posting a completion for each (a Flush's comes in a later pass). A command is
     /// taken only when its completion queue has room for it and for the Flushes in flight
     /// that will complete there, so a full queue holds commands back instead of overwriting
-    /// entries the driver has not consumed.
+    /// entries the driver has not consumed. Last, the vector of each queue with interrupts
+    /// enabled that got completions is raised once (still under the lock, so a reset that
+    /// took it is not followed by a late interrupt).
     pub fn pass(&mut self) -> Pass {
-        self.posted = 0;
         let consumed = self.run_pass();
-        Pass {
-            consumed,
-            posted: std::mem::take(&mut self.posted),
+        for v in self.raise.drain(..) {
+            if self.msix.as_ref().is_some_and(|m| m.raise(v)) {
+                Observed::bump(&self.observed.interrupts);
+            }
         }
+        Pass { consumed }
     }
 
     /// Before the thread serving the controller sleeps: sets the shadow event indexes and

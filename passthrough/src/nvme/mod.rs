@@ -45,14 +45,26 @@
 //! the pass, as do the syncs of FUA writes, of a shutdown notification and of switching the
 //! cache off.
 //!
+//! # Interrupts
+//!
+//! The controller has MSI-X ([`PciBackend::msix`]): one vector per queue pair it can have
+//! (vector 0 for the admin queue, whose completion queue always has interrupts enabled), the
+//! table on the page after the doorbells and the Pending Bit Array on the page after that, as
+//! QEMU's NVMe lays out BAR0. A completion queue created with Interrupts Enabled (IEN) names
+//! its vector (IV); after a pass posts completions to it, the pass raises that vector once
+//! through the [`Msix`] the [`crate::pci::PciDevice`] gave it, which wakes the domain if the
+//! driver enabled MSI-X and unmasked the vector (or leaves it pending). A driver that asks for
+//! no interrupts is never woken: it polls.
+//!
 //! # A controller that outlives its domain
 //!
 //! Like a real device handed to a VM through VFIO, the controller (its namespace, its volatile
 //! write cache, its counters, its worker) stays with the VMM when its driver domain dies.
 //! [`crate::pci::PciDevice::quiesce`] resets it (bus mastering off, function reset, which
-//! waits for the command being processed and drops the write cache) and detaches it
-//! ([`PciBackend::detach`]: no DMA into the old memory, no wake-up of the old domain);
-//! [`crate::pci::PciDevice::attach`] points it at the next domain's memory and wake-up. The
+//! waits for the command being processed and drops the write cache), resets its MSI-X state
+//! and detaches it ([`PciBackend::detach`]: no DMA into the old memory; the MSI-X state drops
+//! the old domain's wake eventfd); [`crate::pci::PciDevice::attach`] points it at the next
+//! domain's memory and wake eventfd. The
 //! next domain's driver then initialises it from scratch. [`NvmeStats`] count across all
 //! the domains the controller served.
 //!
@@ -90,14 +102,16 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaWindow;
-use crate::pci::{BarInfo, BarKind, PciBackend, PciIds};
+use crate::pci::{
+    BarInfo, BarKind, Msix, MsixLayout, PciBackend, PciIds, WakeDomain, MIN_BAR_SIZE,
+};
 use crate::sync::lock;
 use controller::{Controller, Limits, Observed, DOORBELL_FRESH};
 pub use namespace::{NamespaceError, CACHE_LIMIT_BYTES};
 pub use queue::{Command, Completion};
 pub use regs::{DOORBELL_BASE, MQES};
 pub use status::Status;
-pub use worker::{WakeDomain, IDLE_SPIN};
+pub use worker::IDLE_SPIN;
 
 /// Passes one trapped doorbell write may run (each takes up to 32 commands per queue).
 const INLINE_PASSES: usize = 16;
@@ -117,8 +131,6 @@ pub const NVME_SUBSYSTEM_ID: u16 = 0x1100;
 pub const NVME_CLASS_CODE: u32 = 0x010802;
 /// NVMe version 1.4.0.
 pub const NVME_VERSION: u32 = 0x0001_0400;
-/// BAR0 size: registers and doorbells.
-pub const BAR0_SIZE: u64 = 16 << 10;
 /// Maximum Data Transfer Size, as a power of two of the 4 KiB page: 128 KiB.
 pub const MDTS: u8 = 5;
 /// Largest data transfer of one command, in bytes.
@@ -238,6 +250,28 @@ pub struct NvmeStats {
     /// Flushes in flight when a reset came: their syncs ran, their completions were never
     /// posted.
     pub flushes_abandoned: u64,
+    /// MSI-X messages sent (domain wake-ups) after passes that posted completions to a queue
+    /// with interrupts enabled; a message left pending (masked, MSI-X off) is not counted.
+    pub interrupts: u64,
+}
+
+/// BAR0's MSI-X table and PBA for a controller with `max_io_queues` queue pairs, and BAR0's
+/// size: registers and doorbells rounded up to 4 KiB, the table on the next page(s), the
+/// PBA on the page after, the whole a power of two (QEMU's NVMe layout).
+pub fn bar0_layout(max_io_queues: u16) -> (MsixLayout, u64) {
+    let page = MIN_BAR_SIZE;
+    let vectors = max_io_queues.saturating_add(1).max(2);
+    let doorbells_end = DOORBELL_BASE + 8 * (u64::from(max_io_queues) + 1);
+    let table_offset = doorbells_end.next_multiple_of(page);
+    let layout = MsixLayout {
+        vectors,
+        table_bar: 0,
+        table_offset,
+        pba_bar: 0,
+        pba_offset: table_offset + (u64::from(vectors) * 16).next_multiple_of(page),
+    };
+    let end = layout.pba_offset + layout.pba_size().next_multiple_of(page);
+    (layout, end.next_power_of_two())
 }
 
 /// A handle on a controller's counters and shadow doorbell state that stays valid after the
@@ -273,8 +307,8 @@ pub struct NvmePoller {
 
 impl NvmePoller {
     /// Processes what the driver has submitted (up to one batch per queue, a few passes at
-    /// most), posts the completions and wakes the domain after posting. Returns the commands
-    /// taken: zero means nothing was waiting.
+    /// most), posts the completions and raises the interrupts of the queues that asked for
+    /// them. Returns the commands taken: zero means nothing was waiting.
     pub fn poll(&self) -> u64 {
         self.shared.process(POLL_PASSES)
     }
@@ -311,9 +345,6 @@ struct Shared {
     stop: AtomicBool,
     observed: Arc<Observed>,
     on_shadow: Mutex<Option<ShadowCallback>>,
-    /// Kicks the domain after completions; called with the lock held, so replacing it waits
-    /// for a call in progress.
-    wake: Mutex<WakeDomain>,
     dma: DmaWindow,
 }
 
@@ -334,17 +365,12 @@ impl Shared {
         r
     }
 
-    /// Runs passes until one takes no command (at most `max`), calling the wake callback after
-    /// each pass that posted completions. Returns the commands taken.
+    /// Runs passes until one takes no command (at most `max`); each raises the vectors of the
+    /// queues it posted completions to. Returns the commands taken.
     fn process(&self, max: usize) -> u64 {
         let mut consumed = 0;
         for _ in 0..max {
             let pass = self.with_ctrl(|c| c.pass());
-            if pass.posted > 0 {
-                // Called under its lock: `set_wake` (and so a detach) waits for this call.
-                let wake = lock(&self.wake);
-                wake();
-            }
             consumed += pass.consumed as u64;
             if pass.consumed == 0 {
                 break;
@@ -362,6 +388,8 @@ pub struct EmulatedNvme {
     flusher: flusher::FlusherThread,
     backing: PathBuf,
     max_io_queues: u16,
+    /// BAR0's MSI-X table and PBA, and its size.
+    layout: (MsixLayout, u64),
 }
 
 fn check_ascii(
@@ -408,8 +436,10 @@ impl EmulatedNvme {
         let slots = 2 * (usize::from(cfg.max_io_queues) + 1);
         let doorbells: Arc<[AtomicU32]> = (0..slots).map(|_| AtomicU32::new(0)).collect();
         let observed = Arc::new(Observed::default());
+        let layout = bar0_layout(cfg.max_io_queues);
         let limits = Limits {
             max_io_queues: cfg.max_io_queues,
+            vectors: layout.0.vectors,
             serial: cfg.serial,
             model: cfg.model,
         };
@@ -436,26 +466,24 @@ impl EmulatedNvme {
                 stop: AtomicBool::new(false),
                 observed,
                 on_shadow: Mutex::new(None),
-                wake: Mutex::new(Arc::new(|| {})),
                 dma,
             }),
             worker: Mutex::new(None),
             flusher: flusher_thread,
             backing: cfg.backing,
             max_io_queues: cfg.max_io_queues,
+            layout,
         })
     }
 
-    /// Starts the worker thread. `wake_domain` is called after each batch of completions
-    /// (see [`EmulatedNvme::set_wake`]).
-    pub fn start_worker(&self, wake_domain: WakeDomain) -> Result<(), NvmeError> {
+    /// Starts the worker thread.
+    pub fn start_worker(&self) -> Result<(), NvmeError> {
         let mut worker = lock(&self.worker);
         if worker.is_some() {
             return Err(NvmeError::WorkerRunning {
                 backing: self.backing.clone(),
             });
         }
-        self.set_wake(wake_domain);
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("nvme-worker".into())
@@ -468,14 +496,6 @@ impl EmulatedNvme {
         // Someone now polls: a Flush's completion can come after its pass.
         self.shared.with_ctrl(|c| c.async_flush = true);
         Ok(())
-    }
-
-    /// Replaces the callback the worker calls after each batch of completions, waiting for a
-    /// call in progress: once this returns the old callback is never called again. The
-    /// callback runs on the worker thread with a lock held: it must not lock the
-    /// [`crate::pci::PciDevice`] holding this controller or call back into it.
-    pub fn set_wake(&self, wake_domain: WakeDomain) {
-        *lock(&self.shared.wake) = wake_domain;
     }
 
     /// A clone of the controller's DMA window, to watch [`DmaWindow::refused`]. Move the
@@ -617,7 +637,7 @@ impl PciBackend for EmulatedNvme {
     fn bars(&self) -> Vec<BarInfo> {
         vec![BarInfo {
             index: 0,
-            size: BAR0_SIZE,
+            size: self.layout.1,
             kind: BarKind::Mmio64,
             prefetchable: false,
         }]
@@ -655,16 +675,23 @@ impl PciBackend for EmulatedNvme {
         }
     }
 
-    /// Detaches the DMA window (waiting for an access in progress) and replaces the wake
-    /// callback by one that does nothing (waiting for a call in progress). The worker keeps
-    /// running: every DMA it tries is refused until [`PciBackend::attach`].
+    /// Detaches the DMA window (waiting for an access in progress). The worker keeps
+    /// running: every DMA it tries is refused until [`PciBackend::attach`]. Its interrupts go
+    /// through the [`Msix`], which the [`crate::pci::PciDevice`] detaches from the domain.
     fn detach(&mut self) {
         self.shared.dma.detach();
-        self.set_wake(Arc::new(|| {}));
     }
 
-    fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+    /// DMA goes to `mem`; the wake eventfd is the [`Msix`]'s business.
+    fn attach(&mut self, mem: GuestMemoryMmap<()>, _wake: WakeDomain) {
         self.shared.dma.retarget(mem);
-        self.set_wake(wake);
+    }
+
+    fn msix(&self) -> Option<MsixLayout> {
+        Some(self.layout.0)
+    }
+
+    fn set_msix(&mut self, msix: Arc<Msix>) {
+        self.shared.with_ctrl(|c| c.msix = Some(msix));
     }
 }

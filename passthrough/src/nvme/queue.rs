@@ -152,11 +152,13 @@ pub struct CompQueue {
     pub phase: bool,
     /// Last raw value seen in the shadow doorbell.
     pub shadow_seen: u32,
+    /// The MSI-X vector raised after completions are posted, if interrupts are enabled (IEN).
+    pub vector: Option<u16>,
 }
 
 impl CompQueue {
-    /// A fresh queue (head = tail = 0, phase 1).
-    pub fn new(base: u64, size: u16) -> CompQueue {
+    /// A fresh queue (head = tail = 0, phase 1) signalling `vector` (None: IEN = 0).
+    pub fn new(base: u64, size: u16, vector: Option<u16>) -> CompQueue {
         CompQueue {
             base,
             size,
@@ -164,6 +166,7 @@ impl CompQueue {
             tail: 0,
             phase: true,
             shadow_seen: 0,
+            vector,
         }
     }
 
@@ -226,7 +229,7 @@ mod tests {
     fn completion_queue_wraps_and_flips_phase() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let dma = DmaWindow::new(mem.clone());
-        let mut cq = CompQueue::new(0x1000, 2);
+        let mut cq = CompQueue::new(0x1000, 2, None);
         let c = Completion {
             dw0: 7,
             sqhd: 1,

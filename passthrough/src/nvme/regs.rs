@@ -149,7 +149,8 @@ impl Controller {
             d.store(0, std::sync::atomic::Ordering::Relaxed);
         }
         self.sqs[0] = Some(SubQueue::new(asq, asqs as u16, 0));
-        self.cqs[0] = Some(CompQueue::new(acq, acqs as u16));
+        // The admin completion queue always has interrupts enabled, on vector 0.
+        self.cqs[0] = Some(CompQueue::new(acq, acqs as u16, Some(0)));
         self.regs.csts = CSTS_RDY;
     }
 }

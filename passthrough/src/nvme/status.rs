@@ -34,6 +34,8 @@ impl Status {
     pub const INVALID_QID: Status = Status::specific(0x01);
     /// Invalid Queue Size.
     pub const INVALID_QUEUE_SIZE: Status = Status::specific(0x02);
+    /// Invalid Interrupt Vector.
+    pub const INVALID_INTERRUPT_VECTOR: Status = Status::specific(0x08);
     /// Asynchronous Event Request Limit Exceeded.
     pub const AER_LIMIT_EXCEEDED: Status = Status::specific(0x05);
     /// Invalid Log Page.

@@ -1,6 +1,7 @@
 //! A mock NVMe driver for tests: builds queues in a `GuestMemoryMmap`, rings doorbells through
 //! `bar_write` (or, for shadow doorbells, through the eventfd as a KVM ioeventfd would), and
-//! polls completion queues for the phase tag.
+//! polls completion queues for the phase tag. It owns the function's MSI-X state as the
+//! [`crate::pci::PciDevice`] would, and counts the wake-ups of its domain.
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use super::shadow::need_event;
 use super::status::Status;
 use super::{EmulatedNvme, NvmeConfig};
 use crate::dma::DmaWindow;
-use crate::pci::{PciBackend, WakeDomain};
+use crate::pci::{Msix, PciBackend, WakeDomain};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory of the test domain.
 pub const MEM_SIZE: u64 = 8 << 20;
@@ -58,7 +60,10 @@ pub struct TestDriver {
     pub nvme: EmulatedNvme,
     pub mem: GuestMemoryMmap<()>,
     pub dma: DmaWindow,
-    pub wakes: Arc<AtomicU64>,
+    /// The function's MSI-X state (the PciDevice's part).
+    pub msix: Arc<Msix>,
+    /// Wake-ups of this domain.
+    pub wakes: Arc<WakeCounter>,
     pub cfg: NvmeConfig,
     pub path: TempPath,
     next_page: u64,
@@ -109,10 +114,9 @@ impl TestDriver {
     pub fn with_path(path: TempPath, cfg: NvmeConfig) -> TestDriver {
         let mem = memory();
         let dma = DmaWindow::new(mem.clone());
-        let nvme = EmulatedNvme::new(cfg.clone(), dma.clone()).unwrap();
-        let wakes = Arc::new(AtomicU64::new(0));
-        nvme.start_worker(counter(&wakes)).unwrap();
-        TestDriver::fresh(nvme, mem, dma, wakes, cfg, path)
+        let (nvme, msix, wakes) = with_msix(EmulatedNvme::new(cfg.clone(), dma.clone()).unwrap());
+        nvme.start_worker().unwrap();
+        TestDriver::fresh(nvme, mem, dma, msix, wakes, cfg, path)
     }
 
     /// A controller with no worker thread: only trapped doorbell writes are served, unless
@@ -122,10 +126,8 @@ impl TestDriver {
         let cfg = config(&path);
         let mem = memory();
         let dma = DmaWindow::new(mem.clone());
-        let nvme = EmulatedNvme::new(cfg.clone(), dma.clone()).unwrap();
-        let wakes = Arc::new(AtomicU64::new(0));
-        nvme.set_wake(counter(&wakes));
-        TestDriver::fresh(nvme, mem, dma, wakes, cfg, path)
+        let (nvme, msix, wakes) = with_msix(EmulatedNvme::new(cfg.clone(), dma.clone()).unwrap());
+        TestDriver::fresh(nvme, mem, dma, msix, wakes, cfg, path)
     }
 
     /// A driver that knows nothing yet, for a controller over `mem`.
@@ -133,7 +135,8 @@ impl TestDriver {
         nvme: EmulatedNvme,
         mem: GuestMemoryMmap<()>,
         dma: DmaWindow,
-        wakes: Arc<AtomicU64>,
+        msix: Arc<Msix>,
+        wakes: Arc<WakeCounter>,
         cfg: NvmeConfig,
         path: TempPath,
     ) -> TestDriver {
@@ -141,6 +144,7 @@ impl TestDriver {
             nvme,
             mem,
             dma,
+            msix,
             wakes,
             cfg,
             path,
@@ -153,12 +157,24 @@ impl TestDriver {
         }
     }
 
-    /// The domain died: the backend calls `PciDevice::quiesce` makes (bus mastering off,
-    /// function reset, detach), without the configuration space.
+    /// The domain died: the calls `PciDevice::quiesce` makes (bus mastering off, function
+    /// reset, MSI-X reset, detach), without the configuration space.
     pub fn quiesce(&mut self) {
         self.nvme.set_bus_master(false);
         self.nvme.reset();
+        self.nvme.msix_enabled(false);
+        self.msix.reset();
         self.nvme.detach();
+        self.msix.detach();
+    }
+
+    /// What a driver asking for interrupts does: MSI-X enabled, every vector unmasked.
+    pub fn enable_interrupts(&mut self) {
+        for v in 0..self.msix.layout().vectors {
+            self.msix
+                .table_write(u64::from(v) * 16 + 12, &0u32.to_le_bytes());
+        }
+        self.msix.set_control(true, false);
     }
 
     /// A fresh domain takes the quiesced controller: new memory (the old one is dropped with
@@ -168,15 +184,17 @@ impl TestDriver {
         let TestDriver {
             mut nvme,
             dma,
+            msix,
             cfg,
             path,
             ..
         } = self;
         let mem = memory();
-        let wakes = Arc::new(AtomicU64::new(0));
-        nvme.attach(mem.clone(), counter(&wakes));
+        let wakes = WakeCounter::new();
+        msix.attach(wakes.fd.clone());
+        nvme.attach(mem.clone(), wakes.fd.clone());
         nvme.set_bus_master(true);
-        TestDriver::fresh(nvme, mem, dma, wakes, cfg, path)
+        TestDriver::fresh(nvme, mem, dma, msix, wakes, cfg, path)
     }
 
     /// Allocates `pages` zeroed, contiguous pages of domain memory.
@@ -356,11 +374,17 @@ impl TestDriver {
         self.submit(0, cmd)
     }
 
-    /// Creates I/O CQ and SQ `qid` with `size` entries, expecting success.
+    /// Creates I/O CQ and SQ `qid` with `size` entries, the CQ with interrupts enabled on
+    /// vector `qid`, expecting success.
     pub fn create_io_queue(&mut self, qid: u16, size: u16) {
+        self.create_io_queue_with(qid, size, Some(qid));
+    }
+
+    /// [`TestDriver::create_io_queue`] with interrupts on `vector`, or off (`None`).
+    pub fn create_io_queue_with(&mut self, qid: u16, size: u16, vector: Option<u16>) {
         let pages = (u64::from(size) * SQE_SIZE).div_ceil(PAGE);
         let (sq, cq) = (self.alloc(pages), self.alloc(pages));
-        let c = self.admin(create_cq(qid, size, cq));
+        let c = self.admin(create_cq_with(qid, size, cq, vector));
         assert_eq!(c.status, Status::SUCCESS, "create CQ {qid}");
         let c = self.admin(create_sq(qid, size, sq, qid));
         assert_eq!(c.status, Status::SUCCESS, "create SQ {qid}");
@@ -441,12 +465,35 @@ pub fn memory() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
 }
 
-/// A wake callback counting its calls in `wakes`.
-pub fn counter(wakes: &Arc<AtomicU64>) -> WakeDomain {
-    let w = wakes.clone();
-    Arc::new(move || {
-        w.fetch_add(1, Ordering::Relaxed);
-    })
+/// A domain's wake eventfd and the wake-ups seen on it.
+pub struct WakeCounter {
+    pub fd: WakeDomain,
+    seen: AtomicU64,
+}
+
+impl WakeCounter {
+    pub fn new() -> Arc<WakeCounter> {
+        Arc::new(WakeCounter {
+            fd: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            seen: AtomicU64::new(0),
+        })
+    }
+
+    /// Wake-ups so far (the eventfd's writes; reading it resets it).
+    pub fn count(&self) -> u64 {
+        let new = self.fd.read().unwrap_or(0);
+        self.seen.fetch_add(new, Ordering::Relaxed) + new
+    }
+}
+
+/// The controller with its MSI-X state as `PciDevice::new` gives it, attached to a fresh wake
+/// counter.
+fn with_msix(mut nvme: EmulatedNvme) -> (EmulatedNvme, Arc<Msix>, Arc<WakeCounter>) {
+    let msix = Arc::new(Msix::new(nvme.msix().expect("the controller has MSI-X")));
+    nvme.set_msix(msix.clone());
+    let wakes = WakeCounter::new();
+    msix.attach(wakes.fd.clone());
+    (nvme, msix, wakes)
 }
 
 /// A copy of all of `mem`.
@@ -456,12 +503,28 @@ pub fn snapshot(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
     all
 }
 
-/// Create I/O Completion Queue.
+/// Create I/O Completion Queue, interrupts off.
 pub fn create_cq(qid: u16, size: u16, base: u64) -> Command {
+    create_cq_with(qid, size, base, None)
+}
+
+/// Create I/O Completion Queue with interrupts on `vector` (IEN, IV), or off.
+pub fn create_cq_with(qid: u16, size: u16, base: u64, vector: Option<u16>) -> Command {
+    let cdw11 = match vector {
+        Some(v) => 1 | 2 | u32::from(v) << 16,
+        None => 1,
+    };
     Command {
         opcode: 0x05,
         prp1: base,
-        cdw: [u32::from(qid) | (u32::from(size - 1) << 16), 1, 0, 0, 0, 0],
+        cdw: [
+            u32::from(qid) | (u32::from(size - 1) << 16),
+            cdw11,
+            0,
+            0,
+            0,
+            0,
+        ],
         ..Command::default()
     }
 }

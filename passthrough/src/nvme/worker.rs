@@ -1,14 +1,14 @@
 //! The controller's worker thread (one of the two ways to serve shadow doorbells; see the
 //! module docs of [`super`]).
 //!
-//! Loop: run a pass over the queues; after posting completions call the wake callback; while
+//! Loop: run a pass over the queues (which raises the interrupts of what it posted); while
 //! passes find work, or for [`IDLE_SPIN`] after the last one, keep polling (this is where
 //! shadow doorbells pay: the driver need not ring); then set the event indexes, re-check the
 //! shadow page, and block on the doorbell eventfd. A doorbell MMIO write, a KVM ioeventfd, bus
 //! mastering coming back on, and the stop request all write that eventfd, so the worker never
 //! sleeps through a stop. It reaches domain memory only through the DMA window and the domain
-//! only through the replaceable wake callback, so a detached controller's worker touches
-//! neither the old memory nor the old domain.
+//! only through the function's MSI-X state, which a quiesce detaches, so a detached
+//! controller's worker touches neither the old memory nor the old domain.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -20,8 +20,6 @@ use super::Shared;
 
 /// How long the worker keeps polling after its last piece of work.
 pub const IDLE_SPIN: Duration = Duration::from_micros(50);
-
-pub use crate::pci::WakeDomain;
 
 /// The worker's body; returns when `shared.stop` is set.
 pub(super) fn run(shared: Arc<Shared>) {

@@ -1,11 +1,12 @@
-//! A type-0 configuration space with BAR sizing and a PCI Express capability advertising FLR.
+//! A type-0 configuration space with BAR sizing, a PCI Express capability advertising FLR, and
+//! an MSI-X capability for a function that has MSI-X.
 //!
 //! Writable bits are described by a per-byte write mask (as QEMU does), so a write can never
 //! set a read-only bit. BAR registers are computed: they return the address the VMM assigned,
 //! or the size mask right after the domain wrote all ones (the sizing protocol). Any other BAR
 //! write (the domain trying to move a BAR) is ignored and counted.
 
-use super::{BarInfo, BarKind, PciError, PciIds, MIN_BAR_SIZE, NUM_BARS};
+use super::{BarInfo, BarKind, MsixLayout, PciError, PciIds, MIN_BAR_SIZE, NUM_BARS};
 
 /// Bytes of configuration space reachable through configuration mechanism #1.
 pub const CONFIG_SPACE_SIZE: usize = 256;
@@ -47,6 +48,18 @@ const DEVCTL_DEFAULT: u16 = (1 << 4) | (1 << 11) | (0b010 << 12);
 /// Length of a version 2 PCI Express capability.
 const PCIE_CAP_LEN: usize = 0x3c;
 
+/// Offset of the MSI-X capability (after the PCI Express capability), when there is one.
+pub const MSIX_CAP_OFFSET: usize = 0x80;
+const MSIX_CAP_ID: u8 = 0x11;
+/// Message Control register offset.
+const MSIX_CONTROL: usize = MSIX_CAP_OFFSET + 2;
+/// Message Control: MSI-X Enable.
+pub(super) const MSIX_ENABLE: u16 = 1 << 15;
+/// Message Control: Function Mask.
+pub(super) const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+/// Length of the MSI-X capability.
+const MSIX_CAP_LEN: usize = 12;
+
 /// One BAR register (a 64-bit BAR uses two).
 #[derive(Clone, Copy, Debug, Default)]
 enum BarSlot {
@@ -72,6 +85,10 @@ pub(super) struct WriteEffects {
     pub new_command: u16,
     /// Initiate Function Level Reset was written.
     pub flr: bool,
+    /// MSI-X Message Control before the write (0 without MSI-X).
+    pub old_msix_control: u16,
+    /// MSI-X Message Control after the write.
+    pub new_msix_control: u16,
 }
 
 /// A 256-byte type-0 configuration space.
@@ -81,15 +98,22 @@ pub struct ConfigSpace {
     wmask: [u8; CONFIG_SPACE_SIZE],
     defaults: [u8; CONFIG_SPACE_SIZE],
     bars: [BarSlot; NUM_BARS as usize],
+    msix: bool,
     ignored_writes: u64,
 }
 
 impl ConfigSpace {
-    /// Builds the header for `ids` with the BARs in `bars` placed at the given addresses.
+    /// Builds the header for `ids` with the BARs in `bars` placed at the given addresses, and
+    /// an MSI-X capability when `msix` is given.
     ///
     /// Each BAR must be a power of two of at least 4 KiB, naturally aligned, below 4 GiB when
-    /// 32-bit, and not overlap another BAR register or BAR range.
-    pub fn new(ids: &PciIds, bars: &[(BarInfo, u64)]) -> Result<ConfigSpace, PciError> {
+    /// 32-bit, and not overlap another BAR register or BAR range. The MSI-X table and PBA must
+    /// be 8-byte aligned inside BARs of `bars` and not overlap each other.
+    pub fn new(
+        ids: &PciIds,
+        bars: &[(BarInfo, u64)],
+        msix: Option<MsixLayout>,
+    ) -> Result<ConfigSpace, PciError> {
         let mut slots = [BarSlot::Unused; NUM_BARS as usize];
         for &(info, addr) in bars {
             let bad = PciError::BadBar {
@@ -146,11 +170,16 @@ impl ConfigSpace {
             }
         }
 
+        if let Some(layout) = msix {
+            check_msix(&layout, bars)?;
+        }
+
         let mut c = ConfigSpace {
             bytes: [0; CONFIG_SPACE_SIZE],
             wmask: [0; CONFIG_SPACE_SIZE],
             defaults: [0; CONFIG_SPACE_SIZE],
             bars: slots,
+            msix: msix.is_some(),
             ignored_writes: 0,
         };
         c.put16(0x00, ids.vendor);
@@ -173,7 +202,20 @@ impl ConfigSpace {
         c.wmask[CACHE_LINE] = 0xff;
         c.wmask[INTERRUPT_LINE] = 0xff;
         c.wmask[PCIE_DEVCTL..PCIE_DEVCTL + 2].copy_from_slice(&0x7fffu16.to_le_bytes());
-        const { assert!(PCIE_CAP_OFFSET + PCIE_CAP_LEN <= CONFIG_SPACE_SIZE) };
+        if let Some(m) = msix {
+            c.bytes[PCIE_CAP_OFFSET + 1] = MSIX_CAP_OFFSET as u8;
+            c.bytes[MSIX_CAP_OFFSET] = MSIX_CAP_ID;
+            c.bytes[MSIX_CAP_OFFSET + 1] = 0;
+            // Table Size is 0's based; Enable and Function Mask start clear.
+            c.put16(MSIX_CONTROL, m.vectors - 1);
+            let table = m.table_offset as u32 | u32::from(m.table_bar);
+            let pba = m.pba_offset as u32 | u32::from(m.pba_bar);
+            c.bytes[MSIX_CAP_OFFSET + 4..MSIX_CAP_OFFSET + 8].copy_from_slice(&table.to_le_bytes());
+            c.bytes[MSIX_CAP_OFFSET + 8..MSIX_CAP_OFFSET + 12].copy_from_slice(&pba.to_le_bytes());
+            c.wmask[MSIX_CONTROL + 1] = ((MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8) as u8;
+        }
+        const { assert!(PCIE_CAP_OFFSET + PCIE_CAP_LEN <= MSIX_CAP_OFFSET) };
+        const { assert!(MSIX_CAP_OFFSET + MSIX_CAP_LEN <= CONFIG_SPACE_SIZE) };
         c.defaults = c.bytes;
         Ok(c)
     }
@@ -194,6 +236,15 @@ impl ConfigSpace {
     /// Memory Space Enable: MMIO to the BARs reaches the device.
     pub fn memory_enabled(&self) -> bool {
         self.command() & CMD_MEMORY != 0
+    }
+
+    /// MSI-X Message Control (0 without MSI-X).
+    pub fn msix_control(&self) -> u16 {
+        if self.msix {
+            self.get16(MSIX_CONTROL)
+        } else {
+            0
+        }
     }
 
     /// Bus Master Enable: the device may DMA.
@@ -299,10 +350,13 @@ impl ConfigSpace {
     /// changed for the device to act on.
     pub(super) fn write(&mut self, offset: u16, data: &[u8]) -> WriteEffects {
         let old_command = self.command();
+        let old_msix_control = self.msix_control();
         let mut fx = WriteEffects {
             old_command,
             new_command: old_command,
             flr: false,
+            old_msix_control,
+            new_msix_control: old_msix_control,
         };
         let start = offset as usize;
         let end = start + data.len();
@@ -328,8 +382,36 @@ impl ConfigSpace {
             }
         }
         fx.new_command = self.command();
+        fx.new_msix_control = self.msix_control();
         fx
     }
+}
+
+/// Checks an MSI-X layout against the function's BARs.
+fn check_msix(m: &MsixLayout, bars: &[(BarInfo, u64)]) -> Result<(), PciError> {
+    let bad = PciError::BadMsix { layout: *m };
+    let inside = |bar: u8, offset: u64, len: u64| {
+        offset % 8 == 0
+            && bars.iter().any(|(info, _)| {
+                info.index == bar && offset.checked_add(len).is_some_and(|e| e <= info.size)
+            })
+    };
+    let (table, pba) = (m.table_size(), m.pba_size());
+    let overlap = m.table_bar == m.pba_bar
+        && m.table_offset < m.pba_offset.saturating_add(pba)
+        && m.pba_offset < m.table_offset.saturating_add(table);
+    // Offsets share their dword with the BIR (3 bits) in the capability.
+    let fits = m.table_offset <= u64::from(u32::MAX) && m.pba_offset <= u64::from(u32::MAX);
+    if m.vectors == 0
+        || m.vectors > super::MSIX_MAX_VECTORS
+        || !inside(m.table_bar, m.table_offset, table)
+        || !inside(m.pba_bar, m.pba_offset, pba)
+        || overlap
+        || !fits
+    {
+        return Err(bad);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -364,7 +446,7 @@ mod tests {
 
     #[test]
     fn header_fields() {
-        let c = ConfigSpace::new(&ids(), &[]).unwrap();
+        let c = ConfigSpace::new(&ids(), &[], None).unwrap();
         assert_eq!(read32(&c, 0), 0x00dd_1b36);
         assert_eq!(read32(&c, 8), 0x0108_0202);
         assert_eq!(read32(&c, 0x2c), 0x1100_1af4);
@@ -384,6 +466,7 @@ mod tests {
                 (bar(0, 0x4000, BarKind::Mmio64), 0x1_2340_0000),
                 (bar(2, 0x1000, BarKind::Mmio32), 0xfebf_f000),
             ],
+            None,
         )
         .unwrap();
         assert_eq!(read32(&c, 0x10), 0x2340_0004);
@@ -414,7 +497,7 @@ mod tests {
 
     #[test]
     fn read_only_bits_stay_and_flr_is_reported() {
-        let mut c = ConfigSpace::new(&ids(), &[]).unwrap();
+        let mut c = ConfigSpace::new(&ids(), &[], None).unwrap();
         c.write(0, &[0, 0, 0, 0]);
         assert_eq!(read32(&c, 0), 0x00dd_1b36);
         let fx = c.write(4, &[0xff, 0xff]);
@@ -434,13 +517,13 @@ mod tests {
 
     #[test]
     fn bad_bar_layouts_are_refused() {
-        let e = ConfigSpace::new(&ids(), &[(bar(5, 0x4000, BarKind::Mmio64), 0)]);
+        let e = ConfigSpace::new(&ids(), &[(bar(5, 0x4000, BarKind::Mmio64), 0)], None);
         assert!(matches!(e, Err(PciError::BadBar { index: 5, .. })));
-        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x3000, BarKind::Mmio32), 0)]);
+        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x3000, BarKind::Mmio32), 0)], None);
         assert!(matches!(e, Err(PciError::BadBar { .. })));
-        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x4000, BarKind::Mmio32), 0x1000)]);
+        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x4000, BarKind::Mmio32), 0x1000)], None);
         assert!(matches!(e, Err(PciError::BadBarAddress { .. })));
-        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x1000, BarKind::Mmio32), 1 << 32)]);
+        let e = ConfigSpace::new(&ids(), &[(bar(0, 0x1000, BarKind::Mmio32), 1 << 32)], None);
         assert!(matches!(e, Err(PciError::BadBarAddress { .. })));
         let e = ConfigSpace::new(
             &ids(),
@@ -448,6 +531,7 @@ mod tests {
                 (bar(0, 0x4000, BarKind::Mmio64), 0x10000),
                 (bar(1, 0x1000, BarKind::Mmio32), 0x20000),
             ],
+            None,
         );
         assert!(matches!(e, Err(PciError::BadBar { index: 1, .. })));
         let e = ConfigSpace::new(
@@ -456,7 +540,88 @@ mod tests {
                 (bar(0, 0x4000, BarKind::Mmio32), 0x10000),
                 (bar(1, 0x1000, BarKind::Mmio32), 0x11000),
             ],
+            None,
         );
         assert!(matches!(e, Err(PciError::BarOverlap { index: 1, .. })));
+    }
+    fn nvme_msix() -> MsixLayout {
+        MsixLayout {
+            vectors: 5,
+            table_bar: 0,
+            table_offset: 0x2000,
+            pba_bar: 0,
+            pba_offset: 0x3000,
+        }
+    }
+
+    #[test]
+    fn the_msix_capability_follows_pcie_and_only_enable_and_function_mask_are_writable() {
+        let bars = [(bar(0, 0x4000, BarKind::Mmio64), 0xe000_0000)];
+        let mut c = ConfigSpace::new(&ids(), &bars, Some(nvme_msix())).unwrap();
+        assert_eq!((read32(&c, 0x40) >> 8) & 0xff, MSIX_CAP_OFFSET as u32);
+        let cap = read32(&c, MSIX_CAP_OFFSET as u16);
+        assert_eq!(cap & 0xff, 0x11);
+        assert_eq!((cap >> 8) & 0xff, 0, "last capability");
+        assert_eq!(cap >> 16, 4, "Table Size is 0's based");
+        assert_eq!(read32(&c, MSIX_CAP_OFFSET as u16 + 4), 0x2000);
+        assert_eq!(read32(&c, MSIX_CAP_OFFSET as u16 + 8), 0x3000);
+        let fx = c.write(MSIX_CAP_OFFSET as u16 + 2, &0xffffu16.to_le_bytes());
+        assert_eq!(fx.old_msix_control, 4);
+        assert_eq!(fx.new_msix_control, 4 | MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        c.write(MSIX_CAP_OFFSET as u16 + 4, &u32::MAX.to_le_bytes());
+        assert_eq!(read32(&c, MSIX_CAP_OFFSET as u16 + 4), 0x2000, "read-only");
+        c.reset();
+        assert_eq!(c.msix_control(), 4, "reset clears Enable and Function Mask");
+        // Without MSI-X the PCI Express capability is the last one.
+        let c = ConfigSpace::new(&ids(), &bars, None).unwrap();
+        assert_eq!((read32(&c, 0x40) >> 8) & 0xff, 0);
+        assert_eq!(read32(&c, MSIX_CAP_OFFSET as u16), 0);
+        assert_eq!(c.msix_control(), 0);
+    }
+
+    #[test]
+    fn bad_msix_layouts_are_refused() {
+        let bars = [(bar(0, 0x4000, BarKind::Mmio64), 0xe000_0000)];
+        let bad = |m: MsixLayout| {
+            assert!(
+                matches!(
+                    ConfigSpace::new(&ids(), &bars, Some(m)),
+                    Err(PciError::BadMsix { .. })
+                ),
+                "{m:?}"
+            )
+        };
+        let good = nvme_msix();
+        bad(MsixLayout { vectors: 0, ..good });
+        bad(MsixLayout {
+            vectors: 2049,
+            ..good
+        });
+        bad(MsixLayout {
+            table_bar: 2,
+            ..good
+        });
+        bad(MsixLayout { pba_bar: 1, ..good });
+        bad(MsixLayout {
+            table_offset: 0x2004,
+            ..good
+        });
+        bad(MsixLayout {
+            pba_offset: 0x3ffc,
+            ..good
+        });
+        bad(MsixLayout {
+            table_offset: 0x3ff0,
+            ..good
+        });
+        bad(MsixLayout {
+            pba_offset: 0x2040,
+            ..good
+        });
+        bad(MsixLayout {
+            vectors: 1024,
+            ..good
+        });
+        assert!(ConfigSpace::new(&ids(), &bars, Some(good)).is_ok());
     }
 }

@@ -6,6 +6,10 @@
 //! BARs but not move them. Memory Space Enable gates MMIO, Bus Master Enable gates DMA, and the
 //! PCI Express capability's Initiate Function Level Reset resets the backend.
 //!
+//! A backend with MSI-X ([`PciBackend::msix`]) gets an MSI-X capability; the [`PciDevice`]
+//! serves its table and Pending Bit Array from an [`Msix`] it shares with the backend. An
+//! interrupt is a wake-up of the domain's vCPU: the domain never takes a real one.
+//!
 //! A device outlives the driver domain it serves: when the domain dies the VMM quiesces it
 //! ([`PciDevice::quiesce`]) before the domain's memory goes, and attaches it to the next domain
 //! ([`PciDevice::attach`]) before that one boots.
@@ -13,14 +17,17 @@
 mod bus;
 mod config;
 mod device;
+mod msix;
 
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use bus::{PciBus, ECAM_BUS_SIZE};
-pub use config::{ConfigSpace, CONFIG_SPACE_SIZE, PCIE_CAP_OFFSET};
+pub use config::{ConfigSpace, CONFIG_SPACE_SIZE, MSIX_CAP_OFFSET, PCIE_CAP_OFFSET};
 pub use device::PciDevice;
+pub use msix::{Msix, MsixLayout, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS};
 
 /// Smallest BAR this crate hands out (one page, so BARs can be mapped into a domain).
 pub const MIN_BAR_SIZE: u64 = 4096;
@@ -66,9 +73,9 @@ pub struct BarInfo {
     pub prefetchable: bool,
 }
 
-/// Callback that kicks the domain's vCPU out of its wait (a device completion is its
-/// interrupt).
-pub type WakeDomain = Arc<dyn Fn() + Send + Sync>;
+/// The domain's wake eventfd: writing 1 ends its vCPU's wait. It is what an interrupt of the
+/// device (an MSI-X message) does to the domain.
+pub type WakeDomain = Arc<EventFd>;
 
 /// A device model (or real device) behind a [`PciDevice`].
 ///
@@ -95,11 +102,28 @@ pub trait PciBackend: Send {
     /// backend that neither DMAs nor wakes its domain: every other backend implements it.
     fn detach(&mut self) {}
     /// Serve a new domain: DMA into `mem` (its memory; device addresses are its
-    /// guest-physical addresses) and wake it with `wake`. Called on a quiesced device before the new domain
-    /// boots; bus mastering stays off until its driver enables it. The default does nothing
-    /// (see [`PciBackend::detach`]).
+    /// guest-physical addresses) and wake it with `wake` (the [`Msix`] of the device gets it
+    /// too). Called on a quiesced device before the new domain boots; bus mastering stays off
+    /// until its driver enables it. The default does nothing (see [`PciBackend::detach`]).
     fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
         let _ = (mem, wake);
+    }
+    /// Where the function's MSI-X table and Pending Bit Array are, if it has MSI-X. The
+    /// [`PciDevice`] serves those ranges itself: `bar_read`/`bar_write` are never called for
+    /// them.
+    fn msix(&self) -> Option<MsixLayout> {
+        None
+    }
+    /// The function's MSI-X state, given once by [`PciDevice::new`] when
+    /// [`PciBackend::msix`] is `Some`: an emulated device keeps it to [`Msix::raise`] vectors.
+    fn set_msix(&mut self, msix: Arc<Msix>) {
+        let _ = msix;
+    }
+    /// Whether the function may send MSI-X messages changed (MSI-X Enable set and Function
+    /// Mask clear); also called with `false` at every function reset of a function with MSI-X. A device whose vectors
+    /// signal the wake eventfd directly (VFIO) arms and disarms them here.
+    fn msix_enabled(&mut self, enabled: bool) {
+        let _ = enabled;
     }
 }
 
@@ -145,6 +169,12 @@ pub enum PciError {
         index: u8,
         /// Requested address.
         addr: u64,
+    },
+    /// The backend's MSI-X layout cannot exist.
+    #[error("MSI-X: {layout:?}; expected 1 to 2048 vectors, table and PBA 8-byte aligned inside BARs of the device, not overlapping")]
+    BadMsix {
+        /// Layout reported by the backend.
+        layout: MsixLayout,
     },
     /// Device number outside 0..=31.
     #[error("PCI device number {device}: expected 0..=31")]

@@ -123,8 +123,7 @@ impl DomainDevice {
             EmulatedNvme::new(cfg.clone(), dma.clone()).map_err(|e| device_err(Box::new(e)))?;
         let poller = match thread {
             DeviceThread::Worker => {
-                nvme.start_worker(Arc::new(|| {}))
-                    .map_err(|e| device_err(Box::new(e)))?;
+                nvme.start_worker().map_err(|e| device_err(Box::new(e)))?;
                 None
             }
             DeviceThread::Owner => Some(Arc::new(nvme.poller()) as Arc<dyn DevicePoller>),

@@ -4,6 +4,7 @@ mod admin;
 mod cache;
 mod controller;
 mod flush;
+mod interrupts;
 mod io;
 mod malformed;
 mod pci;

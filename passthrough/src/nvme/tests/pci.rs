@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::nvme::namespace::tests::TempPath;
 use crate::nvme::queue::Command;
-use crate::nvme::testdriver::{config, wait_until, TestDriver};
-use crate::nvme::{EmulatedNvme, Status, BAR0_SIZE, NVME_CLASS_CODE, NVME_VENDOR_ID};
-use crate::pci::{PciBus, PciDevice};
+use crate::nvme::testdriver::{config, wait_until, TestDriver, WakeCounter};
+use crate::nvme::{bar0_layout, EmulatedNvme, Status, NVME_CLASS_CODE, NVME_VENDOR_ID};
+use crate::pci::{PciBus, PciDevice, MSIX_CAP_OFFSET};
 
 const BAR0: u64 = 0xe000_0000;
 
@@ -35,7 +35,8 @@ fn vendor_class_and_bar_sizing_through_cf8_cfc() {
     let lo = cfg_read32(bus, 0, 0x10);
     let hi = cfg_read32(bus, 0, 0x14);
     let mask = (u64::from(hi) << 32) | u64::from(lo & !0xf);
-    assert_eq!(!mask + 1, BAR0_SIZE);
+    assert_eq!(!mask + 1, bar0_layout(config(&b._path).max_io_queues).1);
+    assert_eq!(!mask + 1, 0x4000, "4 queue pairs: QEMU's 16 KiB");
     cfg_write(bus, 0, 0x10, &(BAR0 as u32).to_le_bytes());
     cfg_write(bus, 0, 0x14, &0u32.to_le_bytes());
     assert_eq!(cfg_read32(bus, 0, 0x10), BAR0 as u32 | 0b100);
@@ -71,7 +72,7 @@ impl Behind {
         let d = TestDriver::new(|_| {});
         let path = TempPath::new("behind");
         let nvme = EmulatedNvme::new(config(&path), d.dma.clone()).unwrap();
-        nvme.start_worker(Arc::new(|| {})).unwrap();
+        nvme.start_worker().unwrap();
         let dev = Arc::new(Mutex::new(
             PciDevice::new(Box::new(nvme), &[(0, BAR0)]).unwrap(),
         ));
@@ -120,6 +121,17 @@ impl Behind {
             .write_slice(&cmd.to_bytes(), GuestAddress(sq + 64 * slot))
             .unwrap();
         self.w32(0x1000, slot as u32 + 1);
+    }
+
+    /// What a driver asking for interrupts does: finds the MSI-X capability, unmasks vector 0
+    /// in the table its capability names, sets MSI-X Enable.
+    fn enable_vector0(&mut self) {
+        let cap = MSIX_CAP_OFFSET as u32;
+        assert_eq!(cfg_read32(&mut self.bus, 0, 0x40) >> 8 & 0xff, cap);
+        let table = cfg_read32(&mut self.bus, 0, cap + 4);
+        assert_eq!(table & 7, 0, "table in BAR0");
+        self.w32(u64::from(table & !7) + 12, 0);
+        cfg_write(&mut self.bus, 0, cap + 2, &0x8000u16.to_le_bytes());
     }
 
     fn cqe_status(&self, cq: u64, slot: u64) -> Option<Status> {
@@ -212,11 +224,8 @@ fn quiesce_and_attach_hand_the_controller_to_a_new_domain() {
 
     // The next domain: new memory, its own wake-up, the same BAR.
     let mem = crate::nvme::testdriver::memory();
-    let woken = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    b.dev
-        .lock()
-        .unwrap()
-        .attach(mem.clone(), crate::nvme::testdriver::counter(&woken));
+    let woken = WakeCounter::new();
+    b.dev.lock().unwrap().attach(mem.clone(), woken.fd.clone());
     b.d.mem = mem;
     assert_eq!(cfg_read32(&mut b.bus, 0, 0x10), BAR0 as u32 | 0b100);
     cfg_write(&mut b.bus, 0, 4, &[0x06, 0]);
@@ -225,6 +234,7 @@ fn quiesce_and_attach_hand_the_controller_to_a_new_domain() {
         0,
         "the controller starts from its power-on state"
     );
+    b.enable_vector0();
     let (sq, cq) = b.enable();
     b.submit(
         sq,
@@ -240,8 +250,54 @@ fn quiesce_and_attach_hand_the_controller_to_a_new_domain() {
         b.cqe_status(cq, 0).is_some()
     });
     assert_eq!(b.cqe_status(cq, 0), Some(Status::SUCCESS));
-    wait_until("the new domain woken", || {
-        woken.load(std::sync::atomic::Ordering::Relaxed) > 0
-    });
+    wait_until("the new domain woken", || woken.count() > 0);
     assert!(crate::nvme::testdriver::snapshot(&old) == old_image);
+}
+
+#[test]
+fn msix_through_config_space_and_bar0() {
+    let mut b = Behind::new();
+    let wake = WakeCounter::new();
+    let mem = b.d.mem.clone();
+    b.dev.lock().unwrap().attach(mem, wake.fd.clone());
+    cfg_write(&mut b.bus, 0, 4, &[0x06, 0]);
+    let cap = MSIX_CAP_OFFSET as u32;
+    let (layout, _) = bar0_layout(4);
+    let dword0 = cfg_read32(&mut b.bus, 0, cap);
+    assert_eq!(dword0 & 0xff, 0x11);
+    assert_eq!(dword0 >> 16, u32::from(layout.vectors) - 1);
+    assert_eq!(cfg_read32(&mut b.bus, 0, cap + 4), 0x2000);
+    assert_eq!(cfg_read32(&mut b.bus, 0, cap + 8), 0x3000);
+    // The table is served by the device, not the controller's registers.
+    assert_eq!(b.r32(0x2000 + 12), 1, "vector 0 masked at power-on");
+    b.w32(0x2000, 0xfee0_0000);
+    assert_eq!(b.r32(0x2000), 0xfee0_0000);
+    // Function masked and enabled: the admin completion is left pending.
+    cfg_write(&mut b.bus, 0, cap + 2, &0xc000u16.to_le_bytes());
+    b.w32(0x2000 + 12, 0);
+    let (sq, cq) = b.enable();
+    b.submit(
+        sq,
+        0,
+        Command {
+            opcode: 0x0a,
+            cid: 1,
+            cdw: [7, 0, 0, 0, 0, 0],
+            ..Command::default()
+        },
+    );
+    wait_until("completion", || b.cqe_status(cq, 0).is_some());
+    assert_eq!(wake.count(), 0);
+    assert_eq!(b.r32(0x3000), 1, "vector 0 pending");
+    b.w32(0x3000, 0);
+    assert_eq!(b.r32(0x3000), 1, "the PBA is read-only");
+    cfg_write(&mut b.bus, 0, cap + 2, &0x8000u16.to_le_bytes());
+    assert_eq!(wake.count(), 1, "sent when the function mask cleared");
+    assert_eq!(b.r32(0x3000), 0);
+    // A function reset disables MSI-X and masks every vector again.
+    cfg_write(&mut b.bus, 0, 0x48, &(1u16 << 15 | 0x2810).to_le_bytes());
+    assert_eq!(cfg_read32(&mut b.bus, 0, cap) >> 16 & 0xc000, 0);
+    cfg_write(&mut b.bus, 0, 4, &[0x06, 0]);
+    assert_eq!(b.r32(0x2000 + 12), 1);
+    assert_eq!(b.r32(0x2000), 0);
 }

@@ -1,7 +1,6 @@
 //! A controller that outlives its domain: quiesced (reset, detached) when the domain dies,
 //! attached to a new domain's memory, initialised again by a driver that knows nothing.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ fn a_fresh_driver_serves_io_after_quiesce_and_attach_with_flushed_data_kept() {
     let log = shadow.clone();
     d.nvme
         .set_on_shadow_doorbells(Box::new(move |on| log.lock().unwrap().push(on)));
+    d.enable_interrupts();
     d.enable();
     d.create_io_queue(1, 16);
     d.enable_shadow();
@@ -34,11 +34,16 @@ fn a_fresh_driver_serves_io_after_quiesce_and_attach_with_flushed_data_kept() {
     let old_mem = d.mem.clone();
     let old_wakes = d.wakes.clone();
     let old_image = snapshot(&old_mem);
-    let woken = old_wakes.load(Ordering::Relaxed);
+    let woken = old_wakes.count();
 
     // A new domain: new memory, a driver starting from scratch.
     let mut d = d.reborn();
     assert!(d.dma.attached());
+    assert!(
+        !d.msix.enabled() && d.msix.masked(1),
+        "MSI-X back to power-on"
+    );
+    d.enable_interrupts();
     d.enable();
     d.create_io_queue(1, 16);
     d.enable_shadow();
@@ -56,11 +61,8 @@ fn a_fresh_driver_serves_io_after_quiesce_and_attach_with_flushed_data_kept() {
         snapshot(&old_mem) == old_image,
         "the old domain's memory changed after quiesce"
     );
-    assert_eq!(old_wakes.load(Ordering::Relaxed), woken, "old domain woken");
-    assert!(
-        d.wakes.load(Ordering::Relaxed) > 0,
-        "new domain never woken"
-    );
+    assert_eq!(old_wakes.count(), woken, "old domain woken");
+    assert!(d.wakes.count() > 0, "new domain never woken");
     let after = d.nvme.stats();
     assert_eq!(after.dropped_cached_writes, 8);
     assert!(after.commands > before.commands && after.completions > before.completions);
@@ -74,21 +76,23 @@ fn a_fresh_driver_serves_io_after_quiesce_and_attach_with_flushed_data_kept() {
 #[test]
 fn a_detached_controller_neither_touches_the_old_memory_nor_wakes_the_old_domain() {
     let mut d = TestDriver::new(|_| {});
+    d.enable_interrupts();
     d.enable();
     d.create_io_queue(1, 16);
     assert_eq!(d.write_blocks(1, 0, &pattern(4096, 31)), Status::SUCCESS);
     // Detached while still enabled, without a reset first: the worst case.
     d.nvme.detach();
+    d.msix.detach();
     let buf = d.alloc(1);
     let old = d.sq_tail(1);
     d.push(1, rw(0x02, 0, 8, buf, 0));
     let image = snapshot(&d.mem);
-    let (woken, refused) = (d.wakes.load(Ordering::Relaxed), d.dma.refused());
+    let (woken, refused) = (d.wakes.count(), d.dma.refused());
     d.ring_sq(1, old);
     wait_until("the command fetch is refused", || d.dma.refused() > refused);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(d.try_reap(1), None);
     assert!(snapshot(&d.mem) == image, "DMA after detach");
-    assert_eq!(d.wakes.load(Ordering::Relaxed), woken);
+    assert_eq!(d.wakes.count(), woken);
     assert!(d.nvme.stats().dma_refused > refused);
 }
