@@ -14,6 +14,8 @@
 //! - [`nvme`]: an emulated NVMe 1.4 controller backed by a file, with a worker thread, shadow
 //!   doorbells with event indexes, completion interrupts through MSI-X, and a volatile write
 //!   cache that a reset can lose.
+//! - [`vfio`]: a real PCI function through VFIO (container, device, DMA map of the domain's
+//!   RAM, BAR areas, MSI-X to the domain's wake eventfd, quiesce and reset).
 //!
 //! Everything here runs on the host without KVM, so it is tested with plain vm-memory guest
 //! memory standing in for a domain. Everything the domain writes (config space, registers,
@@ -27,6 +29,7 @@ pub mod fileio;
 pub mod nvme;
 pub mod pci;
 mod sync;
+pub mod vfio;
 
 pub use dma::{DmaError, DmaWindow};
 pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmePoller, NvmeStats};

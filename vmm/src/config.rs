@@ -157,6 +157,27 @@ pub enum DeviceSection {
         #[serde(default)]
         volatile_write_cache: bool,
     },
+    /// A real PCI function passed through VFIO (bound to vfio-pci: `ddvm device bind`).
+    Vfio {
+        /// PCI address: `0000:00:03.0` (or `00:03.0`).
+        address: String,
+        /// How the device is reset between domains: `flr` (a function level reset, clean,
+        /// about 100 ms) or `controller` (an NVMe controller disable, fast; a function level
+        /// reset only when the controller does not quiesce).
+        #[serde(default)]
+        reset: ResetSetting,
+    },
+}
+
+/// `[domain.device] reset` of a VFIO device.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResetSetting {
+    /// A function level reset.
+    #[default]
+    Flr,
+    /// An NVMe controller disable; a function level reset when it does not quiesce.
+    Controller,
 }
 
 fn default_lba() -> u32 {
@@ -279,6 +300,14 @@ impl Config {
                     format!("domain[{i}].recovery.{}", e.key),
                     e.message,
                 ));
+            }
+            if let Some(DeviceSection::Vfio { address, .. }) = &d.device {
+                if crate::host::parse_address(address).is_err() {
+                    return Err(invalid(
+                        format!("domain[{i}].device.address"),
+                        format!("{address:?}: expected a PCI address such as \"0000:00:03.0\" or \"00:03.0\""),
+                    ));
+                }
             }
             if let Some(DeviceSection::EmulatedNvme {
                 size_mib, lba_size, ..
@@ -422,16 +451,20 @@ impl Config {
                         ),
                     ));
                 };
-                let Some(DeviceSection::EmulatedNvme { size_mib, .. }) = &d.device else {
-                    return Err(invalid(
+                let size_mib = match &d.device {
+                    Some(DeviceSection::EmulatedNvme { size_mib, .. }) => Some(*size_mib),
+                    // A real device's size is known once its domain identified it: a range
+                    // past its end is refused then.
+                    Some(DeviceSection::Vfio { .. }) => None,
+                    None => return Err(invalid(
                         key("disk"),
                         format!(
                             "domain {:?} has no device; expected a domain with a [domain.device]",
                             c.disk
                         ),
-                    ));
+                    )),
                 };
-                if end.is_none_or(|e| e > *size_mib) {
+                if let Some(size_mib) = size_mib.filter(|s| end.is_none_or(|e| e > *s)) {
                     return Err(invalid(
                         key("size_mib"),
                         format!(
@@ -596,6 +629,51 @@ mod tests {
     fn syntax_errors_give_a_position() {
         let e = parse("[[domain]\nname = 1\n").unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn vfio_device_section_parses_and_is_checked() {
+        let c = parse(
+            "[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"0000:00:03.0\"\nreset = \"controller\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.domains[0].device,
+            Some(DeviceSection::Vfio {
+                address: "0000:00:03.0".into(),
+                reset: ResetSetting::Controller
+            })
+        );
+        let c = parse(
+            "[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"00:1f.7\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.domains[0].device,
+            Some(DeviceSection::Vfio {
+                reset: ResetSetting::Flr,
+                ..
+            })
+        ));
+        for bad in [
+            "0000:00:03",
+            "00:20.0",
+            "00:03.8",
+            "zz:03.0",
+            "0000:00:03.0.1",
+            "",
+        ] {
+            let e = parse(&format!(
+                "[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"{bad}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("domain[0].device.address"),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse("[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"00:03.0\"\nreset = \"bus\"\n").unwrap_err();
+        assert!(e.to_string().contains("reset"), "{e}");
     }
 
     #[test]

@@ -217,11 +217,19 @@ impl DomainDevice {
 
     /// Attaches the device to a domain: DMA into `mem`, its interrupts (MSI-X messages) kick
     /// the domain's vCPU, and the model's registrations go to `vm`.
-    fn attach_to(&self, mem: &GuestMem, shared: &Arc<Shared>, vm: &Arc<VmFd>) {
+    /// An error (why) leaves the device detached: a real device whose reset keeps failing is
+    /// refused to the domain.
+    fn attach_to(
+        &self,
+        mem: &GuestMem,
+        shared: &Arc<Shared>,
+        vm: &Arc<VmFd>,
+    ) -> Result<(), String> {
         // The device's interrupts wake the domain if it waits: they write its kick eventfd
         // (the device holds the eventfd, never the shared state: no reference cycle).
-        self.lock().attach(mem.clone(), shared.kick_eventfd());
+        self.lock().attach(mem.clone(), shared.kick_eventfd())?;
         self.model.set_vm(Some(vm.clone()));
+        Ok(())
     }
 
     /// Bus mastering off, function reset, DMA detached: the device can no longer touch the
@@ -430,7 +438,11 @@ impl ImageExtras for DomainBoot<'_> {
         // A standby's device stays with the live domain until the hand-over.
         let present = Arc::new(AtomicBool::new(!standby));
         if !standby {
-            dev.attach_to(mem, shared, vm);
+            dev.attach_to(mem, shared, vm)
+                .map_err(|why| DomainError::Device {
+                    name: name.clone(),
+                    source: why.into(),
+                })?;
         }
         let device = &dev.pci;
         let bus_err = |e: crate::devices::bus::BusError| GuestError::Host {
@@ -611,7 +623,11 @@ impl Domain {
             return Err(standby_err("the domain is not a standby"));
         };
         h.device
-            .attach_to(self.guest.memory(), self.guest.shared(), &vm);
+            .attach_to(self.guest.memory(), self.guest.shared(), &vm)
+            .map_err(|why| DomainError::Device {
+                name: name.clone(),
+                source: why.into(),
+            })?;
         // Quiesced with this domain from now on, whatever happens next.
         self.device = Some(h.device.clone());
         lock_bus(&h.pci_bus)

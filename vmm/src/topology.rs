@@ -18,14 +18,16 @@ use crate::client::{
     builtin_workload_client, last_json, Client, ClientConfig, LinuxReport, WorkloadReport,
     HOSTILE_PREFIX,
 };
-use crate::config::{ClientSection, Config, DeviceSection, DomainSection};
+use crate::config::{ClientSection, Config, DeviceSection, DomainSection, ResetSetting};
 use crate::console::Echo;
+use crate::devices::vfio::VfioSpec;
 use crate::devices::DeviceSpec;
 use crate::domain::{Domain, DomainConfig};
 use crate::hypervisor::Hypervisor;
 use crate::loader::Image;
 use crate::stop::Stop;
 use crate::vcpu::{GuestExit, RunState};
+use ddvm_passthrough::vfio::ResetMethod;
 
 /// How long a domain may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,6 +133,13 @@ pub fn device_spec(config_file: &Path, domain: &str, dev: &DeviceSection) -> Dev
             max_io_queues: 4,
             serial: format!("ddvm-{domain}").chars().take(20).collect(),
             model: "ddvm emulated NVMe".into(),
+        }),
+        DeviceSection::Vfio { address, reset } => DeviceSpec::Vfio(VfioSpec {
+            address: address.clone(),
+            reset: match reset {
+                ResetSetting::Flr => ResetMethod::Flr,
+                ResetSetting::Controller => ResetMethod::Controller,
+            },
         }),
     }
 }

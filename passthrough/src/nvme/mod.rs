@@ -683,8 +683,9 @@ impl PciBackend for EmulatedNvme {
     }
 
     /// DMA goes to `mem`; the wake eventfd is the [`Msix`]'s business.
-    fn attach(&mut self, mem: GuestMemoryMmap<()>, _wake: WakeDomain) {
+    fn attach(&mut self, mem: GuestMemoryMmap<()>, _wake: WakeDomain) -> Result<(), String> {
         self.shared.dma.retarget(mem);
+        Ok(())
     }
 
     fn msix(&self) -> Option<MsixLayout> {

@@ -192,7 +192,7 @@ impl TestDriver {
         let mem = memory();
         let wakes = WakeCounter::new();
         msix.attach(wakes.fd.clone());
-        nvme.attach(mem.clone(), wakes.fd.clone());
+        nvme.attach(mem.clone(), wakes.fd.clone()).unwrap();
         nvme.set_bus_master(true);
         TestDriver::fresh(nvme, mem, dma, msix, wakes, cfg, path)
     }

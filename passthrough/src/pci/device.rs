@@ -145,11 +145,13 @@ impl PciDevice {
     /// [`PciBackend::attach`]). Call it before the new domain boots; its driver then enables
     /// memory space, bus mastering and MSI-X and initialises the device from scratch. BAR
     /// addresses are kept: the new domain finds the device where the old one did.
-    pub fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+    /// An error (why, from the backend) leaves the device detached.
+    pub fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) -> Result<(), String> {
+        self.backend.attach(mem, wake.clone())?;
         if let Some(m) = &self.msix {
-            m.attach(wake.clone());
+            m.attach(wake);
         }
-        self.backend.attach(mem, wake);
+        Ok(())
     }
 
     /// Where an access to `[gpa, gpa + len)` goes, if memory space is on and a BAR holds it.
@@ -279,12 +281,13 @@ pub(crate) mod tests {
         fn detach(&mut self) {
             self.log.lock().unwrap().push("detach".into());
         }
-        fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+        fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) -> Result<(), String> {
             wake.write(1).unwrap();
             self.log
                 .lock()
                 .unwrap()
                 .push(format!("attach {:#x}", mem.last_addr().0));
+            Ok(())
         }
         fn msix(&self) -> Option<MsixLayout> {
             self.msix
@@ -377,7 +380,7 @@ pub(crate) mod tests {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
         let old = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        d.attach(mem.clone(), old.clone());
+        d.attach(mem.clone(), old.clone()).unwrap();
         old.read().unwrap();
         let msix = d.msix().unwrap().clone();
         d.config_write(
@@ -400,7 +403,7 @@ pub(crate) mod tests {
             "the old domain was woken after quiesce"
         );
         let new = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        d.attach(mem, new.clone());
+        d.attach(mem, new.clone()).unwrap();
         new.read().unwrap();
         assert!(msix.raise(0));
         assert_eq!(new.read().unwrap(), 1);
@@ -459,7 +462,7 @@ pub(crate) mod tests {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        d.attach(mem, wake.clone());
+        d.attach(mem, wake.clone()).unwrap();
         assert_eq!(wake.read().unwrap(), 1);
         assert_eq!(d.config.command(), 0, "the new driver enables the device");
         assert_eq!(

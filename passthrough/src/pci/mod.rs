@@ -104,9 +104,12 @@ pub trait PciBackend: Send {
     /// Serve a new domain: DMA into `mem` (its memory; device addresses are its
     /// guest-physical addresses) and wake it with `wake` (the [`Msix`] of the device gets it
     /// too). Called on a quiesced device before the new domain boots; bus mastering stays off
-    /// until its driver enables it. The default does nothing (see [`PciBackend::detach`]).
-    fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) {
+    /// until its driver enables it. An error (why, in one line) leaves the device detached:
+    /// it is refused to the domain (a real device whose reset keeps failing). The default
+    /// does nothing (see [`PciBackend::detach`]).
+    fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) -> Result<(), String> {
         let _ = (mem, wake);
+        Ok(())
     }
     /// Where the function's MSI-X table and Pending Bit Array are, if it has MSI-X. The
     /// [`PciDevice`] serves those ranges itself: `bar_read`/`bar_write` are never called for

@@ -235,6 +235,7 @@ impl ChannelBackend {
             Some(DeviceSpec::EmulatedNvme(n)) => {
                 DomainDevice::emulated_nvme(&name, n, DeviceThread::Owner)?
             }
+            Some(DeviceSpec::Vfio(v)) => DomainDevice::vfio(&name, v)?,
             Some(DeviceSpec::Persistent(d)) => d.clone(),
             None => {
                 return Err(StartError::Failed {

@@ -6,6 +6,7 @@ pub mod bus;
 pub mod nvme;
 pub mod pci;
 pub mod serial;
+pub mod vfio;
 
 use std::sync::Arc;
 
@@ -21,6 +22,8 @@ pub enum DeviceSpec {
     /// A fresh emulated NVMe controller (stands in for hardware; VFIO comes later), created
     /// with the domain and gone with it.
     EmulatedNvme(NvmeConfig),
+    /// A real PCI function through VFIO, opened with the domain.
+    Vfio(vfio::VfioSpec),
     /// A device that outlives its domains (recovery hands it from a dead domain to a fresh
     /// one, as a VFIO device would be).
     Persistent(Arc<DomainDevice>),
@@ -36,6 +39,7 @@ impl DeviceSpec {
     ) -> Result<Arc<DomainDevice>, DomainError> {
         match self {
             DeviceSpec::EmulatedNvme(cfg) => DomainDevice::emulated_nvme(name, cfg, thread),
+            DeviceSpec::Vfio(spec) => DomainDevice::vfio(name, spec),
             DeviceSpec::Persistent(d) => Ok(d.clone()),
         }
     }

@@ -42,49 +42,55 @@ impl DeviceModel for NvmeModel {
         *crate::sync::lock(&self.vm) = vm;
     }
 
-    /// The NVMe normal shutdown: CC.SHN = 01b, then CSTS.SHST polled until it reads 10b, at
-    /// most `timeout`; the controller writes its volatile cache back to the medium.
+    /// The NVMe normal shutdown ([`nvme_shutdown`]).
     fn shutdown(&self, pci: &Mutex<PciDevice>, timeout: Duration) -> DeviceShutdown {
-        const CC: u64 = 0x14;
-        const CSTS: u64 = 0x1c;
-        const CC_EN: u32 = 1;
-        const CC_SHN: u32 = 0b11 << 14;
-        const CC_SHN_NORMAL: u32 = 0b01 << 14;
-        const CSTS_SHST: u32 = 0b11 << 2;
-        const CSTS_SHST_COMPLETE: u32 = 0b10 << 2;
-        let lock = || crate::sync::lock(pci);
-        let t0 = Instant::now();
-        let read = |off: u64| {
-            let mut b = [0u8; 4];
-            lock().backend.bar_read(0, off, &mut b);
-            u32::from_le_bytes(b)
-        };
-        let cc = read(CC);
-        if cc == u32::MAX {
-            return DeviceShutdown::Failed("the controller does not respond".into());
-        }
-        if cc & CC_EN == 0 {
-            // Disabled: its last reset already dropped whatever its cache held.
-            return DeviceShutdown::NotEnabled;
-        }
-        let value = cc & !CC_SHN | CC_SHN_NORMAL;
-        lock().backend.bar_write(0, CC, &value.to_le_bytes());
-        loop {
-            let csts = read(CSTS);
-            if csts != u32::MAX && csts & CSTS_SHST == CSTS_SHST_COMPLETE {
-                return DeviceShutdown::Done(t0.elapsed());
-            }
-            if t0.elapsed() >= timeout {
-                return DeviceShutdown::Failed(format!(
-                    "CSTS.SHST not complete within {timeout:?} (CSTS {csts:#x})"
-                ));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        nvme_shutdown(pci, timeout)
     }
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// The NVMe normal shutdown through the controller's registers (emulated or real): CC.SHN =
+/// 01b, then CSTS.SHST polled until it reads 10b, at most `timeout`; the controller writes its
+/// volatile cache back to the medium.
+pub fn nvme_shutdown(pci: &Mutex<PciDevice>, timeout: Duration) -> DeviceShutdown {
+    const CC: u64 = 0x14;
+    const CSTS: u64 = 0x1c;
+    const CC_EN: u32 = 1;
+    const CC_SHN: u32 = 0b11 << 14;
+    const CC_SHN_NORMAL: u32 = 0b01 << 14;
+    const CSTS_SHST: u32 = 0b11 << 2;
+    const CSTS_SHST_COMPLETE: u32 = 0b10 << 2;
+    let lock = || crate::sync::lock(pci);
+    let t0 = Instant::now();
+    let read = |off: u64| {
+        let mut b = [0u8; 4];
+        lock().backend.bar_read(0, off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let cc = read(CC);
+    if cc == u32::MAX {
+        return DeviceShutdown::Failed("the controller does not respond".into());
+    }
+    if cc & CC_EN == 0 {
+        // Disabled: its last reset already dropped whatever its cache held.
+        return DeviceShutdown::NotEnabled;
+    }
+    let value = cc & !CC_SHN | CC_SHN_NORMAL;
+    lock().backend.bar_write(0, CC, &value.to_le_bytes());
+    loop {
+        let csts = read(CSTS);
+        if csts != u32::MAX && csts & CSTS_SHST == CSTS_SHST_COMPLETE {
+            return DeviceShutdown::Done(t0.elapsed());
+        }
+        if t0.elapsed() >= timeout {
+            return DeviceShutdown::Failed(format!(
+                "CSTS.SHST not complete within {timeout:?} (CSTS {csts:#x})"
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 

@@ -225,7 +225,11 @@ fn quiesce_and_attach_hand_the_controller_to_a_new_domain() {
     // The next domain: new memory, its own wake-up, the same BAR.
     let mem = crate::nvme::testdriver::memory();
     let woken = WakeCounter::new();
-    b.dev.lock().unwrap().attach(mem.clone(), woken.fd.clone());
+    b.dev
+        .lock()
+        .unwrap()
+        .attach(mem.clone(), woken.fd.clone())
+        .unwrap();
     b.d.mem = mem;
     assert_eq!(cfg_read32(&mut b.bus, 0, 0x10), BAR0 as u32 | 0b100);
     cfg_write(&mut b.bus, 0, 4, &[0x06, 0]);
@@ -259,7 +263,7 @@ fn msix_through_config_space_and_bar0() {
     let mut b = Behind::new();
     let wake = WakeCounter::new();
     let mem = b.d.mem.clone();
-    b.dev.lock().unwrap().attach(mem, wake.fd.clone());
+    b.dev.lock().unwrap().attach(mem, wake.fd.clone()).unwrap();
     cfg_write(&mut b.bus, 0, 4, &[0x06, 0]);
     let cap = MSIX_CAP_OFFSET as u32;
     let (layout, _) = bar0_layout(4);

@@ -1,0 +1,204 @@
+//! A real PCI function passed through VFIO as a driver domain's device: what it needs from
+//! the VMM beyond its PCI function ([`crate::domain::DeviceModel`]).
+//!
+//! - Opened once ([`DomainDevice::vfio`]): the host check first ([`crate::host::vfio_ready`]:
+//!   the device exists, is bound to vfio-pci, its IOMMU group is viable), then the VFIO
+//!   container and device ([`ddvm_passthrough::vfio::VfioPci`]), which live as long as the
+//!   device does, across every domain it serves.
+//! - Its BAR areas become memory slots of each domain's VM when the domain is handed the
+//!   device, so register and doorbell accesses run at memory speed; the MSI-X table and PBA
+//!   are left out of them and trap.
+//! - The VMM's own orderly shutdown of an NVMe controller goes through its registers, as for
+//!   the emulated controller ([`crate::devices::nvme::nvme_shutdown`]).
+
+use std::any::Any;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ddvm_passthrough::vfio::{ResetMethod, VfioCounters, VfioHandle, VfioPci};
+use ddvm_passthrough::{DmaWindow, PciBackend, PciDevice};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+
+use crate::domain::{DeviceModel, DeviceShutdown, DomainDevice, DomainError, PCI_MMIO_BASE};
+
+/// First KVM memory slot of a device's BAR areas (slot 0 is the domain's RAM).
+const FIRST_BAR_SLOT: u32 = 8;
+/// End of the window BARs are placed in (the I/O APIC sits at 0xfec0_0000).
+const PCI_MMIO_END: u64 = 0xfec0_0000;
+/// Class code of an NVMe controller.
+const CLASS_NVME: u32 = 0x01_08_02;
+
+/// How to open a VFIO device (`[domain.device] kind = "vfio"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfioSpec {
+    /// PCI address, `0000:00:03.0`.
+    pub address: String,
+    /// How it is reset between domains.
+    pub reset: ResetMethod,
+}
+
+/// A VFIO device's part of a [`DomainDevice`].
+pub struct VfioModel {
+    handle: VfioHandle,
+    // (slot, guest-physical address, area index) of each BAR area.
+    slots: Vec<(u32, u64, usize)>,
+    nvme: bool,
+    vm: Mutex<Option<Arc<VmFd>>>,
+}
+
+impl VfioModel {
+    /// The device's counters (attach, map and reset timings; quiesce checks).
+    pub fn counters(&self) -> VfioCounters {
+        self.handle.counters()
+    }
+
+    /// The device's handle (its address, areas, and the reset-failure test hook).
+    pub fn handle(&self) -> &VfioHandle {
+        &self.handle
+    }
+}
+
+impl DeviceModel for VfioModel {
+    fn set_vm(&self, vm: Option<Arc<VmFd>>) {
+        if let Some(vm) = &vm {
+            for &(slot, gpa, i) in &self.slots {
+                let area = &self.handle.areas()[i];
+                let region = kvm_userspace_memory_region {
+                    slot,
+                    guest_phys_addr: gpa,
+                    memory_size: area.size,
+                    userspace_addr: area.host_addr(),
+                    flags: 0,
+                };
+                // SAFETY: the range is a mapping of the device's BAR that the handle keeps
+                // for as long as this model lives, which is longer than any VM it is handed
+                // (the device outlives its domains); its slot and guest range are this
+                // device's own, outside the domain's RAM.
+                if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
+                    tracing::warn!(
+                        "VFIO device {}: BAR {} area at {gpa:#x} as memory slot {slot}: {e}; its accesses exit",
+                        self.handle.address(),
+                        area.bar
+                    );
+                }
+            }
+        }
+        // Clearing: the slots go with the VM.
+        *crate::sync::lock(&self.vm) = vm;
+    }
+
+    fn shutdown(&self, pci: &Mutex<PciDevice>, timeout: Duration) -> DeviceShutdown {
+        if !self.nvme {
+            return DeviceShutdown::Failed("not an NVMe controller".into());
+        }
+        crate::devices::nvme::nvme_shutdown(pci, timeout)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Places `bars` (index, size) from [`PCI_MMIO_BASE`], largest first, each aligned to its
+/// size; None when they do not fit below the I/O APIC.
+fn place_bars(mut bars: Vec<(u8, u64)>) -> Option<Vec<(u8, u64)>> {
+    bars.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut next = PCI_MMIO_BASE;
+    let mut out = Vec::new();
+    for (index, size) in bars {
+        let at = next.checked_next_multiple_of(size)?;
+        let end = at.checked_add(size)?;
+        if end > PCI_MMIO_END {
+            return None;
+        }
+        out.push((index, at));
+        next = end;
+    }
+    Some(out)
+}
+
+impl DomainDevice {
+    /// Opens the VFIO device of `spec` for the domain `name`: checked on the host first (it
+    /// exists, is bound to vfio-pci, its IOMMU group is viable), then its container and
+    /// device, its BARs placed from [`PCI_MMIO_BASE`]. Detached until a boot attaches it.
+    pub fn vfio(name: &str, spec: &VfioSpec) -> Result<Arc<DomainDevice>, DomainError> {
+        let device_err = |source: Box<dyn std::error::Error + Send + Sync>| DomainError::Device {
+            name: name.to_string(),
+            source,
+        };
+        let ready = crate::host::vfio_ready(Path::new("/sys"), &spec.address)
+            .map_err(|e| device_err(Box::new(e)))?;
+        let (backend, handle) = VfioPci::open(&ready.address, &ready.sysfs_path, spec.reset)
+            .map_err(|e| device_err(Box::new(e)))?;
+        let nvme = backend.ids().class_code == CLASS_NVME;
+        let sizes: Vec<(u8, u64)> = backend.bars().iter().map(|b| (b.index, b.size)).collect();
+        let placed = place_bars(sizes.clone()).ok_or_else(|| {
+            device_err(
+                format!(
+                    "VFIO device {}: BARs {sizes:?} (index, bytes) do not fit between {PCI_MMIO_BASE:#x} and {PCI_MMIO_END:#x}",
+                    ready.address
+                )
+                .into(),
+            )
+        })?;
+        let slots = handle
+            .areas()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, area)| {
+                let base = placed.iter().find(|(b, _)| *b == area.bar)?.1;
+                Some((FIRST_BAR_SLOT + i as u32, base + area.offset, i))
+            })
+            .collect();
+        let pci =
+            PciDevice::new(Box::new(backend), &placed).map_err(|e| device_err(Box::new(e)))?;
+        Ok(DomainDevice::new(
+            pci,
+            // The IOMMU is the real device's DMA window; this one only counts (nothing goes
+            // through it).
+            DmaWindow::detached(),
+            Box::new(VfioModel {
+                handle,
+                slots,
+                nvme,
+                vm: Mutex::new(None),
+            }),
+            None,
+            // Whether it has a volatile write cache is the domain's to find out (Identify).
+            None,
+        ))
+    }
+
+    /// The VFIO device's counters, if this device is one.
+    pub fn vfio_counters(&self) -> Option<VfioCounters> {
+        let model = self.model().as_any().downcast_ref::<VfioModel>()?;
+        Some(model.counters())
+    }
+
+    /// The VFIO device's handle, if this device is one.
+    pub fn vfio_handle(&self) -> Option<&VfioHandle> {
+        let model = self.model().as_any().downcast_ref::<VfioModel>()?;
+        Some(model.handle())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_are_placed_largest_first_and_aligned() {
+        let placed = place_bars(vec![(0, 0x4000), (2, 0x10_0000), (4, 0x1000)]).unwrap();
+        assert_eq!(
+            placed,
+            vec![
+                (2, PCI_MMIO_BASE),
+                (0, PCI_MMIO_BASE + 0x10_0000),
+                (4, PCI_MMIO_BASE + 0x10_4000)
+            ]
+        );
+        assert!(place_bars(vec![(0, 1 << 30)]).is_none());
+    }
+}
