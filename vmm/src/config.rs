@@ -673,7 +673,7 @@ mod tests {
             );
         }
         let e = parse("[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"00:03.0\"\nreset = \"bus\"\n").unwrap_err();
-        assert!(e.to_string().contains("reset"), "{e}");
+        assert!(e.to_string().contains("expected `flr` or `controller`"), "{e}");
     }
 
     #[test]
