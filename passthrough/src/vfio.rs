@@ -133,7 +133,9 @@ pub enum VfioError {
 }
 
 /// One mmapped area of a BAR (the device's registers, reached without exits once it is a
-/// memory slot of the domain's VM).
+/// memory slot of the domain's VM). The mapping belongs to the [`VfioPci`]: it lives as long
+/// as the device is open, which is longer than any domain it serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarArea {
     /// BAR index.
     pub bar: u8,
@@ -141,24 +143,8 @@ pub struct BarArea {
     pub offset: u64,
     /// Length in bytes (a multiple of 4 KiB).
     pub size: u64,
-    map: MmapRegion<()>,
-}
-
-impl BarArea {
-    /// Host virtual address of the area (for `KVM_SET_USER_MEMORY_REGION`).
-    pub fn host_addr(&self) -> u64 {
-        self.map.as_ptr() as u64
-    }
-}
-
-impl std::fmt::Debug for BarArea {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BarArea")
-            .field("bar", &self.bar)
-            .field("offset", &self.offset)
-            .field("size", &self.size)
-            .finish_non_exhaustive()
-    }
+    /// Host virtual address of the mapping (for `KVM_SET_USER_MEMORY_REGION`).
+    pub host_addr: u64,
 }
 
 /// Counters and last timings of a VFIO device, shared between the backend and its handle.
@@ -279,11 +265,14 @@ struct Bar {
 /// A PCI function opened through VFIO (see the module documentation).
 pub struct VfioPci {
     address: String,
-    // Field order is drop order: the device before its container.
-    device: VfioDevice,
-    container: Arc<VfioContainer>,
+    // Field order is drop order: the BAR mappings and the duplicate of the device fd close
+    // before the device (whose drop releases its group, refused while the device is open),
+    // and the device before its container.
+    maps: Vec<MmapRegion<()>>,
     // A duplicate of the device fd for region reads and writes whose errors we see.
     file: File,
+    device: VfioDevice,
+    container: Arc<VfioContainer>,
     config_offset: u64,
     ids: PciIds,
     bars: Vec<Bar>,
@@ -366,9 +355,10 @@ impl VfioPci {
         let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
         let mut backend = VfioPci {
             address: address.clone(),
+            maps: Vec::new(),
+            file,
             device,
             container,
-            file,
             config_offset,
             ids: PciIds {
                 vendor: 0,
@@ -408,7 +398,8 @@ impl VfioPci {
             }
             backend.msix_vectors = irqs.min(u32::from(m.vectors)).min(MAX_WAKE_VECTORS);
         }
-        let areas = backend.map_areas()?;
+        let (maps, areas) = backend.map_areas()?;
+        backend.maps = maps;
         // The kernel cleared bus mastering and reset the function when it was opened; memory
         // decode stays off until a domain is attached.
         backend.set_command(0)?;
@@ -554,7 +545,8 @@ impl VfioPci {
     }
 
     /// Mmaps each BAR's mmappable areas, leaving out the pages of the MSI-X table and PBA.
-    fn map_areas(&self) -> Result<Vec<BarArea>, VfioError> {
+    fn map_areas(&self) -> Result<(Vec<MmapRegion<()>>, Vec<BarArea>), VfioError> {
+        let mut maps = Vec::new();
         let mut areas = Vec::new();
         for bar in &self.bars {
             let index = u32::from(bar.info.index);
@@ -609,11 +601,12 @@ impl VfioPci {
                     bar: bar.info.index,
                     offset: start,
                     size: end - start,
-                    map,
+                    host_addr: map.as_ptr() as u64,
                 });
+                maps.push(map);
             }
         }
-        Ok(areas)
+        Ok((maps, areas))
     }
 
     fn command(&self) -> Result<u16, VfioError> {

@@ -69,13 +69,13 @@ impl DeviceModel for VfioModel {
                     slot,
                     guest_phys_addr: gpa,
                     memory_size: area.size,
-                    userspace_addr: area.host_addr(),
+                    userspace_addr: area.host_addr,
                     flags: 0,
                 };
-                // SAFETY: the range is a mapping of the device's BAR that the handle keeps
-                // for as long as this model lives, which is longer than any VM it is handed
-                // (the device outlives its domains); its slot and guest range are this
-                // device's own, outside the domain's RAM.
+                // SAFETY: the range is a mapping of the device's BAR that its backend keeps
+                // while the device is open, which is longer than any VM it is handed (the
+                // device outlives its domains, and a domain's VM goes before its device can);
+                // its slot and guest range are this device's own, outside the domain's RAM.
                 if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
                     tracing::warn!(
                         "VFIO device {}: BAR {} area at {gpa:#x} as memory slot {slot}: {e}; its accesses exit",
