@@ -97,9 +97,11 @@ pub trait PciBackend: Send {
     fn set_bus_master(&mut self, enabled: bool);
     /// The domain the device served is going away (called by [`PciDevice::quiesce`] after the
     /// function reset): once this returns the device neither accesses that domain's memory
-    /// (every DMA is refused until [`PciBackend::attach`]) nor calls its wake callback, and
-    /// holds no reference to the memory. The default does nothing, which is right only for a
-    /// backend that neither DMAs nor wakes its domain: every other backend implements it.
+    /// (every DMA is refused until [`PciBackend::attach`]) nor writes the wake eventfd it was
+    /// given (a VFIO device unbinds its vectors), and holds no reference to the memory. The
+    /// [`Msix`] is detached by the [`PciDevice`]. The default does nothing, which is right
+    /// only for a backend that neither DMAs nor holds the wake eventfd: every other backend
+    /// implements it.
     fn detach(&mut self) {}
     /// Serve a new domain: DMA into `mem` (its memory; device addresses are its
     /// guest-physical addresses) and wake it with `wake` (the [`Msix`] of the device gets it

@@ -129,7 +129,7 @@ impl State {
     }
 }
 
-/// The bytes of `data` (an access at `offset`) as one aligned dword or qword, if they are one.
+/// Whether an access of `len` bytes at `offset` is an aligned dword or qword.
 fn aligned_access(offset: u64, len: usize) -> bool {
     matches!(len, 4 | 8) && offset % len as u64 == 0
 }
