@@ -164,6 +164,9 @@ struct Stats {
     bus_master_after_quiesce: AtomicU64,
     quiesces: AtomicU64,
     fail_resets: AtomicU32,
+    // What the last reset was: 0 none, 1 controller, 2 FLR; and its time.
+    last_reset: AtomicU64,
+    last_reset_ns: AtomicU64,
 }
 
 /// A snapshot of a VFIO device's counters.
@@ -654,7 +657,7 @@ impl VfioPci {
         };
         match r {
             Ok(()) => self.msix_armed = want,
-            Err(e) => tracing_free_log(
+            Err(e) => warn(
                 &self.address,
                 &format!("MSI-X {}: {e}", if want { "enable" } else { "disable" }),
             ),
@@ -726,9 +729,12 @@ impl VfioPci {
                     s.controller_resets.fetch_add(1, Ordering::Relaxed);
                     s.controller_ns
                         .store(t.as_nanos() as u64, Ordering::Relaxed);
+                    s.last_reset.store(1, Ordering::Relaxed);
+                    s.last_reset_ns
+                        .store(t.as_nanos() as u64, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(why) => tracing_free_log(
+                Err(why) => warn(
                     &self.address,
                     &format!("controller disable did not quiesce ({why}); function level reset"),
                 ),
@@ -737,6 +743,9 @@ impl VfioPci {
         let t = self.flr()?;
         s.flr_resets.fetch_add(1, Ordering::Relaxed);
         s.flr_ns.store(t.as_nanos() as u64, Ordering::Relaxed);
+        s.last_reset.store(2, Ordering::Relaxed);
+        s.last_reset_ns
+            .store(t.as_nanos() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -758,6 +767,7 @@ impl VfioPci {
 
     fn unmap(&mut self) {
         let Some(mem) = self.mapped.take() else {
+            self.stats.unmapped_bytes.store(0, Ordering::Relaxed);
             return;
         };
         let mut removed = 0u64;
@@ -768,7 +778,7 @@ impl VfioPci {
                 Ok(()) => removed += len,
                 Err(e) => {
                     ok = false;
-                    tracing_free_log(
+                    warn(
                         &self.address,
                         &format!("DMA unmap of {len:#x} bytes at {iova:#x}: {e}"),
                     );
@@ -838,9 +848,17 @@ impl VfioPci {
         }
         self.wake = Some(wake);
         self.stats.attaches.fetch_add(1, Ordering::Relaxed);
+        let took = t0.elapsed();
         self.stats
             .attach_ns
-            .store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .store(took.as_nanos() as u64, Ordering::Relaxed);
+        tracing::info!(
+            "VFIO device {}: attached in {:.2} ms (DMA map of {} bytes in {:.2} ms)",
+            self.address,
+            took.as_secs_f64() * 1e3,
+            mem.iter().map(|r| r.len()).sum::<u64>(),
+            self.stats.map_ns.load(Ordering::Relaxed) as f64 / 1e6
+        );
         Ok(())
     }
 
@@ -855,7 +873,7 @@ impl VfioPci {
             Ok(()) => self.set_unclean(false),
             Err(why) => {
                 self.stats.reset_failures.fetch_add(1, Ordering::Relaxed);
-                tracing_free_log(&self.address, &format!("reset failed: {why}; the device stays unclean, with bus mastering off and no DMA mapping, until its reset succeeds"));
+                warn(&self.address, &format!("reset failed: {why}; the device stays unclean, with bus mastering off and no DMA mapping, until its reset succeeds"));
                 self.set_unclean(true);
             }
         }
@@ -870,10 +888,9 @@ impl VfioPci {
     }
 }
 
-/// Logs through stderr: this crate has no logging dependency, and these are rare, named
-/// events of a real device.
-fn tracing_free_log(address: &str, what: &str) {
-    eprintln!("ddvm: VFIO device {address}: {what}");
+/// A warning about the real device at `address`.
+fn warn(address: &str, what: &str) {
+    tracing::warn!("VFIO device {address}: {what}");
 }
 
 /// `ranges` without `[start, end)`.
@@ -945,7 +962,7 @@ impl PciBackend for VfioPci {
             Ok(()) => self.set_unclean(false),
             Err(why) => {
                 self.stats.reset_failures.fetch_add(1, Ordering::Relaxed);
-                tracing_free_log(
+                warn(
                     &self.address,
                     &format!("reset failed: {why}; the device stays unclean"),
                 );
@@ -957,7 +974,7 @@ impl PciBackend for VfioPci {
     fn set_bus_master(&mut self, enabled: bool) {
         if !enabled {
             if !self.bus_master_off() {
-                tracing_free_log(&self.address, "bus mastering does not read back off");
+                warn(&self.address, "bus mastering does not read back off");
             }
             return;
         }
@@ -972,14 +989,41 @@ impl PciBackend for VfioPci {
     fn detach(&mut self) {
         self.stats.quiesces.fetch_add(1, Ordering::Relaxed);
         self.arm_msix(false);
-        if self.command().is_ok_and(|c| c & CMD_BUS_MASTER != 0) {
+        let bus_master = self.command().map(|c| c & CMD_BUS_MASTER != 0);
+        if bus_master.as_ref().ok() != Some(&false) {
             self.stats
                 .bus_master_after_quiesce
                 .fetch_add(1, Ordering::Relaxed);
         }
+        let mapped: u64 = self
+            .mapped
+            .as_ref()
+            .map_or(0, |m| m.iter().map(|r| r.len()).sum());
         self.unmap();
+        let unmapped = self.stats.unmapped_bytes.load(Ordering::Relaxed);
         let _ = self.set_command(0);
         self.wake = None;
+        let reset = match (self.unclean, self.stats.last_reset.load(Ordering::Relaxed)) {
+            (true, _) => "FAILED (unclean)",
+            (false, 1) => "controller",
+            (false, 2) => "flr",
+            _ => "none",
+        };
+        let reset_ms = self.stats.last_reset_ns.load(Ordering::Relaxed) as f64 / 1e6;
+        let bus_master = match bus_master {
+            Ok(false) => "off (read back)".to_string(),
+            Ok(true) => "STILL ON".to_string(),
+            Err(e) => format!("UNREADABLE ({e})"),
+        };
+        let unmap = if unmapped == mapped {
+            "complete"
+        } else {
+            "INCOMPLETE"
+        };
+        tracing::info!(
+            "VFIO device {}: quiesced: bus master {bus_master}, reset {reset} in {reset_ms:.2} ms, unmap {unmap} ({unmapped} of {mapped} bytes)",
+            self.address
+        );
     }
 
     fn attach(&mut self, mem: GuestMemoryMmap<()>, wake: WakeDomain) -> Result<(), String> {

@@ -456,13 +456,15 @@ impl Config {
                     // A real device's size is known once its domain identified it: a range
                     // past its end is refused then.
                     Some(DeviceSection::Vfio { .. }) => None,
-                    None => return Err(invalid(
-                        key("disk"),
-                        format!(
+                    None => {
+                        return Err(invalid(
+                            key("disk"),
+                            format!(
                             "domain {:?} has no device; expected a domain with a [domain.device]",
                             c.disk
                         ),
-                    )),
+                        ))
+                    }
                 };
                 if let Some(size_mib) = size_mib.filter(|s| end.is_none_or(|e| e > *s)) {
                     return Err(invalid(
@@ -673,7 +675,10 @@ mod tests {
             );
         }
         let e = parse("[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"00:03.0\"\nreset = \"bus\"\n").unwrap_err();
-        assert!(e.to_string().contains("expected `flr` or `controller`"), "{e}");
+        assert!(
+            e.to_string().contains("expected `flr` or `controller`"),
+            "{e}"
+        );
     }
 
     #[test]
