@@ -371,7 +371,7 @@ impl fmt::Display for FailureReason {
             FailureReason::Protocol(v) => write!(f, "protocol violation: {v}"),
             FailureReason::DmaRefused { count } => write!(
                 f,
-                "{count} DMA access(es) outside the domain refused by the device model"
+                "{count} DMA access(es) outside the domain refused (by the DMA window or the IOMMU)"
             ),
             FailureReason::ReplayFailed {
                 sector,

@@ -63,6 +63,12 @@ pub trait DeviceModel: Send + Sync {
     fn shutdown(&self, pci: &Mutex<PciDevice>, timeout: Duration) -> DeviceShutdown;
     /// The model, for its own module to look at (its counters).
     fn as_any(&self) -> &dyn Any;
+    /// DMA the device attempted that an IOMMU blocked, counted so far across every domain it
+    /// served, where the model can see them (a VFIO device: the IOMMU's fault reports); the
+    /// emulated controller's refusals are its DMA window's.
+    fn dma_faults(&self) -> u64 {
+        0
+    }
 }
 
 /// A device's passes, run by its owner's thread instead of a worker thread of the device's
@@ -150,10 +156,11 @@ impl DomainDevice {
         self.volatile_write_cache
     }
 
-    /// Accesses the device's DMA window refused so far (outside the domain's memory, bus
-    /// mastering off, or detached), across every domain it served.
+    /// DMA of the device refused so far, across every domain it served: by its DMA window
+    /// (outside the domain's memory, bus mastering off, or detached), or by the IOMMU (a VFIO
+    /// device's faults as the kernel reports them).
     pub fn dma_refused(&self) -> u64 {
-        self.dma.refused()
+        self.dma.refused() + self.model.dma_faults()
     }
 
     /// What the device's kind adds to PCI.

@@ -42,6 +42,8 @@ pub struct VfioSpec {
 /// A VFIO device's part of a [`DomainDevice`].
 pub struct VfioModel {
     handle: VfioHandle,
+    // The IOMMU's fault reports about this device.
+    faults: Mutex<Option<DmarWatch>>,
     // (slot, guest-physical address, area index) of each BAR area.
     slots: Vec<(u32, u64, usize)>,
     nvme: bool,
@@ -99,6 +101,81 @@ impl DeviceModel for VfioModel {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    fn dma_faults(&self) -> u64 {
+        crate::sync::lock(&self.faults)
+            .as_mut()
+            .map_or(0, DmarWatch::poll)
+    }
+}
+
+/// The IOMMU's DMA fault reports about one device, read from the kernel log.
+///
+/// VFIO's type1 IOMMU gives userspace no fault notification; Intel's IOMMU driver logs each
+/// fault (`DMAR: [DMA Write NO_PASID] Request device [00:10.0] fault addr ...`), rate-limited.
+/// `/dev/kmsg` is read without blocking, from where it was when the device was opened; a
+/// fault is logged by the IOMMU's interrupt handler when the DMA is refused, before the
+/// device can complete the command that attempted it.
+struct DmarWatch {
+    kmsg: std::fs::File,
+    // `[bb:dd.f]`, as the kernel prints the requester.
+    requester: String,
+    faults: u64,
+}
+
+impl DmarWatch {
+    /// Watches for faults of the device at `address` (`0000:bb:dd.f`); None (with a warning)
+    /// where the kernel log cannot be read.
+    fn open(address: &str) -> Option<DmarWatch> {
+        use std::io::Seek;
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")
+            .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)).map(|_| f));
+        match opened {
+            Ok(kmsg) => Some(DmarWatch {
+                kmsg,
+                requester: format!("[{}]", address.strip_prefix("0000:").unwrap_or(address)),
+                faults: 0,
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "VFIO device {address}: /dev/kmsg: {e}; DMA the IOMMU blocks is noticed only by what follows from it (a request deadline)"
+                );
+                None
+            }
+        }
+    }
+
+    /// Reads what the kernel logged since the last call; returns the faults counted so far.
+    fn poll(&mut self) -> u64 {
+        use std::io::Read;
+        let mut record = [0u8; 1024];
+        // Bounded: a flood of kernel messages costs at most this many reads per call.
+        for _ in 0..256 {
+            match self.kmsg.read(&mut record) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&record[..n]);
+                    if is_dma_fault(&text, &self.requester) {
+                        self.faults += 1;
+                    }
+                }
+                // Records overwritten before they were read: go on with the next.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+                Err(_) => break,
+            }
+        }
+        self.faults
+    }
+}
+
+/// Whether a kernel log record reports a DMA fault of `requester` (`[bb:dd.f]`).
+fn is_dma_fault(record: &str, requester: &str) -> bool {
+    let text = record.split_once(';').map_or(record, |(_, t)| t);
+    text.contains("DMAR:") && text.contains("fault") && text.contains(requester)
 }
 
 /// Places `bars` (index, size) from [`PCI_MMIO_BASE`], largest first, each aligned to its
@@ -160,6 +237,7 @@ impl DomainDevice {
             // through it).
             DmaWindow::detached(),
             Box::new(VfioModel {
+                faults: Mutex::new(DmarWatch::open(&ready.address)),
                 handle,
                 slots,
                 nvme,
@@ -200,5 +278,24 @@ mod tests {
             ]
         );
         assert!(place_bars(vec![(0, 1 << 30)]).is_none());
+    }
+
+    #[test]
+    fn dma_faults_are_recognised_in_kernel_records() {
+        let r = "[00:10.0]";
+        assert!(is_dma_fault("3,512,26875116,-;DMAR: [DMA Read NO_PASID] Request device [00:10.0] fault addr 0x2000000 [fault reason 0x06] PTE Read access is not set", r));
+        assert!(is_dma_fault("3,9,1,-;DMAR: [DMA Write] Request device [00:10.0] PASID ffffffff fault addr 3a98000 [fault reason 05] PTE Write access is not set", r));
+        assert!(!is_dma_fault(
+            "3,512,1,-;DMAR: [DMA Read NO_PASID] Request device [00:11.0] fault addr 0x0",
+            r
+        ));
+        assert!(!is_dma_fault(
+            "6,1,1,-;nvme nvme0: I/O 12 QID 1 timeout [00:10.0]",
+            r
+        ));
+        assert!(!is_dma_fault(
+            "3,2,1,-;DMAR: DRHD: handling fault status reg 2",
+            r
+        ));
     }
 }
