@@ -206,6 +206,29 @@ pub struct VfioHandle {
     address: String,
     areas: Arc<Vec<BarArea>>,
     stats: Arc<Stats>,
+    container: Arc<VfioContainer>,
+}
+
+/// A page of the VMM's memory mapped into a device's IOMMU address space on purpose (see
+/// [`VfioHandle::map_page`]); unmapped when dropped.
+pub struct PageMapping {
+    container: Arc<VfioContainer>,
+    iova: u64,
+    // Kept mapped in the process until the IOMMU mapping is gone.
+    page: Arc<MmapRegion<()>>,
+}
+
+impl Drop for PageMapping {
+    fn drop(&mut self) {
+        if self
+            .container
+            .vfio_dma_unmap(self.iova, self.page.size())
+            .is_err()
+        {
+            // Never free a page the device may still reach.
+            std::mem::forget(self.page.clone());
+        }
+    }
 }
 
 impl std::fmt::Debug for VfioHandle {
@@ -248,6 +271,26 @@ impl VfioHandle {
             quiesces: n(&s.quiesces),
             bus_master_after_quiesce: n(&s.bus_master_after_quiesce),
         }
+    }
+
+    /// Maps `page` (one or more whole pages of the VMM's own memory) into the device's IOMMU
+    /// address space at `iova`, until the returned mapping is dropped: the negative control of
+    /// an isolation check (DMA aimed there must then reach the page). Only for tests: a device
+    /// serving a domain must reach nothing but the domain's RAM.
+    pub fn map_page(&self, iova: u64, page: Arc<MmapRegion<()>>) -> Result<PageMapping, String> {
+        // SAFETY: the range is a mapping of the VMM's own, which the `PageMapping` keeps alive
+        // (an Arc) until the IOMMU mapping is removed; the VMM reaches it only through
+        // volatile accesses.
+        unsafe {
+            self.container
+                .vfio_dma_map(iova, page.size(), page.as_ptr())
+        }
+        .map_err(|e| format!("DMA map of a page at IOVA {iova:#x}: {e}"))?;
+        Ok(PageMapping {
+            container: self.container.clone(),
+            iova,
+            page,
+        })
     }
 
     /// Makes the next `count` resets fail as a broken device's would (for tests of the
@@ -410,6 +453,7 @@ impl VfioPci {
             address,
             areas: Arc::new(areas),
             stats: backend.stats.clone(),
+            container: backend.container.clone(),
         };
         Ok((backend, handle))
     }
@@ -713,8 +757,10 @@ impl VfioPci {
         Err("VFIO_DEVICE_RESET: busy (EAGAIN) ten times".into())
     }
 
-    /// The reset of the configured method; MSI-X is off first and bus mastering must be.
-    fn do_reset(&mut self) -> Result<(), String> {
+    /// The reset of the configured method (`fresh`: a function level reset whatever the
+    /// method, for a device whose last reset failed); MSI-X is off first and bus mastering
+    /// must be.
+    fn do_reset(&mut self, fresh: bool) -> Result<(), String> {
         self.arm_msix(false);
         let s = self.stats.clone();
         if s.fail_resets
@@ -723,7 +769,7 @@ impl VfioPci {
         {
             return Err("failed on purpose (test hook)".into());
         }
-        if self.reset == ResetMethod::Controller && self.ids.class_code == CLASS_NVME {
+        if !fresh && self.reset == ResetMethod::Controller && self.ids.class_code == CLASS_NVME {
             match self.controller_disable() {
                 Ok(t) => {
                     s.controller_resets.fetch_add(1, Ordering::Relaxed);
@@ -831,7 +877,7 @@ impl VfioPci {
             if !self.bus_master_off() {
                 return Err("bus mastering does not read back off".into());
             }
-            match self.do_reset() {
+            match self.do_reset(true) {
                 Ok(()) => self.set_unclean(false),
                 Err(why) => {
                     self.stats.reset_failures.fetch_add(1, Ordering::Relaxed);
@@ -869,7 +915,7 @@ impl VfioPci {
                 .bus_master_after_quiesce
                 .fetch_add(1, Ordering::Relaxed);
         }
-        match self.do_reset() {
+        match self.do_reset(false) {
             Ok(()) => self.set_unclean(false),
             Err(why) => {
                 self.stats.reset_failures.fetch_add(1, Ordering::Relaxed);
@@ -958,7 +1004,7 @@ impl PciBackend for VfioPci {
     fn reset(&mut self) {
         // Called with bus mastering off (PciDevice::function_reset): the kernel restores the
         // command register around a function level reset.
-        match self.do_reset() {
+        match self.do_reset(false) {
             Ok(()) => self.set_unclean(false),
             Err(why) => {
                 self.stats.reset_failures.fetch_add(1, Ordering::Relaxed);

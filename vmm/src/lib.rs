@@ -19,6 +19,7 @@ pub mod host;
 pub mod host_channel;
 pub mod hoststall;
 pub mod hypervisor;
+pub mod isolation;
 pub mod linux;
 pub mod loader;
 pub mod memory;

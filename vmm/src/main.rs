@@ -126,6 +126,18 @@ enum Command {
         #[arg(long, default_value = ddvm::host::DEFAULT_SYSFS, hide = true)]
         sysfs: PathBuf,
     },
+    /// Prove a VFIO device's isolation (a build with fault injection): the domain's DMA aimed
+    /// outside its memory is blocked and reported, a retired domain's memory stays untouched
+    /// by its successor's I/O, and a failed reset keeps the device from the next domain until
+    /// a reset succeeds.
+    Isolation {
+        /// PCI address of a device bound to vfio-pci (`ddvm device bind`).
+        address: String,
+        /// Negative control: map the canary page where the DMA is aimed, on purpose; it must
+        /// then be overwritten.
+        #[arg(long)]
+        control: bool,
+    },
     /// Hand PCI devices to vfio-pci for passthrough, and back to their drivers.
     Device {
         #[command(subcommand)]
@@ -215,6 +227,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sysfs,
         } => Ok(check(&cli.kvm, &sysfs, &addresses, memory_mib)),
         Command::Device { action } => device(action),
+        Command::Isolation { address, control } => {
+            match ddvm::isolation::run(&cli.kvm, &address, control) {
+                Ok(r) => {
+                    for l in &r.lines {
+                        println!("{l}");
+                    }
+                    Ok(if r.passed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                Err(e) => Err(e),
+            }
+        }
         Command::Chaos {
             config,
             faults,
