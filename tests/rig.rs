@@ -474,6 +474,7 @@ fn vfio_dma_isolation_stale_epochs_and_a_failed_reset_in_the_rig() {
     );
     for line in [
         "isolation: canary intact; IOMMU faults reported for 0000:00:10.0: ",
+        "isolation: quiesce: 33554432 of the retired domain's 33554432 bytes unmapped, bus master read back on after 0 quiesces",
         "isolation: stale epoch: the retired domain's memory unchanged",
         "isolation: failed reset: unclean true",
         "isolation: the next domain was refused the unclean device",

@@ -1045,6 +1045,8 @@ impl PciBackend for VfioPci {
             .mapped
             .as_ref()
             .map_or(0, |m| m.iter().map(|r| r.len()).sum());
+        // What this quiesce unmapped, nothing else's.
+        self.stats.unmapped_bytes.store(0, Ordering::Relaxed);
         self.unmap();
         let unmapped = self.stats.unmapped_bytes.load(Ordering::Relaxed);
         let _ = self.set_command(0);

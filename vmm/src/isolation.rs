@@ -265,6 +265,17 @@ pub fn run(kvm: &Path, address: &str, control: bool) -> anyhow::Result<Isolation
 
     // 2. Stale epochs: the retired domain's memory while its successor does I/O.
     d.retire();
+    let c = handle.counters();
+    lines.push(format!(
+        "isolation: quiesce: {} of the retired domain's {MEMORY} bytes unmapped, bus master read back on after {} quiesces",
+        c.last_unmapped_bytes, c.bus_master_after_quiesce
+    ));
+    if c.last_unmapped_bytes != MEMORY || c.bus_master_after_quiesce != 0 {
+        return fail(
+            &mut lines,
+            "the quiesce left the retired domain's memory mapped or bus mastering on".into(),
+        );
+    }
     let before = checksum(&d);
     let d2 = boot(&hv, &device, 2)?;
     let mut ch2 = channel(&d2)?;
