@@ -503,3 +503,97 @@ fn vfio_dma_isolation_stale_epochs_and_a_failed_reset_in_the_rig() {
         "no IOMMU fault at the canary {canary:#x} in the kernel log:\n{console}"
     );
 }
+
+/// A VFIO device across a killed VMM and under a stock Linux client: ddvm holding the
+/// controller by VFIO is killed with SIGKILL, after which bus mastering reads off in the
+/// device's own configuration space and a new ddvm reopens the device and verifies I/O (a
+/// second ddvm meanwhile is refused the device in use with one line); then a stock Debian
+/// kernel's disk is served through the VFIO-backed driver domain while the domain is killed
+/// three times, and the client sees no I/O error and verifies every byte.
+#[test]
+fn vfio_survives_a_killed_vmm_and_serves_a_stock_linux_client_through_kills_in_the_rig() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-client-vfio");
+    let built = Command::new(repo().join("scripts/rig"))
+        .arg("linux-client")
+        .arg(&dir)
+        .output()
+        .expect("scripts/rig runs");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let files: Vec<String> = ["vmlinuz", "client.cpio.gz"]
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .chain(
+            [
+                "images/linux-client/linux-client.toml",
+                "images/linux-client/rig-test.sh",
+                "images/vfio/rig-linux.sh",
+            ]
+            .iter()
+            .map(|f| f.to_string()),
+        )
+        .collect();
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    let (status, console) = rig_with(
+        &[
+            "--smp",
+            "1",
+            "--iommu",
+            "--nvme",
+            "serial=lin0,lba=4096,size=64",
+            "--timeout",
+            "900",
+        ],
+        &files,
+        &["sh", "rig-linux.sh"],
+    );
+    assert_eq!(
+        status, 0,
+        "the VFIO Linux client failed in the rig:\n{console}"
+    );
+    let line = |prefix: &str| {
+        console
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?}:\n{console}"))
+            .to_string()
+    };
+    let held = u16::from_str_radix(&line("rig-linux: command register while held: "), 16).unwrap();
+    assert_eq!(held & 4, 4, "the domain's driver had bus mastering on");
+    let killed =
+        u16::from_str_radix(&line("rig-linux: command register after SIGKILL: "), 16).unwrap();
+    assert_eq!(
+        killed & 4,
+        0,
+        "bus mastering left on after SIGKILL:\n{console}"
+    );
+    let second = line("rig-linux: a second ddvm while held: ");
+    assert!(
+        second.starts_with("status 1 ")
+            && second.contains("is open in another process")
+            && second.matches("open in another process").count() == 1,
+        "a device in use: {second}"
+    );
+    let reopened = line("rig-linux: reopened after SIGKILL: ");
+    assert!(
+        reopened.starts_with("status 0 ") && reopened.contains(" 0 errors, 0 mismatches"),
+        "reopened after SIGKILL: {reopened}"
+    );
+    assert!(console.contains("rig-linux: kind = \"vfio\""), "{console}");
+    assert!(console.contains("rig-test: faults 3"), "{console}");
+    assert_eq!(
+        console
+            .lines()
+            .filter(|l| l.contains("domain nvme0: failed (operator: kill); recovering"))
+            .count(),
+        3,
+        "{console}"
+    );
+    assert!(!console.contains("I/O error"), "{console}");
+    let report = ddvm::client::LinuxReport::find(&console)
+        .unwrap_or_else(|| panic!("no report from the Linux client:\n{console}"));
+    assert!(report.clean(), "{report:?}\n{console}");
+}

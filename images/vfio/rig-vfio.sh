@@ -8,12 +8,15 @@ set -u
 [ -n "${RIG_NVME:-}" ] || { echo "rig-vfio: no NVMe controller in the rig (--nvme)"; exit 2; }
 ddvm device bind $RIG_NVME || exit 2
 ddvm check $RIG_NVME || exit 2
-reset=${RIG_RESET:-controller}
+# Reset methods, one per controller in turn (default: the first `controller`, the next
+# `flr`, and so on), so one run measures both.
+resets=${RIG_RESET:-controller flr}
 mib=${RIG_DISK_MIB:-64}
 half=$((mib / 2))
 n=0
 : >vfio.toml
 for a in $RIG_NVME; do
+  reset=$(echo "$resets" | awk -v n=$n '{ print $(n % NF + 1) }')
   cat >>vfio.toml <<TOML
 [[domain]]
 name = "nvme$n"

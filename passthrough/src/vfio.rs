@@ -369,8 +369,16 @@ impl VfioPci {
         let container =
             Arc::new(VfioContainer::new(None).map_err(vfio("open the VFIO container"))?);
         let ops: Arc<dyn VfioOps> = container.clone();
-        let device =
-            VfioDevice::new(sysfs_path, ops, false).map_err(vfio("open the VFIO device"))?;
+        let device = VfioDevice::new(sysfs_path, ops, false).map_err(|e| match &e {
+            vfio_ioctls::VfioError::OpenGroup(io, group)
+                if io.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                unsupported(format!(
+                    "its IOMMU group (/dev/vfio/{group}) is open in another process (another ddvm?); expected a device no other process holds"
+                ))
+            }
+            _ => vfio("open the VFIO device")(e),
+        })?;
         // SAFETY: the fd is the device's, open for as long as `device` lives; it is borrowed
         // only to duplicate it.
         let borrowed = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };

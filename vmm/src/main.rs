@@ -200,8 +200,17 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain of causes joined, most specific last.
-            eprintln!("ddvm: error: {e:#}");
+            // One line: the chain of causes joined, most specific last; a cause that an
+            // error's own message already spells out is not repeated.
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !line.contains(&cause) {
+                    line.push_str(": ");
+                    line.push_str(&cause);
+                }
+            }
+            eprintln!("ddvm: error: {line}");
             ExitCode::FAILURE
         }
     }
@@ -793,7 +802,7 @@ fn run_config(
         .collect();
     if let Some(requests) = verify {
         for (d, ch) in domains.iter().zip(&mut channels) {
-            let Some(ch) = ch.as_mut().filter(|_| d.nvme_stats().is_some()) else {
+            let Some(ch) = ch.as_mut().filter(|_| d.device().is_some()) else {
                 continue;
             };
             if !verify_domain(d, ch, requests)? {
