@@ -362,8 +362,8 @@ fn vfio_driver_domains_serve_verified_clients_through_every_fault_in_the_rig() {
     let disks_arg = disks.display().to_string();
     let faults = if ddvm::chaos::ENABLED { "all" } else { "kill" };
     let script = format!(
-        "RIG_DISK_MIB=16 RIG_COUNT=3000 sh rig-vfio.sh chaos --faults {faults} --every 1s \
-         --duration 30s --no-baseline --log warn,ddvm_passthrough::vfio=info"
+        "RIG_DISK_MIB=16 RIG_COUNT=100000 sh rig-vfio.sh chaos --faults {faults} --every 1s \
+         --duration 40s --no-baseline --log warn,ddvm_passthrough::vfio=info"
     );
     let (status, console) = rig_with(
         &[

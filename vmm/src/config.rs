@@ -746,7 +746,14 @@ mod tests {
             + 8;
         let len = readme[start..].find("```").expect("the example ends");
         let c = parse(&readme[start..start + len]).unwrap();
-        assert_eq!((c.domains.len(), c.clients.len()), (1, 2));
+        assert_eq!((c.domains.len(), c.clients.len()), (2, 2));
+        assert_eq!(
+            c.domains[1].device,
+            Some(DeviceSection::Vfio {
+                address: "0000:00:03.0".into(),
+                reset: ResetSetting::Controller
+            })
+        );
         assert!(c.clients[0].linux_boot(Path::new("t.toml")).is_none());
         assert!(c.clients[1].linux_boot(Path::new("t.toml")).is_some());
         let p = c.domains[0].recovery.to_policy().unwrap();

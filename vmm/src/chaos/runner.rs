@@ -148,10 +148,12 @@ impl ChaosRun {
         report: &mut ChaosReport,
     ) -> Result<(), ChaosError> {
         let mut topo = Topology::start(hv, config, file, Echo::Off)?;
-        let Some((_, handle)) = topo.recovery.first().cloned() else {
+        // Faults go to each disk's domain in turn; each domain gets every kind in turn.
+        let handles: Vec<_> = topo.recovery.iter().map(|(_, h)| h.clone()).collect();
+        if handles.is_empty() {
             topo.stop();
             return Err(ChaosError::NoTarget(file.display().to_string()));
-        };
+        }
         let start = Instant::now();
         // Where an instant of this segment lies on the report's timeline.
         let on_timeline =
@@ -161,24 +163,26 @@ impl ChaosRun {
         let mut last_answered = 0;
         let mut k = self.faults_sent;
         let end = start + length;
-        // The recoveries counted when the last fault went in (none yet in this segment).
-        let mut recovered_then: Option<(u64, Instant)> = None;
+        // The domain of the last fault and its recoveries counted when the fault went in (none
+        // yet in this segment).
+        let mut recovered_then: Option<(usize, u64, Instant)> = None;
         while Instant::now() < end {
             let now = Instant::now();
             // A fault goes into a domain that has recovered from the last one: injected into
             // one that is still hung (detection waits for the host's steal to be left out),
             // it would test nothing and hide the next kind. A fault that nothing detects
             // holds the next one back for at most `SETTLE_EVERIES` periods.
-            let settled = recovered_then.is_none_or(|(r, at)| {
-                handle.with(|o| o.recovered) > r || now >= at + plan.every * SETTLE_EVERIES
+            let settled = recovered_then.is_none_or(|(d, r, at)| {
+                handles[d].with(|o| o.recovered) > r || now >= at + plan.every * SETTLE_EVERIES
             });
             if now >= next_fault && !plan.faults.is_empty() && !settled {
                 next_fault = now + SETTLE_POLL;
             } else if now >= next_fault && !plan.faults.is_empty() {
-                let kind = plan.faults[k % plan.faults.len()];
+                let d = k % handles.len();
+                let kind = plan.faults[(k / handles.len()) % plan.faults.len()];
                 k += 1;
-                recovered_then = Some((handle.with(|o| o.recovered), now));
-                handle.send(Command::Inject { kind, arg: 0 });
+                recovered_then = Some((d, handles[d].with(|o| o.recovered), now));
+                handles[d].send(Command::Inject { kind, arg: 0 });
                 report.injected(kind, on_timeline(now));
                 next_fault = now + plan.every;
             }
@@ -199,25 +203,27 @@ impl ChaosRun {
         let outcomes = topo.wait_clients(limit);
         // Let a recovery in progress finish before reading the numbers.
         std::thread::sleep(Duration::from_millis(50));
-        handle.with(|o| {
-            for (name, _) in &o.detections {
-                report.detected(name);
-            }
-            for r in &o.recoveries {
-                let f2d = r
-                    .injected
-                    .map(|(at, _)| r.detected.saturating_duration_since(at));
-                report.recovered(
-                    r.injected.map(|(_, kind)| kind),
-                    on_timeline(r.detected),
-                    f2d,
-                    r.recovered.saturating_duration_since(r.detected),
-                );
-            }
-            if o.status.as_ref().is_some_and(|s| s.broken) {
-                report.gave_up();
-            }
-        });
+        for handle in &handles {
+            handle.with(|o| {
+                for (name, _) in &o.detections {
+                    report.detected(name);
+                }
+                for r in &o.recoveries {
+                    let f2d = r
+                        .injected
+                        .map(|(at, _)| r.detected.saturating_duration_since(at));
+                    report.recovered(
+                        r.injected.map(|(_, kind)| kind),
+                        on_timeline(r.detected),
+                        f2d,
+                        r.recovered.saturating_duration_since(r.detected),
+                    );
+                }
+                if o.status.as_ref().is_some_and(|s| s.broken) {
+                    report.gave_up();
+                }
+            });
+        }
         topo.stop();
         for c in client_results(&outcomes).clients {
             match self.clients.iter_mut().find(|x| x.name == c.name) {
