@@ -391,6 +391,22 @@ fn vfio_driver_domains_serve_verified_clients_through_every_fault_in_the_rig() {
         .find_map(|l| l.strip_prefix("recoveries "))
         .and_then(|l| l.split(',').next()?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no recovery count:\n{console}"));
+    if ddvm::chaos::ENABLED {
+        let injected: Vec<&str> = console
+            .lines()
+            .skip_while(|l| !l.starts_with("faults injected"))
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        for kind in FaultKind::ALL {
+            assert!(
+                injected.contains(&kind.name()),
+                "{} was not injected ({injected:?}):\n{console}",
+                kind.name()
+            );
+        }
+    }
     let faults_n = if ddvm::chaos::ENABLED {
         FaultKind::ALL.len()
     } else {
