@@ -577,6 +577,19 @@ fn vfio_survives_a_killed_vmm_and_serves_a_stock_linux_client_through_kills_in_t
             .unwrap_or_else(|| panic!("no {prefix:?}:\n{console}"))
             .to_string()
     };
+    // Doorbells and registers are memory slots: the domain's VM exits far less than once
+    // per request.
+    let verify = line("rig-linux: held: ");
+    let exits: f64 = verify
+        .rsplit(", ")
+        .next()
+        .and_then(|l| l.strip_suffix(" exits/request"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exits per request: {verify}"));
+    assert!(
+        exits < 1.0,
+        "{exits} exits per request through VFIO: {verify}"
+    );
     let held = u16::from_str_radix(&line("rig-linux: command register while held: "), 16).unwrap();
     assert_eq!(held & 4, 4, "the domain's driver had bus mastering on");
     let killed =
