@@ -590,6 +590,13 @@ fn vfio_survives_a_killed_vmm_and_serves_a_stock_linux_client_through_kills_in_t
         exits < 1.0,
         "{exits} exits per request through VFIO: {verify}"
     );
+    let interrupts: u64 = line("rig-linux: device interrupts while held: ")
+        .parse()
+        .unwrap();
+    assert!(
+        interrupts > 0,
+        "the driver asked for interrupts, and none came:\n{console}"
+    );
     let held = u16::from_str_radix(&line("rig-linux: command register while held: "), 16).unwrap();
     assert_eq!(held & 4, 4, "the domain's driver had bus mastering on");
     let killed =

@@ -29,6 +29,10 @@ until grep -q "verify:" /tmp/hold.log; do
 done
 grep "verify:" /tmp/hold.log | sed 's/^/rig-linux: held: /'
 echo "rig-linux: command register while held: $(command_register)"
+# The device's MSI-X messages, as the rig's kernel took them for VFIO (each one a wake-up of
+# the domain through its eventfd).
+awk '/vfio-msix/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i }
+  END { print "rig-linux: device interrupts while held: " n + 0 }' /proc/interrupts
 ddvm run hold.toml --verify 10 --duration 1 >/tmp/second.log 2>&1
 echo "rig-linux: a second ddvm while held: status $? $(grep -m1 'Error\|error' /tmp/second.log)"
 kill -9 $pid
