@@ -1,13 +1,15 @@
-//! The block driver the channel service talks to, and how the domain picks one for the device
-//! it is given.
+//! The drivers the channel services talk to, and how the domain picks one for the device it
+//! is given.
 //!
-//! The channel service (`service`) knows the block class of the channel ABI, not the device:
-//! it turns requests into [`IoRequest`]s for a [`BlockDriver`] and the driver's [`Completed`]
-//! commands into completions. `main` probes the PCI function the VMM gave the domain, [`pick`]s
-//! the driver its class code calls for, brings it up and hands it to the service as a
-//! `Box<dyn BlockDriver>`. NVMe (class 01/08/02, `nvme`) is the only driver today; another
-//! adds a [`Driver`] kind, a variant of [`DeviceStatus`] and of [`DriverError`], and an
-//! implementation of the trait.
+//! The block channel service (`service`) knows the block class of the channel ABI, not the
+//! device: it turns requests into [`IoRequest`]s for a [`BlockDriver`] and the driver's
+//! [`Completed`] commands into completions. `main` probes the PCI function the VMM gave the
+//! domain, [`pick`]s the driver its class code (and, for NICs, its vendor and device ID) calls
+//! for, brings it up and hands it to the service as a `Box<dyn BlockDriver>`. Block devices:
+//! NVMe (class 01/08/02, `nvme`). Network devices: the Intel 8254x (class 02/00/00, `e1000`)
+//! behind [`NetDriver`], which the self-test drives (no net channel service yet). Another
+//! driver adds a [`Driver`] kind, a variant of [`DeviceStatus`] and of [`DriverError`], and
+//! an implementation of its class's trait.
 //!
 //! Drivers keep to the rule of `nvme`: no `unsafe`; registers, DMA memory and configuration
 //! space go through guest-kernel's HAL.
@@ -16,6 +18,10 @@
 
 use core::fmt;
 
+use guest_kernel::pci::PciFunction;
+
+use crate::e1000::device::{self as e1000_device, Status as E1000Status};
+use crate::e1000::{self, E1000Error, Nic};
 use crate::nvme::cmd::Status as NvmeStatus;
 use crate::nvme::probe::NVME_CLASS;
 use crate::nvme::{self, Controller, NvmeError};
@@ -27,13 +33,17 @@ pub use crate::nvme::{IoKind, IoRequest};
 pub enum Driver {
     /// NVM Express controllers (`nvme`).
     Nvme,
+    /// Intel 8254x Ethernet controllers (`e1000`).
+    E1000,
 }
 
-/// The driver for a PCI function of class code `class` (base class, subclass, programming
-/// interface), if this image has one.
-pub fn pick(class: u32) -> Option<Driver> {
-    match class {
+/// The driver for `function`, if this image has one: by class code (base class, subclass,
+/// programming interface); an Ethernet controller also by vendor and device ID, since the
+/// class says nothing about the register interface.
+pub fn pick(function: &PciFunction) -> Option<Driver> {
+    match function.class {
         NVME_CLASS => Some(Driver::Nvme),
+        e1000::probe::ETHERNET_CLASS => e1000::probe::model(function).map(|_| Driver::E1000),
         _ => None,
     }
 }
@@ -64,6 +74,8 @@ pub struct BlockProperties {
 pub enum DeviceStatus {
     /// An NVMe completion's status field.
     Nvme(NvmeStatus),
+    /// An e1000 descriptor's error bits.
+    E1000(E1000Status),
 }
 
 impl DeviceStatus {
@@ -71,6 +83,7 @@ impl DeviceStatus {
     pub fn is_success(self) -> bool {
         match self {
             DeviceStatus::Nvme(s) => s.is_success(),
+            DeviceStatus::E1000(s) => s.is_success(),
         }
     }
 
@@ -78,6 +91,7 @@ impl DeviceStatus {
     pub fn is_unsupported(self) -> bool {
         match self {
             DeviceStatus::Nvme(s) => s.is_unsupported(),
+            DeviceStatus::E1000(_) => false,
         }
     }
 
@@ -85,6 +99,7 @@ impl DeviceStatus {
     pub fn detail(self) -> u16 {
         match self {
             DeviceStatus::Nvme(s) => s.0,
+            DeviceStatus::E1000(s) => s.bits(),
         }
     }
 }
@@ -93,6 +108,7 @@ impl fmt::Display for DeviceStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceStatus::Nvme(s) => s.fmt(f),
+            DeviceStatus::E1000(s) => s.fmt(f),
         }
     }
 }
@@ -132,12 +148,15 @@ impl fmt::Display for SubmitError {
 pub enum DriverError {
     /// The NVMe driver's.
     Nvme(NvmeError),
+    /// The e1000 driver's.
+    E1000(E1000Error),
 }
 
 impl fmt::Display for DriverError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DriverError::Nvme(e) => e.fmt(f),
+            DriverError::E1000(e) => e.fmt(f),
         }
     }
 }
@@ -145,6 +164,12 @@ impl fmt::Display for DriverError {
 impl From<NvmeError> for DriverError {
     fn from(e: NvmeError) -> Self {
         DriverError::Nvme(e)
+    }
+}
+
+impl From<E1000Error> for DriverError {
+    fn from(e: E1000Error) -> Self {
+        DriverError::E1000(e)
     }
 }
 
@@ -234,5 +259,277 @@ impl BlockDriver for Controller {
 
     fn shutdown_done(&self) -> Result<bool, DriverError> {
         Controller::shutdown_done(self).map_err(DriverError::from)
+    }
+}
+
+/// An Ethernet MAC address, in transmission order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl MacAddress {
+    /// A group (multicast or broadcast) address: the I/G bit is set.
+    pub fn is_multicast(self) -> bool {
+        self.0[0] & 1 != 0
+    }
+
+    /// An individual address other than all zeroes.
+    pub fn is_valid_unicast(self) -> bool {
+        !self.is_multicast() && self.0 != [0; 6]
+    }
+}
+
+impl fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Which frames a NIC receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxFilters<'a> {
+    /// The NIC's own address (it also becomes the address the driver reports).
+    pub mac: MacAddress,
+    /// More individual addresses to receive.
+    pub unicast: &'a [MacAddress],
+    /// Group addresses to receive (a hash filter: others may get through).
+    pub multicast: &'a [MacAddress],
+    /// Receive broadcast frames.
+    pub broadcast: bool,
+    /// Receive every individual address (promiscuous).
+    pub all_unicast: bool,
+    /// Receive every group address.
+    pub all_multicast: bool,
+}
+
+impl RxFilters<'static> {
+    /// Own address and broadcast only.
+    pub fn own(mac: MacAddress) -> Self {
+        RxFilters {
+            mac,
+            unicast: &[],
+            multicast: &[],
+            broadcast: true,
+            all_unicast: false,
+            all_multicast: false,
+        }
+    }
+}
+
+/// A NIC's link as the device reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    /// Link up.
+    pub up: bool,
+    /// Speed in Mb/s (meaningful with the link up).
+    pub speed_mbps: u16,
+    /// Full duplex.
+    pub full_duplex: bool,
+}
+
+/// What a NIC driver found out about its device: what the channel's device info will say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetProperties {
+    /// The address the NIC receives as its own.
+    pub mac: MacAddress,
+    /// Largest frame it transmits or receives, without the FCS.
+    pub max_frame: u32,
+    /// Smallest receive buffer it takes.
+    pub rx_buffer_len: u32,
+}
+
+/// The two rings of a NIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Frames sent.
+    Transmit,
+    /// Buffers posted for frames to arrive in.
+    Receive,
+}
+
+/// A frame transmitted or received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetCompleted {
+    /// The token given with the buffer.
+    pub token: u64,
+    /// Which ring.
+    pub direction: Direction,
+    /// Receive: the frame's length in bytes, without FCS (0 for a transmit).
+    pub len: u32,
+    /// How it ended.
+    pub status: DeviceStatus,
+}
+
+/// Interrupt causes that happened since the last acknowledgement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetEvents {
+    /// A frame was received.
+    pub received: bool,
+    /// A transmit was written back.
+    pub transmitted: bool,
+    /// The link went up or down.
+    pub link_changed: bool,
+}
+
+/// A NIC's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames missed for lack of receive buffers.
+    pub missed: u64,
+    /// Good frames received, as the device counts them.
+    pub good_rx: u64,
+    /// Good frames transmitted, as the device counts them.
+    pub good_tx: u64,
+    /// Receive buffers completed with errors.
+    pub rx_errors: u64,
+    /// Transmits completed with errors.
+    pub tx_errors: u64,
+}
+
+/// A network device's driver, as a channel service would use it: polled, with a fixed number
+/// of transmit and receive slots, each buffer carrying the caller's token back in its
+/// completion. Buffers are addresses the device reaches by DMA (channel slots); each stays the
+/// device's until it completes or the device is shut down.
+pub trait NetDriver {
+    /// What the device is.
+    fn properties(&self) -> NetProperties;
+    /// Buffers that can be in flight at once on one ring.
+    fn capacity(&self, ring: Direction) -> usize;
+    /// Buffers in flight on one ring.
+    fn in_flight(&self, ring: Direction) -> usize;
+    /// Queues the frame of `len` bytes at `buf` with `token` (see [`NetDriver::ring`]).
+    fn transmit(&mut self, buf: u64, len: u32, token: u64) -> Result<(), SubmitError>;
+    /// Queues the receive buffer of `len` bytes at `buf` with `token` (see
+    /// [`NetDriver::ring`]).
+    fn post_receive(&mut self, buf: u64, len: u32, token: u64) -> Result<(), SubmitError>;
+    /// Tells the device about the buffers queued since the last call.
+    fn ring(&mut self);
+    /// Whether the device has completions not yet polled.
+    fn completion_pending(&self) -> bool;
+    /// Hands every completion the device has to `done`; returns how many.
+    fn poll(&mut self, done: &mut dyn FnMut(NetCompleted)) -> Result<usize, DriverError>;
+    /// Sets which frames are received.
+    fn set_filters(&mut self, filters: &RxFilters<'_>) -> Result<(), SubmitError>;
+    /// The link now.
+    fn link(&self) -> LinkState;
+    /// Whether the device wakes the domain when it completes buffers or the link changes
+    /// (an interrupt), so a wait with buffers in flight needs no short timeout.
+    fn interrupts(&self) -> bool;
+    /// Takes (and clears) the interrupt causes that happened.
+    fn acknowledge(&mut self) -> NetEvents;
+    /// The counters.
+    fn stats(&mut self) -> NetStats;
+    /// Starts the device's orderly shutdown: nothing more is received or sent.
+    fn begin_shutdown(&mut self);
+    /// Whether the shutdown is complete; an error when the device is gone.
+    fn shutdown_done(&self) -> Result<bool, DriverError>;
+}
+
+fn net_submit_error(e: e1000_device::SubmitError) -> SubmitError {
+    match e {
+        e1000_device::SubmitError::Full => SubmitError::Full,
+        e1000_device::SubmitError::Invalid => SubmitError::Invalid,
+    }
+}
+
+impl NetDriver for Nic {
+    fn properties(&self) -> NetProperties {
+        NetProperties {
+            mac: self.mac(),
+            max_frame: e1000_device::MAX_FRAME,
+            rx_buffer_len: e1000_device::RX_BUFFER_SIZE,
+        }
+    }
+
+    fn capacity(&self, ring: Direction) -> usize {
+        match ring {
+            Direction::Transmit => self.tx_capacity(),
+            Direction::Receive => self.rx_capacity(),
+        }
+    }
+
+    fn in_flight(&self, ring: Direction) -> usize {
+        match ring {
+            Direction::Transmit => self.tx_in_flight(),
+            Direction::Receive => self.rx_posted(),
+        }
+    }
+
+    fn transmit(&mut self, buf: u64, len: u32, token: u64) -> Result<(), SubmitError> {
+        Nic::transmit(self, buf, len, token).map_err(net_submit_error)
+    }
+
+    fn post_receive(&mut self, buf: u64, len: u32, token: u64) -> Result<(), SubmitError> {
+        Nic::post_receive(self, buf, len, token).map_err(net_submit_error)
+    }
+
+    fn ring(&mut self) {
+        Nic::ring(self);
+    }
+
+    fn completion_pending(&self) -> bool {
+        Nic::completion_pending(self)
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(NetCompleted)) -> Result<usize, DriverError> {
+        Nic::poll(self, |d| {
+            done(NetCompleted {
+                token: d.token,
+                direction: if d.received.is_some() {
+                    Direction::Receive
+                } else {
+                    Direction::Transmit
+                },
+                len: d.received.map_or(0, u32::from),
+                status: DeviceStatus::E1000(d.status),
+            })
+        })
+        .map_err(DriverError::from)
+    }
+
+    fn set_filters(&mut self, filters: &RxFilters<'_>) -> Result<(), SubmitError> {
+        Nic::set_filters(self, filters).map_err(net_submit_error)
+    }
+
+    fn link(&self) -> LinkState {
+        Nic::link(self)
+    }
+
+    fn interrupts(&self) -> bool {
+        // The causes are unmasked (IMS) but nothing routes them to the domain yet: INTx is off
+        // and the 8254x parts here have no MSI-X.
+        false
+    }
+
+    fn acknowledge(&mut self) -> NetEvents {
+        let causes = Nic::acknowledge(self);
+        NetEvents {
+            received: causes & e1000::regs::int::RXT0 != 0,
+            transmitted: causes & e1000::regs::int::TXDW != 0,
+            link_changed: causes & e1000::regs::int::LSC != 0,
+        }
+    }
+
+    fn stats(&mut self) -> NetStats {
+        let s = Nic::stats(self);
+        NetStats {
+            missed: s.missed,
+            good_rx: s.good_rx,
+            good_tx: s.good_tx,
+            rx_errors: s.rx_errors,
+            tx_errors: s.tx_errors,
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        Nic::begin_shutdown(self);
+    }
+
+    fn shutdown_done(&self) -> Result<bool, DriverError> {
+        Nic::shutdown_done(self).map_err(DriverError::from)
     }
 }

@@ -1,11 +1,13 @@
 //! The ddvm driver-domain image: boots, finds the device the VMM gave it on PCI bus 0, picks
-//! the driver its PCI class calls for (`driver::pick`: NVMe, class 01/08/02) and serves it to
+//! the driver its PCI class calls for (`driver::pick`: NVMe, class 01/08/02; the 8254x NIC
+//! driver, `e1000`, is driven only by the self-test so far) and serves it to
 //! the VMM over the channel (`service`, through the `driver::BlockDriver` trait); heartbeats
 //! and takes fault-injection requests.
 //!
 //! Command-line modes and settings, for tests:
-//! - `selftest`: drive the NVMe controller without a channel and report one
-//!   `nvme selftest: PASS|FAIL` line, then exit (status 0 on pass);
+//! - `selftest`: drive the devices found without a channel, the NVMe controller and two 8254x
+//!   NICs, and report one `nvme selftest: PASS|FAIL` or `net selftest: PASS|FAIL` line per
+//!   test, then exit (status 0 when all passed); `selftest=nvme` / `selftest=net`: only one;
 //! - `nvme=BB:DD.F` / `nvme=none`: where the controller is (default: scan bus 0);
 //! - `nvme_bar0=0xBASE/0xSIZE`: where the VMM placed its BAR0 (the probe then does not size it);
 //! - `nvme_timeout_ms=N`: NVMe command timeout (default 30000);
@@ -36,6 +38,7 @@
 extern crate alloc;
 
 mod driver;
+mod e1000;
 mod faults;
 mod nvme;
 mod selftest;
@@ -86,7 +89,7 @@ struct Modes {
     exit: Option<u32>,
     idle: bool,
     standby: bool,
-    selftest: bool,
+    selftest: Option<selftest::Which>,
     nvme: Location,
     nvme_bar0: Option<BarHint>,
     nvme_options: Options,
@@ -113,7 +116,19 @@ impl Modes {
             exit: number(cmdline, "exit"),
             idle: cmdline.flag("idle"),
             standby: cmdline.flag("standby"),
-            selftest: cmdline.flag("selftest"),
+            selftest: if cmdline.flag("selftest") {
+                Some(selftest::Which::Found)
+            } else {
+                cmdline.value("selftest").and_then(|v| {
+                    let which = selftest::Which::parse(v);
+                    if which.is_none() {
+                        println!(
+                            "ddvm driver-domain: ignoring selftest={v:?}: not nvme, net or all"
+                        );
+                    }
+                    which
+                })
+            },
             nvme: cmdline
                 .value("nvme")
                 .and_then(|v| {
@@ -186,8 +201,8 @@ fn main() -> ! {
         println!("spin done iterations={n} cycles={cycles}");
     }
 
-    if modes.selftest {
-        selftest::run(modes.nvme, modes.nvme_options);
+    if let Some(which) = modes.selftest {
+        selftest::run(which, modes.nvme, modes.nvme_options);
     }
 
     let mut service = boot::channel().map(|region| {
@@ -280,7 +295,7 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Box<dyn BlockDriver>> {
         Err(e) => service::fail(ch, format_args!("{e}")),
     };
     let f = &found.function;
-    let Some(driver) = driver::pick(f.class) else {
+    let Some(driver) = driver::pick(f) else {
         service::fail(
             ch,
             format_args!(
@@ -305,6 +320,11 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Box<dyn BlockDriver>> {
                 Err(e) => service::fail(ch, format_args!("{e}")),
             }
         }
+        // The channel of a network device has no service in this image yet.
+        Driver::E1000 => service::fail(
+            ch,
+            format_args!("no network channel service for the e1000 at {}", f.bdf),
+        ),
     }
 }
 

@@ -113,10 +113,10 @@ pub fn find(location: Location, hint: Option<BarHint>) -> Result<Option<Found>, 
     let function = match location {
         Location::Nowhere => None,
         Location::At(bdf) => pci::function(bdf).filter(|f| f.class == NVME_CLASS),
-        // The first function this image has a driver for (`driver::pick`).
+        // The first function the NVMe driver is picked for (`driver::pick`).
         Location::Scan => pci::enumerate_bus0()
             .into_iter()
-            .find(|f| crate::driver::pick(f.class).is_some()),
+            .find(|f| crate::driver::pick(f) == Some(crate::driver::Driver::Nvme)),
     };
     let Some(function) = function else {
         return Ok(None);

@@ -1,5 +1,10 @@
-//! `selftest`: drives the NVMe controller without a VMM (under QEMU, whose NVMe model keeps
-//! the driver honest) and reports one line:
+//! `selftest`: drives the devices it finds without a VMM (under QEMU, whose device models keep
+//! the drivers honest), each test reporting one line, then exits with status 0 when every test
+//! passed. `selftest` runs the NVMe test when there is an NVMe controller (or when there is no
+//! device at all, to report that) and the network test ([`net`]) when there is an 8254x NIC;
+//! `selftest=nvme` and `selftest=net` run only one.
+//!
+//! The NVMe test drives the controller and reports one line:
 //! `nvme selftest: PASS blocks=N bytes=N ms=N` (exit status 0) or `nvme selftest: FAIL <what>`
 //! (exit status 1).
 //!
@@ -16,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod loopback;
+mod net;
 
 use alloc::format;
 use alloc::string::String;
@@ -40,8 +46,61 @@ const BUFFER_OFFSETS: [u64; 3] = [0, 0x200, 0x88];
 /// Regions zeroed with Write Zeroes.
 const ZEROED_REGIONS: u64 = 8;
 
-/// Runs the self-test and exits.
-pub fn run(location: Location, options: Options) -> ! {
+/// Which tests `selftest` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// Every test whose device is present (`selftest`).
+    Found,
+    /// The NVMe test (`selftest=nvme`).
+    Nvme,
+    /// The network test (`selftest=net`).
+    Net,
+}
+
+impl Which {
+    /// Parses the value of `selftest=`.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "nvme" => Some(Which::Nvme),
+            "net" => Some(Which::Net),
+            "all" => Some(Which::Found),
+            _ => None,
+        }
+    }
+}
+
+/// Runs the self-tests `which` asks for and exits.
+pub fn run(which: Which, location: Location, options: Options) -> ! {
+    let nic = which == Which::Net || (which == Which::Found && net::present());
+    let nvme = match which {
+        Which::Nvme => true,
+        Which::Net => false,
+        Which::Found => !nic || nvme_present(location),
+    };
+    let mut passed = true;
+    if nvme {
+        passed &= run_nvme(location, options);
+    }
+    if nic {
+        passed &= net::run();
+    }
+    vmm::exit(if passed { vmm::STATUS_SUCCESS } else { 1 })
+}
+
+/// Whether there is an NVMe controller at `location`.
+fn nvme_present(location: Location) -> bool {
+    use crate::driver::{pick, Driver};
+    match location {
+        Location::Nowhere => false,
+        Location::At(_) => true,
+        Location::Scan => guest_kernel::pci::enumerate_bus0()
+            .iter()
+            .any(|f| pick(f) == Some(Driver::Nvme)),
+    }
+}
+
+/// Runs the NVMe self-test; prints its line; returns whether it passed.
+fn run_nvme(location: Location, options: Options) -> bool {
     let start = Instant::now();
     match test(location, options) {
         Ok((blocks, bytes)) => {
@@ -49,11 +108,11 @@ pub fn run(location: Location, options: Options) -> ! {
                 "nvme selftest: PASS blocks={blocks} bytes={bytes} ms={}",
                 start.elapsed_us() / 1000
             );
-            vmm::exit(vmm::STATUS_SUCCESS)
+            true
         }
         Err(what) => {
             println!("nvme selftest: FAIL {what}");
-            vmm::exit(1)
+            false
         }
     }
 }
