@@ -86,3 +86,78 @@ fn nvme_selftest_passes_on_qemus_nvme_model() {
 fn nvme_selftest_passes_on_qemus_nvme_model_with_4k_blocks() {
     nvme_selftest_under_qemu("qemu-nvme-4k", 4096);
 }
+
+/// Runs the driver domain's network self-test against two of QEMU's 8254x models (`model`) on
+/// one hub: no user networking, no frame leaves QEMU.
+fn net_selftest_under_qemu(model: &str, device_id: &str) {
+    let nic0 = format!("{model},netdev=p0,mac=52:54:00:12:34:56");
+    let nic1 = format!("{model},netdev=p1,mac=52:54:00:12:34:57");
+    let (code, out) = qemu_boot_with(
+        "selftest=net",
+        &[
+            "-netdev",
+            "hubport,id=p0,hubid=0",
+            "-device",
+            &nic0,
+            "-netdev",
+            "hubport,id=p1,hubid=0",
+            "-device",
+            &nic1,
+        ],
+    );
+    assert!(
+        out.contains(&format!("8086:{device_id}")),
+        "the driver must find QEMU's {model}: {out}"
+    );
+    assert!(
+        out.contains("net selftest: PASS mac0=52:54:00:12:34:56 mac1=52:54:00:12:34:57 frames=160"),
+        "output: {out}"
+    );
+    assert_eq!(code, Some(1), "output: {out}");
+}
+
+#[test]
+fn net_selftest_passes_on_qemus_e1000_82540em() {
+    net_selftest_under_qemu("e1000", "100e");
+}
+
+#[test]
+fn net_selftest_passes_on_qemus_e1000_82544gc() {
+    net_selftest_under_qemu("e1000-82544gc", "100c");
+}
+
+#[test]
+fn net_selftest_passes_on_qemus_e1000_82545em() {
+    net_selftest_under_qemu("e1000-82545em", "100f");
+}
+
+/// `selftest` alone runs the test of every device it finds: the NVMe controller's and the NICs'.
+#[test]
+fn selftest_runs_nvme_and_net_tests_for_the_devices_found() {
+    let dir = common::scratch("qemu-nvme-and-net");
+    let disk = dir.join("nvme.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    let drive = format!("file={},if=none,id=nv0,format=raw", disk.display());
+    let (code, out) = qemu_boot_with(
+        "selftest",
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "nvme,serial=ddvmtest,drive=nv0",
+            "-netdev",
+            "hubport,id=p0,hubid=0",
+            "-device",
+            "e1000,netdev=p0,mac=52:54:00:12:34:56",
+            "-netdev",
+            "hubport,id=p1,hubid=0",
+            "-device",
+            "e1000,netdev=p1,mac=52:54:00:12:34:57",
+        ],
+    );
+    assert!(out.contains("nvme selftest: PASS"), "output: {out}");
+    assert!(out.contains("net selftest: PASS"), "output: {out}");
+    assert_eq!(code, Some(1), "output: {out}");
+}
