@@ -110,7 +110,7 @@ fn net_selftest_under_qemu(model: &str, device_id: &str) {
         "the driver must find QEMU's {model}: {out}"
     );
     assert!(
-        out.contains("net selftest: PASS mac0=52:54:00:12:34:56 mac1=52:54:00:12:34:57 frames=160"),
+        out.contains("net selftest: PASS mac0=52:54:00:12:34:56 mac1=52:54:00:12:34:57 frames=232"),
         "output: {out}"
     );
     assert_eq!(code, Some(1), "output: {out}");

@@ -31,8 +31,9 @@ use crate::driver::{Direction, MacAddress, NetCompleted, NetDriver, RxFilters};
 use crate::e1000::probe::{self, Found};
 use crate::e1000::{Nic, Options};
 
-/// Frames each way in the first round.
-pub const FRAMES: u32 = 64;
+/// Frames each way in the first round (not a multiple of the ring sizes, so the restart finds
+/// the devices' ring heads away from 0).
+pub const FRAMES: u32 = 100;
 /// Frames each way after the drivers' restart.
 pub const FRAMES_AFTER_RESTART: u32 = 16;
 /// Experimental ethertype (IEEE 802 local experimental 1).
