@@ -26,12 +26,17 @@
 
 pub mod dma;
 pub mod fileio;
+pub mod net;
 pub mod nvme;
 pub mod pci;
 mod sync;
 pub mod vfio;
 
 pub use dma::{DmaError, DmaWindow};
+pub use net::{
+    wire_pair, DgramWire, Every, PairConfig, PairEnd, StreamListener, StreamWire, TapWire, Wire,
+    WireError, WireStats, MAX_FRAME,
+};
 pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmePoller, NvmeStats};
 pub use pci::{
     BarInfo, BarKind, ConfigSpace, Msix, MsixLayout, PciBackend, PciBus, PciDevice, PciError,
