@@ -185,21 +185,25 @@ impl Nic {
         }
     }
 
-    /// Stops the receive (`rx`) or transmit ring after a refused DMA.
+    /// Stops the receive (`rx`) or transmit ring after a refused DMA. The domain can make
+    /// this happen again and again, so it is logged only the 1st, 2nd, 4th, 8th, ... time.
     pub fn halt(&mut self, rx: bool, what: &str) {
-        let ring = if rx { "receive" } else { "transmit" };
-        tracing::warn!(
-            "e1000 {}: {what} refused by the DMA window; the {ring} ring stops until the driver \
-             enables it again",
-            mac_str(&self.mac)
-        );
-        if rx {
+        let halts = if rx {
             self.rx_halted = true;
-            self.counters.rx_halts += 1;
+            &mut self.counters.rx_halts
         } else {
             self.tx_halted = true;
             self.tx = TxChain::default();
-            self.counters.tx_halts += 1;
+            &mut self.counters.tx_halts
+        };
+        *halts += 1;
+        if halts.is_power_of_two() {
+            let (n, ring) = (*halts, if rx { "receive" } else { "transmit" });
+            tracing::warn!(
+                "e1000 {}: {what} refused by the DMA window; the {ring} ring stops until the \
+                 driver enables it again ({n} times so far)",
+                mac_str(&self.mac)
+            );
         }
     }
 
