@@ -152,3 +152,36 @@ fn without_a_worker_the_poller_receives_and_transmits() {
     assert_eq!(poller.poll(), 0);
     assert!(!crate::net::poll_readable(&[poller.fd()], 0)[0]);
 }
+
+#[test]
+fn over_a_stream_socket_frames_flow_and_a_closed_peer_is_given_up_with_the_link_up() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use crate::net::StreamWire;
+
+    let (ours, mut peer) = UnixStream::pair().unwrap();
+    let wire = StreamWire::new(ours, MAX_FRAME, "socketpair".into()).unwrap();
+    let mut t = TestNic::on(MAC_A, Box::new(wire), true);
+    t.init(RCTL_DEFAULT);
+    // In: QEMU's framing, written in two pieces.
+    let f = frame(MAC_A, [2; 6], 1, 700);
+    let mut bytes = (f.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&f);
+    peer.write_all(&bytes[..300]).unwrap();
+    peer.write_all(&bytes[300..]).unwrap();
+    assert_eq!(t.recv(), f);
+    // Out.
+    let g = frame([2; 6], MAC_A, 2, 500);
+    t.send(&g);
+    let mut out = vec![0u8; 504];
+    peer.read_exact(&mut out).unwrap();
+    assert_eq!(out[..4], 500u32.to_be_bytes());
+    assert_eq!(out[4..], g[..]);
+    // The peer goes: the wire closes, the link stays up, frames sent are dropped.
+    drop(peer);
+    crate::e1000::testdriver::wait_until("the wire closed", || t.nic.stats().wire_closed);
+    assert_eq!(t.read32(STATUS) & STATUS_LU, STATUS_LU);
+    t.send(&frame([2; 6], MAC_A, 3, 64));
+    assert_eq!(t.nic.stats().tx_dropped, 1);
+}
