@@ -14,6 +14,10 @@
 //! - [`nvme`]: an emulated NVMe 1.4 controller backed by a file, with a worker thread, shadow
 //!   doorbells with event indexes, completion interrupts through MSI-X, and a volatile write
 //!   cache that a reset can lose.
+//! - [`e1000`]: an emulated Intel 82540EM Ethernet controller (legacy descriptors, receive
+//!   filter, interrupts as wake-ups, a reset that keeps the link up) joined to a wire.
+//! - [`net`]: the wires an emulated NIC's frames travel on: an in-process pair (with loss,
+//!   duplication and delay), QEMU's stream and datagram socket framings, a TAP device.
 //! - [`vfio`]: a real PCI function through VFIO (container, device, DMA map of the domain's
 //!   RAM, BAR areas, MSI-X to the domain's wake eventfd, quiesce and reset).
 //!
@@ -25,13 +29,20 @@
 #![deny(missing_docs)]
 
 pub mod dma;
+pub mod e1000;
 pub mod fileio;
+pub mod net;
 pub mod nvme;
 pub mod pci;
 mod sync;
 pub mod vfio;
 
 pub use dma::{DmaError, DmaWindow};
+pub use e1000::{E1000Config, E1000Error, E1000Monitor, E1000Poller, E1000Stats, EmulatedE1000};
+pub use net::{
+    wire_pair, DgramWire, Every, PairConfig, PairEnd, StreamListener, StreamWire, TapWire, Wire,
+    WireError, WireStats, MAX_FRAME,
+};
 pub use nvme::{EmulatedNvme, NvmeConfig, NvmeError, NvmeMonitor, NvmePoller, NvmeStats};
 pub use pci::{
     BarInfo, BarKind, ConfigSpace, Msix, MsixLayout, PciBackend, PciBus, PciDevice, PciError,

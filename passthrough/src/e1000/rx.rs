@@ -1,0 +1,233 @@
+//! The receive path: frames from the wire through the receive filter into the ring.
+//!
+//! A legacy receive descriptor is 16 bytes: buffer address (8), then what the NIC writes back:
+//! length (2), checksum (2), status (1), errors (1), special (2). The driver owns the
+//! descriptors from RDT to RDH (exclusive); the NIC fills those from RDH up to RDT. A frame
+//! takes as many buffers of RCTL.BSIZE as it needs (DD on each, EOP on the last); a frame
+//! shorter than 60 bytes is padded to 60 with zeros, as a frame on a real wire is.
+//!
+//! What is dropped, and where it is counted:
+//! - receive disabled (RCTL.EN = 0): the model's `rx_disabled`;
+//! - not for us (see [`Nic::accepts`]): the model's `rx_filtered`;
+//! - shorter than an Ethernet header (RUC) or longer than 1522 bytes (ROC);
+//! - not enough free descriptors, a ring with no descriptors or with RDH or RDT beyond it,
+//!   a stopped ring, or DMA impossible now: missed (MPC and RNBC, and the RXO cause). The
+//!   frame is lost at once: the wire and transmission never wait for the driver.
+//!
+//! A refused DMA (descriptor or buffer outside the domain's memory) stops the ring
+//! ([`Nic::halt`]); the frame being written is lost.
+
+use std::sync::atomic::Ordering;
+
+use super::nic::{ring_size, Nic};
+use super::regs::*;
+use super::MIN_RX_FRAME;
+use crate::net::{MAX_FRAME, MIN_FRAME};
+
+/// Multicast Offset (RCTL.MO) 0 to 3: which 12 bits of the address index the MTA.
+const MTA_SHIFT: [u32; 4] = [4, 3, 2, 0];
+
+impl Nic {
+    /// Takes up to `budget` frames from the wire into the ring; returns how many were taken
+    /// (delivered or dropped). Raises the causes of what happened.
+    pub fn rx_pass(&mut self, budget: usize) -> usize {
+        if self.wire_closed {
+            return 0;
+        }
+        self.wire_backoff = false;
+        let mut causes = 0;
+        let mut taken = 0;
+        while taken < budget {
+            let mut buf = std::mem::take(&mut self.rx_buf);
+            let r = self.wire.recv(&mut buf);
+            let len = match r {
+                Ok(Some(len)) => len,
+                Ok(None) => {
+                    self.rx_buf = buf;
+                    break;
+                }
+                Err(e) => {
+                    self.rx_buf = buf;
+                    self.wire_error(&e);
+                    break;
+                }
+            };
+            taken += 1;
+            causes |= self.receive(&mut buf, len);
+            self.rx_buf = buf;
+        }
+        self.raise(causes);
+        taken
+    }
+
+    /// Delivers (or drops) the frame in `buf[..len]`; returns the interrupt causes.
+    fn receive(&mut self, buf: &mut [u8], len: usize) -> u32 {
+        if self.reg(RCTL) & RCTL_EN == 0 {
+            self.counters.rx_disabled += 1;
+            return 0;
+        }
+        if len < MIN_FRAME {
+            self.count(stat::RUC, 1);
+            return 0;
+        }
+        if len > MAX_FRAME {
+            self.count(stat::ROC, 1);
+            return 0;
+        }
+        if !self.accepts(&buf[..len]) {
+            self.counters.rx_filtered += 1;
+            return 0;
+        }
+        let plen = len.max(MIN_RX_FRAME);
+        buf[len..plen].fill(0);
+        self.count(stat::TPR, 1);
+        self.count64(stat::TORL, plen as u64 + 4);
+        match self.fill_ring(&buf[..plen]) {
+            Ok(causes) => {
+                self.counters.frames_received += 1;
+                self.count(stat::GPRC, 1);
+                self.count64(stat::GORCL, plen as u64 + 4);
+                self.count_size(stat::PRC64, plen);
+                if buf[0] & 1 != 0 {
+                    let s = if buf[..6] == [0xFF; 6] {
+                        stat::BPRC
+                    } else {
+                        stat::MPRC
+                    };
+                    self.count(s, 1);
+                }
+                causes
+            }
+            Err(Missed) => {
+                self.counters.rx_missed += 1;
+                self.count(stat::MPC, 1);
+                self.count(stat::RNBC, 1);
+                ICR_RXO
+            }
+            Err(Stopped) => 0,
+        }
+    }
+
+    /// Whether the receive filter takes a frame with this destination (RCTL, RAR, MTA).
+    /// Broadcast is accepted with BAM, any multicast (broadcast included) with MPE, any
+    /// unicast with UPE; otherwise an exact match of a receive address with AV (and address
+    /// select 0, the destination), or for a multicast address its bit in the MTA.
+    pub fn accepts(&self, frame: &[u8]) -> bool {
+        let rctl = self.reg(RCTL);
+        let dst: [u8; 6] = frame[..6].try_into().unwrap_or_default();
+        let multicast = dst[0] & 1 != 0;
+        if dst == [0xFF; 6] && rctl & RCTL_BAM != 0 {
+            return true;
+        }
+        if multicast && rctl & RCTL_MPE != 0 || !multicast && rctl & RCTL_UPE != 0 {
+            return true;
+        }
+        for n in 0..16 {
+            let low = self.reg(RA + 8 * n);
+            let high = self.reg(RA + 8 * n + 4);
+            if high & RAH_AV == 0 || high & RAH_ASEL_MASK != 0 {
+                continue;
+            }
+            let [a, b, c, d] = low.to_le_bytes();
+            let [e, f, ..] = high.to_le_bytes();
+            if dst == [a, b, c, d, e, f] {
+                return true;
+            }
+        }
+        if !multicast {
+            return false;
+        }
+        let mo = ((rctl >> RCTL_MO_SHIFT) & 3) as usize;
+        let hash = mta_hash(&dst, mo);
+        self.reg(MTA + 4 * u64::from(hash >> 5)) & (1 << (hash & 31)) != 0
+    }
+
+    /// Writes a frame (already padded) into the ring's free descriptors.
+    fn fill_ring(&mut self, frame: &[u8]) -> Result<u32, RingError> {
+        if self.rx_halted || !self.dma.attached() || !self.dma.bus_master() {
+            return Err(Missed);
+        }
+        let size = ring_size(self.reg(RDLEN));
+        let (mut head, tail) = (u64::from(self.reg(RDH)), u64::from(self.reg(RDT)));
+        if size == 0 || head >= size || tail >= size {
+            return Err(Missed);
+        }
+        let free = (tail + size - head) % size;
+        let bsize = buffer_size(self.reg(RCTL));
+        let need = frame.len().div_ceil(bsize) as u64;
+        if need > free {
+            return Err(Missed);
+        }
+        let base = (u64::from(self.reg(RDBAH)) << 32) | u64::from(self.reg(RDBAL));
+        let chunks = frame.chunks(bsize);
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.enumerate() {
+            let Some(addr) = base.checked_add(head * DESC_SIZE) else {
+                self.halt(true, "a receive descriptor address");
+                return Err(Stopped);
+            };
+            let mut d = [0u8; 8];
+            if self.dma.read(addr, &mut d).is_err() {
+                self.halt(true, "a receive descriptor read");
+                return Err(Stopped);
+            }
+            if self.dma.write(u64::from_le_bytes(d), chunk).is_err() {
+                self.halt(true, "a receive buffer write");
+                return Err(Stopped);
+            }
+            // Length and checksum, then status, errors and special in one aligned store, so
+            // the driver never sees DD before the length.
+            let length = (chunk.len() as u32).to_le_bytes();
+            let status = DESC_STA_DD | if i == last { RXD_STA_EOP } else { 0 };
+            if self.dma.write(addr + 8, &length).is_err()
+                || self
+                    .dma
+                    .store_u32(addr + 12, u32::from(status), Ordering::Release)
+                    .is_err()
+            {
+                self.halt(true, "a receive descriptor write-back");
+                return Err(Stopped);
+            }
+            head = (head + 1) % size;
+        }
+        self.set_reg(RDH, head as u32);
+        let left = free - need;
+        let rdmts = (self.reg(RCTL) >> RCTL_RDMTS_SHIFT) & 3;
+        let mut causes = ICR_RXT0;
+        // Free descriptors at or below 1/2, 1/4 or 1/8 of the ring.
+        if left <= size >> (1 + rdmts.min(2)) {
+            causes |= ICR_RXDMT0;
+        }
+        Ok(causes)
+    }
+}
+
+/// Why a frame did not reach the ring.
+enum RingError {
+    /// No room (or no usable ring): counted as missed.
+    Missed,
+    /// The ring stopped on a refused DMA (already reported).
+    Stopped,
+}
+use RingError::{Missed, Stopped};
+
+/// The 12-bit MTA index of a multicast address for Multicast Offset `mo`.
+pub(super) fn mta_hash(dst: &[u8; 6], mo: usize) -> u32 {
+    let bits = (u32::from(dst[5]) << 8) | u32::from(dst[4]);
+    (bits >> MTA_SHIFT[mo]) & 0xFFF
+}
+
+/// Receive buffer size from RCTL (BSIZE, BSEX). The reserved BSEX with BSIZE 00 reads as
+/// 2048.
+pub(super) fn buffer_size(rctl: u32) -> usize {
+    let bsize = (rctl >> RCTL_BSIZE_SHIFT) & 3;
+    match (rctl & RCTL_BSEX != 0, bsize) {
+        (false, 0) | (true, 0) => 2048,
+        (false, 1) => 1024,
+        (false, 2) => 512,
+        (false, _) => 256,
+        (true, 1) => 16384,
+        (true, 2) => 8192,
+        (true, _) => 4096,
+    }
+}

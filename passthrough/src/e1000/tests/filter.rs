@@ -1,0 +1,103 @@
+//! The receive filter: exact addresses, broadcast, the multicast hash, promiscuous modes.
+
+use crate::e1000::regs::*;
+use crate::e1000::rx::mta_hash;
+use crate::e1000::testdriver::{frame, TestNic, BROADCAST, MAC_A, RCTL_DEFAULT};
+use crate::net::{PairEnd, Wire};
+
+const OTHER: [u8; 6] = [0x52, 0x54, 0x00, 0x99, 0x99, 0x99];
+const MCAST: [u8; 6] = [0x01, 0x00, 0x5E, 0x00, 0x00, 0xFB];
+const MCAST2: [u8; 6] = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
+
+/// Whether a frame to `dst` reaches the driver.
+fn delivered(t: &mut TestNic, peer: &mut PairEnd, dst: [u8; 6], n: u32) -> bool {
+    let before = t.nic.stats();
+    let f = frame(dst, [2; 6], n, 80);
+    peer.send(&f).unwrap();
+    crate::e1000::testdriver::wait_until("the frame taken", || {
+        let s = t.nic.stats();
+        s.frames_received + s.rx_filtered > before.frames_received + before.rx_filtered
+    });
+    match t.try_recv() {
+        Some(got) => {
+            assert_eq!(got, f);
+            true
+        }
+        None => false,
+    }
+}
+
+#[test]
+fn unicast_to_our_address_passes_and_to_another_does_not() {
+    let (mut t, mut peer) = TestNic::with_peer();
+    assert!(delivered(&mut t, &mut peer, MAC_A, 1));
+    assert!(!delivered(&mut t, &mut peer, OTHER, 2));
+    assert_eq!(t.nic.stats().rx_filtered, 1);
+    // A second exact address, valid: it passes; its AV cleared: it does not.
+    t.write32(RA + 8 * 5, u32::from_le_bytes([0x52, 0x54, 0x00, 0x99]));
+    t.write32(RA + 8 * 5 + 4, 0x9999 | RAH_AV);
+    assert!(delivered(&mut t, &mut peer, OTHER, 3));
+    t.write32(RA + 8 * 5 + 4, 0x9999);
+    assert!(!delivered(&mut t, &mut peer, OTHER, 4));
+    // Address select other than the destination does not match it.
+    t.write32(RA + 8 * 5 + 4, 0x9999 | RAH_AV | 1 << 16);
+    assert!(!delivered(&mut t, &mut peer, OTHER, 5));
+}
+
+#[test]
+fn broadcast_passes_only_with_bam() {
+    let (mut t, mut peer) = TestNic::with_peer();
+    assert!(delivered(&mut t, &mut peer, BROADCAST, 1));
+    t.write32(RCTL, RCTL_DEFAULT & !RCTL_BAM);
+    assert!(!delivered(&mut t, &mut peer, BROADCAST, 2));
+}
+
+#[test]
+fn multicast_passes_by_its_hash_bit_for_every_offset() {
+    let (mut t, mut peer) = TestNic::with_peer();
+    assert!(!delivered(&mut t, &mut peer, MCAST, 1));
+    // MO = 0: bits 47:36 of the address, as the 82540EM takes them.
+    let h = mta_hash(&MCAST, 0);
+    assert_eq!(h, (0xFB << 4) & 0xFFF);
+    t.write32(MTA + 4 * u64::from(h >> 5), 1 << (h & 31));
+    assert!(delivered(&mut t, &mut peer, MCAST, 2));
+    assert!(!delivered(&mut t, &mut peer, MCAST2, 3), "another hash");
+    // A unicast address whose bits hash to the same entry is not matched by the MTA.
+    let mut uni = MCAST;
+    uni[0] = 0x02;
+    assert!(!delivered(&mut t, &mut peer, uni, 4));
+    for mo in 1..4u32 {
+        for i in 0..128 {
+            t.write32(MTA + 4 * i, 0);
+        }
+        t.write32(RCTL, RCTL_DEFAULT | mo << RCTL_MO_SHIFT);
+        let h = mta_hash(&MCAST2, mo as usize);
+        assert!(!delivered(&mut t, &mut peer, MCAST2, 10 + mo));
+        t.write32(MTA + 4 * u64::from(h >> 5), 1 << (h & 31));
+        assert!(delivered(&mut t, &mut peer, MCAST2, 20 + mo), "MO {mo}");
+    }
+}
+
+#[test]
+fn promiscuous_modes_pass_what_they_say() {
+    let (mut t, mut peer) = TestNic::with_peer();
+    t.write32(RCTL, RCTL_DEFAULT | RCTL_MPE);
+    assert!(delivered(&mut t, &mut peer, MCAST, 1));
+    assert!(
+        !delivered(&mut t, &mut peer, OTHER, 2),
+        "MPE is multicast only"
+    );
+    t.write32(RCTL, RCTL_DEFAULT | RCTL_UPE);
+    assert!(delivered(&mut t, &mut peer, OTHER, 3));
+    assert!(
+        !delivered(&mut t, &mut peer, MCAST, 4),
+        "UPE is unicast only"
+    );
+    // Receive disabled: nothing, counted apart.
+    t.write32(RCTL, RCTL_DEFAULT & !RCTL_EN);
+    peer.send(&frame(MAC_A, [2; 6], 5, 80)).unwrap();
+    crate::e1000::testdriver::wait_until("dropped while disabled", || {
+        t.nic.stats().rx_disabled == 1
+    });
+    t.recv_nothing();
+}
