@@ -19,11 +19,12 @@
 //! [`domain_flags`]), the rings, the [`Completion`] entry and its [`status`] codes. A class
 //! adds its device info (at [`DEVICE_INFO_OFFSET`], at most [`DEVICE_INFO_MAX`] bytes), its
 //! request entry ([`REQUEST_SIZE`] bytes, starting with the tag, the operation and its flags)
-//! and its operations, in a module of its own: [`blk`] for block devices.
+//! and its operations, in a module of its own: [`blk`] for block devices, [`net`] for NICs.
 
 use crate::assert_abi_size;
 
 pub mod blk;
+pub mod net;
 
 /// `ChannelHeader::magic`.
 pub const CHANNEL_MAGIC: u32 = 0x6464_6368; // "ddch"
@@ -46,7 +47,7 @@ pub const REQUEST_SIZE: u64 = 32;
 pub mod class {
     /// Block devices: requests address 512-byte sectors ([`super::blk`]).
     pub const BLK: u32 = 1;
-    /// Network devices: reserved for the network class, not served yet.
+    /// Network devices: frames through VMM-owned slots ([`super::net`]).
     pub const NET: u32 = 2;
 
     /// A class's name, for messages.
