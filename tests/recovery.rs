@@ -233,8 +233,14 @@ fn restarts_that_fail_before_ready_replay_on_the_domain_that_comes_up() {
         }
         assert!(dropped > 0, "the resets dropped cached writes ({dropped})");
         let status = handle.with(|o| o.status.clone()).unwrap();
-        // The kill, then 2, 3 and 2 failed boots: 10 failures, each a restart decision.
-        assert_eq!(status.restarts, 10, "standbys={standbys}: {status:?}");
+        // The kill, then 2, 3 and 2 failed boots: 10 failures, each a restart decision (and
+        // one more for each request a starved host let pass its deadline meanwhile).
+        let late = status.detections.get("deadline").copied().unwrap_or(0);
+        assert_eq!(
+            status.restarts,
+            10 + late,
+            "standbys={standbys}: {status:?}"
+        );
         assert_eq!(status.duplicates, 0, "standbys={standbys}: {status:?}");
         assert!(!status.broken, "{status:?}");
         assert_eq!(status.detections.get("panic"), Some(&5), "{status:?}");
