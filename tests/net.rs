@@ -360,7 +360,8 @@ fn the_filter_set_decides_what_is_received() {
 
     // A malformed filter set is refused and changes nothing.
     let tag = {
-        // Flags this version does not know: encode a set, then corrupt it in the slot.
+        // Flags this version does not know (`encode` writes them; the domain's decode refuses
+        // them).
         let bad = FilterSet {
             flags: 0x8000_0000,
             ..FilterSet::default()
