@@ -4,8 +4,8 @@
 use vm_memory::ByteValued;
 
 use crate::boot::BootInfo;
-use crate::channel::blk::DeviceInfo;
 use crate::channel::ChannelHeader;
+use crate::channel::{blk, net};
 use crate::log::LogHeader;
 use crate::panic::PanicRecord;
 
@@ -15,7 +15,9 @@ unsafe impl ByteValued for BootInfo {}
 // SAFETY: as above.
 unsafe impl ByteValued for ChannelHeader {}
 // SAFETY: as above.
-unsafe impl ByteValued for DeviceInfo {}
+unsafe impl ByteValued for blk::DeviceInfo {}
+// SAFETY: as above.
+unsafe impl ByteValued for net::DeviceInfo {}
 // SAFETY: as above.
 unsafe impl ByteValued for LogHeader {}
 // SAFETY: as above.

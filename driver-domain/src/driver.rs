@@ -5,9 +5,11 @@
 //! device: it turns requests into [`IoRequest`]s for a [`BlockDriver`] and the driver's
 //! [`Completed`] commands into completions. `main` probes the PCI function the VMM gave the
 //! domain, [`pick`]s the driver its class code (and, for NICs, its vendor and device ID) calls
-//! for, brings it up and hands it to the service as a `Box<dyn BlockDriver>`. Block devices:
+//! for, brings it up and hands it to the service of its class (`Box<dyn BlockDriver>` or
+//! `Box<dyn NetDriver>`). Block devices:
 //! NVMe (class 01/08/02, `nvme`). Network devices: the Intel 8254x (class 02/00/00, `e1000`)
-//! behind [`NetDriver`], which the self-test drives (no net channel service yet). Another
+//! behind [`NetDriver`], which the network channel service (`net_service`) and the self-test
+//! drive. [`Driver::class`] names the channel class each driver's service serves. Another
 //! driver adds a [`Driver`] kind, a variant of [`DeviceStatus`] and of [`DriverError`], and
 //! an implementation of its class's trait.
 //!
@@ -35,6 +37,24 @@ pub enum Driver {
     Nvme,
     /// Intel 8254x Ethernet controllers (`e1000`).
     E1000,
+}
+
+impl Driver {
+    /// The channel class (`ddvm_abi::channel::class`) whose service drives this driver.
+    pub fn class(self) -> u32 {
+        match self {
+            Driver::Nvme => ddvm_abi::channel::class::BLK,
+            Driver::E1000 => ddvm_abi::channel::class::NET,
+        }
+    }
+
+    /// The driver's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Nvme => "nvme",
+            Driver::E1000 => "e1000",
+        }
+    }
 }
 
 /// The driver for `function`, if this image has one: by class code (base class, subclass,
@@ -340,6 +360,8 @@ pub struct NetProperties {
     pub max_frame: u32,
     /// Smallest receive buffer it takes.
     pub rx_buffer_len: u32,
+    /// Exact unicast addresses it filters besides its own.
+    pub unicast_filters: u32,
 }
 
 /// The two rings of a NIC.
@@ -442,6 +464,7 @@ impl NetDriver for Nic {
             mac: self.mac(),
             max_frame: e1000_device::MAX_FRAME,
             rx_buffer_len: e1000_device::RX_BUFFER_SIZE,
+            unicast_filters: (e1000::regs::RAR_ENTRIES - 1) as u32,
         }
     }
 

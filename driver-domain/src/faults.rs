@@ -33,6 +33,22 @@ pub struct Injection {
     pub arg: u32,
 }
 
+/// What a request the service took is, as far as fault injection cares: the block class's
+/// `FAIL_FLUSH` and `FAIL_WRITE` pick their victims by it; every other kind (and every net
+/// request) is `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// A block flush.
+    Flush,
+    /// A block write starting at `sector`.
+    Write {
+        /// First sector.
+        sector: u64,
+    },
+    /// Anything else.
+    Other,
+}
+
 /// The image built with fault injection (the `fault-injection` feature, which a build of ddvm
 /// with its own `fault-injection` feature turns on).
 #[cfg(feature = "fault-injection")]
@@ -40,20 +56,19 @@ mod on {
     use alloc::vec::Vec;
     use core::mem::{offset_of, size_of};
 
-    use ddvm_abi::channel::blk::{op, DeviceInfo, Request};
     use ddvm_abi::channel::{
-        fault, offset, ring, ChannelHeader, Completion, Entry, DEVICE_INFO_OFFSET,
+        blk, fault, net, offset, ring, ChannelHeader, Completion, Entry, DEVICE_INFO_OFFSET,
     };
     use ddvm_abi::layout::PAGE_SIZE;
     use guest_kernel::{boot, println, time};
 
-    use crate::service::Service;
+    use crate::service::ChannelService;
 
-    use super::Injection;
+    use super::{Injection, Taken};
 
     /// Acts on `inj`. The kinds that work through the channel need `service`; without one
     /// (no channel) they are logged and ignored.
-    pub fn inject(inj: Injection, service: Option<&mut Service>) {
+    pub fn inject(inj: Injection, service: Option<&mut dyn ChannelService>) {
         let Injection { code, arg } = inj;
         println!("fault injected: {code} arg {arg:#x}");
         match code {
@@ -87,7 +102,7 @@ mod on {
     }
 
     /// The faults that misuse the channel or the device.
-    fn on_channel(code: u32, arg: u32, s: &mut Service) {
+    fn on_channel(code: u32, arg: u32, s: &mut dyn ChannelService) {
         if code == fault::WILD_WRITE {
             return wild_write(s, arg, &mut Rng::new(time::ticks()));
         }
@@ -158,22 +173,21 @@ mod on {
     }
 
     impl Sabotage {
-        /// The service took `req`: arms what applies to it. True when the request is to fail at
-        /// once, with an I/O error, without reaching the device.
-        pub fn taken(&mut self, req: &Request) -> bool {
-            let (tag, len) = (req.tag, req.len);
-            if req.op == op::FLUSH && self.fail_flush {
+        /// The service took request `tag` of `len` bytes, of kind `what`: arms what applies
+        /// to it. True when the request is to fail at once, with an I/O error, without
+        /// reaching the device.
+        pub fn taken(&mut self, tag: u32, len: u32, what: Taken) -> bool {
+            if what == Taken::Flush && self.fail_flush {
                 self.fail_flush = false;
                 println!("fault: failing the flush of tag {tag}");
                 return true;
             }
-            if req.op == op::WRITE && self.fail_write == Some(req.sector) {
-                self.fail_write = None;
-                println!(
-                    "fault: failing the write of tag {tag} at sector {}",
-                    req.sector
-                );
-                return true;
+            if let Taken::Write { sector } = what {
+                if self.fail_write == Some(sector) {
+                    self.fail_write = None;
+                    println!("fault: failing the write of tag {tag} at sector {sector}");
+                    return true;
+                }
             }
             let delay_ticks = match self.slow.as_mut() {
                 Some(slow) => {
@@ -250,7 +264,7 @@ mod on {
     }
 
     /// [`fault::WILD_WRITE`]: garbage into the targets `arg` selects (0: all).
-    fn wild_write(s: &mut Service, arg: u32, rng: &mut Rng) {
+    fn wild_write(s: &mut dyn ChannelService, arg: u32, rng: &mut Rng) {
         let all = fault::WILD_WRITE_ENTRIES | fault::WILD_WRITE_HEADER | fault::WILD_WRITE_PRODUCER;
         let targets = if arg == 0 { all } else { arg };
         let region = s.channel().region();
@@ -265,11 +279,12 @@ mod on {
             // What the VMM wrote (magic, version, epoch; size to max_transfer; class) and the
             // device info it checks at ready; not the live words (state, fault, ready_epoch,
             // heartbeat, flags): losing the ready mark would only hide the rest.
+            let info = size_of::<blk::DeviceInfo>().max(size_of::<net::DeviceInfo>()) as u64;
             let fields = [
                 0..offset::STATE,
                 offset_of!(ChannelHeader, size) as u64..offset::FAULT_ARG,
                 offset::CLASS..offset::CLASS + size_of::<u32>() as u64,
-                DEVICE_INFO_OFFSET..DEVICE_INFO_OFFSET + size_of::<DeviceInfo>() as u64,
+                DEVICE_INFO_OFFSET..DEVICE_INFO_OFFSET + info,
             ];
             for off in fields.into_iter().flat_map(|r| r.step_by(4)) {
                 region.write::<u32>(off, rng.next() as u32);
@@ -334,15 +349,14 @@ mod on {
 /// ever armed, so none of the misbehaviour above is in the image.
 #[cfg(not(feature = "fault-injection"))]
 mod off {
-    use ddvm_abi::channel::blk::Request;
     use ddvm_abi::channel::Completion;
     use guest_kernel::println;
 
-    use super::Injection;
-    use crate::service::Service;
+    use super::{Injection, Taken};
+    use crate::service::ChannelService;
 
     /// Reports a fault request this image cannot carry out.
-    pub fn inject(inj: Injection, _service: Option<&mut Service>) {
+    pub fn inject(inj: Injection, _service: Option<&mut dyn ChannelService>) {
         println!(
             "fault {} requested: this image is built without fault injection; ignored",
             inj.code
@@ -363,7 +377,7 @@ mod off {
 
     impl Sabotage {
         /// Never fails a request.
-        pub fn taken(&mut self, _req: &Request) -> bool {
+        pub fn taken(&mut self, _tag: u32, _len: u32, _what: Taken) -> bool {
             false
         }
 

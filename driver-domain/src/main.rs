@@ -1,8 +1,10 @@
 //! The ddvm driver-domain image: boots, finds the device the VMM gave it on PCI bus 0, picks
-//! the driver its PCI class calls for (`driver::pick`: NVMe, class 01/08/02; the 8254x NIC
-//! driver, `e1000`, is driven only by the self-test so far) and serves it to
-//! the VMM over the channel (`service`, through the `driver::BlockDriver` trait); heartbeats
-//! and takes fault-injection requests.
+//! the driver its PCI class calls for (`driver::pick`: NVMe, class 01/08/02; the 8254x NIC,
+//! class 02/00/00) and serves it to the VMM over the channel with the service of the
+//! channel's class: block (`service`, through `driver::BlockDriver`) or network
+//! (`net_service`, through `driver::NetDriver`). A device whose driver serves another class
+//! than the channel's is refused before it is brought up (the channel marked failed, a panic
+//! naming both). Heartbeats and takes fault-injection requests.
 //!
 //! Command-line modes and settings, for tests:
 //! - `selftest`: drive the devices found without a channel, the NVMe controller and two 8254x
@@ -10,6 +12,8 @@
 //!   test, then exit (status 0 when all passed); `selftest=nvme` / `selftest=net`: only one;
 //! - `nvme=BB:DD.F` / `nvme=none`: where the controller is (default: scan bus 0);
 //! - `nvme_bar0=0xBASE/0xSIZE`: where the VMM placed its BAR0 (the probe then does not size it);
+//! - `nic=BB:DD.F` / `nic=none`, `nic_bar0=0xBASE/0xSIZE`: the same for a NIC; with `nic=` the
+//!   `nvme=` keys are not looked at;
 //! - `nvme_timeout_ms=N`: NVMe command timeout (default 30000);
 //! - `nvme_dbbuf=0`: do not use shadow doorbells even when the controller offers them;
 //! - `poll_us=N`, `poll_busy_us=N`: how long the main loop polls before it waits in the VMM,
@@ -40,24 +44,25 @@ extern crate alloc;
 mod driver;
 mod e1000;
 mod faults;
+mod net_service;
 mod nvme;
 mod selftest;
 mod service;
 mod vmm_channel;
 
-use ddvm_abi::channel::blk::DeviceInfo;
-use ddvm_abi::channel::class;
+use ddvm_abi::channel::{blk, class, net};
 use guest_kernel::cmdline::Cmdline;
 use guest_kernel::time::{self, Instant};
 use guest_kernel::{arch, boot, println, vmm};
 
 use alloc::boxed::Box;
 
-use crate::driver::{BlockDriver, Driver};
+use crate::driver::{BlockDriver, Driver, NetDriver};
 use crate::faults::Injection;
+use crate::net_service::NetService;
 use crate::nvme::probe::{self, BarHint, Location};
 use crate::nvme::{Controller, Options};
-use crate::service::Service;
+use crate::service::{ChannelService, Service};
 use crate::vmm_channel::Channel;
 
 guest_kernel::entry_point!(main);
@@ -92,6 +97,8 @@ struct Modes {
     selftest: Option<selftest::Which>,
     nvme: Location,
     nvme_bar0: Option<BarHint>,
+    nic: Option<Location>,
+    nic_bar0: Option<BarHint>,
     nvme_options: Options,
     poll: Poll,
 }
@@ -143,6 +150,20 @@ impl Modes {
                 let hint = BarHint::parse(v);
                 if hint.is_none() {
                     println!("ddvm driver-domain: ignoring nvme_bar0={v:?}: not 0xBASE/0xSIZE");
+                }
+                hint
+            }),
+            nic: cmdline.value("nic").and_then(|v| {
+                let at = Location::parse(v);
+                if at.is_none() {
+                    println!("ddvm driver-domain: ignoring nic={v:?}: not BB:DD.F or none");
+                }
+                at
+            }),
+            nic_bar0: cmdline.value("nic_bar0").and_then(|v| {
+                let hint = BarHint::parse(v);
+                if hint.is_none() {
+                    println!("ddvm driver-domain: ignoring nic_bar0={v:?}: not 0xBASE/0xSIZE");
                 }
                 hint
             }),
@@ -210,9 +231,8 @@ fn main() -> ! {
         if let Err(e) = ch.check_geometry() {
             service::fail(&ch, format_args!("cannot use the channel: {e}"));
         }
-        // The channel service is block's: any other class is refused before the device is
-        // touched.
-        if let Err(e) = ch.check_class(class::BLK) {
+        // A class without a service here is refused before the device is touched.
+        if let Err(e) = ch.check_class(&[class::BLK, class::NET]) {
             service::fail(&ch, format_args!("cannot use the channel: {e}"));
         }
         if modes.standby {
@@ -222,7 +242,7 @@ fn main() -> ! {
             prefault_heap(STANDBY_PREFAULT);
             vmm::standby();
         }
-        let disk = attach(&ch, &modes);
+        let device = attach(&ch, &modes);
         // A fault asked for during bring-up (see `boot_fault`): the domain dies or hangs with
         // its device attached and live, before it is ready.
         let bring_up_fault = ch.take_fault().or(modes.boot_fault.map(|code| Injection {
@@ -237,31 +257,23 @@ fn main() -> ! {
             faults::inject(*f, None);
             false
         });
-        let info = disk.as_ref().map_or_else(DeviceInfo::default, |d| {
-            service::device_info(&d.properties(), ch.header().max_transfer)
-        });
-        if disk.is_some() && info.max_transfer == 0 {
-            service::fail(
-                &ch,
-                format_args!(
-                    "channel max_transfer {} is below the device's block size",
-                    ch.header().max_transfer
-                ),
-            );
-        }
-        ch.write_device_info(&info);
-        ch.mark_ready();
-        println!("ready epoch={}", ch.epoch());
-        let mut service = Service::new(ch, disk, info);
+        let mut service: Box<dyn ChannelService> = if ch.header().class == class::NET {
+            Box::new(net_channel(ch, device.and_then(Device::into_net)))
+        } else {
+            Box::new(block_channel(ch, device.and_then(Device::into_block)))
+        };
         // A channel fault found during bring-up applies to the first requests served.
         if let Some(f) = bring_up_fault {
-            faults::inject(f, Some(&mut service));
+            faults::inject(f, Some(service.as_mut()));
         }
         service
     });
     if let Some(code) = modes.fault {
         let arg = modes.fault_arg;
-        faults::inject(Injection { code, arg }, service.as_mut());
+        let s = service
+            .as_mut()
+            .map(|s| &mut **s as &mut dyn ChannelService);
+        faults::inject(Injection { code, arg }, s);
     }
     if let Some(status) = modes.exit {
         vmm::exit(status);
@@ -282,14 +294,85 @@ fn prefault_heap(bytes: usize) {
     }
 }
 
-/// Finds the device the VMM gave the domain, picks its driver from its PCI class and brings
-/// it up, if there is one. A device that is present but unusable is fatal (the channel is
-/// marked failed first).
-fn attach(ch: &Channel, modes: &Modes) -> Option<Box<dyn BlockDriver>> {
-    let found = match probe::find(modes.nvme, modes.nvme_bar0) {
+/// The device a driver was brought up for.
+enum Device {
+    Block(Box<dyn BlockDriver>),
+    Net(Box<dyn NetDriver>),
+}
+
+impl Device {
+    fn into_block(self) -> Option<Box<dyn BlockDriver>> {
+        match self {
+            Device::Block(d) => Some(d),
+            Device::Net(_) => None,
+        }
+    }
+
+    fn into_net(self) -> Option<Box<dyn NetDriver>> {
+        match self {
+            Device::Net(d) => Some(d),
+            Device::Block(_) => None,
+        }
+    }
+}
+
+/// Publishes the block device info, marks ready and builds the block service.
+fn block_channel(ch: Channel, disk: Option<Box<dyn BlockDriver>>) -> Service {
+    let info = disk.as_ref().map_or_else(blk::DeviceInfo::default, |d| {
+        service::device_info(&d.properties(), ch.header().max_transfer)
+    });
+    if disk.is_some() && info.max_transfer == 0 {
+        service::fail(
+            &ch,
+            format_args!(
+                "channel max_transfer {} is below the device's block size",
+                ch.header().max_transfer
+            ),
+        );
+    }
+    ch.write_device_info(&info);
+    ch.mark_ready();
+    println!("ready epoch={}", ch.epoch());
+    Service::new(ch, disk, info)
+}
+
+/// Publishes the network device info, marks ready and builds the network service.
+fn net_channel(ch: Channel, nic: Option<Box<dyn NetDriver>>) -> NetService {
+    let info = nic.as_ref().map_or_else(net::DeviceInfo::default, |n| {
+        net_service::device_info(&n.properties(), n.link(), "Intel 8254x (e1000)")
+    });
+    if nic.is_some() && ch.header().max_transfer < info.rx_buffer {
+        service::fail(
+            &ch,
+            format_args!(
+                "channel max_transfer {} is below the NIC's receive buffer of {}",
+                ch.header().max_transfer,
+                info.rx_buffer
+            ),
+        );
+    }
+    ch.write_device_info(&info);
+    ch.mark_ready();
+    println!("ready epoch={}", ch.epoch());
+    NetService::new(ch, nic, info)
+}
+
+/// Finds the device the VMM gave the domain (`nic=` if given, else `nvme=`), picks its driver
+/// from its PCI class, checks that the driver serves the channel's class, and brings it up, if
+/// there is one. A device that is present but unusable, or of another class than the
+/// channel's, is fatal (the channel is marked failed first).
+fn attach(ch: &Channel, modes: &Modes) -> Option<Device> {
+    let (wanted, location, hint) = match modes.nic {
+        Some(at) => (Driver::E1000, at, modes.nic_bar0),
+        None => (Driver::Nvme, modes.nvme, modes.nvme_bar0),
+    };
+    let found = match probe::find_for(wanted, location, hint) {
         Ok(Some(found)) => found,
         Ok(None) => {
-            println!("nvme: no controller found: requests complete UNSUPPORTED");
+            println!(
+                "{}: no device found: requests complete UNSUPPORTED",
+                wanted.name()
+            );
             return None;
         }
         Err(e) => service::fail(ch, format_args!("{e}")),
@@ -304,6 +387,24 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Box<dyn BlockDriver>> {
             ),
         )
     };
+    let served = ch.header().class;
+    if driver.class() != served {
+        service::fail(
+            ch,
+            format_args!(
+                "the channel is of class {served} ({}) but the device at {} ({:04x}:{:04x}, \
+                 PCI class {:06x}) is for the {} driver, class {} ({})",
+                class::name(served),
+                f.bdf,
+                f.vendor,
+                f.device,
+                f.class,
+                driver.name(),
+                driver.class(),
+                class::name(driver.class())
+            ),
+        );
+    }
     match driver {
         Driver::Nvme => {
             println!(
@@ -315,26 +416,48 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Box<dyn BlockDriver>> {
             match Controller::init(found.registers, modes.nvme_options, vector) {
                 Ok(disk) => {
                     println!("{} (ready in {} us)", disk.info(), start.elapsed_us());
-                    Some(Box::new(disk))
+                    Some(Device::Block(Box::new(disk)))
                 }
                 Err(e) => service::fail(ch, format_args!("{e}")),
             }
         }
-        // The channel of a network device has no service in this image yet.
-        Driver::E1000 => service::fail(
-            ch,
-            format_args!("no network channel service for the e1000 at {}", f.bdf),
-        ),
+        Driver::E1000 => {
+            let Some(model) = e1000::probe::model(f) else {
+                service::fail(ch, format_args!("e1000: unknown part at {}", f.bdf))
+            };
+            let found = e1000::probe::Found {
+                function: *f,
+                model,
+                bar: found.bar,
+                registers: found.registers,
+            };
+            let start = Instant::now();
+            match e1000::Nic::init(&found, e1000::Options::default()) {
+                Ok(nic) => {
+                    println!(
+                        "e1000: {:04x}:{:04x} at {}, BAR0 {:#x}, MAC {} (ready in {} us)",
+                        f.vendor,
+                        f.device,
+                        f.bdf,
+                        found.bar.base,
+                        nic.mac(),
+                        start.elapsed_us()
+                    );
+                    Some(Device::Net(Box::new(nic)))
+                }
+                Err(e) => service::fail(ch, format_args!("{e}")),
+            }
+        }
     }
 }
 
 /// The main loop: heartbeat, fault injection, serve the channel; when idle, poll a little,
 /// then wait.
-fn serve(mut service: Option<Service>, poll: Poll) -> ! {
+fn serve(mut service: Option<Box<dyn ChannelService>>, poll: Poll) -> ! {
     let mut last_log = Instant::now();
     let mut polling = Instant::now();
     loop {
-        if let Some(s) = service.as_mut() {
+        if let Some(s) = service.as_deref_mut() {
             let ch = s.channel_mut();
             let beat = ch.beat();
             if let Some(f) = ch.take_fault() {
@@ -349,9 +472,9 @@ fn serve(mut service: Option<Service>, poll: Poll) -> ! {
                 continue;
             }
         }
-        let in_flight = service.as_ref().map_or(0, Service::in_flight);
+        let in_flight = service.as_deref().map_or(0, |s| s.in_flight());
         // A device that interrupts ends the wait when it completes a command.
-        let polled = in_flight > 0 && !service.as_ref().is_some_and(Service::device_interrupts);
+        let polled = service.as_deref().is_some_and(|s| s.polled_wait());
         let poll_us = if in_flight > 0 {
             poll.busy_us
         } else {
@@ -362,16 +485,16 @@ fn serve(mut service: Option<Service>, poll: Poll) -> ! {
             continue;
         }
         if service
-            .as_ref()
+            .as_deref()
             .is_some_and(|s| s.channel().fault_pending())
         {
             continue;
         }
-        if !service.as_mut().is_none_or(Service::prepare_wait) {
+        if !service.as_deref_mut().is_none_or(|s| s.prepare_wait()) {
             continue;
         }
         vmm::wait(if polled { WAIT_BUSY_US } else { WAIT_US });
-        if let Some(s) = service.as_mut() {
+        if let Some(s) = service.as_deref_mut() {
             s.woke();
         }
         polling = Instant::now();

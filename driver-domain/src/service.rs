@@ -47,8 +47,68 @@ use alloc::boxed::Box;
 use crate::driver::{
     BlockDriver, BlockProperties, Completed, DriverError, IoKind, IoRequest, SubmitError,
 };
-use crate::faults::Sabotage;
+use crate::faults::{Sabotage, Taken};
 use crate::vmm_channel::Channel;
+
+/// What the main loop and fault injection need of a channel service, whatever its class
+/// (block: [`Service`]; network: `net_service::NetService`).
+pub trait ChannelService {
+    /// The channel header.
+    fn channel(&self) -> &Channel;
+    /// The channel header, to heartbeat and take faults.
+    fn channel_mut(&mut self) -> &mut Channel;
+    /// One pass: device completions, new requests, publication. Returns whether anything
+    /// happened.
+    fn pass(&mut self) -> bool;
+    /// Requests taken and not yet completed on the ring.
+    fn in_flight(&self) -> usize;
+    /// Whether a wait now must be short: the device has work whose end only polling sees
+    /// (it does not interrupt).
+    fn polled_wait(&self) -> bool;
+    /// Before waiting: sets `WAITING` and re-checks. True when the domain may wait.
+    fn prepare_wait(&mut self) -> bool;
+    /// After a wait.
+    fn woke(&mut self);
+    /// Fault injection armed on this service.
+    #[cfg(feature = "fault-injection")]
+    fn sabotage(&mut self) -> &mut Sabotage;
+    /// Fault injection: the completion ring's producer index jumps `by` entries ahead (see
+    /// [`Service::skip_completion_producer`]).
+    #[cfg(feature = "fault-injection")]
+    fn skip_completion_producer(&mut self, by: u32);
+}
+
+impl ChannelService for Service {
+    fn channel(&self) -> &Channel {
+        Service::channel(self)
+    }
+    fn channel_mut(&mut self) -> &mut Channel {
+        Service::channel_mut(self)
+    }
+    fn pass(&mut self) -> bool {
+        Service::pass(self)
+    }
+    fn in_flight(&self) -> usize {
+        Service::in_flight(self)
+    }
+    fn polled_wait(&self) -> bool {
+        Service::in_flight(self) > 0 && !self.device_interrupts()
+    }
+    fn prepare_wait(&mut self) -> bool {
+        Service::prepare_wait(self)
+    }
+    fn woke(&mut self) {
+        Service::woke(self)
+    }
+    #[cfg(feature = "fault-injection")]
+    fn sabotage(&mut self) -> &mut Sabotage {
+        Service::sabotage(self)
+    }
+    #[cfg(feature = "fault-injection")]
+    fn skip_completion_producer(&mut self, by: u32) {
+        Service::skip_completion_producer(self, by)
+    }
+}
 
 /// Bytes of a channel sector.
 const SECTOR: u64 = 512;
@@ -375,7 +435,12 @@ impl Service {
 
     /// Validates `req` and submits it, or completes it at once.
     fn serve(&mut self, req: &Request) {
-        if self.sabotage.taken(req) {
+        let what = match req.op {
+            op::FLUSH => Taken::Flush,
+            op::WRITE => Taken::Write { sector: req.sector },
+            _ => Taken::Other,
+        };
+        if self.sabotage.taken(req.tag, req.len, what) {
             return self.complete(req.tag, status::IO_ERROR, 0);
         }
         if self.stop.is_some() {

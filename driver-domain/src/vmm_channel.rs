@@ -6,12 +6,11 @@
 use core::fmt;
 use core::mem::size_of;
 
-use ddvm_abi::channel::blk::DeviceInfo;
 use ddvm_abi::channel::{
     class, domain_flags, offset, state, vmm_flags, ChannelHeader, GeometryError, CHANNEL_MAGIC,
     CHANNEL_VERSION, DEVICE_INFO_OFFSET,
 };
-use guest_kernel::shared::{full_fence, publish_fence, SharedRegion};
+use guest_kernel::shared::{full_fence, publish_fence, Plain, SharedRegion};
 
 use crate::faults::Injection;
 
@@ -120,20 +119,30 @@ impl Channel {
         self.header.check_geometry().map_err(ChannelError::Geometry)
     }
 
-    /// Checks that the header names device class `serves` (one of `ddvm_abi::channel::class`).
-    pub fn check_class(&self, serves: u32) -> Result<(), ChannelError> {
-        if self.header.class != serves {
+    /// Checks that the header names one of the device classes in `serves` (of
+    /// `ddvm_abi::channel::class`; the first is named in the error).
+    pub fn check_class(&self, serves: &[u32]) -> Result<(), ChannelError> {
+        if !serves.contains(&self.header.class) {
             return Err(ChannelError::Class {
                 class: self.header.class,
-                serves,
+                serves: serves.first().copied().unwrap_or(0),
             });
         }
         Ok(())
     }
 
-    /// Publishes the device info (before [`Channel::mark_ready`]).
-    pub fn write_device_info(&self, info: &DeviceInfo) {
+    /// Publishes the device info of the channel's class (`blk::DeviceInfo` or
+    /// `net::DeviceInfo`), before [`Channel::mark_ready`].
+    pub fn write_device_info<T: Plain>(&self, info: &T) {
         self.region.write(DEVICE_INFO_OFFSET, *info);
+        publish_fence();
+    }
+
+    /// Rewrites the network device info's link word (`net::offset::LINK`), the one field of
+    /// the device info that changes after ready.
+    pub fn write_link(&self, link: u32) {
+        self.region
+            .write(ddvm_abi::channel::net::offset::LINK, link);
         publish_fence();
     }
 

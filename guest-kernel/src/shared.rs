@@ -9,9 +9,9 @@ use core::ptr;
 use core::sync::atomic::{compiler_fence, fence, Ordering};
 
 use ddvm_abi::boot::BootInfo;
-use ddvm_abi::channel::blk::DeviceInfo;
 use ddvm_abi::channel::ring::SharedMemory;
 use ddvm_abi::channel::ChannelHeader;
+use ddvm_abi::channel::{blk, net};
 use ddvm_abi::log::LogHeader;
 
 /// Types for which every bit pattern is a valid value and that have no padding: safe to copy
@@ -37,7 +37,10 @@ unsafe impl Plain for ChannelHeader {}
 // SAFETY: as above.
 unsafe impl Plain for LogHeader {}
 // SAFETY: as above (`DeviceInfo` is 128 bytes of integers and byte arrays, no padding).
-unsafe impl Plain for DeviceInfo {}
+unsafe impl Plain for blk::DeviceInfo {}
+// SAFETY: as above (the network `DeviceInfo` is 128 bytes of integers and byte arrays, no
+// padding).
+unsafe impl Plain for net::DeviceInfo {}
 
 /// A range of guest-physical (= virtual) memory shared with the VMM or a device.
 #[derive(Clone, Copy, Debug)]

@@ -285,7 +285,13 @@ impl Config {
                 ));
             }
             // The geometry the VMM will build must fit: rings plus a 4 KiB slot per entry.
-            let fits = crate::domain::channel_header(&d.name, 0, d.channel_kib << 10).is_ok();
+            let fits = crate::domain::channel_header(
+                &d.name,
+                ddvm_abi::channel::class::BLK,
+                0,
+                d.channel_kib << 10,
+            )
+            .is_ok();
             if !fits || d.channel_kib % 4 != 0 || d.channel_kib * 2 > d.memory_mib * 1024 {
                 return Err(invalid(
                     format!("domain[{i}].channel_kib"),

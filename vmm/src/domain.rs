@@ -63,6 +63,12 @@ pub trait DeviceModel: Send + Sync {
     fn shutdown(&self, pci: &Mutex<PciDevice>, timeout: Duration) -> DeviceShutdown;
     /// The model, for its own module to look at (its counters).
     fn as_any(&self) -> &dyn Any;
+    /// The channel class (`ddvm_abi::channel::class`) a domain serves this device as: what
+    /// its channel header says, and which command-line keys name the device to the domain
+    /// ([`device_hint_key`]).
+    fn class(&self) -> u32 {
+        class::BLK
+    }
     /// DMA the device attempted that an IOMMU blocked, counted so far across every domain it
     /// served, where the model can see them (a VFIO device: the IOMMU's fault reports); the
     /// emulated controller's refusals are its DMA window's.
@@ -375,8 +381,11 @@ struct DomainBoot<'a> {
     channel: Option<u64>,
     header: Option<ChannelHeader>,
     spec: Option<&'a DeviceSpec>,
-    // The domain's command line places the device itself (`nvme=`): no BAR0 hint added.
+    // The domain's command line places the device itself (`nvme=`, `nic=`): no BAR0 hint
+    // added.
     user_placed: bool,
+    // The command-line key naming the device (`nvme`, `nic`; see `device_hint_key`).
+    hint_key: &'static str,
     device: Option<Arc<DomainDevice>>,
     handover: Option<Handover>,
 }
@@ -426,7 +435,8 @@ impl ImageExtras for DomainBoot<'_> {
         });
         self.device = device;
         // The VMM placed it (BARs cannot be moved): the domain need not size it.
-        Ok(bar0.map(|(bar, gpa)| format!("nvme_bar0={gpa:#x}/{:#x}", bar.size)))
+        let key = self.hint_key;
+        Ok(bar0.map(|(bar, gpa)| format!("{key}_bar0={gpa:#x}/{:#x}", bar.size)))
     }
 
     fn attach(
@@ -549,19 +559,22 @@ impl Domain {
             });
         }
         // Tell the domain where its device is (or that it has none): probing the bus costs
-        // an exit per config access. Where its BAR0 is follows once the device exists.
+        // an exit per config access. Where its BAR0 is follows once the device exists. The
+        // key says which driver the device is for: `nvme=` (block), `nic=` (network).
+        let class = cfg.device.as_ref().map_or(class::BLK, DeviceSpec::class);
+        let hint_key = device_hint_key(class);
         let user_placed = cfg
             .cmdline
             .split_whitespace()
-            .any(|t| t.starts_with("nvme="));
+            .any(|t| t.starts_with("nvme=") || t.starts_with("nic="));
         let cmdline = if user_placed {
             cfg.cmdline.clone()
         } else {
-            let nvme = match cfg.device {
-                Some(_) => format!("nvme=00:{PCI_DEVICE_NUMBER:02x}.0"),
-                None => "nvme=none".to_string(),
+            let at = match cfg.device {
+                Some(_) => format!("{hint_key}=00:{PCI_DEVICE_NUMBER:02x}.0"),
+                None => format!("{hint_key}=none"),
             };
-            format!("{} {nvme}", cfg.cmdline).trim_start().to_string()
+            format!("{} {at}", cfg.cmdline).trim_start().to_string()
         };
         let cmdline = if standby {
             format!("{cmdline} standby").trim_start().to_string()
@@ -577,7 +590,7 @@ impl Domain {
         }
         let header = match cfg.channel_size {
             0 => None,
-            size => Some(channel_header(&name, epoch, size)?),
+            size => Some(channel_header(&name, class, epoch, size)?),
         };
         let channel = (cfg.channel_size > 0).then_some(cfg.memory - cfg.channel_size);
         let mut extras = DomainBoot {
@@ -589,6 +602,7 @@ impl Domain {
             header,
             spec: cfg.device.as_ref(),
             user_placed,
+            hint_key,
             device: None,
             handover: None,
         };
@@ -751,13 +765,30 @@ pub const RING_ENTRIES: u32 = 64;
 /// Largest request data.
 pub const MAX_TRANSFER_LIMIT: u32 = 128 << 10;
 
-/// The channel header for a channel of `size` bytes: [`RING_ENTRIES`] per ring, the rest as
-/// bounce slots, one per ring entry, each as large as fits (at most 128 KiB).
-pub fn channel_header(name: &str, epoch: u64, size: u64) -> Result<ChannelHeader, DomainError> {
-    let probe = ChannelHeader::new(class::BLK, epoch, size, RING_ENTRIES, 512);
+/// The command-line key that names a domain's device of channel class `class` (its location
+/// `KEY=BB:DD.F` or `KEY=none`, and its BAR0 `KEY_bar0=0xBASE/0xSIZE`): `nvme` for block,
+/// `nic` for network. The key tells the domain which driver the VMM meant, so it need not read
+/// the function's class code.
+pub fn device_hint_key(class: u32) -> &'static str {
+    match class {
+        class::NET => "nic",
+        _ => "nvme",
+    }
+}
+
+/// The channel header of device class `class` (one of `ddvm_abi::channel::class`) for a
+/// channel of `size` bytes: [`RING_ENTRIES`] per ring, the rest as bounce slots, one per ring
+/// entry, each as large as fits (at most 128 KiB).
+pub fn channel_header(
+    name: &str,
+    class: u32,
+    epoch: u64,
+    size: u64,
+) -> Result<ChannelHeader, DomainError> {
+    let probe = ChannelHeader::new(class, epoch, size, RING_ENTRIES, 512);
     let per_slot = u64::from(probe.data_size) / u64::from(RING_ENTRIES);
     let max_transfer = (per_slot.min(u64::from(MAX_TRANSFER_LIMIT)) / 4096 * 4096) as u32;
-    let header = ChannelHeader::new(class::BLK, epoch, size, RING_ENTRIES, max_transfer);
+    let header = ChannelHeader::new(class, epoch, size, RING_ENTRIES, max_transfer);
     if max_transfer == 0 || header.check_geometry().is_err() {
         return Err(DomainError::ChannelSize {
             name: name.to_string(),

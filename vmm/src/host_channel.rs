@@ -15,7 +15,7 @@ use std::time::Instant;
 use ddvm_abi::channel::blk::{op, DeviceInfo, Request};
 use ddvm_abi::channel::ring::{Consumer, IndexError, Producer, SharedMemory};
 use ddvm_abi::channel::{
-    class, domain_flags, offset, vmm_flags, ChannelHeader, Completion, DEVICE_INFO_OFFSET,
+    class, domain_flags, offset, vmm_flags, ChannelHeader, Completion, Entry, DEVICE_INFO_OFFSET,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -99,9 +99,76 @@ pub enum DomainProtocolError {
         /// Length of the request.
         max: u32,
     },
+    /// A completion whose length is not what its operation allows (network: a transmit's
+    /// must be the frame's, a received frame's at least a header and at most its buffer).
+    #[error("completion for tag {tag} reports {len} bytes, expected {min} to {max}")]
+    LengthInvalid {
+        /// The tag.
+        tag: u32,
+        /// Length claimed.
+        len: u32,
+        /// Least allowed.
+        min: u32,
+        /// Most allowed.
+        max: u32,
+    },
     /// Device info that cannot be right.
     #[error("device info invalid: {0}")]
     DeviceInfo(&'static str),
+}
+
+/// The checks every class makes on a completion `c` of a request in flight whose length was
+/// `request_len`: the current epoch (low 32 bits `epoch`), and a length at most the
+/// request's.
+pub fn check_completion(
+    c: &Completion,
+    epoch: u32,
+    request_len: u32,
+) -> Result<(), DomainProtocolError> {
+    if c.epoch != epoch {
+        return Err(DomainProtocolError::StaleEpoch {
+            tag: c.tag,
+            epoch: c.epoch,
+            expected: epoch,
+        });
+    }
+    if c.len > request_len {
+        return Err(DomainProtocolError::LengthOverRequest {
+            tag: c.tag,
+            len: c.len,
+            max: request_len,
+        });
+    }
+    Ok(())
+}
+
+/// Publishes the requests `req` posted into the channel at `base` and returns whether the
+/// domain waits (and needs a kick, counted in `counters`), whatever the class.
+pub fn publish_requests<T: Entry>(
+    req: &Producer<T>,
+    mem: &GuestMem,
+    base: u64,
+    counters: &ChannelCounters,
+) -> bool {
+    let m = ChannelMemory::new(mem, base);
+    req.publish(&m);
+    fence(Ordering::SeqCst);
+    let flags: u32 = mem
+        .load(GuestAddress(base + offset::DOMAIN_FLAGS), Ordering::Acquire)
+        .unwrap_or(domain_flags::WAITING);
+    let waiting = flags & domain_flags::WAITING != 0;
+    if waiting {
+        counters.kicks.fetch_add(1, Ordering::Relaxed);
+    }
+    waiting
+}
+
+/// Asks the domain of the channel at `base` to notify (or not) when it publishes
+/// completions, whatever the class.
+pub fn set_notify_flag(mem: &GuestMem, base: u64, on: bool) {
+    let v = if on { vmm_flags::NOTIFY_ME } else { 0 };
+    let _ = mem.store(v, GuestAddress(base + offset::VMM_FLAGS), Ordering::Release);
+    fence(Ordering::SeqCst);
 }
 
 /// Why a request could not be posted.
@@ -354,31 +421,12 @@ impl HostChannel {
 
     /// Publishes posted requests; returns whether the domain waits and needs a kick.
     pub fn publish(&self, mem: &GuestMem) -> bool {
-        let m = self.memory(mem);
-        self.req.publish(&m);
-        fence(Ordering::SeqCst);
-        let flags: u32 = mem
-            .load(
-                GuestAddress(self.base + offset::DOMAIN_FLAGS),
-                Ordering::Acquire,
-            )
-            .unwrap_or(domain_flags::WAITING);
-        let waiting = flags & domain_flags::WAITING != 0;
-        if waiting {
-            self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-        }
-        waiting
+        publish_requests(&self.req, mem, self.base, &self.counters)
     }
 
     /// Asks the domain to notify (or not) when it publishes completions.
     pub fn set_notify(&self, mem: &GuestMem, on: bool) {
-        let v = if on { vmm_flags::NOTIFY_ME } else { 0 };
-        let _ = mem.store(
-            v,
-            GuestAddress(self.base + offset::VMM_FLAGS),
-            Ordering::Release,
-        );
-        fence(Ordering::SeqCst);
+        set_notify_flag(mem, self.base, on);
     }
 
     /// Takes the completions the domain published, checking each; accepted ones are appended
@@ -403,19 +451,8 @@ impl HostChannel {
             let Some(f) = self.inflight.get(&c.tag).copied() else {
                 return Err(self.violation(DomainProtocolError::UnknownTag { tag: c.tag }));
             };
-            if c.epoch != epoch {
-                return Err(self.violation(DomainProtocolError::StaleEpoch {
-                    tag: c.tag,
-                    epoch: c.epoch,
-                    expected: epoch,
-                }));
-            }
-            if c.len > f.request.len {
-                return Err(self.violation(DomainProtocolError::LengthOverRequest {
-                    tag: c.tag,
-                    len: c.len,
-                    max: f.request.len,
-                }));
+            if let Err(e) = check_completion(&c, epoch, f.request.len) {
+                return Err(self.violation(e));
             }
             self.inflight.remove(&c.tag);
             out.push(Done {
@@ -490,7 +527,7 @@ mod tests {
 
     fn setup() -> (GuestMem, HostChannel, ChannelHeader) {
         let mem = crate::memory::create(4 << 20, 1 << 30).unwrap();
-        let header = crate::domain::channel_header("t", 3, 1 << 20).unwrap();
+        let header = crate::domain::channel_header("t", class::BLK, 3, 1 << 20).unwrap();
         mem.write_obj(header, GuestAddress(BASE)).unwrap();
         (mem, HostChannel::new(BASE, header), header)
     }
@@ -678,7 +715,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "a host channel serves the block class")]
     fn a_host_channel_opens_only_a_block_header() {
-        let mut header = crate::domain::channel_header("t", 3, 1 << 20).unwrap();
+        let mut header = crate::domain::channel_header("t", class::BLK, 3, 1 << 20).unwrap();
         assert_eq!(header.class, class::BLK, "the VMM writes the block class");
         header.class = class::NET;
         let _ = HostChannel::new(BASE, header);

@@ -1,4 +1,6 @@
-//! Finding the controller on PCI bus 0 and reaching its registers.
+//! Finding the device the VMM gave the domain on PCI bus 0 and reaching its registers: the
+//! NVMe controller (`nvme=`, `nvme_bar0=`), or, through [`find_for`], the function of another
+//! driver (the NIC: `nic=`, `nic_bar0=`).
 //!
 //! Each configuration access is an exit (one through ECAM, two through the ports): finding and
 //! enabling a controller at a known address takes nine (vendor and class, BAR0 read and sized,
@@ -95,10 +97,10 @@ pub enum ProbeError {
 impl fmt::Display for ProbeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProbeError::Bar(bdf, e) => write!(f, "nvme at {bdf}: BAR0: {e}"),
+            ProbeError::Bar(bdf, e) => write!(f, "device at {bdf}: BAR0: {e}"),
             ProbeError::NoRoom(bdf, size) => write!(
                 f,
-                "nvme at {bdf}: BAR0 ({size:#x} bytes) is unassigned and does not fit below 4 GiB"
+                "device at {bdf}: BAR0 ({size:#x} bytes) is unassigned and does not fit below 4 GiB"
             ),
         }
     }
@@ -107,16 +109,27 @@ impl fmt::Display for ProbeError {
 /// Finds the first NVMe controller at `location` and enables it on the bus. With `hint` and
 /// a known function, the VMM's placement of BAR0 is taken as given.
 pub fn find(location: Location, hint: Option<BarHint>) -> Result<Option<Found>, ProbeError> {
+    find_for(crate::driver::Driver::Nvme, location, hint)
+}
+
+/// Finds the first function `driver` drives at `location` and enables it on the bus. With
+/// `hint` and a known function, the VMM's placement of BAR0 is taken as given, and so is the
+/// class: the hint's key (`nvme=`, `nic=`) says which driver the VMM meant, so the function
+/// is taken as that driver's class; the IDs are read.
+pub fn find_for(
+    driver: crate::driver::Driver,
+    location: Location,
+    hint: Option<BarHint>,
+) -> Result<Option<Found>, ProbeError> {
     if let (Location::At(bdf), Some(hint)) = (location, hint) {
-        return find_placed(bdf, hint);
+        return find_placed(driver, bdf, hint);
     }
+    let ours = |f: &PciFunction| crate::driver::pick(f) == Some(driver);
     let function = match location {
         Location::Nowhere => None,
-        Location::At(bdf) => pci::function(bdf).filter(|f| f.class == NVME_CLASS),
-        // The first function the NVMe driver is picked for (`driver::pick`).
-        Location::Scan => pci::enumerate_bus0()
-            .into_iter()
-            .find(|f| crate::driver::pick(f) == Some(crate::driver::Driver::Nvme)),
+        Location::At(bdf) => pci::function(bdf).filter(ours),
+        // The first function the driver is picked for (`driver::pick`).
+        Location::Scan => pci::enumerate_bus0().into_iter().find(ours),
     };
     let Some(function) = function else {
         return Ok(None);
@@ -150,27 +163,36 @@ pub fn find(location: Location, hint: Option<BarHint>) -> Result<Option<Found>, 
     }))
 }
 
-/// [`find`] where the VMM said where BAR0 is: one read to see what is in the slot, one write to
-/// enable it.
-fn find_placed(bdf: Bdf, hint: BarHint) -> Result<Option<Found>, ProbeError> {
+/// [`find_for`] where the VMM said where BAR0 is: one read to see what is in the slot, one
+/// write to enable it.
+fn find_placed(
+    driver: crate::driver::Driver,
+    bdf: Bdf,
+    hint: BarHint,
+) -> Result<Option<Found>, ProbeError> {
     let id = pci::read_u32(bdf, pci::reg::VENDOR_ID);
     let vendor = id as u16;
     if vendor == 0xffff || vendor == 0 {
         return Ok(None);
     }
+    let (class, is_64bit) = match driver {
+        // NVMe's BAR0 is 64-bit (MLBAR/MUBAR).
+        crate::driver::Driver::Nvme => (NVME_CLASS, true),
+        // The 8254x's BAR0 is 32-bit memory.
+        crate::driver::Driver::E1000 => (crate::e1000::probe::ETHERNET_CLASS, false),
+    };
     let function = PciFunction {
         bdf,
         vendor,
         device: (id >> 16) as u16,
-        // The VMM put an NVMe controller here (`nvme=`).
-        class: NVME_CLASS,
+        // The VMM put a device of this driver's class here (`nvme=`, `nic=`).
+        class,
     };
     let bar = MemoryBar {
         index: 0,
         base: hint.base,
         size: hint.size,
-        // NVMe's BAR0 is 64-bit (MLBAR/MUBAR).
-        is_64bit: true,
+        is_64bit,
         prefetchable: false,
     };
     let registers = pci::map_memory_bar(&bar).map_err(|e| ProbeError::Bar(bdf, e))?;

@@ -237,6 +237,14 @@ impl ChannelBackend {
             }
             Some(DeviceSpec::Vfio(v)) => DomainDevice::vfio(&name, v)?,
             Some(DeviceSpec::Persistent(d)) => d.clone(),
+            Some(DeviceSpec::EmulatedE1000(_)) => {
+                return Err(StartError::Failed {
+                    name,
+                    reason: FailureReason::BootFailed {
+                        message: "a disk domain needs a block device, not a NIC".into(),
+                    },
+                })
+            }
             None => {
                 return Err(StartError::Failed {
                     name,
@@ -913,7 +921,8 @@ pub fn violation(e: DomainProtocolError) -> ProtocolViolation {
             epoch,
             expected,
         },
-        DomainProtocolError::LengthOverRequest { tag, len, max } => {
+        DomainProtocolError::LengthOverRequest { tag, len, max }
+        | DomainProtocolError::LengthInvalid { tag, len, max, .. } => {
             ProtocolViolation::LengthOverRequest { tag, len, max }
         }
         DomainProtocolError::Index(i) => match i {
