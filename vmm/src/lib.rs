@@ -23,6 +23,7 @@ pub mod isolation;
 pub mod linux;
 pub mod loader;
 pub mod memory;
+pub mod net;
 pub mod ratelimit;
 pub mod reincarnation;
 pub mod stats;
