@@ -346,10 +346,7 @@ impl NetPort {
             let at = GuestAddress(ring + 4 + slot * 8);
             ok &= head < size
                 && self.mem.write_obj(u32::from(head), at).is_ok()
-                && self
-                    .mem
-                    .write_obj(len, GuestAddress(at.0 + 4))
-                    .is_ok();
+                && self.mem.write_obj(len, GuestAddress(at.0 + 4)).is_ok();
         }
         if ok {
             queue.set_next_used(start.wrapping_add(first.len() as u16));
@@ -471,8 +468,7 @@ impl NetPort {
         let mut st = self.lock();
         let st = &mut *st;
         let head = usize::from(token.head);
-        if token.generation != st.generation || !st.tx_heads.get(head).copied().unwrap_or(false)
-        {
+        if token.generation != st.generation || !st.tx_heads.get(head).copied().unwrap_or(false) {
             bump(&self.counters.tx_stale);
             return false;
         }
@@ -528,7 +524,9 @@ impl NetPort {
             let chain = match q.iter(&self.mem) {
                 Ok(mut it) => it.next(),
                 Err(_) => {
-                    bad = Some(Invalid::Unusable("available index moved past the queue size"));
+                    bad = Some(Invalid::Unusable(
+                        "available index moved past the queue size",
+                    ));
                     break;
                 }
             };
@@ -695,9 +693,10 @@ impl NetPort {
             {
                 cmd.data == self.config.mac
             }
-            (n::VIRTIO_NET_CTRL_VLAN, n::VIRTIO_NET_CTRL_VLAN_ADD | n::VIRTIO_NET_CTRL_VLAN_DEL)
-                if has(feature::CTRL_VLAN) =>
-            {
+            (
+                n::VIRTIO_NET_CTRL_VLAN,
+                n::VIRTIO_NET_CTRL_VLAN_ADD | n::VIRTIO_NET_CTRL_VLAN_DEL,
+            ) if has(feature::CTRL_VLAN) => {
                 // Acknowledged and ignored (no VLAN filtering), if well formed.
                 cmd.data.len() == 2 && u16::from_le_bytes([cmd.data[0], cmd.data[1]]) < 4096
             }
@@ -747,7 +746,13 @@ impl NetPort {
 }
 
 /// Writes bytes `[from, from + len)` of the concatenation `whole` into `segs`.
-fn write_range(mem: &GuestMem, segs: &[Segment], whole: &[&[u8]; 2], from: usize, len: usize) -> bool {
+fn write_range(
+    mem: &GuestMem,
+    segs: &[Segment],
+    whole: &[&[u8]; 2],
+    from: usize,
+    len: usize,
+) -> bool {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(2);
     let (mut skip, mut left) = (from, len);
     for p in whole {

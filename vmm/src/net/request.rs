@@ -62,7 +62,8 @@ where
     for (i, d) in chain.enumerate() {
         if i == MAX_DESCRIPTORS {
             // Stop here: the head gives back the whole chain whatever its length.
-            w.bad.get_or_insert("more descriptors than the device walks");
+            w.bad
+                .get_or_insert("more descriptors than the device walks");
             return Ok(w);
         }
         last = Some(d);
@@ -245,11 +246,17 @@ where
         return Err(CtrlInvalid::Err(ack, why));
     }
     if total(&w.writable) != 1 {
-        return Err(CtrlInvalid::Err(ack, "control command with more than an ack byte"));
+        return Err(CtrlInvalid::Err(
+            ack,
+            "control command with more than an ack byte",
+        ));
     }
     let len = total(&w.readable);
     if len < 2 {
-        return Err(CtrlInvalid::Err(ack, "control command without class and command"));
+        return Err(CtrlInvalid::Err(
+            ack,
+            "control command without class and command",
+        ));
     }
     if len - 2 > MAX_CTRL_DATA {
         return Err(CtrlInvalid::Err(ack, "control command data too long"));
