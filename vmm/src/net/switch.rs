@@ -166,7 +166,7 @@ pub enum SwitchError {
 
 /// Why a frame was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drop {
+pub enum Dropped {
     /// Shorter than an Ethernet header.
     Runt,
     /// Longer than the largest frame.
@@ -371,21 +371,21 @@ impl Switch {
     }
 
     /// A frame from `client`: where it goes, or why it is dropped.
-    pub fn outgoing(&mut self, client: ClientId, frame: &[u8]) -> Result<Route, Drop> {
+    pub fn outgoing(&mut self, client: ClientId, frame: &[u8]) -> Result<Route, Dropped> {
         let Some(own) = self.mac(client) else {
-            return Err(Drop::NoClient);
+            return Err(Dropped::NoClient);
         };
         if frame.len() < ETH_HEADER {
             self.counters.runts += 1;
-            return Err(Drop::Runt);
+            return Err(Dropped::Runt);
         }
         if frame.len() > self.max_frame {
             self.counters.oversized += 1;
-            return Err(Drop::Oversized);
+            return Err(Dropped::Oversized);
         }
         if mac_at(frame, MAC_LEN) != own {
             self.counters.spoofed += 1;
-            return Err(Drop::Spoofed);
+            return Err(Dropped::Spoofed);
         }
         let dst = mac_at(frame, 0);
         let clients = self.receivers(&dst, Some(client), true);
@@ -571,11 +571,11 @@ mod tests {
         assert_eq!(s.counters.oversized, 1);
         assert_eq!(
             s.outgoing(0, &frame(BROADCAST, A, 13)[..13]),
-            Err(Drop::Runt)
+            Err(Dropped::Runt)
         );
         assert_eq!(
             s.outgoing(0, &frame(BROADCAST, A, 1515)),
-            Err(Drop::Oversized)
+            Err(Dropped::Oversized)
         );
         assert_eq!((s.counters.runts, s.counters.oversized), (2, 2));
         assert!(s.outgoing(0, &frame(BROADCAST, A, 1514)).is_ok());
@@ -587,13 +587,13 @@ mod tests {
     #[test]
     fn a_client_frame_with_a_foreign_source_mac_is_dropped() {
         let mut s = three();
-        assert_eq!(s.outgoing(0, &frame(EXT, B, 60)), Err(Drop::Spoofed));
+        assert_eq!(s.outgoing(0, &frame(EXT, B, 60)), Err(Dropped::Spoofed));
         assert_eq!(
             s.outgoing(0, &frame(BROADCAST, EXT, 60)),
-            Err(Drop::Spoofed)
+            Err(Dropped::Spoofed)
         );
         assert_eq!(s.counters.spoofed, 2);
-        assert_eq!(s.outgoing(7, &frame(EXT, A, 60)), Err(Drop::NoClient));
+        assert_eq!(s.outgoing(7, &frame(EXT, A, 60)), Err(Dropped::NoClient));
         assert_eq!(
             s.outgoing(0, &frame(EXT, A, 60)),
             Ok(Route {
