@@ -1,7 +1,19 @@
-//! The network device class, VMM side: the channel to a NIC driver domain ([`channel`]).
-//! The class the reincarnation engine drives, the frame switch and the virtio-net frontend
-//! build on it.
+//! The network device class, VMM side: the channel to a NIC driver domain ([`channel`]), the
+//! switch that decides which client receives a frame ([`switch`]), and the virtio-net device
+//! a client sees ([`device`]). The class the reincarnation engine drives joins them.
+//!
+//! ```text
+//! client TX ring -> NetPort::transmit -> TxBackend (switch: NIC and/or hairpin) ... complete_tx
+//! NIC frame -> Switch::incoming -> NetPort::receive of each receiving client (or dropped)
+//! client control queue -> NetPort::control -> ClientConfig -> Switch::set_config -> FilterSet
+//! ```
 
 pub mod channel;
+pub mod device;
+pub mod request;
+pub mod switch;
 
 pub use channel::{NetChannel, NetDone};
+
+#[cfg(test)]
+mod tests;
