@@ -185,6 +185,14 @@ impl<O: Operation, C> ShadowQueue<O, C> {
         self.entries.contains_key(&seq)
     }
 
+    /// Sets how many times an entry was posted (an entry pushed again by its class after a
+    /// failed attempt keeps its count).
+    pub fn set_attempts(&mut self, seq: u64, attempts: u32) {
+        if let Some(e) = self.entries.get_mut(&seq) {
+            e.attempts = attempts;
+        }
+    }
+
     /// Removes an entry whatever its state (a client that reset its device, or give-up).
     pub fn remove(&mut self, seq: u64) -> Option<Entry<O, C>> {
         let e = self.entries.remove(&seq)?;

@@ -309,6 +309,19 @@ impl NetChannel {
         Ok(taken)
     }
 
+    /// Whether the domain published completions not yet taken (a violation breaks the
+    /// channel, as in [`NetChannel::poll`]).
+    pub fn poll_pending(&mut self, mem: &GuestMem) -> Result<bool, DomainProtocolError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        let m = ChannelMemory::new(mem, self.base);
+        match self.cpl.refresh(&m) {
+            Ok(n) => Ok(n > 0),
+            Err(e) => Err(self.violation(DomainProtocolError::Index(e))),
+        }
+    }
+
     /// Copies a received frame (`done.len` bytes) out of its slot into `buf`; returns the bytes
     /// copied (at most `buf.len()`). Call before [`NetChannel::finish`].
     pub fn read_frame(&self, mem: &GuestMem, done: &NetDone, buf: &mut [u8]) -> usize {

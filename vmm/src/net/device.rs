@@ -158,6 +158,17 @@ pub struct TxToken {
     head: u16,
 }
 
+impl TxToken {
+    /// A token for tests of what carries it.
+    #[cfg(test)]
+    pub(crate) fn for_test(head: u16) -> TxToken {
+        TxToken {
+            generation: 1,
+            head,
+        }
+    }
+}
+
 /// What a [`TxBackend`] did with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TxVerdict {

@@ -9,7 +9,9 @@
 //! ```
 
 pub mod channel;
+pub mod class;
 pub mod device;
+pub mod replay;
 pub mod request;
 pub mod switch;
 

@@ -16,6 +16,8 @@ use ddvm_recovery::reason::FailureReason;
 
 use super::*;
 
+mod net;
+
 /// What a fake domain does once it is let go.
 #[derive(Clone, Debug)]
 enum Script {
@@ -33,6 +35,8 @@ struct Seen {
     stopped: Mutex<Option<FailureReason>>,
     retired: AtomicBool,
     armed: Mutex<Vec<(u32, u32)>>,
+    /// A NIC domain's memory with its channel (the world's `net` domains).
+    net: Option<(crate::memory::GuestMem, ddvm_abi::channel::ChannelHeader)>,
 }
 
 struct FakeDomain {
@@ -135,6 +139,8 @@ struct World {
     scripts: Mutex<VecDeque<Script>>,
     /// Images whose domains die at once.
     bad_images: Mutex<Vec<String>>,
+    /// Domains get a network channel with this device info.
+    net: Mutex<Option<ddvm_abi::channel::net::DeviceInfo>>,
     boots: Mutex<Vec<Boot>>,
     domains: Mutex<BTreeMap<u64, Arc<Seen>>>,
 }
@@ -147,7 +153,10 @@ impl World {
         } else {
             lock(&self.scripts).pop_front().unwrap_or(Script::Ready)
         };
-        let seen = Arc::new(Seen::default());
+        let seen = Arc::new(Seen {
+            net: lock(&self.net).map(|info| net::channel(epoch, info)),
+            ..Seen::default()
+        });
         if let Some(f) = fault {
             lock(&seen.armed).push(f);
         }
