@@ -59,6 +59,8 @@ pub trait NetDomain: DomainHandle {
     fn net_kick(&self);
     /// The eventfd written when it notifies completions or stops.
     fn net_notify_fd(&self) -> Option<std::os::fd::RawFd>;
+    /// Reads that eventfd (the service is awake).
+    fn net_clear_notify(&self);
 }
 
 impl NetDomain for crate::domain::Domain {
@@ -77,6 +79,10 @@ impl NetDomain for crate::domain::Domain {
     fn net_notify_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         Some(self.notify_eventfd().as_raw_fd())
+    }
+
+    fn net_clear_notify(&self) {
+        let _ = self.notify_eventfd().read();
     }
 }
 
@@ -593,6 +599,7 @@ where
         };
         channel.set_notify(mem, on);
         if !on {
+            live.domain.net_clear_notify();
             return false;
         }
         live.domain.has_stopped().is_some() || channel.poll_pending(mem).unwrap_or(true)

@@ -13,6 +13,7 @@ pub mod class;
 pub mod device;
 pub mod replay;
 pub mod request;
+pub mod service;
 pub mod switch;
 
 pub use channel::{NetChannel, NetDone};

@@ -51,6 +51,8 @@ impl NetDomain for FakeDomain {
     fn net_notify_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+
+    fn net_clear_notify(&self) {}
 }
 
 /// The domain's side of one fake NIC's channel, played by the test.

@@ -1,0 +1,352 @@
+//! The network service: one thread per NIC (`net-NAME`) that owns the NIC's class and its
+//! reincarnation engine ([`NetBackend`]), the [`Switch`], and the clients' [`NetPort`]s.
+//!
+//! Each pass: client records that changed go to the switch (a changed filter set owes the
+//! domain a CONFIG); control queues are served (a command is answered in the pass that finds
+//! it); client frames are taken (hairpinned copies go straight into neighbours' RX buffers,
+//! frames for the wire are queued in the class); the class posts and collects; sent frames'
+//! chains go back to their clients and received frames go through the switch into the RX
+//! buffers of the clients it picks. Idle, it arms every notification and sleeps on its
+//! eventfds (the clients' QueueNotify, the domain's notify, the engine's wake).
+//!
+//! # Bounded client work
+//! - **Intake is fair**: ports in turn from a rotating start, at most [`QUEUE_BUDGET`] TX chains
+//!   and [`CTRL_BUDGET`] control commands per port per pass.
+//! - **A client holds at most [`PORT_SHARE`] frames** at the class (queued or at the domain):
+//!   the rest wait in its own ring, however long the domain is down. With the device's one
+//!   TX head bit per descriptor, a client holds at most `PORT_SHARE` frames of the VMM's memory
+//!   (about 100 KiB).
+//! - **A reset forgets**: a chain of an older generation that completes is ignored by its port
+//!   (nothing is written into the client's memory for it); its frame may still be sent.
+//! - **RX never waits**: a client without buffers loses its frame (counted by its port), it
+//!   never holds up the NIC or its neighbours.
+//!
+//! The link stays up at the clients through every restart: the service never takes it down,
+//! and once a new domain serves it asks every driver that negotiated GUEST_ANNOUNCE to
+//! announce itself.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::class::{ClassCounters, Delivered, NetBackend, NetDomain};
+use super::device::{NetPort, TxBackend, TxToken, TxVerdict};
+use super::switch::{Switch, SwitchCounters};
+use crate::reincarnation::{Launcher, RecoveryHandle};
+use crate::sync::lock;
+use crate::vcpu::wait_fds;
+
+/// How long the loop polls before it sleeps.
+const SPIN: Duration = Duration::from_micros(300);
+/// Longest sleep (a safety net: every source has an eventfd).
+const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// TX chains taken from one client per pass, at most.
+pub const QUEUE_BUDGET: usize = 16;
+/// Control commands served per client per pass, at most.
+pub const CTRL_BUDGET: usize = 8;
+/// Frames one client holds at the class (queued or in flight at the domain), at most.
+pub const PORT_SHARE: usize = 64;
+/// How long the orderly stop waits for the domain's SHUTDOWN.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What observers see of a network service.
+#[derive(Clone, Debug, Default)]
+pub struct NetStats {
+    /// The class's counters.
+    pub class: ClassCounters,
+    /// The switch's counters.
+    pub switch: SwitchCounters,
+    /// Announcements asked of client drivers after restarts.
+    pub announced: u64,
+    /// Domains (epochs) that served.
+    pub served_epochs: u64,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    wake: EventFd,
+    stats: Mutex<NetStats>,
+}
+
+/// A running network service.
+pub struct NetService {
+    name: String,
+    shared: Arc<Shared>,
+    ports: Vec<Arc<NetPort>>,
+    handle: RecoveryHandle,
+    thread: Option<JoinHandle<bool>>,
+}
+
+impl NetService {
+    /// Serves `ports` (the switch's clients, in order) through `backend` on a new thread.
+    pub fn spawn<L>(
+        name: &str,
+        ports: Vec<Arc<NetPort>>,
+        switch: Switch,
+        backend: NetBackend<L>,
+    ) -> std::io::Result<NetService>
+    where
+        L: Launcher,
+        L::Domain: NetDomain,
+    {
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            stats: Mutex::new(NetStats::default()),
+        });
+        let handle = backend.handle();
+        let mut worker = Worker {
+            shared: shared.clone(),
+            held: vec![0; ports.len()],
+            ports: ports.clone(),
+            switch,
+            backend,
+            cursor: 0,
+            out: Vec::new(),
+            epoch: None,
+            stats: NetStats::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("net-{name}"))
+            .spawn(move || worker.run())?;
+        Ok(NetService {
+            name: name.to_string(),
+            shared,
+            ports,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    /// Name (the NIC domain's).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The client ports.
+    pub fn ports(&self) -> &[Arc<NetPort>] {
+        &self.ports
+    }
+
+    /// The NIC's recovery handle.
+    pub fn handle(&self) -> &RecoveryHandle {
+        &self.handle
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> NetStats {
+        lock(&self.shared.stats).clone()
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the thread: the domain gets a SHUTDOWN (it completes what it holds and stops
+    /// the NIC), then its vCPU stops. Returns whether the domain completed the SHUTDOWN.
+    pub fn stop(&mut self) -> bool {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.wake.write(1);
+        self.thread
+            .take()
+            .is_some_and(|t| t.join().unwrap_or(false))
+    }
+}
+
+impl Drop for NetService {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+struct Worker<L: Launcher>
+where
+    L::Domain: NetDomain,
+{
+    shared: Arc<Shared>,
+    ports: Vec<Arc<NetPort>>,
+    switch: Switch,
+    backend: NetBackend<L>,
+    /// Frames each port holds at the class.
+    held: Vec<usize>,
+    cursor: usize,
+    out: Vec<Delivered>,
+    /// The epoch that served last.
+    epoch: Option<u64>,
+    stats: NetStats,
+}
+
+/// A client's frames on their way: the switch decides, neighbours get hairpinned copies, the
+/// wire's go to the class.
+struct Outgoing<'a, L: Launcher>
+where
+    L::Domain: NetDomain,
+{
+    from: usize,
+    switch: &'a mut Switch,
+    backend: &'a mut NetBackend<L>,
+    ports: &'a [Arc<NetPort>],
+    held: &'a mut usize,
+}
+
+impl<L: Launcher> TxBackend for Outgoing<'_, L>
+where
+    L::Domain: NetDomain,
+{
+    fn transmit(&mut self, token: TxToken, frame: &[u8]) -> TxVerdict {
+        let Ok(route) = self.switch.outgoing(self.from, frame) else {
+            return TxVerdict::Done;
+        };
+        if route.nic && *self.held >= PORT_SHARE {
+            // Its share is at the class: the frame waits in its ring (nothing hairpinned yet).
+            return TxVerdict::Busy;
+        }
+        let mut queued = false;
+        if route.nic {
+            match self.backend.queue_tx(self.from, token, frame) {
+                Some(true) => {
+                    *self.held += 1;
+                    queued = true;
+                }
+                Some(false) => {}
+                None => return TxVerdict::Busy,
+            }
+        }
+        for &c in &route.clients {
+            if let Some(p) = self.ports.get(c) {
+                p.receive(frame);
+            }
+        }
+        if queued {
+            TxVerdict::Queued
+        } else {
+            TxVerdict::Done
+        }
+    }
+}
+
+impl<L: Launcher> Worker<L>
+where
+    L::Domain: NetDomain,
+{
+    fn run(&mut self) -> bool {
+        let mut idle_since: Option<Instant> = None;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            if self.pass() > 0 {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < SPIN {
+                std::thread::yield_now();
+                continue;
+            }
+            self.sleep();
+            idle_since = None;
+        }
+        let ok = self.backend.shut_down(SHUTDOWN_TIMEOUT);
+        self.publish();
+        ok
+    }
+
+    /// One pass. Returns the progress made.
+    fn pass(&mut self) -> usize {
+        let mut progress = 0;
+        for (i, p) in self.ports.iter().enumerate() {
+            if let Some(c) = p.take_config_change() {
+                if self.switch.set_config(i, c) {
+                    self.backend.config_changed();
+                }
+            }
+            progress += p.control(CTRL_BUDGET);
+        }
+        let n = self.ports.len();
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
+            let mut tx = Outgoing {
+                from: i,
+                switch: &mut self.switch,
+                backend: &mut self.backend,
+                ports: &self.ports,
+                held: &mut self.held[i],
+            };
+            progress += self.ports[i].transmit(&mut tx, QUEUE_BUDGET);
+        }
+        if n > 0 {
+            self.cursor = (self.cursor + 1) % n;
+        }
+        progress += self.backend.post(self.switch.filters());
+        progress += self.backend.collect(&mut self.out);
+        for d in std::mem::take(&mut self.out) {
+            match d {
+                Delivered::TxDone { port, token } => {
+                    if let Some(h) = self.held.get_mut(port) {
+                        *h = h.saturating_sub(1);
+                    }
+                    if let Some(p) = self.ports.get(port) {
+                        p.complete_tx(token);
+                    }
+                }
+                Delivered::Frame(frame) => {
+                    for c in self.switch.incoming(&frame) {
+                        if let Some(p) = self.ports.get(c) {
+                            p.receive(&frame);
+                        }
+                    }
+                }
+            }
+        }
+        let epoch = self.backend.serving_epoch();
+        if epoch.is_some() && epoch != self.epoch {
+            self.stats.served_epochs += 1;
+            if self.epoch.is_some() {
+                // A new domain serves: the link never went down, but the NIC behind it is
+                // new; drivers that can announce themselves do.
+                for p in &self.ports {
+                    if p.announce() {
+                        self.stats.announced += 1;
+                    }
+                }
+            }
+            self.epoch = epoch;
+        }
+        if progress > 0 {
+            self.publish();
+        }
+        progress
+    }
+
+    fn publish(&mut self) {
+        self.stats.class = self.backend.counters().clone();
+        self.stats.switch = self.switch.counters.clone();
+        *lock(&self.shared.stats) = self.stats.clone();
+    }
+
+    /// Arms every notification, re-checks, and sleeps until an eventfd fires.
+    fn sleep(&mut self) {
+        let mut ready = false;
+        for p in &self.ports {
+            ready |= p.arm();
+        }
+        ready |= self.backend.arm(true);
+        if !ready {
+            let mut fds: Vec<RawFd> = self.ports.iter().map(|p| p.notify.as_raw_fd()).collect();
+            fds.push(self.shared.wake.as_raw_fd());
+            fds.extend(self.backend.wait_fds());
+            wait_fds(&fds, MAX_SLEEP.min(self.backend.sleep_limit()));
+        }
+        for p in &self.ports {
+            let _ = p.notify.read();
+            p.disarm();
+        }
+        let _ = self.shared.wake.read();
+        self.backend.arm(false);
+    }
+}
