@@ -138,6 +138,7 @@ fn a_stock_kernel_is_refused_on_pvm_and_booted_elsewhere() {
             queues: 2,
         },
         echo: Echo::Off,
+        nic: None,
         linux: Some(LinuxBoot {
             kernel: rig_kernel(),
             initrd: None,

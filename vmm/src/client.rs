@@ -21,6 +21,8 @@ use crate::vm::{Guest, GuestConfig, GuestError, MmioAttachment};
 
 /// Guest-physical base of a client's first virtio-mmio device.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Guest-physical base of a client's virtio-net device (the second window).
+pub const VIRTIO_NET_BASE: u64 = VIRTIO_MMIO_BASE + WINDOW;
 /// The GSI of a Linux client's virtio-blk device (an ISA line: edge-triggered, active-high
 /// without an override).
 pub const VIRTIO_GSI: u32 = 5;
@@ -64,12 +66,16 @@ pub struct ClientConfig {
     /// Boot this stock Linux kernel instead of `image` (VMX/SVM hosts only): it finds its
     /// disk through ACPI and takes its interrupts.
     pub linux: Option<LinuxBoot>,
+    /// A virtio-net device (its MAC and MTU) on the second window ([`VIRTIO_NET_BASE`]), for
+    /// ddvm's own clients.
+    pub nic: Option<crate::net::device::NetConfig>,
 }
 
 /// A running client guest.
 pub struct Client {
     guest: Guest,
     port: Arc<ClientPort>,
+    net: Option<Arc<crate::net::device::NetPort>>,
 }
 
 impl Client {
@@ -77,12 +83,16 @@ impl Client {
     pub fn boot(hv: &Hypervisor, cfg: &ClientConfig) -> Result<Client, GuestError> {
         let cmdline = match &cfg.linux {
             Some(linux) => linux.cmdline.clone(),
-            None => format!(
-                "{} virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}",
-                cfg.cmdline
-            )
-            .trim_start()
-            .to_string(),
+            None => {
+                let mut line = format!(
+                    "{} virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}",
+                    cfg.cmdline
+                );
+                if cfg.nic.is_some() {
+                    line.push_str(&format!(" virtio_mmio.device=4K@{VIRTIO_NET_BASE:#x}"));
+                }
+                line.trim_start().to_string()
+            }
         };
         let gcfg = GuestConfig {
             name: cfg.name.clone(),
@@ -92,10 +102,17 @@ impl Client {
             echo: cfg.echo,
         };
         let mut port = None;
+        let mut net = None;
         let mut attach = |mem: &GuestMem, shared: &Arc<Shared>| {
             let (device, p) = virtio_blk(cfg, mem, shared)?;
             port = Some(p);
-            Ok(vec![device])
+            let mut devices = vec![device];
+            if let Some(nic) = cfg.nic {
+                let (device, p) = virtio_net(cfg, nic, mem, shared)?;
+                net = Some(p);
+                devices.push(device);
+            }
+            Ok(devices)
         };
         let guest = match &cfg.linux {
             Some(boot) => linux::boot(hv, &gcfg, boot, &mut attach)?,
@@ -106,7 +123,12 @@ impl Client {
             what: "virtio-blk device",
             source: std::io::Error::other("device was not built"),
         })?;
-        Ok(Client { guest, port })
+        Ok(Client { guest, port, net })
+    }
+
+    /// The port of its virtio-net device, if it has one.
+    pub fn net_port(&self) -> Option<&Arc<crate::net::device::NetPort>> {
+        self.net.as_ref()
     }
 
     /// The port a block service serves.
@@ -188,6 +210,41 @@ fn virtio_blk(
         device: Arc::new(Mutex::new(transport)),
         ioevents: vec![(VIRTIO_MMIO_BASE + QUEUE_NOTIFY, ioevent)],
         irq,
+    };
+    Ok((device, port))
+}
+
+/// The client's virtio-net device on the second window (ddvm's own clients: the interrupt
+/// wakes the vCPU).
+fn virtio_net(
+    cfg: &ClientConfig,
+    nic: crate::net::device::NetConfig,
+    mem: &GuestMem,
+    shared: &Arc<Shared>,
+) -> Result<(MmioAttachment, Arc<crate::net::device::NetPort>), GuestError> {
+    let host = |source| GuestError::Host {
+        name: cfg.name.clone(),
+        what: "virtio-net device",
+        source,
+    };
+    let waker = shared.clone();
+    let interrupt = Interrupt::new(Arc::new(move || waker.kick()));
+    let port = crate::net::device::NetPort::new(&cfg.name, mem.clone(), nic, interrupt.clone())
+        .map_err(host)?;
+    let notify = port.notify.try_clone().map_err(host)?;
+    let ioevent = port.notify.try_clone().map_err(host)?;
+    let transport = MmioTransport::new(
+        crate::net::device::VirtioNet::new(port.clone()),
+        mem.clone(),
+        interrupt,
+        notify,
+    );
+    let device = MmioAttachment {
+        base: VIRTIO_NET_BASE,
+        len: WINDOW,
+        device: Arc::new(Mutex::new(transport)),
+        ioevents: vec![(VIRTIO_NET_BASE + QUEUE_NOTIFY, ioevent)],
+        irq: None,
     };
     Ok((device, port))
 }

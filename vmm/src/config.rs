@@ -73,6 +73,13 @@ pub struct ClientSection {
     /// MQ uses one). Default: one per vCPU.
     #[serde(default)]
     pub queues: Option<u16>,
+    /// The NIC domain whose network it joins: a virtio-net device on a second virtio-mmio
+    /// window (ddvm's own clients; with a disk).
+    #[serde(default)]
+    pub nic: Option<String>,
+    /// Its MAC (`52:54:00:xx:xx:xx`), unique; default derived from its name.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 fn default_client_memory() -> u64 {
@@ -157,6 +164,14 @@ pub enum DeviceSection {
         #[serde(default)]
         volatile_write_cache: bool,
     },
+    /// An emulated Intel 82540EM (e1000) on a wire.
+    EmulatedE1000 {
+        /// What its cable is plugged into.
+        wire: WireSection,
+        /// The NIC's own MAC; default derived from the domain's name.
+        #[serde(default)]
+        mac: Option<String>,
+    },
     /// A real PCI function passed through VFIO (bound to vfio-pci: `ddvm device bind`).
     Vfio {
         /// PCI address: `0000:00:03.0` (or `00:03.0`).
@@ -167,6 +182,83 @@ pub enum DeviceSection {
         #[serde(default)]
         reset: ResetSetting,
     },
+}
+
+/// `[domain.device] wire` of an emulated NIC.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum WireSection {
+    /// In-process, back to back with the NIC of domain `with` (whose wire names this one).
+    Pair {
+        /// The other NIC domain.
+        with: String,
+    },
+    /// QEMU's `-netdev stream` framing on a Unix socket.
+    Stream {
+        /// Socket path, relative to the config file.
+        path: String,
+        /// `connect` to a listener, or `listen` for one peer.
+        mode: StreamMode,
+    },
+    /// QEMU's `-netdev dgram`: one frame per datagram on Unix sockets.
+    Dgram {
+        /// This end's socket path, relative to the config file.
+        path: String,
+        /// The peer's socket path (unset: the first sender is the peer).
+        #[serde(default)]
+        peer: Option<String>,
+    },
+    /// A TAP device of the host.
+    Tap {
+        /// Interface name.
+        name: String,
+    },
+}
+
+/// How a stream wire finds its peer.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    /// Connect to a listening peer.
+    Connect,
+    /// Listen for one peer.
+    Listen,
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// A locally administered unicast MAC derived from `name` (`52:54:00` and three bytes of
+/// its FNV-1a hash), as a client's or NIC's default.
+pub fn derived_mac(name: &str) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_le_bytes();
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+impl ClientSection {
+    /// Its MAC: `mac`, else derived from its name.
+    pub fn mac_address(&self) -> Option<[u8; 6]> {
+        match &self.mac {
+            Some(m) => parse_mac(m),
+            None => Some(derived_mac(&self.name)),
+        }
+    }
 }
 
 /// `[domain.device] reset` of a VFIO device.
@@ -342,6 +434,37 @@ impl Config {
             key,
             message,
         };
+        for (i, d) in self.domains.iter().enumerate() {
+            let Some(DeviceSection::EmulatedE1000 { wire, mac }) = &d.device else {
+                continue;
+            };
+            let key = |k: &str| format!("domain[{i}].device.{k}");
+            if mac
+                .as_deref()
+                .is_some_and(|m| parse_mac(m).is_none_or(|m| m[0] & 1 != 0))
+            {
+                return Err(invalid(
+                    key("mac"),
+                    format!(
+                        "{:?}: expected a unicast MAC such as \"52:54:00:12:34:56\"",
+                        mac.clone().unwrap_or_default()
+                    ),
+                ));
+            }
+            if let WireSection::Pair { with } = wire {
+                let back = self.domains.iter().any(|o| {
+                    o.name == *with
+                        && o.name != d.name
+                        && matches!(&o.device, Some(DeviceSection::EmulatedE1000 { wire: WireSection::Pair { with: w }, .. }) if *w == d.name)
+                });
+                if !back {
+                    return Err(invalid(
+                        key("wire.with"),
+                        format!("{with:?}: expected another emulated-e1000 domain whose wire is a pair `with = {:?}`", d.name),
+                    ));
+                }
+            }
+        }
         for (i, c) in self.clients.iter().enumerate() {
             let key = |k: &str| format!("client[{i}].{k}");
             let good_name = !c.name.is_empty()
@@ -459,6 +582,12 @@ impl Config {
                 };
                 let size_mib = match &d.device {
                     Some(DeviceSection::EmulatedNvme { size_mib, .. }) => Some(*size_mib),
+                    Some(DeviceSection::EmulatedE1000 { .. }) => {
+                        return Err(invalid(
+                            key("disk"),
+                            format!("domain {:?} serves a NIC; expected a disk's domain (a NIC goes in `nic`)", c.disk),
+                        ))
+                    }
                     // A real device's size is known once its domain identified it: a range
                     // past its end is refused then.
                     Some(DeviceSection::Vfio { .. }) => None,
@@ -481,6 +610,50 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            if let Some(nic) = &c.nic {
+                let is_nic = self.domains.iter().any(|d| {
+                    d.name == *nic && matches!(d.device, Some(DeviceSection::EmulatedE1000 { .. }))
+                });
+                if !is_nic {
+                    return Err(invalid(
+                        key("nic"),
+                        format!("{nic:?}: expected the name of a [[domain]] with an emulated-e1000 device"),
+                    ));
+                }
+                if c.kernel.is_some() {
+                    return Err(invalid(
+                        key("nic"),
+                        "set with `kernel`; expected a NIC only on ddvm's own clients for now"
+                            .into(),
+                    ));
+                }
+                let Some(mac) = c.mac_address().filter(|m| m[0] & 1 == 0 && *m != [0; 6]) else {
+                    return Err(invalid(
+                        key("mac"),
+                        format!(
+                            "{:?}: expected a unicast MAC such as \"52:54:00:12:34:56\"",
+                            c.mac.clone().unwrap_or_default()
+                        ),
+                    ));
+                };
+                if let Some(o) = self.clients[..i]
+                    .iter()
+                    .find(|o| o.nic.is_some() && o.mac_address() == Some(mac))
+                {
+                    return Err(invalid(
+                        key("mac"),
+                        format!(
+                            "{mac:02x?} is client {:?}'s too; expected unique MACs",
+                            o.name
+                        ),
+                    ));
+                }
+            } else if c.mac.is_some() {
+                return Err(invalid(
+                    key("mac"),
+                    "set without `nic`; expected it only with `nic`".into(),
+                ));
             }
             let overlaps = self.clients[..i].iter().find(|o| {
                 o.disk == c.disk
@@ -776,5 +949,36 @@ mod tests {
             c.domains[0].image_path(Path::new("/etc/ddvm/t.toml")),
             Some(PathBuf::from("/etc/ddvm/img/dd.elf"))
         );
+    }
+
+    #[test]
+    fn nic_keys_are_checked_naming_the_key_and_what_was_expected() {
+        let nics = "[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"emulated-nvme\"\nbacking = \"d.img\"\nsize_mib = 64\n[[domain]]\nname = \"x\"\n[domain.device]\nkind = \"emulated-e1000\"\nwire = { kind = \"pair\", with = \"y\" }\n[[domain]]\nname = \"y\"\n[domain.device]\nkind = \"emulated-e1000\"\nwire = { kind = \"pair\", with = \"x\" }\n";
+        let client = |extra: &str| {
+            format!("{nics}[[client]]\nname = \"a\"\ndisk = \"n\"\nsize_mib = 8\n{extra}")
+        };
+        let c = parse(&client("nic = \"x\"\nmac = \"52:54:00:00:00:01\"\n")).unwrap();
+        assert_eq!(c.clients[0].mac_address(), Some([0x52, 0x54, 0, 0, 0, 1]));
+        for (extra, key) in [
+            ("nic = \"n\"\n", "client[0].nic"),
+            (
+                "nic = \"x\"\nmac = \"01:00:00:00:00:01\"\n",
+                "client[0].mac",
+            ),
+            ("nic = \"x\"\nmac = \"zz\"\n", "client[0].mac"),
+            ("mac = \"52:54:00:00:00:01\"\n", "client[0].mac"),
+        ] {
+            let e = parse(&client(extra)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("expected"), "{extra}: {e}");
+        }
+        let lonely = nics.replace("with = \"x\"", "with = \"n\"");
+        let e = parse(&lonely).unwrap_err().to_string();
+        assert!(e.contains("device.wire.with"), "{e}");
+        let e = parse(&format!(
+            "{nics}[[client]]\nname = \"a\"\ndisk = \"x\"\nsize_mib = 8\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("client[0].disk") && e.contains("NIC"), "{e}");
     }
 }

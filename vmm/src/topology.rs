@@ -18,7 +18,9 @@ use crate::client::{
     builtin_workload_client, last_json, Client, ClientConfig, LinuxReport, WorkloadReport,
     HOSTILE_PREFIX,
 };
-use crate::config::{ClientSection, Config, DeviceSection, DomainSection, ResetSetting};
+use crate::config::{
+    ClientSection, Config, DeviceSection, DomainSection, ResetSetting, StreamMode, WireSection,
+};
 use crate::console::Echo;
 use crate::devices::vfio::VfioSpec;
 use crate::devices::DeviceSpec;
@@ -85,6 +87,23 @@ pub enum TopologyError {
         #[source]
         source: std::io::Error,
     },
+    /// A NIC's wire could not be set up.
+    #[error("domain {domain}: its NIC's wire: {message}")]
+    Wire {
+        /// Domain.
+        domain: String,
+        /// Why.
+        message: String,
+    },
+    /// A NIC's driver domain could not be started.
+    #[error("NIC {nic}: {source}")]
+    NicStart {
+        /// NIC (domain name).
+        nic: String,
+        /// Why.
+        #[source]
+        source: crate::net::class::StartError,
+    },
     /// A file disk's backing file cannot be used.
     #[error("disk {}: {source} (expected a readable and writable file)", path.display())]
     Backing {
@@ -113,13 +132,87 @@ pub fn domain_config(
         cmdline: d.cmdline.clone(),
         channel_size: d.channel_kib << 10,
         echo,
-        device: d.device.as_ref().map(|dev| device_spec(file, &d.name, dev)),
+        device: d
+            .device
+            .as_ref()
+            .map(|dev| device_spec(file, &d.name, dev))
+            .transpose()?,
+    })
+}
+
+/// The far ends of in-process wire pairs whose first NIC was built, by (config file, domain).
+static PAIR_ENDS: std::sync::Mutex<Vec<((PathBuf, String), ddvm_passthrough::PairEnd)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The wire of a `[domain.device] wire` table.
+fn wire(
+    config_file: &Path,
+    domain: &str,
+    w: &WireSection,
+) -> Result<Box<dyn ddvm_passthrough::Wire>, TopologyError> {
+    use ddvm_passthrough::net::{DgramWire, StreamWire, TapWire};
+    const MAX_FRAME: usize = 1518;
+    let err = |source: ddvm_passthrough::net::WireError| TopologyError::Wire {
+        domain: domain.to_string(),
+        message: source.to_string(),
+    };
+    Ok(match w {
+        WireSection::Pair { with } => {
+            let mut ends = crate::sync::lock(&PAIR_ENDS);
+            let key = (config_file.to_path_buf(), domain.to_string());
+            if let Some(i) = ends.iter().position(|(k, _)| *k == key) {
+                Box::new(ends.swap_remove(i).1)
+            } else {
+                let (a, b) = ddvm_passthrough::wire_pair(Default::default()).map_err(err)?;
+                ends.push(((config_file.to_path_buf(), with.clone()), b));
+                Box::new(a)
+            }
+        }
+        WireSection::Stream { path, mode } => {
+            let path = crate::config::resolve(config_file, path);
+            match mode {
+                StreamMode::Connect => {
+                    Box::new(StreamWire::connect(&path, MAX_FRAME).map_err(err)?)
+                }
+                StreamMode::Listen => Box::new(
+                    StreamWire::listen(&path, MAX_FRAME)
+                        .map_err(err)?
+                        .accept(READY_TIMEOUT)
+                        .map_err(err)?,
+                ),
+            }
+        }
+        WireSection::Dgram { path, peer } => {
+            let local = crate::config::resolve(config_file, path);
+            match peer {
+                Some(p) => Box::new(
+                    DgramWire::connect(&local, &crate::config::resolve(config_file, p), MAX_FRAME)
+                        .map_err(err)?,
+                ),
+                None => Box::new(DgramWire::listen(&local, MAX_FRAME).map_err(err)?),
+            }
+        }
+        WireSection::Tap { name } => Box::new(TapWire::open(name, MAX_FRAME).map_err(err)?),
     })
 }
 
 /// The device of a `[domain.device]` section.
-pub fn device_spec(config_file: &Path, domain: &str, dev: &DeviceSection) -> DeviceSpec {
-    match dev {
+pub fn device_spec(
+    config_file: &Path,
+    domain: &str,
+    dev: &DeviceSection,
+) -> Result<DeviceSpec, TopologyError> {
+    Ok(match dev {
+        DeviceSection::EmulatedE1000 { wire: w, mac } => {
+            let mac = mac
+                .as_deref()
+                .and_then(crate::config::parse_mac)
+                .unwrap_or_else(|| crate::config::derived_mac(domain));
+            DeviceSpec::EmulatedE1000(crate::devices::e1000::E1000Spec::new(
+                mac,
+                wire(config_file, domain, w)?,
+            ))
+        }
         DeviceSection::EmulatedNvme {
             backing,
             size_mib,
@@ -140,6 +233,17 @@ pub fn device_spec(config_file: &Path, domain: &str, dev: &DeviceSection) -> Dev
                 ResetSetting::Flr => ResetMethod::Flr,
                 ResetSetting::Controller => ResetMethod::Controller,
             },
+        }),
+    })
+}
+
+/// The NIC of a NIC domain, built once to outlive its domains (a wire is one cable).
+fn start_nic(dc: &DomainConfig) -> Result<Arc<crate::domain::DomainDevice>, TopologyError> {
+    match &dc.device {
+        Some(spec) => Ok(spec.device(&dc.name, crate::domain::DeviceThread::Worker)?),
+        None => Err(TopologyError::Wire {
+            domain: dc.name.clone(),
+            message: "a NIC domain needs a device".into(),
         }),
     }
 }
@@ -172,8 +276,11 @@ pub struct Topology {
     pub idle_domains: Vec<Domain>,
     /// Boot-to-ready time of each domain.
     pub ready_times: Vec<(String, Duration)>,
-    /// Recovery handles of the disk domains (commands, events, status), by domain name.
+    /// Recovery handles of the disk and NIC domains (commands, events, status), by domain
+    /// name.
     pub recovery: Vec<(String, crate::reincarnation::RecoveryHandle)>,
+    /// Network services, one per NIC domain with clients.
+    pub nets: Vec<crate::net::service::NetService>,
 }
 
 /// How one client ended.
@@ -212,9 +319,36 @@ impl Topology {
         let mut idle_domains = Vec::new();
         let mut ready_times = Vec::new();
         let mut recovery = Vec::new();
+        let mut nics = Vec::new();
         for d in &cfg.domains {
             let dc = domain_config(file, d, echo)?;
-            if cfg.clients.iter().any(|c| c.disk == d.name) {
+            if cfg
+                .clients
+                .iter()
+                .any(|c| c.nic.as_deref() == Some(d.name.as_str()))
+            {
+                let policy = d
+                    .recovery
+                    .to_policy()
+                    .map_err(|source| TopologyError::Policy {
+                        disk: d.name.clone(),
+                        source,
+                    })?;
+                let t0 = Instant::now();
+                let b = start_nic(&dc).and_then(|device| {
+                    let launcher =
+                        crate::reincarnation::vm::VmLauncher::new(hv.clone(), dc, device);
+                    crate::net::class::NetBackend::start(&d.name, launcher, policy).map_err(
+                        |source| TopologyError::NicStart {
+                            nic: d.name.clone(),
+                            source,
+                        },
+                    )
+                })?;
+                ready_times.push((d.name.clone(), t0.elapsed()));
+                recovery.push((d.name.clone(), b.handle()));
+                nics.push((d.name.clone(), b));
+            } else if cfg.clients.iter().any(|c| c.disk == d.name) {
                 let policy = d
                     .recovery
                     .to_policy()
@@ -257,6 +391,32 @@ impl Topology {
             ports[bi].push(client.port().clone());
             clients.push(client);
         }
+        let mut nets = Vec::new();
+        for (name, backend) in nics {
+            let mut switch = crate::net::switch::Switch::new(1518);
+            let mut net_ports = Vec::new();
+            for (c, client) in cfg
+                .clients
+                .iter()
+                .filter(|c| !c.disk.is_empty())
+                .zip(&clients)
+            {
+                if c.nic.as_deref() != Some(name.as_str()) {
+                    continue;
+                }
+                if let Some(p) = client.net_port() {
+                    // MACs were checked unique with the configuration.
+                    let _ = switch.add_client(p.config.mac);
+                    net_ports.push(p.clone());
+                }
+            }
+            let s = crate::net::service::NetService::spawn(&name, net_ports, switch, backend)
+                .map_err(|source| TopologyError::Service {
+                    disk: name.clone(),
+                    source,
+                })?;
+            nets.push(s);
+        }
         let mut services = Vec::new();
         for ((name, backend), ports) in backends.into_iter().zip(ports) {
             let s = BlockService::spawn(&name, ports, backend).map_err(|source| {
@@ -273,6 +433,7 @@ impl Topology {
             idle_domains,
             ready_times,
             recovery,
+            nets,
         })
     }
 
@@ -324,6 +485,9 @@ impl Topology {
     pub fn stop(&mut self) -> Vec<crate::stop::StopReport> {
         for c in &mut self.clients {
             c.guest_mut().stop();
+        }
+        for n in &mut self.nets {
+            n.stop();
         }
         let mut reports = Vec::new();
         for s in &mut self.services {
@@ -393,6 +557,11 @@ pub fn client_config(
         },
         echo,
         linux: c.linux_boot(file),
+        nic: c
+            .nic
+            .as_ref()
+            .and(c.mac_address())
+            .map(|mac| crate::net::device::NetConfig { mac, mtu: 1500 }),
     })
 }
 
