@@ -126,6 +126,7 @@ mod config;
 mod device;
 mod hal;
 mod hostile;
+mod net;
 mod pattern;
 mod stats;
 mod workload;
@@ -168,8 +169,19 @@ fn main() -> ! {
         );
     }
     let windows = device::windows(cmdline).unwrap_or_else(|e| bad_arg(&e));
+    if let Mode::NetEcho(cfg) = &mode {
+        let ran = match device::find_net(&windows) {
+            Ok(found) => net::run(cfg, &found),
+            Err(e) => {
+                println!("ddvm-workload: {e}");
+                false
+            }
+        };
+        vmm::exit(if ran { EXIT_OK } else { EXIT_FAILED })
+    }
     let found = device::find_block(&windows);
     match mode {
+        Mode::NetEcho(_) => unreachable!("handled above"),
         Mode::Hostile(case) => {
             let ran = match found {
                 Ok(found) => hostile::run(case, &found),
