@@ -170,7 +170,7 @@ fn frames_survive_nic_domains_killed_under_traffic() {
 fn every_nic_fault_kind_is_recovered_and_invisible_to_clients() {
     use ddvm::chaos::{self, ChaosPlan};
     use ddvm_recovery::fault::FaultKind;
-    assert!(ddvm::chaos::ENABLED);
+    const { assert!(ddvm::chaos::ENABLED) };
     let kinds: Vec<FaultKind> = FaultKind::ALL
         .into_iter()
         .filter(|k| *k != FaultKind::FailedFlush)

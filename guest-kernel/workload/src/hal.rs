@@ -301,9 +301,7 @@ impl Drop for NetDevice {
     /// transport may refuse QueueReady writes after DRIVER_OK), and the device lets go of
     /// every buffer before they are freed.
     fn drop(&mut self) {
-        let status = self
-            .regs
-            .read_write::<u32>(crate::device::reg::STATUS);
+        let status = self.regs.read_write::<u32>(crate::device::reg::STATUS);
         status.write(0);
         while status.read() != 0 {
             core::hint::spin_loop();
