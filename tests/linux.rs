@@ -125,7 +125,7 @@ fn a_stock_kernel_is_refused_on_pvm_and_booted_elsewhere() {
         image: ddvm::client::builtin_workload_client(),
         memory: 128 << 20,
         cmdline: String::new(),
-        geometry: BlockGeometry {
+        geometry: Some(BlockGeometry {
             range: LbaRange {
                 first: 0,
                 sectors: 1 << 14,
@@ -136,7 +136,7 @@ fn a_stock_kernel_is_refused_on_pvm_and_booted_elsewhere() {
             write_zeroes: false,
             serial: "t".into(),
             queues: 2,
-        },
+        }),
         echo: Echo::Off,
         nic: None,
         linux: Some(LinuxBoot {

@@ -538,10 +538,10 @@ fn attack_run(
     let info = backend.disk();
     let mut client = Client::boot(
         hv,
-        &client_config(file, &config.clients[0], &info, echo).expect("client"),
+        &client_config(file, &config.clients[0], Some(&info), echo).expect("client"),
     )
     .expect("client boot");
-    let mut ports = vec![client.port().clone()];
+    let mut ports = vec![client.port().expect("a disk").clone()];
     let stop = Arc::new(AtomicBool::new(false));
     let mut thread = None;
     if let Some((bs, bomb_every)) = attack {

@@ -59,8 +59,9 @@ pub struct ClientConfig {
     pub memory: u64,
     /// Command line (the workload's keys); the device's address is appended.
     pub cmdline: String,
-    /// The virtio-blk device it sees.
-    pub geometry: BlockGeometry,
+    /// The virtio-blk device it sees on the first window ([`VIRTIO_MMIO_BASE`]); `None`: no
+    /// disk (a client with only a NIC).
+    pub geometry: Option<BlockGeometry>,
     /// Echo its console.
     pub echo: Echo,
     /// Boot this stock Linux kernel instead of `image` (VMX/SVM hosts only): it finds its
@@ -74,7 +75,7 @@ pub struct ClientConfig {
 /// A running client guest.
 pub struct Client {
     guest: Guest,
-    port: Arc<ClientPort>,
+    port: Option<Arc<ClientPort>>,
     net: Option<Arc<crate::net::device::NetPort>>,
 }
 
@@ -84,10 +85,10 @@ impl Client {
         let cmdline = match &cfg.linux {
             Some(linux) => linux.cmdline.clone(),
             None => {
-                let mut line = format!(
-                    "{} virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}",
-                    cfg.cmdline
-                );
+                let mut line = cfg.cmdline.clone();
+                if cfg.geometry.is_some() {
+                    line.push_str(&format!(" virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}"));
+                }
                 if cfg.nic.is_some() {
                     line.push_str(&format!(" virtio_mmio.device=4K@{VIRTIO_NET_BASE:#x}"));
                 }
@@ -104,9 +105,12 @@ impl Client {
         let mut port = None;
         let mut net = None;
         let mut attach = |mem: &GuestMem, shared: &Arc<Shared>| {
-            let (device, p) = virtio_blk(cfg, mem, shared)?;
-            port = Some(p);
-            let mut devices = vec![device];
+            let mut devices = Vec::new();
+            if let Some(geometry) = &cfg.geometry {
+                let (device, p) = virtio_blk(cfg, geometry, mem, shared)?;
+                port = Some(p);
+                devices.push(device);
+            }
             if let Some(nic) = cfg.nic {
                 let (device, p) = virtio_net(cfg, nic, mem, shared)?;
                 net = Some(p);
@@ -118,11 +122,13 @@ impl Client {
             Some(boot) => linux::boot(hv, &gcfg, boot, &mut attach)?,
             None => Guest::boot(hv, &gcfg, &mut attach)?,
         };
-        let port = port.ok_or_else(|| GuestError::Host {
-            name: cfg.name.clone(),
-            what: "virtio-blk device",
-            source: std::io::Error::other("device was not built"),
-        })?;
+        if cfg.geometry.is_some() && port.is_none() {
+            return Err(GuestError::Host {
+                name: cfg.name.clone(),
+                what: "virtio-blk device",
+                source: std::io::Error::other("device was not built"),
+            });
+        }
         Ok(Client { guest, port, net })
     }
 
@@ -131,9 +137,9 @@ impl Client {
         self.net.as_ref()
     }
 
-    /// The port a block service serves.
-    pub fn port(&self) -> &Arc<ClientPort> {
-        &self.port
+    /// The port of its virtio-blk device, which a block service serves (`None`: no disk).
+    pub fn port(&self) -> Option<&Arc<ClientPort>> {
+        self.port.as_ref()
     }
 
     /// The guest.
@@ -157,6 +163,7 @@ impl Client {
 /// stock Linux guest's is an irqfd on [`VIRTIO_GSI`].
 fn virtio_blk(
     cfg: &ClientConfig,
+    geometry: &BlockGeometry,
     mem: &GuestMem,
     shared: &Arc<Shared>,
 ) -> Result<(MmioAttachment, Arc<ClientPort>), GuestError> {
@@ -189,13 +196,8 @@ fn virtio_blk(
             (Interrupt::new(Arc::new(move || waker.kick())), None)
         }
     };
-    let port = ClientPort::new(
-        &cfg.name,
-        mem.clone(),
-        cfg.geometry.clone(),
-        interrupt.clone(),
-    )
-    .map_err(host)?;
+    let port = ClientPort::new(&cfg.name, mem.clone(), geometry.clone(), interrupt.clone())
+        .map_err(host)?;
     let notify = port.notify.try_clone().map_err(host)?;
     let ioevent = port.notify.try_clone().map_err(host)?;
     let transport = MmioTransport::new(
@@ -309,6 +311,79 @@ pub struct WorkloadReport {
     pub first_error: Option<String>,
 }
 
+/// Round-trip times in µs.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Rtt {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+/// The workload client's report line in its network mode (`workload=net-echo`; also after
+/// [`REPORT_PREFIX`]): what a sender got back, or what an echo side sent back.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct NetEchoReport {
+    /// Client id.
+    pub id: u64,
+    /// Always `net-echo`.
+    pub workload: String,
+    /// `send` or `echo`.
+    pub role: String,
+    /// Its MAC.
+    pub mac: String,
+    /// The peer's MAC (an echo side may have none).
+    pub peer: Option<String>,
+    /// Frames asked for (sender).
+    pub count: u64,
+    /// Frames in flight at most (sender).
+    pub window: u64,
+    /// Sender: frames delivered and verified on return; echo: data frames echoed.
+    pub frames: u64,
+    /// Frames transmitted (retries and FINs included).
+    pub sent: u64,
+    /// Frames received.
+    pub received: u64,
+    /// Frames of this workload whose bytes were wrong.
+    pub corrupt: u64,
+    /// Frames back after their number was delivered (at-least-once TX, retries).
+    pub duplicates: u64,
+    /// Frames sent again after the retry timeout.
+    pub retries: u64,
+    /// Frames the echo side dropped while its TX queue was full.
+    pub dropped: u64,
+    /// Samples of the virtio-net status that read link down.
+    pub link_down: u64,
+    /// Samples of the status taken (one a millisecond).
+    pub link_samples: u64,
+    /// Duration of the run.
+    pub elapsed_us: u64,
+    /// Frames delivered per second.
+    pub frames_s: u64,
+    /// Round trips of delivered frames (from their last transmission).
+    pub rtt_us: Rtt,
+    /// Errors other than corrupt frames (timeouts, device errors).
+    pub errors: u64,
+    /// The first error or corrupt frame.
+    pub first_error: Option<String>,
+}
+
+impl NetEchoReport {
+    /// Finds and parses the report line in console text.
+    pub fn find(console: &str) -> Option<NetEchoReport> {
+        serde_json::from_str::<NetEchoReport>(last_json(console, REPORT_PREFIX)?)
+            .ok()
+            .filter(|r| r.workload == "net-echo")
+    }
+
+    /// Whether nothing was wrong and a sender got every frame back.
+    pub fn clean(&self) -> bool {
+        self.errors == 0 && self.corrupt == 0 && (self.role != "send" || self.frames == self.count)
+    }
+}
+
 /// A stock Linux client's report line (`ddvm-linux: {json}`, from `images/linux-client/init`):
 /// what its kernel saw of the disk, and the checks it ran through it.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -406,5 +481,18 @@ mod tests {
         let report = format!("{REPORT_PREFIX}{{\"id\":3,\"errors\":1}}\n");
         let r = WorkloadReport::find(&report);
         assert!(r.is_none(), "a report missing keys does not parse");
+        let net = format!(
+            "{REPORT_PREFIX}{{\"id\":1,\"workload\":\"net-echo\",\"role\":\"send\",\"mac\":\"52:54:00:00:00:0a\",\"peer\":\"52:54:00:00:00:0b\",\"count\":5,\"window\":2,\"frames\":5,\"sent\":6,\"received\":6,\"corrupt\":0,\"duplicates\":1,\"retries\":1,\"dropped\":0,\"link_down\":0,\"link_samples\":9,\"elapsed_us\":100,\"frames_s\":50000,\"rtt_us\":{{\"p50\":10,\"p99\":20,\"max\":30}},\"errors\":0,\"first_error\":null}}\n"
+        );
+        let r = NetEchoReport::find(&net).expect("a net-echo report parses");
+        assert!(r.clean() && r.duplicates == 1 && r.rtt_us.p99 == 20);
+        assert!(WorkloadReport::find(&net).is_none());
+        let short = NetEchoReport {
+            role: "send".into(),
+            count: 5,
+            frames: 4,
+            ..r
+        };
+        assert!(!short.clean(), "a sender missing frames is not clean");
     }
 }

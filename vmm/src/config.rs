@@ -37,12 +37,14 @@ pub struct ClientSection {
     /// Unique name.
     pub name: String,
     /// The driver domain serving its disk, or `file:PATH` to serve a file directly from the
-    /// VMM (the baseline without isolation).
+    /// VMM (the baseline without isolation). Empty (unset): no disk, only a NIC.
+    #[serde(default)]
     pub disk: String,
     /// Where its range starts on the disk, in MiB.
     #[serde(default)]
     pub offset_mib: u64,
-    /// Size of its range in MiB.
+    /// Size of its range in MiB (required with a disk).
+    #[serde(default)]
     pub size_mib: u64,
     /// RAM in MiB.
     #[serde(default = "default_client_memory")]
@@ -554,7 +556,13 @@ impl Config {
                     ),
                 ));
             }
-            if c.size_mib == 0 {
+            if c.disk.is_empty() && c.nic.is_none() {
+                return Err(invalid(
+                    key("disk"),
+                    "missing; expected a disk's domain or `file:PATH` (or only `nic`)".into(),
+                ));
+            }
+            if !c.disk.is_empty() && c.size_mib == 0 {
                 return Err(invalid(
                     key("size_mib"),
                     "0: expected at least 1 MiB".into(),
@@ -570,7 +578,7 @@ impl Config {
                     "\"file:\": expected a path after `file:`".into(),
                 ));
             }
-            if !c.disk.starts_with(FILE_DISK_PREFIX) {
+            if !c.disk.is_empty() && !c.disk.starts_with(FILE_DISK_PREFIX) {
                 let Some(d) = self.domains.iter().find(|d| d.name == c.disk) else {
                     return Err(invalid(
                         key("disk"),
@@ -656,7 +664,8 @@ impl Config {
                 ));
             }
             let overlaps = self.clients[..i].iter().find(|o| {
-                o.disk == c.disk
+                !c.disk.is_empty()
+                    && o.disk == c.disk
                     && o.offset_mib < c.offset_mib.saturating_add(c.size_mib)
                     && c.offset_mib < o.offset_mib.saturating_add(o.size_mib)
             });
@@ -980,5 +989,11 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("client[0].disk") && e.contains("NIC"), "{e}");
+        let only_nic = parse(&format!("{nics}[[client]]\nname = \"a\"\nnic = \"x\"\n")).unwrap();
+        assert!(only_nic.clients[0].disk.is_empty() && only_nic.clients[0].size_mib == 0);
+        let e = parse(&format!("{nics}[[client]]\nname = \"a\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("client[0].disk") && e.contains("missing"), "{e}");
     }
 }

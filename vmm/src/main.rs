@@ -626,6 +626,10 @@ fn run_topology(
         "client", "ops", "IOPS", "p50 us", "p99 us", "max us", "errors", "mismatches", "verified"
     );
     let mut ok = true;
+    let nets: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.net.as_ref().map(|r| (o.name.as_str(), r)))
+        .collect();
     for o in &outcomes {
         match &o.report {
             Some(r) => println!(
@@ -640,6 +644,7 @@ fn run_topology(
                 r.mismatches,
                 r.verified
             ),
+            None if o.net.is_some() => println!("{:<10} net-echo (below)", o.name),
             None => match &o.linux {
                 Some(l) => println!(
                     "{:<10} Linux {} on {} CPUs, {} disk queues: {} checks, {} failed; {} MiB verified in {} rounds, {} O_DIRECT blocks ({} from every CPU at once)",
@@ -654,6 +659,9 @@ fn run_topology(
         if let Some(e) = o.report.as_ref().and_then(|r| r.first_error.as_ref()) {
             println!("{:<10} first error: {e}", "");
         }
+        if let Some(e) = o.net.as_ref().and_then(|r| r.first_error.as_ref()) {
+            println!("{:<10} first error: {e}", "");
+        }
         match &o.exit {
             Some(GuestExit::Exited { status: 0 }) => {}
             Some(e) => println!("{:<10} {e}", ""),
@@ -662,6 +670,41 @@ fn run_topology(
         }
         // A client stopped on request is not a failure; one that reported errors is.
         ok &= o.ok() || (stopped && o.exit.is_none());
+    }
+    if !nets.is_empty() {
+        println!();
+        println!(
+            "{:<10} {:<5} {:>8} {:>8} {:>7} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9}",
+            "client",
+            "role",
+            "frames",
+            "frames/s",
+            "retries",
+            "dupes",
+            "corrupt",
+            "p50 us",
+            "p99 us",
+            "max us",
+            "errors",
+            "link_down"
+        );
+        for (name, r) in &nets {
+            println!(
+                "{:<10} {:<5} {:>8} {:>8} {:>7} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9}",
+                name,
+                r.role,
+                r.frames,
+                r.frames_s,
+                r.retries,
+                r.duplicates,
+                r.corrupt,
+                r.rtt_us.p50,
+                r.rtt_us.p99,
+                r.rtt_us.max,
+                r.errors,
+                r.link_down
+            );
+        }
     }
     println!();
     for (name, kind, answered, copy_bytes, copy_ns, exits, emul) in &disks {

@@ -296,6 +296,8 @@ pub struct ClientOutcome {
     pub hostile: Option<String>,
     /// A Linux client's report line (`ddvm-linux: {json}`), if it printed one.
     pub linux: Option<LinuxReport>,
+    /// Its network-mode report (`workload=net-echo`), if it printed one.
+    pub net: Option<crate::client::NetEchoReport>,
 }
 
 impl ClientOutcome {
@@ -303,7 +305,11 @@ impl ClientOutcome {
     pub fn ok(&self) -> bool {
         matches!(self.exit, Some(GuestExit::Exited { status: 0 }))
             && (self.report.as_ref().is_some_and(WorkloadReport::clean)
-                || self.linux.as_ref().is_some_and(LinuxReport::clean))
+                || self.linux.as_ref().is_some_and(LinuxReport::clean)
+                || self
+                    .net
+                    .as_ref()
+                    .is_some_and(crate::client::NetEchoReport::clean))
     }
 }
 
@@ -381,26 +387,27 @@ impl Topology {
             }
         }
         let mut clients = Vec::new();
+        // The section of each client booted, by index into `clients`.
+        let mut sections = Vec::new();
         let mut ports: Vec<Vec<Arc<ClientPort>>> = vec![Vec::new(); backends.len()];
         for c in &cfg.clients {
-            let Some(bi) = backends.iter().position(|(n, _)| *n == c.disk) else {
+            let bi = backends.iter().position(|(n, _)| *n == c.disk);
+            if bi.is_none() && (!c.disk.is_empty() || c.nic.is_none()) {
                 continue;
-            };
-            let info = backends[bi].1.info();
-            let client = Client::boot(hv, &client_config(file, c, &info, echo)?)?;
-            ports[bi].push(client.port().clone());
+            }
+            let info = bi.map(|bi| backends[bi].1.info());
+            let client = Client::boot(hv, &client_config(file, c, info.as_ref(), echo)?)?;
+            if let (Some(bi), Some(port)) = (bi, client.port()) {
+                ports[bi].push(port.clone());
+            }
             clients.push(client);
+            sections.push(c);
         }
         let mut nets = Vec::new();
         for (name, backend) in nics {
             let mut switch = crate::net::switch::Switch::new(1518);
             let mut net_ports = Vec::new();
-            for (c, client) in cfg
-                .clients
-                .iter()
-                .filter(|c| !c.disk.is_empty())
-                .zip(&clients)
-            {
+            for (c, client) in sections.iter().zip(&clients) {
                 if c.nic.as_deref() != Some(name.as_str()) {
                     continue;
                 }
@@ -455,6 +462,7 @@ impl Topology {
                     report: WorkloadReport::find(&console),
                     hostile: last_json(&console, HOSTILE_PREFIX).map(str::to_string),
                     linux: LinuxReport::find(&console),
+                    net: crate::client::NetEchoReport::find(&console),
                 }
             })
             .collect()
@@ -528,25 +536,22 @@ fn open_file_disk(path: &Path, cfg: &Config, disk: &str) -> Result<FileBackend, 
     FileBackend::open(path, 4096).map_err(err)
 }
 
-/// The client config for a `[[client]]` section on a disk with `info`.
+/// The client config for a `[[client]]` section on a disk with `info` (`None`: a client
+/// without a disk).
 pub fn client_config(
     file: &Path,
     c: &ClientSection,
-    info: &crate::blk::DiskInfo,
+    info: Option<&crate::blk::DiskInfo>,
     echo: Echo,
 ) -> Result<ClientConfig, TopologyError> {
     let image = match c.image_path(file) {
         Some(p) => Image::from_file(&p)?,
         None => builtin_workload_client(),
     };
-    let first = (c.offset_mib << 20) / 512;
-    let sectors = ((c.size_mib << 20) / 512).min(info.sectors.saturating_sub(first));
-    Ok(ClientConfig {
-        name: c.name.clone(),
-        image,
-        memory: c.memory_mib << 20,
-        cmdline: c.workload.clone(),
-        geometry: BlockGeometry {
+    let geometry = info.map(|info| {
+        let first = (c.offset_mib << 20) / 512;
+        let sectors = ((c.size_mib << 20) / 512).min(info.sectors.saturating_sub(first));
+        BlockGeometry {
             range: LbaRange { first, sectors },
             block_size: info.block_size,
             read_only: c.read_only,
@@ -554,7 +559,14 @@ pub fn client_config(
             write_zeroes: info.write_zeroes,
             serial: format!("ddvm-{}", c.name).chars().take(20).collect(),
             queues: c.queue_count(),
-        },
+        }
+    });
+    Ok(ClientConfig {
+        name: c.name.clone(),
+        image,
+        memory: c.memory_mib << 20,
+        cmdline: c.workload.clone(),
+        geometry,
         echo,
         linux: c.linux_boot(file),
         nic: c

@@ -38,8 +38,17 @@ const KEYS: &[&str] = &[
     "verify_pass",
     "timeout_ms",
     "hostile",
+    "role",
+    "peer",
+    "window",
+    "retry_ms",
     DEVICE_KEY,
 ];
+
+/// The `workload` value of the network mode.
+pub const NET_ECHO: &str = "net-echo";
+/// Largest `window` of the network mode.
+pub const MAX_WINDOW: u64 = 32;
 
 /// The access pattern of the timed phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +150,40 @@ pub enum Mode {
     Workload(Config),
     /// Submit one malformed request and report what the device did.
     Hostile(Case),
+    /// Exchange verified frames over the virtio-net device.
+    NetEcho(NetConfig),
+}
+
+/// Which side of the exchange a network client is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Sends numbered frames to the peer and checks what comes back.
+    Send,
+    /// Sends every frame back to where it came from.
+    Echo,
+}
+
+/// The network mode, as the command line asks for it.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// Sender or echo.
+    pub role: Role,
+    /// The sender's peer (required for `role=send`).
+    pub peer: Option<[u8; 6]>,
+    /// Frames to deliver (sender; `None`: until `duration_ms`).
+    pub count: Option<u64>,
+    /// Stop starting frames after this long (sender), then wait for those in flight.
+    pub duration_ms: Option<u64>,
+    /// Frames in flight at most (sender).
+    pub window: usize,
+    /// Seed of the payloads.
+    pub seed: u64,
+    /// Client id, in the report.
+    pub id: u32,
+    /// A frame not echoed after this long is sent again (sender).
+    pub retry_ms: u64,
+    /// The run ends with an error after this long (the echo: after this long without a frame).
+    pub timeout_ms: u64,
 }
 
 /// A command-line value that is not what the image expects.
@@ -189,7 +232,73 @@ pub fn parse(cmdline: Cmdline<'_>) -> Result<(Mode, Vec<&str>), BadArg> {
             .ok_or_else(|| BadArg::new("hostile", v, alloc::format!("one of {}", Case::names())))?;
         return Ok((Mode::Hostile(case), unknown));
     }
+    if cmdline.value("workload") == Some(NET_ECHO) {
+        return Ok((Mode::NetEcho(parse_net(cmdline)?), unknown));
+    }
     Ok((Mode::Workload(parse_workload(cmdline)?), unknown))
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn parse_net(c: Cmdline<'_>) -> Result<NetConfig, BadArg> {
+    let role = match c.value("role") {
+        Some("send") => Role::Send,
+        Some("echo") => Role::Echo,
+        v => return Err(BadArg::new("role", v.unwrap_or(""), "send or echo")),
+    };
+    let peer =
+        match c.value("peer") {
+            None => None,
+            Some(v) => Some(parse_mac(v).filter(|m| m[0] & 1 == 0).ok_or_else(|| {
+                BadArg::new("peer", v, "a unicast MAC such as 52:54:00:00:00:0b")
+            })?),
+        };
+    let count = optional(c, "count", 1, "a number of frames, at least 1")?;
+    if count.is_some_and(|n| n > u64::from(u32::MAX)) {
+        return Err(BadArg::new(
+            "count",
+            c.value("count").unwrap_or(""),
+            "at most 2^32-1 frames",
+        ));
+    }
+    let duration_ms = optional(c, "duration_ms", 1, "milliseconds, at least 1")?;
+    let count = match (count, duration_ms) {
+        (None, None) => Some(1000),
+        (count, _) => count,
+    };
+    if role == Role::Send && peer.is_none() {
+        return Err(BadArg::new("peer", "", "the echo client's MAC (role=send)"));
+    }
+    Ok(NetConfig {
+        role,
+        peer,
+        count,
+        duration_ms,
+        window: number(c, "window", 8, 1, MAX_WINDOW, "frames in flight, 1 to 32")? as usize,
+        seed: number(c, "seed", 1, 0, u64::MAX, "a number")?,
+        id: number(c, "id", 0, 0, u64::from(u32::MAX), "a 32-bit client id")? as u32,
+        retry_ms: number(c, "retry_ms", 50, 1, 60_000, "milliseconds, 1 to 60000")?,
+        timeout_ms: number(
+            c,
+            "timeout_ms",
+            60_000,
+            1,
+            u64::MAX,
+            "milliseconds, at least 1",
+        )?,
+    })
 }
 
 fn parse_workload(c: Cmdline<'_>) -> Result<Config, BadArg> {

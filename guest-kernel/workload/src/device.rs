@@ -18,6 +18,8 @@ use crate::config::{parse_size, parse_u64, BadArg, DEVICE_KEY};
 pub const MAGIC: u32 = 0x7472_6976;
 /// Device id of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
+/// Device id of a network device.
+pub const DEVICE_ID_NET: u32 = 1;
 /// Smallest window accepted: the registers (0x100 bytes) and the block config space we read.
 pub const MIN_WINDOW: u64 = 0x200;
 
@@ -132,6 +134,17 @@ fn registers(window: Window) -> MmioRegion {
 /// The first window holding a virtio-mmio device with device id 2 (block). `Err` lists what
 /// each window held.
 pub fn find_block(windows: &[Window]) -> Result<Found, alloc::string::String> {
+    find(windows, DEVICE_ID_BLOCK, "virtio-blk")
+}
+
+/// The first window holding a virtio-mmio device with device id 1 (network).
+pub fn find_net(windows: &[Window]) -> Result<Found, alloc::string::String> {
+    find(windows, DEVICE_ID_NET, "virtio-net")
+}
+
+/// The first window holding a virtio-mmio device with device id `want` (`what`). `Err` lists
+/// what each window held.
+fn find(windows: &[Window], want: u32, what: &str) -> Result<Found, alloc::string::String> {
     let mut seen = Vec::new();
     for &window in windows {
         let regs = registers(window);
@@ -142,7 +155,7 @@ pub fn find_block(windows: &[Window]) -> Result<Found, alloc::string::String> {
         }
         let version = regs.read_only::<u32>(reg::VERSION).read();
         let id = regs.read_only::<u32>(reg::DEVICE_ID).read();
-        if id == DEVICE_ID_BLOCK && (version == 1 || version == 2) {
+        if id == want && (version == 1 || version == 2) {
             return Ok(Found {
                 window,
                 version,
@@ -152,7 +165,7 @@ pub fn find_block(windows: &[Window]) -> Result<Found, alloc::string::String> {
         seen.push(format!("{:#x}: version {version} device {id}", window.base));
     }
     Err(format!(
-        "no virtio-blk device in the {} virtio_mmio.device window(s) ({})",
+        "no {what} device in the {} virtio_mmio.device window(s) ({})",
         windows.len(),
         seen.join(", ")
     ))

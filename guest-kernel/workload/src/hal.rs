@@ -135,3 +135,176 @@ impl Drop for DmaArea {
         unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
+
+/// Descriptors per virtio-net queue (RX and TX) this image instantiates.
+pub const NET_QUEUE: usize = 64;
+/// Bytes of each receive buffer: the 12-byte `virtio_net_hdr_v1` and a 1514-byte frame fit.
+const NET_RX_BUF: usize = 2048;
+/// Offset of the `status` field in virtio-net's config space (after the 6-byte MAC).
+const NET_STATUS: u64 = crate::device::reg::CONFIG + 6;
+
+/// A virtio-net device driven through virtio-drivers' [`VirtIONetRaw`], its buffers owned
+/// here so that every queue operation is safe to call: a buffer handed to the device stays in
+/// this struct, untouched, until the device gives it back.
+///
+/// [`VirtIONetRaw`]: virtio_drivers::device::net::VirtIONetRaw
+pub struct NetDevice {
+    raw: virtio_drivers::device::net::VirtIONetRaw<
+        GuestHal,
+        virtio_drivers::transport::mmio::MmioTransport<'static>,
+        NET_QUEUE,
+    >,
+    regs: guest_kernel::mmio::MmioRegion,
+    /// TX buffers (header and frame) by token, while the device has them.
+    tx: alloc::vec::Vec<Option<alloc::vec::Vec<u8>>>,
+    /// RX buffers by token, while the device has them.
+    rx: alloc::vec::Vec<Option<alloc::vec::Vec<u8>>>,
+    /// Bytes of the virtio-net header.
+    hdr: usize,
+}
+
+impl NetDevice {
+    /// Brings up the virtio-net device in `found` and posts every receive buffer.
+    pub fn open(found: &crate::device::Found) -> Result<Self, alloc::string::String> {
+        use alloc::format;
+        use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+        let header = NonNull::new(found.window.base as *mut VirtIOHeader)
+            .ok_or_else(|| alloc::string::String::from("window at address 0"))?;
+        // SAFETY: `device::windows` checked the window is inside the identity map and above
+        // RAM (no Rust memory there), and `device::find` found the virtio-mmio magic and a
+        // network device id in it; this transport is the only writer of the window from here
+        // on (`regs` only reads the config space).
+        let transport = unsafe { MmioTransport::new(header, found.window.size as usize) }
+            .map_err(|e| format!("transport: {e}"))?;
+        let raw = virtio_drivers::device::net::VirtIONetRaw::new(transport)
+            .map_err(|e| format!("init: {e}"))?;
+        let mut probe = [0u8; 32];
+        let hdr = raw
+            .fill_buffer_header(&mut probe)
+            .map_err(|e| format!("header: {e}"))?;
+        let mut dev = NetDevice {
+            raw,
+            regs: found.regs,
+            tx: (0..NET_QUEUE).map(|_| None).collect(),
+            rx: (0..NET_QUEUE).map(|_| None).collect(),
+            hdr,
+        };
+        for _ in 0..NET_QUEUE {
+            dev.post_rx(alloc::vec![0u8; NET_RX_BUF])?;
+        }
+        Ok(dev)
+    }
+
+    fn post_rx(&mut self, mut buf: alloc::vec::Vec<u8>) -> Result<(), alloc::string::String> {
+        // SAFETY: the buffer is kept in `self.rx` under its token and not touched until
+        // `receive` takes it back after the device used it.
+        let token = unsafe { self.raw.receive_begin(&mut buf) }
+            .map_err(|e| alloc::format!("posting a receive buffer: {e}"))?;
+        let slot = self
+            .rx
+            .get_mut(usize::from(token))
+            .ok_or_else(|| alloc::format!("receive token {token} out of range"))?;
+        *slot = Some(buf);
+        Ok(())
+    }
+
+    /// The device's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.raw.mac_address()
+    }
+
+    /// Whether the config space's status says LINK_UP.
+    pub fn link_up(&self) -> bool {
+        self.regs.read_only::<u16>(NET_STATUS).read() & 1 != 0
+    }
+
+    /// Frees the TX buffers the device is done with; returns how many.
+    pub fn reclaim(&mut self) -> Result<usize, alloc::string::String> {
+        let mut n = 0;
+        while let Some(token) = self.raw.poll_transmit() {
+            let buf = self
+                .tx
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+                .ok_or_else(|| alloc::format!("used TX token {token} not in flight"))?;
+            // SAFETY: `buf` is the buffer `transmit_begin` was given for `token`.
+            unsafe { self.raw.transmit_complete(token, &buf) }
+                .map_err(|e| alloc::format!("TX completion: {e}"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Queues `frame` for transmission; `Ok(false)` when the TX queue is full.
+    pub fn transmit(&mut self, frame: &[u8]) -> Result<bool, alloc::string::String> {
+        self.reclaim()?;
+        if !self.raw.can_send() {
+            return Ok(false);
+        }
+        let mut buf = alloc::vec![0u8; self.hdr + frame.len()];
+        self.raw
+            .fill_buffer_header(&mut buf)
+            .map_err(|e| alloc::format!("header: {e}"))?;
+        buf[self.hdr..].copy_from_slice(frame);
+        // SAFETY: the buffer is kept in `self.tx` under its token and not touched until
+        // `reclaim` takes it back after the device used it.
+        let token = match unsafe { self.raw.transmit_begin(&buf) } {
+            Ok(t) => t,
+            Err(virtio_drivers::Error::QueueFull) => return Ok(false),
+            Err(e) => return Err(alloc::format!("transmit: {e}")),
+        };
+        let slot = self
+            .tx
+            .get_mut(usize::from(token))
+            .ok_or_else(|| alloc::format!("TX token {token} out of range"))?;
+        *slot = Some(buf);
+        Ok(true)
+    }
+
+    /// Hands every received frame to `f` (without the virtio-net header) and posts its buffer
+    /// again; returns how many.
+    pub fn receive(&mut self, mut f: impl FnMut(&[u8])) -> Result<usize, alloc::string::String> {
+        let mut n = 0;
+        while let Some(token) = self.raw.poll_receive() {
+            let mut buf = self
+                .rx
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+                .ok_or_else(|| alloc::format!("used RX token {token} not posted"))?;
+            // SAFETY: `buf` is the buffer `receive_begin` was given for `token`.
+            let (hdr, len) = unsafe { self.raw.receive_complete(token, &mut buf) }
+                .map_err(|e| alloc::format!("RX completion: {e}"))?;
+            let frame = buf
+                .get(hdr..hdr + len)
+                .ok_or_else(|| alloc::format!("RX length {len} beyond the buffer"))?;
+            f(frame);
+            self.post_rx(buf)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Turns used-buffer notifications on, and unless a frame arrived or a transmit completed
+    /// meanwhile, waits in the VMM for at most `timeout_us`; turns them off again.
+    pub fn wait(&mut self, timeout_us: u32) {
+        self.raw.enable_interrupts();
+        if self.raw.poll_receive().is_none() && self.raw.poll_transmit().is_none() {
+            guest_kernel::vmm::wait(timeout_us);
+        }
+        self.raw.disable_interrupts();
+        let _ = self.raw.ack_interrupt();
+    }
+}
+
+impl Drop for NetDevice {
+    /// Resets the device first: virtio-drivers' drop then finds its queues not ready (a
+    /// transport may refuse QueueReady writes after DRIVER_OK), and the device lets go of
+    /// every buffer before they are freed.
+    fn drop(&mut self) {
+        let status = self.regs.read_write::<u32>(crate::device::reg::STATUS);
+        status.write(0);
+        while status.read() != 0 {
+            core::hint::spin_loop();
+        }
+    }
+}

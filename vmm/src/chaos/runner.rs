@@ -45,10 +45,20 @@ fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
     let mut clients = Vec::new();
     let mut iops = 0.0;
     for o in outcomes {
-        let (ops, errors, mismatches, verified, i) = match &o.report {
-            Some(r) => (r.ops, r.errors, r.mismatches, r.verified, r.iops),
+        let (ops, errors, mismatches, verified, i) = match (&o.report, &o.net) {
+            (Some(r), _) => (r.ops, r.errors, r.mismatches, r.verified, r.iops),
+            // A network client: frames delivered (sender) or echoed are its operations, each
+            // checked byte for byte; a corrupt frame is a mismatch; a sender short of frames
+            // an error.
+            (None, Some(n)) => (
+                n.frames,
+                n.errors + u64::from(!n.clean() && n.errors == 0 && n.corrupt == 0),
+                n.corrupt,
+                n.frames,
+                n.frames_s as f64,
+            ),
             // No report: the client did not finish cleanly; count it as an error.
-            None => (0, 1, 0, 0, 0.0),
+            (None, None) => (0, 1, 0, 0, 0.0),
         };
         iops += i;
         clients.push(ClientResult {
