@@ -24,8 +24,11 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Guest-physical base of a client's virtio-net device (the second window).
 pub const VIRTIO_NET_BASE: u64 = VIRTIO_MMIO_BASE + WINDOW;
 /// The GSI of a Linux client's virtio-blk device (an ISA line: edge-triggered, active-high
-/// without an override).
+/// without an override; the DSDT makes it level-triggered).
 pub const VIRTIO_GSI: u32 = 5;
+/// The GSI of a Linux client's virtio-net device (the second window), level-triggered like
+/// the disk's.
+pub const VIRTIO_NET_GSI: u32 = 6;
 /// QueueNotify register offset.
 const QUEUE_NOTIFY: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// Prefix of the workload client's report line.
@@ -67,8 +70,8 @@ pub struct ClientConfig {
     /// Boot this stock Linux kernel instead of `image` (VMX/SVM hosts only): it finds its
     /// disk through ACPI and takes its interrupts.
     pub linux: Option<LinuxBoot>,
-    /// A virtio-net device (its MAC and MTU) on the second window ([`VIRTIO_NET_BASE`]), for
-    /// ddvm's own clients.
+    /// A virtio-net device (its MAC and MTU) on the second window ([`VIRTIO_NET_BASE`]); a
+    /// Linux client finds it in the DSDT with its interrupt, [`VIRTIO_NET_GSI`].
     pub nic: Option<crate::net::device::NetConfig>,
 }
 
@@ -158,6 +161,34 @@ impl Client {
     }
 }
 
+/// A device's interrupt: for a ddvm guest, a kick of its vCPU (which polls, and waits in the
+/// VMM when idle); for a stock Linux guest, a level-triggered line on `gsi` of its I/O APIC,
+/// asserted again after each EOI while InterruptStatus is not all acknowledged.
+fn interrupt_line(
+    cfg: &ClientConfig,
+    gsi: u32,
+    shared: &Arc<Shared>,
+) -> std::io::Result<(Interrupt, Option<LevelIrq>)> {
+    if cfg.linux.is_none() {
+        let waker = shared.clone();
+        return Ok((Interrupt::new(Arc::new(move || waker.kick())), None));
+    }
+    let trigger = EventFd::new(libc::EFD_NONBLOCK)?;
+    let line = trigger.try_clone()?;
+    // An eventfd write fails only when its counter would overflow: already raised.
+    let signal = Arc::new(move || {
+        let _ = line.write(1);
+    });
+    let interrupt = Interrupt::new(signal);
+    let status = interrupt.clone();
+    let irq = LevelIrq {
+        gsi,
+        trigger,
+        pending: Arc::new(move || status.status() != 0),
+    };
+    Ok((interrupt, Some(irq)))
+}
+
 /// The client's virtio-blk device on its MMIO window, and the port a block service serves. Its
 /// interrupt wakes the vCPU of a ddvm guest (which polls, and waits in the VMM when idle); a
 /// stock Linux guest's is an irqfd on [`VIRTIO_GSI`].
@@ -172,30 +203,7 @@ fn virtio_blk(
         what: "virtio-blk device",
         source,
     };
-    let (interrupt, irq) = match cfg.linux {
-        Some(_) => {
-            let trigger = EventFd::new(libc::EFD_NONBLOCK).map_err(host)?;
-            let line = trigger.try_clone().map_err(host)?;
-            // An eventfd write fails only when its counter would overflow: already raised.
-            let signal = Arc::new(move || {
-                let _ = line.write(1);
-            });
-            let interrupt = Interrupt::new(signal);
-            // Level-triggered: asserted again after each EOI while InterruptStatus is not
-            // all acknowledged.
-            let status = interrupt.clone();
-            let irq = LevelIrq {
-                gsi: VIRTIO_GSI,
-                trigger,
-                pending: Arc::new(move || status.status() != 0),
-            };
-            (interrupt, Some(irq))
-        }
-        None => {
-            let waker = shared.clone();
-            (Interrupt::new(Arc::new(move || waker.kick())), None)
-        }
-    };
+    let (interrupt, irq) = interrupt_line(cfg, VIRTIO_GSI, shared).map_err(host)?;
     let port = ClientPort::new(&cfg.name, mem.clone(), geometry.clone(), interrupt.clone())
         .map_err(host)?;
     let notify = port.notify.try_clone().map_err(host)?;
@@ -216,8 +224,8 @@ fn virtio_blk(
     Ok((device, port))
 }
 
-/// The client's virtio-net device on the second window (ddvm's own clients: the interrupt
-/// wakes the vCPU).
+/// The client's virtio-net device on the second window. Its interrupt wakes the vCPU of a ddvm
+/// guest; a stock Linux guest's is an irqfd on [`VIRTIO_NET_GSI`].
 fn virtio_net(
     cfg: &ClientConfig,
     nic: crate::net::device::NetConfig,
@@ -229,8 +237,7 @@ fn virtio_net(
         what: "virtio-net device",
         source,
     };
-    let waker = shared.clone();
-    let interrupt = Interrupt::new(Arc::new(move || waker.kick()));
+    let (interrupt, irq) = interrupt_line(cfg, VIRTIO_NET_GSI, shared).map_err(host)?;
     let port = crate::net::device::NetPort::new(&cfg.name, mem.clone(), nic, interrupt.clone())
         .map_err(host)?;
     let notify = port.notify.try_clone().map_err(host)?;
@@ -246,7 +253,7 @@ fn virtio_net(
         len: WINDOW,
         device: Arc::new(Mutex::new(transport)),
         ioevents: vec![(VIRTIO_NET_BASE + QUEUE_NOTIFY, ioevent)],
-        irq: None,
+        irq,
     };
     Ok((device, port))
 }

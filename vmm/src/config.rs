@@ -76,7 +76,7 @@ pub struct ClientSection {
     #[serde(default)]
     pub queues: Option<u16>,
     /// The NIC domain whose network it joins: a virtio-net device on a second virtio-mmio
-    /// window (ddvm's own clients; with a disk).
+    /// window, for ddvm's own clients and Linux clients alike (with a disk).
     #[serde(default)]
     pub nic: Option<String>,
     /// Its MAC (`52:54:00:xx:xx:xx`), unique; default derived from its name.
@@ -629,13 +629,6 @@ impl Config {
                         format!("{nic:?}: expected the name of a [[domain]] with an emulated-e1000 device"),
                     ));
                 }
-                if c.kernel.is_some() {
-                    return Err(invalid(
-                        key("nic"),
-                        "set with `kernel`; expected a NIC only on ddvm's own clients for now"
-                            .into(),
-                    ));
-                }
                 let Some(mac) = c.mac_address().filter(|m| m[0] & 1 == 0 && *m != [0; 6]) else {
                     return Err(invalid(
                         key("mac"),
@@ -968,6 +961,13 @@ mod tests {
         };
         let c = parse(&client("nic = \"x\"\nmac = \"52:54:00:00:00:01\"\n")).unwrap();
         assert_eq!(c.clients[0].mac_address(), Some([0x52, 0x54, 0, 0, 0, 1]));
+        // A Linux client takes a NIC too (its second window gets a GSI and a DSDT entry).
+        let c = parse(&client(
+            "nic = \"x\"\nmemory_mib = 128\nkernel = \"vmlinuz\"\n",
+        ))
+        .unwrap();
+        assert!(c.clients[0].linux_boot(Path::new("/c.toml")).is_some());
+        assert_eq!(c.clients[0].nic.as_deref(), Some("x"));
         for (extra, key) in [
             ("nic = \"n\"\n", "client[0].nic"),
             (

@@ -935,6 +935,46 @@ mod tests {
     }
 
     #[test]
+    fn a_second_window_gets_its_own_dsdt_device_and_interrupt() {
+        let mem = crate::memory::create(16 << 20, 16 << 20).unwrap();
+        let disk = MmioDevice {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        };
+        let nic = MmioDevice {
+            base: 0xd000_1000,
+            len: 0x1000,
+            gsi: 6,
+        };
+        write_acpi(&mem, &[disk, nic], 1).unwrap();
+        let mut area = vec![0u8; (ACPI_END - ACPI_BASE) as usize];
+        mem.read_slice(&mut area, GuestAddress(ACPI_BASE)).unwrap();
+        let xsdt = table_at(&area, u64::from_le_bytes(area[24..32].try_into().unwrap()));
+        let fadt = table_at(&area, u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
+        let dsdt = table_at(
+            &area,
+            u64::from_le_bytes(fadt[140..148].try_into().unwrap()),
+        );
+        assert!(checksum_ok(dsdt));
+        let body = &dsdt[36..];
+        let count = |needle: &[u8]| body.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(count(b"LNRO0005\0"), 2, "two virtio-mmio devices");
+        assert_eq!(count(b"V000"), 1);
+        assert_eq!(count(b"V001"), 1);
+        // Memory32Fixed (0x86, length 9, read-write): base and length of each window.
+        for base in [0xd000_0000u32, 0xd000_1000] {
+            let mut m = vec![0x86, 9, 0, 1];
+            m.extend_from_slice(&base.to_le_bytes());
+            m.extend_from_slice(&0x1000u32.to_le_bytes());
+            assert_eq!(count(&m), 1, "the window at {base:#x}");
+        }
+        // Each its own level-triggered, active-high line.
+        assert_eq!(count(&[0x89, 6, 0, 0b001, 1, 5, 0, 0, 0]), 1, "GSI 5");
+        assert_eq!(count(&[0x89, 6, 0, 0b001, 1, 6, 0, 0, 0]), 1, "GSI 6");
+    }
+
+    #[test]
     fn each_vcpu_has_its_own_apic_id_in_one_package() {
         let entry = |function, index| kvm_bindings::kvm_cpuid_entry2 {
             function,

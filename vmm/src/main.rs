@@ -841,7 +841,12 @@ fn run_config(
     // The VMM's side of each domain's channel, kept for the stop's FLUSH and SHUTDOWN.
     let mut channels: Vec<Option<HostChannel>> = domains
         .iter()
-        .map(|d| Some(HostChannel::new(d.channel()?, d.channel_header()?)))
+        .map(|d| {
+            let header = d
+                .channel_header()
+                .filter(|h| h.class == ddvm_abi::channel::class::BLK)?;
+            Some(HostChannel::new(d.channel()?, header))
+        })
         .collect();
     if let Some(requests) = verify {
         for (d, ch) in domains.iter().zip(&mut channels) {

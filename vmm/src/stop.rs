@@ -232,12 +232,20 @@ pub fn by_vmm(device: &DomainDevice, why: String) -> StopHow {
 /// Stops a domain that serves no block service (`ddvm run` without clients): FLUSH and
 /// SHUTDOWN through `channel` (a fresh one if `None`: no request of the VMM is in flight),
 /// else the VMM's own shutdown of its device; then the vCPU is stopped. The device is reset
-/// when the domain is dropped. A domain without a device just stops.
+/// when the domain is dropped. A domain without a device, or whose channel is not a block
+/// channel (a NIC domain without clients: no data to write back), just stops.
 pub fn domain_without_clients(
     domain: &mut Domain,
     channel: Option<&mut HostChannel>,
 ) -> Option<StopReport> {
     let t0 = Instant::now();
+    if domain
+        .channel_header()
+        .is_some_and(|h| h.class != ddvm_abi::channel::class::BLK)
+    {
+        domain.stop();
+        return None;
+    }
     let device = domain.device().cloned()?;
     let mut fresh = None;
     let channel = match channel {
