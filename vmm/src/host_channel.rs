@@ -142,35 +142,6 @@ pub fn check_completion(
     Ok(())
 }
 
-/// Publishes the requests `req` posted into the channel at `base` and returns whether the
-/// domain waits (and needs a kick, counted in `counters`), whatever the class.
-pub fn publish_requests<T: Entry>(
-    req: &Producer<T>,
-    mem: &GuestMem,
-    base: u64,
-    counters: &ChannelCounters,
-) -> bool {
-    let m = ChannelMemory::new(mem, base);
-    req.publish(&m);
-    fence(Ordering::SeqCst);
-    let flags: u32 = mem
-        .load(GuestAddress(base + offset::DOMAIN_FLAGS), Ordering::Acquire)
-        .unwrap_or(domain_flags::WAITING);
-    let waiting = flags & domain_flags::WAITING != 0;
-    if waiting {
-        counters.kicks.fetch_add(1, Ordering::Relaxed);
-    }
-    waiting
-}
-
-/// Asks the domain of the channel at `base` to notify (or not) when it publishes
-/// completions, whatever the class.
-pub fn set_notify_flag(mem: &GuestMem, base: u64, on: bool) {
-    let v = if on { vmm_flags::NOTIFY_ME } else { 0 };
-    let _ = mem.store(v, GuestAddress(base + offset::VMM_FLAGS), Ordering::Release);
-    fence(Ordering::SeqCst);
-}
-
 /// Why a request could not be posted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -203,22 +174,48 @@ pub struct ChannelCounters {
     pub kicks: AtomicU64,
 }
 
-/// A request in flight.
+/// What the generic half of a channel ([`ChannelCore`]) needs of a class's request entry.
+pub trait ClassRequest: Entry + Copy {
+    /// The request's tag.
+    fn tag(&self) -> u32;
+    /// Its data length: a completion may report at most this many bytes.
+    fn data_len(&self) -> u32;
+}
+
+impl ClassRequest for Request {
+    fn tag(&self) -> u32 {
+        self.tag
+    }
+    fn data_len(&self) -> u32 {
+        self.len
+    }
+}
+
+impl ClassRequest for ddvm_abi::channel::net::Request {
+    fn tag(&self) -> u32 {
+        self.tag
+    }
+    fn data_len(&self) -> u32 {
+        self.len
+    }
+}
+
+/// A request in flight (of the block class unless named).
 #[derive(Clone, Copy, Debug)]
-pub struct InFlight {
+pub struct InFlight<R = Request> {
     /// The request as posted.
-    pub request: Request,
-    /// Bounce slot index.
-    slot: u32,
+    pub request: R,
+    /// Slot index (none for a request without data).
+    slot: Option<u32>,
     /// When it was posted.
     pub submitted: Instant,
 }
 
-/// A completion accepted by the VMM.
+/// A completion accepted by the VMM (of the block class unless named).
 #[derive(Clone, Copy, Debug)]
-pub struct Done {
+pub struct Done<R = Request> {
     /// The request it completes.
-    pub request: Request,
+    pub request: R,
     /// Channel status.
     pub status: u16,
     /// Device detail.
@@ -227,37 +224,39 @@ pub struct Done {
     pub len: u32,
     /// When it was posted.
     pub submitted: Instant,
-    slot: u32,
+    slot: Option<u32>,
 }
 
-/// The VMM's side of a channel.
-pub struct HostChannel {
+/// What every class's channel does the same way, VMM side: its own ring indices, the bounce
+/// slots (one per request entry at most, each `max_transfer` bytes), tags, the table of
+/// requests in flight, publication, notification, and the completion checks every class makes
+/// (tag in flight, epoch, length at most the request's) before the class's own.
+pub struct ChannelCore<R: ClassRequest> {
     base: u64,
     header: ChannelHeader,
-    req: Producer<Request>,
+    req: Producer<R>,
     cpl: Consumer<Completion>,
     free_slots: Vec<u32>,
-    inflight: HashMap<u32, InFlight>,
+    inflight: HashMap<u32, InFlight<R>>,
     next_tag: u32,
     broken: Option<DomainProtocolError>,
     /// Counters.
     pub counters: ChannelCounters,
 }
 
-impl HostChannel {
-    /// The VMM side of the channel at `base` whose header the VMM wrote as `header`, a block
-    /// channel ([`class::BLK`]): the requests it posts and the device info it checks are
-    /// block's. Any other class is a VMM bug and panics.
-    pub fn new(base: u64, header: ChannelHeader) -> Self {
+impl<R: ClassRequest> ChannelCore<R> {
+    /// The channel at `base` whose header the VMM wrote as `header`, which must name `class`
+    /// (anything else is a VMM bug and panics, saying `what` the channel serves).
+    pub fn new(base: u64, header: ChannelHeader, class: u32, what: &str) -> Self {
         assert_eq!(
             header.class,
-            class::BLK,
-            "a host channel serves the block class, the header names class {} ({})",
+            class,
+            "{what}, the header names class {} ({})",
             header.class,
             class::name(header.class)
         );
         let slots = (header.data_size / header.max_transfer.max(1)).min(header.req_entries);
-        HostChannel {
+        ChannelCore {
             base,
             header,
             req: Producer::new(u64::from(header.req_ring), header.req_entries),
@@ -275,9 +274,9 @@ impl HostChannel {
         &self.header
     }
 
-    /// Largest data of one request.
-    pub fn max_transfer(&self) -> u32 {
-        self.header.max_transfer
+    /// Guest-physical address of the channel in the domain.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Requests in flight.
@@ -285,12 +284,12 @@ impl HostChannel {
         self.inflight.len()
     }
 
-    /// Bounce slots free.
+    /// Slots free.
     pub fn free_slots(&self) -> usize {
         self.free_slots.len()
     }
 
-    /// Whether a bounce slot is free (the ring itself is checked by `submit`, which reads the
+    /// Whether a slot is free (the ring itself is checked when posting, which reads the
     /// domain's consumer index when the ring looks full).
     pub fn has_room(&self) -> bool {
         self.broken.is_none() && !self.free_slots.is_empty()
@@ -301,21 +300,241 @@ impl HostChannel {
         self.broken
     }
 
-    fn memory<'a>(&self, mem: &'a GuestMem) -> ChannelMemory<'a> {
-        ChannelMemory::new(mem, self.base)
+    /// The domain's epoch this channel was set up for.
+    pub fn epoch(&self) -> u64 {
+        self.header.epoch
     }
 
-    fn violation(&mut self, e: DomainProtocolError) -> DomainProtocolError {
+    /// Counts a violation and breaks the channel for good.
+    pub fn violation(&mut self, e: DomainProtocolError) -> DomainProtocolError {
         self.counters.violations.fetch_add(1, Ordering::Relaxed);
         self.broken.get_or_insert(e);
         e
     }
 
+    /// Reads the device info the domain wrote (the class checks it; a failed check is a
+    /// [`ChannelCore::violation`]).
+    pub fn read_device_info<T: vm_memory::ByteValued>(
+        &self,
+        mem: &GuestMem,
+    ) -> Result<T, DomainProtocolError> {
+        mem.read_obj(GuestAddress(self.base + DEVICE_INFO_OFFSET))
+            .map_err(|_| DomainProtocolError::DeviceInfo("unreadable"))
+    }
+
+    /// Posts a request (not yet published): takes a ring entry and, if `with_slot`, a slot,
+    /// whose guest-physical address `fill` gets to put the request's data in before the
+    /// request is visible to the domain; `make(tag, data)` builds the entry (`data`: the
+    /// slot's offset from the channel start, 0 without a slot). Returns the tag.
+    pub fn post(
+        &mut self,
+        mem: &GuestMem,
+        with_slot: bool,
+        fill: impl FnOnce(&GuestMem, u64),
+        make: impl FnOnce(u32, u64) -> R,
+    ) -> Result<u32, SubmitError> {
+        if self.broken.is_some() {
+            return Err(SubmitError::Broken);
+        }
+        if self.req.free() == 0 {
+            let m = ChannelMemory::new(mem, self.base);
+            if let Err(e) = self.req.refresh(&m) {
+                self.violation(DomainProtocolError::Index(e));
+                return Err(SubmitError::Broken);
+            }
+        }
+        if self.req.free() == 0 || (with_slot && self.free_slots.is_empty()) {
+            return Err(SubmitError::Full);
+        }
+        let slot = if with_slot {
+            self.free_slots.pop()
+        } else {
+            None
+        };
+        let data = slot.map_or(0, |s| {
+            u64::from(self.header.data) + u64::from(s) * u64::from(self.header.max_transfer)
+        });
+        if slot.is_some() {
+            fill(mem, self.base + data);
+        }
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1).max(1);
+        let request = make(tag, data);
+        let m = ChannelMemory::new(mem, self.base);
+        let pushed = self.req.push(&m, &request);
+        debug_assert!(pushed, "free entry checked above");
+        self.inflight.insert(
+            tag,
+            InFlight {
+                request,
+                slot,
+                submitted: Instant::now(),
+            },
+        );
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        Ok(tag)
+    }
+
+    /// Publishes posted requests; returns whether the domain waits and needs a kick.
+    pub fn publish(&self, mem: &GuestMem) -> bool {
+        let m = ChannelMemory::new(mem, self.base);
+        self.req.publish(&m);
+        fence(Ordering::SeqCst);
+        let flags: u32 = mem
+            .load(
+                GuestAddress(self.base + offset::DOMAIN_FLAGS),
+                Ordering::Acquire,
+            )
+            .unwrap_or(domain_flags::WAITING);
+        let waiting = flags & domain_flags::WAITING != 0;
+        if waiting {
+            self.counters.kicks.fetch_add(1, Ordering::Relaxed);
+        }
+        waiting
+    }
+
+    /// Asks the domain to notify (or not) when it publishes completions.
+    pub fn set_notify(&self, mem: &GuestMem, on: bool) {
+        let v = if on { vmm_flags::NOTIFY_ME } else { 0 };
+        let _ = mem.store(
+            v,
+            GuestAddress(self.base + offset::VMM_FLAGS),
+            Ordering::Release,
+        );
+        fence(Ordering::SeqCst);
+    }
+
+    /// Takes the completions the domain published, each checked (tag in flight, epoch, length
+    /// at most the request's, then the class's own `check`); accepted ones are appended to
+    /// `out`. A violation breaks the channel.
+    pub fn poll_checked(
+        &mut self,
+        mem: &GuestMem,
+        out: &mut Vec<Done<R>>,
+        check: impl Fn(&Completion, &R) -> Result<(), DomainProtocolError>,
+    ) -> Result<usize, DomainProtocolError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        let m = ChannelMemory::new(mem, self.base);
+        let available = match self.cpl.refresh(&m) {
+            Ok(n) => n,
+            Err(e) => return Err(self.violation(DomainProtocolError::Index(e))),
+        };
+        let epoch = self.header.epoch as u32;
+        let mut taken = 0;
+        for _ in 0..available {
+            let Some(c) = self.cpl.pop(&m) else { break };
+            let Some(f) = self.inflight.get(&c.tag).copied() else {
+                return Err(self.violation(DomainProtocolError::UnknownTag { tag: c.tag }));
+            };
+            if let Err(e) = check_completion(&c, epoch, f.request.data_len())
+                .and_then(|()| check(&c, &f.request))
+            {
+                return Err(self.violation(e));
+            }
+            self.inflight.remove(&c.tag);
+            out.push(Done {
+                request: f.request,
+                status: c.status,
+                detail: c.detail,
+                len: c.len,
+                submitted: f.submitted,
+                slot: f.slot,
+            });
+            taken += 1;
+        }
+        self.cpl.release(&m);
+        self.counters
+            .completed
+            .fetch_add(taken as u64, Ordering::Relaxed);
+        Ok(taken)
+    }
+
+    /// Whether the domain has published completions not yet taken (checks the index; a
+    /// violation breaks the channel).
+    pub fn poll_pending(&mut self, mem: &GuestMem) -> Result<bool, DomainProtocolError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        let m = ChannelMemory::new(mem, self.base);
+        match self.cpl.refresh(&m) {
+            Ok(n) => Ok(n > 0),
+            Err(e) => Err(self.violation(DomainProtocolError::Index(e))),
+        }
+    }
+
+    /// Copies up to `buf.len()` bytes of a completion's data (`done.len`) out of its slot;
+    /// returns the bytes copied (zeros if the slot is unreadable). Call before freeing the
+    /// slot.
+    pub fn read_slot(&self, mem: &GuestMem, done: &Done<R>, data: u64, buf: &mut [u8]) -> usize {
+        let n = buf.len().min(done.len as usize);
+        if mem
+            .read_slice(&mut buf[..n], GuestAddress(self.base + data))
+            .is_err()
+        {
+            buf[..n].fill(0);
+        }
+        n
+    }
+
+    /// Frees a completed request's slot.
+    pub fn free_slot(&mut self, done: &Done<R>) {
+        if let Some(slot) = done.slot {
+            self.free_slots.push(slot);
+        }
+    }
+
+    /// Requests in flight, oldest first (for replay after a crash).
+    pub fn in_flight_requests(&self) -> Vec<InFlight<R>> {
+        let mut v: Vec<InFlight<R>> = self.inflight.values().copied().collect();
+        v.sort_by_key(|f| f.submitted);
+        v
+    }
+}
+
+/// The VMM's side of a block channel ([`ChannelCore`] with the block class's requests and
+/// device info; the core's accessors through `Deref`).
+pub struct HostChannel {
+    core: ChannelCore<Request>,
+}
+
+impl std::ops::Deref for HostChannel {
+    type Target = ChannelCore<Request>;
+    fn deref(&self) -> &Self::Target {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for HostChannel {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.core
+    }
+}
+
+impl HostChannel {
+    /// The VMM side of the channel at `base` whose header the VMM wrote as `header`, a block
+    /// channel ([`class::BLK`]): the requests it posts and the device info it checks are
+    /// block's. Any other class is a VMM bug and panics.
+    pub fn new(base: u64, header: ChannelHeader) -> Self {
+        HostChannel {
+            core: ChannelCore::new(
+                base,
+                header,
+                class::BLK,
+                "a host channel serves the block class",
+            ),
+        }
+    }
+
+    /// Largest data of one request.
+    pub fn max_transfer(&self) -> u32 {
+        self.core.header().max_transfer
+    }
+
     /// Reads and checks the device info the domain wrote before it became ready.
     pub fn device_info(&mut self, mem: &GuestMem) -> Result<DeviceInfo, DomainProtocolError> {
-        let info: DeviceInfo = mem
-            .read_obj(GuestAddress(self.base + DEVICE_INFO_OFFSET))
-            .map_err(|_| DomainProtocolError::DeviceInfo("unreadable"))?;
+        let info: DeviceInfo = self.core.read_device_info(mem)?;
         let problem = if info.capacity_sectors == 0 {
             Some("zero capacity")
         } else if info.block_size != 512 && info.block_size != 4096 {
@@ -324,14 +543,14 @@ impl HostChannel {
             Some("capacity not a whole number of blocks")
         } else if info.max_transfer == 0
             || info.max_transfer % info.block_size != 0
-            || info.max_transfer > self.header.max_transfer
+            || info.max_transfer > self.max_transfer()
         {
             Some("max transfer zero, unaligned or over the channel's")
         } else {
             None
         };
         match problem {
-            Some(p) => Err(self.violation(DomainProtocolError::DeviceInfo(p))),
+            Some(p) => Err(self.core.violation(DomainProtocolError::DeviceInfo(p))),
             None => Ok(info),
         }
     }
@@ -364,69 +583,32 @@ impl HostChannel {
         sectors: u32,
         fill: impl FnOnce(&GuestMem, u64, usize),
     ) -> Result<u32, SubmitError> {
-        if self.broken.is_some() {
-            return Err(SubmitError::Broken);
-        }
         let len = match operation {
             op::READ | op::WRITE => u64::from(sectors) * 512,
             _ => 0,
         };
-        if len > u64::from(self.header.max_transfer) {
-            return Err(SubmitError::TooLarge {
-                len,
-                max: self.header.max_transfer,
-            });
+        let max = self.max_transfer();
+        if len > u64::from(max) && self.core.broken().is_none() {
+            return Err(SubmitError::TooLarge { len, max });
         }
-        if self.req.free() == 0 {
-            let m = ChannelMemory::new(mem, self.base);
-            if let Err(e) = self.req.refresh(&m) {
-                self.violation(DomainProtocolError::Index(e));
-                return Err(SubmitError::Broken);
-            }
-        }
-        if self.req.free() == 0 || self.free_slots.is_empty() {
-            return Err(SubmitError::Full);
-        }
-        let slot = self.free_slots.pop().ok_or(SubmitError::Full)?;
-        let data_offset =
-            u64::from(self.header.data) + u64::from(slot) * u64::from(self.header.max_transfer);
-        if operation == op::WRITE {
-            fill(mem, self.base + data_offset, len as usize);
-        }
-        let tag = self.next_tag;
-        self.next_tag = self.next_tag.wrapping_add(1).max(1);
-        let request = Request {
-            tag,
-            op: operation,
-            flags: 0,
-            sector,
-            sectors,
-            len: len as u32,
-            data: data_offset,
-        };
-        let m = self.memory(mem);
-        let pushed = self.req.push(&m, &request);
-        debug_assert!(pushed, "free entry checked above");
-        self.inflight.insert(
-            tag,
-            InFlight {
-                request,
-                slot,
-                submitted: Instant::now(),
+        self.core.post(
+            mem,
+            true,
+            |mem, gpa| {
+                if operation == op::WRITE {
+                    fill(mem, gpa, len as usize);
+                }
             },
-        );
-        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        Ok(tag)
-    }
-
-    /// Publishes posted requests; returns whether the domain waits and needs a kick.
-    pub fn publish(&self, mem: &GuestMem) -> bool {
-        publish_requests(&self.req, mem, self.base, &self.counters)
-    }
-
-    /// Asks the domain to notify (or not) when it publishes completions.
-    pub fn set_notify(&self, mem: &GuestMem, on: bool) {
-        set_notify_flag(mem, self.base, on);
+            |tag, data| Request {
+                tag,
+                op: operation,
+                flags: 0,
+                sector,
+                sectors,
+                len: len as u32,
+                data,
+            },
+        )
     }
 
     /// Takes the completions the domain published, checking each; accepted ones are appended
@@ -436,84 +618,21 @@ impl HostChannel {
         mem: &GuestMem,
         out: &mut Vec<Done>,
     ) -> Result<usize, DomainProtocolError> {
-        if let Some(e) = self.broken {
-            return Err(e);
-        }
-        let m = ChannelMemory::new(mem, self.base);
-        let available = match self.cpl.refresh(&m) {
-            Ok(n) => n,
-            Err(e) => return Err(self.violation(DomainProtocolError::Index(e))),
-        };
-        let epoch = self.header.epoch as u32;
-        let mut taken = 0;
-        for _ in 0..available {
-            let Some(c) = self.cpl.pop(&m) else { break };
-            let Some(f) = self.inflight.get(&c.tag).copied() else {
-                return Err(self.violation(DomainProtocolError::UnknownTag { tag: c.tag }));
-            };
-            if let Err(e) = check_completion(&c, epoch, f.request.len) {
-                return Err(self.violation(e));
-            }
-            self.inflight.remove(&c.tag);
-            out.push(Done {
-                request: f.request,
-                status: c.status,
-                detail: c.detail,
-                len: c.len,
-                submitted: f.submitted,
-                slot: f.slot,
-            });
-            taken += 1;
-        }
-        self.cpl.release(&m);
-        self.counters
-            .completed
-            .fetch_add(taken as u64, Ordering::Relaxed);
-        Ok(taken)
-    }
-
-    /// Whether the domain has published completions not yet taken (checks the index).
-    pub fn poll_pending(&mut self, mem: &GuestMem) -> Result<bool, DomainProtocolError> {
-        if let Some(e) = self.broken {
-            return Err(e);
-        }
-        let m = ChannelMemory::new(mem, self.base);
-        match self.cpl.refresh(&m) {
-            Ok(n) => Ok(n > 0),
-            Err(e) => Err(self.violation(DomainProtocolError::Index(e))),
-        }
+        self.core.poll_checked(mem, out, |_, _| Ok(()))
     }
 
     /// Copies the data of a completed read out of its bounce slot and frees the slot.
     pub fn finish(&mut self, mem: &GuestMem, done: &Done, read_into: Option<&mut [u8]>) {
         if let Some(buf) = read_into {
-            let n = buf.len().min(done.len as usize);
-            if mem
-                .read_slice(&mut buf[..n], GuestAddress(self.base + done.request.data))
-                .is_err()
-            {
-                buf.fill(0);
-            }
+            self.core.read_slot(mem, done, done.request.data, buf);
         }
-        self.free_slots.push(done.slot);
+        self.core.free_slot(done);
     }
 
     /// Guest-physical address (in the domain) of a completed request's bounce slot, valid
     /// until [`HostChannel::finish`].
     pub fn slot_address(&self, done: &Done) -> u64 {
-        self.base + done.request.data
-    }
-
-    /// The domain's epoch this channel was set up for.
-    pub fn epoch(&self) -> u64 {
-        self.header.epoch
-    }
-
-    /// Requests in flight, oldest first (for replay after a crash).
-    pub fn in_flight_requests(&self) -> Vec<InFlight> {
-        let mut v: Vec<InFlight> = self.inflight.values().copied().collect();
-        v.sort_by_key(|f| f.submitted);
-        v
+        self.core.base + done.request.data
     }
 }
 

@@ -10,19 +10,13 @@
 //! header and at most its buffer, any other at most its request's. A violation is counted,
 //! returned as a [`DomainProtocolError`], and breaks the channel for good.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use ddvm_abi::channel::net::{self, op, DeviceInfo, FilterSet, Request, MAX_FILTER_SET_LEN};
-use ddvm_abi::channel::ring::{Consumer, Producer};
-use ddvm_abi::channel::{class, status, ChannelHeader, Completion, DEVICE_INFO_OFFSET};
+use ddvm_abi::channel::{class, status, ChannelHeader, Completion};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::host_channel::{
-    check_completion, publish_requests, set_notify_flag, ChannelCounters, ChannelMemory,
-    DomainProtocolError, SubmitError,
-};
+use crate::host_channel::{ChannelCore, DomainProtocolError, Done, SubmitError};
 use crate::memory::GuestMem;
 
 /// Shortest frame a receive may complete with: an Ethernet header.
@@ -31,112 +25,53 @@ pub const MIN_FRAME: u32 = 14;
 /// `max_frame` is refused.
 const MIN_MAX_FRAME: u32 = 60;
 
-/// A request in flight.
-#[derive(Clone, Copy, Debug)]
-struct InFlight {
-    request: Request,
-    slot: Option<u32>,
-    submitted: Instant,
-}
+/// A completion accepted by the VMM: `len` is a transmit's frame length or the received
+/// frame's.
+pub type NetDone = Done<Request>;
 
-/// A completion accepted by the VMM.
-#[derive(Clone, Copy, Debug)]
-pub struct NetDone {
-    /// The request it completes.
-    pub request: Request,
-    /// Channel status.
-    pub status: u16,
-    /// Device detail.
-    pub detail: u16,
-    /// Transmit: the frame's length; receive: the received frame's length.
-    pub len: u32,
-    /// When it was posted.
-    pub submitted: Instant,
-    slot: Option<u32>,
-}
-
-/// The VMM's side of a network channel.
+/// The VMM's side of a network channel ([`ChannelCore`] with the network class's requests,
+/// device info and completion checks; the core's accessors through `Deref`).
 pub struct NetChannel {
-    base: u64,
-    header: ChannelHeader,
-    req: Producer<Request>,
-    cpl: Consumer<Completion>,
-    free_slots: Vec<u32>,
-    inflight: HashMap<u32, InFlight>,
-    next_tag: u32,
-    broken: Option<DomainProtocolError>,
-    /// Counters.
-    pub counters: ChannelCounters,
+    core: ChannelCore<Request>,
+}
+
+impl std::ops::Deref for NetChannel {
+    type Target = ChannelCore<Request>;
+    fn deref(&self) -> &Self::Target {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for NetChannel {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.core
+    }
 }
 
 impl NetChannel {
     /// The VMM side of the channel at `base` whose header the VMM wrote as `header`, a
     /// network channel ([`class::NET`]). Any other class is a VMM bug and panics.
     pub fn new(base: u64, header: ChannelHeader) -> Self {
-        assert_eq!(
-            header.class,
-            class::NET,
-            "a net channel serves the network class, the header names class {} ({})",
-            header.class,
-            class::name(header.class)
-        );
-        let slots = (header.data_size / header.max_transfer.max(1)).min(header.req_entries);
         NetChannel {
-            base,
-            header,
-            req: Producer::new(u64::from(header.req_ring), header.req_entries),
-            cpl: Consumer::new(u64::from(header.cpl_ring), header.cpl_entries),
-            free_slots: (0..slots).rev().collect(),
-            inflight: HashMap::new(),
-            next_tag: 1,
-            broken: None,
-            counters: ChannelCounters::default(),
+            core: ChannelCore::new(
+                base,
+                header,
+                class::NET,
+                "a net channel serves the network class",
+            ),
         }
-    }
-
-    /// The geometry.
-    pub fn header(&self) -> &ChannelHeader {
-        &self.header
     }
 
     /// Bytes of one slot: the largest frame or receive buffer.
     pub fn slot_size(&self) -> u32 {
-        self.header.max_transfer
-    }
-
-    /// Requests in flight.
-    pub fn in_flight(&self) -> usize {
-        self.inflight.len()
-    }
-
-    /// Slots free.
-    pub fn free_slots(&self) -> usize {
-        self.free_slots.len()
-    }
-
-    /// The violation that broke the channel, if any.
-    pub fn broken(&self) -> Option<DomainProtocolError> {
-        self.broken
-    }
-
-    /// The domain's epoch this channel was set up for.
-    pub fn epoch(&self) -> u64 {
-        self.header.epoch
-    }
-
-    fn violation(&mut self, e: DomainProtocolError) -> DomainProtocolError {
-        self.counters.violations.fetch_add(1, Ordering::Relaxed);
-        self.broken.get_or_insert(e);
-        e
+        self.core.header().max_transfer
     }
 
     /// Reads and checks the device info the domain wrote before it became ready: a valid
     /// unicast MAC, a largest frame from 60 bytes up to a slot, a receive buffer at least
     /// the largest frame and at most a slot, a link word of [`net::link`].
     pub fn device_info(&mut self, mem: &GuestMem) -> Result<DeviceInfo, DomainProtocolError> {
-        let info: DeviceInfo = mem
-            .read_obj(GuestAddress(self.base + DEVICE_INFO_OFFSET))
-            .map_err(|_| DomainProtocolError::DeviceInfo("unreadable"))?;
+        let info: DeviceInfo = self.core.read_device_info(mem)?;
         let slot = self.slot_size();
         let problem = if info.mac[0] & 1 != 0 || info.mac == [0; net::MAC_LEN] {
             Some("MAC is not a unicast address")
@@ -150,7 +85,7 @@ impl NetChannel {
             None
         };
         match problem {
-            Some(p) => Err(self.violation(DomainProtocolError::DeviceInfo(p))),
+            Some(p) => Err(self.core.violation(DomainProtocolError::DeviceInfo(p))),
             None => Ok(info),
         }
     }
@@ -158,11 +93,9 @@ impl NetChannel {
     /// Whether the domain says the link is up (the device info's link word, read now; any
     /// value but [`net::link::UP`] is down).
     pub fn link_up(&self, mem: &GuestMem) -> bool {
+        let base = self.core.base();
         let word: u32 = mem
-            .load(
-                GuestAddress(self.base + net::offset::LINK),
-                Ordering::Acquire,
-            )
+            .load(GuestAddress(base + net::offset::LINK), Ordering::Acquire)
             .unwrap_or(net::link::DOWN);
         word == net::link::UP
     }
@@ -204,63 +137,22 @@ impl NetChannel {
         len: u32,
         data: Option<&[u8]>,
     ) -> Result<u32, SubmitError> {
-        if self.broken.is_some() {
-            return Err(SubmitError::Broken);
-        }
-        if self.req.free() == 0 {
-            let m = ChannelMemory::new(mem, self.base);
-            if let Err(e) = self.req.refresh(&m) {
-                self.violation(DomainProtocolError::Index(e));
-                return Err(SubmitError::Broken);
-            }
-        }
-        let needs_slot = operation != op::SHUTDOWN;
-        if self.req.free() == 0 || (needs_slot && self.free_slots.is_empty()) {
-            return Err(SubmitError::Full);
-        }
-        let slot = if needs_slot {
-            self.free_slots.pop()
-        } else {
-            None
-        };
-        let offset = slot.map_or(0, |s| {
-            u64::from(self.header.data) + u64::from(s) * u64::from(self.header.max_transfer)
-        });
-        if let Some(bytes) = data {
-            let _ = mem.write_slice(bytes, GuestAddress(self.base + offset));
-        }
-        let tag = self.next_tag;
-        self.next_tag = self.next_tag.wrapping_add(1).max(1);
-        let request = Request {
-            tag,
-            op: operation,
-            flags: 0,
-            len,
-            data: offset,
-        };
-        let m = ChannelMemory::new(mem, self.base);
-        let pushed = self.req.push(&m, &request);
-        debug_assert!(pushed, "free entry checked above");
-        self.inflight.insert(
-            tag,
-            InFlight {
-                request,
-                slot,
-                submitted: Instant::now(),
+        self.core.post(
+            mem,
+            operation != op::SHUTDOWN,
+            |mem, gpa| {
+                if let Some(bytes) = data {
+                    let _ = mem.write_slice(bytes, GuestAddress(gpa));
+                }
             },
-        );
-        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        Ok(tag)
-    }
-
-    /// Publishes posted requests; returns whether the domain waits and needs a kick.
-    pub fn publish(&self, mem: &GuestMem) -> bool {
-        publish_requests(&self.req, mem, self.base, &self.counters)
-    }
-
-    /// Asks the domain to notify (or not) when it publishes completions.
-    pub fn set_notify(&self, mem: &GuestMem, on: bool) {
-        set_notify_flag(mem, self.base, on);
+            |tag, data| Request {
+                tag,
+                op: operation,
+                flags: 0,
+                len,
+                data,
+            },
+        )
     }
 
     /// Takes the completions the domain published, checking each; accepted ones are appended
@@ -270,76 +162,18 @@ impl NetChannel {
         mem: &GuestMem,
         out: &mut Vec<NetDone>,
     ) -> Result<usize, DomainProtocolError> {
-        if let Some(e) = self.broken {
-            return Err(e);
-        }
-        let m = ChannelMemory::new(mem, self.base);
-        let available = match self.cpl.refresh(&m) {
-            Ok(n) => n,
-            Err(e) => return Err(self.violation(DomainProtocolError::Index(e))),
-        };
-        let epoch = self.header.epoch as u32;
-        let mut taken = 0;
-        for _ in 0..available {
-            let Some(c) = self.cpl.pop(&m) else { break };
-            let Some(f) = self.inflight.get(&c.tag).copied() else {
-                return Err(self.violation(DomainProtocolError::UnknownTag { tag: c.tag }));
-            };
-            if let Err(e) = check_completion(&c, epoch, f.request.len) {
-                return Err(self.violation(e));
-            }
-            if let Err(e) = check_length(&c, &f.request) {
-                return Err(self.violation(e));
-            }
-            self.inflight.remove(&c.tag);
-            out.push(NetDone {
-                request: f.request,
-                status: c.status,
-                detail: c.detail,
-                len: c.len,
-                submitted: f.submitted,
-                slot: f.slot,
-            });
-            taken += 1;
-        }
-        self.cpl.release(&m);
-        self.counters
-            .completed
-            .fetch_add(taken as u64, Ordering::Relaxed);
-        Ok(taken)
-    }
-
-    /// Whether the domain published completions not yet taken (a violation breaks the
-    /// channel, as in [`NetChannel::poll`]).
-    pub fn poll_pending(&mut self, mem: &GuestMem) -> Result<bool, DomainProtocolError> {
-        if let Some(e) = self.broken {
-            return Err(e);
-        }
-        let m = ChannelMemory::new(mem, self.base);
-        match self.cpl.refresh(&m) {
-            Ok(n) => Ok(n > 0),
-            Err(e) => Err(self.violation(DomainProtocolError::Index(e))),
-        }
+        self.core.poll_checked(mem, out, check_length)
     }
 
     /// Copies a received frame (`done.len` bytes) out of its slot into `buf`; returns the bytes
     /// copied (at most `buf.len()`). Call before [`NetChannel::finish`].
     pub fn read_frame(&self, mem: &GuestMem, done: &NetDone, buf: &mut [u8]) -> usize {
-        let n = buf.len().min(done.len as usize);
-        if mem
-            .read_slice(&mut buf[..n], GuestAddress(self.base + done.request.data))
-            .is_err()
-        {
-            buf[..n].fill(0);
-        }
-        n
+        self.core.read_slot(mem, done, done.request.data, buf)
     }
 
     /// Frees a completed request's slot.
     pub fn finish(&mut self, done: &NetDone) {
-        if let Some(slot) = done.slot {
-            self.free_slots.push(slot);
-        }
+        self.core.free_slot(done);
     }
 }
 
@@ -368,6 +202,7 @@ fn check_length(c: &Completion, request: &Request) -> Result<(), DomainProtocolE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_channel::ChannelMemory;
     use ddvm_abi::channel::ring::{Consumer as DConsumer, Producer as DProducer};
 
     const BASE: u64 = 0x10_0000;
