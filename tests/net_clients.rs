@@ -26,6 +26,14 @@ const SENDERS: [&str; 2] = ["a", "c"];
 
 /// nic0 with clients a, b, c; nic1 with client d; `count` frames per sender (or `duration_ms`
 /// when `count` is 0).
+/// Each test boots two NIC domains and four clients and loads both cores: one at a time, so
+/// a first boot is not starved past its boot timeout by a neighbouring test.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn topology(recovery: &str, count: u64) -> String {
     let mut t = String::new();
     for (me, other) in [("nic0", "nic1"), ("nic1", "nic0")] {
@@ -107,6 +115,7 @@ fn check(outcomes: Vec<ClientOutcome>, count: u64) -> Vec<(String, NetEchoReport
 /// the wire pair, into nic1 and to d, and back the same way. Every frame comes back intact.
 #[test]
 fn clients_exchange_verified_frames_hairpinned_and_across_the_wire() {
+    let _serial = serial();
     let mut topo = start(&topology(FAST, 600));
     let outcomes = topo.wait_clients(Duration::from_secs(120));
     topo.stop();
@@ -125,6 +134,7 @@ fn clients_exchange_verified_frames_hairpinned_and_across_the_wire() {
 /// every kill recovered, and no client ever sees its link go down.
 #[test]
 fn frames_survive_nic_domains_killed_under_traffic() {
+    let _serial = serial();
     let count = 4000;
     let mut topo = start(&topology(FAST, count));
     let nic0 = handle(&topo, "nic0");
@@ -168,6 +178,7 @@ fn frames_survive_nic_domains_killed_under_traffic() {
 #[cfg(feature = "fault-injection")]
 #[test]
 fn every_nic_fault_kind_is_recovered_and_invisible_to_clients() {
+    let _serial = serial();
     use ddvm::chaos::{self, ChaosPlan};
     use ddvm_recovery::fault::FaultKind;
     const { assert!(ddvm::chaos::ENABLED) };
