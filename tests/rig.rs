@@ -42,6 +42,28 @@ fn rig_with(options: &[&str], files: &[&str], args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Builds the stock Linux client (`scripts/rig linux-client`) into the target's scratch
+/// directory `name`; returns the rig's `--file` list: its kernel and initramfs, then `files`
+/// (paths from the repository root).
+fn linux_client_files(name: &str, files: &[&str]) -> Vec<String> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let built = Command::new(repo().join("scripts/rig"))
+        .arg("linux-client")
+        .arg(&dir)
+        .output()
+        .expect("scripts/rig runs");
+    assert!(
+        built.status.success(),
+        "scripts/rig linux-client failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    ["vmlinuz", "client.cpio.gz"]
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .chain(files.iter().map(|f| f.to_string()))
+        .collect()
+}
+
 /// The table row of `client`: its columns after the name.
 fn row<'a>(console: &'a str, client: &str) -> Vec<&'a str> {
     console
@@ -93,26 +115,13 @@ fn demo_verifies_every_block_on_svm_kvm() {
 /// VMM written only to boot it), and multi-threaded TCG corrupts concurrent nested guests.
 #[test]
 fn a_stock_linux_client_is_served_through_every_domain_fault_on_svm_kvm() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-client");
-    let built = Command::new(repo().join("scripts/rig"))
-        .arg("linux-client")
-        .arg(&dir)
-        .output()
-        .expect("scripts/rig runs");
-    assert!(
-        built.status.success(),
-        "scripts/rig linux-client failed: {}",
-        String::from_utf8_lossy(&built.stderr)
+    let files = linux_client_files(
+        "linux-client",
+        &[
+            "images/linux-client/linux-client.toml",
+            "images/linux-client/rig-test.sh",
+        ],
     );
-    let files: Vec<String> = ["vmlinuz", "client.cpio.gz"]
-        .iter()
-        .map(|f| dir.join(f).display().to_string())
-        .chain(
-            ["linux-client.toml", "rig-test.sh"]
-                .iter()
-                .map(|f| format!("images/linux-client/{f}")),
-        )
-        .collect();
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     let faults: Vec<&str> = if ddvm::chaos::ENABLED {
         FaultKind::ALL.iter().map(|f| f.name()).collect()
@@ -179,26 +188,13 @@ fn a_stock_linux_client_is_served_through_every_domain_fault_on_svm_kvm() {
 #[test]
 fn two_stock_linux_clients_move_a_file_over_virtio_net_while_the_nic_domain_is_killed() {
     const KILLS: usize = 3;
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-client-net");
-    let built = Command::new(repo().join("scripts/rig"))
-        .arg("linux-client")
-        .arg(&dir)
-        .output()
-        .expect("scripts/rig runs");
-    assert!(
-        built.status.success(),
-        "scripts/rig linux-client failed: {}",
-        String::from_utf8_lossy(&built.stderr)
+    let files = linux_client_files(
+        "linux-client-net",
+        &[
+            "images/linux-client/net-linux.toml",
+            "images/linux-client/net-test.sh",
+        ],
     );
-    let files: Vec<String> = ["vmlinuz", "client.cpio.gz"]
-        .iter()
-        .map(|f| dir.join(f).display().to_string())
-        .chain(
-            ["net-linux.toml", "net-test.sh"]
-                .iter()
-                .map(|f| format!("images/linux-client/{f}")),
-        )
-        .collect();
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     let kills = KILLS.to_string();
     let started = std::time::Instant::now();
@@ -626,30 +622,14 @@ fn vfio_dma_isolation_stale_epochs_and_a_failed_reset_in_the_rig() {
 /// three times, and the client sees no I/O error and verifies every byte.
 #[test]
 fn vfio_survives_a_killed_vmm_and_serves_a_stock_linux_client_through_kills_in_the_rig() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-client-vfio");
-    let built = Command::new(repo().join("scripts/rig"))
-        .arg("linux-client")
-        .arg(&dir)
-        .output()
-        .expect("scripts/rig runs");
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
+    let files = linux_client_files(
+        "linux-client-vfio",
+        &[
+            "images/linux-client/linux-client.toml",
+            "images/linux-client/rig-test.sh",
+            "images/vfio/rig-linux.sh",
+        ],
     );
-    let files: Vec<String> = ["vmlinuz", "client.cpio.gz"]
-        .iter()
-        .map(|f| dir.join(f).display().to_string())
-        .chain(
-            [
-                "images/linux-client/linux-client.toml",
-                "images/linux-client/rig-test.sh",
-                "images/vfio/rig-linux.sh",
-            ]
-            .iter()
-            .map(|f| f.to_string()),
-        )
-        .collect();
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     let (status, console) = rig_with(
         &[
