@@ -75,7 +75,19 @@ fn row<'a>(console: &'a str, client: &str) -> Vec<&'a str> {
 
 #[test]
 fn demo_verifies_every_block_on_svm_kvm() {
-    let (status, console) = rig(&[], &["ddvm", "demo", "--requests", "1000"]);
+    let (status, console) = rig(
+        &[],
+        &[
+            "ddvm",
+            "demo",
+            "--requests",
+            "1000",
+            "--frames",
+            "200",
+            "--kills",
+            "3",
+        ],
+    );
     assert_eq!(status, 0, "ddvm demo failed in the rig:\n{console}");
     assert!(
         console.contains("kvm_amd npt=Y"),

@@ -266,6 +266,11 @@ impl Samples {
         self.percentile(99.0)
     }
 
+    /// The kept samples, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.kept.iter().copied()
+    }
+
     /// Largest kept sample.
     pub fn max(&self) -> Option<Duration> {
         self.kept.iter().max().copied()

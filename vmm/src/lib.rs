@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod demo;
 pub mod devices;
 pub mod domain;
 pub mod host;

@@ -48,11 +48,21 @@ enum Command {
     /// temporary file, and two client guests running the verifying workload through it.
     Demo {
         /// Requests each client runs.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 40_000)]
         requests: u64,
         /// Queue depth of each client.
         #[arg(long, default_value_t = 16)]
         qd: u32,
+        /// Frames the network client sends (each echoed back and verified).
+        #[arg(long, default_value_t = 4_000)]
+        frames: u64,
+        /// Operator kills of the driver domains during the run (the disk's and the NICs', in
+        /// turn; each while its clients run, each after the previous one recovered).
+        #[arg(long, default_value_t = 6)]
+        kills: u32,
+        /// Milliseconds from one recovery to the next kill.
+        #[arg(long, default_value_t = 250)]
+        kill_every_ms: u64,
         /// Echo the guests' consoles to stderr.
         #[arg(long)]
         verbose: bool,
@@ -196,6 +206,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a pipe or a log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(code) => code,
@@ -221,8 +233,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo {
             requests,
             qd,
+            frames,
+            kills,
+            kill_every_ms,
             verbose,
-        } => demo(&cli.kvm, requests, qd, verbose),
+        } => demo(
+            &cli.kvm,
+            requests,
+            qd,
+            frames,
+            kills,
+            Duration::from_millis(kill_every_ms),
+            verbose,
+        ),
         Command::Run {
             config,
             duration,
@@ -432,48 +455,39 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn demo(kvm: &Path, requests: u64, qd: u32, verbose: bool) -> anyhow::Result<ExitCode> {
+fn demo(
+    kvm: &Path,
+    requests: u64,
+    qd: u32,
+    frames: u64,
+    kills: u32,
+    kill_every: Duration,
+    verbose: bool,
+) -> anyhow::Result<ExitCode> {
     let disk = ddvm::topology::demo_disk_path();
-    let text = format!(
-        r#"
-[[domain]]
-name = "nvme0"
-memory_mib = 16
-[domain.device]
-kind = "emulated-nvme"
-backing = "{disk}"
-size_mib = 64
-lba_size = 4096
-volatile_write_cache = true
-
-[[client]]
-name = "client0"
-disk = "nvme0"
-offset_mib = 0
-size_mib = 32
-workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=0 seed=1"
-
-[[client]]
-name = "client1"
-disk = "nvme0"
-offset_mib = 32
-size_mib = 32
-workload = "workload=randrw rwmix=70 bs=4096 qd={qd} count={requests} id=1 seed=2"
-"#,
-        disk = disk.display()
-    );
+    let text = ddvm::demo::topology(&disk, requests, qd, frames);
     let file = Path::new("builtin:demo.toml");
     let config = Config::parse(file, &text)?;
     println!(
-        "ddvm demo: an NVMe driver domain (emulated controller on {}) and two client guests, each running {requests} verified 4 KiB requests (70% reads, queue depth {qd}) through it",
+        "ddvm demo: an NVMe driver domain (emulated controller on {}) serving two client guests, each running {requests} verified 4 KiB requests (70% reads, queue depth {qd}); two NIC driver domains (emulated e1000s joined by a wire) carrying {frames} verified frames between two more clients; {kills} operator kills of the driver domains, in turn, while the clients run",
         disk.display()
     );
     let hv = Arc::new(open_kvm(kvm)?);
     let echo = if verbose { Echo::Stderr } else { Echo::Off };
     let stop = Stop::on_signals();
-    let result = run_topology(&hv, &config, file, echo, None, None, &stop);
+    let plan = KillPlan {
+        count: kills,
+        every: kill_every,
+    };
+    let result = run_topology(&hv, &config, file, echo, None, None, Some(plan), &stop);
     let _ = std::fs::remove_file(&disk);
     result
+}
+
+/// Operator kills made while a topology's clients run (the demo).
+struct KillPlan {
+    count: u32,
+    every: Duration,
 }
 
 fn ctl(socket: &Path, words: &[String]) -> anyhow::Result<ExitCode> {
@@ -569,6 +583,7 @@ fn run_topology(
     echo: Echo,
     duration: Option<f64>,
     control: Option<&Path>,
+    kill_plan: Option<KillPlan>,
     stop: &Stop,
 ) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
@@ -593,7 +608,23 @@ fn run_topology(
         topo.services.len()
     );
     let timeout = duration.map_or(Duration::from_secs(600), Duration::from_secs_f64);
-    let outcomes = topo.wait_clients_or_stop(timeout, stop);
+    let mut kills = kill_plan.map(|p| {
+        let order = [
+            ddvm::demo::DISK_DOMAIN,
+            ddvm::demo::NIC_DOMAINS[0],
+            ddvm::demo::NIC_DOMAINS[1],
+        ];
+        (
+            ddvm::demo::Kills::new(&topo, &order, p.count, p.every),
+            ddvm::demo::Progress::new(),
+        )
+    });
+    let outcomes = topo.wait_clients_or_stop_with(timeout, stop, |topo| {
+        if let Some((k, p)) = &mut kills {
+            k.tick(topo);
+            p.tick(topo, k);
+        }
+    });
     let stopped = stop.requested();
     drop(control);
     let mut disks = Vec::new();
@@ -731,6 +762,44 @@ fn run_topology(
         println!("ddvm: {r}");
         ok &= r.clean();
     }
+    if let Some((k, _)) = &kills {
+        println!();
+        println!(
+            "{:<10} {:>6} {:>10} {:>13} {:>13} {:>13}",
+            "domain", "kills", "recovered", "recovery p50", "recovery p99", "recovery max"
+        );
+        let ms_of = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1} ms", ms(d)));
+        let mut all = ddvm_recovery::events::Samples::default();
+        let (mut made, mut recovered) = (0u64, 0u64);
+        for d in k.results() {
+            println!(
+                "{:<10} {:>6} {:>10} {:>13} {:>13} {:>13}",
+                d.name,
+                d.kills,
+                d.recovered,
+                ms_of(d.recovery.p50()),
+                ms_of(d.recovery.p99()),
+                ms_of(d.recovery.max())
+            );
+            made += u64::from(d.kills);
+            recovered += d.recovered;
+            for t in d.recovery.iter() {
+                all.push(t);
+            }
+        }
+        // Every kill must have been recovered: a kill whose clients stopped first is not
+        // made (see ddvm::demo::Kills).
+        ok &= recovered >= made;
+        // The NICs' clients must never have seen their link go down.
+        let link_down: u64 = nets.iter().map(|(_, r)| r.link_down).sum();
+        ok &= link_down == 0;
+        println!(
+            "ddvm: {made} kill(s) of the driver domains, {recovered} recovered (p50 {}, p99 {}); the clients saw {}",
+            ms_of(all.p50()),
+            ms_of(all.p99()),
+            if ok { "no error, no mismatch and no link down" } else { "a failure (above)" }
+        );
+    }
     println!(
         "ddvm: {} in {:.2} s",
         if ok && stopped {
@@ -809,7 +878,16 @@ fn run_config(
     let stop = Stop::on_signals();
     if !config.clients.is_empty() {
         let hv = Arc::new(open_kvm(kvm)?);
-        return run_topology(&hv, &config, file, Echo::Stderr, duration, control, &stop);
+        return run_topology(
+            &hv,
+            &config,
+            file,
+            Echo::Stderr,
+            duration,
+            control,
+            None,
+            &stop,
+        );
     }
     let mut cfgs = Vec::new();
     for d in &config.domains {

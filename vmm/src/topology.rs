@@ -471,6 +471,17 @@ impl Topology {
     /// [`Topology::wait_clients`], but a requested `stop` ends the wait early: the clients
     /// still running are stopped (their outcomes have no exit).
     pub fn wait_clients_or_stop(&mut self, timeout: Duration, stop: &Stop) -> Vec<ClientOutcome> {
+        self.wait_clients_or_stop_with(timeout, stop, |_| {})
+    }
+
+    /// [`Topology::wait_clients_or_stop`], calling `tick` with the running topology every
+    /// 20 ms while it waits (a progress line, kills on a schedule).
+    pub fn wait_clients_or_stop_with(
+        &mut self,
+        timeout: Duration,
+        stop: &Stop,
+        mut tick: impl FnMut(&Topology),
+    ) -> Vec<ClientOutcome> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -481,6 +492,7 @@ impl Topology {
             if !running || left.is_zero() || stop.requested() {
                 break;
             }
+            tick(self);
             stop.sleep(left.min(Duration::from_millis(20)));
         }
         self.wait_clients(Duration::ZERO)
