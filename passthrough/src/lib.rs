@@ -38,7 +38,9 @@ mod sync;
 pub mod vfio;
 
 pub use dma::{DmaError, DmaWindow};
-pub use e1000::{E1000Config, E1000Error, E1000Monitor, E1000Poller, E1000Stats, EmulatedE1000};
+pub use e1000::{
+    E1000Config, E1000Error, E1000Monitor, E1000Poller, E1000Stats, EmulatedE1000, TablePage,
+};
 pub use net::{
     wire_pair, DgramWire, Every, PairConfig, PairEnd, StreamListener, StreamWire, TapWire, Wire,
     WireError, WireStats, MAX_FRAME,

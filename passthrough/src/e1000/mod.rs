@@ -40,6 +40,18 @@
 //! loopback modes, the bit-banged Microwire EEPROM interface (EECD's data pins read 0; use
 //! EERD), wake-up and manageability, and the I/O BAR.
 //!
+//! # Registers as memory
+//!
+//! The page `0x5000..0x6000` of BAR0 holds only registers without side effects: RXCSUM, the
+//! MTA, the receive addresses, the VFTA, wake-up and manageability. The model keeps it in a
+//! page of memory of its own ([`EmulatedE1000::table_page`]) that a VMM maps into the domain's
+//! VM, so the driver writes the tables (every entry at each initialization: about 160
+//! registers) without an exit each. Every offset of that page reads back what was written.
+//! The model reads the page with volatile loads only, under the NIC lock, when it filters a
+//! frame; an entry the domain is rewriting at that moment filters that frame by the old or
+//! the new address, as on the hardware (the driver invalidates an address before changing
+//! it).
+//!
 //! # Reset and the link
 //!
 //! A function reset ([`PciBackend::reset`]) and CTRL.RST put the MAC back to its power-on
@@ -94,7 +106,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::DmaWindow;
@@ -122,6 +134,29 @@ pub const BAR0_SIZE: u64 = 128 << 10;
 pub const MIN_RX_FRAME: usize = 60;
 /// Frames one receive pass takes from the wire at most.
 pub const RX_BUDGET: usize = 64;
+
+/// The page of BAR0 whose registers are plain memory (the filter tables and the other
+/// registers without side effects): where it is in BAR0 and the memory behind it, which lives
+/// as long as any clone of this handle.
+#[derive(Clone)]
+pub struct TablePage {
+    /// Offset in BAR0.
+    pub offset: u64,
+    region: Arc<MmapRegion<()>>,
+}
+
+impl TablePage {
+    /// Its size in bytes (a page).
+    pub fn size(&self) -> u64 {
+        self.region.size() as u64
+    }
+
+    /// The host address of the memory: valid, for [`TablePage::size`] bytes, while this handle
+    /// (or another clone) lives.
+    pub fn host_addr(&self) -> u64 {
+        self.region.as_ptr() as u64
+    }
+}
 
 /// How to build an emulated e1000.
 pub struct E1000Config {
@@ -157,6 +192,15 @@ pub enum E1000Error {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The page of filter tables cannot be mapped.
+    #[error("e1000 {mac}: cannot map the page of filter tables: {source}")]
+    Tables {
+        /// The NIC's address.
+        mac: String,
+        /// Cause.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
     },
     /// `start_worker` was called twice.
     #[error("e1000 {mac}: the worker thread is already running")]
@@ -288,6 +332,7 @@ impl E1000Poller {
 /// An emulated 82540EM; implements [`PciBackend`] (BAR0 = registers).
 pub struct EmulatedE1000 {
     shared: Arc<Shared>,
+    tables: Arc<MmapRegion<()>>,
     worker: Mutex<Option<JoinHandle<()>>>,
     mac: [u8; 6],
 }
@@ -312,9 +357,18 @@ impl EmulatedE1000 {
             source,
         })?;
         let wire_fd = cfg.wire.fd();
+        let tables = Arc::new(
+            MmapRegion::new((regs::TABLE_PAGE_END - regs::TABLE_PAGE) as usize).map_err(
+                |source| E1000Error::Tables {
+                    mac: mac_str(&mac),
+                    source,
+                },
+            )?,
+        );
         Ok(EmulatedE1000 {
+            tables: tables.clone(),
             shared: Arc::new(Shared {
-                nic: Mutex::new(Nic::new(mac, cfg.wire, dma.clone())),
+                nic: Mutex::new(Nic::new(mac, cfg.wire, dma.clone(), tables)),
                 wire_fd,
                 stop: AtomicBool::new(false),
                 stop_fd,
@@ -350,6 +404,15 @@ impl EmulatedE1000 {
     pub fn poller(&self) -> E1000Poller {
         E1000Poller {
             shared: self.shared.clone(),
+        }
+    }
+
+    /// The page of BAR0 that is plain memory (see "Registers as memory" in the module docs),
+    /// for a VMM to map into the domain's VM.
+    pub fn table_page(&self) -> TablePage {
+        TablePage {
+            offset: regs::TABLE_PAGE,
+            region: self.tables.clone(),
         }
     }
 

@@ -6,6 +6,10 @@
 //! A pass does all its DMA before it returns, so holding the lock also means no DMA is in
 //! progress.
 
+use std::sync::Arc;
+
+use vm_memory::{MmapRegion, VolatileMemory};
+
 use super::eeprom::{self, EEPROM_ERASED, EEPROM_WORDS, PHY_ADDRESS};
 use super::regs::*;
 use super::{E1000Stats, BAR0_SIZE, E1000_DEVICE_ID, E1000_VENDOR_ID};
@@ -38,8 +42,11 @@ pub(super) struct Nic {
     pub mac: [u8; 6],
     pub eeprom: [u16; EEPROM_WORDS],
     /// Register file, one word per 4 bytes of BAR0. Registers with side effects have their
-    /// own fields; the rest are stored here as written.
+    /// own fields; the rest are stored here as written, except those of [`TABLE_PAGE`].
     regs: Vec<u32>,
+    /// The registers of `TABLE_PAGE..TABLE_PAGE_END`: a page of memory that a domain's VM may
+    /// map (then the domain writes it without an exit), read and written here volatile only.
+    tables: Arc<MmapRegion<()>>,
     /// Interrupt causes pending (ICR) and enabled (IMS).
     pub icr: u32,
     pub ims: u32,
@@ -66,12 +73,18 @@ pub(super) struct Nic {
 }
 
 impl Nic {
-    pub fn new(mac: [u8; 6], wire: Box<dyn Wire>, dma: DmaWindow) -> Nic {
+    pub fn new(
+        mac: [u8; 6],
+        wire: Box<dyn Wire>,
+        dma: DmaWindow,
+        tables: Arc<MmapRegion<()>>,
+    ) -> Nic {
         let rx_buf = vec![0; wire.max_frame().max(super::MIN_RX_FRAME)];
         let mut nic = Nic {
             mac,
             eeprom: eeprom::image(mac, E1000_VENDOR_ID, E1000_DEVICE_ID),
             regs: vec![0; (BAR0_SIZE / 4) as usize],
+            tables,
             icr: 0,
             ims: 0,
             hw_stats: [0; 64],
@@ -92,10 +105,23 @@ impl Nic {
 
     /// The register at `off` (a multiple of 4 inside BAR0).
     pub fn reg(&self, off: u64) -> u32 {
+        if (TABLE_PAGE..TABLE_PAGE_END).contains(&off) {
+            // The page is TABLE_PAGE_END - TABLE_PAGE bytes and `off` 4-aligned: in bounds.
+            return self
+                .tables
+                .get_ref::<u32>((off - TABLE_PAGE) as usize)
+                .map_or(0, |r| r.load());
+        }
         self.regs[(off / 4) as usize]
     }
 
     pub fn set_reg(&mut self, off: u64, v: u32) {
+        if (TABLE_PAGE..TABLE_PAGE_END).contains(&off) {
+            if let Ok(r) = self.tables.get_ref::<u32>((off - TABLE_PAGE) as usize) {
+                r.store(v);
+            }
+            return;
+        }
         self.regs[(off / 4) as usize] = v;
     }
 
@@ -105,6 +131,9 @@ impl Nic {
     /// model's counters.
     pub fn reset(&mut self) {
         self.regs.fill(0);
+        for off in (TABLE_PAGE..TABLE_PAGE_END).step_by(4) {
+            self.set_reg(off, 0);
+        }
         self.set_reg(CTRL, CTRL_DEFAULT);
         self.set_reg(PBA, PBA_DEFAULT);
         self.set_reg(LEDCTL, LEDCTL_DEFAULT);
@@ -421,14 +450,7 @@ fn stored(off: u64) -> bool {
             | TIDV
             | TXDCTL
             | TADV
-            | RXCSUM
-            | WUC
-            | WUFC
-            | WUS
-            | MANC
-    ) || (MTA..MTA_END).contains(&off)
-        || (RA..RA_END).contains(&off)
-        || (VFTA..VFTA_END).contains(&off)
+    ) || (TABLE_PAGE..TABLE_PAGE_END).contains(&off)
 }
 
 /// A MAC address as text.

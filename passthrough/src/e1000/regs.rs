@@ -73,6 +73,11 @@ pub const TADV: u64 = 0x382C;
 /// Statistics registers: 64 of them from here.
 pub const STATS_BASE: u64 = 0x4000;
 pub const STATS_END: u64 = 0x4100;
+/// The page of filter tables and other registers without side effects (RXCSUM, the MTA, the
+/// receive addresses, the VFTA, wake-up and manageability): plain memory in the model, which a
+/// VM may map so that the driver's writes there need no exit.
+pub const TABLE_PAGE: u64 = 0x5000;
+pub const TABLE_PAGE_END: u64 = 0x6000;
 /// Receive Checksum Control.
 pub const RXCSUM: u64 = 0x5000;
 /// Multicast Table Array: 128 words.

@@ -101,3 +101,48 @@ fn promiscuous_modes_pass_what_they_say() {
     });
     t.recv_nothing();
 }
+
+/// The page of filter tables is memory shared with the domain's VM: what the domain writes
+/// there without an exit is what the filter uses and what a trapped read returns; what is
+/// written through a trapped access is in the page; a reset clears it but for RAR0.
+#[test]
+fn the_filter_tables_are_a_page_of_memory_the_domain_writes_without_exits() {
+    let (mut t, mut peer) = TestNic::with_peer();
+    let page = t.nic.table_page();
+    assert_eq!((page.offset, page.size()), (TABLE_PAGE, 4096));
+    let at = |off: u64| (page.host_addr() + (off - TABLE_PAGE)) as *mut u32;
+    // A second exact address, written into the page as a domain's stores would land.
+    let (low, high) = (
+        u32::from_le_bytes([0x52, 0x54, 0x00, 0x99]),
+        0x9999 | RAH_AV,
+    );
+    // SAFETY: `at` gives 4-aligned addresses inside the page `page` keeps mapped.
+    unsafe {
+        at(RA + 8 * 3).write_volatile(low);
+        at(RA + 8 * 3 + 4).write_volatile(high);
+    }
+    assert!(delivered(&mut t, &mut peer, OTHER, 1));
+    assert_eq!(t.read32(RA + 8 * 3 + 4), high);
+    // A trapped write lands in the page.
+    let h = mta_hash(&MCAST, 0);
+    t.write32(MTA + 4 * u64::from(h >> 5), 1 << (h & 31));
+    // SAFETY: as above.
+    let word = unsafe { at(MTA + 4 * u64::from(h >> 5)).read_volatile() };
+    assert_eq!(word, 1 << (h & 31));
+    assert!(delivered(&mut t, &mut peer, MCAST, 2));
+    // A reset clears the page but for the permanent address in RAR0.
+    t.write32(CTRL, CTRL_RST);
+    // SAFETY: as above.
+    let (word, rah3, rah0) = unsafe {
+        (
+            at(MTA + 4 * u64::from(h >> 5)).read_volatile(),
+            at(RA + 8 * 3 + 4).read_volatile(),
+            at(RA + 4).read_volatile(),
+        )
+    };
+    assert_eq!((word, rah3), (0, 0));
+    assert_eq!(
+        rah0,
+        u32::from(u16::from_le_bytes([MAC_A[4], MAC_A[5]])) | RAH_AV
+    );
+}
