@@ -218,3 +218,126 @@ fn every_nic_fault_kind_is_recovered_and_invisible_to_clients() {
         assert!(c.ops > 0 && c.verified > 0, "{c:?}");
     }
 }
+
+/// The hostile kinds of `workload=net-hostile`, each a client of its own.
+const HOSTILE: [&str; 5] = [
+    "oversized",
+    "zero-length",
+    "wrong-direction",
+    "ctrl-garbage",
+    "small-rx",
+];
+/// Bad chains each hostile client submits.
+const HOSTILE_COUNT: u64 = 50;
+
+/// nic0 (its wire paired with nic1's, which has no client) with the sender a, its echo b, and
+/// one hostile client of each kind.
+fn hostile_topology() -> String {
+    let mut t = String::new();
+    for (me, other) in [("nic0", "nic1"), ("nic1", "nic0")] {
+        t += &format!(
+            "[[domain]]\nname = \"{me}\"\n[domain.device]\nkind = \"emulated-e1000\"\nwire = {{ kind = \"pair\", with = \"{other}\" }}\n[domain.recovery]\n{FAST}\n"
+        );
+    }
+    for (name, role, peer, extra) in [
+        ("a", "send", "0b", " count=400 window=8 retry_ms=30"),
+        ("b", "echo", "0a", " timeout_ms=30000"),
+    ] {
+        let mine = if name == "a" { "0a" } else { "0b" };
+        t += &format!(
+            "[[client]]\nname = \"{name}\"\nnic = \"nic0\"\nmac = \"52:54:00:00:00:{mine}\"\nworkload = \"workload=net-echo role={role} peer=52:54:00:00:00:{peer} seed=7{extra}\"\n"
+        );
+    }
+    for (i, kind) in HOSTILE.iter().enumerate() {
+        t += &format!(
+            "[[client]]\nname = \"h-{kind}\"\nnic = \"nic0\"\nmac = \"52:54:00:00:01:{i:02x}\"\nworkload = \"workload=net-hostile kind={kind} count={HOSTILE_COUNT}\"\n"
+        );
+    }
+    t
+}
+
+/// Hostile virtio-net drivers beside two good clients on one NIC domain: oversized,
+/// zero-length and device-writable TX frames are given back unsent (length 0) and counted as
+/// `tx_dropped`; garbage control commands get VIRTIO_NET_ERR (or, without an ack byte, are
+/// given back) and are counted as `ctrl_err`; RX buffers too small for a frame are given back
+/// empty and counted as `rx_too_small` (the frames for that client are handed to its port by
+/// the test, as the switch would). No hostile device needs a reset, each still sends a good
+/// frame afterwards, the service thread lives on, and the good clients verify every frame.
+#[test]
+fn hostile_drivers_get_defined_answers_counted_and_good_clients_go_on() {
+    let _serial = serial();
+    let mut topo = start(&hostile_topology());
+    let net = topo
+        .nets
+        .iter()
+        .find(|n| n.name() == "nic0")
+        .expect("nic0's service");
+    let small = net
+        .ports()
+        .iter()
+        .find(|p| p.name == "h-small-rx")
+        .expect("the small-rx client's port")
+        .clone();
+    // Frames for the small-rx client (as from the NIC) until its buffers gave back enough.
+    let mut frame = vec![0x5au8; 200];
+    frame[..6].copy_from_slice(&small.config.mac);
+    frame[6..12].copy_from_slice(&[0x02, 0xdd, 0, 0, 0, 0x99]);
+    frame[12..14].copy_from_slice(&[0x88, 0xb6]);
+    let t0 = Instant::now();
+    while small.counters.snapshot().rx_too_small < HOSTILE_COUNT {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "small-rx never served"
+        );
+        small.receive(&frame);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let outcomes = topo.wait_clients(Duration::from_secs(120));
+    let net = topo.nets.iter().find(|n| n.name() == "nic0").unwrap();
+    assert!(!net.is_finished(), "the network service thread ended");
+    let stats = net.stats();
+    topo.stop();
+    for o in &outcomes {
+        if let Some(kind) = o.name.strip_prefix("h-") {
+            let line = o
+                .hostile
+                .clone()
+                .unwrap_or_else(|| panic!("{}: no report ({:?})", o.name, o.exit));
+            let want = format!(
+                "{{\"net_kind\":\"{kind}\",\"count\":{HOSTILE_COUNT},\"answered\":{HOSTILE_COUNT},\"expected\":{HOSTILE_COUNT},\"needs_reset\":false,\"after_ok\":true}}"
+            );
+            assert_eq!(line, want, "{}", o.name);
+            assert_eq!(o.exit, Some(GuestExit::Exited { status: 0 }), "{}", o.name);
+            let c = stats
+                .port(&o.name)
+                .unwrap_or_else(|| panic!("no counters for {}", o.name));
+            assert_eq!(c.needs_reset, 0, "{}: {c:?}", o.name);
+            let (counted, what) = match kind {
+                "ctrl-garbage" => (c.ctrl_err, "ctrl_err"),
+                "small-rx" => (c.rx_too_small, "rx_too_small"),
+                _ => (c.tx_dropped, "tx_dropped"),
+            };
+            assert!(counted >= HOSTILE_COUNT, "{}: {what} {c:?}", o.name);
+            // The good frame afterwards went out (to itself: the switch keeps it).
+            assert!(c.tx_frames >= 1, "{}: {c:?}", o.name);
+        } else {
+            let r = o
+                .net
+                .clone()
+                .unwrap_or_else(|| panic!("{}: no net-echo report ({:?})", o.name, o.exit));
+            assert!(r.clean(), "{}: {r:?}", o.name);
+            assert_eq!(r.corrupt, 0, "{}: {r:?}", o.name);
+            assert_eq!(o.exit, Some(GuestExit::Exited { status: 0 }), "{}", o.name);
+            if o.name == "a" {
+                assert_eq!(r.frames, 400, "{r:?}");
+            }
+            let c = stats.port(&o.name).unwrap();
+            assert_eq!(
+                (c.tx_dropped, c.ctrl_err, c.needs_reset),
+                (0, 0, 0),
+                "{c:?}"
+            );
+        }
+    }
+    assert_eq!(outcomes.len(), 2 + HOSTILE.len());
+}
