@@ -341,3 +341,44 @@ fn hostile_drivers_get_defined_answers_counted_and_good_clients_go_on() {
     }
     assert_eq!(outcomes.len(), 2 + HOSTILE.len());
 }
+
+/// A NIC domain that flaps its link word (`link-flap`: down, up, ... every 10 ms) under
+/// traffic: the VMM counts the changes, fails the domain once they come faster than a NIC's
+/// link can change, and the next domain serves; no client ever sees its link go down and
+/// every frame is verified.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_flapping_nic_domain_is_failed_and_clients_never_see_the_link_move() {
+    let _serial = serial();
+    use ddvm_recovery::fault::FaultKind;
+    let count = 2000;
+    let mut topo = start(&topology(FAST, count));
+    let nic0 = handle(&topo, "nic0");
+    std::thread::sleep(Duration::from_millis(200));
+    let before = nic0.with(|o| o.recovered);
+    nic0.send(Command::Inject {
+        kind: FaultKind::LinkFlap,
+        arg: 0,
+    });
+    let t0 = Instant::now();
+    while nic0.with(|o| o.recovered) == before {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never recovered");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let outcomes = topo.wait_clients(Duration::from_secs(120));
+    let stats = topo
+        .nets
+        .iter()
+        .find(|n| n.name() == "nic0")
+        .unwrap()
+        .stats();
+    topo.stop();
+    check(outcomes, count);
+    assert!(stats.class.link_flapping >= 1, "{:?}", stats.class);
+    assert!(
+        stats.class.link_changes > ddvm::net::class::LINK_FLAP_LIMIT as u64,
+        "{:?}",
+        stats.class
+    );
+    assert!(stats.class.link_up, "{:?}", stats.class);
+}

@@ -18,6 +18,10 @@
 //! - **Detection**: a receive buffer waits for the world outside, so the request deadline
 //!   applies to TRANSMIT and CONFIG only ([`NetOp`]'s `deadline_bound`).
 //!
+//! - **The domain's link word** is watched, not obeyed ([`LinkWatch`]): changes are counted,
+//!   and a domain whose word changes more than [`LINK_FLAP_LIMIT`] times within
+//!   [`LINK_FLAP_WINDOW`] is failed as misbehaving.
+//!
 //! Warm standbys, backoff, give-up, hooks and operator commands are the engine's.
 
 use std::collections::HashMap;
