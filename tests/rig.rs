@@ -11,6 +11,13 @@ use std::process::Command;
 use common::*;
 use ddvm_recovery::fault::FaultKind;
 
+/// The fault kinds that act on the block domain these tests run.
+fn block_kinds() -> impl Iterator<Item = FaultKind> {
+    FaultKind::ALL
+        .into_iter()
+        .filter(|k| k.acts_on(ddvm_abi::channel::class::BLK))
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -136,7 +143,7 @@ fn a_stock_linux_client_is_served_through_every_domain_fault_on_svm_kvm() {
     );
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     let faults: Vec<&str> = if ddvm::chaos::ENABLED {
-        FaultKind::ALL.iter().map(|f| f.name()).collect()
+        block_kinds().map(|f| f.name()).collect()
     } else {
         vec!["kill"; 3]
     };
@@ -505,7 +512,7 @@ fn vfio_driver_domains_serve_verified_clients_through_every_fault_in_the_rig() {
             .take_while(|l| !l.trim().is_empty())
             .filter_map(|l| l.split_whitespace().next())
             .collect();
-        for kind in FaultKind::ALL {
+        for kind in block_kinds() {
             assert!(
                 injected.contains(&kind.name()),
                 "{} was not injected ({injected:?}):\n{console}",
@@ -514,7 +521,7 @@ fn vfio_driver_domains_serve_verified_clients_through_every_fault_in_the_rig() {
         }
     }
     let faults_n = if ddvm::chaos::ENABLED {
-        FaultKind::ALL.len()
+        block_kinds().count()
     } else {
         3
     };

@@ -137,6 +137,12 @@ pub mod fault {
     /// reaching the device. The VMM treats a failed flush as a failure of the domain (the
     /// writes it should have made durable are replayed on the next one, then flushed again).
     pub const FAIL_FLUSH: u32 = 14;
+    /// Flap the link: a network domain rewrites its device info's link word (down, up, ...)
+    /// every 10 ms, `fault_arg` times (100 when 0), whatever the NIC's link, then writes the
+    /// NIC's own again. An honest domain changes the word at most once per link check
+    /// (100 ms); the VMM fails a domain whose word changes more often than twice that rate.
+    /// A block domain has no link: ignored.
+    pub const LINK_FLAP: u32 = 15;
 
     /// [`WILD_WRITE`] target: every completion ring entry.
     pub const WILD_WRITE_ENTRIES: u32 = 1 << 0;

@@ -7,9 +7,9 @@
 //! - 1 to 5 end the domain at once, through the path a real bug takes (guest-kernel's `fault`);
 //! - `fault::WILD_WRITE` scribbles on the channel right away (`wild_write`);
 //! - `fault::BOGUS_TAG`, `fault::BOGUS_LEN`, `fault::STALE_EPOCH`, `fault::DMA_OUTSIDE`,
-//!   `fault::SLOW`, `fault::FAIL_WRITE` and `fault::FAIL_FLUSH` arm a `Sabotage`, which the
-//!   channel service consults when it takes a request, when it completes one, and on every
-//!   pass;
+//!   `fault::SLOW`, `fault::FAIL_WRITE`, `fault::FAIL_FLUSH` and `fault::LINK_FLAP` arm a
+//!   `Sabotage`, which the channel service consults when it takes a request, when it completes
+//!   one, and on every pass (the network service's link check: `LINK_FLAP`);
 //! - `fault::BITFLIP` flips random bits of the domain's own image (`bitflip`).
 //!
 //! All of it is in the image only when it is built with the `fault-injection` feature (a
@@ -98,6 +98,7 @@ mod on {
                 | fault::SLOW
                 | fault::FAIL_WRITE
                 | fault::FAIL_FLUSH
+                | fault::LINK_FLAP
         )
     }
 
@@ -119,6 +120,13 @@ mod on {
             }
             fault::FAIL_WRITE => armed.fail_write = Some(u64::from(arg)),
             fault::FAIL_FLUSH => armed.fail_flush = true,
+            fault::LINK_FLAP => {
+                armed.link_flap = Some(Flap {
+                    remaining: if arg == 0 { 100 } else { arg },
+                    down: false,
+                    next: time::ticks(),
+                });
+            }
             fault::SLOW => {
                 armed.slow = (arg & 0xffff != 0).then(|| Slow {
                     delay_ticks: time::us_to_ticks(u64::from(arg & 0xffff) * 1000),
@@ -135,6 +143,19 @@ mod on {
         delay_ticks: u64,
         /// Requests still to slow down (`None`: every one, until the next `SLOW`).
         remaining: Option<u32>,
+    }
+
+    /// A link flapping on purpose: the word to write next and when.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Flap {
+        remaining: u32,
+        down: bool,
+        next: u64,
+    }
+
+    /// Ticks between two rewrites of the link word while flapping (10 ms).
+    fn flap_ticks() -> u64 {
+        time::us_to_ticks(10_000)
     }
 
     /// What happens to one request's completion.
@@ -166,6 +187,8 @@ mod on {
         pub fail_write: Option<u64>,
         /// The next flush taken completes with an I/O error.
         pub fail_flush: bool,
+        /// The link word is being flapped (a network domain).
+        pub link_flap: Option<Flap>,
         /// Requests taken whose completion is tampered with.
         marked: Vec<Mark>,
         /// Completions held back, with the tick they are due.
@@ -259,7 +282,35 @@ mod on {
         /// Whether something is to be posted now (the domain must not wait).
         pub fn ready(&self) -> bool {
             let now = time::ticks();
-            self.bogus_tag.is_some() || self.held.iter().any(|&(due, _)| due <= now)
+            self.bogus_tag.is_some()
+                || self.held.iter().any(|&(due, _)| due <= now)
+                || self.link_flap.is_some_and(|f| f.next <= now)
+        }
+
+        /// Whether the link is being flapped (the domain must not wait longer than a
+        /// millisecond).
+        pub fn flapping(&self) -> bool {
+            self.link_flap.is_some()
+        }
+
+        /// While the link flaps: `Some(Some(up))` when the link word is to be rewritten now
+        /// with `up`, `Some(None)` when the flapping just ended (the NIC's own link goes back),
+        /// `None` otherwise.
+        pub fn flap(&mut self) -> Option<Option<bool>> {
+            let f = self.link_flap.as_mut()?;
+            let now = time::ticks();
+            if f.next > now {
+                return None;
+            }
+            if f.remaining == 0 {
+                self.link_flap = None;
+                println!("fault: link flapping over");
+                return Some(None);
+            }
+            f.remaining -= 1;
+            f.down = !f.down;
+            f.next = now + flap_ticks();
+            Some(Some(!f.down))
         }
     }
 
@@ -404,6 +455,16 @@ mod off {
         /// Has nothing to post.
         pub fn ready(&self) -> bool {
             false
+        }
+
+        /// Never flaps the link.
+        pub fn flapping(&self) -> bool {
+            false
+        }
+
+        /// Never flaps the link.
+        pub fn flap(&mut self) -> Option<Option<bool>> {
+            None
         }
     }
 }

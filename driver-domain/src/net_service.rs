@@ -519,6 +519,15 @@ impl NetService {
 
     /// Every [`LINK_CHECK_US`]: reads the link, rewrites the link word when it changed.
     fn check_link(&mut self) {
+        match self.sabotage.flap() {
+            Some(Some(up)) => {
+                self.channel
+                    .write_link(if up { link::UP } else { link::DOWN });
+                return;
+            }
+            Some(None) => self.channel.write_link(self.link),
+            None => {}
+        }
         if self.link_checked.elapsed_us() < LINK_CHECK_US || self.stop.is_some() {
             return;
         }
@@ -612,7 +621,7 @@ impl ChannelService for NetService {
     fn polled_wait(&self) -> bool {
         let interrupts = self.nic.as_ref().is_some_and(|n| n.interrupts());
         let tx = self.on_nic(Direction::Transmit) + self.tx_waiting.len();
-        !interrupts && (tx > 0 || self.sabotage.held() > 0)
+        !interrupts && (tx > 0 || self.sabotage.held() > 0 || self.sabotage.flapping())
     }
 
     fn prepare_wait(&mut self) -> bool {

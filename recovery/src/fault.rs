@@ -58,11 +58,15 @@ pub enum FaultKind {
     /// the VMM fails the domain, and the next one replays the writes the flush was to make
     /// durable and flushes them again; the client's flush waits, it does not fail.
     FailedFlush,
+    /// A network domain flaps its link word (down, up, ... every 10 ms): the VMM fails it
+    /// as misbehaving once the word changes more often than a NIC's link can. Nothing on a
+    /// block domain.
+    LinkFlap,
 }
 
 impl FaultKind {
     /// Every kind, in the order `all` expands to.
-    pub const ALL: [FaultKind; 16] = [
+    pub const ALL: [FaultKind; 17] = [
         FaultKind::Kill,
         FaultKind::Panic,
         FaultKind::Hang,
@@ -79,6 +83,7 @@ impl FaultKind {
         FaultKind::FailedRestart,
         FaultKind::FailedReplay,
         FaultKind::FailedFlush,
+        FaultKind::LinkFlap,
     ];
 
     /// The stable name: `kill`, `wild-write`, `triple-fault`, ...
@@ -100,6 +105,19 @@ impl FaultKind {
             FaultKind::FailedRestart => "failed-restart",
             FaultKind::FailedReplay => "failed-replay",
             FaultKind::FailedFlush => "failed-flush",
+            FaultKind::LinkFlap => "link-flap",
+        }
+    }
+
+    /// Whether this kind does anything to a domain of device class `class`
+    /// (`ddvm_abi::channel::class`): a failed flush needs block flushes, a flapping link a
+    /// NIC; every other kind acts on any domain.
+    pub fn acts_on(self, class: u32) -> bool {
+        use ddvm_abi::channel::class as c;
+        match self {
+            FaultKind::FailedFlush => class == c::BLK,
+            FaultKind::LinkFlap => class == c::NET,
+            _ => true,
         }
     }
 
@@ -128,6 +146,7 @@ impl FaultKind {
             FaultKind::Slow => fault::SLOW,
             FaultKind::Bitflip => fault::BITFLIP,
             FaultKind::FailedFlush => fault::FAIL_FLUSH,
+            FaultKind::LinkFlap => fault::LINK_FLAP,
             FaultKind::Kill
             | FaultKind::DuringRecovery
             | FaultKind::FailedRestart
@@ -205,7 +224,7 @@ mod tests {
         );
         assert_eq!(parse_fault_list("all").unwrap(), FaultKind::ALL);
         assert_eq!(parse_fault_list("slow,all").unwrap()[0], FaultKind::Slow);
-        assert_eq!(parse_fault_list("slow,all").unwrap().len(), 16);
+        assert_eq!(parse_fault_list("slow,all").unwrap().len(), 17);
         assert_eq!(parse_fault_list("kill,kill").unwrap(), [FaultKind::Kill]);
         for k in FaultKind::ALL {
             assert_eq!(k.name().parse::<FaultKind>(), Ok(k));
@@ -224,7 +243,7 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains("\"explode\""), "{msg}");
-        assert!(msg.contains("wild-write") && msg.contains("failed-flush, or all"));
+        assert!(msg.contains("wild-write") && msg.contains("link-flap, or all"));
         assert!(matches!(
             parse_fault_list("kill,,panic"),
             Err(ParseError::UnknownFault { item }) if item.is_empty()
@@ -278,7 +297,8 @@ mod tests {
             .iter()
             .filter_map(|k| k.domain_code())
             .collect();
-        assert_eq!(codes.len(), 12);
+        assert_eq!(FaultKind::LinkFlap.domain_code(), Some(fault::LINK_FLAP));
+        assert_eq!(codes.len(), 13);
         assert_eq!(codes.iter().collect::<BTreeSet<_>>().len(), codes.len());
         assert!(!codes.contains(&fault::NONE));
     }

@@ -111,6 +111,13 @@
 //! "p99":N,"max":N},"errors":N,"first_error":null}` (`count` is the frames started). Exit 0
 //! when nothing was corrupt, nothing failed and a sender got every frame it started back.
 //!
+//! # Net hostile mode
+//!
+//! `workload=net-hostile kind=oversized|zero-length|wrong-direction|ctrl-garbage|small-rx
+//! [count=N] [timeout_ms=N]` drives the virtio-net device through its own raw queues and gets
+//! one thing wrong `count` times (see `net_hostile.rs`); its line is
+//! `ddvm-hostile: {"net_kind":..,"count":N,"answered":N,"expected":N,"needs_reset":false,"after_ok":true}`.
+//!
 //! # Hostile mode
 //!
 //! `hostile=CASE` submits one malformed request through the image's own 16-entry split
@@ -141,6 +148,7 @@ mod device;
 mod hal;
 mod hostile;
 mod net;
+mod net_hostile;
 mod pattern;
 mod stats;
 mod workload;
@@ -175,6 +183,12 @@ fn main() -> ! {
         time::tsc_source(),
         guest_kernel::heap::free() >> 10
     );
+    if cmdline.value("workload") == Some(net_hostile::WORKLOAD) {
+        let found = device::windows(cmdline)
+            .map_err(|e| alloc::format!("{e}"))
+            .and_then(|w| device::find_net(&w));
+        net_hostile::main(cmdline, found)
+    }
     let (mode, unknown) = config::parse(cmdline).unwrap_or_else(|e| bad_arg(&e));
     if !unknown.is_empty() {
         println!(

@@ -18,6 +18,10 @@
 //! - **Detection**: a receive buffer waits for the world outside, so the request deadline
 //!   applies to TRANSMIT and CONFIG only ([`NetOp`]'s `deadline_bound`).
 //!
+//! - **The domain's link word** is watched, not obeyed ([`LinkWatch`]): changes are counted,
+//!   and a domain whose word changes more than [`LINK_FLAP_LIMIT`] times within
+//!   [`LINK_FLAP_WINDOW`] is failed as misbehaving.
+//!
 //! Warm standbys, backoff, give-up, hooks and operator commands are the engine's.
 
 use std::collections::HashMap;
@@ -48,6 +52,57 @@ pub const TX_ATTEMPTS: u32 = 3;
 pub const RX_POSTED: usize = 24;
 /// Client frames queued (not yet posted) at most; beyond, clients keep theirs in their rings.
 pub const TX_QUEUED_LIMIT: usize = 128;
+/// Changes of a domain's link word within [`LINK_FLAP_WINDOW`] beyond which the domain is
+/// failed as flapping. A domain reads its NIC's link every 100 ms
+/// (`ddvm_abi::channel::net::offset::LINK`): a real cable can make it report at most ten
+/// changes a second, so twice that is the domain's own doing.
+pub const LINK_FLAP_LIMIT: usize = 20;
+/// The window of [`LINK_FLAP_LIMIT`].
+pub const LINK_FLAP_WINDOW: Duration = Duration::from_secs(1);
+
+/// The domain's link word as the VMM samples it (once per service pass): changes are
+/// counted, and too many of them within [`LINK_FLAP_WINDOW`] are misbehaviour. The clients'
+/// links never follow it (they stay up through everything; see the module documentation).
+#[derive(Debug, Default)]
+pub struct LinkWatch {
+    up: bool,
+    /// When the last changes were seen, oldest first, within the window.
+    changes: std::collections::VecDeque<Instant>,
+}
+
+impl LinkWatch {
+    /// A new domain reported `up` in its device info.
+    pub fn reset(&mut self, up: bool) {
+        self.up = up;
+        self.changes.clear();
+    }
+
+    /// The link as last seen.
+    pub fn up(&self) -> bool {
+        self.up
+    }
+
+    /// The link word reads `up` at `now`: `Ok(true)` if that is a change, `Err(n)` when it
+    /// is the change that makes `n` (over [`LINK_FLAP_LIMIT`]) within the window.
+    pub fn observe(&mut self, up: bool, now: Instant) -> Result<bool, usize> {
+        if up == self.up {
+            return Ok(false);
+        }
+        self.up = up;
+        while self
+            .changes
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= LINK_FLAP_WINDOW)
+        {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(now);
+        if self.changes.len() > LINK_FLAP_LIMIT {
+            return Err(self.changes.len());
+        }
+        Ok(true)
+    }
+}
 
 /// What the class needs of a domain beyond the engine's [`DomainHandle`]: its channel.
 pub trait NetDomain: DomainHandle {
@@ -103,6 +158,13 @@ pub struct ClassCounters {
     pub configs: u64,
     /// Filter sets a domain refused.
     pub config_refused: u64,
+    /// Changes of the domain's link word the VMM saw (never passed on to the clients).
+    pub link_changes: u64,
+    /// Domains failed for flapping their link word (over [`LINK_FLAP_LIMIT`] changes within
+    /// [`LINK_FLAP_WINDOW`]).
+    pub link_flapping: u64,
+    /// The NIC's link as its domain last reported it.
+    pub link_up: bool,
 }
 
 /// What a pass of [`NetBackend::collect`] hands the service.
@@ -132,6 +194,7 @@ struct NetState {
     rx_posted: usize,
     /// Transmits the last lost domain had in flight: the replay is over once they completed.
     replayed: std::collections::HashSet<u64>,
+    link: LinkWatch,
     counters: ClassCounters,
 }
 
@@ -174,6 +237,10 @@ impl<D: NetDomain> DeviceClass<D> for NetClass<'_> {
         // the last one did not report, in order, then fresh receive buffers.
         self.s.config_owed = true;
         self.s.rx_posted = 0;
+        self.s
+            .link
+            .reset(info.link == ddvm_abi::channel::net::link::UP);
+        self.s.counters.link_up = self.s.link.up();
         self.s.channel = Some(channel);
         self.s.mem = Some(mem);
         Ok(())
@@ -262,6 +329,7 @@ where
                 frames: HashMap::new(),
                 rx_posted: 0,
                 replayed: Default::default(),
+                link: LinkWatch::default(),
                 counters: ClassCounters::default(),
             },
             shadow: ShadowQueue::new(),
@@ -394,6 +462,32 @@ where
         let (Some(channel), Some(mem)) = (self.s.channel.as_mut(), self.s.mem.as_ref()) else {
             return 0;
         };
+        let up = channel.link_up(mem);
+        match self.s.link.observe(up, Instant::now()) {
+            Ok(changed) => {
+                self.s.counters.link_changes += u64::from(changed);
+                self.s.counters.link_up = up;
+            }
+            Err(changes) => {
+                self.s.counters.link_changes += 1;
+                self.s.counters.link_flapping += 1;
+                crate::limited!(
+                    warn,
+                    key: self.s.name,
+                    "NIC {}: the domain's link word changed {changes} times within {:?}",
+                    self.s.name,
+                    LINK_FLAP_WINDOW
+                );
+                let what = format!(
+                    "link word changed {changes} times within {} ms",
+                    LINK_FLAP_WINDOW.as_millis()
+                );
+                self.fail(FailureReason::Protocol(ProtocolViolation::BadDeviceInfo {
+                    what,
+                }));
+                return 0;
+            }
+        }
         let now = self.engine.service_time(Instant::now());
         let mut n = 0;
         let mut broken = false;
@@ -685,4 +779,37 @@ pub enum StartError {
     /// The engine could not be set up (an invalid policy, the host).
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_changes_are_counted_and_too_many_within_the_window_are_flapping() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut w = LinkWatch::default();
+        w.reset(true);
+        assert_eq!(w.observe(true, t0), Ok(false));
+        // A real cable read every 100 ms: ten changes a second, for ten seconds, never flaps.
+        for k in 1..=100u64 {
+            assert_eq!(w.observe(k % 2 == 0, ms(100 * k)), Ok(true), "change {k}");
+        }
+        assert!(w.up());
+        // A change every 10 ms: the one over the limit within the window is flapping.
+        let start = 100 * 100 + 1000;
+        let mut verdict = Ok(true);
+        let mut k = 0;
+        while verdict.is_ok() {
+            k += 1;
+            verdict = w.observe(k % 2 == 0, ms(start + 10 * k));
+        }
+        assert_eq!(verdict, Err(LINK_FLAP_LIMIT + 1));
+        assert_eq!(k as usize, LINK_FLAP_LIMIT + 1);
+        // A new domain starts afresh.
+        w.reset(false);
+        assert_eq!(w.observe(false, ms(start + 10 * k + 1)), Ok(false));
+        assert_eq!(w.observe(true, ms(start + 10 * k + 2)), Ok(true));
+    }
 }

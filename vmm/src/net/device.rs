@@ -147,6 +147,56 @@ pub struct NetCounters {
     pub needs_reset: AtomicU64,
 }
 
+/// A snapshot of a port's [`NetCounters`], as the service's stats show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    /// See [`NetCounters::tx_frames`].
+    pub tx_frames: u64,
+    /// See [`NetCounters::tx_dropped`].
+    pub tx_dropped: u64,
+    /// See [`NetCounters::tx_completed`].
+    pub tx_completed: u64,
+    /// See [`NetCounters::tx_stale`].
+    pub tx_stale: u64,
+    /// See [`NetCounters::rx_frames`].
+    pub rx_frames: u64,
+    /// See [`NetCounters::rx_no_buffers`].
+    pub rx_no_buffers: u64,
+    /// See [`NetCounters::rx_too_small`].
+    pub rx_too_small: u64,
+    /// See [`NetCounters::rx_bad_chains`].
+    pub rx_bad_chains: u64,
+    /// See [`NetCounters::rx_not_ready`].
+    pub rx_not_ready: u64,
+    /// See [`NetCounters::ctrl_ok`].
+    pub ctrl_ok: u64,
+    /// See [`NetCounters::ctrl_err`].
+    pub ctrl_err: u64,
+    /// See [`NetCounters::needs_reset`].
+    pub needs_reset: u64,
+}
+
+impl NetCounters {
+    /// The counters now.
+    pub fn snapshot(&self) -> PortCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PortCounters {
+            tx_frames: g(&self.tx_frames),
+            tx_dropped: g(&self.tx_dropped),
+            tx_completed: g(&self.tx_completed),
+            tx_stale: g(&self.tx_stale),
+            rx_frames: g(&self.rx_frames),
+            rx_no_buffers: g(&self.rx_no_buffers),
+            rx_too_small: g(&self.rx_too_small),
+            rx_bad_chains: g(&self.rx_bad_chains),
+            rx_not_ready: g(&self.rx_not_ready),
+            ctrl_ok: g(&self.ctrl_ok),
+            ctrl_err: g(&self.ctrl_err),
+            needs_reset: g(&self.needs_reset),
+        }
+    }
+}
+
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::class::{ClassCounters, Delivered, NetBackend, NetDomain};
-use super::device::{NetPort, TxBackend, TxToken, TxVerdict};
+use super::device::{NetPort, PortCounters, TxBackend, TxToken, TxVerdict};
 use super::switch::{Switch, SwitchCounters};
 use crate::reincarnation::{Launcher, RecoveryHandle};
 use crate::sync::lock;
@@ -64,6 +64,16 @@ pub struct NetStats {
     pub announced: u64,
     /// Domains (epochs) that served.
     pub served_epochs: u64,
+    /// Each client port's counters (what its driver got wrong, what it sent and received),
+    /// by client name, in the switch's order.
+    pub ports: Vec<(String, PortCounters)>,
+}
+
+impl NetStats {
+    /// The counters of the port of client `name`.
+    pub fn port(&self, name: &str) -> Option<&PortCounters> {
+        self.ports.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
 }
 
 struct Shared {
@@ -137,9 +147,15 @@ impl NetService {
         &self.handle
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters (the ports' read now).
     pub fn stats(&self) -> NetStats {
-        lock(&self.shared.stats).clone()
+        let mut s = lock(&self.shared.stats).clone();
+        s.ports = self
+            .ports
+            .iter()
+            .map(|p| (p.name.clone(), p.counters.snapshot()))
+            .collect();
+        s
     }
 
     /// Whether the thread has ended.

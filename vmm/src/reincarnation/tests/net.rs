@@ -341,3 +341,46 @@ fn frames_queued_when_the_policy_gives_up_are_given_back() {
         Some(false)
     );
 }
+
+#[test]
+fn link_changes_are_counted_and_a_flapping_domain_is_failed() {
+    use ddvm_abi::channel::net::offset;
+    let (mut b, world) = net_backend(policy(|_| {}));
+    until_serving(&mut b, 1);
+    let filters = FilterSet::default();
+    let set_link = |epoch: u64, word: u32| {
+        let seen = lock(&world.domains).get(&epoch).cloned().expect("booted");
+        let (mem, _) = seen.net.clone().expect("a NIC domain");
+        mem.write_obj(word, GuestAddress(BASE + offset::LINK))
+            .unwrap();
+    };
+    b.post(&filters);
+    assert!(b.counters().link_up);
+    // A cable pulled and put back: two changes, counted, the domain serves on.
+    set_link(1, link::DOWN);
+    b.post(&filters);
+    assert!(!b.counters().link_up);
+    set_link(1, link::UP);
+    b.post(&filters);
+    assert_eq!(b.counters().link_changes, 2);
+    assert_eq!(b.counters().link_flapping, 0);
+    assert_eq!(b.serving_epoch(), Some(1));
+    // Flapping: the change over the limit within the window (the two above included) fails
+    // the domain.
+    let mut up = true;
+    for _ in 2..crate::net::class::LINK_FLAP_LIMIT {
+        up = !up;
+        set_link(1, if up { link::UP } else { link::DOWN });
+        b.post(&filters);
+    }
+    assert_eq!(b.serving_epoch(), Some(1), "not over the limit yet");
+    set_link(1, if up { link::DOWN } else { link::UP });
+    b.post(&filters);
+    assert_eq!(b.counters().link_flapping, 1);
+    assert_ne!(b.serving_epoch(), Some(1));
+    // The next domain serves, its link as its device info says.
+    until_serving(&mut b, 2);
+    b.post(&filters);
+    assert!(b.counters().link_up);
+    assert_eq!(b.counters().link_flapping, 1);
+}
