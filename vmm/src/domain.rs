@@ -56,6 +56,13 @@ pub trait DeviceModel: Send + Sync {
     /// The VM of the domain that holds the device now (`None`: the holder is going; whatever
     /// the model registered with its VM goes with that VM).
     fn set_vm(&self, vm: Option<Arc<VmFd>>);
+    /// A domain's VM was made for this device (a standby's too, which is handed the device
+    /// later), before its vCPU runs: the model registers with it what costs too much to
+    /// register on the recovery path (a memory slot waits for a KVM SRCU grace period).
+    /// Returns what must live until that VM is gone, which the domain drops after its VM.
+    fn vm_created(&self, _vm: &Arc<VmFd>) -> Option<Box<dyn Any + Send + Sync>> {
+        None
+    }
     /// The device's own orderly shutdown, given by the VMM through its registers: what an
     /// orderly stop falls back to when the domain cannot give it. Called with the domain's
     /// vCPU stopped (nothing else drives the device), before the reset of
@@ -356,6 +363,9 @@ pub struct Domain {
     handover: Option<Handover>,
     // Dropped after the device is quiesced: vCPU threads joined, then the VM, then the memory.
     guest: Guest,
+    // What the device's model registered with the VM ([`DeviceModel::vm_created`]): dropped
+    // after the guest, so after its VM.
+    _device_memory: Option<Box<dyn Any + Send + Sync>>,
 }
 
 impl Deref for Domain {
@@ -388,6 +398,8 @@ struct DomainBoot<'a> {
     hint_key: &'static str,
     device: Option<Arc<DomainDevice>>,
     handover: Option<Handover>,
+    // What the model registered with the VM at its creation ([`DeviceModel::vm_created`]).
+    device_memory: Option<Box<dyn Any + Send + Sync>>,
 }
 
 impl ImageExtras for DomainBoot<'_> {
@@ -452,6 +464,7 @@ impl ImageExtras for DomainBoot<'_> {
         };
         let name = &self.name;
         let standby = self.standby;
+        self.device_memory = dev.model.vm_created(vm);
         // A standby's device stays with the live domain until the hand-over.
         let present = Arc::new(AtomicBool::new(!standby));
         if !standby {
@@ -605,6 +618,7 @@ impl Domain {
             hint_key,
             device: None,
             handover: None,
+            device_memory: None,
         };
         let guest_cfg = GuestConfig {
             name,
@@ -623,6 +637,7 @@ impl Domain {
             device: extras.device.filter(|_| !standby),
             handover: extras.handover,
             guest,
+            _device_memory: extras.device_memory,
         })
     }
 

@@ -479,9 +479,27 @@ fn demo(
         count: kills,
         every: kill_every,
     };
-    let result = run_topology(&hv, &config, file, echo, None, None, Some(plan), &stop);
+    let opts = TopologyRun {
+        echo,
+        duration: None,
+        control: None,
+        kills: Some(plan),
+    };
+    let result = run_topology(&hv, &config, file, opts, &stop);
     let _ = std::fs::remove_file(&disk);
     result
+}
+
+/// How [`run_topology`] runs a topology.
+struct TopologyRun<'a> {
+    /// Where the guests' consoles go.
+    echo: Echo,
+    /// Stop after this many seconds.
+    duration: Option<f64>,
+    /// Serve the control socket here.
+    control: Option<&'a Path>,
+    /// Kill the domains on this plan while the clients run.
+    kills: Option<KillPlan>,
 }
 
 /// Operator kills made while a topology's clients run (the demo).
@@ -580,12 +598,15 @@ fn run_topology(
     hv: &Arc<Hypervisor>,
     config: &Config,
     file: &Path,
-    echo: Echo,
-    duration: Option<f64>,
-    control: Option<&Path>,
-    kill_plan: Option<KillPlan>,
+    opts: TopologyRun<'_>,
     stop: &Stop,
 ) -> anyhow::Result<ExitCode> {
+    let TopologyRun {
+        echo,
+        duration,
+        control,
+        kills: kill_plan,
+    } = opts;
     let t0 = Instant::now();
     let mut topo = Topology::start(hv, config, file, echo)?;
     let control = match control {
@@ -882,10 +903,12 @@ fn run_config(
             &hv,
             &config,
             file,
-            Echo::Stderr,
-            duration,
-            control,
-            None,
+            TopologyRun {
+                echo: Echo::Stderr,
+                duration,
+                control,
+                kills: None,
+            },
             &stop,
         );
     }

@@ -43,14 +43,18 @@
 //! # Registers as memory
 //!
 //! The page `0x5000..0x6000` of BAR0 holds only registers without side effects: RXCSUM, the
-//! MTA, the receive addresses, the VFTA, wake-up and manageability. The model keeps it in a
-//! page of memory of its own ([`EmulatedE1000::table_page`]) that a VMM maps into the domain's
-//! VM, so the driver writes the tables (every entry at each initialization: about 160
-//! registers) without an exit each. Every offset of that page reads back what was written.
-//! The model reads the page with volatile loads only, under the NIC lock, when it filters a
-//! frame; an entry the domain is rewriting at that moment filters that frame by the old or
-//! the new address, as on the hardware (the driver invalidates an address before changing
-//! it).
+//! MTA, the receive addresses, the VFTA, wake-up and manageability. The model keeps them in a
+//! page of memory instead of its register file, so that a VMM can map that page into the
+//! domain's VM and the driver writes the tables (every entry at each initialization: about
+//! 160 registers) without an exit each. Every offset of that page reads back what was
+//! written. Each domain has a page of its own, mapped when its VM is made, before its vCPU
+//! runs (a memory slot costs a KVM SRCU grace period, which the recovery path should not
+//! wait for); [`E1000Monitor::use_tables`] makes it the NIC's when the domain is handed the
+//! NIC, after copying the current values into it, and gives the NIC its own page back when
+//! the domain goes: a standby or a dead domain writing its page reaches nothing. The model
+//! reads the page with volatile loads only, under the NIC lock, when it filters a frame; an
+//! entry the domain is rewriting at that moment filters that frame by the old or the new
+//! address, as on the hardware (the driver invalidates an address before changing it).
 //!
 //! # Reset and the link
 //!
@@ -146,6 +150,21 @@ pub struct TablePage {
 }
 
 impl TablePage {
+    /// A fresh page of zeros, to give a NIC with [`E1000Monitor::use_tables`].
+    pub fn new() -> Result<TablePage, vm_memory::mmap::MmapRegionError> {
+        Ok(TablePage {
+            offset: regs::TABLE_PAGE,
+            region: Arc::new(MmapRegion::new(
+                (regs::TABLE_PAGE_END - regs::TABLE_PAGE) as usize,
+            )?),
+        })
+    }
+
+    /// Whether `self` and `other` are the same memory.
+    pub fn same(&self, other: &TablePage) -> bool {
+        Arc::ptr_eq(&self.region, &other.region)
+    }
+
     /// Its size in bytes (a page).
     pub fn size(&self) -> u64 {
         self.region.size() as u64
@@ -266,6 +285,8 @@ pub struct E1000Stats {
 /// State shared by the NIC handle, its worker and its pollers.
 struct Shared {
     nic: Mutex<Nic>,
+    /// The NIC's own page of tables, in use when no domain's page is.
+    own_tables: Arc<MmapRegion<()>>,
     /// The wire's descriptor, fixed for its life.
     wire_fd: RawFd,
     stop: AtomicBool,
@@ -306,6 +327,16 @@ impl E1000Monitor {
     pub fn wire_stats(&self) -> WireStats {
         self.shared.with_nic(|n| n.wire.stats())
     }
+
+    /// From now on the registers of the table page are `page` (`None`: the NIC's own page
+    /// again), which first gets their current values. Give a domain's page when it is handed
+    /// the NIC, and take it back (`None`) when the domain goes: whatever the domain writes in
+    /// its page before or after then reaches nothing.
+    pub fn use_tables(&self, page: Option<&TablePage>) {
+        let own = &self.shared.own_tables;
+        self.shared
+            .with_nic(|n| n.use_tables(page.map_or(own, |p| &p.region).clone()));
+    }
 }
 
 /// Runs a NIC's passes on a thread that polls other work too (see the module docs).
@@ -332,7 +363,6 @@ impl E1000Poller {
 /// An emulated 82540EM; implements [`PciBackend`] (BAR0 = registers).
 pub struct EmulatedE1000 {
     shared: Arc<Shared>,
-    tables: Arc<MmapRegion<()>>,
     worker: Mutex<Option<JoinHandle<()>>>,
     mac: [u8; 6],
 }
@@ -366,8 +396,8 @@ impl EmulatedE1000 {
             )?,
         );
         Ok(EmulatedE1000 {
-            tables: tables.clone(),
             shared: Arc::new(Shared {
+                own_tables: tables.clone(),
                 nic: Mutex::new(Nic::new(mac, cfg.wire, dma.clone(), tables)),
                 wire_fd,
                 stop: AtomicBool::new(false),
@@ -407,12 +437,12 @@ impl EmulatedE1000 {
         }
     }
 
-    /// The page of BAR0 that is plain memory (see "Registers as memory" in the module docs),
-    /// for a VMM to map into the domain's VM.
+    /// The page of BAR0 that is plain memory in use now (see "Registers as memory" in the
+    /// module docs).
     pub fn table_page(&self) -> TablePage {
         TablePage {
             offset: regs::TABLE_PAGE,
-            region: self.tables.clone(),
+            region: self.shared.with_nic(|n| n.tables()),
         }
     }
 

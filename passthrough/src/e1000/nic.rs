@@ -103,6 +103,26 @@ impl Nic {
         nic
     }
 
+    /// The page of tables in use.
+    pub fn tables(&self) -> Arc<MmapRegion<()>> {
+        self.tables.clone()
+    }
+
+    /// Makes `page` the page of tables, with the values of the one in use.
+    pub fn use_tables(&mut self, page: Arc<MmapRegion<()>>) {
+        if Arc::ptr_eq(&page, &self.tables) {
+            return;
+        }
+        let words: Vec<u32> = (TABLE_PAGE..TABLE_PAGE_END)
+            .step_by(4)
+            .map(|off| self.reg(off))
+            .collect();
+        self.tables = page;
+        for (off, v) in (TABLE_PAGE..TABLE_PAGE_END).step_by(4).zip(words) {
+            self.set_reg(off, v);
+        }
+    }
+
     /// The register at `off` (a multiple of 4 inside BAR0).
     pub fn reg(&self, off: u64) -> u32 {
         if (TABLE_PAGE..TABLE_PAGE_END).contains(&off) {

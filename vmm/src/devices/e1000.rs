@@ -5,10 +5,13 @@
 //! - Its BAR0 (128 KiB of registers) is placed at [`PCI_MMIO_BASE`]; every register access is
 //!   a trapped MMIO exit, and a TDT write transmits on the writing vCPU's thread — except the
 //!   page of filter tables (`0x5000..0x6000`: the MTA, the receive addresses, the VFTA and
-//!   the other registers without side effects), which the model keeps in a page of memory
-//!   that becomes a memory slot of each domain's VM. A driver's initialization writes every
-//!   entry of those tables (about 160 registers); as exits, at 23 to 75 µs each under PVM,
-//!   they were most of a restarted NIC domain's time to ready.
+//!   the other registers without side effects), which is memory. A driver's initialization
+//!   writes every entry of those tables (about 160 registers); as exits, at 23 to 75 µs each
+//!   under PVM, they were most of a restarted NIC domain's time to ready. Each domain's VM
+//!   gets a page of its own as a memory slot when the VM is made
+//!   ([`DeviceModel::vm_created`]; a standby's too, so the slot's KVM SRCU grace period is
+//!   not waited for on the recovery path); the model makes it the NIC's when the domain is
+//!   handed the NIC and takes it back at the quiesce.
 //! - Reception runs on a worker thread of its own, or on its owner's thread
 //!   ([`DeviceThread::Owner`], through the model's `E1000Poller`).
 //! - It has no MSI-X: the model writes the domain's wake eventfd when a cause enabled in IMS
@@ -19,7 +22,7 @@
 //!   that a reset loses ([`DeviceShutdown::NotEnabled`]).
 
 use std::any::Any;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use ddvm_abi::channel::class;
@@ -84,9 +87,10 @@ const TABLE_PAGE_SLOT: u32 = 8;
 /// The emulated e1000's part of a [`DomainDevice`].
 pub struct E1000Model {
     monitor: E1000Monitor,
-    // The page of filter tables and its guest-physical address.
-    tables: TablePage,
+    // Guest-physical address of the page of filter tables.
     tables_gpa: u64,
+    // Each live VM made for the NIC and its page of tables (mapped at the VM's creation).
+    pages: Mutex<Vec<(Weak<VmFd>, TablePage)>>,
 }
 
 impl E1000Model {
@@ -99,34 +103,68 @@ impl E1000Model {
     pub fn wire_stats(&self) -> WireStats {
         self.monitor.wire_stats()
     }
-}
 
-impl DeviceModel for E1000Model {
-    /// The page of filter tables becomes a memory slot of the VM; every other register access
-    /// traps.
-    fn set_vm(&self, vm: Option<Arc<VmFd>>) {
-        let Some(vm) = vm else {
-            // The slot goes with the VM.
-            return;
+    /// A new page of tables mapped into `vm` as its memory slot; `None` (with a warning) when
+    /// it cannot be: the domain's table accesses then exit, as every other register's.
+    fn map_page(&self, vm: &VmFd) -> Option<TablePage> {
+        let page = match TablePage::new() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(
+                    "e1000: cannot allocate a page of filter tables: {e}; their accesses exit"
+                );
+                return None;
+            }
         };
         let region = kvm_userspace_memory_region {
             slot: TABLE_PAGE_SLOT,
             guest_phys_addr: self.tables_gpa,
-            memory_size: self.tables.size(),
-            userspace_addr: self.tables.host_addr(),
+            memory_size: page.size(),
+            userspace_addr: page.host_addr(),
             flags: 0,
         };
-        // SAFETY: the page is the model's, kept alive by `self.tables` for as long as this
-        // device lives, which is longer than any VM it is handed (a domain's VM goes before
-        // its device can); the guest range is inside the device's BAR0, outside the domain's
-        // RAM, and the slot is this device's own. The domain writing the page is its purpose:
-        // the model reads it only with volatile loads.
-        if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
-            tracing::warn!(
-                "e1000: filter tables at {:#x} as memory slot {TABLE_PAGE_SLOT}: {e}; their accesses exit",
-                self.tables_gpa
-            );
+        // SAFETY: the page lives as long as a clone of `page` does, and the domain made with
+        // this VM holds one until after its VM is dropped ([`DeviceModel::vm_created`]); the
+        // guest range is inside the device's BAR0, outside the domain's RAM, and the slot is
+        // this device's own. The domain writing the page is its purpose: the model reads it
+        // only with volatile loads.
+        match unsafe { vm.set_user_memory_region(region) } {
+            Ok(()) => Some(page),
+            Err(e) => {
+                tracing::warn!(
+                    "e1000: filter tables at {:#x} as memory slot {TABLE_PAGE_SLOT}: {e}; their accesses exit",
+                    self.tables_gpa
+                );
+                None
+            }
         }
+    }
+}
+
+impl DeviceModel for E1000Model {
+    /// The page of filter tables mapped into the VM at its creation becomes the NIC's (its
+    /// values copied in); `None` gives the NIC its own page back, so that nothing the going
+    /// domain writes in its page reaches the NIC. Every other register access traps.
+    fn set_vm(&self, vm: Option<Arc<VmFd>>) {
+        let Some(vm) = vm else {
+            self.monitor.use_tables(None);
+            return;
+        };
+        let found = crate::sync::lock(&self.pages)
+            .iter()
+            .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&vm)))
+            .map(|(_, p)| p.clone());
+        // A VM made without `vm_created` keeps every table access trapped.
+        self.monitor.use_tables(found.as_ref());
+    }
+
+    /// Maps a page of tables into the new VM now, off the recovery path.
+    fn vm_created(&self, vm: &Arc<VmFd>) -> Option<Box<dyn Any + Send + Sync>> {
+        let page = self.map_page(vm)?;
+        let mut pages = crate::sync::lock(&self.pages);
+        pages.retain(|(w, _)| w.strong_count() > 0);
+        pages.push((Arc::downgrade(vm), page.clone()));
+        Some(Box::new(page))
     }
 
     /// Not applicable: a NIC has nothing a reset loses, so there is nothing to write back.
@@ -190,8 +228,7 @@ impl DomainDevice {
             DeviceThread::Owner => Some(Arc::new(nic.poller()) as Arc<dyn DevicePoller>),
         };
         let monitor = nic.monitor();
-        let tables = nic.table_page();
-        let tables_gpa = PCI_MMIO_BASE + tables.offset;
+        let tables_gpa = PCI_MMIO_BASE + nic.table_page().offset;
         let pci = PciDevice::new(Box::new(nic), &[(0, PCI_MMIO_BASE)])
             .map_err(|e| device_err(Box::new(e)))?;
         Ok(DomainDevice::new(
@@ -199,8 +236,8 @@ impl DomainDevice {
             dma,
             Box::new(E1000Model {
                 monitor,
-                tables,
                 tables_gpa,
+                pages: Mutex::new(Vec::new()),
             }),
             poller,
             None,

@@ -146,3 +146,42 @@ fn the_filter_tables_are_a_page_of_memory_the_domain_writes_without_exits() {
         u32::from(u16::from_le_bytes([MAC_A[4], MAC_A[5]])) | RAH_AV
     );
 }
+
+/// A domain's own page becomes the NIC's only while it holds the NIC: what it wrote there
+/// before is replaced by the NIC's values, and what it writes after it went reaches nothing.
+#[test]
+fn a_domains_page_of_tables_counts_only_while_it_holds_the_nic() {
+    let (mut t, mut peer) = TestNic::with_peer();
+    let monitor = t.nic.monitor();
+    let page = crate::e1000::TablePage::new().unwrap();
+    let at = |off: u64| (page.host_addr() + (off - TABLE_PAGE)) as *mut u32;
+    let (low, high) = (
+        u32::from_le_bytes([0x52, 0x54, 0x00, 0x99]),
+        0x9999 | RAH_AV,
+    );
+    // Written before the domain holds the NIC (a standby): overwritten when it is handed it.
+    // SAFETY: `at` gives 4-aligned addresses inside the page `page` keeps mapped.
+    unsafe {
+        at(RA + 8 * 3).write_volatile(low);
+        at(RA + 8 * 3 + 4).write_volatile(high);
+    }
+    monitor.use_tables(Some(&page));
+    assert!(t.nic.table_page().same(&page));
+    // SAFETY: as above.
+    assert_eq!(unsafe { at(RA + 8 * 3 + 4).read_volatile() }, 0);
+    assert!(!delivered(&mut t, &mut peer, OTHER, 1));
+    // Written while it holds the NIC: filters.
+    // SAFETY: as above.
+    unsafe {
+        at(RA + 8 * 3).write_volatile(low);
+        at(RA + 8 * 3 + 4).write_volatile(high);
+    }
+    assert!(delivered(&mut t, &mut peer, OTHER, 2));
+    // The domain goes: the NIC keeps the values in its own page; the old page is cut off.
+    monitor.use_tables(None);
+    assert!(!t.nic.table_page().same(&page));
+    assert_eq!(t.read32(RA + 8 * 3 + 4), high);
+    // SAFETY: as above.
+    unsafe { at(RA + 8 * 3 + 4).write_volatile(0) };
+    assert!(delivered(&mut t, &mut peer, OTHER, 3));
+}
