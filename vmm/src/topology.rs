@@ -417,8 +417,10 @@ impl Topology {
                     net_ports.push(p.clone());
                 }
             }
-            let s = crate::net::service::NetService::spawn(&name, net_ports, switch, backend)
-                .map_err(|source| TopologyError::Service {
+            let handle = Some(backend.handle());
+            let s =
+                crate::net::service::NetService::spawn(&name, net_ports, switch, backend, handle)
+                    .map_err(|source| TopologyError::Service {
                     disk: name.clone(),
                     source,
                 })?;

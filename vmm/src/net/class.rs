@@ -116,6 +116,10 @@ pub trait NetDomain: DomainHandle {
     fn net_notify_fd(&self) -> Option<std::os::fd::RawFd>;
     /// Reads that eventfd (the service is awake).
     fn net_clear_notify(&self);
+    /// Its vCPU's VM exits so far, where the platform counts them.
+    fn net_exits(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl NetDomain for crate::domain::Domain {
@@ -134,6 +138,10 @@ impl NetDomain for crate::domain::Domain {
     fn net_notify_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         Some(self.notify_eventfd().as_raw_fd())
+    }
+
+    fn net_exits(&self) -> Option<u64> {
+        self.vcpu_stat("exits")
     }
 
     fn net_clear_notify(&self) {

@@ -11,6 +11,7 @@
 pub mod channel;
 pub mod class;
 pub mod device;
+pub mod direct;
 pub mod replay;
 pub mod request;
 pub mod service;

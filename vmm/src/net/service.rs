@@ -39,6 +39,7 @@ use super::switch::{Switch, SwitchCounters};
 use crate::reincarnation::{Launcher, RecoveryHandle};
 use crate::sync::lock;
 use crate::vcpu::wait_fds;
+use ddvm_abi::channel::net::FilterSet;
 
 /// How long the loop polls before it sleeps.
 const SPIN: Duration = Duration::from_micros(300);
@@ -52,6 +53,77 @@ pub const CTRL_BUDGET: usize = 8;
 pub const PORT_SHARE: usize = 64;
 /// How long the orderly stop waits for the domain's SHUTDOWN.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the service drives its frames through: a NIC driver domain's class and engine
+/// ([`NetBackend`]), or a wire the VMM serves itself ([`super::direct::DirectNic`]). See
+/// [`NetBackend`] for what each method means.
+pub trait FrameBackend: Send + 'static {
+    /// Takes a client's frame for the NIC: `Some(true)` queued (its chain comes back through
+    /// [`Delivered::TxDone`]), `Some(false)` given back now, `None` no room.
+    fn queue_tx(&mut self, port: usize, token: TxToken, frame: &[u8]) -> Option<bool>;
+    /// The filter set changed.
+    fn config_changed(&mut self);
+    /// Posts what is owed (configuration, frames, receive buffers); returns the progress.
+    fn post(&mut self, filters: &FilterSet) -> usize;
+    /// Collects what the NIC did; returns the progress.
+    fn collect(&mut self, out: &mut Vec<Delivered>) -> usize;
+    /// The epoch of the NIC serving now, if one is.
+    fn serving_epoch(&self) -> Option<u64>;
+    /// The counters.
+    fn counters(&self) -> &ClassCounters;
+    /// The orderly stop; whether it completed.
+    fn shut_down(&mut self, timeout: Duration) -> bool;
+    /// Asks for (or stops asking for) a notification; true when there is work already.
+    fn arm(&mut self, on: bool) -> bool;
+    /// Descriptors that wake the service.
+    fn wait_fds(&self) -> Vec<RawFd>;
+    /// How long the service may sleep.
+    fn sleep_limit(&self) -> Duration;
+    /// The VM exits of the NIC domain serving now, if there is one and they are counted.
+    fn domain_exits(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl<L: Launcher> FrameBackend for NetBackend<L>
+where
+    L::Domain: NetDomain,
+    NetBackend<L>: Send + 'static,
+{
+    fn queue_tx(&mut self, port: usize, token: TxToken, frame: &[u8]) -> Option<bool> {
+        NetBackend::queue_tx(self, port, token, frame)
+    }
+    fn config_changed(&mut self) {
+        NetBackend::config_changed(self)
+    }
+    fn post(&mut self, filters: &FilterSet) -> usize {
+        NetBackend::post(self, filters)
+    }
+    fn collect(&mut self, out: &mut Vec<Delivered>) -> usize {
+        NetBackend::collect(self, out)
+    }
+    fn serving_epoch(&self) -> Option<u64> {
+        NetBackend::serving_epoch(self)
+    }
+    fn counters(&self) -> &ClassCounters {
+        NetBackend::counters(self)
+    }
+    fn shut_down(&mut self, timeout: Duration) -> bool {
+        NetBackend::shut_down(self, timeout)
+    }
+    fn arm(&mut self, on: bool) -> bool {
+        NetBackend::arm(self, on)
+    }
+    fn wait_fds(&self) -> Vec<RawFd> {
+        NetBackend::wait_fds(self)
+    }
+    fn sleep_limit(&self) -> Duration {
+        NetBackend::sleep_limit(self)
+    }
+    fn domain_exits(&self) -> Option<u64> {
+        self.live_domain().and_then(NetDomain::net_exits)
+    }
+}
 
 /// What observers see of a network service.
 #[derive(Clone, Debug, Default)]
@@ -67,6 +139,9 @@ pub struct NetStats {
     /// Each client port's counters (what its driver got wrong, what it sent and received),
     /// by client name, in the switch's order.
     pub ports: Vec<(String, PortCounters)>,
+    /// VM exits of the domain that served last, read when the service stopped (before the
+    /// domain's SHUTDOWN), where they are counted.
+    pub domain_exits: Option<u64>,
 }
 
 impl NetStats {
@@ -87,28 +162,25 @@ pub struct NetService {
     name: String,
     shared: Arc<Shared>,
     ports: Vec<Arc<NetPort>>,
-    handle: RecoveryHandle,
+    handle: Option<RecoveryHandle>,
     thread: Option<JoinHandle<bool>>,
 }
 
 impl NetService {
-    /// Serves `ports` (the switch's clients, in order) through `backend` on a new thread.
-    pub fn spawn<L>(
+    /// Serves `ports` (the switch's clients, in order) through `backend` on a new thread;
+    /// `handle` is the recovery handle of the NIC domain behind it, if there is one.
+    pub fn spawn<B: FrameBackend>(
         name: &str,
         ports: Vec<Arc<NetPort>>,
         switch: Switch,
-        backend: NetBackend<L>,
-    ) -> std::io::Result<NetService>
-    where
-        L: Launcher,
-        L::Domain: NetDomain,
-    {
+        backend: B,
+        handle: Option<RecoveryHandle>,
+    ) -> std::io::Result<NetService> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             stats: Mutex::new(NetStats::default()),
         });
-        let handle = backend.handle();
         let mut worker = Worker {
             shared: shared.clone(),
             held: vec![0; ports.len()],
@@ -142,9 +214,9 @@ impl NetService {
         &self.ports
     }
 
-    /// The NIC's recovery handle.
-    pub fn handle(&self) -> &RecoveryHandle {
-        &self.handle
+    /// The NIC domain's recovery handle (`None`: a NIC the VMM serves itself).
+    pub fn handle(&self) -> Option<&RecoveryHandle> {
+        self.handle.as_ref()
     }
 
     /// A snapshot of the counters (the ports' read now).
@@ -182,14 +254,11 @@ impl Drop for NetService {
     }
 }
 
-struct Worker<L: Launcher>
-where
-    L::Domain: NetDomain,
-{
+struct Worker<B: FrameBackend> {
     shared: Arc<Shared>,
     ports: Vec<Arc<NetPort>>,
     switch: Switch,
-    backend: NetBackend<L>,
+    backend: B,
     /// Frames each port holds at the class.
     held: Vec<usize>,
     cursor: usize,
@@ -201,21 +270,15 @@ where
 
 /// A client's frames on their way: the switch decides, neighbours get hairpinned copies, the
 /// wire's go to the class.
-struct Outgoing<'a, L: Launcher>
-where
-    L::Domain: NetDomain,
-{
+struct Outgoing<'a, B: FrameBackend> {
     from: usize,
     switch: &'a mut Switch,
-    backend: &'a mut NetBackend<L>,
+    backend: &'a mut B,
     ports: &'a [Arc<NetPort>],
     held: &'a mut usize,
 }
 
-impl<L: Launcher> TxBackend for Outgoing<'_, L>
-where
-    L::Domain: NetDomain,
-{
+impl<B: FrameBackend> TxBackend for Outgoing<'_, B> {
     fn transmit(&mut self, token: TxToken, frame: &[u8]) -> TxVerdict {
         let Ok(route) = self.switch.outgoing(self.from, frame) else {
             return TxVerdict::Done;
@@ -248,10 +311,7 @@ where
     }
 }
 
-impl<L: Launcher> Worker<L>
-where
-    L::Domain: NetDomain,
-{
+impl<B: FrameBackend> Worker<B> {
     fn run(&mut self) -> bool {
         let mut idle_since: Option<Instant> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
@@ -267,6 +327,7 @@ where
             self.sleep();
             idle_since = None;
         }
+        self.stats.domain_exits = self.backend.domain_exits();
         let ok = self.backend.shut_down(SHUTDOWN_TIMEOUT);
         self.publish();
         ok
