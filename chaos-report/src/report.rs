@@ -78,8 +78,49 @@ pub struct ClientResult {
     pub mismatches: u64,
     /// Reads whose data was checked and matched.
     pub verified: u64,
-    /// Its IOPS over its own run time ([`rate`](crate::rate)).
+    /// Its IOPS over its own run time ([`rate`](crate::rate)); for a network client, frames
+    /// (or TCP messages) per second.
     pub iops: f64,
+    /// What a network client saw of the network, if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetResult>,
+}
+
+/// What a network client saw of the network beside its verified operations.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetResult {
+    /// Frames it sent again because their echo did not come back in time: the frames the
+    /// network lost (a recovery drops what the dead domain held).
+    pub lost: u64,
+    /// Frames that arrived twice (a transmit replayed after a restart is at-least-once).
+    pub duplicated: u64,
+    /// Readings of its link down (the VMM keeps the link up through every restart: 0).
+    pub link_down: u64,
+    /// TCP segments retransmitted, for a TCP client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<u64>,
+    /// TCP connections reset or timed out, for a TCP client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets: Option<u64>,
+}
+
+/// The network clients' losses, over the run and per recovery.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetSummary {
+    /// Sum of [`NetResult::lost`].
+    pub lost: u64,
+    /// Sum of [`NetResult::duplicated`].
+    pub duplicated: u64,
+    /// Sum of [`NetResult::link_down`].
+    pub link_down: u64,
+    /// Sum of [`NetResult::retransmits`] (TCP clients).
+    pub retransmits: u64,
+    /// Sum of [`NetResult::resets`] (TCP clients).
+    pub resets: u64,
+    /// `lost` per recovery (0 without recoveries).
+    pub lost_per_recovery: f64,
+    /// `duplicated` per recovery (0 without recoveries).
+    pub duplicated_per_recovery: f64,
 }
 
 /// The largest recovery p99 (detection to first completion) a run may have.
@@ -187,6 +228,9 @@ pub struct ChaosReport {
     pub timeline: Timeline,
     /// Per client.
     pub clients: Vec<ClientResult>,
+    /// The network clients' losses, if there are network clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetSummary>,
     /// [`targets`](Self::targets), as of [`finish`](Self::finish).
     #[serde(default)]
     pub targets: Vec<TargetCheck>,
@@ -226,6 +270,7 @@ impl ChaosReport {
             throughput_ratio: 0.0,
             timeline: Timeline::new(start, bin, duration),
             clients: Vec::new(),
+            network: None,
             targets: Vec::new(),
         }
     }
@@ -319,7 +364,34 @@ impl ChaosReport {
         } else {
             0.0
         };
+        self.network = self.network_summary();
         self.targets = self.targets();
+    }
+
+    fn network_summary(&self) -> Option<NetSummary> {
+        let nets: Vec<&NetResult> = self.clients.iter().filter_map(|c| c.net.as_ref()).collect();
+        if nets.is_empty() {
+            return None;
+        }
+        let sum = |f: fn(&NetResult) -> u64| nets.iter().fold(0u64, |a, n| a.saturating_add(f(n)));
+        let lost = sum(|n| n.lost);
+        let duplicated = sum(|n| n.duplicated);
+        let per = |v: u64| {
+            if self.recoveries == 0 {
+                0.0
+            } else {
+                finite(v as f64 / self.recoveries as f64)
+            }
+        };
+        Some(NetSummary {
+            lost,
+            duplicated,
+            link_down: sum(|n| n.link_down),
+            retransmits: sum(|n| n.retransmits.unwrap_or(0)),
+            resets: sum(|n| n.resets.unwrap_or(0)),
+            lost_per_recovery: per(lost),
+            duplicated_per_recovery: per(duplicated),
+        })
     }
 
     /// The run's targets: no client-visible errors, no data mismatches, recovery p99
@@ -439,6 +511,7 @@ pub(crate) mod tests {
                 mismatches: 0,
                 verified: 500,
                 iops: rate(1000, ms(2000)),
+                net: None,
             },
             ClientResult {
                 name: "client1".into(),
@@ -447,6 +520,7 @@ pub(crate) mod tests {
                 mismatches: 0,
                 verified: 400,
                 iops: rate(910, ms(2000)),
+                net: None,
             },
         ];
         r.finish(1000.0);

@@ -107,6 +107,19 @@ impl ChaosReport {
                 )?;
             }
         }
+        if let Some(n) = &self.network {
+            writeln!(
+                o,
+                "\nnetwork: frames lost {} ({:.1} per recovery), duplicated {} ({:.1} per recovery), link down {}, TCP retransmits {}, TCP resets {}",
+                n.lost,
+                n.lost_per_recovery,
+                n.duplicated,
+                n.duplicated_per_recovery,
+                n.link_down,
+                n.retransmits,
+                n.resets
+            )?;
+        }
         writeln!(o, "\ntargets")?;
         for t in self.targets() {
             let cmp = match t.comparison {
@@ -161,5 +174,35 @@ mod tests {
         ] {
             assert!(table.contains(line), "missing {line:?} in\n{table}");
         }
+    }
+
+    #[test]
+    fn network_clients_add_their_losses_per_recovery() {
+        let mut r = sample_report();
+        assert!(
+            !r.table().contains("network:"),
+            "no network client, no line"
+        );
+        r.clients[0].net = Some(crate::NetResult {
+            lost: 9,
+            duplicated: 3,
+            link_down: 0,
+            retransmits: Some(4),
+            resets: Some(0),
+        });
+        r.clients[1].net = Some(crate::NetResult {
+            lost: 3,
+            ..Default::default()
+        });
+        r.finish(1000.0);
+        let n = r.network.clone().expect("a network summary");
+        assert_eq!((n.lost, n.duplicated, n.retransmits), (12, 3, 4));
+        assert_eq!((n.lost_per_recovery, n.duplicated_per_recovery), (4.0, 1.0));
+        let line = "network: frames lost 12 (4.0 per recovery), duplicated 3 (1.0 per recovery), link down 0, TCP retransmits 4, TCP resets 0";
+        assert!(
+            r.table().contains(line),
+            "missing {line:?} in\n{}",
+            r.table()
+        );
     }
 }

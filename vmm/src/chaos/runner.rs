@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddvm_chaos_report::{ChaosReport, ClientResult, DEFAULT_BIN};
+use ddvm_chaos_report::{ChaosReport, ClientResult, NetResult, DEFAULT_BIN};
 
 use super::{ChaosError, ChaosPlan};
 use crate::config::Config;
@@ -68,6 +68,13 @@ fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
             mismatches,
             verified,
             iops: i,
+            net: o.net.as_ref().map(|n| NetResult {
+                lost: n.retries,
+                duplicated: n.duplicates,
+                link_down: n.link_down,
+                retransmits: None,
+                resets: None,
+            }),
         });
     }
     Outcome { clients, iops }
