@@ -205,3 +205,15 @@ fn chaos_needs_a_build_with_fault_injection() {
         );
     }
 }
+
+#[test]
+fn a_bad_log_filter_is_refused_with_one_line() {
+    let out = ddvm(&["--log", "ddvm=nonsense[", "check"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("ddvm: error: --log (or DDVM_LOG) \"ddvm=nonsense[\"")
+            && err.contains("expected a tracing filter"),
+        "{err}"
+    );
+}

@@ -200,11 +200,18 @@ enum DeviceAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "ddvm: error: --log (or DDVM_LOG) {:?}: {e}; expected a tracing filter such as `warn` or `info,ddvm::net=debug`",
+                cli.log
+            );
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour only on a terminal: a pipe or a log file gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
