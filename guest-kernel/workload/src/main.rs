@@ -151,6 +151,7 @@ mod net;
 mod net_hostile;
 mod pattern;
 mod stats;
+mod tcp;
 mod workload;
 
 use guest_kernel::cmdline::Cmdline;
@@ -207,9 +208,19 @@ fn main() -> ! {
         };
         vmm::exit(if ran { EXIT_OK } else { EXIT_FAILED })
     }
+    if let Mode::NetTcp(cfg) = &mode {
+        let ran = match device::find_net(&windows) {
+            Ok(found) => tcp::run(cfg, &found),
+            Err(e) => {
+                println!("ddvm-workload: {e}");
+                false
+            }
+        };
+        vmm::exit(if ran { EXIT_OK } else { EXIT_FAILED })
+    }
     let found = device::find_block(&windows);
     match mode {
-        Mode::NetEcho(_) => unreachable!("handled above"),
+        Mode::NetEcho(_) | Mode::NetTcp(_) => unreachable!("handled above"),
         Mode::Hostile(case) => {
             let ran = match found {
                 Ok(found) => hostile::run(case, &found),
