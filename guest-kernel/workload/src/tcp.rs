@@ -53,10 +53,12 @@ use crate::hal::NetDevice;
 use crate::net::mac_text;
 use crate::stats::{json_string, Histogram};
 
-/// Bytes of each socket buffer (RX and TX): a window of at most 44 full segments, fewer than
-/// the 64 receive buffers the device has posted, so a receiver that keeps up never loses a
-/// frame for want of a buffer.
-const SOCKET_BUFFER: usize = 65_535;
+/// Bytes of each socket buffer (RX and TX), and so of the window: 11 full segments at most
+/// in flight each way. A NIC domain has 24 receive buffers posted by the VMM (`RX_POSTED` in
+/// `vmm/src/net/class.rs`) and its e1000 drops what arrives beyond them, so a larger window
+/// overruns the far NIC in bursts on a loaded host, and smoltcp, without selective
+/// acknowledgements, recovers from such losses slowly.
+const SOCKET_BUFFER: usize = 16 * 1024;
 /// Largest Ethernet frame (without FCS) the device takes.
 const MAX_FRAME: usize = 1514;
 /// A client answered with RST while connecting tries again after this long.
@@ -438,6 +440,10 @@ fn session(
         tcp::SocketBuffer::new(vec![0u8; SOCKET_BUFFER]),
     );
     socket.set_nagle_enabled(false);
+    // Without congestion control smoltcp sends the whole window again after every timeout,
+    // and a path that lost part of it (a NIC's receive ring full, a domain restarting) loses
+    // it again; Reno starts from one segment.
+    socket.set_congestion_control(tcp::CongestionControl::Reno);
     let handle = sockets.add(socket);
     let mut attempts: u16 = 0;
     let connect = |s: &mut tcp::Socket, iface: &mut Interface, attempt: u16| {
