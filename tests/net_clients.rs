@@ -3,6 +3,9 @@
 //! domain with one of a second NIC domain across the in-process wire pair, every byte of every
 //! frame checked when it comes back; the same while the NIC domains are killed again and again
 //! and (a fault-injection build) while every fault kind that applies to a NIC domain goes in.
+//! Then TCP (`workload=net-tcp`, smoltcp in each guest): a bulk transfer both ways and
+//! request/response round trips between two clients of one NIC domain, a bulk transfer across
+//! both NIC domains while they are killed, and a receiver catching a stream it did not expect.
 
 mod common;
 
