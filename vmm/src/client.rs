@@ -412,6 +412,8 @@ pub struct NetTcpReport {
     pub peer: Option<String>,
     /// The server's port.
     pub port: u64,
+    /// Bytes of each socket buffer, and so of the window each way.
+    pub window: u64,
     /// Bytes each way the run is to carry (bulk: `bytes`; rr: `count` × `size`).
     pub bytes: u64,
     /// Bytes of its own stream the other end acknowledged.
@@ -600,7 +602,7 @@ mod tests {
 
     fn tcp_line(extra: &str) -> String {
         format!(
-            "[c] {REPORT_PREFIX}{{\"id\":2,\"workload\":\"net-tcp\",\"role\":\"client\",\"mode\":\"bulk\",\"mac\":\"52:54:00:00:00:0a\",\"ip\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"port\":5001,\"bytes\":4096,\"sent\":4096,\"received\":4096,\"verified\":4096,\"corrupt\":0,\"first_corrupt\":null,\"elapsed_us\":100,\"tx_mb_s\":40.96,\"rx_mb_s\":40.96,\"count\":0,\"size\":0,\"rounds\":0,\"rtt_us\":{{\"p50\":0,\"p99\":0,\"max\":0}},\"segments\":4,\"retransmits\":1,\"resets\":0,\"refused\":1,\"timeout\":false,\"closed\":true,\"link_down\":0,\"link_samples\":3,\"errors\":0,\"first_error\":null{extra}}}\n"
+            "[c] {REPORT_PREFIX}{{\"id\":2,\"workload\":\"net-tcp\",\"role\":\"client\",\"mode\":\"bulk\",\"mac\":\"52:54:00:00:00:0a\",\"ip\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"port\":5001,\"window\":16384,\"bytes\":4096,\"sent\":4096,\"received\":4096,\"verified\":4096,\"corrupt\":0,\"first_corrupt\":null,\"elapsed_us\":100,\"tx_mb_s\":40.96,\"rx_mb_s\":40.96,\"count\":0,\"size\":0,\"rounds\":0,\"rtt_us\":{{\"p50\":0,\"p99\":0,\"max\":0}},\"segments\":4,\"retransmits\":1,\"resets\":0,\"refused\":1,\"timeout\":false,\"closed\":true,\"link_down\":0,\"link_samples\":3,\"errors\":0,\"first_error\":null{extra}}}\n"
         )
     }
 

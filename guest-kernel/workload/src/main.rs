@@ -127,12 +127,13 @@
 //! `peer=A.B.C.D` (required of a client; a server given one takes a connection only from it),
 //! `port=N` (default 5001), `mode=bulk|rr` (default bulk), `bytes=N` (bulk: bytes each way,
 //! K/M/G suffixes, default 1M), `count=N` and `size=N` (rr: round trips, default 1000, and
-//! bytes of each request and answer, default 64), `seed=N`, `id=N`, `timeout_ms=N` (the whole
+//! bytes of each request and answer, default 64), `window=N` (bytes of each socket buffer, 2K
+//! to 1M, default 16K: see `config::TCP_WINDOW`), `seed=N`, `id=N`, `timeout_ms=N` (the whole
 //! run, connecting included; default 60000). Both ends must be given the same mode, sizes and
 //! seed. Bulk sends both directions at once; rr sends one request at a time and times each
 //! round trip. Every byte received is checked against the sender's seeded stream. The report:
 //! `{"id":N,"workload":"net-tcp","role":"client","mode":"bulk","mac":"..","ip":"..",
-//! "peer":"..","port":N,"bytes":N,"sent":N,"received":N,"verified":N,"corrupt":N,
+//! "peer":"..","port":N,"window":N,"bytes":N,"sent":N,"received":N,"verified":N,"corrupt":N,
 //! "first_corrupt":null,"elapsed_us":N,"tx_mb_s":F,"rx_mb_s":F,"count":N,"size":N,
 //! "rounds":N,"rtt_us":{"p50":N,"p99":N,"max":N},"segments":N,"retransmits":N,"resets":N,
 //! "refused":N,"timeout":false,"closed":true,"link_down":N,"link_samples":N,"errors":N,

@@ -53,12 +53,6 @@ use crate::hal::NetDevice;
 use crate::net::mac_text;
 use crate::stats::{json_string, Histogram};
 
-/// Bytes of each socket buffer (RX and TX), and so of the window: 11 full segments at most
-/// in flight each way. A NIC domain has 24 receive buffers posted by the VMM (`RX_POSTED` in
-/// `vmm/src/net/class.rs`) and its e1000 drops what arrives beyond them, so a larger window
-/// overruns the far NIC in bursts on a loaded host, and smoltcp, without selective
-/// acknowledgements, recovers from such losses slowly.
-const SOCKET_BUFFER: usize = 16 * 1024;
 /// Largest Ethernet frame (without FCS) the device takes.
 const MAX_FRAME: usize = 1514;
 /// A client answered with RST while connecting tries again after this long.
@@ -436,8 +430,8 @@ fn session(
     });
     let mut sockets = SocketSet::new(Vec::new());
     let mut socket = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; SOCKET_BUFFER]),
-        tcp::SocketBuffer::new(vec![0u8; SOCKET_BUFFER]),
+        tcp::SocketBuffer::new(vec![0u8; cfg.window]),
+        tcp::SocketBuffer::new(vec![0u8; cfg.window]),
     );
     socket.set_nagle_enabled(false);
     // Without congestion control smoltcp sends the whole window again after every timeout,
@@ -665,9 +659,10 @@ fn report(cfg: &TcpConfig, mac: [u8; 6], c: &Counts) {
     }
     let _ = write!(
         s,
-        ",\"port\":{},\"bytes\":{},\"sent\":{},\"received\":{},\"verified\":{},\"corrupt\":{},\
-         \"first_corrupt\":",
+        ",\"port\":{},\"window\":{},\"bytes\":{},\"sent\":{},\"received\":{},\"verified\":{},\
+         \"corrupt\":{},\"first_corrupt\":",
         cfg.port,
+        cfg.window,
         cfg.total(),
         c.sent,
         c.received,
