@@ -511,7 +511,7 @@ fn tcp_bulk_and_rr_between_clients_of_one_nic_domain() {
 #[test]
 fn tcp_bulk_survives_nic_domains_killed_mid_transfer() {
     let _serial = serial();
-    let bytes = 6u64 << 20;
+    let bytes = 8u64 << 20;
     let (client, server) = tcp_pair(20, 21, 5003, &format!("mode=bulk bytes={bytes} seed=11"));
     let mut topo = start(&tcp_topology(
         FAST,
@@ -522,7 +522,7 @@ fn tcp_bulk_survives_nic_domains_killed_mid_transfer() {
     let kills = 4u64;
     let t0 = Instant::now();
     for i in 0..kills {
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(150));
         let h = if i % 2 == 0 { &nic0 } else { &nic1 };
         let before = h.with(|o| o.recovered);
         h.send(Command::Kill);
@@ -555,6 +555,13 @@ fn tcp_bulk_survives_nic_domains_killed_mid_transfer() {
         reports[1].1.retransmits,
         reports[0].1.tx_mb_s,
         reports[0].1.rx_mb_s
+    );
+    // The premise: the transfer (from the connection's establishment, within milliseconds of
+    // `start` returning: the clients connect as soon as they boot) lasted longer than the
+    // kills took, so they fell inside it.
+    assert!(
+        Duration::from_millis(elapsed_ms) > killed_for,
+        "the transfer ({elapsed_ms} ms) ended before the kills did ({killed_for:?})"
     );
     assert!(
         retransmits > 0,
