@@ -385,7 +385,7 @@ pub fn run(cfg: &TcpConfig, found: &Found) -> bool {
 /// Where the connection is.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Client: SYN sent (attempt number); server: listening.
+    /// Client: SYN sent; server: listening.
     Opening,
     /// Client: answered with RST; connect again at this time.
     Refused(u64),
