@@ -391,6 +391,99 @@ impl NetEchoReport {
     }
 }
 
+/// The workload client's report line in its TCP mode (`workload=net-tcp`; also after
+/// [`REPORT_PREFIX`]): one end of a TCP connection (smoltcp in the guest) carrying a verified
+/// bulk transfer both ways or request/response round trips.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct NetTcpReport {
+    /// Client id.
+    pub id: u64,
+    /// Always `net-tcp`.
+    pub workload: String,
+    /// `client` or `server`.
+    pub role: String,
+    /// `bulk` or `rr`.
+    pub mode: String,
+    /// Its MAC.
+    pub mac: String,
+    /// Its IPv4 address.
+    pub ip: String,
+    /// The other end's address (a server may have none).
+    pub peer: Option<String>,
+    /// The server's port.
+    pub port: u64,
+    /// Bytes of each socket buffer, and so of the window each way.
+    pub window: u64,
+    /// Bytes each way the run is to carry (bulk: `bytes`; rr: `count` × `size`).
+    pub bytes: u64,
+    /// Bytes of its own stream the other end acknowledged.
+    pub sent: u64,
+    /// Bytes of the other end's stream received.
+    pub received: u64,
+    /// Of which: checked and right.
+    pub verified: u64,
+    /// Bytes received that differ from the stream.
+    pub corrupt: u64,
+    /// Offset of the first of them.
+    pub first_corrupt: Option<u64>,
+    /// From the connection's establishment to the end of the exchange.
+    pub elapsed_us: u64,
+    /// Bytes sent (acknowledged) per µs of the exchange: MB/s.
+    pub tx_mb_s: f64,
+    /// Bytes received per µs: MB/s.
+    pub rx_mb_s: f64,
+    /// Round trips asked for (rr; 0 in bulk).
+    pub count: u64,
+    /// Bytes of each request and answer (rr; 0 in bulk).
+    pub size: u64,
+    /// Round trips completed (rr client) or requests received whole (rr server).
+    pub rounds: u64,
+    /// Round-trip times of the rr client.
+    pub rtt_us: Rtt,
+    /// TCP segments sent with data, SYN or FIN.
+    pub segments: u64,
+    /// Of which: sent again (a sequence range starting below the furthest already sent).
+    pub retransmits: u64,
+    /// RST segments received once the connection was established.
+    pub resets: u64,
+    /// Connection attempts answered with RST (the server not listening yet).
+    pub refused: u64,
+    /// The run did not finish within its `timeout_ms`.
+    pub timeout: bool,
+    /// The connection closed (CLOSED or TIME-WAIT) after the exchange.
+    pub closed: bool,
+    /// Samples of the virtio-net status that read link down.
+    pub link_down: u64,
+    /// Samples of the status taken (one a millisecond).
+    pub link_samples: u64,
+    /// Errors (resets, early closes, timeouts, device errors).
+    pub errors: u64,
+    /// The first error.
+    pub first_error: Option<String>,
+}
+
+impl NetTcpReport {
+    /// Finds and parses the report line in console text.
+    pub fn find(console: &str) -> Option<NetTcpReport> {
+        serde_json::from_str::<NetTcpReport>(last_json(console, REPORT_PREFIX)?)
+            .ok()
+            .filter(|r| r.workload == "net-tcp")
+    }
+
+    /// Whether every byte went both ways and was verified, with no corruption, reset, timeout
+    /// or error.
+    pub fn clean(&self) -> bool {
+        self.errors == 0
+            && self.corrupt == 0
+            && self.resets == 0
+            && !self.timeout
+            && self.bytes > 0
+            && self.sent == self.bytes
+            && self.received == self.bytes
+            && self.verified == self.bytes
+    }
+}
+
 /// A stock Linux client's report line (`ddvm-linux: {json}`, from `images/linux-client/init`):
 /// what its kernel saw of the disk, and the checks it ran through it.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -501,5 +594,89 @@ mod tests {
             ..r
         };
         assert!(!short.clean(), "a sender missing frames is not clean");
+        assert!(
+            NetTcpReport::find(&net).is_none(),
+            "net-echo is not net-tcp"
+        );
+    }
+
+    fn tcp_line(extra: &str) -> String {
+        format!(
+            "[c] {REPORT_PREFIX}{{\"id\":2,\"workload\":\"net-tcp\",\"role\":\"client\",\"mode\":\"bulk\",\"mac\":\"52:54:00:00:00:0a\",\"ip\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"port\":5001,\"window\":16384,\"bytes\":4096,\"sent\":4096,\"received\":4096,\"verified\":4096,\"corrupt\":0,\"first_corrupt\":null,\"elapsed_us\":100,\"tx_mb_s\":40.96,\"rx_mb_s\":40.96,\"count\":0,\"size\":0,\"rounds\":0,\"rtt_us\":{{\"p50\":0,\"p99\":0,\"max\":0}},\"segments\":4,\"retransmits\":1,\"resets\":0,\"refused\":1,\"timeout\":false,\"closed\":true,\"link_down\":0,\"link_samples\":3,\"errors\":0,\"first_error\":null{extra}}}\n"
+        )
+    }
+
+    #[test]
+    fn a_net_tcp_report_parses_and_is_clean_only_when_every_byte_went_both_ways() {
+        let r = NetTcpReport::find(&tcp_line("")).expect("a net-tcp report parses");
+        assert!(r.clean(), "{r:?}");
+        assert_eq!((r.retransmits, r.refused, r.tx_mb_s), (1, 1, 40.96));
+        assert!(NetEchoReport::find(&tcp_line("")).is_none());
+        assert!(WorkloadReport::find(&tcp_line("")).is_none());
+        let dirty = [
+            NetTcpReport {
+                corrupt: 1,
+                first_corrupt: Some(7),
+                verified: 4095,
+                ..r.clone()
+            },
+            NetTcpReport {
+                resets: 1,
+                ..r.clone()
+            },
+            NetTcpReport {
+                timeout: true,
+                ..r.clone()
+            },
+            NetTcpReport {
+                errors: 1,
+                ..r.clone()
+            },
+            NetTcpReport {
+                received: 4000,
+                verified: 4000,
+                ..r.clone()
+            },
+            NetTcpReport {
+                sent: 4000,
+                ..r.clone()
+            },
+            NetTcpReport {
+                verified: 4000,
+                ..r.clone()
+            },
+            NetTcpReport {
+                bytes: 0,
+                sent: 0,
+                received: 0,
+                verified: 0,
+                ..r.clone()
+            },
+        ];
+        for d in &dirty {
+            assert!(!d.clean(), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_net_tcp_lines_do_not_parse_or_panic() {
+        for line in [
+            tcp_line(",\"extra\":1"),
+            format!("{REPORT_PREFIX}{{\"workload\":\"net-tcp\"}}\n"),
+            format!("{REPORT_PREFIX}{{\"workload\":\"net-tcp\",\"bytes\":-1}}\n"),
+            format!("{REPORT_PREFIX}{{{{{{\n"),
+            format!("{REPORT_PREFIX}{{\"workload\":\"net-tcp\",\"bytes\":1e999}}\n"),
+            tcp_line("").replace("4096,\"sent\"", "18446744073709551616,\"sent\""),
+            tcp_line("").replace("\"timeout\":false", "\"timeout\":0"),
+        ] {
+            let r = NetTcpReport::find(&line);
+            // An unknown key is ignored (a newer guest may say more); anything malformed or
+            // out of range is no report at all.
+            if line.contains("\"extra\"") {
+                assert!(r.is_some_and(|r| r.clean()), "{line}");
+            } else {
+                assert!(r.is_none(), "{line}");
+            }
+        }
     }
 }

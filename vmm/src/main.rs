@@ -704,6 +704,7 @@ fn run_topology(
                 r.verified
             ),
             None if o.net.is_some() => println!("{:<10} net-echo (below)", o.name),
+            None if o.tcp.is_some() => println!("{:<10} net-tcp (below)", o.name),
             None => match &o.linux {
                 Some(l) => println!(
                     "{:<10} Linux {} on {} CPUs, {} disk queues: {} checks, {} failed; {} MiB verified in {} rounds, {} O_DIRECT blocks ({} from every CPU at once)",
@@ -719,6 +720,9 @@ fn run_topology(
             println!("{:<10} first error: {e}", "");
         }
         if let Some(e) = o.net.as_ref().and_then(|r| r.first_error.as_ref()) {
+            println!("{:<10} first error: {e}", "");
+        }
+        if let Some(e) = o.tcp.as_ref().and_then(|r| r.first_error.as_ref()) {
             println!("{:<10} first error: {e}", "");
         }
         match &o.exit {
@@ -761,6 +765,47 @@ fn run_topology(
                 r.rtt_us.p99,
                 r.rtt_us.max,
                 r.errors,
+                r.link_down
+            );
+        }
+    }
+    let tcps: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.tcp.as_ref().map(|r| (o.name.as_str(), r)))
+        .collect();
+    if !tcps.is_empty() {
+        println!();
+        println!(
+            "{:<10} {:<6} {:<4} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>7} {:>7} {:>9}",
+            "client",
+            "role",
+            "mode",
+            "bytes",
+            "tx MB/s",
+            "rx MB/s",
+            "p50 us",
+            "p99 us",
+            "retrans",
+            "resets",
+            "corrupt",
+            "timeout",
+            "link_down"
+        );
+        for (name, r) in &tcps {
+            println!(
+                "{:<10} {:<6} {:<4} {:>10} {:>8.2} {:>8.2} {:>8} {:>8} {:>7} {:>6} {:>7} {:>7} {:>9}",
+                name,
+                r.role,
+                r.mode,
+                r.verified,
+                r.tx_mb_s,
+                r.rx_mb_s,
+                r.rtt_us.p50,
+                r.rtt_us.p99,
+                r.retransmits,
+                r.resets,
+                r.corrupt,
+                r.timeout,
                 r.link_down
             );
         }

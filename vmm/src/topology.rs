@@ -298,6 +298,8 @@ pub struct ClientOutcome {
     pub linux: Option<LinuxReport>,
     /// Its network-mode report (`workload=net-echo`), if it printed one.
     pub net: Option<crate::client::NetEchoReport>,
+    /// Its TCP-mode report (`workload=net-tcp`), if it printed one.
+    pub tcp: Option<crate::client::NetTcpReport>,
 }
 
 impl ClientOutcome {
@@ -309,7 +311,11 @@ impl ClientOutcome {
                 || self
                     .net
                     .as_ref()
-                    .is_some_and(crate::client::NetEchoReport::clean))
+                    .is_some_and(crate::client::NetEchoReport::clean)
+                || self
+                    .tcp
+                    .as_ref()
+                    .is_some_and(crate::client::NetTcpReport::clean))
     }
 }
 
@@ -465,6 +471,7 @@ impl Topology {
                     hostile: last_json(&console, HOSTILE_PREFIX).map(str::to_string),
                     linux: LinuxReport::find(&console),
                     net: crate::client::NetEchoReport::find(&console),
+                    tcp: crate::client::NetTcpReport::find(&console),
                 }
             })
             .collect()

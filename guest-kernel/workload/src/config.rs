@@ -42,6 +42,11 @@ const KEYS: &[&str] = &[
     "peer",
     "window",
     "retry_ms",
+    "ip",
+    "port",
+    "mode",
+    "bytes",
+    "size",
     DEVICE_KEY,
 ];
 
@@ -49,6 +54,21 @@ const KEYS: &[&str] = &[
 pub const NET_ECHO: &str = "net-echo";
 /// Largest `window` of the network mode.
 pub const MAX_WINDOW: u64 = 32;
+/// The `workload` value of the TCP mode.
+pub const NET_TCP: &str = "net-tcp";
+/// Largest `size` (bytes of one request or response) of the TCP mode's `mode=rr`.
+pub const MAX_RR_SIZE: u64 = 1 << 20;
+/// Largest `bytes` of the TCP mode's `mode=bulk` (each direction).
+pub const MAX_BULK_BYTES: u64 = 1 << 40;
+/// Default `window` of the TCP mode: the bytes of each socket buffer (RX and TX), and so of
+/// the window, 11 full segments in flight each way. A NIC domain has 24 receive buffers
+/// posted by the VMM (`RX_POSTED` in `vmm/src/net/class.rs`) and its e1000 drops what arrives
+/// beyond them, so a larger window overruns the far NIC in bursts on a loaded host, and
+/// smoltcp, without selective acknowledgements, recovers from such losses slowly. Between
+/// clients of one NIC domain (hairpinned, no e1000 on the way) a larger one is faster.
+pub const TCP_WINDOW: u64 = 16 << 10;
+/// Smallest and largest `window` of the TCP mode (above 64 KiB smoltcp scales the window).
+pub const TCP_WINDOW_RANGE: core::ops::RangeInclusive<u64> = 2048..=(1 << 20);
 
 /// The access pattern of the timed phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +172,89 @@ pub enum Mode {
     Hostile(Case),
     /// Exchange verified frames over the virtio-net device.
     NetEcho(NetConfig),
+    /// A verified TCP transfer (smoltcp) over the virtio-net device.
+    NetTcp(TcpConfig),
+}
+
+/// Which end of the TCP connection a client is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpRole {
+    /// Listens on `port` and takes one connection.
+    Server,
+    /// Connects to `peer:port`.
+    Client,
+}
+
+impl TcpRole {
+    /// The name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpRole::Server => "server",
+            TcpRole::Client => "client",
+        }
+    }
+}
+
+/// What the TCP connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpMode {
+    /// Each side sends `bytes` of its stream and checks the other's, both at once.
+    Bulk,
+    /// The client sends `count` requests of `size` bytes, one at a time; the server answers
+    /// each with `size` bytes once it has the whole request.
+    Rr,
+}
+
+impl TcpMode {
+    /// The name used on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpMode::Bulk => "bulk",
+            TcpMode::Rr => "rr",
+        }
+    }
+}
+
+/// The TCP mode, as the command line asks for it.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// Server or client.
+    pub role: TcpRole,
+    /// This client's IPv4 address.
+    pub ip: [u8; 4],
+    /// Its prefix length (the subnet everything is on: there is no gateway).
+    pub prefix: u8,
+    /// The other end's address (required of a client; a server given one takes a connection
+    /// only from it).
+    pub peer: Option<[u8; 4]>,
+    /// The server's port.
+    pub port: u16,
+    /// Bulk or request/response.
+    pub mode: TcpMode,
+    /// Bytes each way of `mode=bulk`.
+    pub bytes: u64,
+    /// Round trips of `mode=rr`.
+    pub count: u64,
+    /// Bytes of each request and each response of `mode=rr`.
+    pub size: u64,
+    /// Bytes of each socket buffer (and so of the window each way).
+    pub window: usize,
+    /// Seed of both streams (both ends must be given the same).
+    pub seed: u64,
+    /// Client id, in the report.
+    pub id: u32,
+    /// The whole run (connecting included) ends with an error after this long.
+    pub timeout_ms: u64,
+}
+
+impl TcpConfig {
+    /// Bytes each side sends (and so receives).
+    pub fn total(&self) -> u64 {
+        match self.mode {
+            TcpMode::Bulk => self.bytes,
+            TcpMode::Rr => self.count * self.size,
+        }
+    }
 }
 
 /// Which side of the exchange a network client is.
@@ -232,6 +335,9 @@ pub fn parse(cmdline: Cmdline<'_>) -> Result<(Mode, Vec<&str>), BadArg> {
             .ok_or_else(|| BadArg::new("hostile", v, alloc::format!("one of {}", Case::names())))?;
         return Ok((Mode::Hostile(case), unknown));
     }
+    if cmdline.value("workload") == Some(NET_TCP) {
+        return Ok((Mode::NetTcp(parse_tcp(cmdline)?), unknown));
+    }
     if cmdline.value("workload") == Some(NET_ECHO) {
         return Ok((Mode::NetEcho(parse_net(cmdline)?), unknown));
     }
@@ -250,6 +356,116 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *b = u8::from_str_radix(p, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
+}
+
+/// `a.b.c.d`.
+pub fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
+    s.parse::<core::net::Ipv4Addr>().ok().map(|a| a.octets())
+}
+
+/// A unicast host address: not 0.0.0.0/8, multicast, broadcast or reserved (240/4).
+fn unicast_ipv4(a: [u8; 4]) -> bool {
+    a[0] != 0 && a[0] < 224
+}
+
+fn parse_tcp(c: Cmdline<'_>) -> Result<TcpConfig, BadArg> {
+    let role = match c.value("role") {
+        Some("server") => TcpRole::Server,
+        Some("client") => TcpRole::Client,
+        v => return Err(BadArg::new("role", v.unwrap_or(""), "server or client")),
+    };
+    const IP: &str = "a unicast IPv4 address and prefix length such as 10.0.0.1/24";
+    let ip_text = c.value("ip").ok_or_else(|| BadArg::new("ip", "", IP))?;
+    let (ip, prefix) = ip_text
+        .split_once('/')
+        .and_then(|(a, p)| Some((parse_ipv4(a)?, p.parse::<u8>().ok()?)))
+        .filter(|(a, p)| unicast_ipv4(*a) && (1..=30).contains(p))
+        .ok_or_else(|| BadArg::new("ip", ip_text, IP))?;
+    const PEER: &str = "the other end's IPv4 address (e.g. 10.0.0.2), in the subnet of ip=";
+    let peer = match c.value("peer") {
+        None if role == TcpRole::Client => return Err(BadArg::new("peer", "", PEER)),
+        None => None,
+        Some(v) => {
+            let mask = u32::MAX << (32 - u32::from(prefix));
+            let same_net = |p: [u8; 4]| {
+                u32::from_be_bytes(p) & mask == u32::from_be_bytes(ip) & mask && p != ip
+            };
+            Some(
+                parse_ipv4(v)
+                    .filter(|p| unicast_ipv4(*p) && same_net(*p))
+                    .ok_or_else(|| BadArg::new("peer", v, PEER))?,
+            )
+        }
+    };
+    let port = number(c, "port", 5001, 1, 65535, "a TCP port, 1 to 65535")? as u16;
+    let mode = match c.value("mode") {
+        None | Some("bulk") => TcpMode::Bulk,
+        Some("rr") => TcpMode::Rr,
+        Some(v) => return Err(BadArg::new("mode", v, "bulk or rr")),
+    };
+    let bytes = match size(c, "bytes")? {
+        None => 1 << 20,
+        Some(n) if (1..=MAX_BULK_BYTES).contains(&n) => n,
+        Some(_) => {
+            return Err(BadArg::new(
+                "bytes",
+                c.value("bytes").unwrap_or(""),
+                "a byte count from 1 to 1T (K, M, G, T suffixes allowed)",
+            ))
+        }
+    };
+    let count = number(
+        c,
+        "count",
+        1000,
+        1,
+        u64::from(u32::MAX),
+        "a number of round trips, 1 to 2^32-1",
+    )?;
+    let window = match size(c, "window")? {
+        None => TCP_WINDOW,
+        Some(n) if TCP_WINDOW_RANGE.contains(&n) => n,
+        Some(_) => {
+            return Err(BadArg::new(
+                "window",
+                c.value("window").unwrap_or(""),
+                "bytes of each socket buffer, 2K to 1M (K and M suffixes allowed)",
+            ))
+        }
+    };
+    let size = match size(c, "size")? {
+        None => 64,
+        Some(n) if (1..=MAX_RR_SIZE).contains(&n) => n,
+        Some(_) => {
+            return Err(BadArg::new(
+                "size",
+                c.value("size").unwrap_or(""),
+                "bytes of a request, 1 to 1M (K and M suffixes allowed)",
+            ))
+        }
+    };
+    Ok(TcpConfig {
+        role,
+        ip,
+        prefix,
+        peer,
+        port,
+        mode,
+        bytes,
+        count,
+        size,
+        window: window as usize,
+        seed: number(c, "seed", 1, 0, u64::MAX, "a number")?,
+        id: number(c, "id", 0, 0, u64::from(u32::MAX), "a 32-bit client id")? as u32,
+        timeout_ms: number(
+            c,
+            "timeout_ms",
+            60_000,
+            1,
+            u64::MAX / 1000,
+            "milliseconds, at least 1",
+        )?,
+    })
 }
 
 fn parse_net(c: Cmdline<'_>) -> Result<NetConfig, BadArg> {

@@ -235,6 +235,13 @@ impl NetDevice {
         Ok(n)
     }
 
+    /// Whether the TX queue has room for a frame (after freeing the buffers the device is done
+    /// with).
+    pub fn can_send(&mut self) -> Result<bool, alloc::string::String> {
+        self.reclaim()?;
+        Ok(self.raw.can_send())
+    }
+
     /// Queues `frame` for transmission; `Ok(false)` when the TX queue is full.
     pub fn transmit(&mut self, frame: &[u8]) -> Result<bool, alloc::string::String> {
         self.reclaim()?;

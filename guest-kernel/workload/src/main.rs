@@ -1,5 +1,6 @@
 //! The ddvm workload client: a guest image that drives one virtio-blk device (virtio-mmio)
-//! with a block workload whose every read is checked, and reports one machine-readable line.
+//! with a block workload whose every read is checked, and reports one machine-readable line
+//! (or, in its network modes, a virtio-net device: raw verified frames, or verified TCP).
 //! Built on guest-kernel like the driver domain; the virtio driver is the third-party
 //! `virtio-drivers` crate (its MMIO transport and split virtqueue, driven directly in `blk`).
 //!
@@ -118,6 +119,28 @@
 //! one thing wrong `count` times (see `net_hostile.rs`); its line is
 //! `ddvm-hostile: {"net_kind":..,"count":N,"answered":N,"expected":N,"needs_reset":false,"after_ok":true}`.
 //!
+//! # TCP mode
+//!
+//! `workload=net-tcp` runs one TCP connection to another workload client through the
+//! third-party `smoltcp` stack (Ethernet, ARP, IPv4, TCP with Reno) on the same virtio-net
+//! device (see `tcp`): `role=server|client`, `ip=A.B.C.D/LEN` (static; no DHCP, no gateway),
+//! `peer=A.B.C.D` (required of a client; a server given one takes a connection only from it),
+//! `port=N` (default 5001), `mode=bulk|rr` (default bulk), `bytes=N` (bulk: bytes each way,
+//! K/M/G suffixes, default 1M), `count=N` and `size=N` (rr: round trips, default 1000, and
+//! bytes of each request and answer, default 64), `window=N` (bytes of each socket buffer, 2K
+//! to 1M, default 16K: see `config::TCP_WINDOW`), `seed=N`, `id=N`, `timeout_ms=N` (the whole
+//! run, connecting included; default 60000). Both ends must be given the same mode, sizes and
+//! seed. Bulk sends both directions at once; rr sends one request at a time and times each
+//! round trip. Every byte received is checked against the sender's seeded stream. The report:
+//! `{"id":N,"workload":"net-tcp","role":"client","mode":"bulk","mac":"..","ip":"..",
+//! "peer":"..","port":N,"window":N,"bytes":N,"sent":N,"received":N,"verified":N,"corrupt":N,
+//! "first_corrupt":null,"elapsed_us":N,"tx_mb_s":F,"rx_mb_s":F,"count":N,"size":N,
+//! "rounds":N,"rtt_us":{"p50":N,"p99":N,"max":N},"segments":N,"retransmits":N,"resets":N,
+//! "refused":N,"timeout":false,"closed":true,"link_down":N,"link_samples":N,"errors":N,
+//! "first_error":null}` (`bytes` is each way's total, `count` × `size` in rr; what
+//! `retransmits`, `resets` and `refused` count is in `tcp`'s docs). Exit 0 when every byte
+//! went both ways and checked out, with no reset, timeout or error.
+//!
 //! # Hostile mode
 //!
 //! `hostile=CASE` submits one malformed request through the image's own 16-entry split
@@ -151,6 +174,7 @@ mod net;
 mod net_hostile;
 mod pattern;
 mod stats;
+mod tcp;
 mod workload;
 
 use guest_kernel::cmdline::Cmdline;
@@ -207,9 +231,19 @@ fn main() -> ! {
         };
         vmm::exit(if ran { EXIT_OK } else { EXIT_FAILED })
     }
+    if let Mode::NetTcp(cfg) = &mode {
+        let ran = match device::find_net(&windows) {
+            Ok(found) => tcp::run(cfg, &found),
+            Err(e) => {
+                println!("ddvm-workload: {e}");
+                false
+            }
+        };
+        vmm::exit(if ran { EXIT_OK } else { EXIT_FAILED })
+    }
     let found = device::find_block(&windows);
     match mode {
-        Mode::NetEcho(_) => unreachable!("handled above"),
+        Mode::NetEcho(_) | Mode::NetTcp(_) => unreachable!("handled above"),
         Mode::Hostile(case) => {
             let ran = match found {
                 Ok(found) => hostile::run(case, &found),

@@ -147,7 +147,8 @@ pub fn check(f: &[u8], dst: [u8; 6], src: Option<[u8; 6]>, seed: u64, count: u64
     }
 }
 
-fn mac_text(m: [u8; 6]) -> String {
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(m: [u8; 6]) -> String {
     let mut s = String::new();
     for (i, b) in m.iter().enumerate() {
         let _ = write!(s, "{}{b:02x}", if i == 0 { "" } else { ":" });

@@ -57,8 +57,20 @@ fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
                 n.frames,
                 n.frames_s as f64,
             ),
-            // No report: the client did not finish cleanly; count it as an error.
-            (None, None) => (0, 1, 0, 0, 0.0),
+            (None, None) => match &o.tcp {
+                // A TCP client: its verified bytes are its operations (none per second: bytes
+                // are not requests); corrupt bytes are mismatches; a reset, timeout, error or
+                // short transfer is an error.
+                Some(t) => (
+                    t.verified,
+                    t.errors.max(u64::from(!t.clean() && t.corrupt == 0)),
+                    t.corrupt,
+                    t.verified,
+                    0.0,
+                ),
+                // No report: the client did not finish cleanly; count it as an error.
+                None => (0, 1, 0, 0, 0.0),
+            },
         };
         iops += i;
         clients.push(ClientResult {
