@@ -146,8 +146,9 @@ impl DeviceKind {
 /// path unmasks it (see the module documentation): vfio-pci masks the line each time it
 /// fires. Shared by the backend (which arms and disarms the line) and its [`VfioHandle`].
 pub struct IntxLine {
-    // A duplicate of the device fd.
-    file: File,
+    // A duplicate of the device fd, closed with the device (its group cannot leave the
+    // container while any fd of the device is open).
+    file: std::sync::Mutex<Option<File>>,
     armed: std::sync::atomic::AtomicBool,
     unmasks: AtomicU64,
 }
@@ -167,6 +168,10 @@ impl IntxLine {
         if !self.armed.load(Ordering::Acquire) {
             return;
         }
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(file) = file.as_ref() else {
+            return;
+        };
         let set = vfio_irq_set {
             argsz: std::mem::size_of::<vfio_irq_set>() as u32,
             flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
@@ -177,9 +182,7 @@ impl IntxLine {
         };
         // SAFETY: the kernel reads `argsz` bytes of `set` (no data follows with DATA_NONE),
         // which lives across the call; the fd is a VFIO device's.
-        let rc = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ref(&self.file, VFIO_DEVICE_SET_IRQS(), &set)
-        };
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(file, VFIO_DEVICE_SET_IRQS(), &set) };
         if rc == 0 {
             self.unmasks.fetch_add(1, Ordering::Relaxed);
         }
@@ -614,7 +617,7 @@ impl VfioPci {
                 .try_clone()
                 .map_err(backend.io_err("duplicate the device fd".into()))?;
             backend.intx = Some(Arc::new(IntxLine {
-                file,
+                file: std::sync::Mutex::new(Some(file)),
                 armed: Default::default(),
                 unmasks: AtomicU64::new(0),
             }));
@@ -1266,6 +1269,17 @@ impl VfioPci {
         self.unmap();
         let _ = self.set_command(0);
         self.stats.quiesces.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for VfioPci {
+    fn drop(&mut self) {
+        // The INTx line's duplicate of the device fd closes before the device, which its
+        // handle may outlive.
+        if let Some(line) = &self.intx {
+            line.armed.store(false, Ordering::Release);
+            line.file.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 }
 
