@@ -523,9 +523,10 @@ impl NetDriver for Nic {
     }
 
     fn interrupts(&self) -> bool {
-        // The causes are unmasked (IMS) but nothing routes them to the domain yet: INTx is off
-        // and the 8254x parts here have no MSI-X.
-        false
+        // The 8254x parts here have no MSI-X: only an INTx line the VMM routes to the
+        // domain's wake-up (a VFIO NIC) interrupts; the emulated model's wake-up is not one
+        // the driver can count on while a transmit is in flight.
+        Nic::interrupts(self)
     }
 
     fn acknowledge(&mut self) -> NetEvents {

@@ -14,6 +14,8 @@
 //! - `nvme_bar0=0xBASE/0xSIZE`: where the VMM placed its BAR0 (the probe then does not size it);
 //! - `nic=BB:DD.F` / `nic=none`, `nic_bar0=0xBASE/0xSIZE`: the same for a NIC; with `nic=` the
 //!   `nvme=` keys are not looked at;
+//! - `nic_intx`: the NIC's INTx line wakes the domain (a VFIO NIC without MSI-X): INTx stays
+//!   enabled and the causes are acknowledged before each wait;
 //! - `nvme_timeout_ms=N`: NVMe command timeout (default 30000);
 //! - `nvme_dbbuf=0`: do not use shadow doorbells even when the controller offers them;
 //! - `poll_us=N`, `poll_busy_us=N`: how long the main loop polls before it waits in the VMM,
@@ -99,6 +101,7 @@ struct Modes {
     nvme_bar0: Option<BarHint>,
     nic: Option<Location>,
     nic_bar0: Option<BarHint>,
+    nic_intx: bool,
     nvme_options: Options,
     poll: Poll,
 }
@@ -167,6 +170,7 @@ impl Modes {
                 }
                 hint
             }),
+            nic_intx: cmdline.flag("nic_intx"),
             nvme_options: Options {
                 command_timeout_ms: number(cmdline, "nvme_timeout_ms")
                     .unwrap_or(Options::default().command_timeout_ms),
@@ -362,11 +366,11 @@ fn net_channel(ch: Channel, nic: Option<Box<dyn NetDriver>>) -> NetService {
 /// there is one. A device that is present but unusable, or of another class than the
 /// channel's, is fatal (the channel is marked failed first).
 fn attach(ch: &Channel, modes: &Modes) -> Option<Device> {
-    let (wanted, location, hint) = match modes.nic {
-        Some(at) => (Driver::E1000, at, modes.nic_bar0),
-        None => (Driver::Nvme, modes.nvme, modes.nvme_bar0),
+    let (wanted, location, hint, intx) = match modes.nic {
+        Some(at) => (Driver::E1000, at, modes.nic_bar0, modes.nic_intx),
+        None => (Driver::Nvme, modes.nvme, modes.nvme_bar0, false),
     };
-    let found = match probe::find_for(wanted, location, hint) {
+    let found = match probe::find_for(wanted, location, hint, intx) {
         Ok(Some(found)) => found,
         Ok(None) => {
             println!(
@@ -432,15 +436,20 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Device> {
                 registers: found.registers,
             };
             let start = Instant::now();
-            match e1000::Nic::init(&found, e1000::Options::default()) {
+            let options = e1000::Options {
+                intx,
+                ..e1000::Options::default()
+            };
+            match e1000::Nic::init(&found, options) {
                 Ok(nic) => {
                     println!(
-                        "e1000: {:04x}:{:04x} at {}, BAR0 {:#x}, MAC {} (ready in {} us)",
+                        "e1000: {:04x}:{:04x} at {}, BAR0 {:#x}, MAC {}, {} (ready in {} us)",
                         f.vendor,
                         f.device,
                         f.bdf,
                         found.bar.base,
                         nic.mac(),
+                        if intx { "INTx" } else { "polled" },
                         start.elapsed_us()
                     );
                     Some(Device::Net(Box::new(nic)))

@@ -24,10 +24,15 @@
 //! back by fault injection). The link is read every [`LINK_CHECK_US`] (one register access)
 //! and a change rewrites the device info's link word.
 //!
-//! The 8254x raises no MSI-X: the driver reports no interrupts, so the main loop waits with a
-//! short timeout while transmits are on the NIC; a receive buffer may wait for ever and does
-//! not shorten the wait. The emulated e1000 writes the domain's wake eventfd when a cause
-//! enabled in IMS is raised (RXT0, TXDW), which ends the wait at once.
+//! The 8254x raises no MSI-X. With an INTx line the VMM routes to the domain's wake-up (a VFIO
+//! NIC, `nic_intx`) the causes are acknowledged (ICR read clear: no exit, the registers are a
+//! memory slot) before the service looks for work and waits, so the line is deasserted unless
+//! a cause was raised since, and the VMM unmasks it when the domain waits: a cause raised
+//! after the acknowledgement ends the wait. Without one the driver reports no interrupts, so
+//! the main loop waits with a short timeout while transmits are on the NIC; a receive buffer
+//! may wait for ever and does not shorten the wait. The emulated e1000 writes the domain's
+//! wake eventfd when a cause enabled in IMS is raised (RXT0, TXDW), which ends the wait at
+//! once.
 //!
 //! Fault injection hooks in where the block service's does ([`Sabotage`]): a request taken
 //! (`taken`, `redirect` of a transmit's or receive buffer's address), a completion pushed
@@ -630,6 +635,11 @@ impl ChannelService for NetService {
             Ok(n) => n,
             Err(e) => self.vmm_broke(e),
         };
+        // Before the descriptors are looked at: a frame that lands after this raises a cause
+        // the wait sees (see the module documentation).
+        if let Some(nic) = self.nic.as_mut().filter(|n| n.interrupts()) {
+            nic.acknowledge();
+        }
         let device = self.stop != Some(Stop::Done)
             && self.nic.as_ref().is_some_and(|n| n.completion_pending());
         let stopping = matches!(self.stop, Some(Stop::Stopping { .. }));

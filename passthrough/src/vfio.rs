@@ -12,10 +12,13 @@
 //!   ([`VfioHandle::areas`], mmapped once at open, with the MSI-X table and PBA pages left out)
 //!   become KVM memory slots of the domain's VM, so doorbell writes cost no exit; the table
 //!   and PBA trap and are served by [`crate::pci::PciDevice`]. When the domain enables MSI-X,
-//!   every vector signals the domain's wake eventfd.
+//!   every vector signals the domain's wake eventfd. A function without MSI-X (an Intel 8254x)
+//!   has its INTx line bound to the wake eventfd instead ([`IntxLine`]).
 //! - **Quiesce** ([`crate::pci::PciDevice::quiesce`], after the domain's vCPU stopped): bus
-//!   mastering off and read back, then the reset ([`ResetMethod`]: an NVMe controller disable
-//!   or a function level reset; either way MSI-X off first), then the unmap of the domain's RAM
+//!   mastering off and read back, then the reset ([`ResetMethod`]: the device's own reset for
+//!   its class — an NVMe controller disable, an 8254x's CTRL.RST with its DMA engines and ring
+//!   registers cleared — or a function level reset; either way MSI-X and INTx off first), then
+//!   the unmap of the domain's RAM
 //!   (its size checked) and memory decode off. Only then may the domain's memory be freed:
 //!   the backend holds a clone of the mapped memory until the unmap succeeded, so it cannot be
 //!   freed while the device may still reach it.
@@ -25,6 +28,15 @@
 //!
 //! Interrupt masking is not passed to the hardware: an interrupt is only a wake-up for a
 //! driver domain, and a spurious one costs a poll.
+//!
+//! **INTx** is level-triggered: vfio-pci masks the line each time it fires (and signals the
+//! eventfd), and it stays masked until unmasked. ddvm unmasks it when the domain next asks to
+//! wait ([`IntxLine::unmask`], on the wait exit the domain pays anyway: no exit of its own).
+//! The domain acknowledges the device's causes (reads them clear) before it looks for work and
+//! waits, so a line still asserted at the unmask is a cause raised since: vfio-pci then
+//! signals the eventfd at once and the wait ends. No assertion is lost (a line asserted while
+//! masked is seen at the unmask) and a line the domain left asserted costs one spurious
+//! wake-up per wait, never a storm (it is masked again until the next wait).
 
 use std::fs::File;
 use std::io;
@@ -36,22 +48,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    vfio_device_info, vfio_irq_set, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
 use crate::pci::{BarInfo, BarKind, MsixLayout, PciBackend, PciIds, WakeDomain, MIN_BAR_SIZE};
 
-/// The two VFIO ioctls whose result the crate's wrappers do not give back.
+/// The VFIO ioctls whose result the crate's wrappers do not give back, or that are called
+/// where the crate's device is out of reach (the INTx unmask on a domain's wait).
 mod ioctls {
     #![allow(missing_docs)]
     use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
     vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE.into(), VFIO_BASE + 7);
+    vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE.into(), VFIO_BASE + 10);
     vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE.into(), VFIO_BASE + 11);
 }
-use ioctls::{VFIO_DEVICE_GET_INFO, VFIO_DEVICE_RESET};
+use ioctls::{VFIO_DEVICE_GET_INFO, VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS};
 
 const PAGE: u64 = 4096;
 const COMMAND: u64 = 0x04;
@@ -63,6 +78,15 @@ const CAP_PTR: u64 = 0x34;
 const CAP_ID_MSIX: u8 = 0x11;
 /// Class code of an NVMe controller (mass storage, non-volatile memory, NVM Express).
 const CLASS_NVME: u32 = 0x01_08_02;
+/// Class code of an Ethernet controller.
+const CLASS_ETHERNET: u32 = 0x02_00_00;
+/// Intel's PCI vendor ID.
+const INTEL: u16 = 0x8086;
+/// Device IDs of the Intel 8254x copper parts ddvm's driver domain drives (and whose reset
+/// [`DeviceKind::E1000`] knows).
+const E1000_IDS: &[u16] = &[
+    0x100e, 0x1015, 0x1016, 0x1017, 0x101e, 0x1008, 0x100c, 0x100d, 0x100f,
+];
 /// MSI-X vectors bound to the wake eventfd when the domain enables MSI-X (a fixed set per
 /// attach: changing the count re-enables MSI-X in the kernel).
 const MAX_WAKE_VECTORS: u32 = 16;
@@ -73,10 +97,106 @@ pub enum ResetMethod {
     /// A function level reset (`VFIO_DEVICE_RESET`): every register back to power-on; the
     /// kernel waits about 100 ms for the function to come back.
     Flr,
-    /// For an NVMe controller: CC.EN = 0 and CSTS.RDY = 0 awaited (bounded by CAP.TO), which
-    /// stops its queues in milliseconds; a function level reset only when the controller does
-    /// not quiesce (RDY stays set, or CSTS.CFS). Other devices get a function level reset.
+    /// The device's own reset, by class ([`DeviceKind`]): for an NVMe controller CC.EN = 0
+    /// and CSTS.RDY = 0 awaited (bounded by CAP.TO), which stops its queues in milliseconds;
+    /// for an Intel 8254x the interrupts masked, receiver and transmitter off, CTRL.RST, then
+    /// the ring registers cleared and the DMA engines read back off. A function level reset
+    /// only when that does not quiesce the device and the kernel offers one. Devices of
+    /// another class get a function level reset.
     Controller,
+}
+
+/// What ddvm knows of a device's class: which reset of its own it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// An NVMe controller (class 01/08/02).
+    Nvme,
+    /// An Intel 8254x Ethernet controller (class 02/00/00, a known device ID).
+    E1000,
+    /// Anything else: only a function level reset.
+    Other,
+}
+
+impl DeviceKind {
+    /// The kind of the function with `ids`.
+    pub fn of(ids: &PciIds) -> DeviceKind {
+        if ids.class_code == CLASS_NVME {
+            DeviceKind::Nvme
+        } else if ids.class_code == CLASS_ETHERNET
+            && ids.vendor == INTEL
+            && E1000_IDS.contains(&ids.device)
+        {
+            DeviceKind::E1000
+        } else {
+            DeviceKind::Other
+        }
+    }
+
+    /// Its own reset, as logs name it; None when it has none.
+    pub fn own_reset(self) -> Option<&'static str> {
+        match self {
+            DeviceKind::Nvme => Some("CC.EN = 0"),
+            DeviceKind::E1000 => Some("CTRL.RST"),
+            DeviceKind::Other => None,
+        }
+    }
+}
+
+/// The INTx line of a VFIO function bound to its domain's wake eventfd, as the domain's wait
+/// path unmasks it (see the module documentation): vfio-pci masks the line each time it
+/// fires. Shared by the backend (which arms and disarms the line) and its [`VfioHandle`].
+pub struct IntxLine {
+    // A duplicate of the device fd, closed with the device (its group cannot leave the
+    // container while any fd of the device is open).
+    file: std::sync::Mutex<Option<File>>,
+    armed: std::sync::atomic::AtomicBool,
+    unmasks: AtomicU64,
+}
+
+impl std::fmt::Debug for IntxLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntxLine")
+            .field("armed", &self.armed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IntxLine {
+    /// Unmasks the line if it is bound to a domain (one `VFIO_DEVICE_SET_IRQS`; nothing
+    /// otherwise). A line still asserted makes vfio-pci signal the eventfd at once.
+    pub fn unmask(&self) {
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(file) = file.as_ref() else {
+            return;
+        };
+        let set = vfio_irq_set {
+            argsz: std::mem::size_of::<vfio_irq_set>() as u32,
+            flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
+            index: VFIO_PCI_INTX_IRQ_INDEX,
+            start: 0,
+            count: 1,
+            ..Default::default()
+        };
+        // SAFETY: the kernel reads `argsz` bytes of `set` (no data follows with DATA_NONE),
+        // which lives across the call; the fd is a VFIO device's.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(file, VFIO_DEVICE_SET_IRQS(), &set) };
+        if rc == 0 {
+            self.unmasks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the line is bound to a domain's wake eventfd now.
+    pub fn armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+    }
+
+    /// Unmasks done so far.
+    pub fn unmasks(&self) -> u64 {
+        self.unmasks.load(Ordering::Relaxed)
+    }
 }
 
 impl ResetMethod {
@@ -204,6 +324,8 @@ pub struct VfioCounters {
 #[derive(Clone)]
 pub struct VfioHandle {
     address: String,
+    ids: PciIds,
+    intx: Option<Arc<IntxLine>>,
     areas: Arc<Vec<BarArea>>,
     stats: Arc<Stats>,
     container: Arc<VfioContainer>,
@@ -249,6 +371,16 @@ impl VfioHandle {
     /// The BAR areas to map into each domain's VM (the MSI-X table and PBA left out).
     pub fn areas(&self) -> &[BarArea] {
         &self.areas
+    }
+
+    /// The device's IDs and class code (what its configuration space says).
+    pub fn ids(&self) -> PciIds {
+        self.ids
+    }
+
+    /// Its INTx line, when that is how it wakes its domain (a function without MSI-X).
+    pub fn intx(&self) -> Option<&Arc<IntxLine>> {
+        self.intx.as_ref()
     }
 
     /// The device's counters.
@@ -325,6 +457,13 @@ pub struct VfioPci {
     msix: Option<MsixLayout>,
     msix_vectors: u32,
     msix_armed: bool,
+    // The INTx line (a function without MSI-X whose line VFIO offers), and whether the
+    // domain's Command register lets it interrupt (Interrupt Disable clear).
+    intx: Option<Arc<IntxLine>>,
+    intx_wanted: bool,
+    kind: DeviceKind,
+    // Whether the kernel can reset the function (VFIO_DEVICE_FLAGS_RESET).
+    kernel_reset: bool,
     reset: ResetMethod,
     wake: Option<WakeDomain>,
     // The domain memory mapped for DMA, held until its unmap succeeded.
@@ -401,11 +540,7 @@ impl VfioPci {
                 "not a PCI device; expected a PCI function".into(),
             ));
         }
-        if flags & VFIO_DEVICE_FLAGS_RESET == 0 {
-            return Err(unsupported(
-                "the kernel offers no reset for it (no FLR, PM or bus reset); expected a resettable function, since each new driver domain needs a clean device".into(),
-            ));
-        }
+        let kernel_reset = flags & VFIO_DEVICE_FLAGS_RESET != 0;
         let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
         let mut backend = VfioPci {
             address: address.clone(),
@@ -426,6 +561,10 @@ impl VfioPci {
             msix: None,
             msix_vectors: 0,
             msix_armed: false,
+            intx: None,
+            intx_wanted: true,
+            kind: DeviceKind::Other,
+            kernel_reset,
             reset,
             wake: None,
             mapped: None,
@@ -433,6 +572,23 @@ impl VfioPci {
             stats: Arc::default(),
         };
         backend.ids = backend.read_ids()?;
+        backend.kind = DeviceKind::of(&backend.ids);
+        if !kernel_reset {
+            // Each new driver domain needs a clean device: the device's own reset must do.
+            match (backend.kind.own_reset(), reset) {
+                (Some(_), ResetMethod::Controller) => {}
+                (Some(own), ResetMethod::Flr) => {
+                    return Err(unsupported(format!(
+                        "the kernel offers no reset for it (no FLR, PM or bus reset), so reset = \"flr\" cannot be done; expected reset = \"controller\" (the device's own reset, {own})"
+                    )))
+                }
+                (None, _) => {
+                    return Err(unsupported(
+                        "the kernel offers no reset for it (no FLR, PM or bus reset) and ddvm knows no reset of its own for its class; expected a resettable function, since each new driver domain needs a clean device".into(),
+                    ))
+                }
+            }
+        }
         backend.bars = backend.read_bars()?;
         if backend.bars.is_empty() {
             return Err(unsupported(
@@ -451,14 +607,62 @@ impl VfioPci {
                 ));
             }
             backend.msix_vectors = irqs.min(u32::from(m.vectors)).min(MAX_WAKE_VECTORS);
+        } else if backend
+            .device
+            .get_irq_info(VFIO_PCI_INTX_IRQ_INDEX)
+            .is_some_and(|i| i.count >= 1)
+        {
+            let file = backend
+                .file
+                .try_clone()
+                .map_err(backend.io_err("duplicate the device fd".into()))?;
+            backend.intx = Some(Arc::new(IntxLine {
+                file: std::sync::Mutex::new(Some(file)),
+                armed: Default::default(),
+                unmasks: AtomicU64::new(0),
+            }));
         }
         let (maps, areas) = backend.map_areas()?;
         backend.maps = maps;
-        // The kernel cleared bus mastering and reset the function when it was opened; memory
-        // decode stays off until a domain is attached.
+        // The kernel cleared bus mastering and reset the function when it was opened, if it
+        // can; otherwise the device's own reset does it now (a predecessor ddvm killed with
+        // SIGKILL may have left its DMA engines on; bus mastering is off). Memory decode
+        // stays off until a domain is attached.
         backend.set_command(0)?;
+        if !kernel_reset {
+            if let Err(why) = backend.do_reset(false) {
+                backend.stats.reset_failures.fetch_add(1, Ordering::Relaxed);
+                warn(&backend.address, &format!("reset at open failed: {why}; the device stays unclean until its reset succeeds"));
+                backend.set_unclean(true);
+            }
+            backend.set_command(0)?;
+        }
+        tracing::info!(
+            "VFIO device {}: {:04x}:{:04x} class {:06x} ({}), interrupts {}, reset {}{}",
+            backend.address,
+            backend.ids.vendor,
+            backend.ids.device,
+            backend.ids.class_code,
+            match backend.kind {
+                DeviceKind::Nvme => "NVMe",
+                DeviceKind::E1000 => "e1000",
+                DeviceKind::Other => "other",
+            },
+            match (&backend.msix, &backend.intx) {
+                (Some(_), _) => format!("MSI-X ({} vectors)", backend.msix_vectors),
+                (None, Some(_)) => "INTx".to_string(),
+                (None, None) => "none".to_string(),
+            },
+            reset.name(),
+            match (reset, backend.kind.own_reset()) {
+                (ResetMethod::Controller, Some(own)) => format!(" ({own})"),
+                _ => String::new(),
+            }
+        );
         let handle = VfioHandle {
             address,
+            ids: backend.ids,
+            intx: backend.intx.clone(),
             areas: Arc::new(areas),
             stats: backend.stats.clone(),
             container: backend.container.clone(),
@@ -716,6 +920,121 @@ impl VfioPci {
         }
     }
 
+    /// Binds the INTx line to the domain's wake eventfd, or unbinds it (`on` only takes
+    /// effect with a domain attached whose Command register lets the function interrupt).
+    fn arm_intx(&mut self, on: bool) {
+        let Some(line) = self.intx.clone() else {
+            return;
+        };
+        let want = on && self.intx_wanted && self.wake.is_some() && !self.unclean;
+        if want == line.armed() {
+            return;
+        }
+        let r = match (&self.wake, want) {
+            (Some(wake), true) => self
+                .device
+                .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![wake.as_ref()]),
+            _ => {
+                // No unmask may reach a line being unbound.
+                line.armed.store(false, Ordering::Release);
+                self.device.disable_irq(VFIO_PCI_INTX_IRQ_INDEX)
+            }
+        };
+        match r {
+            Ok(()) => line.armed.store(want, Ordering::Release),
+            Err(e) => warn(
+                &self.address,
+                &format!("INTx {}: {e}", if want { "enable" } else { "disable" }),
+            ),
+        }
+    }
+
+    /// Runs `f` with memory decode on (a region access to a BAR fails while it is off), and
+    /// puts the bit back as it was.
+    fn with_memory<T>(&self, f: impl FnOnce(&Self) -> T) -> T {
+        let cmd = self.command().ok();
+        let off = cmd.is_some_and(|c| c & CMD_MEMORY == 0);
+        if let (true, Some(c)) = (off, cmd) {
+            let _ = self.config_write(COMMAND, &(c | CMD_MEMORY).to_le_bytes());
+        }
+        let r = f(self);
+        if let (true, Some(c)) = (off, cmd) {
+            let _ = self.config_write(COMMAND, &c.to_le_bytes());
+        }
+        r
+    }
+
+    /// The device's own reset ([`DeviceKind`]); Err when it has none or it did not quiesce.
+    fn own_reset(&self) -> Result<Duration, String> {
+        match self.kind {
+            DeviceKind::Nvme => self.with_memory(Self::controller_disable),
+            DeviceKind::E1000 => self.with_memory(Self::e1000_reset),
+            DeviceKind::Other => Err("no reset of its own for its class".into()),
+        }
+    }
+
+    /// Intel 8254x: interrupts masked, receiver and transmitter off, CTRL.RST (awaited, at
+    /// most 20 ms), then everything a reset should have cleared written explicitly, since a
+    /// model may ignore CTRL.RST (QEMU 7.2's does): interrupts masked, receiver and
+    /// transmitter off, ring bases, lengths, heads and tails 0, the causes read clear (which
+    /// deasserts INTx). Err when the device does not respond or its receiver or transmitter
+    /// reads back on.
+    fn e1000_reset(&self) -> Result<Duration, String> {
+        const CTRL: u64 = 0x0000;
+        const CTRL_RST: u32 = 1 << 26;
+        const ICR: u64 = 0x00c0;
+        const IMC: u64 = 0x00d8;
+        const RCTL: u64 = 0x0100;
+        const TCTL: u64 = 0x0400;
+        const EN: u32 = 1 << 1;
+        const RINGS: [u64; 10] = [
+            0x2800, 0x2804, 0x2808, 0x2810, 0x2818, // RDBAL, RDBAH, RDLEN, RDH, RDT
+            0x3800, 0x3804, 0x3808, 0x3810, 0x3818, // TDBAL, TDBAH, TDLEN, TDH, TDT
+        ];
+        let t0 = Instant::now();
+        let write = |reg: u64, v: u32| {
+            if self.bar_set_u32(0, reg, v) {
+                Ok(())
+            } else {
+                Err(format!("write of register {reg:#x} failed"))
+            }
+        };
+        let ctrl = self.bar_u32(0, CTRL).ok_or("CTRL unreadable")?;
+        if ctrl == u32::MAX {
+            return Err("the device does not respond (CTRL reads all ones)".into());
+        }
+        write(IMC, u32::MAX)?;
+        write(RCTL, 0)?;
+        write(TCTL, 0)?;
+        write(CTRL, ctrl | CTRL_RST)?;
+        let limit = Duration::from_millis(20);
+        loop {
+            std::thread::sleep(Duration::from_micros(10));
+            let c = self.bar_u32(0, CTRL).ok_or("CTRL unreadable")?;
+            if c != u32::MAX && c & CTRL_RST == 0 {
+                break;
+            }
+            if t0.elapsed() >= limit {
+                return Err(format!("CTRL.RST still set after {limit:?} (CTRL {c:#x})"));
+            }
+        }
+        write(IMC, u32::MAX)?;
+        write(RCTL, 0)?;
+        write(TCTL, 0)?;
+        for reg in RINGS {
+            write(reg, 0)?;
+        }
+        let _ = self.bar_u32(0, ICR);
+        let rctl = self.bar_u32(0, RCTL).ok_or("RCTL unreadable")?;
+        let tctl = self.bar_u32(0, TCTL).ok_or("TCTL unreadable")?;
+        if rctl == u32::MAX || rctl & EN != 0 || tctl & EN != 0 {
+            return Err(format!(
+                "receiver or transmitter still on after the reset (RCTL {rctl:#x}, TCTL {tctl:#x})"
+            ));
+        }
+        Ok(t0.elapsed())
+    }
+
     /// NVMe: CC.EN = 0, then CSTS.RDY = 0 awaited for CAP.TO (at most 30 s). Err when the
     /// controller does not quiesce.
     fn controller_disable(&self) -> Result<Duration, String> {
@@ -766,10 +1085,11 @@ impl VfioPci {
     }
 
     /// The reset of the configured method (`fresh`: a function level reset whatever the
-    /// method, for a device whose last reset failed); MSI-X is off first and bus mastering
-    /// must be.
+    /// method, for a device whose last reset failed, if the kernel offers one); MSI-X and
+    /// INTx are off first and bus mastering must be.
     fn do_reset(&mut self, fresh: bool) -> Result<(), String> {
         self.arm_msix(false);
+        self.arm_intx(false);
         let s = self.stats.clone();
         if s.fail_resets
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -777,8 +1097,9 @@ impl VfioPci {
         {
             return Err("failed on purpose (test hook)".into());
         }
-        if !fresh && self.reset == ResetMethod::Controller && self.ids.class_code == CLASS_NVME {
-            match self.controller_disable() {
+        let own = self.reset == ResetMethod::Controller && self.kind.own_reset().is_some();
+        if own && (!fresh || !self.kernel_reset) {
+            match self.own_reset() {
                 Ok(t) => {
                     s.controller_resets.fetch_add(1, Ordering::Relaxed);
                     s.controller_ns
@@ -788,11 +1109,17 @@ impl VfioPci {
                         .store(t.as_nanos() as u64, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(why) => warn(
+                Err(why) if self.kernel_reset => warn(
                     &self.address,
-                    &format!("controller disable did not quiesce ({why}); function level reset"),
+                    &format!("its own reset did not quiesce it ({why}); function level reset"),
                 ),
+                Err(why) => return Err(why),
             }
+        }
+        if !self.kernel_reset {
+            return Err(
+                "no reset: the kernel offers none and the device has none of its own".into(),
+            );
         }
         let t = self.flr()?;
         s.flr_resets.fetch_add(1, Ordering::Relaxed);
@@ -901,6 +1228,9 @@ impl VfioPci {
             return Err(e.to_string());
         }
         self.wake = Some(wake);
+        // A function reset left Interrupt Disable clear: the line may wake the domain.
+        self.intx_wanted = true;
+        self.arm_intx(true);
         self.stats.attaches.fetch_add(1, Ordering::Relaxed);
         let took = t0.elapsed();
         self.stats
@@ -939,6 +1269,17 @@ impl VfioPci {
         self.unmap();
         let _ = self.set_command(0);
         self.stats.quiesces.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for VfioPci {
+    fn drop(&mut self) {
+        // The INTx line's duplicate of the device fd closes before the device, which its
+        // handle may outlive.
+        if let Some(line) = &self.intx {
+            line.armed.store(false, Ordering::Release);
+            line.file.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 }
 
@@ -1043,6 +1384,7 @@ impl PciBackend for VfioPci {
     fn detach(&mut self) {
         self.stats.quiesces.fetch_add(1, Ordering::Relaxed);
         self.arm_msix(false);
+        self.arm_intx(false);
         let bus_master = self.command().map(|c| c & CMD_BUS_MASTER != 0);
         if bus_master.as_ref().ok() != Some(&false) {
             self.stats
@@ -1093,6 +1435,15 @@ impl PciBackend for VfioPci {
     fn msix_enabled(&mut self, enabled: bool) {
         self.arm_msix(enabled);
     }
+
+    fn intx(&self) -> bool {
+        self.intx.is_some()
+    }
+
+    fn intx_enabled(&mut self, enabled: bool) {
+        self.intx_wanted = enabled;
+        self.arm_intx(enabled);
+    }
 }
 
 /// The sysfs directory of a PCI function.
@@ -1103,6 +1454,45 @@ pub fn sysfs_path(sysfs: &Path, address: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_device_kind_and_its_own_reset_come_from_ids_and_class() {
+        let ids = |vendor, device, class_code| PciIds {
+            vendor,
+            device,
+            subsystem_vendor: 0,
+            subsystem: 0,
+            class_code,
+            revision: 0,
+        };
+        assert_eq!(
+            DeviceKind::of(&ids(0x1b36, 0x0010, 0x010802)),
+            DeviceKind::Nvme
+        );
+        assert_eq!(
+            DeviceKind::of(&ids(0x8086, 0x100e, 0x020000)),
+            DeviceKind::E1000
+        );
+        assert_eq!(
+            DeviceKind::of(&ids(0x8086, 0x100f, 0x020000)),
+            DeviceKind::E1000
+        );
+        // q35's default 82574L is another part; a known ID under another class is not one.
+        assert_eq!(
+            DeviceKind::of(&ids(0x8086, 0x10d3, 0x020000)),
+            DeviceKind::Other
+        );
+        assert_eq!(
+            DeviceKind::of(&ids(0x8086, 0x100e, 0x010802)),
+            DeviceKind::Nvme
+        );
+        assert_eq!(
+            DeviceKind::of(&ids(0x1af4, 0x100e, 0x020000)),
+            DeviceKind::Other
+        );
+        assert_eq!(DeviceKind::E1000.own_reset(), Some("CTRL.RST"));
+        assert_eq!(DeviceKind::Other.own_reset(), None);
+    }
 
     #[test]
     fn holes_are_punched_out_of_areas() {

@@ -174,16 +174,33 @@ pub enum DeviceSection {
         #[serde(default)]
         mac: Option<String>,
     },
-    /// A real PCI function passed through VFIO (bound to vfio-pci: `ddvm device bind`).
+    /// A real PCI function passed through VFIO (bound to vfio-pci: `ddvm device bind`). Its
+    /// class is the device's: an Ethernet controller makes the domain a NIC domain (a
+    /// client's `nic`), anything else a disk domain (a client's `disk`).
     Vfio {
         /// PCI address: `0000:00:03.0` (or `00:03.0`).
         address: String,
         /// How the device is reset between domains: `flr` (a function level reset, clean,
-        /// about 100 ms) or `controller` (an NVMe controller disable, fast; a function level
-        /// reset only when the controller does not quiesce).
+        /// about 100 ms) or `controller` (the device's own reset: an NVMe controller disable,
+        /// an e1000's CTRL.RST; fast; a function level reset only when that does not quiesce
+        /// the device and the kernel offers one).
         #[serde(default)]
         reset: ResetSetting,
+        /// Refused: a real NIC's wire is its own port (kept only to say so clearly).
+        #[serde(default)]
+        wire: Option<Refused>,
     },
+}
+
+/// A key that is refused whatever its value; parsed only so that the refusal can say why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused;
+
+impl<'de> Deserialize<'de> for Refused {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(Refused)
+    }
 }
 
 /// `[domain.device] wire` of an emulated NIC.
@@ -401,7 +418,13 @@ impl Config {
                     e.message,
                 ));
             }
-            if let Some(DeviceSection::Vfio { address, .. }) = &d.device {
+            if let Some(DeviceSection::Vfio { address, wire, .. }) = &d.device {
+                if wire.is_some() {
+                    return Err(invalid(
+                        format!("domain[{i}].device.wire"),
+                        "a VFIO device's wire is the real device's own port, cabled outside ddvm; expected no `wire` with kind = \"vfio\"".into(),
+                    ));
+                }
                 if crate::host::parse_address(address).is_err() {
                     return Err(invalid(
                         format!("domain[{i}].device.address"),
@@ -620,13 +643,19 @@ impl Config {
                 }
             }
             if let Some(nic) = &c.nic {
+                // A VFIO device's class is known once it is open: one that is not a NIC is
+                // refused then.
                 let is_nic = self.domains.iter().any(|d| {
-                    d.name == *nic && matches!(d.device, Some(DeviceSection::EmulatedE1000 { .. }))
+                    d.name == *nic
+                        && matches!(
+                            d.device,
+                            Some(DeviceSection::EmulatedE1000 { .. } | DeviceSection::Vfio { .. })
+                        )
                 });
                 if !is_nic {
                     return Err(invalid(
                         key("nic"),
-                        format!("{nic:?}: expected the name of a [[domain]] with an emulated-e1000 device"),
+                        format!("{nic:?}: expected the name of a [[domain]] with an emulated-e1000 or vfio device"),
                     ));
                 }
                 let Some(mac) = c.mac_address().filter(|m| m[0] & 1 == 0 && *m != [0; 6]) else {
@@ -824,7 +853,8 @@ mod tests {
             c.domains[0].device,
             Some(DeviceSection::Vfio {
                 address: "0000:00:03.0".into(),
-                reset: ResetSetting::Controller
+                reset: ResetSetting::Controller,
+                wire: None,
             })
         );
         let c = parse(
@@ -860,6 +890,20 @@ mod tests {
             e.to_string().contains("expected `flr` or `controller`"),
             "{e}"
         );
+        // A real NIC's wire is its own: a `wire` key is refused, naming file, key and what is
+        // expected, whatever its value.
+        for wire in ["{ kind = \"pair\", with = \"m\" }", "\"tap0\"", "3"] {
+            let e = parse(&format!("[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"00:03.0\"\nwire = {wire}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("t.toml")
+                    && e.contains("domain[0].device.wire")
+                    && e.contains("expected no `wire` with kind = \"vfio\""),
+                "{wire}: {e}"
+            );
+        }
+        // A client's `nic` may name a VFIO domain (whether it is a NIC is the device's to say).
+        let c = parse("[[domain]]\nname = \"n\"\n[domain.device]\nkind = \"vfio\"\naddress = \"00:03.0\"\nreset = \"controller\"\n[[client]]\nname = \"c\"\ndisk = \"file:c.img\"\nsize_mib = 8\nnic = \"n\"\n").unwrap();
+        assert_eq!(c.clients[0].nic.as_deref(), Some("n"));
     }
 
     #[test]
@@ -932,7 +976,8 @@ mod tests {
             c.domains[1].device,
             Some(DeviceSection::Vfio {
                 address: "0000:00:03.0".into(),
-                reset: ResetSetting::Controller
+                reset: ResetSetting::Controller,
+                wire: None,
             })
         );
         assert!(c.clients[0].linux_boot(Path::new("t.toml")).is_none());

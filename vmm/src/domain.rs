@@ -82,6 +82,11 @@ pub trait DeviceModel: Send + Sync {
     fn dma_faults(&self) -> u64 {
         0
     }
+    /// What the domain's vCPU does before it blocks in a wait, when the device has no
+    /// poller of its own (a VFIO function's INTx unmask); it never ends the wait itself.
+    fn on_wait(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
+        None
+    }
 }
 
 /// A device's passes, run by its owner's thread instead of a worker thread of the device's
@@ -199,7 +204,13 @@ impl DomainDevice {
     /// it. The owner's thread keeps serving too, so a domain that never waits (hung, or busy)
     /// changes nothing for it.
     pub fn wait_work(&self) -> Option<crate::vcpu::WaitWork> {
-        let poller = self.poller.clone()?;
+        let Some(poller) = self.poller.clone() else {
+            let hook = self.model.on_wait()?;
+            return Some(Box::new(move || {
+                hook();
+                false
+            }));
+        };
         let owner = self.owner_pass.clone();
         Some(Box::new(move || {
             let pass = crate::sync::lock(&owner).clone();
@@ -439,16 +450,23 @@ impl ImageExtras for DomainBoot<'_> {
             Some(spec) => Some(spec.device(&self.name, DeviceThread::Worker)?),
         };
         let bar0 = device.as_ref().filter(|_| !self.user_placed).and_then(|d| {
-            d.lock()
-                .config
-                .bars()
-                .into_iter()
-                .find(|(b, _)| b.index == 0)
+            let pci = d.lock();
+            let bar0 = pci.config.bars().into_iter().find(|(b, _)| b.index == 0)?;
+            Some((bar0, pci.intx()))
         });
         self.device = device;
-        // The VMM placed it (BARs cannot be moved): the domain need not size it.
+        // The VMM placed it (BARs cannot be moved): the domain need not size it. A device
+        // whose INTx line wakes the domain is named so (`KEY_intx`): the driver then leaves
+        // INTx enabled and acknowledges the device's causes before it waits.
         let key = self.hint_key;
-        Ok(bar0.map(|(bar, gpa)| format!("{key}_bar0={gpa:#x}/{:#x}", bar.size)))
+        Ok(bar0.map(|((bar, gpa), intx)| {
+            let intx = if intx {
+                format!(" {key}_intx")
+            } else {
+                String::new()
+            };
+            format!("{key}_bar0={gpa:#x}/{:#x}{intx}", bar.size)
+        }))
     }
 
     fn attach(

@@ -265,6 +265,20 @@ pub struct PciDevice {
 }
 
 impl PciDevice {
+    /// The reset of its own ddvm knows for its class (an NVMe controller's disable, an Intel
+    /// 8254x's CTRL.RST), which `reset = "controller"` uses; None when it has none.
+    pub fn own_reset(&self) -> Option<&'static str> {
+        ddvm_passthrough::vfio::DeviceKind::of(&ddvm_passthrough::PciIds {
+            vendor: self.vendor,
+            device: self.device,
+            subsystem_vendor: 0,
+            subsystem: 0,
+            class_code: self.class,
+            revision: 0,
+        })
+        .own_reset()
+    }
+
     /// Whether it is a PCI-to-PCI or CardBus bridge.
     pub fn is_bridge(&self) -> bool {
         matches!(self.class >> 8, 0x0604 | 0x0607 | 0x0609)
@@ -485,7 +499,9 @@ impl Host {
                 path: node,
             });
         }
-        if !dev.resettable {
+        // Without a kernel reset the device's own must do (`reset = "controller"`, checked
+        // when it is opened).
+        if !dev.resettable && dev.own_reset().is_none() {
             return Err(HostError::NotResettable {
                 path: dev.path.join("reset"),
                 address: dev.address,
@@ -985,6 +1001,11 @@ impl Host {
                 format!("resettable ({})", dev.reset_method)
             };
             CheckLine::ok(format!("{a} reset"), how)
+        } else if let Some(own) = dev.own_reset() {
+            CheckLine::ok(
+                format!("{a} reset"),
+                format!("no kernel reset; its own ({own}) with reset = \"controller\""),
+            )
         } else {
             CheckLine::fail(
                 format!("{a} reset"),

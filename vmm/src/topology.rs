@@ -227,7 +227,7 @@ pub fn device_spec(
             serial: format!("ddvm-{domain}").chars().take(20).collect(),
             model: "ddvm emulated NVMe".into(),
         }),
-        DeviceSection::Vfio { address, reset } => DeviceSpec::Vfio(VfioSpec {
+        DeviceSection::Vfio { address, reset, .. } => DeviceSpec::Vfio(VfioSpec {
             address: address.clone(),
             reset: match reset {
                 ResetSetting::Flr => ResetMethod::Flr,
@@ -239,13 +239,39 @@ pub fn device_spec(
 
 /// The NIC of a NIC domain, built once to outlive its domains (a wire is one cable).
 fn start_nic(dc: &DomainConfig) -> Result<Arc<crate::domain::DomainDevice>, TopologyError> {
-    match &dc.device {
-        Some(spec) => Ok(spec.device(&dc.name, crate::domain::DeviceThread::Worker)?),
-        None => Err(TopologyError::Wire {
-            domain: dc.name.clone(),
-            message: "a NIC domain needs a device".into(),
-        }),
+    let device = match &dc.device {
+        Some(spec) => spec.device(&dc.name, crate::domain::DeviceThread::Worker)?,
+        None => {
+            return Err(TopologyError::Wire {
+                domain: dc.name.clone(),
+                message: "a NIC domain needs a device".into(),
+            })
+        }
+    };
+    // A VFIO device's class is the device's: a client's `nic` must name a NIC.
+    if device.model().class() != ddvm_abi::channel::class::NET {
+        let what = device.vfio_handle().map_or_else(
+            || "its device".to_string(),
+            |h| {
+                let ids = h.ids();
+                format!(
+                    "its VFIO device {} ({:04x}:{:04x}, class {:06x})",
+                    h.address(),
+                    ids.vendor,
+                    ids.device,
+                    ids.class_code
+                )
+            },
+        );
+        return Err(TopologyError::Domain(crate::domain::DomainError::Device {
+            name: dc.name.clone(),
+            source: format!(
+                "{what} is not a NIC, but a client names the domain as its `nic`; expected an Ethernet controller (class 020000)"
+            )
+            .into(),
+        }));
     }
+    Ok(device)
 }
 
 /// Boots a domain and waits for its ready mark.
@@ -379,6 +405,13 @@ impl Topology {
                 recovery.push((d.name.clone(), b.handle()));
                 backends.push((d.name.clone(), Backend::Channel(Box::new(b))));
             } else {
+                // A VFIO device is opened first: its class (so the domain's channel's) is the
+                // device's.
+                let mut dc = dc;
+                if let Some(spec @ DeviceSpec::Vfio(_)) = &dc.device {
+                    let device = spec.device(&d.name, crate::domain::DeviceThread::Worker)?;
+                    dc.device = Some(DeviceSpec::Persistent(device));
+                }
                 let (domain, t) = boot_ready(hv, &dc)?;
                 ready_times.push((d.name.clone(), t));
                 idle_domains.push(domain);

@@ -57,6 +57,9 @@ pub struct Options {
     pub tx_descriptors: u16,
     /// A transmit not written back after this long with the link up is fatal.
     pub tx_timeout_ms: u64,
+    /// The function's INTx line wakes the domain (the VMM routes it: a VFIO NIC), so a wait
+    /// needs no short timeout; the causes are acknowledged before each wait.
+    pub intx: bool,
 }
 
 impl Default for Options {
@@ -65,6 +68,7 @@ impl Default for Options {
             rx_descriptors: 64,
             tx_descriptors: 64,
             tx_timeout_ms: 5_000,
+            intx: false,
         }
     }
 }
@@ -483,6 +487,11 @@ impl Nic {
             },
             full_duplex: s & status::FD != 0,
         }
+    }
+
+    /// Whether the device's interrupts wake the domain ([`Options::intx`]).
+    pub fn interrupts(&self) -> bool {
+        self.options.intx
     }
 
     /// Reads and clears the interrupt causes (ICR), returns those that wake the domain.

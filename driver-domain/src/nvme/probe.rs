@@ -109,20 +109,23 @@ impl fmt::Display for ProbeError {
 /// Finds the first NVMe controller at `location` and enables it on the bus. With `hint` and
 /// a known function, the VMM's placement of BAR0 is taken as given.
 pub fn find(location: Location, hint: Option<BarHint>) -> Result<Option<Found>, ProbeError> {
-    find_for(crate::driver::Driver::Nvme, location, hint)
+    find_for(crate::driver::Driver::Nvme, location, hint, false)
 }
 
 /// Finds the first function `driver` drives at `location` and enables it on the bus. With
 /// `hint` and a known function, the VMM's placement of BAR0 is taken as given, and so is the
 /// class: the hint's key (`nvme=`, `nic=`) says which driver the VMM meant, so the function
-/// is taken as that driver's class; the IDs are read.
+/// is taken as that driver's class; the IDs are read. INTx is left enabled when `intx` (the
+/// VMM said the function's INTx line wakes the domain: `nic_intx`), else disabled.
 pub fn find_for(
     driver: crate::driver::Driver,
     location: Location,
     hint: Option<BarHint>,
+    intx: bool,
 ) -> Result<Option<Found>, ProbeError> {
+    let intx_bit = if intx { 0 } else { command::INTX_DISABLE };
     if let (Location::At(bdf), Some(hint)) = (location, hint) {
-        return find_placed(driver, bdf, hint);
+        return find_placed(driver, bdf, hint, intx_bit);
     }
     let ours = |f: &PciFunction| crate::driver::pick(f) == Some(driver);
     let function = match location {
@@ -154,7 +157,7 @@ pub fn find_for(
     pci::write_u16(
         bdf,
         pci::reg::COMMAND,
-        command | command::MEMORY | command::BUS_MASTER | command::INTX_DISABLE,
+        (command & !command::INTX_DISABLE) | command::MEMORY | command::BUS_MASTER | intx_bit,
     );
     Ok(Some(Found {
         function,
@@ -169,6 +172,7 @@ fn find_placed(
     driver: crate::driver::Driver,
     bdf: Bdf,
     hint: BarHint,
+    intx_bit: u16,
 ) -> Result<Option<Found>, ProbeError> {
     let id = pci::read_u32(bdf, pci::reg::VENDOR_ID);
     let vendor = id as u16;
@@ -200,7 +204,7 @@ fn find_placed(
     pci::write_u16(
         bdf,
         pci::reg::COMMAND,
-        command::MEMORY | command::BUS_MASTER | command::INTX_DISABLE,
+        command::MEMORY | command::BUS_MASTER | intx_bit,
     );
     Ok(Some(Found {
         function,

@@ -31,6 +31,9 @@ const BAR_END: usize = BAR0 + 4 * NUM_BARS as usize;
 const SUBSYSTEM_VENDOR: usize = 0x2c;
 const CAP_PTR: usize = 0x34;
 const INTERRUPT_LINE: usize = 0x3c;
+const INTERRUPT_PIN: usize = 0x3d;
+/// Command: Interrupt Disable (INTx).
+pub(super) const CMD_INTX_DISABLE: u16 = 1 << 10;
 
 const PCIE_CAP_ID: u8 = 0x10;
 /// PCI Express capability register: version 2, Root Complex Integrated Endpoint (we sit on
@@ -191,7 +194,7 @@ impl ConfigSpace {
         c.put16(SUBSYSTEM_VENDOR, ids.subsystem_vendor);
         c.put16(SUBSYSTEM_VENDOR + 2, ids.subsystem);
         c.bytes[CAP_PTR] = PCIE_CAP_OFFSET as u8;
-        // Interrupt pin 0: no INTx; driver domains poll their device and the channel.
+        // Interrupt pin 0 (no INTx) unless the device routes INTx ([`Self::set_interrupt_pin`]).
         c.bytes[PCIE_CAP_OFFSET] = PCIE_CAP_ID;
         c.bytes[PCIE_CAP_OFFSET + 1] = 0;
         c.put16(PCIE_CAP_OFFSET + 2, PCIE_CAPS);
@@ -226,6 +229,19 @@ impl ConfigSpace {
 
     fn get16(&self, at: usize) -> u16 {
         u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]])
+    }
+
+    /// Gives the function an INTx line (`pin` 1 = INTA#) from power-on: its interrupt wakes
+    /// the domain as an MSI-X message would, while the Command register's Interrupt Disable
+    /// is clear.
+    pub(super) fn set_interrupt_pin(&mut self, pin: u8) {
+        self.bytes[INTERRUPT_PIN] = pin;
+        self.defaults[INTERRUPT_PIN] = pin;
+    }
+
+    /// The Interrupt Pin register: 0 when the function has no INTx line.
+    pub fn interrupt_pin(&self) -> u8 {
+        self.bytes[INTERRUPT_PIN]
     }
 
     /// The command register.

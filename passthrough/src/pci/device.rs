@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::config::{WriteEffects, CMD_BUS_MASTER, MSIX_ENABLE, MSIX_FUNCTION_MASK};
+use super::config::{
+    WriteEffects, CMD_BUS_MASTER, CMD_INTX_DISABLE, MSIX_ENABLE, MSIX_FUNCTION_MASK,
+};
 use super::{BarInfo, ConfigSpace, Msix, PciBackend, PciError, WakeDomain};
 
 /// A PCI function handed to a driver domain.
@@ -60,7 +62,10 @@ impl PciDevice {
             placed.push((info, addr));
         }
         let layout = backend.msix();
-        let config = ConfigSpace::new(&backend.ids(), &placed, layout)?;
+        let mut config = ConfigSpace::new(&backend.ids(), &placed, layout)?;
+        if backend.intx() {
+            config.set_interrupt_pin(1);
+        }
         let msix = layout.map(|l| Arc::new(Msix::new(l)));
         if let Some(m) = &msix {
             backend.set_msix(m.clone());
@@ -100,6 +105,11 @@ impl PciDevice {
         if was != now {
             self.backend.set_bus_master(now);
         }
+        let intx_was = fx.old_command & CMD_INTX_DISABLE == 0;
+        let intx_now = fx.new_command & CMD_INTX_DISABLE == 0;
+        if intx_was != intx_now && self.config.interrupt_pin() != 0 {
+            self.backend.intx_enabled(intx_now);
+        }
         if fx.old_msix_control != fx.new_msix_control {
             let c = fx.new_msix_control;
             if let Some(m) = &self.msix {
@@ -117,13 +127,30 @@ impl PciDevice {
     /// reset (which waits for DMA in progress), then MSI-X and configuration space back to
     /// power-on values (MMIO, DMA and MSI-X stay off until the new driver enables them).
     pub fn function_reset(&mut self) {
+        self.reset_function();
+        // Interrupt Disable is clear after a reset: the line may wake the domain again.
+        if self.config.interrupt_pin() != 0 {
+            self.backend.intx_enabled(true);
+        }
+    }
+
+    /// [`PciDevice::function_reset`] without giving INTx back: the line stays off.
+    fn reset_function(&mut self) {
         self.backend.set_bus_master(false);
+        if self.config.interrupt_pin() != 0 {
+            self.backend.intx_enabled(false);
+        }
         self.backend.reset();
         if let Some(m) = &self.msix {
             self.backend.msix_enabled(false);
             m.reset();
         }
         self.config.reset();
+    }
+
+    /// Whether the function has an INTx line (Interrupt Pin not 0) that wakes its domain.
+    pub fn intx(&self) -> bool {
+        self.config.interrupt_pin() != 0
     }
 
     /// Quiesces the device when the domain it served dies, before that domain's memory is
@@ -133,7 +160,7 @@ impl PciDevice {
     /// [`PciBackend::detach`] and the MSI-X wake eventfd dropped. Once this returns the device
     /// does no DMA into the old memory and never wakes the old domain.
     pub fn quiesce(&mut self) {
-        self.function_reset();
+        self.reset_function();
         self.backend.detach();
         if let Some(m) = &self.msix {
             m.detach();
@@ -235,6 +262,8 @@ pub(crate) mod tests {
         pub log: Arc<Mutex<Vec<String>>>,
         /// MSI-X layout to report.
         pub msix: Option<MsixLayout>,
+        /// Whether it has an INTx line.
+        pub intx: bool,
     }
 
     impl PciBackend for Probe {
@@ -300,6 +329,12 @@ pub(crate) mod tests {
         }
         fn msix_enabled(&mut self, enabled: bool) {
             self.log.lock().unwrap().push(format!("msix {enabled}"));
+        }
+        fn intx(&self) -> bool {
+            self.intx
+        }
+        fn intx_enabled(&mut self, enabled: bool) {
+            self.log.lock().unwrap().push(format!("intx {enabled}"));
         }
     }
 
@@ -476,6 +511,57 @@ pub(crate) mod tests {
                 "attach 0xffff"
             ]
         );
+    }
+
+    #[test]
+    fn an_intx_line_shows_as_inta_and_follows_interrupt_disable_and_resets() {
+        let probe = Probe {
+            intx: true,
+            ..Probe::default()
+        };
+        let log = probe.log.clone();
+        let mut d = PciDevice::new(Box::new(probe), &[(0, 0xc000_0000)]).unwrap();
+        assert!(d.intx());
+        let mut pin = [0u8; 1];
+        d.config_read(0x3d, &mut pin);
+        assert_eq!(pin, [1], "INTA#");
+        // Interrupt Disable set, then cleared; a write that keeps it changes nothing.
+        d.config_write(4, &[0x06, 0x04]);
+        d.config_write(4, &[0x06, 0x00]);
+        d.config_write(4, &[0x06, 0x00]);
+        // A function level reset the domain asks for: the line off across the reset, then on
+        // (Interrupt Disable reads clear).
+        d.config_write(0x49, &[0x80]);
+        d.config_read(0x3d, &mut pin);
+        assert_eq!(pin, [1], "the pin survives a reset");
+        // A quiesce leaves it off.
+        d.quiesce();
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "bus master false",
+                "bus master true",
+                "intx false",
+                "intx true",
+                "bus master false",
+                "intx false",
+                "reset",
+                "intx true",
+                "bus master false",
+                "intx false",
+                "reset",
+                "detach"
+            ]
+        );
+        // Without a line nothing reaches the backend.
+        let probe = Probe::default();
+        let log = probe.log.clone();
+        let mut d = PciDevice::new(Box::new(probe), &[(0, 0xc000_0000)]).unwrap();
+        d.config_read(0x3d, &mut pin);
+        assert_eq!(pin, [0]);
+        d.config_write(4, &[0x00, 0x04]);
+        d.function_reset();
+        assert!(!log.lock().unwrap().iter().any(|l| l.starts_with("intx")));
     }
 
     #[test]

@@ -130,6 +130,18 @@ pub trait PciBackend: Send {
     fn msix_enabled(&mut self, enabled: bool) {
         let _ = enabled;
     }
+    /// Whether the function has an INTx line that wakes the domain (a VFIO function without
+    /// MSI-X): its configuration space then shows Interrupt Pin INTA#.
+    fn intx(&self) -> bool {
+        false
+    }
+    /// Whether the function may assert INTx changed (the Command register's Interrupt
+    /// Disable, which a function reset clears); also called with `false` before every
+    /// function reset of a function with INTx, and with `true` after one the domain asked for.
+    /// A device whose line signals the wake eventfd directly (VFIO) arms and disarms it here.
+    fn intx_enabled(&mut self, enabled: bool) {
+        let _ = enabled;
+    }
 }
 
 /// Errors building PCI devices and buses (all are VMM configuration errors).

@@ -235,7 +235,21 @@ impl ChannelBackend {
             Some(DeviceSpec::EmulatedNvme(n)) => {
                 DomainDevice::emulated_nvme(&name, n, DeviceThread::Owner)?
             }
-            Some(DeviceSpec::Vfio(v)) => DomainDevice::vfio(&name, v)?,
+            Some(DeviceSpec::Vfio(v)) => {
+                let device = DomainDevice::vfio(&name, v)?;
+                if device.model().class() != ddvm_abi::channel::class::BLK {
+                    return Err(StartError::Failed {
+                        name,
+                        reason: FailureReason::BootFailed {
+                            message: format!(
+                                "a disk domain needs a block device; VFIO device {} is a NIC (class 020000): name its domain as a client's `nic`",
+                                v.address
+                            ),
+                        },
+                    });
+                }
+                device
+            }
             Some(DeviceSpec::Persistent(d)) => d.clone(),
             Some(DeviceSpec::EmulatedE1000(_)) => {
                 return Err(StartError::Failed {

@@ -55,7 +55,9 @@ impl DeviceSpec {
         }
     }
 
-    /// The channel class a domain serves this device as (`ddvm_abi::channel::class`).
+    /// The channel class a domain serves this device as (`ddvm_abi::channel::class`). A VFIO
+    /// device's class is known once it is open (its model's): here it is taken as block; a
+    /// VFIO NIC reaches its domains opened, as [`DeviceSpec::Persistent`].
     pub fn class(&self) -> u32 {
         match self {
             DeviceSpec::EmulatedNvme(_) | DeviceSpec::Vfio(_) => class::BLK,

@@ -9,13 +9,21 @@
 //!   device, so register and doorbell accesses run at memory speed; the MSI-X table and PBA
 //!   are left out of them and trap.
 //! - The VMM's own orderly shutdown of an NVMe controller goes through its registers, as for
-//!   the emulated controller ([`crate::devices::nvme::nvme_shutdown`]).
+//!   the emulated controller ([`crate::devices::nvme::nvme_shutdown`]); a NIC has nothing a
+//!   reset loses.
+//! - Its class comes from the device: an Ethernet controller (class 02/00/00) is served over
+//!   a network channel by a NIC domain (`nic=` on the domain's command line), anything else
+//!   over a block channel (`nvme=`).
+//! - A function without MSI-X wakes its domain through its INTx line, which vfio-pci masks
+//!   each time it fires: the domain's vCPU unmasks it when the domain next waits
+//!   ([`DeviceModel::on_wait`]), in the exit the wait costs anyway.
 
 use std::any::Any;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ddvm_abi::channel::class;
 use ddvm_passthrough::vfio::{ResetMethod, VfioCounters, VfioHandle, VfioPci};
 use ddvm_passthrough::{DmaWindow, PciBackend, PciDevice};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -29,6 +37,19 @@ const FIRST_BAR_SLOT: u32 = 8;
 const PCI_MMIO_END: u64 = 0xfec0_0000;
 /// Class code of an NVMe controller.
 const CLASS_NVME: u32 = 0x01_08_02;
+/// Class code of an Ethernet controller.
+const CLASS_ETHERNET: u32 = 0x02_00_00;
+
+/// The channel class a domain serves a real device of PCI class code `class_code` as: a
+/// network channel for an Ethernet controller, a block channel for anything else (whose
+/// driver domain then finds out whether it has a driver for it).
+pub fn channel_class(class_code: u32) -> u32 {
+    if class_code == CLASS_ETHERNET {
+        class::NET
+    } else {
+        class::BLK
+    }
+}
 
 /// How to open a VFIO device (`[domain.device] kind = "vfio"`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +68,7 @@ pub struct VfioModel {
     // (slot, guest-physical address, area index) of each BAR area.
     slots: Vec<(u32, u64, usize)>,
     nvme: bool,
+    class: u32,
     vm: Mutex<Option<Arc<VmFd>>>,
 }
 
@@ -92,10 +114,25 @@ impl DeviceModel for VfioModel {
     }
 
     fn shutdown(&self, pci: &Mutex<PciDevice>, timeout: Duration) -> DeviceShutdown {
+        if self.class == class::NET {
+            // A NIC has nothing a reset loses.
+            return DeviceShutdown::NotEnabled;
+        }
         if !self.nvme {
             return DeviceShutdown::Failed("not an NVMe controller".into());
         }
         crate::devices::nvme::nvme_shutdown(pci, timeout)
+    }
+
+    fn class(&self) -> u32 {
+        self.class
+    }
+
+    /// A line vfio-pci masked when it fired is unmasked before the domain's vCPU blocks: a
+    /// cause raised since the domain acknowledged its causes then ends the wait at once.
+    fn on_wait(&self) -> Option<Arc<dyn Fn() + Send + Sync>> {
+        let line = self.handle.intx()?.clone();
+        Some(Arc::new(move || line.unmask()))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -210,6 +247,7 @@ impl DomainDevice {
         let (backend, handle) = VfioPci::open(&ready.address, &ready.sysfs_path, spec.reset)
             .map_err(|e| device_err(Box::new(e)))?;
         let nvme = backend.ids().class_code == CLASS_NVME;
+        let class = channel_class(backend.ids().class_code);
         let sizes: Vec<(u8, u64)> = backend.bars().iter().map(|b| (b.index, b.size)).collect();
         let placed = place_bars(sizes.clone()).ok_or_else(|| {
             device_err(
@@ -241,6 +279,7 @@ impl DomainDevice {
                 handle,
                 slots,
                 nvme,
+                class,
                 vm: Mutex::new(None),
             }),
             None,
@@ -265,6 +304,13 @@ impl DomainDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ethernet_controller_is_served_over_a_network_channel() {
+        assert_eq!(channel_class(0x02_00_00), class::NET);
+        assert_eq!(channel_class(0x01_08_02), class::BLK);
+        assert_eq!(channel_class(0x02_80_00), class::BLK);
+    }
 
     #[test]
     fn bars_are_placed_largest_first_and_aligned() {

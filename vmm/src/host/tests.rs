@@ -383,6 +383,10 @@ fn each_missing_piece_is_named() {
     make_node(&f.root, 4);
 
     fs::remove_file(f.dev_path(NVME).join("reset")).unwrap();
+    // Without a kernel reset an NVMe controller's own (CC.EN = 0) must do; another class
+    // has none.
+    vfio_ready(&f.sys(), NVME).unwrap();
+    fs::write(f.dev_path(NVME).join("class"), "0x018000\n").unwrap();
     let e = vfio_ready(&f.sys(), NVME).unwrap_err();
     assert!(matches!(e, HostError::NotResettable { .. }), "{e}");
     assert!(
