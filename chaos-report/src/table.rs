@@ -110,7 +110,7 @@ impl ChaosReport {
         if let Some(n) = &self.network {
             writeln!(
                 o,
-                "\nnetwork: frames lost {} ({:.1} per recovery), duplicated {} ({:.1} per recovery), link down {}, TCP retransmits {}, TCP resets {}",
+                "\nnetwork: frames lost {} ({:.1} per recovery), duplicated {} ({:.1} per recovery), link down {}, TCP retransmits {}, TCP resets or timeouts {}",
                 n.lost,
                 n.lost_per_recovery,
                 n.duplicated,
@@ -198,7 +198,7 @@ mod tests {
         let n = r.network.clone().expect("a network summary");
         assert_eq!((n.lost, n.duplicated, n.retransmits), (12, 3, 4));
         assert_eq!((n.lost_per_recovery, n.duplicated_per_recovery), (4.0, 1.0));
-        let line = "network: frames lost 12 (4.0 per recovery), duplicated 3 (1.0 per recovery), link down 0, TCP retransmits 4, TCP resets 0";
+        let line = "network: frames lost 12 (4.0 per recovery), duplicated 3 (1.0 per recovery), link down 0, TCP retransmits 4, TCP resets or timeouts 0";
         assert!(
             r.table().contains(line),
             "missing {line:?} in\n{}",

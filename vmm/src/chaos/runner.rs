@@ -58,15 +58,16 @@ fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
                 n.frames_s as f64,
             ),
             (None, None) => match &o.tcp {
-                // A TCP client: its verified bytes are its operations (none per second: bytes
-                // are not requests); corrupt bytes are mismatches; a reset, timeout, error or
-                // short transfer is an error.
+                // A TCP client: its verified bytes are its operations, its rate the bytes
+                // it verified per second of its run (a bulk transfer keeps its size: the
+                // chaos and baseline segments each move the same bytes); corrupt bytes are
+                // mismatches; a reset, timeout, error or short transfer is an error.
                 Some(t) => (
                     t.verified,
                     t.errors.max(u64::from(!t.clean() && t.corrupt == 0)),
                     t.corrupt,
                     t.verified,
-                    0.0,
+                    t.verified as f64 * 1e6 / t.elapsed_us.max(1) as f64,
                 ),
                 // No report: the client did not finish cleanly; count it as an error.
                 None => (0, 1, 0, 0, 0.0),
@@ -80,13 +81,25 @@ fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
             mismatches,
             verified,
             iops: i,
-            net: o.net.as_ref().map(|n| NetResult {
-                lost: n.retries,
-                duplicated: n.duplicates,
-                link_down: n.link_down,
-                retransmits: None,
-                resets: None,
-            }),
+            net: match (&o.net, &o.tcp) {
+                (Some(n), _) => Some(NetResult {
+                    lost: n.retries,
+                    duplicated: n.duplicates,
+                    link_down: n.link_down,
+                    retransmits: None,
+                    resets: None,
+                }),
+                // TCP hides losses and duplicates from its user: what they cost shows as the
+                // segments each end sent again, and a reset or timeout if TCP gave up.
+                (None, Some(t)) => Some(NetResult {
+                    lost: 0,
+                    duplicated: 0,
+                    link_down: t.link_down,
+                    retransmits: Some(t.retransmits),
+                    resets: Some(t.resets + u64::from(t.timeout)),
+                }),
+                (None, None) => None,
+            },
         });
     }
     Outcome { clients, iops }
