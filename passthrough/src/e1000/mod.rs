@@ -250,6 +250,8 @@ pub struct E1000Stats {
     pub rx_missed: u64,
     /// Frames the receive filter refused.
     pub rx_filtered: u64,
+    /// Frames waiting in the packet buffer now (for descriptors, the receiver, or a domain).
+    pub rx_waiting: u64,
     /// Frames that arrived while receive was disabled.
     pub rx_disabled: u64,
     /// Transmit chains dropped: longer than the largest frame, shorter than an Ethernet
@@ -301,6 +303,7 @@ impl Shared {
 
     fn stats(&self) -> E1000Stats {
         self.with_nic(|n| E1000Stats {
+            rx_waiting: n.rx_fifo.len() as u64,
             rx_halted: n.rx_halted,
             tx_halted: n.tx_halted,
             wire_closed: n.wire_closed,

@@ -68,6 +68,11 @@ pub(super) struct Nic {
     /// Receive scratch buffer: the largest frame the wire carries, or the shortest frame the
     /// ring gets (frames are padded to it).
     pub rx_buf: Vec<u8>,
+    /// The packet buffer: frames from the wire waiting for the receiver or for descriptors,
+    /// oldest first, with when each arrived (see `rx`).
+    pub rx_fifo: std::collections::VecDeque<(std::time::Instant, Vec<u8>)>,
+    /// Bytes of the frames in `rx_fifo`.
+    pub rx_fifo_bytes: usize,
     /// The model's own counters (they survive resets).
     pub counters: E1000Stats,
 }
@@ -97,6 +102,8 @@ impl Nic {
             rx_halted: false,
             tx_halted: false,
             rx_buf,
+            rx_fifo: std::collections::VecDeque::new(),
+            rx_fifo_bytes: 0,
             counters: E1000Stats::default(),
         };
         nic.reset();
@@ -349,6 +356,10 @@ impl Nic {
                     self.rx_halted = false;
                 }
                 self.set_reg(RCTL, v);
+                if v & RCTL_EN != 0 {
+                    let causes = self.drain_fifo();
+                    self.raise(causes);
+                }
             }
             TCTL => {
                 let was = self.reg(TCTL);
@@ -392,6 +403,10 @@ impl Nic {
                 self.set_reg(off, v);
                 if off == TDT {
                     self.tx_pass();
+                } else if off == RDT {
+                    // Descriptors given back: frames waiting in the packet buffer go first.
+                    let causes = self.drain_fifo();
+                    self.raise(causes);
                 }
             }
             STATS_BASE..STATS_END => self.counters.ignored_register_writes += 1,

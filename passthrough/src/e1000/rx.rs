@@ -1,4 +1,5 @@
-//! The receive path: frames from the wire through the receive filter into the ring.
+//! The receive path: frames from the wire through the packet buffer and the receive filter
+//! into the ring.
 //!
 //! A legacy receive descriptor is 16 bytes: buffer address (8), then what the NIC writes back:
 //! length (2), checksum (2), status (1), errors (1), special (2). The driver owns the
@@ -6,36 +7,57 @@
 //! takes as many buffers of RCTL.BSIZE as it needs (DD on each, EOP on the last); a frame
 //! shorter than 60 bytes is padded to 60 with zeros, as a frame on a real wire is.
 //!
+//! # The packet buffer
+//!
+//! As the part's 48 KiB receive packet buffer, a frame that cannot go into the ring now waits
+//! in the model's ([`RX_FIFO_BYTES`]), in order, until descriptors are given back (an RDT
+//! write), the receiver is enabled, or the next receive pass. Unlike the part's, it also takes
+//! frames while the receiver is disabled and keeps them across a reset: a NIC domain that
+//! restarts (the VMM's reset at the hand-over, the new driver's CTRL.RST, its rings set up
+//! again) then finds the frames that arrived meanwhile, where a network would have lost them.
+//! The receive filter is applied as a frame leaves the buffer (the filters of the driver that
+//! receives it), and a frame that waited longer than [`RX_FIFO_AGE`] is dropped then, so a
+//! NIC left without a driver for long does not deliver stale traffic later.
+//!
 //! What is dropped, and where it is counted:
-//! - receive disabled (RCTL.EN = 0): the model's `rx_disabled`;
 //! - not for us (see [`Nic::accepts`]): the model's `rx_filtered`;
-//! - shorter than an Ethernet header (RUC) or longer than 1522 bytes (ROC);
-//! - not enough free descriptors, a ring with no descriptors or with RDH or RDT beyond it,
-//!   a stopped ring, or DMA impossible now: missed (MPC and RNBC, and the RXO cause). The
-//!   frame is lost at once: the wire and transmission never wait for the driver.
+//! - shorter than an Ethernet header (RUC) or longer than 1522 bytes (ROC), on arrival;
+//! - the packet buffer full, a frame older than [`RX_FIFO_AGE`] when it could go, or a ring
+//!   the driver left unusable (no descriptors, RDH or RDT beyond it, stopped): missed (MPC
+//!   and RNBC, the RXO cause, and the model's `rx_missed`; while the receiver is off,
+//!   `rx_disabled` instead). The wire and transmission never wait for the driver.
 //!
 //! A refused DMA (descriptor or buffer outside the domain's memory) stops the ring
 //! ([`Nic::halt`]); the frame being written is lost.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::nic::{ring_size, Nic};
 use super::regs::*;
 use super::MIN_RX_FRAME;
 use crate::net::{MAX_FRAME, MIN_FRAME};
 
+/// Bytes of frames the packet buffer holds at most (the 82540EM's receive share of its
+/// packet buffer, PBA's power-on value).
+pub const RX_FIFO_BYTES: usize = 48 << 10;
+/// A frame that waited longer than this in the packet buffer is dropped when it could go.
+pub const RX_FIFO_AGE: Duration = Duration::from_secs(1);
+
 /// Multicast Offset (RCTL.MO) 0 to 3: which 12 bits of the address index the MTA.
 const MTA_SHIFT: [u32; 4] = [4, 3, 2, 0];
 
 impl Nic {
-    /// Takes up to `budget` frames from the wire into the ring; returns how many were taken
-    /// (delivered or dropped). Raises the causes of what happened.
+    /// Takes up to `budget` frames from the wire into the packet buffer and from there into
+    /// the ring; returns how many were taken off the wire. Raises the causes of what
+    /// happened.
     pub fn rx_pass(&mut self, budget: usize) -> usize {
+        let mut causes = self.drain_fifo();
         if self.wire_closed {
+            self.raise(causes);
             return 0;
         }
         self.wire_backoff = false;
-        let mut causes = 0;
         let mut taken = 0;
         while taken < budget {
             let mut buf = std::mem::take(&mut self.rx_buf);
@@ -53,58 +75,108 @@ impl Nic {
                 }
             };
             taken += 1;
-            causes |= self.receive(&mut buf, len);
+            if let Some(frame) = buf.get(..len) {
+                causes |= self.arrive(frame);
+            }
             self.rx_buf = buf;
+            causes |= self.drain_fifo();
         }
         self.raise(causes);
         taken
     }
 
-    /// Delivers (or drops) the frame in `buf[..len]`; returns the interrupt causes.
-    fn receive(&mut self, buf: &mut [u8], len: usize) -> u32 {
+    /// A frame off the wire: checked for size, then into the packet buffer (or dropped when
+    /// it is full). Returns the interrupt causes.
+    fn arrive(&mut self, frame: &[u8]) -> u32 {
+        if frame.len() < MIN_FRAME {
+            self.count(stat::RUC, 1);
+            return 0;
+        }
+        if frame.len() > MAX_FRAME {
+            self.count(stat::ROC, 1);
+            return 0;
+        }
+        if self.rx_fifo_bytes + frame.len() > RX_FIFO_BYTES {
+            return self.missed();
+        }
+        self.rx_fifo_bytes += frame.len();
+        self.rx_fifo.push_back((Instant::now(), frame.to_vec()));
+        0
+    }
+
+    /// A frame lost for want of room (or of a receiver); returns the interrupt causes.
+    fn missed(&mut self) -> u32 {
         if self.reg(RCTL) & RCTL_EN == 0 {
             self.counters.rx_disabled += 1;
             return 0;
         }
-        if len < MIN_FRAME {
-            self.count(stat::RUC, 1);
-            return 0;
+        self.counters.rx_missed += 1;
+        self.count(stat::MPC, 1);
+        self.count(stat::RNBC, 1);
+        ICR_RXO
+    }
+
+    /// Moves frames from the packet buffer into the ring while the receiver is on and the ring
+    /// has room, oldest first; returns the interrupt causes.
+    pub(super) fn drain_fifo(&mut self) -> u32 {
+        let mut causes = 0;
+        while self.reg(RCTL) & RCTL_EN != 0 {
+            let Some((arrived, mut frame)) = self.rx_fifo.pop_front() else {
+                break;
+            };
+            if arrived.elapsed() > RX_FIFO_AGE {
+                self.rx_fifo_bytes -= frame.len();
+                causes |= self.missed();
+                continue;
+            }
+            match self.receive(&mut frame) {
+                Delivery::Held => {
+                    self.rx_fifo.push_front((arrived, frame));
+                    break;
+                }
+                Delivery::Done(c) => {
+                    self.rx_fifo_bytes -= frame.len();
+                    causes |= c;
+                }
+            }
         }
-        if len > MAX_FRAME {
-            self.count(stat::ROC, 1);
-            return 0;
-        }
-        if !self.accepts(&buf[..len]) {
+        causes
+    }
+
+    /// Delivers the frame `frame` (the receiver on) or says it must keep waiting.
+    fn receive(&mut self, frame: &mut Vec<u8>) -> Delivery {
+        if !self.accepts(frame) {
             self.counters.rx_filtered += 1;
-            return 0;
+            return Delivery::Done(0);
         }
+        let len = frame.len();
         let plen = len.max(MIN_RX_FRAME);
-        buf[len..plen].fill(0);
-        self.count(stat::TPR, 1);
-        self.count64(stat::TORL, plen as u64 + 4);
-        match self.fill_ring(&buf[..plen]) {
+        frame.resize(plen, 0);
+        let result = self.fill_ring(frame);
+        frame.truncate(len);
+        match result {
             Ok(causes) => {
+                self.count(stat::TPR, 1);
+                self.count64(stat::TORL, plen as u64 + 4);
                 self.counters.frames_received += 1;
                 self.count(stat::GPRC, 1);
                 self.count64(stat::GORCL, plen as u64 + 4);
                 self.count_size(stat::PRC64, plen);
-                if buf[0] & 1 != 0 {
-                    let s = if buf[..6] == [0xFF; 6] {
+                if frame[0] & 1 != 0 {
+                    let s = if frame[..6] == [0xFF; 6] {
                         stat::BPRC
                     } else {
                         stat::MPRC
                     };
                     self.count(s, 1);
                 }
-                causes
+                Delivery::Done(causes)
             }
-            Err(Missed) => {
-                self.counters.rx_missed += 1;
-                self.count(stat::MPC, 1);
-                self.count(stat::RNBC, 1);
-                ICR_RXO
-            }
-            Err(Stopped) => 0,
+            Err(NoRoom) => Delivery::Held,
+            // A ring the driver left unusable (no descriptors, indexes beyond it, stopped on
+            // a refused DMA): the frame is lost at once, as before the buffer.
+            Err(Missed) => Delivery::Done(self.missed()),
+            Err(Stopped) => Delivery::Done(0),
         }
     }
 
@@ -144,8 +216,12 @@ impl Nic {
 
     /// Writes a frame (already padded) into the ring's free descriptors.
     fn fill_ring(&mut self, frame: &[u8]) -> Result<u32, RingError> {
-        if self.rx_halted || !self.dma.attached() || !self.dma.bus_master() {
+        if self.rx_halted {
             return Err(Missed);
+        }
+        // Detached from a domain or bus mastering off (a hand-over): the frame waits.
+        if !self.dma.attached() || !self.dma.bus_master() {
+            return Err(NoRoom);
         }
         let size = ring_size(self.reg(RDLEN));
         let (mut head, tail) = (u64::from(self.reg(RDH)), u64::from(self.reg(RDT)));
@@ -156,7 +232,7 @@ impl Nic {
         let bsize = buffer_size(self.reg(RCTL));
         let need = frame.len().div_ceil(bsize) as u64;
         if need > free {
-            return Err(Missed);
+            return Err(NoRoom);
         }
         let base = (u64::from(self.reg(RDBAH)) << 32) | u64::from(self.reg(RDBAL));
         let chunks = frame.chunks(bsize);
@@ -202,14 +278,24 @@ impl Nic {
     }
 }
 
+/// What became of a frame leaving the packet buffer.
+enum Delivery {
+    /// Delivered, filtered out or lost to a stopped ring: it leaves the buffer (the causes).
+    Done(u32),
+    /// No room in the ring now: it stays first in the buffer.
+    Held,
+}
+
 /// Why a frame did not reach the ring.
 enum RingError {
-    /// No room (or no usable ring): counted as missed.
+    /// No free descriptors for it now, or no domain to write to: the frame waits.
+    NoRoom,
+    /// No usable ring: counted as missed.
     Missed,
     /// The ring stopped on a refused DMA (already reported).
     Stopped,
 }
-use RingError::{Missed, Stopped};
+use RingError::{Missed, NoRoom, Stopped};
 
 /// The 12-bit MTA index of a multicast address for Multicast Offset `mo`.
 pub(super) fn mta_hash(dst: &[u8; 6], mo: usize) -> u32 {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::e1000::regs::*;
+use crate::e1000::rx::RX_FIFO_BYTES;
 use crate::e1000::testdriver::{frame, TestNic, MAC_A, MAC_B, RCTL_DEFAULT, RING};
 use crate::net::{wire_pair, Every, PairConfig, Wire, MAX_FRAME};
 
@@ -87,27 +88,42 @@ fn short_frames_are_padded_on_both_sides() {
 }
 
 #[test]
-fn a_full_ring_drops_and_counts_and_recovers_when_buffers_are_posted() {
+fn a_full_ring_holds_frames_in_the_packet_buffer_and_drops_and_counts_beyond_it() {
     let (mut t, mut peer) = TestNic::with_peer();
-    // RING - 1 buffers are posted: the rest of a burst has nowhere to go.
+    // RING - 1 buffers are posted: the rest of a burst waits in the packet buffer.
     let burst = RING as u32 + 10;
     for n in 0..burst {
         peer.send(&frame(MAC_A, [2; 6], n, 200)).unwrap();
     }
     crate::e1000::testdriver::wait_until("the burst taken off the wire", || {
-        t.nic.stats().rx_missed == 11
+        t.nic.stats().rx_waiting == 11
     });
     assert_eq!(t.nic.stats().frames_received, RING - 1);
-    assert_eq!(t.read32(stat::MPC), 11);
-    assert_eq!(t.read32(ICR) & ICR_RXO, ICR_RXO);
-    // The driver takes what arrived; the frames are the first ones, in order.
-    for n in 0..RING as u32 - 1 {
+    assert_eq!((t.nic.stats().rx_missed, t.read32(stat::MPC)), (0, 0));
+    // The driver takes what arrived and gives the buffers back: every frame, in order.
+    for n in 0..burst {
         assert_eq!(t.recv(), frame(MAC_A, [2; 6], n, 200));
     }
     t.recv_nothing();
-    // Buffers posted again: new frames arrive.
-    peer.send(&frame(MAC_A, [2; 6], 999, 300)).unwrap();
-    assert_eq!(t.recv(), frame(MAC_A, [2; 6], 999, 300));
+    assert_eq!(t.nic.stats().rx_waiting, 0);
+    // A burst beyond the ring and the packet buffer: the excess is missed and counted.
+    let big = 1514;
+    let fit = (RING - 1) as usize + RX_FIFO_BYTES / big;
+    let burst = fit as u32 + 5;
+    for n in 0..burst {
+        peer.send(&frame(MAC_A, [2; 6], 1000 + n, big)).unwrap();
+    }
+    crate::e1000::testdriver::wait_until("the big burst taken off the wire", || {
+        let s = t.nic.stats();
+        s.frames_received + s.rx_waiting + s.rx_missed >= (RING - 1) + u64::from(burst)
+    });
+    assert_eq!(t.nic.stats().rx_missed, 5);
+    assert_eq!(t.read32(stat::MPC), 5);
+    assert_eq!(t.read32(ICR) & ICR_RXO, ICR_RXO);
+    for n in 0..fit as u32 {
+        assert_eq!(t.recv(), frame(MAC_A, [2; 6], 1000 + n, big));
+    }
+    t.recv_nothing();
     // Transmission never waited for any of it.
     t.send(&frame([2; 6], MAC_A, 5, 64));
 }

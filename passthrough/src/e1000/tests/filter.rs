@@ -93,13 +93,19 @@ fn promiscuous_modes_pass_what_they_say() {
         !delivered(&mut t, &mut peer, MCAST, 4),
         "UPE is unicast only"
     );
-    // Receive disabled: nothing, counted apart.
+    // Receive disabled: nothing now; the frame waits in the packet buffer and is filtered
+    // by the filters in force when the receiver is enabled again.
     t.write32(RCTL, RCTL_DEFAULT & !RCTL_EN);
     peer.send(&frame(MAC_A, [2; 6], 5, 80)).unwrap();
-    crate::e1000::testdriver::wait_until("dropped while disabled", || {
-        t.nic.stats().rx_disabled == 1
-    });
+    peer.send(&frame(OTHER, [2; 6], 6, 80)).unwrap();
+    crate::e1000::testdriver::wait_until("held while disabled", || t.nic.stats().rx_waiting == 2);
     t.recv_nothing();
+    let filtered = t.nic.stats().rx_filtered;
+    t.write32(RCTL, RCTL_DEFAULT);
+    assert_eq!(t.recv(), frame(MAC_A, [2; 6], 5, 80));
+    t.recv_nothing();
+    assert_eq!(t.nic.stats().rx_filtered, filtered + 1);
+    assert_eq!(t.nic.stats().rx_disabled, 0);
 }
 
 /// The page of filter tables is memory shared with the domain's VM: what the domain writes
