@@ -599,3 +599,91 @@ fn tcp_ends_with_different_seeds_count_corrupt_bytes() {
         assert_eq!(o.exit, Some(GuestExit::Exited { status: 2 }), "{}", o.name);
     }
 }
+
+/// A NIC domain's restarts follow the same policy as a disk's: a kill promotes the warm
+/// standby (and the pool fills again), restarts that keep failing during the bring-up back
+/// off, each decision and the give-up run the hook, and then the NIC gives up — while the
+/// other NIC domain is untouched.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_nic_domains_restarts_promote_standbys_run_the_hook_back_off_and_give_up() {
+    use ddvm_recovery::fault::FaultKind;
+    let _serial = serial();
+    let dir = scratch("net-policy");
+    let calls = dir.join("hook.log");
+    let hook = dir.join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let recovery = format!(
+        "heartbeat_ms = 20\nmax_restarts = 3\nwindow_ms = 60000\nrestart_delay_ms = 2\n\
+         restart_delay_cap_ms = 100\nstandbys = 1\nhook = [\"{}\"]\n",
+        hook.display()
+    );
+    let mut topo = start(&topology(&recovery, 100_000));
+    let nic0 = handle(&topo, "nic0");
+    let nic1 = handle(&topo, "nic1");
+    let wait = |what: &str, f: &dyn Fn(&ddvm::reincarnation::Observed) -> bool| {
+        let t0 = Instant::now();
+        while !nic0.with(f) {
+            assert!(t0.elapsed() < Duration::from_secs(20), "never: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    wait("a warm standby", &|o| o.standbys.len() == 1);
+    let standby = nic0.with(|o| o.standbys[0]);
+    nic0.send(Command::Kill);
+    wait("the kill recovered", &|o| o.recovered == 1);
+    let (epoch, promoted) = nic0.with(|o| (o.status.as_ref().and_then(|s| s.epoch), o.promoted));
+    assert_eq!(
+        (epoch, promoted),
+        (Some(standby), 1),
+        "the standby took over"
+    );
+    wait("the pool refilled", &|o| {
+        o.standbys.len() == 1 && o.standbys[0] > standby
+    });
+    // A kill, then every boot dies during its bring-up: two more restarts, then a give-up.
+    let t0 = Instant::now();
+    nic0.send(Command::Inject {
+        kind: FaultKind::FailedRestart,
+        arg: 0x200 | 20,
+    });
+    wait("give-up", &|o| o.status.as_ref().is_some_and(|s| s.broken));
+    let took = t0.elapsed();
+    let status = nic0.with(|o| o.status.clone()).unwrap();
+    let other = nic1.with(|o| o.status.clone()).unwrap();
+    topo.stop();
+    assert_eq!(
+        (status.restarts, status.state),
+        (3, "gave-up"),
+        "{status:?}"
+    );
+    assert_eq!(status.detections.get("panic"), Some(&2), "{status:?}");
+    assert!(took >= Duration::from_millis(2), "backoff: {took:?}");
+    assert!(!other.broken && other.restarts == 0, "nic1: {other:?}");
+    // The hook: one run per restart decision and one for the give-up.
+    let t0 = Instant::now();
+    let lines = loop {
+        let text = std::fs::read_to_string(&calls).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= 4 || t0.elapsed() > Duration::from_secs(10) {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(
+        lines[..2]
+            .iter()
+            .all(|l| l.starts_with("nic0 operator-kill")),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2..].iter().all(|l| l.starts_with("nic0 panic")),
+        "{lines:?}"
+    );
+}
