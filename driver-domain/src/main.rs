@@ -16,6 +16,9 @@
 //!   `nvme=` keys are not looked at;
 //! - `nic_intx`: the NIC's INTx line wakes the domain (a VFIO NIC without MSI-X): INTx stays
 //!   enabled and the causes are acknowledged before each wait;
+//! - `nic_clean`: the VMM hands the NIC over at its power-on state (its own model, reset
+//!   completely at every hand-over): the driver skips its reset and the writes of power-on
+//!   values ([`e1000::Options::clean`]);
 //! - `nvme_timeout_ms=N`: NVMe command timeout (default 30000);
 //! - `nvme_dbbuf=0`: do not use shadow doorbells even when the controller offers them;
 //! - `poll_us=N`, `poll_busy_us=N`: how long the main loop polls before it waits in the VMM,
@@ -102,6 +105,7 @@ struct Modes {
     nic: Option<Location>,
     nic_bar0: Option<BarHint>,
     nic_intx: bool,
+    nic_clean: bool,
     nvme_options: Options,
     poll: Poll,
 }
@@ -171,6 +175,7 @@ impl Modes {
                 hint
             }),
             nic_intx: cmdline.flag("nic_intx"),
+            nic_clean: cmdline.flag("nic_clean"),
             nvme_options: Options {
                 command_timeout_ms: number(cmdline, "nvme_timeout_ms")
                     .unwrap_or(Options::default().command_timeout_ms),
@@ -438,18 +443,24 @@ fn attach(ch: &Channel, modes: &Modes) -> Option<Device> {
             let start = Instant::now();
             let options = e1000::Options {
                 intx,
+                clean: modes.nic_clean,
                 ..e1000::Options::default()
             };
             match e1000::Nic::init(&found, options) {
                 Ok(nic) => {
                     println!(
-                        "e1000: {:04x}:{:04x} at {}, BAR0 {:#x}, MAC {}, {} (ready in {} us)",
+                        "e1000: {:04x}:{:04x} at {}, BAR0 {:#x}, MAC {}, {}{} (ready in {} us)",
                         f.vendor,
                         f.device,
                         f.bdf,
                         found.bar.base,
                         nic.mac(),
                         if intx { "INTx" } else { "polled" },
+                        if modes.nic_clean {
+                            ", handed over clean"
+                        } else {
+                            ""
+                        },
                         start.elapsed_us()
                     );
                     Some(Device::Net(Box::new(nic)))

@@ -452,20 +452,28 @@ impl ImageExtras for DomainBoot<'_> {
         let bar0 = device.as_ref().filter(|_| !self.user_placed).and_then(|d| {
             let pci = d.lock();
             let bar0 = pci.config.bars().into_iter().find(|(b, _)| b.index == 0)?;
-            Some((bar0, pci.intx()))
+            Some((bar0, (pci.intx(), pci.clean_at_handover())))
         });
         self.device = device;
         // The VMM placed it (BARs cannot be moved): the domain need not size it. A device
         // whose INTx line wakes the domain is named so (`KEY_intx`): the driver then leaves
         // INTx enabled and acknowledges the device's causes before it waits.
+        // A function every domain gets at its power-on state (the VMM's own models) is named
+        // so (`KEY_clean`): the driver then skips its reset and the writes of power-on values,
+        // each an exit.
         let key = self.hint_key;
-        Ok(bar0.map(|((bar, gpa), intx)| {
+        Ok(bar0.map(|((bar, gpa), (intx, clean))| {
             let intx = if intx {
                 format!(" {key}_intx")
             } else {
                 String::new()
             };
-            format!("{key}_bar0={gpa:#x}/{:#x}{intx}", bar.size)
+            let clean = if clean {
+                format!(" {key}_clean")
+            } else {
+                String::new()
+            };
+            format!("{key}_bar0={gpa:#x}/{:#x}{intx}{clean}", bar.size)
         }))
     }
 

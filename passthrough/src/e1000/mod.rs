@@ -548,6 +548,12 @@ impl PciBackend for EmulatedE1000 {
         });
         Ok(())
     }
+
+    /// The quiesce's function reset and CTRL.RST put the MAC back to its power-on state
+    /// entirely (see "Reset and the link"; the packet buffer and the link are not registers).
+    fn clean_at_handover(&self) -> bool {
+        true
+    }
 }
 
 impl AsRawFd for E1000Poller {

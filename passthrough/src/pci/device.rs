@@ -153,6 +153,11 @@ impl PciDevice {
         self.config.interrupt_pin() != 0
     }
 
+    /// See [`PciBackend::clean_at_handover`].
+    pub fn clean_at_handover(&self) -> bool {
+        self.backend.clean_at_handover()
+    }
+
     /// Quiesces the device when the domain it served dies, before that domain's memory is
     /// freed or reused: [`PciDevice::function_reset`] (bus mastering off, backend reset, which
     /// waits for DMA in progress and drops what a reset drops, such as a volatile write

@@ -135,6 +135,14 @@ pub trait PciBackend: Send {
     fn intx(&self) -> bool {
         false
     }
+    /// Whether every domain is handed the function at its documented power-on state: the
+    /// function reset the quiesce gives is complete (every register at its power-on value,
+    /// nothing the last domain left behind), as the VMM's own models guarantee and a real
+    /// device's reset does not always (QEMU's e1000 ignores CTRL.RST). Its driver may then
+    /// skip its own reset and the writes of power-on values.
+    fn clean_at_handover(&self) -> bool {
+        false
+    }
     /// Whether the function may assert INTx changed (the Command register's Interrupt
     /// Disable, which a function reset clears); also called with `false` before every
     /// function reset of a function with INTx, and with `true` after one the domain asked for.
