@@ -217,3 +217,29 @@ fn a_bad_log_filter_is_refused_with_one_line() {
         "{err}"
     );
 }
+
+#[test]
+fn verify_on_a_topology_with_clients_is_refused_with_one_line() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/net.toml");
+    let out = ddvm(&["run", cfg.to_str().unwrap(), "--verify", "10"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("--verify") && err.contains("net.toml has clients"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_documents_the_exit_statuses() {
+    let out = ddvm(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "Exit status:",
+        "  0  success",
+        "  2  a usage error",
+        "  3  a guest crashed",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from --help:\n{text}");
+    }
+}

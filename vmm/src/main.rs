@@ -20,6 +20,14 @@ use ddvm::testclient::{self, Workload};
 use ddvm::topology::Topology;
 use ddvm::vcpu::{GuestExit, RunState};
 
+/// What each exit status means (`--help`, the README).
+const EXIT_CODES: &str = "Exit status:
+  0  success: every client verified everything it read (demo, run, chaos)
+  1  an error: the configuration, an image, KVM, a device, the control socket (one line on stderr)
+  2  a usage error: an unknown option, a bad value, a bad --log filter
+  3  a guest crashed, or a client saw an error, a mismatch or its link down
+  4  a domain did not become ready in time";
+
 /// Exit status when a guest crashed.
 const EXIT_GUEST_CRASH: u8 = 3;
 /// Exit status when a guest did not become ready in time.
@@ -29,7 +37,8 @@ const EXIT_TIMEOUT: u8 = 4;
 #[command(
     name = "ddvm",
     version,
-    about = "Crash-proof device drivers: driver domains under a reincarnation server"
+    about = "Crash-proof device drivers: driver domains under a reincarnation server",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// KVM device node.
@@ -635,7 +644,8 @@ fn run_topology(
         topo.clients.len(),
         topo.services.len()
     );
-    let timeout = duration.map_or(Duration::from_secs(600), Duration::from_secs_f64);
+    // Without --duration: until the clients finish or a stop is asked for, however long.
+    let timeout = duration.map(Duration::from_secs_f64);
     let mut kills = kill_plan.map(|p| {
         let order = [
             ddvm::demo::DISK_DOMAIN,
@@ -729,7 +739,11 @@ fn run_topology(
             Some(GuestExit::Exited { status: 0 }) => {}
             Some(e) => println!("{:<10} {e}", ""),
             None if stopped => println!("{:<10} stopped on request before it finished", ""),
-            None => println!("{:<10} still running after {timeout:?}; stopped", ""),
+            None => println!(
+                "{:<10} still running after {:?}; stopped",
+                "",
+                timeout.unwrap_or_default()
+            ),
         }
         // A client stopped on request is not a failure; one that reported errors is.
         ok &= o.ok() || (stopped && o.exit.is_none());
@@ -950,6 +964,12 @@ fn run_config(
     // SIGINT, SIGTERM and the control socket's `stop` end the run alike.
     let stop = Stop::on_signals();
     if !config.clients.is_empty() {
+        if verify.is_some() {
+            anyhow::bail!(
+                "--verify: {} has clients, which verify what they read themselves; --verify runs the in-VMM test client on a topology without clients",
+                file.display()
+            );
+        }
         let hv = Arc::new(open_kvm(kvm)?);
         return run_topology(
             &hv,

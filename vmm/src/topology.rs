@@ -513,20 +513,23 @@ impl Topology {
     /// [`Topology::wait_clients`], but a requested `stop` ends the wait early: the clients
     /// still running are stopped (their outcomes have no exit).
     pub fn wait_clients_or_stop(&mut self, timeout: Duration, stop: &Stop) -> Vec<ClientOutcome> {
-        self.wait_clients_or_stop_with(timeout, stop, |_| {})
+        self.wait_clients_or_stop_with(Some(timeout), stop, |_| {})
     }
 
-    /// [`Topology::wait_clients_or_stop`], calling `tick` with the running topology every
-    /// 20 ms while it waits (a progress line, kills on a schedule).
+    /// [`Topology::wait_clients_or_stop`] (`None`: no timeout, until the clients finish or a
+    /// stop is requested), calling `tick` with the running topology every 20 ms while it waits
+    /// (a progress line, kills on a schedule).
     pub fn wait_clients_or_stop_with(
         &mut self,
-        timeout: Duration,
+        timeout: Option<Duration>,
         stop: &Stop,
         mut tick: impl FnMut(&Topology),
     ) -> Vec<ClientOutcome> {
-        let deadline = Instant::now() + timeout;
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let tick_period = Duration::from_millis(20);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left =
+                deadline.map_or(tick_period, |d| d.saturating_duration_since(Instant::now()));
             let running = self
                 .clients
                 .iter()
@@ -535,7 +538,7 @@ impl Topology {
                 break;
             }
             tick(self);
-            stop.sleep(left.min(Duration::from_millis(20)));
+            stop.sleep(left.min(tick_period));
         }
         self.wait_clients(Duration::ZERO)
     }
