@@ -90,3 +90,68 @@ fn the_demo_kills_the_disk_and_nic_domains_and_the_clients_see_nothing() {
         "{image} left behind"
     );
 }
+
+/// SIGINT (Ctrl-C) during the demo ends it in order: the clients stopped, the summary printed
+/// (a client stopped on request is not a failure), the exit status 0 and the temporary disk
+/// image removed.
+#[test]
+fn ctrl_c_during_the_demo_prints_the_summary_and_leaves_nothing_behind() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(ddvm_bin())
+        .args(["demo", "--requests", "100000000", "--frames", "100000000"])
+        .env_remove("DDVM_KVM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run ddvm");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let t0 = Instant::now();
+    // Wait for the first progress line: the clients are running.
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = child.kill();
+            panic!("the demo ended before its first progress line:\n{seen}");
+        }
+        seen += &line;
+        if line.starts_with("ddvm demo: ") && line.contains(" s: ") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no progress:\n{seen}"
+        );
+    }
+    let image = seen
+        .split_whitespace()
+        .find(|w| w.starts_with("/tmp/ddvm-demo-"))
+        .map(|w| w.trim_end_matches(')').to_string())
+        .expect("the demo names its disk image");
+    assert!(
+        std::path::Path::new(&image).exists(),
+        "{image} before the stop"
+    );
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let text = seen + &rest;
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("stopped on request before it finished")
+            && text.contains("ddvm: stopped on request"),
+        "{text}"
+    );
+    assert!(text.contains("kill(s) of the driver domains"), "{text}");
+    assert!(
+        !std::path::Path::new(&image).exists(),
+        "{image} left behind"
+    );
+}

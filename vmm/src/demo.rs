@@ -135,6 +135,12 @@ impl Kills {
         self.made.iter().sum()
     }
 
+    /// Whether the last kill was made and its recovery not yet seen (by the last tick).
+    pub fn pending(&self) -> bool {
+        self.pending
+            .is_some_and(|(i, before)| self.order[i].1.with(|o| o.recovered) == before)
+    }
+
     /// Called while the clients run: makes the next kill when it is due.
     pub fn tick(&mut self, topo: &Topology) {
         let now = Instant::now();
