@@ -198,7 +198,14 @@ fn every_nic_fault_kind_is_recovered_and_invisible_to_clients() {
         skip_baseline: true,
         rounds: 1,
     };
-    let r = chaos::run(&Arc::new(kvm()), &config, Path::new("test.toml"), &plan).unwrap();
+    let r = chaos::run(
+        &Arc::new(kvm()),
+        &config,
+        Path::new("test.toml"),
+        &plan,
+        &ddvm::stop::Stop::new(),
+    )
+    .unwrap();
     println!("{}", r.table());
     assert_eq!(r.client_errors, 0, "{}", r.table());
     assert_eq!(r.mismatches, 0, "{}", r.table());

@@ -81,7 +81,14 @@ fn every_fault_kind(name: &str, flushes: &str) {
         skip_baseline: true,
         rounds: 1,
     };
-    let r = chaos::run(&hv(), &cfg, Path::new("test.toml"), &plan).unwrap();
+    let r = chaos::run(
+        &hv(),
+        &cfg,
+        Path::new("test.toml"),
+        &plan,
+        &ddvm::stop::Stop::new(),
+    )
+    .unwrap();
     assert_eq!(r.client_errors, 0, "{}", r.table());
     assert_eq!(r.mismatches, 0, "{}", r.table());
     for reason in [
@@ -125,7 +132,14 @@ fn chaos_rounds_alternate_baseline_and_chaos_segments_on_one_timeline() {
         skip_baseline: false,
         rounds: 2,
     };
-    let r = chaos::run(&hv(), &cfg, Path::new("test.toml"), &plan).unwrap();
+    let r = chaos::run(
+        &hv(),
+        &cfg,
+        Path::new("test.toml"),
+        &plan,
+        &ddvm::stop::Stop::new(),
+    )
+    .unwrap();
     assert_eq!(r.client_errors, 0, "{}", r.table());
     assert_eq!(r.mismatches, 0, "{}", r.table());
     assert!(r.baseline_iops > 0.0 && r.chaos_iops > 0.0, "{}", r.table());

@@ -315,3 +315,75 @@ fn a_stop_that_finds_the_domain_hung_or_crashed_keeps_every_acknowledged_write()
         assert_all_there(&dir.join("nvme.img"), &format!("{kind:?}: {report}"));
     }
 }
+
+/// SIGINT during `ddvm chaos`: the run stops in order, the report covers what ran (marked
+/// stopped, with ddvm's version, the platform, the host and the start time), the clients it
+/// stopped before they reported are not counted as errors, and the exit status is 0.
+#[test]
+fn ctrl_c_during_chaos_ends_it_with_a_report_of_what_ran() {
+    let dir = scratch("stop-chaos");
+    let json = dir.join("report.json");
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/net.toml");
+    let mut child = Command::new(ddvm_bin())
+        .args([
+            "chaos",
+            cfg.to_str().unwrap(),
+            "--duration",
+            "120s",
+            "--every",
+            "300ms",
+            "--no-baseline",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .env_remove("DDVM_KVM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ddvm");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    // The first kill's line says the run is under way.
+    let t0 = Instant::now();
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen += &line;
+        if line.contains("failed (operator: kill); recovering") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no kill:\n{seen}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{seen}");
+    assert!(
+        stdout.contains("ddvm chaos: stopped on request")
+            && stdout.contains("stopped on request before its end"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["stopped"], true, "{report}");
+    assert_eq!(report["client_errors"], 0, "{report}");
+    assert!(report["recoveries"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(report["run"]["ddvm_version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        ["pvm", "vmx", "svm"].contains(&report["run"]["platform"].as_str().unwrap_or("")),
+        "{report}"
+    );
+    assert!(
+        report["run"]["started"]
+            .as_str()
+            .is_some_and(|t| t.len() == 20 && t.ends_with('Z')),
+        "{report}"
+    );
+}

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 pub use duration::{parse_duration, DurationError};
 pub use report::{
-    ChaosReport, ClientResult, Comparison, NetResult, NetSummary, RecoverySamples, Summary,
-    TargetCheck, MAX_RECOVERY_P99, MIN_THROUGHPUT_RATIO,
+    ChaosReport, ClientResult, Comparison, NetResult, NetSummary, RecoverySamples, RunInfo,
+    Summary, TargetCheck, MAX_RECOVERY_P99, MIN_THROUGHPUT_RATIO,
 };
 pub use timeline::{FaultMark, RecoverySpan, Timeline, DEFAULT_BIN, MAX_BINS};
 

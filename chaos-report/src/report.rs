@@ -234,6 +234,25 @@ pub struct ChaosReport {
     /// [`targets`](Self::targets), as of [`finish`](Self::finish).
     #[serde(default)]
     pub targets: Vec<TargetCheck>,
+    /// The run was stopped (SIGINT, SIGTERM) before its end: the figures cover what ran.
+    #[serde(default)]
+    pub stopped: bool,
+    /// Where and when it ran: filled in by the caller.
+    #[serde(default)]
+    pub run: RunInfo,
+}
+
+/// Where and when a chaos run ran.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The ddvm version that ran it.
+    pub ddvm_version: String,
+    /// The KVM platform (`pvm`, `vmx`, `svm`).
+    pub platform: String,
+    /// The host's name.
+    pub host: String,
+    /// When it started, UTC, RFC 3339.
+    pub started: String,
 }
 
 impl ChaosReport {
@@ -272,6 +291,8 @@ impl ChaosReport {
             clients: Vec::new(),
             network: None,
             targets: Vec::new(),
+            stopped: false,
+            run: RunInfo::default(),
         }
     }
 

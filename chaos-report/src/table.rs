@@ -23,6 +23,19 @@ impl ChaosReport {
             self.every_ms,
             self.duration_ms
         )?;
+        if !self.run.ddvm_version.is_empty() {
+            writeln!(
+                o,
+                "ddvm {} on {}, KVM platform {}, started {}",
+                self.run.ddvm_version, self.run.host, self.run.platform, self.run.started
+            )?;
+        }
+        if self.stopped {
+            writeln!(
+                o,
+                "stopped on request before its end: the figures cover what ran"
+            )?;
+        }
         for (title, counts) in [
             ("faults injected", &self.faults_injected),
             ("detections", &self.detections),

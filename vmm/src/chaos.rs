@@ -79,6 +79,56 @@ pub fn run(
     _config: &crate::config::Config,
     _file: &std::path::Path,
     _plan: &ChaosPlan,
+    _stop: &crate::stop::Stop,
 ) -> Result<ddvm_chaos_report::ChaosReport, ChaosError> {
     Err(ChaosError::Disabled)
+}
+
+/// Where and when a chaos run runs: ddvm's version, the KVM `platform` its guests saw, the
+/// host's name and the time now (UTC, RFC 3339).
+pub fn run_info(platform: &str) -> ddvm_chaos_report::RunInfo {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ddvm_chaos_report::RunInfo {
+        ddvm_version: env!("CARGO_PKG_VERSION").to_string(),
+        platform: platform.to_string(),
+        host,
+        started: rfc3339(secs),
+    }
+}
+
+/// `secs` since the Unix epoch as `YYYY-MM-DDThh:mm:ssZ` (the proleptic Gregorian calendar's
+/// civil date from a day count: Howard Hinnant's `civil_from_days`).
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    #[test]
+    fn epoch_seconds_become_civil_utc_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_615_839), "2026-12-07T03:57:19Z");
+    }
 }

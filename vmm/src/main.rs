@@ -579,7 +579,17 @@ fn chaos(
             )
         }
     );
-    let report = ddvm::chaos::run(&hv, &config, file, plan)?;
+    // SIGINT or SIGTERM ends the run early: the report covers what ran.
+    let stop = Stop::on_signals();
+    let started = ddvm::chaos::run_info("unknown");
+    let mut report = ddvm::chaos::run(&hv, &config, file, plan, &stop)?;
+    report.run = ddvm_chaos_report::RunInfo {
+        platform: report.run.platform.clone(),
+        ..started
+    };
+    if report.stopped {
+        println!("ddvm chaos: stopped on request; the report covers what ran before");
+    }
     print!("{}", report.table());
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::console::Echo;
 use crate::hypervisor::Hypervisor;
 use crate::reincarnation::Command;
+use crate::stop::Stop;
 use crate::topology::Topology;
 
 /// At most this many periods a fault waits for the last one's recovery.
@@ -41,7 +42,9 @@ struct Outcome {
     iops: f64,
 }
 
-fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
+/// What the clients saw; `stopped`: the run was stopped on request, and a client it stopped
+/// before its report (no exit) saw no error.
+fn client_results(outcomes: &[crate::topology::ClientOutcome], stopped: bool) -> Outcome {
     let mut clients = Vec::new();
     let mut iops = 0.0;
     for o in outcomes {
@@ -69,6 +72,8 @@ fn client_results(outcomes: &[crate::topology::ClientOutcome]) -> Outcome {
                     t.verified,
                     t.verified as f64 * 1e6 / t.elapsed_us.max(1) as f64,
                 ),
+                // Stopped on request before it reported: nothing to count.
+                None if stopped && o.exit.is_none() => (0, 0, 0, 0, 0.0),
                 // No report: the client did not finish cleanly; count it as an error.
                 None => (0, 1, 0, 0, 0.0),
             },
@@ -111,6 +116,7 @@ pub fn run(
     config: &Config,
     file: &Path,
     plan: &ChaosPlan,
+    stop: &Stop,
 ) -> Result<ChaosReport, ChaosError> {
     let rounds = plan.rounds.max(1);
     let segment = plan.duration / rounds;
@@ -130,26 +136,45 @@ pub fn run(
         clients: Vec::new(),
     };
     let mut baseline_iops = 0.0;
+    // Segments run to their end (a stop cuts the one running short and skips the rest).
+    let (mut chaos_segments, mut baselines) = (0u32, 0u32);
     for round in 0..rounds {
         let baseline_first = round % 2 == 0;
-        if baseline_first && !plan.skip_baseline {
-            baseline_iops += baseline(hv, &config, file, limit)?;
+        if baseline_first && !plan.skip_baseline && !stop.requested() {
+            baseline_iops += baseline(hv, &config, file, limit, stop)?;
+            baselines += 1;
+        }
+        if stop.requested() {
+            break;
         }
         let offset = segment * round;
-        run.segment(hv, &config, file, plan, segment, offset, limit, &mut report)?;
-        if !baseline_first && !plan.skip_baseline {
-            baseline_iops += baseline(hv, &config, file, limit)?;
+        run.segment(
+            hv,
+            &config,
+            file,
+            plan,
+            segment,
+            offset,
+            limit,
+            &mut report,
+            stop,
+        )?;
+        chaos_segments += 1;
+        if !baseline_first && !plan.skip_baseline && !stop.requested() {
+            baseline_iops += baseline(hv, &config, file, limit, stop)?;
+            baselines += 1;
         }
     }
+    report.stopped = stop.requested();
     // Each client's IOPS: the mean over the chaos segments (all of the same length).
     for c in &mut run.clients {
-        c.iops /= f64::from(rounds);
+        c.iops /= f64::from(chaos_segments.max(1));
     }
     report.clients = run.clients;
-    let baseline = if plan.skip_baseline {
+    let baseline = if plan.skip_baseline || baselines == 0 {
         0.0
     } else {
-        baseline_iops / f64::from(rounds)
+        baseline_iops / f64::from(baselines)
     };
     report.finish(baseline);
     Ok(report)
@@ -161,11 +186,12 @@ fn baseline(
     config: &Config,
     file: &Path,
     limit: Duration,
+    stop: &Stop,
 ) -> Result<f64, ChaosError> {
     let mut topo = Topology::start(hv, config, file, Echo::Off)?;
-    let outcomes = topo.wait_clients(limit);
+    let outcomes = topo.wait_clients_or_stop(limit, stop);
     topo.stop();
-    Ok(client_results(&outcomes).iops)
+    Ok(client_results(&outcomes, stop.requested()).iops)
 }
 
 /// The chaos segments of a run, with what they add up to.
@@ -188,8 +214,12 @@ impl ChaosRun {
         offset: Duration,
         limit: Duration,
         report: &mut ChaosReport,
+        stop: &Stop,
     ) -> Result<(), ChaosError> {
         let mut topo = Topology::start(hv, config, file, Echo::Off)?;
+        if let Some(c) = topo.clients.first() {
+            report.run.platform = c.guest().platform().name().to_string();
+        }
         // Faults go to each disk's domain in turn; each domain gets every kind in turn.
         let handles: Vec<_> = topo.recovery.iter().map(|(_, h)| h.clone()).collect();
         if handles.is_empty() {
@@ -208,7 +238,7 @@ impl ChaosRun {
         // The domain of the last fault and its recoveries counted when the fault went in (none
         // yet in this segment).
         let mut recovered_then: Option<(usize, u64, Instant)> = None;
-        while Instant::now() < end {
+        while Instant::now() < end && !stop.requested() {
             let now = Instant::now();
             // A fault goes into a domain that has recovered from the last one: injected into
             // one that is still hung (detection waits for the host's steal to be left out),
@@ -229,20 +259,26 @@ impl ChaosRun {
                 next_fault = now + plan.every;
             }
             if now >= next_sample {
+                // Disk requests answered and client frames sent through the NICs.
                 let answered: u64 = topo
                     .services
                     .iter()
                     .map(|s| s.counters().answered.load(Ordering::Relaxed))
-                    .sum();
+                    .sum::<u64>()
+                    + topo
+                        .nets
+                        .iter()
+                        .map(|n| n.stats().class.tx_sent)
+                        .sum::<u64>();
                 report.completed(on_timeline(now), answered - last_answered);
                 last_answered = answered;
                 next_sample += Duration::from_millis(10);
             }
             let wake = next_fault.min(next_sample).min(end);
-            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+            stop.sleep(wake.saturating_duration_since(Instant::now()));
         }
         self.faults_sent = k;
-        let outcomes = topo.wait_clients(limit);
+        let outcomes = topo.wait_clients_or_stop(limit, stop);
         // Let a recovery in progress finish before reading the numbers.
         std::thread::sleep(Duration::from_millis(50));
         for handle in &handles {
@@ -267,7 +303,7 @@ impl ChaosRun {
             });
         }
         topo.stop();
-        for c in client_results(&outcomes).clients {
+        for c in client_results(&outcomes, stop.requested()).clients {
             match self.clients.iter_mut().find(|x| x.name == c.name) {
                 Some(x) => {
                     x.ops += c.ops;
