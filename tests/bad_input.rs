@@ -243,3 +243,15 @@ fn help_documents_the_exit_statuses() {
         assert!(text.contains(line), "{line:?} missing from --help:\n{text}");
     }
 }
+
+#[test]
+fn json_on_a_topology_without_clients_is_refused_with_one_line() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/nvme.toml");
+    let out = ddvm(&["run", cfg.to_str().unwrap(), "--json", "/dev/null"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("--json") && err.contains("nvme.toml has no clients"),
+        "{err}"
+    );
+}

@@ -17,6 +17,8 @@ fn row<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
 
 #[test]
 fn the_demo_kills_the_disk_and_nic_domains_and_the_clients_see_nothing() {
+    let dir = scratch("demo-json");
+    let json = dir.join("demo.json");
     let out = ddvm(&[
         "demo",
         "--requests",
@@ -27,6 +29,8 @@ fn the_demo_kills_the_disk_and_nic_domains_and_the_clients_see_nothing() {
         "6",
         "--kill-every-ms",
         "100",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -80,6 +84,23 @@ fn the_demo_kills_the_disk_and_nic_domains_and_the_clients_see_nothing() {
             && text.contains("the clients saw no error, no mismatch and no link down"),
         "{text}"
     );
+    // The same summary as JSON.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(summary["ddvm_version"], env!("CARGO_PKG_VERSION"));
+    let clients = summary["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 4, "{summary}");
+    assert!(clients.iter().all(|c| c["ok"] == true), "{summary}");
+    assert_eq!(clients[0]["workload"]["ops"], 20000, "{summary}");
+    assert_eq!(clients[2]["net_echo"]["frames"], 3000, "{summary}");
+    let kills: u64 = summary["kills"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kills"].as_u64().unwrap())
+        .sum();
+    assert_eq!(kills, 6, "{summary}");
     // The temporary disk image is gone.
     let image = text
         .split_whitespace()

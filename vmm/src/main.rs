@@ -75,6 +75,9 @@ enum Command {
         /// Echo the guests' consoles to stderr.
         #[arg(long)]
         verbose: bool,
+        /// Also write the summary as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Start every domain of a TOML topology and run until interrupted or `--duration`.
     Run {
@@ -91,6 +94,9 @@ enum Command {
         /// verified reads and writes (4 KiB random, queue depth 16, half writes).
         #[arg(long)]
         verify: Option<u64>,
+        /// With clients: also write the summary as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Run the configured clients while injecting faults into the disk domains; report
     /// recoveries, recovery times, errors, mismatches and throughput against a fault-free run.
@@ -253,6 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kills,
             kill_every_ms,
             verbose,
+            json,
         } => demo(
             &cli.kvm,
             requests,
@@ -261,13 +268,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kills,
             Duration::from_millis(kill_every_ms),
             verbose,
+            json.as_deref(),
         ),
         Command::Run {
             config,
             duration,
             control,
             verify,
-        } => run_config(&cli.kvm, &config, duration, control.as_deref(), verify),
+            json,
+        } => run_config(
+            &cli.kvm,
+            &config,
+            duration,
+            control.as_deref(),
+            verify,
+            json.as_deref(),
+        ),
         Command::Ctl { socket, request } => ctl(&socket, &request),
         Command::Check {
             addresses,
@@ -479,6 +495,7 @@ fn demo(
     kills: u32,
     kill_every: Duration,
     verbose: bool,
+    json: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let disk = ddvm::topology::demo_disk_path();
     let text = ddvm::demo::topology(&disk, requests, qd, frames);
@@ -500,6 +517,7 @@ fn demo(
         duration: None,
         control: None,
         kills: Some(plan),
+        json,
     };
     let result = run_topology(&hv, &config, file, opts, &stop);
     let _ = std::fs::remove_file(&disk);
@@ -516,6 +534,8 @@ struct TopologyRun<'a> {
     control: Option<&'a Path>,
     /// Kill the domains on this plan while the clients run.
     kills: Option<KillPlan>,
+    /// Also write the summary as JSON here.
+    json: Option<&'a Path>,
 }
 
 /// Operator kills made while a topology's clients run (the demo).
@@ -632,6 +652,7 @@ fn run_topology(
         duration,
         control,
         kills: kill_plan,
+        json,
     } = opts;
     let t0 = Instant::now();
     let mut topo = Topology::start(hv, config, file, echo)?;
@@ -859,6 +880,7 @@ fn run_topology(
         println!("ddvm: {r}");
         ok &= r.clean();
     }
+    let mut kill_rows = Vec::new();
     if let Some((k, _)) = &kills {
         println!();
         println!(
@@ -878,6 +900,15 @@ fn run_topology(
                 ms_of(d.recovery.p99()),
                 ms_of(d.recovery.max())
             );
+            let us = |d: Option<Duration>| d.map(|d| d.as_micros() as u64);
+            kill_rows.push(serde_json::json!({
+                "domain": d.name,
+                "kills": d.kills,
+                "recovered": d.recovered,
+                "recovery_p50_us": us(d.recovery.p50()),
+                "recovery_p99_us": us(d.recovery.p99()),
+                "recovery_max_us": us(d.recovery.max()),
+            }));
             made += u64::from(d.kills);
             recovered += d.recovered;
             for t in d.recovery.iter() {
@@ -898,6 +929,48 @@ fn run_topology(
             ms_of(all.p99()),
             if ok { "no error, no mismatch and no link down" } else { "a failure (above)" }
         );
+    }
+    if let Some(path) = json {
+        let clients: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "name": o.name,
+                    "exit": o.exit.as_ref().map(|e| e.to_string()),
+                    "ok": o.ok(),
+                    "workload": o.report,
+                    "net_echo": o.net,
+                    "net_tcp": o.tcp,
+                    "linux": o.linux,
+                })
+            })
+            .collect();
+        let disk_rows: Vec<serde_json::Value> = disks
+            .iter()
+            .map(|(name, kind, answered, copy_bytes, _, exits, _)| {
+                serde_json::json!({
+                    "name": name,
+                    "backend": kind,
+                    "answered": answered,
+                    "copy_bytes": copy_bytes,
+                    "domain_exits": exits,
+                })
+            })
+            .collect();
+        let summary = serde_json::json!({
+            "ddvm_version": env!("CARGO_PKG_VERSION"),
+            "config": file.display().to_string(),
+            "platform": platform,
+            "elapsed_s": t0.elapsed().as_secs_f64(),
+            "stopped": stopped,
+            "ok": ok,
+            "clients": clients,
+            "disks": disk_rows,
+            "stops": stops.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            "kills": kill_rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("--json {}", path.display()))?;
     }
     println!(
         "ddvm: {} in {:.2} s",
@@ -971,6 +1044,7 @@ fn run_config(
     duration: Option<f64>,
     control: Option<&Path>,
     verify: Option<u64>,
+    json: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
     // SIGINT, SIGTERM and the control socket's `stop` end the run alike.
@@ -992,8 +1066,15 @@ fn run_config(
                 duration,
                 control,
                 kills: None,
+                json,
             },
             &stop,
+        );
+    }
+    if json.is_some() {
+        anyhow::bail!(
+            "--json: {} has no clients; the JSON summary is of what clients saw",
+            file.display()
         );
     }
     let mut cfgs = Vec::new();
