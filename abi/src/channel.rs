@@ -313,7 +313,7 @@ impl ChannelHeader {
             }
         }
         if self.max_transfer == 0
-            || self.max_transfer % 512 != 0
+            || !self.max_transfer.is_multiple_of(512)
             || self.max_transfer > self.data_size
         {
             return Err(GeometryError::MaxTransfer);

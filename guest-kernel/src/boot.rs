@@ -179,7 +179,7 @@ fn region_ok(addr: u64, len: u64, mem_size: u64) -> bool {
 
 /// Whether an ECAM window at `addr` is page-aligned, above RAM and inside the identity map.
 fn ecam_ok(addr: u64, mem_size: u64) -> bool {
-    addr % PAGE_SIZE == 0
+    addr.is_multiple_of(PAGE_SIZE)
         && addr >= mem_size
         && addr
             .checked_add(PCI_ECAM_SIZE)
@@ -191,7 +191,10 @@ pub(crate) fn init_ddvm(addr: u64, magic: u64) -> Result<(), BootError> {
     if magic != ENTRY_MAGIC {
         return Err(BootError::EntryMagic(magic));
     }
-    if addr < PAGE_SIZE || addr % 8 != 0 || addr + size_of::<BootInfo>() as u64 > IDENTITY_MAPPED {
+    if addr < PAGE_SIZE
+        || !addr.is_multiple_of(8)
+        || addr + size_of::<BootInfo>() as u64 > IDENTITY_MAPPED
+    {
         return Err(BootError::InfoAddress(addr));
     }
     // SAFETY: an aligned, identity-mapped address that the VMM says holds the boot info; a
@@ -285,7 +288,10 @@ const MEMMAP_MAX: u32 = 128;
 /// Synthesizes the boot info from QEMU's `hvm_start_info` at `addr` (PVH entry).
 pub(crate) fn init_pvh(addr: u64) -> Result<(), BootError> {
     // QEMU's option ROM keeps its tables in the first page: only null is refused.
-    if addr == 0 || addr % 8 != 0 || addr + size_of::<HvmStartInfo>() as u64 > IDENTITY_MAPPED {
+    if addr == 0
+        || !addr.is_multiple_of(8)
+        || addr + size_of::<HvmStartInfo>() as u64 > IDENTITY_MAPPED
+    {
         return Err(BootError::InfoAddress(addr));
     }
     // SAFETY: QEMU passed this address in `ebx`; aligned and identity-mapped (checked above);
@@ -329,7 +335,11 @@ fn pvh_ram_end(start: &HvmStartInfo) -> Option<u64> {
     let entry = size_of::<HvmMemmapEntry>() as u64;
     let n = u64::from(start.memmap_entries.min(MEMMAP_MAX));
     let table = start.memmap_paddr;
-    if start.version < 1 || table == 0 || table % 8 != 0 || table + n * entry > IDENTITY_MAPPED {
+    if start.version < 1
+        || table == 0
+        || !table.is_multiple_of(8)
+        || table + n * entry > IDENTITY_MAPPED
+    {
         return None;
     }
     (0..n)

@@ -62,7 +62,8 @@ impl MmioRegion {
     fn register<T: RegisterValue>(&self, offset: u64) -> Mmio<T> {
         let size = size_of::<T>() as u64;
         assert!(
-            offset % size == 0 && offset.checked_add(size).is_some_and(|end| end <= self.len),
+            offset.is_multiple_of(size)
+                && offset.checked_add(size).is_some_and(|end| end <= self.len),
             "register at {offset:#x} ({size} bytes) is outside the {:#x}-byte window or misaligned",
             self.len
         );

@@ -422,7 +422,7 @@ pub fn map_memory_bar(bar: &MemoryBar) -> Result<MmioRegion, BarError> {
     if bar.base < ram_end || end > IDENTITY_MAPPED || bar.size == 0 {
         return Err(placement);
     }
-    if !bar.size.is_power_of_two() || bar.base % bar.size != 0 {
+    if !bar.size.is_power_of_two() || !bar.base.is_multiple_of(bar.size) {
         return Err(BarError::Misaligned {
             base: bar.base,
             size: bar.size,

@@ -86,7 +86,7 @@ impl SharedRegion {
         );
         let addr = self.base + offset;
         assert!(
-            addr % align as u64 == 0,
+            addr.is_multiple_of(align as u64),
             "misaligned shared region access at {addr:#x}"
         );
         addr

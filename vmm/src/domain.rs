@@ -591,7 +591,8 @@ impl Domain {
         let name = cfg.name.clone();
         // Everything the request can get wrong, before any KVM object exists.
         vm::check_memory(&name, cfg.memory)?;
-        if cfg.channel_size % layout::PAGE_SIZE != 0 || cfg.channel_size > cfg.memory / 2 {
+        if !cfg.channel_size.is_multiple_of(layout::PAGE_SIZE) || cfg.channel_size > cfg.memory / 2
+        {
             return Err(DomainError::ChannelSize {
                 name,
                 size: cfg.channel_size,

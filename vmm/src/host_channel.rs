@@ -539,10 +539,13 @@ impl HostChannel {
             Some("zero capacity")
         } else if info.block_size != 512 && info.block_size != 4096 {
             Some("block size is neither 512 nor 4096")
-        } else if info.capacity_sectors % u64::from(info.block_size / 512) != 0 {
+        } else if !info
+            .capacity_sectors
+            .is_multiple_of(u64::from(info.block_size / 512))
+        {
             Some("capacity not a whole number of blocks")
         } else if info.max_transfer == 0
-            || info.max_transfer % info.block_size != 0
+            || !info.max_transfer.is_multiple_of(info.block_size)
             || info.max_transfer > self.max_transfer()
         {
             Some("max transfer zero, unaligned or over the channel's")

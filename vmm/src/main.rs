@@ -262,13 +262,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => demo(
             &cli.kvm,
-            requests,
-            qd,
-            frames,
-            kills,
-            Duration::from_millis(kill_every_ms),
-            verbose,
-            json.as_deref(),
+            DemoOptions {
+                requests,
+                qd,
+                frames,
+                kills,
+                kill_every: Duration::from_millis(kill_every_ms),
+                verbose,
+                json: json.as_deref(),
+            },
         ),
         Command::Run {
             config,
@@ -487,16 +489,27 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn demo(
-    kvm: &Path,
+/// `ddvm demo`'s options.
+struct DemoOptions<'a> {
     requests: u64,
     qd: u32,
     frames: u64,
     kills: u32,
     kill_every: Duration,
     verbose: bool,
-    json: Option<&Path>,
-) -> anyhow::Result<ExitCode> {
+    json: Option<&'a Path>,
+}
+
+fn demo(kvm: &Path, opts: DemoOptions<'_>) -> anyhow::Result<ExitCode> {
+    let DemoOptions {
+        requests,
+        qd,
+        frames,
+        kills,
+        kill_every,
+        verbose,
+        json,
+    } = opts;
     let disk = ddvm::topology::demo_disk_path();
     let text = ddvm::demo::topology(&disk, requests, qd, frames);
     let file = Path::new("builtin:demo.toml");

@@ -43,7 +43,7 @@ pub enum MemoryError {
 
 /// Creates `size` bytes of guest RAM at guest-physical 0.
 pub fn create(size: u64, max: u64) -> Result<GuestMem, MemoryError> {
-    if size == 0 || size % RAM_ALIGN != 0 || size > max {
+    if size == 0 || !size.is_multiple_of(RAM_ALIGN) || size > max {
         return Err(MemoryError::BadSize { size, max });
     }
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])

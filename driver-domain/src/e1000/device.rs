@@ -183,7 +183,7 @@ impl Nic {
                 need: regs::WINDOW,
             });
         }
-        let ok = |n: u16| n % 8 == 0 && (8..=MAX_DESCRIPTORS).contains(&n);
+        let ok = |n: u16| n.is_multiple_of(8) && (8..=MAX_DESCRIPTORS).contains(&n);
         assert!(
             ok(options.rx_descriptors) && ok(options.tx_descriptors),
             "e1000 ring sizes must be multiples of 8 from 8 to {MAX_DESCRIPTORS}"

@@ -69,7 +69,9 @@ pub struct Ring {
 impl Ring {
     /// A ring of `descriptors` (a multiple of 8 from 8 to [`MAX_DESCRIPTORS`]), zeroed.
     pub fn new(descriptors: u16) -> Result<Self, E1000Error> {
-        debug_assert!(descriptors % 8 == 0 && (8..=MAX_DESCRIPTORS).contains(&descriptors));
+        debug_assert!(
+            descriptors.is_multiple_of(8) && (8..=MAX_DESCRIPTORS).contains(&descriptors)
+        );
         let mem = DmaBuffer::new(1).ok_or(E1000Error::OutOfMemory)?;
         Ok(Ring {
             mem,

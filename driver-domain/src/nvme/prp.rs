@@ -78,7 +78,7 @@ pub fn build(
     if len == 0 {
         return Err(PrpError::Empty);
     }
-    if addr % 4 != 0 {
+    if !addr.is_multiple_of(4) {
         return Err(PrpError::Unaligned(addr));
     }
     let end = addr

@@ -266,7 +266,7 @@ impl Nic {
     /// A register read of `data.len()` bytes at `off`.
     pub fn reg_read(&mut self, off: u64, data: &mut [u8]) {
         data.fill(0);
-        if data.len() != 4 || off % 4 != 0 {
+        if data.len() != 4 || !off.is_multiple_of(4) {
             return;
         }
         let v = self.read32(off);
@@ -307,7 +307,7 @@ impl Nic {
             self.counters.ignored_register_writes += 1;
             return;
         };
-        if off % 4 != 0 {
+        if !off.is_multiple_of(4) {
             self.counters.ignored_register_writes += 1;
             return;
         }

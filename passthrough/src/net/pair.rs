@@ -157,7 +157,7 @@ impl PairEnd {
     fn hits(&mut self, every: Every) -> bool {
         match every {
             Every::Never | Every::Nth(0) => false,
-            Every::Nth(n) => self.seq % n == 0,
+            Every::Nth(n) => self.seq.is_multiple_of(n),
             Every::Probability(p) => self.rng.unit() < p,
         }
     }

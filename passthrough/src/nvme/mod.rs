@@ -589,7 +589,7 @@ impl EmulatedNvme {
         Observed::bump(&o.doorbell_writes);
         let slot = ((offset - DOORBELL_BASE) / 4) as usize;
         let value = match data {
-            [a, b, c, d] if offset % 4 == 0 => u32::from_le_bytes([*a, *b, *c, *d]),
+            [a, b, c, d] if offset.is_multiple_of(4) => u32::from_le_bytes([*a, *b, *c, *d]),
             _ => {
                 Observed::bump(&o.invalid_doorbells);
                 return;

@@ -96,7 +96,7 @@ impl Namespace {
                 lba_size,
             });
         }
-        if size == 0 || size % u64::from(lba_size) != 0 {
+        if size == 0 || !size.is_multiple_of(u64::from(lba_size)) {
             return Err(NamespaceError::Size {
                 path: path.to_path_buf(),
                 size,

@@ -381,7 +381,7 @@ impl ConfigSpace {
             return fx;
         }
         if start < BAR_END && BAR0 < end {
-            if start % 4 == 0 && data.len() == 4 {
+            if start.is_multiple_of(4) && data.len() == 4 {
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 self.bar_write((start - BAR0) / 4, v);
             } else {
@@ -407,7 +407,7 @@ impl ConfigSpace {
 fn check_msix(m: &MsixLayout, bars: &[(BarInfo, u64)]) -> Result<(), PciError> {
     let bad = PciError::BadMsix { layout: *m };
     let inside = |bar: u8, offset: u64, len: u64| {
-        offset % 8 == 0
+        offset.is_multiple_of(8)
             && bars.iter().any(|(info, _)| {
                 info.index == bar && offset.checked_add(len).is_some_and(|e| e <= info.size)
             })

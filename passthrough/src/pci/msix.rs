@@ -131,7 +131,7 @@ impl State {
 
 /// Whether an access of `len` bytes at `offset` is an aligned dword or qword.
 fn aligned_access(offset: u64, len: usize) -> bool {
-    matches!(len, 4 | 8) && offset % len as u64 == 0
+    matches!(len, 4 | 8) && offset.is_multiple_of(len as u64)
 }
 
 impl Msix {

@@ -264,7 +264,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
                 .read_config(offset - u64::from(r::VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let v = self.read_register(offset as u32);
@@ -279,7 +279,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         let [a, b, c, d] = data else { return };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         self.write_register(offset as u32, u32::from_le_bytes([*a, *b, *c, *d]));
