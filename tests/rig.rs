@@ -120,6 +120,17 @@ fn demo_verifies_every_block_on_svm_kvm() {
         );
     }
     assert!(console.contains("every client verified every block it read"));
+    // The NIC's clients and the kills: each recovered, nothing seen by the clients.
+    assert!(
+        console.contains("ddvm: 3 kill(s) of the driver domains, 3 recovered")
+            && console.contains("the clients saw no error, no mismatch and no link down"),
+        "the kills in the rig:\n{console}"
+    );
+    let kills: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("nvme0 ") || l.starts_with("nic0 ") || l.starts_with("nic1 "))
+        .collect();
+    println!("{}", kills.join("\n"));
 }
 
 /// A stock Debian kernel as a client guest: it finds its virtio-blk disk the way any Linux

@@ -5,9 +5,9 @@
 //! header a magic, a kind (data or FIN), its sequence number, its own length (60 to 1514
 //! bytes, a function of the seed and the number) and the sender's id, then a payload generated
 //! from the seed and the number. The sender keeps up to `window` frames in flight and sends a
-//! frame again when it was not echoed within `retry_ms` (the network may lose frames, for
-//! example while a NIC domain restarts); the echo side sends each frame back with the
-//! addresses swapped. A frame that does not check out is `corrupt`; one that comes back after
+//! frame again when it was not echoed within `retry_ms` and three smoothed round trips (the
+//! network may lose frames, for example while a NIC domain restarts); the echo side sends
+//! each frame back with the addresses swapped. A frame that does not check out is `corrupt`; one that comes back after
 //! its number was already delivered is a duplicate (a retried frame whose first copy was not
 //! lost, or a transmit replayed after a restart: at-least-once). When every frame is back the
 //! sender sends FIN until it is echoed; the echo side stops half a second after its first FIN.
@@ -255,6 +255,10 @@ fn send(cfg: &NetConfig, dev: &mut NetDevice, mac: [u8; 6], c: &mut Counts) -> R
     let stop_at = cfg.duration_ms.map(|d| start + d * 1000);
     let limit = cfg.count.unwrap_or(u64::from(u32::MAX));
     let retry_us = cfg.retry_ms * 1000;
+    // Smoothed round trip (as TCP's SRTT, gain 1/8): a frame is sent again only after
+    // `retry_ms` and at least three of them, so a path slower than `retry_ms` (an emulated
+    // machine) is not flooded with copies of frames still on their way.
+    let mut srtt_us: u64 = 0;
     // Every number below `next` not in flight was delivered.
     let mut flight: Vec<InFlight> = Vec::new();
     let mut next: u64 = 0;
@@ -298,7 +302,13 @@ fn send(cfg: &NetConfig, dev: &mut NetDevice, mac: [u8; 6], c: &mut Counts) -> R
                 Frame::Data(seq) => {
                     if let Some(i) = flight.iter().position(|f| f.seq == seq) {
                         c.frames += 1;
-                        c.rtt.record(now - flight.swap_remove(i).sent_us);
+                        let rtt = now - flight.swap_remove(i).sent_us;
+                        c.rtt.record(rtt);
+                        srtt_us = if srtt_us == 0 {
+                            rtt
+                        } else {
+                            (7 * srtt_us + rtt) / 8
+                        };
                     } else if u64::from(seq) < next {
                         c.duplicates += 1;
                     } else {
@@ -307,7 +317,8 @@ fn send(cfg: &NetConfig, dev: &mut NetDevice, mac: [u8; 6], c: &mut Counts) -> R
                 }
             }
         }
-        for f in flight.iter_mut().filter(|f| now - f.sent_us > retry_us) {
+        let timeout_us = retry_us.max(3 * srtt_us);
+        for f in flight.iter_mut().filter(|f| now - f.sent_us > timeout_us) {
             if !dev.transmit(&build(peer, mac, cfg.seed, cfg.id, f.seq, KIND_DATA))? {
                 break;
             }
