@@ -387,3 +387,50 @@ fn ctrl_c_during_chaos_ends_it_with_a_report_of_what_ran() {
         "{report}"
     );
 }
+
+/// Chaos targets can be set, and `--strict` makes a missed one the exit status (5); without
+/// it a missed target is reported and the exit status says only what the clients saw.
+#[test]
+fn chaos_targets_are_settable_and_strict_makes_a_miss_the_exit_status() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/net.toml");
+    let cfg = cfg.to_str().unwrap();
+    let args = [
+        "chaos",
+        cfg,
+        "--duration",
+        "2s",
+        "--every",
+        "500ms",
+        "--no-baseline",
+        "--target-recovery-p99",
+        "1us",
+    ];
+    let run = |strict: bool| {
+        let mut a = args.to_vec();
+        if strict {
+            a.push("--strict");
+        }
+        let out = Command::new(ddvm_bin())
+            .args(&a)
+            .env_remove("DDVM_KVM")
+            .output()
+            .expect("run ddvm");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, text) = run(true);
+    assert_eq!(code, Some(5), "{text}");
+    assert!(
+        text.contains("FAIL  recovery_p99_ms") && text.contains("(target <= 0.00 ms)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--strict: target(s) missed: recovery_p99_ms"),
+        "{text}"
+    );
+    let (code, text) = run(false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("FAIL  recovery_p99_ms"), "{text}");
+}

@@ -237,9 +237,23 @@ pub struct ChaosReport {
     /// The run was stopped (SIGINT, SIGTERM) before its end: the figures cover what ran.
     #[serde(default)]
     pub stopped: bool,
+    /// The target for recovery p99, milliseconds (default [`MAX_RECOVERY_P99`]).
+    #[serde(default = "default_p99_ms")]
+    pub target_recovery_p99_ms: f64,
+    /// The target for the throughput ratio (default [`MIN_THROUGHPUT_RATIO`]).
+    #[serde(default = "default_throughput")]
+    pub target_throughput_ratio: f64,
     /// Where and when it ran: filled in by the caller.
     #[serde(default)]
     pub run: RunInfo,
+}
+
+fn default_p99_ms() -> f64 {
+    MAX_RECOVERY_P99.as_micros() as f64 / 1000.0
+}
+
+fn default_throughput() -> f64 {
+    MIN_THROUGHPUT_RATIO
 }
 
 /// Where and when a chaos run ran.
@@ -292,6 +306,8 @@ impl ChaosReport {
             network: None,
             targets: Vec::new(),
             stopped: false,
+            target_recovery_p99_ms: default_p99_ms(),
+            target_throughput_ratio: default_throughput(),
             run: RunInfo::default(),
         }
     }
@@ -416,8 +432,9 @@ impl ChaosReport {
     }
 
     /// The run's targets: no client-visible errors, no data mismatches, recovery p99
-    /// (detection to first completion) at most [`MAX_RECOVERY_P99`], throughput at least
-    /// [`MIN_THROUGHPUT_RATIO`] of the baseline. Uses the fields [`finish`](Self::finish) sets.
+    /// (detection to first completion) at most `target_recovery_p99_ms` (by default
+    /// [`MAX_RECOVERY_P99`]), throughput at least `target_throughput_ratio` of the baseline (by
+    /// default [`MIN_THROUGHPUT_RATIO`]). Uses the fields [`finish`](Self::finish) sets.
     pub fn targets(&self) -> Vec<TargetCheck> {
         let errors = TargetCheck::new(
             "client_errors",
@@ -436,7 +453,7 @@ impl ChaosReport {
             "recovery_p99_ms",
             p99.map(|us| us as f64 / 1000.0),
             Comparison::AtMost,
-            MAX_RECOVERY_P99.as_micros() as f64 / 1000.0,
+            self.target_recovery_p99_ms,
         );
         if p99.is_none() {
             recovery.pass = true;
@@ -446,11 +463,13 @@ impl ChaosReport {
             "throughput_ratio",
             (self.baseline_iops > 0.0).then_some(self.throughput_ratio),
             Comparison::AtLeast,
-            MIN_THROUGHPUT_RATIO,
+            self.target_throughput_ratio,
         );
         if self.baseline_iops <= 0.0 {
             throughput.note = Some("no baseline to compare with".into());
-        } else if self.faults != [FaultKind::Kill] || self.every_ms != 1000 {
+        } else if self.target_throughput_ratio == MIN_THROUGHPUT_RATIO
+            && (self.faults != [FaultKind::Kill] || self.every_ms != 1000)
+        {
             throughput.note = Some("the target is set for --faults kill --every 1s".into());
         }
         vec![errors, mismatches, recovery, throughput]

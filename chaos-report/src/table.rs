@@ -218,4 +218,18 @@ mod tests {
             r.table()
         );
     }
+
+    #[test]
+    fn targets_can_be_set() {
+        let mut r = sample_report();
+        r.target_recovery_p99_ms = 20.0;
+        r.target_throughput_ratio = 0.99;
+        let table = r.table();
+        for line in [
+            "  PASS  recovery_p99_ms       12.00 ms  (target <= 20.00 ms)",
+            "  FAIL  throughput_ratio         0.955  (target >= 0.990)",
+        ] {
+            assert!(table.contains(line), "missing {line:?} in\n{table}");
+        }
+    }
 }

@@ -26,12 +26,15 @@ const EXIT_CODES: &str = "Exit status:
   1  an error: the configuration, an image, KVM, a device, the control socket (one line on stderr)
   2  a usage error: an unknown option, a bad value, a bad --log filter
   3  a guest crashed, or a client saw an error, a mismatch or its link down
-  4  a domain did not become ready in time";
+  4  a domain did not become ready in time
+  5  ddvm chaos --strict: a target was missed (the report's targets say which)";
 
 /// Exit status when a guest crashed.
 const EXIT_GUEST_CRASH: u8 = 3;
 /// Exit status when a guest did not become ready in time.
 const EXIT_TIMEOUT: u8 = 4;
+/// Exit status of `ddvm chaos --strict` when a target was missed.
+const EXIT_TARGET_MISSED: u8 = 5;
 
 #[derive(Parser)]
 #[command(
@@ -126,6 +129,15 @@ enum Command {
         /// Skip the fault-free baseline run.
         #[arg(long)]
         no_baseline: bool,
+        /// Target for the recovery p99, detection to first completion (e.g. 10ms).
+        #[arg(long, default_value = "10ms")]
+        target_recovery_p99: String,
+        /// Target for the throughput under faults, as a fraction of the baseline's.
+        #[arg(long, default_value_t = ddvm_chaos_report::MIN_THROUGHPUT_RATIO)]
+        target_throughput: f64,
+        /// A missed target is a failure: exit status 5.
+        #[arg(long)]
+        strict: bool,
     },
     /// Talk to a running `ddvm run --control SOCKET`: status, events, kill, restart, update,
     /// inject, stop.
@@ -317,8 +329,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             svg,
             no_baseline,
             rounds,
+            target_recovery_p99,
+            target_throughput,
+            strict,
         } => {
             let duration = ddvm_chaos_report::parse_duration(&duration).context("--duration")?;
+            let p99 = ddvm_chaos_report::parse_duration(&target_recovery_p99)
+                .context("--target-recovery-p99")?;
+            if !(target_throughput.is_finite() && target_throughput >= 0.0) {
+                anyhow::bail!(
+                    "--target-throughput {target_throughput}: expected a fraction of the baseline's throughput, 0 or more (e.g. 0.95)"
+                );
+            }
+            let targets = ChaosTargets {
+                recovery_p99: p99,
+                throughput: target_throughput,
+                strict,
+            };
             let plan = ddvm::chaos::ChaosPlan {
                 faults: ddvm_recovery::fault::parse_fault_list(&faults).context("--faults")?,
                 every: ddvm_chaos_report::parse_duration(&every).context("--every")?,
@@ -328,7 +355,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| ddvm::chaos::ChaosPlan::default_rounds(duration))
                     .max(1),
             };
-            chaos(&cli.kvm, &config, &plan, json.as_deref(), svg.as_deref())
+            chaos(
+                &cli.kvm,
+                &config,
+                &plan,
+                &targets,
+                json.as_deref(),
+                svg.as_deref(),
+            )
         }
         Command::Boot {
             image,
@@ -582,10 +616,19 @@ fn ctl(socket: &Path, words: &[String]) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// What `ddvm chaos` checks its run against.
+struct ChaosTargets {
+    recovery_p99: Duration,
+    throughput: f64,
+    /// A missed target sets the exit status.
+    strict: bool,
+}
+
 fn chaos(
     kvm: &Path,
     file: &Path,
     plan: &ddvm::chaos::ChaosPlan,
+    targets: &ChaosTargets,
     json: Option<&Path>,
     svg: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
@@ -620,6 +663,9 @@ fn chaos(
         platform: report.run.platform.clone(),
         ..started
     };
+    report.target_recovery_p99_ms = targets.recovery_p99.as_secs_f64() * 1e3;
+    report.target_throughput_ratio = targets.throughput;
+    report.targets = report.targets();
     if report.stopped {
         println!("ddvm chaos: stopped on request; the report covers what ran before");
     }
@@ -645,10 +691,22 @@ fn chaos(
         println!("plots: {} {}", t.display(), h.display());
     }
     let clean = report.client_errors == 0 && report.mismatches == 0;
-    Ok(if clean {
-        ExitCode::SUCCESS
-    } else {
+    let missed: Vec<&str> = report
+        .targets
+        .iter()
+        .filter(|t| !t.pass)
+        .map(|t| t.name.as_str())
+        .collect();
+    Ok(if !clean {
         ExitCode::from(EXIT_GUEST_CRASH)
+    } else if targets.strict && !missed.is_empty() {
+        println!(
+            "ddvm chaos: --strict: target(s) missed: {}",
+            missed.join(", ")
+        );
+        ExitCode::from(EXIT_TARGET_MISSED)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
