@@ -75,32 +75,38 @@ impl Nic {
                 }
             };
             taken += 1;
-            if let Some(frame) = buf.get(..len) {
-                causes |= self.arrive(frame);
-            }
+            causes |= self.arrive(&mut buf, len);
             self.rx_buf = buf;
-            causes |= self.drain_fifo();
         }
         self.raise(causes);
         taken
     }
 
-    /// A frame off the wire: checked for size, then into the packet buffer (or dropped when
-    /// it is full). Returns the interrupt causes.
-    fn arrive(&mut self, frame: &[u8]) -> u32 {
-        if frame.len() < MIN_FRAME {
+    /// The frame in `buf[..len]` off the wire: checked for size, then straight into the ring
+    /// when nothing waits before it, else (or when the ring has no room) into the packet
+    /// buffer, or dropped when that is full. `buf` holds at least [`MIN_RX_FRAME`] bytes.
+    /// Returns the interrupt causes.
+    fn arrive(&mut self, buf: &mut [u8], len: usize) -> u32 {
+        if len < MIN_FRAME {
             self.count(stat::RUC, 1);
             return 0;
         }
-        if frame.len() > MAX_FRAME {
+        if len > MAX_FRAME || len > buf.len() {
             self.count(stat::ROC, 1);
             return 0;
         }
-        if self.rx_fifo_bytes + frame.len() > RX_FIFO_BYTES {
+        if self.rx_fifo.is_empty() && self.reg(RCTL) & RCTL_EN != 0 {
+            match self.receive(buf, len) {
+                Delivery::Done(causes) => return causes,
+                Delivery::Held => {}
+            }
+        }
+        if self.rx_fifo_bytes + len > RX_FIFO_BYTES {
             return self.missed();
         }
-        self.rx_fifo_bytes += frame.len();
-        self.rx_fifo.push_back((Instant::now(), frame.to_vec()));
+        self.rx_fifo_bytes += len;
+        self.rx_fifo
+            .push_back((Instant::now(), buf[..len].to_vec()));
         0
     }
 
@@ -129,13 +135,17 @@ impl Nic {
                 causes |= self.missed();
                 continue;
             }
-            match self.receive(&mut frame) {
+            let len = frame.len();
+            frame.resize(len.max(MIN_RX_FRAME), 0);
+            let delivery = self.receive(&mut frame, len);
+            frame.truncate(len);
+            match delivery {
                 Delivery::Held => {
                     self.rx_fifo.push_front((arrived, frame));
                     break;
                 }
                 Delivery::Done(c) => {
-                    self.rx_fifo_bytes -= frame.len();
+                    self.rx_fifo_bytes -= len;
                     causes |= c;
                 }
             }
@@ -143,18 +153,21 @@ impl Nic {
         causes
     }
 
-    /// Delivers the frame `frame` (the receiver on) or says it must keep waiting.
-    fn receive(&mut self, frame: &mut Vec<u8>) -> Delivery {
+    /// Delivers the frame `buf[..len]` (the receiver on), padded with zeros to
+    /// [`MIN_RX_FRAME`] in `buf` (which is at least that long), or says it must keep waiting.
+    fn receive(&mut self, buf: &mut [u8], len: usize) -> Delivery {
+        let plen = len.max(MIN_RX_FRAME);
+        let (Some(frame), true) = (buf.get(..len), plen <= buf.len()) else {
+            return Delivery::Done(0);
+        };
         if !self.accepts(frame) {
             self.counters.rx_filtered += 1;
             return Delivery::Done(0);
         }
-        let len = frame.len();
-        let plen = len.max(MIN_RX_FRAME);
-        frame.resize(plen, 0);
-        let result = self.fill_ring(frame);
-        frame.truncate(len);
-        match result {
+        let is_group = frame[0] & 1 != 0;
+        let broadcast = frame[..6] == [0xFF; 6];
+        buf[len..plen].fill(0);
+        match self.fill_ring(&buf[..plen]) {
             Ok(causes) => {
                 self.count(stat::TPR, 1);
                 self.count64(stat::TORL, plen as u64 + 4);
@@ -162,12 +175,8 @@ impl Nic {
                 self.count(stat::GPRC, 1);
                 self.count64(stat::GORCL, plen as u64 + 4);
                 self.count_size(stat::PRC64, plen);
-                if frame[0] & 1 != 0 {
-                    let s = if frame[..6] == [0xFF; 6] {
-                        stat::BPRC
-                    } else {
-                        stat::MPRC
-                    };
+                if is_group {
+                    let s = if broadcast { stat::BPRC } else { stat::MPRC };
                     self.count(s, 1);
                 }
                 Delivery::Done(causes)
