@@ -147,15 +147,7 @@ fn frames_survive_nic_domains_killed_under_traffic() {
     for i in 0..kills {
         std::thread::sleep(Duration::from_millis(250));
         let h = if i % 3 == 2 { &nic1 } else { &nic0 };
-        let before = h.with(|o| o.recovered);
-        h.send(Command::Kill);
-        while h.with(|o| o.recovered) == before {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "kill {i} never recovered"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        kill_and_wait_recovered(h, i, t0, Duration::from_secs(60));
     }
     let outcomes = topo.wait_clients(Duration::from_secs(120));
     let recovered = nic0.with(|o| o.recovered) + nic1.with(|o| o.recovered);
@@ -531,15 +523,7 @@ fn tcp_bulk_survives_nic_domains_killed_mid_transfer() {
     for i in 0..kills {
         std::thread::sleep(Duration::from_millis(150));
         let h = if i % 2 == 0 { &nic0 } else { &nic1 };
-        let before = h.with(|o| o.recovered);
-        h.send(Command::Kill);
-        while h.with(|o| o.recovered) == before {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "kill {i} never recovered"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        kill_and_wait_recovered(h, i, t0, Duration::from_secs(30));
     }
     let killed_for = t0.elapsed();
     let outcomes = topo.wait_clients(Duration::from_secs(60));

@@ -8,6 +8,8 @@
 //! else; the transfers are bounded in bytes and time. The test needs root, TAP devices and
 //! network namespaces (as CI has): without them it fails, it is not skipped.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Command;
@@ -18,7 +20,6 @@ use std::time::{Duration, Instant};
 use ddvm::config::Config;
 use ddvm::console::Echo;
 use ddvm::hypervisor::Hypervisor;
-use ddvm::reincarnation::Command as Ctl;
 use ddvm::topology::Topology;
 
 const TAP: &str = "ddvm-tcp0";
@@ -228,15 +229,7 @@ fn tcp_to_a_server_behind_a_tap_survives_nic_domain_kills() {
     let t0 = Instant::now();
     for i in 0..kills {
         std::thread::sleep(Duration::from_millis(250));
-        let before = nic.with(|o| o.recovered);
-        nic.send(Ctl::Kill);
-        while nic.with(|o| o.recovered) == before {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "kill {i} never recovered"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        common::kill_and_wait_recovered(&nic, i, t0, Duration::from_secs(60));
     }
     // The kills came during the transfers: both clients were still moving bytes.
     let running = topo

@@ -194,3 +194,19 @@ pub fn crashing_image(dir: &Path) -> PathBuf {
     std::fs::write(&path, b).expect("write the crashing image");
     path
 }
+
+/// Kills the domain behind `h` (an operator kill) and waits for its recovery; fails the test
+/// (naming kill `i`) once `limit` has passed since `t0`.
+pub fn kill_and_wait_recovered(
+    h: &ddvm::reincarnation::RecoveryHandle,
+    i: u64,
+    t0: std::time::Instant,
+    limit: Duration,
+) {
+    let before = h.with(|o| o.recovered);
+    h.send(ddvm::reincarnation::Command::Kill);
+    while h.with(|o| o.recovered) == before {
+        assert!(t0.elapsed() < limit, "kill {i} never recovered");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
