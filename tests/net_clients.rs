@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use ddvm::client::{NetEchoReport, NetTcpReport};
 use ddvm::config::Config;
 use ddvm::console::Echo;
-use ddvm::reincarnation::{Command, RecoveryHandle};
+#[cfg(feature = "fault-injection")]
+use ddvm::reincarnation::Command;
+use ddvm::reincarnation::RecoveryHandle;
 use ddvm::topology::{ClientOutcome, Topology};
 use ddvm::vcpu::GuestExit;
 
