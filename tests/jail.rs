@@ -389,3 +389,78 @@ fn a_jail_user_without_access_is_told_which_path() {
     assert!(empty(&jail));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_tap_is_opened_in_the_namespace_ddvm_started_in_and_the_jail_has_none() {
+    const TAP: &str = "ddvmjail0";
+    let dir = scratch("jail-tap");
+    let jail = dir.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let cfg = dir.join("tap.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[domain]]\nname = \"nic0\"\n[domain.device]\nkind = \"emulated-e1000\"\n\
+             wire = {{ kind = \"tap\", name = \"{TAP}\" }}\n"
+        ),
+    )
+    .unwrap();
+    // This thread (and the ddvm it starts) in a network namespace of its own, with the TAP.
+    // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only the calling thread, which
+    // no other thread of this test binary relies on.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        r,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    for args in [
+        vec!["tuntap", "add", "dev", TAP, "mode", "tap"],
+        vec!["link", "set", TAP, "up"],
+    ] {
+        let out = Command::new("ip")
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `ip` (Debian: iproute2): {e}"));
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let child = Command::new(ddvm_bin())
+        .args(["run", cfg.to_str().unwrap(), "--duration", "3", "--jail"])
+        .arg(&jail)
+        .env_remove("DDVM_KVM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ddvm");
+    let vmm = jailed_child(child.id());
+    // The jailed VMM holds the TAP (a descriptor attached to the interface of this thread's
+    // namespace) once its NIC domain is up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let attached = || {
+        std::fs::read_dir(format!("/proc/{vmm}/fdinfo"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|f| {
+                std::fs::read_to_string(f.path())
+                    .is_ok_and(|t| t.lines().any(|l| l == format!("iff:\t{TAP}")))
+            })
+    };
+    while !attached() {
+        assert!(Instant::now() < deadline, "the jailed VMM never held {TAP}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its own network namespace has no such interface.
+    let net = std::fs::read_to_string(format!("/proc/{vmm}/net/dev")).unwrap();
+    assert!(!net.contains(TAP), "{net}");
+    let (code, text) = ended_within(child, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("ddvm: domain nic0 ready"), "{text}");
+    assert!(empty(&jail));
+    let _ = std::fs::remove_dir_all(&dir);
+}
