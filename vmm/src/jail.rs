@@ -21,12 +21,12 @@
 //!    mounted on `/proc`, its `sys`, `sysrq-trigger`, `irq`, `bus` and `fs` made read-only.
 //! 5. `pivot_root` into DIR, the old root detached, the jail's own tmpfs remounted read-only,
 //!    and the working directory restored (relative paths of the topology resolve as before).
-//! 6. `--jail-gid` and `--jail-uid` are taken (the capabilities still needed kept across
-//!    the change of user), then every capability not needed is dropped: from the bounding
-//!    set, the ambient set, and the effective, permitted and inheritable sets. Then
-//!    `no_new_privs`. Only a topology with VFIO devices keeps any: `CAP_IPC_LOCK` (the memory
-//!    VFIO pins is not held to `RLIMIT_MEMLOCK`) and `CAP_SYSLOG` (the IOMMU fault watch reads
-//!    `/dev/kmsg`).
+//! 6. Every capability not needed is dropped from the bounding set and the ambient set (while
+//!    CAP_SETPCAP, which that takes, is still effective); `--jail-gid` and `--jail-uid` are
+//!    taken (the permitted set kept across the change of user); the effective and permitted
+//!    sets become the needed ones and the inheritable set empty; then `no_new_privs`. Only a
+//!    topology with VFIO devices needs any: `CAP_IPC_LOCK` (the memory VFIO pins is not held
+//!    to `RLIMIT_MEMLOCK`) and `CAP_SYSLOG` (the IOMMU fault watch reads `/dev/kmsg`).
 //! 7. Each needed path is checked to be usable as the VMM will use it, with the credentials
 //!    it now has, so a file the jail's user cannot write is named at once.
 //!
@@ -800,6 +800,11 @@ fn build(
     // then the user; then the sets the process holds.
     drop_bounding(&needs.keep)?;
     set_ids(opts)?;
+    // A change of user clears the parent-death signal: ask again.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes no pointers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
     set_capabilities(&needs.keep)?;
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes no pointers.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
