@@ -464,3 +464,46 @@ fn a_tap_is_opened_in_the_namespace_ddvm_started_in_and_the_jail_has_none() {
     assert!(empty(&jail));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ddvm chaos` jailed: its faults are recovered inside the jail and its report and plots,
+/// written at the end from inside, land on the host.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_jailed_chaos_run_recovers_its_faults_and_writes_its_report() {
+    let dir = scratch("jail-chaos");
+    let jail = dir.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let cfg = topology(&dir, 2000);
+    let json = dir.join("chaos.json");
+    let out = ddvm(&[
+        "chaos",
+        cfg.to_str().unwrap(),
+        "--faults",
+        "kill,panic",
+        "--every",
+        "300ms",
+        "--duration",
+        "2s",
+        "--no-baseline",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        dir.join("plot").to_str().unwrap(),
+        "--jail",
+        jail.to_str().unwrap(),
+    ]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["client_errors"], 0, "{report}");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert!(report["recoveries"].as_u64().unwrap_or(0) > 0, "{report}");
+    for plot in ["plot-throughput.svg", "plot-recovery.svg"] {
+        let svg = std::fs::read_to_string(dir.join(plot)).unwrap();
+        assert!(svg.starts_with("<svg") || svg.contains("<svg"), "{plot}");
+    }
+    assert!(empty(&jail));
+    let _ = std::fs::remove_dir_all(&dir);
+}

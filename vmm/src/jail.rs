@@ -119,7 +119,7 @@ enum Access {
 enum Missing {
     /// It must exist.
     Refuse,
-    /// Create an empty regular file (mode 0600), as the VMM itself would.
+    /// Create an empty regular file, as the VMM itself would.
     File,
     /// Create the directory (mode 0700, and its parents), as the control socket does.
     Dir,
@@ -581,12 +581,12 @@ fn prepare(needs: &[Need], dir: &Path) -> Result<Vec<(bool, bool)>, JailError> {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => match n.missing {
                 Missing::Refuse => return Err(err(format!("{e}; expected it to exist"))),
+                // The mode the VMM would have given it (0666 less the umask).
                 Missing::File => {
                     std::fs::OpenOptions::new()
                         .write(true)
                         .create(true)
                         .truncate(false)
-                        .mode(0o600)
                         .open(&n.path)
                         .map_err(|e| err(format!("{e}; expected to be able to create it")))?;
                 }
