@@ -507,3 +507,78 @@ fn a_jailed_chaos_run_recovers_its_faults_and_writes_its_report() {
     assert!(empty(&jail));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_jail_user_with_access_runs_the_topology_as_that_user() {
+    use std::os::unix::fs::chown;
+    const NOBODY: u32 = 65534;
+    let dir = scratch("jail-nobody");
+    let jail = dir.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let cfg = topology(&dir, 10_000_000);
+    // A KVM node and a backing file of the jail's user (the host's /dev/kvm is left alone).
+    let kvm = dir.join("kvm");
+    let node = std::ffi::CString::new(kvm.to_str().unwrap()).unwrap();
+    // SAFETY: `node` is a NUL-terminated path that outlives the call.
+    let r = unsafe { libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        kvm.display(),
+        std::io::Error::last_os_error()
+    );
+    chown(&kvm, Some(NOBODY), Some(NOBODY)).unwrap();
+    let backing = dir.join("jailed.img");
+    std::fs::write(&backing, b"").unwrap();
+    chown(&backing, Some(NOBODY), Some(NOBODY)).unwrap();
+    let child = Command::new(ddvm_bin())
+        .args(["run", cfg.to_str().unwrap(), "--kvm", kvm.to_str().unwrap()])
+        .args(["--jail-uid", "65534", "--jail-gid", "65534", "--jail"])
+        .arg(&jail)
+        .env_remove("DDVM_KVM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ddvm");
+    let vmm = jailed_child(child.id());
+    // Its clients run (the backing file grew to the namespace's size), as nobody.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&backing).unwrap().len() < 64 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the jailed VMM never sized its disk"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (field, want) in [
+        ("Uid", "65534\t65534\t65534\t65534"),
+        ("Gid", "65534\t65534\t65534\t65534"),
+        ("Groups", "65534"),
+        ("CapEff", "0000000000000000"),
+        ("CapPrm", "0000000000000000"),
+        ("CapBnd", "0000000000000000"),
+        ("NoNewPrivs", "1"),
+    ] {
+        assert_eq!(status_field(vmm, field), want, "{field}");
+    }
+    // A second of I/O as nobody, then a Ctrl-C's SIGINT (forwarded into the jail).
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: kill takes no pointers; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let (code, text) = ended_within(child, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("ddvm: disk nvme0: flushed and shut down"),
+        "{text}"
+    );
+    let answered: u64 = text
+        .split("disk nvme0 (driver domain): ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no disk line: {text}"));
+    assert!(answered >= 1000, "{answered} requests answered: {text}");
+    assert!(empty(&jail));
+    let _ = std::fs::remove_dir_all(&dir);
+}
