@@ -161,6 +161,8 @@ fn a_jailed_run_sees_only_its_topology_and_holds_no_capability() {
         assert_eq!(status_field(vmm, set), "0000000000000000", "{set}");
     }
     assert_eq!(status_field(vmm, "NoNewPrivs"), "1");
+    // And its seccomp filters, installed once the jail was built (mode 2: filtered).
+    assert_eq!(status_field(vmm, "Seccomp"), "2");
 
     // Its mounts: a read-only root, its own /proc (the parts that reach the host read-only),
     // and exactly the topology's paths.

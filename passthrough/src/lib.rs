@@ -38,6 +38,21 @@ mod sync;
 pub mod vfio;
 
 pub use dma::{DmaError, DmaWindow};
+
+static THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what every thread this crate starts (the device models' workers) runs first; the VMM
+/// installs the worker's seccomp filter there. Only the first call counts.
+pub fn on_thread_start(hook: fn()) {
+    let _ = THREAD_START.set(hook);
+}
+
+/// Runs the [`on_thread_start`] hook, if one was set, on the calling thread.
+pub(crate) fn thread_started() {
+    if let Some(hook) = THREAD_START.get() {
+        hook();
+    }
+}
 pub use e1000::{
     E1000Config, E1000Error, E1000Monitor, E1000Poller, E1000Stats, EmulatedE1000, TablePage,
 };

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A hook command from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub struct HookCall {
 }
 
 /// How a hook run ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]
 pub enum HookStatus {
     /// It exited with this code (0: success).
@@ -72,7 +72,8 @@ impl HookStatus {
         *self == HookStatus::Exited { code: 0 }
     }
 
-    fn from_exit(status: ExitStatus) -> HookStatus {
+    /// The status of a process that ended with `status`.
+    pub fn from_exit(status: ExitStatus) -> HookStatus {
         match (status.code(), status.signal()) {
             (Some(code), _) => HookStatus::Exited { code },
             (None, Some(signal)) => HookStatus::Signaled { signal },
@@ -96,11 +97,34 @@ pub struct HookReport {
     pub took: Duration,
 }
 
+/// A hook run: a child of this process, or a request to the launcher.
+enum Job {
+    Child { child: Child, killed: bool },
+    Launched { id: u64 },
+}
+
 struct Running {
-    child: Child,
+    job: Job,
     call: HookCall,
     started: Instant,
-    killed: bool,
+}
+
+/// Something that runs hooks on this process's behalf: for a process whose threads may not
+/// start programs (ddvm's hook launcher, a helper process started before its seccomp filters).
+pub trait Launch: Send + Sync + std::fmt::Debug {
+    /// Asks for a run of `hook` with the three values; returns an id for [`Launch::take`], or
+    /// why it was not asked for.
+    fn run(&self, hook: &Hook, domain: &str, reason: &str, restarts: u64) -> Result<u64, String>;
+    /// How run `id` ended, once it has (the launcher enforces the hook's timeout).
+    fn take(&self, id: u64) -> Option<HookStatus>;
+}
+
+static LAUNCHER: std::sync::OnceLock<Box<dyn Launch>> = std::sync::OnceLock::new();
+
+/// Runs every later hook through `launcher` instead of starting it from this process. Only the
+/// first call counts.
+pub fn use_launcher(launcher: Box<dyn Launch>) {
+    let _ = LAUNCHER.set(launcher);
 }
 
 /// Runs hooks in the background, at most `max_running` at a time.
@@ -113,11 +137,12 @@ pub struct HookRunner {
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Running")
-            .field("pid", &self.child.id())
-            .field("domain", &self.call.domain)
-            .field("killed", &self.killed)
-            .finish()
+        let mut d = f.debug_struct("Running");
+        match &self.job {
+            Job::Child { child, killed } => d.field("pid", &child.id()).field("killed", killed),
+            Job::Launched { id } => d.field("launched", id),
+        };
+        d.field("domain", &self.call.domain).finish()
     }
 }
 
@@ -149,6 +174,20 @@ impl HookRunner {
             self.done.push(report(&call, status, Duration::ZERO));
             return;
         }
+        if let Some(launcher) = LAUNCHER.get() {
+            match launcher.run(&call.hook, &call.domain, call.reason, call.restarts) {
+                Ok(id) => self.running.push(Running {
+                    job: Job::Launched { id },
+                    call,
+                    started: now,
+                }),
+                Err(error) => {
+                    let status = HookStatus::SpawnFailed { error };
+                    self.done.push(report(&call, status, Duration::ZERO));
+                }
+            }
+            return;
+        }
         let spawned = Command::new(&call.hook.program)
             .args(&call.hook.args)
             .arg(&call.domain)
@@ -163,10 +202,12 @@ impl HookRunner {
             .spawn();
         match spawned {
             Ok(child) => self.running.push(Running {
-                child,
+                job: Job::Child {
+                    child,
+                    killed: false,
+                },
                 call,
                 started: now,
-                killed: false,
             }),
             Err(e) => {
                 let status = HookStatus::SpawnFailed {
@@ -198,13 +239,18 @@ impl HookRunner {
     fn check(&mut self, i: usize, now: Instant) -> Option<HookStatus> {
         let r = &mut self.running[i];
         let overdue = now.saturating_duration_since(r.started) > r.call.hook.timeout;
-        if overdue && !r.killed {
+        let (child, killed) = match &mut r.job {
+            Job::Child { child, killed } => (child, killed),
+            // The launcher enforces the timeout and reports the end.
+            Job::Launched { id } => return LAUNCHER.get().and_then(|l| l.take(*id)),
+        };
+        if overdue && !*killed {
             // An error here means it already exited; try_wait tells.
-            let _ = r.child.kill();
-            r.killed = true;
+            let _ = child.kill();
+            *killed = true;
         }
-        match r.child.try_wait() {
-            Ok(Some(_)) if r.killed => Some(HookStatus::TimedOut),
+        match child.try_wait() {
+            Ok(Some(_)) if *killed => Some(HookStatus::TimedOut),
             Ok(Some(status)) => Some(HookStatus::from_exit(status)),
             Ok(None) => None,
             // Not ours to wait for any more (should not happen): report and forget it.
@@ -240,8 +286,11 @@ impl Drop for HookRunner {
     /// Kills hooks still running; reaps those already gone without waiting for the rest.
     fn drop(&mut self) {
         for r in &mut self.running {
-            let _ = r.child.kill();
-            let _ = r.child.try_wait();
+            // Launched hooks are the launcher's to end.
+            if let Job::Child { child, .. } = &mut r.job {
+                let _ = child.kill();
+                let _ = child.try_wait();
+            }
         }
     }
 }

@@ -130,7 +130,10 @@ impl ControlServer {
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(&listener, &woken, &sh));
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadClass::Control);
+                accept_loop(&listener, &woken, &sh)
+            });
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
@@ -381,6 +384,7 @@ fn admit(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
     let spawned = std::thread::Builder::new()
         .name("control-conn".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadClass::ControlConn);
             serve(stream, cred, &sh);
             lock(&sh.conns).remove(&id);
             sh.active.fetch_sub(1, Ordering::AcqRel);
@@ -476,6 +480,15 @@ fn serve(mut stream: UnixStream, cred: sys::PeerCred, shared: &Shared) {
     write_answer(&mut stream, &answer, Instant::now() + ANSWER_DEADLINE);
 }
 
+/// The process's seccomp mode and how many of its threads hold a filter.
+fn seccomp_status() -> Value {
+    let mode = crate::seccomp::mode().unwrap_or(crate::seccomp::Mode::False);
+    match crate::seccomp::filtered_threads() {
+        Ok((threads, filtered)) => json!({"mode": mode, "threads": threads, "filtered": filtered}),
+        Err(e) => json!({"mode": mode, "error": format!("/proc/self/task: {e}")}),
+    }
+}
+
 /// Answers one request line; `stop` is what `{"cmd":"stop"}` sets (none: it is refused).
 pub fn handle(line: &str, handles: &[(String, RecoveryHandle)], stop: Option<&Stop>) -> Value {
     let req: Request = match serde_json::from_str(line) {
@@ -516,7 +529,7 @@ pub fn handle(line: &str, handles: &[(String, RecoveryHandle)], stop: Option<&St
                     })
                 })
                 .collect();
-            json!({"ok": true, "domains": domains})
+            json!({"ok": true, "domains": domains, "seccomp": seccomp_status()})
         }
         Request::Events { since } => {
             let events: Vec<Value> = handles

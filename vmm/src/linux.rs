@@ -782,7 +782,10 @@ pub fn boot(
         helpers.push(
             std::thread::Builder::new()
                 .name(format!("irq-{name}"))
-                .spawn(move || resample_lines(&shared, lines))
+                .spawn(move || {
+                    crate::seccomp::enter(crate::seccomp::ThreadClass::IrqResampler);
+                    resample_lines(&shared, lines)
+                })
                 .map_err(host_err("spawning the interrupt thread"))?,
         );
     }

@@ -27,7 +27,9 @@ const EXIT_CODES: &str = "Exit status:
   2  a usage error: an unknown option, a bad value, a bad --log filter
   3  a guest crashed, or a client saw an error, a mismatch or its link down
   4  a domain did not become ready in time
-  5  ddvm chaos --strict: a target was missed (the report's targets say which)";
+  5  ddvm chaos --strict: a target was missed (the report's targets say which)
+159  a thread made a system call its seccomp filter forbids (stderr names the thread class and
+     the call; see --seccomp)";
 
 /// Exit status when a guest crashed.
 const EXIT_GUEST_CRASH: u8 = 3;
@@ -50,6 +52,11 @@ struct Cli {
     /// Log filter (tracing syntax), e.g. `debug`.
     #[arg(long, global = true, env = "DDVM_LOG", default_value = "warn")]
     log: String,
+    /// Seccomp filters on every thread of `run`, `demo`, `chaos` and `boot`: `true` (a call a
+    /// thread's filter forbids ends ddvm with status 159), `log` (the kernel logs it and lets it
+    /// through), `false` (no filters).
+    #[arg(long, global = true, env = "DDVM_SECCOMP", default_value = "true")]
+    seccomp: ddvm::seccomp::Mode,
     #[command(subcommand)]
     command: Command,
 }
@@ -186,6 +193,9 @@ enum Command {
         #[command(subcommand)]
         action: DeviceAction,
     },
+    /// The hook launcher (started by ddvm itself, with its socket as standard input).
+    #[command(hide = true)]
+    HookLauncher,
     /// Boot one image and wait until it stops; the exit status tells how it stopped.
     Boot {
         /// ELF image (x86-64 static executable); default: the built-in driver domain.
@@ -222,6 +232,9 @@ struct JailArgs {
     /// In the jail, run as this group id (and no other group).
     #[arg(long, value_name = "GID", requires = "jail")]
     jail_gid: Option<u32>,
+    /// The seccomp filters the jailed VMM installs once the jail is built (`--seccomp`).
+    #[arg(skip)]
+    seccomp: ddvm::seccomp::Mode,
 }
 
 impl JailArgs {
@@ -243,7 +256,11 @@ impl JailArgs {
             gid: self.jail_gid,
         };
         Ok(match ddvm::jail::enter(&opts, n)? {
-            ddvm::jail::Jailed::Inside => None,
+            // No hook launcher: a jail refuses hooks.
+            ddvm::jail::Jailed::Inside => {
+                sandbox(self.seccomp, Vec::new())?;
+                None
+            }
             ddvm::jail::Jailed::Exited(status) => Some(ExitCode::from(status)),
         })
     }
@@ -309,7 +326,64 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Starts the hook launcher for `hooks` (when there are any: the one process that may start
+/// programs) and installs the main thread's seccomp filter; every thread started after this
+/// installs its own class's.
+fn sandbox(mode: ddvm::seccomp::Mode, hooks: Vec<ddvm_recovery::hook::Hook>) -> anyhow::Result<()> {
+    if !hooks.is_empty() {
+        let mut command = std::process::Command::new("/proc/self/exe");
+        command.arg("hook-launcher");
+        let launcher = ddvm::launcher::Launcher::start(command, hooks)
+            .context("starting the hook launcher")?;
+        ddvm_recovery::hook::use_launcher(Box::new(launcher));
+    }
+    ddvm::seccomp::install(mode).map_err(|e| anyhow::anyhow!("seccomp: {e}"))?;
+    ddvm::seccomp::enter(ddvm::seccomp::ThreadClass::Main);
+    Ok(())
+}
+
+/// The restart hooks a topology file configures (none when it does not load: the command
+/// reports that itself).
+fn config_hooks(file: &Path) -> Vec<ddvm_recovery::hook::Hook> {
+    let Ok(config) = Config::load(file) else {
+        return Vec::new();
+    };
+    let mut hooks: Vec<ddvm_recovery::hook::Hook> = Vec::new();
+    for d in &config.domains {
+        if let Some(h) = d.recovery.to_policy().ok().and_then(|p| p.restart.hook) {
+            if !hooks.contains(&h) {
+                hooks.push(h);
+            }
+        }
+    }
+    hooks
+}
+
+fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    match &mut cli.command {
+        // Jailed: the filters go on once the jail is built (mounts and namespaces are calls
+        // no filter allows), by the jailed VMM (`JailArgs::enter`).
+        Command::Demo { jail, .. } | Command::Run { jail, .. } | Command::Chaos { jail, .. }
+            if jail.jail.is_some() =>
+        {
+            jail.seccomp = cli.seccomp;
+        }
+        Command::Demo { .. } | Command::Boot { .. } => sandbox(cli.seccomp, Vec::new())?,
+        Command::Run { config, .. } | Command::Chaos { config, .. } => {
+            sandbox(cli.seccomp, config_hooks(config))?
+        }
+        Command::HookLauncher => {
+            use std::os::fd::AsFd;
+            let socket = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("the hook launcher's socket")?;
+            ddvm::launcher::serve(std::os::unix::net::UnixStream::from(socket))
+                .context("the hook launcher")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     match cli.command {
         Command::Demo {
             requests,
@@ -350,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &jail,
         ),
         Command::Ctl { socket, request } => ctl(&socket, &request),
+        Command::HookLauncher => Ok(ExitCode::SUCCESS),
         Command::Check {
             addresses,
             memory_mib,

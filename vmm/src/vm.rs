@@ -680,7 +680,10 @@ pub(crate) fn start_vcpu(
     })?;
     let thread = std::thread::Builder::new()
         .name(format!("vcpu-{name}"))
-        .spawn(move || vcpu::run(vcpu, ctx))
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadClass::Vcpu);
+            vcpu::run(vcpu, ctx)
+        })
         .map_err(|e| host_err("spawning the vCPU thread", e))?;
     let clock = crate::sys::thread_cpu_clock(&thread);
     Ok((thread, clock))

@@ -423,7 +423,10 @@ impl EmulatedE1000 {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("e1000-worker".into())
-            .spawn(move || worker::run(shared))
+            .spawn(move || {
+                crate::thread_started();
+                worker::run(shared)
+            })
             .map_err(|source| E1000Error::Spawn {
                 mac: mac_str(&self.mac),
                 source,

@@ -145,6 +145,7 @@ pub(super) fn spawn(
     let handle = std::thread::Builder::new()
         .name("nvme-flusher".into())
         .spawn(move || {
+            crate::thread_started();
             let _alive = alive;
             run(&inner);
         })?;

@@ -487,7 +487,10 @@ impl EmulatedNvme {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("nvme-worker".into())
-            .spawn(move || worker::run(shared))
+            .spawn(move || {
+                crate::thread_started();
+                worker::run(shared)
+            })
             .map_err(|source| NvmeError::Spawn {
                 backing: self.backing.clone(),
                 source,

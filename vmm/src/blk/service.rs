@@ -220,7 +220,10 @@ impl BlockService {
         }
         let thread = std::thread::Builder::new()
             .name(format!("blk-{name}"))
-            .spawn(move || run(worker))?;
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadClass::BlockService);
+                run(worker)
+            })?;
         Ok(BlockService {
             name: name.to_string(),
             shared,

@@ -194,7 +194,10 @@ impl NetService {
         };
         let thread = std::thread::Builder::new()
             .name(format!("net-{name}"))
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadClass::NetService);
+                worker.run()
+            })?;
         Ok(NetService {
             name: name.to_string(),
             shared,

@@ -24,6 +24,7 @@ impl<D: Send + 'static> StandbyBooter<D> {
         let thread = std::thread::Builder::new()
             .name(format!("standby-{name}"))
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadClass::StandbyBooter);
                 for epoch in todo {
                     if done.send(boot(epoch)).is_err() {
                         break;
