@@ -30,6 +30,9 @@
 //! 7. Each needed path is checked to be usable as the VMM will use it, with the credentials
 //!    it now has, so a file the jail's user cannot write is named at once.
 //!
+//! The seccomp filters go on after this (the caller's part): building the jail takes calls
+//! no filter allows.
+//!
 //! What never enters the jail: the host's other files and devices, its processes, its network
 //! interfaces (a TAP is a descriptor opened before), and programs to execute (restart hooks
 //! are refused with `--jail`; the image `ctl update` names must be a path inside the jail).
