@@ -21,6 +21,7 @@ pub mod host_channel;
 pub mod hoststall;
 pub mod hypervisor;
 pub mod isolation;
+pub mod jail;
 pub mod launcher;
 pub mod linux;
 pub mod loader;

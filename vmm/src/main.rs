@@ -88,6 +88,8 @@ enum Command {
         /// Also write the summary as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        jail: JailArgs,
     },
     /// Start every domain of a TOML topology and run until interrupted or `--duration`.
     Run {
@@ -107,6 +109,8 @@ enum Command {
         /// With clients: also write the summary as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        jail: JailArgs,
     },
     /// Run the configured clients while injecting faults into the disk domains; report
     /// recoveries, recovery times, errors, mismatches and throughput against a fault-free run.
@@ -145,6 +149,8 @@ enum Command {
         /// A missed target is a failure: exit status 5.
         #[arg(long)]
         strict: bool,
+        #[command(flatten)]
+        jail: JailArgs,
     },
     /// Talk to a running `ddvm run --control SOCKET`: status, events, kill, restart, update,
     /// inject, stop.
@@ -210,6 +216,54 @@ enum Command {
         #[arg(long)]
         until_ready: bool,
     },
+}
+
+/// `--jail DIR` and its options (`ddvm run`, `demo`, `chaos`).
+#[derive(clap::Args)]
+struct JailArgs {
+    /// Run in a jail built in this empty directory: own mount, PID, network, IPC and UTS
+    /// namespaces holding only what the topology needs, no capability it no longer needs,
+    /// no_new_privs (needs root; docs/ARCHITECTURE.md, "Jail").
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+    /// In the jail, run as this user id.
+    #[arg(long, value_name = "UID", requires = "jail")]
+    jail_uid: Option<u32>,
+    /// In the jail, run as this group id (and no other group).
+    #[arg(long, value_name = "GID", requires = "jail")]
+    jail_gid: Option<u32>,
+    /// The seccomp filters the jailed VMM installs once the jail is built (`--seccomp`).
+    #[arg(skip)]
+    seccomp: ddvm::seccomp::Mode,
+}
+
+impl JailArgs {
+    /// Builds the jail and enters it when `--jail` is given, with what `needs` lists besides
+    /// the KVM device; `Some(status)` in the process left outside once the jailed VMM ended.
+    fn enter(
+        &self,
+        kvm: &Path,
+        needs: impl FnOnce(&mut ddvm::jail::Needs) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Option<ExitCode>> {
+        let Some(dir) = &self.jail else {
+            return Ok(None);
+        };
+        let mut n = ddvm::jail::Needs::new(kvm);
+        needs(&mut n)?;
+        let opts = ddvm::jail::JailOptions {
+            dir: dir.clone(),
+            uid: self.jail_uid,
+            gid: self.jail_gid,
+        };
+        Ok(match ddvm::jail::enter(&opts, n)? {
+            // No hook launcher: a jail refuses hooks.
+            ddvm::jail::Jailed::Inside => {
+                sandbox(self.seccomp, Vec::new())?;
+                None
+            }
+            ddvm::jail::Jailed::Exited(status) => Some(ExitCode::from(status)),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -305,8 +359,15 @@ fn config_hooks(file: &Path) -> Vec<ddvm_recovery::hook::Hook> {
     hooks
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match &cli.command {
+fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    match &mut cli.command {
+        // Jailed: the filters go on once the jail is built (mounts and namespaces are calls
+        // no filter allows), by the jailed VMM (`JailArgs::enter`).
+        Command::Demo { jail, .. } | Command::Run { jail, .. } | Command::Chaos { jail, .. }
+            if jail.jail.is_some() =>
+        {
+            jail.seccomp = cli.seccomp;
+        }
         Command::Demo { .. } | Command::Boot { .. } => sandbox(cli.seccomp, Vec::new())?,
         Command::Run { config, .. } | Command::Chaos { config, .. } => {
             sandbox(cli.seccomp, config_hooks(config))?
@@ -332,8 +393,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kill_every_ms,
             verbose,
             json,
+            jail,
         } => demo(
             &cli.kvm,
+            &jail,
             DemoOptions {
                 requests,
                 qd,
@@ -350,6 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             control,
             verify,
             json,
+            jail,
         } => run_config(
             &cli.kvm,
             &config,
@@ -357,6 +421,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             control.as_deref(),
             verify,
             json.as_deref(),
+            &jail,
         ),
         Command::Ctl { socket, request } => ctl(&socket, &request),
         Command::HookLauncher => Ok(ExitCode::SUCCESS),
@@ -393,6 +458,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target_recovery_p99,
             target_throughput,
             strict,
+            jail,
         } => {
             let duration = ddvm_chaos_report::parse_duration(&duration).context("--duration")?;
             let p99 = ddvm_chaos_report::parse_duration(&target_recovery_p99)
@@ -423,6 +489,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &targets,
                 json.as_deref(),
                 svg.as_deref(),
+                &jail,
             )
         }
         Command::Boot {
@@ -595,7 +662,7 @@ struct DemoOptions<'a> {
     json: Option<&'a Path>,
 }
 
-fn demo(kvm: &Path, opts: DemoOptions<'_>) -> anyhow::Result<ExitCode> {
+fn demo(kvm: &Path, jail: &JailArgs, opts: DemoOptions<'_>) -> anyhow::Result<ExitCode> {
     let DemoOptions {
         requests,
         qd,
@@ -609,6 +676,19 @@ fn demo(kvm: &Path, opts: DemoOptions<'_>) -> anyhow::Result<ExitCode> {
     let text = ddvm::demo::topology(&disk, requests, qd, frames);
     let file = Path::new("builtin:demo.toml");
     let config = Config::parse(file, &text)?;
+    let jailed = jail.enter(kvm, |n| {
+        n.topology(&config, file)?;
+        json.iter().for_each(|p| n.output(p, "--json"));
+        Ok(())
+    });
+    match jailed {
+        Ok(None) => {}
+        // Outside the jail: the temporary disk is removed here (inside, it is a mount point).
+        done => {
+            let _ = std::fs::remove_file(&disk);
+            return done.map(|s| s.unwrap_or(ExitCode::FAILURE));
+        }
+    }
     println!(
         "ddvm demo: an NVMe driver domain (emulated controller on {}) serving two client guests, each running {requests} verified 4 KiB requests (70% reads, queue depth {qd}); two NIC driver domains (emulated e1000s joined by a wire) carrying {frames} verified frames between two more clients; {kills} operator kills of the driver domains, in turn, while the clients run",
         disk.display()
@@ -692,11 +772,32 @@ fn chaos(
     targets: &ChaosTargets,
     json: Option<&Path>,
     svg: Option<&Path>,
+    jail: &JailArgs,
 ) -> anyhow::Result<ExitCode> {
     if !ddvm::chaos::ENABLED {
         return Err(ddvm::chaos::ChaosError::Disabled.into());
     }
     let config = Config::load(file)?;
+    let plots = svg.map(|prefix| {
+        let named = |what: &str| {
+            prefix.with_file_name(format!(
+                "{}-{what}.svg",
+                prefix.file_name().unwrap_or_default().to_string_lossy()
+            ))
+        };
+        (named("throughput"), named("recovery"))
+    });
+    let jailed = jail.enter(kvm, |n| {
+        n.topology(&config, file)?;
+        json.iter().for_each(|p| n.output(p, "--json"));
+        for p in plots.iter().flat_map(|(t, h)| [t, h]) {
+            n.output(p, "--svg");
+        }
+        Ok(())
+    })?;
+    if let Some(status) = jailed {
+        return Ok(status);
+    }
     let hv = Arc::new(open_kvm(kvm)?);
     println!(
         "ddvm chaos: {} fault(s) every {:?} for {:?} ({})",
@@ -736,15 +837,7 @@ fn chaos(
             .with_context(|| format!("writing {}", p.display()))?;
         println!("report: {}", p.display());
     }
-    if let Some(prefix) = svg {
-        let t = prefix.with_file_name(format!(
-            "{}-throughput.svg",
-            prefix.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        let h = prefix.with_file_name(format!(
-            "{}-recovery.svg",
-            prefix.file_name().unwrap_or_default().to_string_lossy()
-        ));
+    if let Some((t, h)) = plots {
         std::fs::write(&t, report.throughput_svg())
             .with_context(|| format!("writing {}", t.display()))?;
         std::fs::write(&h, report.recovery_histogram_svg())
@@ -1177,8 +1270,18 @@ fn run_config(
     control: Option<&Path>,
     verify: Option<u64>,
     json: Option<&Path>,
+    jail: &JailArgs,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(file)?;
+    let jailed = jail.enter(kvm, |n| {
+        n.topology(&config, file)?;
+        control.iter().for_each(|p| n.socket_dir(p));
+        json.iter().for_each(|p| n.output(p, "--json"));
+        Ok(())
+    })?;
+    if let Some(status) = jailed {
+        return Ok(status);
+    }
     // SIGINT, SIGTERM and the control socket's `stop` end the run alike.
     let stop = Stop::on_signals();
     if !config.clients.is_empty() {

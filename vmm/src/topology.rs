@@ -151,7 +151,6 @@ fn wire(
     w: &WireSection,
 ) -> Result<Box<dyn ddvm_passthrough::Wire>, TopologyError> {
     use ddvm_passthrough::net::{DgramWire, StreamWire, TapWire};
-    const MAX_FRAME: usize = 1518;
     let err = |source: ddvm_passthrough::net::WireError| TopologyError::Wire {
         domain: domain.to_string(),
         message: source.to_string(),
@@ -192,8 +191,48 @@ fn wire(
                 None => Box::new(DgramWire::listen(&local, MAX_FRAME).map_err(err)?),
             }
         }
-        WireSection::Tap { name } => Box::new(TapWire::open(name, MAX_FRAME).map_err(err)?),
+        WireSection::Tap { name } => {
+            let opened = crate::sync::lock(&OPENED_TAPS)
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.try_clone());
+            match opened {
+                Some(t) => Box::new(t.map_err(err)?),
+                None => Box::new(TapWire::open(name, MAX_FRAME).map_err(err)?),
+            }
+        }
     })
+}
+
+/// Largest frame a wire carries (an Ethernet frame without its FCS).
+const MAX_FRAME: usize = 1518;
+
+/// TAP interfaces opened before the VMM left the host's network namespace (`--jail`), by
+/// name: a topology's TAP wire is a duplicate of one of these, so it stays the host's
+/// interface however often a topology starts (each chaos segment starts one).
+static OPENED_TAPS: std::sync::Mutex<Vec<(String, ddvm_passthrough::net::TapWire)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Opens the TAP interface `name` of domain `domain` now, in this network namespace, for
+/// the topologies started later (see [`OPENED_TAPS`]).
+pub fn preopen_tap(domain: &str, name: &str) -> Result<(), TopologyError> {
+    let mut taps = crate::sync::lock(&OPENED_TAPS);
+    if !taps.iter().any(|(n, _)| n == name) {
+        let tap = ddvm_passthrough::net::TapWire::open(name, MAX_FRAME).map_err(|source| {
+            TopologyError::Wire {
+                domain: domain.to_string(),
+                message: source.to_string(),
+            }
+        })?;
+        taps.push((name.to_string(), tap));
+    }
+    Ok(())
+}
+
+/// Closes the TAP interfaces [`preopen_tap`] opened (in a process that will start no
+/// topology: the one `--jail` leaves outside).
+pub fn forget_preopened_taps() {
+    crate::sync::lock(&OPENED_TAPS).clear();
 }
 
 /// The device of a `[domain.device]` section.

@@ -88,6 +88,22 @@ impl TapWire {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Another wire on the same open TAP (a duplicated descriptor: the same interface, in
+    /// the network namespace the first was opened in), with counters of its own.
+    pub fn try_clone(&self) -> Result<TapWire, WireError> {
+        let file = self.file.try_clone().map_err(|source| WireError::Io {
+            what: format!("TAP {}: duplicate the descriptor", self.name),
+            source,
+        })?;
+        Ok(TapWire {
+            file,
+            name: self.name.clone(),
+            max_frame: self.max_frame,
+            scratch: vec![0; self.scratch.len()],
+            stats: WireStats::default(),
+        })
+    }
 }
 
 impl Wire for TapWire {
