@@ -354,23 +354,51 @@ fn a_bad_jail_directory_is_named_with_what_was_expected() {
 }
 
 #[test]
-fn a_restart_hook_is_refused_in_a_jail() {
+fn a_restart_hook_runs_outside_the_jail_through_the_launcher() {
     let dir = scratch("jail-hook");
     let jail = dir.join("jail");
     std::fs::create_dir(&jail).unwrap();
-    let cfg = dir.join("hook.toml");
-    std::fs::write(
-        &cfg,
-        "[[domain]]\nname = \"nvme0\"\n[domain.recovery]\nhook = [\"/bin/true\"]\n",
-    )
-    .unwrap();
-    let (code, err) = refused(&cfg, &jail, &[]);
-    assert_eq!(code, Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("domain nvme0 has a restart hook") && err.contains("without --jail"),
-        "{err}"
+    let cfg = topology(&dir, 2000);
+    // The hook writes where the jail cannot: the directory beside the config is not in it.
+    let out = dir.join("hook-out");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text = text.replace(
+        "volatile_write_cache = true\n",
+        &format!(
+            "volatile_write_cache = true\n[domain.recovery]\nhook = [\"/bin/sh\", \"-c\", \"echo \\\"$DDVM_DOMAIN $DDVM_REASON $DDVM_RESTARTS\\\" >> {}\"]\n",
+            out.display()
+        ),
     );
+    std::fs::write(&cfg, text).unwrap();
+    let run = ddvm(&[
+        "chaos",
+        cfg.to_str().unwrap(),
+        "--faults",
+        "kill",
+        "--every",
+        "300ms",
+        "--duration",
+        "2s",
+        "--no-baseline",
+        "--jail",
+        jail.to_str().unwrap(),
+    ]);
+    let log =
+        String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{log}");
+    let written = std::fs::read_to_string(&out).unwrap_or_default();
+    // One line per restart decision: the domain, the reason, the restart count.
+    let first: Vec<&str> = written
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split(' ')
+        .collect();
+    assert!(
+        first.len() == 3 && first[0] == "nvme0" && first[2].parse::<u64>().is_ok_and(|n| n >= 1),
+        "the hook's first line: {written:?}\n{log}"
+    );
+    assert!(empty(&jail));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -220,17 +220,11 @@ impl Needs {
     /// The needs of the topology `config` (read from `file`, against which its relative paths
     /// resolve): images, kernels, initramfs, backing files, wire sockets' directories, TAP
     /// interfaces, and VFIO devices (their container, group node, sysfs directories and the
-    /// kernel log, and the capabilities pinning memory and reading that log). A restart hook
-    /// is refused: it runs a host program, which the jail does not hold.
+    /// kernel log, and the capabilities pinning memory and reading that log). Restart hooks
+    /// need nothing here: the hook launcher runs them outside the jail.
     pub fn topology(&mut self, config: &Config, file: &Path) -> Result<(), JailError> {
         use crate::config::resolve;
         for d in &config.domains {
-            if d.recovery.hook.is_some() {
-                return Err(JailError::Refused(format!(
-                    "domain {} has a restart hook ([domain.recovery] hook), a host program the jail does not hold; remove the hook or run without --jail",
-                    d.name
-                )));
-            }
             if let Some(p) = d.image_path(file) {
                 self.push(
                     &p,
@@ -1013,25 +1007,6 @@ image = "/images/client.elf"
             .find(|x| x.path.ends_with("disk.img"))
             .unwrap();
         assert_eq!((disk.access, disk.missing), (Access::Write, Missing::File));
-    }
-
-    #[test]
-    fn a_restart_hook_is_refused() {
-        let text = r#"
-[[domain]]
-name = "nvme0"
-[domain.recovery]
-hook = ["/bin/true"]
-"#;
-        let file = Path::new("/t.toml");
-        let cfg = Config::parse(file, text).unwrap();
-        let e = Needs::new(Path::new("/dev/kvm"))
-            .topology(&cfg, file)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("domain nvme0 has a restart hook"),
-            "{e}"
-        );
     }
 
     #[test]

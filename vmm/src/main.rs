@@ -256,9 +256,9 @@ impl JailArgs {
             gid: self.jail_gid,
         };
         Ok(match ddvm::jail::enter(&opts, n)? {
-            // No hook launcher: a jail refuses hooks.
+            // The hook launcher, if any, was started before the jail, outside it.
             ddvm::jail::Jailed::Inside => {
-                sandbox(self.seccomp, Vec::new())?;
+                install_filters(self.seccomp)?;
                 None
             }
             ddvm::jail::Jailed::Exited(status) => Some(ExitCode::from(status)),
@@ -326,10 +326,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Starts the hook launcher for `hooks` (when there are any: the one process that may start
-/// programs) and installs the main thread's seccomp filter; every thread started after this
-/// installs its own class's.
-fn sandbox(mode: ddvm::seccomp::Mode, hooks: Vec<ddvm_recovery::hook::Hook>) -> anyhow::Result<()> {
+/// Starts the hook launcher for `hooks`, when there are any: the one process of ddvm's that may
+/// start programs, in the namespaces ddvm started in (a jail is built after it).
+fn start_hook_launcher(hooks: Vec<ddvm_recovery::hook::Hook>) -> anyhow::Result<()> {
     if !hooks.is_empty() {
         let mut command = std::process::Command::new("/proc/self/exe");
         command.arg("hook-launcher");
@@ -337,6 +336,12 @@ fn sandbox(mode: ddvm::seccomp::Mode, hooks: Vec<ddvm_recovery::hook::Hook>) -> 
             .context("starting the hook launcher")?;
         ddvm_recovery::hook::use_launcher(Box::new(launcher));
     }
+    Ok(())
+}
+
+/// Installs the main thread's seccomp filter; every thread started after this installs its own
+/// class's.
+fn install_filters(mode: ddvm::seccomp::Mode) -> anyhow::Result<()> {
     ddvm::seccomp::install(mode).map_err(|e| anyhow::anyhow!("seccomp: {e}"))?;
     ddvm::seccomp::enter(ddvm::seccomp::ThreadClass::Main);
     Ok(())
@@ -363,14 +368,17 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     match &mut cli.command {
         // Jailed: the filters go on once the jail is built (mounts and namespaces are calls
         // no filter allows), by the jailed VMM (`JailArgs::enter`).
-        Command::Demo { jail, .. } | Command::Run { jail, .. } | Command::Chaos { jail, .. }
+        Command::Demo { jail, .. } if jail.jail.is_some() => jail.seccomp = cli.seccomp,
+        Command::Run { jail, config, .. } | Command::Chaos { jail, config, .. }
             if jail.jail.is_some() =>
         {
             jail.seccomp = cli.seccomp;
+            start_hook_launcher(config_hooks(config))?;
         }
-        Command::Demo { .. } | Command::Boot { .. } => sandbox(cli.seccomp, Vec::new())?,
+        Command::Demo { .. } | Command::Boot { .. } => install_filters(cli.seccomp)?,
         Command::Run { config, .. } | Command::Chaos { config, .. } => {
-            sandbox(cli.seccomp, config_hooks(config))?
+            start_hook_launcher(config_hooks(config))?;
+            install_filters(cli.seccomp)?
         }
         Command::HookLauncher => {
             use std::os::fd::AsFd;

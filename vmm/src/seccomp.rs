@@ -471,7 +471,11 @@ fn own(class: ThreadClass) -> Vec<Allow> {
         }
         ThreadClass::DeviceWorker => v.extend(device_io()),
         ThreadClass::IrqResampler => {
-            v.extend([SYS_poll, SYS_ppoll, SYS_fcntl].into_iter().map(Allow::Call));
+            v.extend(
+                [SYS_poll, SYS_ppoll, SYS_fcntl]
+                    .into_iter()
+                    .map(Allow::Call),
+            );
             v.push(Allow::Ioctl(r.irq));
         }
         ThreadClass::Control => {
