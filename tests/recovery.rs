@@ -565,6 +565,45 @@ fn giving_up_fails_requests_with_an_error_status() {
     );
 }
 
+/// A broken invariant of the VMM's own bookkeeping (here: the tags of the requests in flight
+/// forgotten, so a completion finds no shadow entry) stops the disk loudly: a give-up with
+/// reason `vmm-invariant` however generous the policy, requests failing with an error status
+/// (not hanging, not retried on a fresh domain), and no wrong block.
+#[test]
+fn a_broken_vmm_invariant_gives_the_disk_up_loudly() {
+    let _serial = serial();
+    let dir = scratch("recovery-invariant");
+    let cfg = config(
+        &dir,
+        FAST,
+        "workload=randrw bs=4096 qd=8 duration_ms=3000 timeout_ms=2000",
+        1,
+    );
+    let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
+    let handle = topo.recovery[0].1.clone();
+    // Once the client has requests in flight.
+    wait_until(&handle, "requests in flight", |o| o.in_flight > 0);
+    handle.send(Command::Inject {
+        kind: FaultKind::VmmInvariant,
+        arg: 0,
+    });
+    wait_until(&handle, "a give-up", |o| {
+        o.status.as_ref().is_some_and(|s| s.broken)
+    });
+    let outcomes = topo.wait_clients(Duration::from_secs(60));
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.errors > 0, "errors reach the client: {r:?}");
+    assert_eq!(r.mismatches, 0, "{r:?}");
+    let events = handle.events.lock().unwrap();
+    let all: Vec<_> = events.since(0).collect();
+    let json = serde_json::to_string(&all).unwrap();
+    assert!(json.contains("vmm-invariant"), "{json}");
+    assert!(json.contains("has no shadow entry"), "{json}");
+    // Given up at once: no restart was attempted for it.
+    assert_eq!(handle.with(|o| o.recovered), 0, "{json}");
+}
+
 /// An operator restart and a live update to a (new) image: the clients see neither.
 #[test]
 fn operator_restart_and_live_update_cause_no_client_errors() {

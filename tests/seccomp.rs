@@ -24,8 +24,26 @@ fn topology(dir: &Path) -> PathBuf {
     cfg
 }
 
+/// A `ddvm` child killed if the test fails before it ends.
+struct Running(Option<Child>);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `ddvm [args] run CONFIG --control SOCK`, once its socket is up.
-fn run_with_control(args: &[&str], config: &Path, sock: &Path, probe: Option<&str>) -> Child {
+fn run_with_control(args: &[&str], config: &Path, sock: &Path, probe: Option<&str>) -> Running {
     let mut cmd = Command::new(ddvm_bin());
     cmd.args(args)
         .args(["run", config.to_str().unwrap(), "--control"])
@@ -45,11 +63,12 @@ fn run_with_control(args: &[&str], config: &Path, sock: &Path, probe: Option<&st
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    child
+    Running(Some(child))
 }
 
 /// Waits at most a minute for `child`; returns its exit code and output.
-fn ended(mut child: Child) -> (Option<i32>, String) {
+fn ended(mut running: Running) -> (Option<i32>, String) {
+    let mut child = running.0.take().expect("a child");
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {

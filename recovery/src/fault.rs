@@ -62,6 +62,11 @@ pub enum FaultKind {
     /// as misbehaving once the word changes more often than a NIC's link can. Nothing on a
     /// block domain.
     LinkFlap,
+    /// The VMM forgets which tag each request in flight was posted with, as a bug in its own
+    /// bookkeeping would: the next completion has no shadow entry, and the VMM gives the device
+    /// up loudly (an error, a `gave-up` event with reason `vmm-invariant`, requests failing).
+    /// Not part of `all`: it ends the device's service until an operator restart.
+    VmmInvariant,
 }
 
 impl FaultKind {
@@ -106,6 +111,7 @@ impl FaultKind {
             FaultKind::FailedReplay => "failed-replay",
             FaultKind::FailedFlush => "failed-flush",
             FaultKind::LinkFlap => "link-flap",
+            FaultKind::VmmInvariant => "vmm-invariant",
         }
     }
 
@@ -123,7 +129,11 @@ impl FaultKind {
 
     /// All names, comma-separated, for messages.
     fn names() -> String {
-        let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+        let names: Vec<&str> = Self::ALL
+            .iter()
+            .chain([&FaultKind::VmmInvariant])
+            .map(|k| k.name())
+            .collect();
         names.join(", ")
     }
 
@@ -150,7 +160,8 @@ impl FaultKind {
             FaultKind::Kill
             | FaultKind::DuringRecovery
             | FaultKind::FailedRestart
-            | FaultKind::FailedReplay => return None,
+            | FaultKind::FailedReplay
+            | FaultKind::VmmInvariant => return None,
         })
     }
 }
@@ -169,6 +180,7 @@ impl FromStr for FaultKind {
         let item = s.trim();
         Self::ALL
             .into_iter()
+            .chain([FaultKind::VmmInvariant])
             .find(|k| k.name() == item)
             .ok_or_else(|| ParseError::UnknownFault {
                 item: item.to_string(),
@@ -226,7 +238,8 @@ mod tests {
         assert_eq!(parse_fault_list("slow,all").unwrap()[0], FaultKind::Slow);
         assert_eq!(parse_fault_list("slow,all").unwrap().len(), 17);
         assert_eq!(parse_fault_list("kill,kill").unwrap(), [FaultKind::Kill]);
-        for k in FaultKind::ALL {
+        assert!(!FaultKind::ALL.contains(&FaultKind::VmmInvariant));
+        for k in FaultKind::ALL.into_iter().chain([FaultKind::VmmInvariant]) {
             assert_eq!(k.name().parse::<FaultKind>(), Ok(k));
             assert_eq!(serde_json::to_value(k).unwrap(), k.name());
         }
@@ -243,7 +256,7 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains("\"explode\""), "{msg}");
-        assert!(msg.contains("wild-write") && msg.contains("link-flap, or all"));
+        assert!(msg.contains("wild-write") && msg.contains("link-flap, vmm-invariant, or all"));
         assert!(matches!(
             parse_fault_list("kill,,panic"),
             Err(ParseError::UnknownFault { item }) if item.is_empty()

@@ -126,6 +126,13 @@ pub enum FailureReason {
     },
     /// The operator asked for it.
     Operator(OperatorAction),
+    /// The VMM found its own bookkeeping of the device broken (a completion with no shadow
+    /// entry, a transition its supervisor refused, a ring it filled past its free space): no
+    /// restart can be trusted to make that good, so the device is given up, loudly.
+    VmmInvariant {
+        /// What was found.
+        what: String,
+    },
 }
 
 /// A channel protocol violation by a driver domain.
@@ -242,6 +249,7 @@ impl FailureReason {
         "operator-kill",
         "operator-restart",
         "operator-update",
+        "vmm-invariant",
     ];
 
     /// Stable short kebab-case name: metric label, event field, hook argument.
@@ -266,6 +274,7 @@ impl FailureReason {
             FailureReason::BootFailed { .. } => "boot-failed",
             FailureReason::BootTimeout { .. } => "boot-timeout",
             FailureReason::Operator(a) => a.name(),
+            FailureReason::VmmInvariant { .. } => "vmm-invariant",
         }
     }
 
@@ -395,6 +404,7 @@ impl fmt::Display for FailureReason {
                 write!(f, "not ready {waited:?} after its boot started")
             }
             FailureReason::Operator(a) => write!(f, "operator: {a}"),
+            FailureReason::VmmInvariant { what } => write!(f, "VMM invariant broken: {what}"),
         }
     }
 }
@@ -594,6 +604,12 @@ pub(crate) mod tests {
             (
                 FailureReason::BootTimeout { waited: ms(2001) },
                 "boot-timeout",
+            ),
+            (
+                FailureReason::VmmInvariant {
+                    what: "completion for tag 7 has no shadow entry".into(),
+                },
+                "vmm-invariant",
             ),
             (
                 FailureReason::Operator(OperatorAction::Kill),

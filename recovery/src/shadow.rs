@@ -98,6 +98,8 @@ pub struct ShadowQueue<O, C> {
     /// Sequence numbers of the queued entries, in order (the next to post is the first).
     queued: BTreeSet<u64>,
     next_seq: u64,
+    // Fault injection: the next entry posted is not found by its tag.
+    forget_next: bool,
 }
 
 impl<O, C> Default for ShadowQueue<O, C> {
@@ -107,6 +109,7 @@ impl<O, C> Default for ShadowQueue<O, C> {
             by_tag: HashMap::new(),
             queued: BTreeSet::new(),
             next_seq: 0,
+            forget_next: false,
         }
     }
 }
@@ -166,8 +169,18 @@ impl<O: Operation, C> ShadowQueue<O, C> {
         };
         e.attempts += 1;
         self.queued.remove(&seq);
-        self.by_tag.insert((epoch, tag), seq);
+        if !std::mem::take(&mut self.forget_next) {
+            self.by_tag.insert((epoch, tag), seq);
+        }
         true
+    }
+
+    /// Fault injection (`vmm-invariant`): forgets the tag of every entry in flight and of the
+    /// next one posted, as a bug in the VMM's bookkeeping would; their completions then find no
+    /// entry. The entries stay owed.
+    pub fn forget_tags(&mut self) {
+        self.by_tag.clear();
+        self.forget_next = true;
     }
 
     /// Takes the entry completed by `tag` in `epoch`. Each entry completes at most once: a

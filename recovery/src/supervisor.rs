@@ -583,8 +583,29 @@ impl Supervisor {
         self.schedule_restart(reason, attempt, delay, now)
     }
 
+    /// The VMM's own bookkeeping of the device broke ([`FailureReason::VmmInvariant`]): give
+    /// up now, from any state, with requests failing whatever the policy's give-up action
+    /// (a held queue would wait on state nobody can trust). The event and the hook say why.
+    /// Ignored once stopped or given up.
+    pub fn abandon(&mut self, reason: FailureReason, now: Instant) -> Decision {
+        if matches!(self.state, State::Stopped | State::GaveUp { .. }) {
+            return Decision::Ignored;
+        }
+        self.count_detection(&reason);
+        self.give_up_with(reason, GiveUpAction::FailRequests, now)
+    }
+
     fn give_up(&mut self, reason: FailureReason, now: Instant) -> Decision {
         let action = self.policy.restart.give_up;
+        self.give_up_with(reason, action, now)
+    }
+
+    fn give_up_with(
+        &mut self,
+        reason: FailureReason,
+        action: GiveUpAction,
+        now: Instant,
+    ) -> Decision {
         self.metrics.give_ups += 1;
         self.recovery = None;
         self.hook_call = self.hook_call_for(&reason);
@@ -995,6 +1016,36 @@ mod tests {
         );
         assert_eq!(sup.admission(), Admission::Queue);
         assert!(!sup.is_broken());
+    }
+
+    #[test]
+    fn a_broken_vmm_invariant_gives_up_at_once_failing_requests_whatever_the_policy() {
+        let t0 = Instant::now();
+        let config = PolicyConfig {
+            max_restarts: 100,
+            on_give_up: GiveUpAction::Hold,
+            hook: Some(vec!["/bin/true".into()]),
+            ..PolicyConfig::default()
+        };
+        let mut sup = Supervisor::new("dd0", config.to_policy().unwrap()).unwrap();
+        let reason = FailureReason::VmmInvariant {
+            what: "completion for tag 7 has no shadow entry".into(),
+        };
+        // Not started: nothing to give up.
+        assert_eq!(sup.abandon(reason.clone(), t0), Decision::Ignored);
+        running(&mut sup, t0);
+        assert_eq!(
+            sup.abandon(reason.clone(), t0),
+            Decision::GiveUp(GiveUpAction::FailRequests)
+        );
+        assert!(sup.is_broken());
+        assert_eq!(sup.admission(), Admission::Fail);
+        assert_eq!(sup.take_hook_call().unwrap().reason, "vmm-invariant");
+        assert!(sup.drain_events().any(|(_, kind)| matches!(
+            &kind,
+            EventKind::GaveUp { reason: r, .. } if *r == reason
+        )));
+        assert_eq!(sup.abandon(reason, t0), Decision::Ignored);
     }
 
     #[test]

@@ -159,6 +159,10 @@ pub enum SubmitError {
     /// The channel refused service after a protocol violation.
     #[error("channel broken by a protocol violation")]
     Broken,
+    /// The VMM's own request ring took no entry although it had a free one: its bookkeeping
+    /// is broken (the caller gives the device up).
+    #[error("VMM bug: the request ring took no entry although one was free")]
+    RingInvariant,
 }
 
 /// Counters of a channel (VMM side).
@@ -361,8 +365,12 @@ impl<R: ClassRequest> ChannelCore<R> {
         self.next_tag = self.next_tag.wrapping_add(1).max(1);
         let request = make(tag, data);
         let m = ChannelMemory::new(mem, self.base);
-        let pushed = self.req.push(&m, &request);
-        debug_assert!(pushed, "free entry checked above");
+        if !self.req.push(&m, &request) {
+            if let Some(s) = slot {
+                self.free_slots.push(s);
+            }
+            return Err(SubmitError::RingInvariant);
+        }
         self.inflight.insert(
             tag,
             InFlight {

@@ -203,7 +203,7 @@ pub fn run(domain: &Domain, ch: &mut HostChannel, w: &Workload) -> Result<Report
                         ClientError::Protocol,
                     ))
                 }
-                Err(e @ SubmitError::TooLarge { .. }) => {
+                Err(e @ (SubmitError::TooLarge { .. } | SubmitError::RingInvariant)) => {
                     return Err(ClientError::Workload(e.to_string()))
                 }
             }

@@ -97,6 +97,8 @@ struct BlockState {
     done: Vec<Done>,
     // How the orderly stop went, once it ran (`shut_down`).
     stopped: Option<crate::stop::StopReport>,
+    // A broken invariant found where the engine is out of reach (`DeviceClass::take_broken`).
+    broken: Option<String>,
 }
 
 /// The block class as the engine sees it: the state and the disk's shadow queue.
@@ -151,10 +153,28 @@ impl DeviceClass<Domain> for BlockClass<'_> {
         Ok(())
     }
 
+    #[cfg(feature = "fault-injection")]
+    fn forget_tags(&mut self) {
+        self.shadow.forget_tags();
+    }
+
     fn lost(&mut self) {
         // Every block request is requeued (`BlockOp` keeps `OnLoss::Requeue`): none is dropped.
         let (_, dropped) = self.shadow.domain_lost();
-        debug_assert!(dropped.is_empty());
+        if !dropped.is_empty() {
+            // Answered at once (an I/O error, never silence), and the device is given up.
+            self.s.broken.get_or_insert(format!(
+                "{} block request(s) left the shadow queue at a domain's loss, though every \
+                 one is requeued",
+                dropped.len()
+            ));
+            for e in dropped {
+                self.s.failed.push(Finished {
+                    part: e.client,
+                    status: status::IOERR,
+                });
+            }
+        }
         self.s.replay.clear();
         self.s.channel = None;
     }
@@ -181,6 +201,10 @@ impl DeviceClass<Domain> for BlockClass<'_> {
         let log = self.s.wlog.as_ref()?;
         let w = log.pending().iter().find(|w| w.op == Op::Write)?;
         Some((fault::FAIL_WRITE, u32::try_from(w.sector).ok()?))
+    }
+
+    fn take_broken(&mut self) -> Option<String> {
+        self.s.broken.take()
     }
 
     fn gave_up(&mut self) {
@@ -291,6 +315,7 @@ impl ChannelBackend {
                 failed: Vec::new(),
                 done: Vec::new(),
                 stopped: None,
+                broken: None,
             },
         };
         let mut shadow = ShadowQueue::new();
@@ -403,6 +428,7 @@ impl ChannelBackend {
         let posted_at = self.engine.service_time(Instant::now());
         let mut n = 0;
         let mut broken = false;
+        let mut invariant = None;
         // 1. Client parts, oldest first. After a restart they go ahead of the writes being
         //    replayed, except where they overlap one (or are flushes), and those behind them
         //    that overlap them: clients are served again at once, not after the whole log.
@@ -504,9 +530,11 @@ impl ChannelBackend {
                 }
                 Err(SubmitError::Full) => break,
                 Err(SubmitError::Broken) => broken = true,
-                Err(SubmitError::TooLarge { .. }) => {
-                    // Parts are cut to the channel's limit; never reached.
-                    shadow.remove(seq);
+                // Parts are cut to the channel's limit, and a free entry was checked: the
+                // VMM's bookkeeping is broken. The part stays owed (the give-up fails it).
+                Err(e @ (SubmitError::TooLarge { .. } | SubmitError::RingInvariant)) => {
+                    invariant.get_or_insert(format!("posting a {o:?} of {sectors} sector(s): {e}"));
+                    broken = true;
                 }
             }
         }
@@ -572,7 +600,9 @@ impl ChannelBackend {
         if n > 0 && channel.publish(&mem) {
             live.domain.kick();
         }
-        if broken {
+        if let Some(what) = invariant {
+            self.engine.invariant_broken(what);
+        } else if broken {
             let reason = channel
                 .broken()
                 .map(|e| FailureReason::Protocol(violation(e)))
@@ -661,13 +691,10 @@ impl ChannelBackend {
             }
             let Ok(entry) = shadow.complete(tag, epoch) else {
                 // The channel checked the tag against its own table, which the shadow queue
-                // mirrors: a miss is a VMM bug. Say so, free the slot, and keep serving.
-                crate::limited!(
-                    error,
-                    key: self.blk.name,
-                    "domain {}: completion for tag {tag} has no shadow entry",
-                    self.blk.name
-                );
+                // mirrors: a miss is a broken invariant of the VMM's, and the device is given
+                // up (the engine's next pass). The slot is freed.
+                self.engine
+                    .invariant_broken(format!("completion for tag {tag} has no shadow entry"));
                 channel.finish(&mem, &d, None);
                 continue;
             };

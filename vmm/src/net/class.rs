@@ -254,6 +254,11 @@ impl<D: NetDomain> DeviceClass<D> for NetClass<'_> {
         Ok(())
     }
 
+    #[cfg(feature = "fault-injection")]
+    fn forget_tags(&mut self) {
+        self.shadow.forget_tags();
+    }
+
     fn lost(&mut self) {
         let (_, dropped) = self.shadow.domain_lost();
         // Requeued transmits (posted before) are the replay.
@@ -499,6 +504,7 @@ where
         let now = self.engine.service_time(Instant::now());
         let mut n = 0;
         let mut broken = false;
+        let mut invariant = None;
         if self.s.config_owed {
             match channel.config(mem, filters) {
                 Ok(tag) => {
@@ -511,6 +517,13 @@ where
                     n += 1;
                 }
                 Err(SubmitError::Full) => {}
+                Err(SubmitError::RingInvariant) => {
+                    invariant.get_or_insert(format!(
+                        "posting the configuration: {}",
+                        SubmitError::RingInvariant
+                    ));
+                    broken = true;
+                }
                 Err(_) => broken = true,
             }
         }
@@ -538,9 +551,13 @@ where
                     n += 1;
                 }
                 Err(SubmitError::Full) => break,
-                Err(SubmitError::TooLarge { .. }) => {
-                    // Larger than a slot: the switch caps frames below it; never reached.
-                    passed = Some(seq);
+                // Larger than a slot (the switch caps frames below it), or a ring that took no
+                // entry although one was free: the VMM's bookkeeping is broken. The frame stays
+                // owed (the give-up hands it back).
+                Err(e @ (SubmitError::TooLarge { .. } | SubmitError::RingInvariant)) => {
+                    invariant
+                        .get_or_insert(format!("posting a frame of {} bytes: {e}", frame.len()));
+                    broken = true;
                 }
                 Err(SubmitError::Broken) => broken = true,
             }
@@ -556,13 +573,22 @@ where
                     n += 1;
                 }
                 Err(SubmitError::Full) => break,
+                Err(SubmitError::RingInvariant) => {
+                    invariant.get_or_insert(format!(
+                        "posting a receive buffer: {}",
+                        SubmitError::RingInvariant
+                    ));
+                    broken = true;
+                }
                 Err(_) => broken = true,
             }
         }
         if n > 0 && channel.publish(mem) {
             live.domain.net_kick();
         }
-        if broken {
+        if let Some(what) = invariant {
+            self.engine.invariant_broken(what);
+        } else if broken {
             let reason = channel
                 .broken()
                 .map(|e| FailureReason::Protocol(violation(e)))
@@ -607,13 +633,12 @@ where
             taken += 1;
             let ok = d.status == cstatus::OK;
             let Ok(entry) = self.shadow.complete(d.request.tag, epoch) else {
-                crate::limited!(
-                    error,
-                    key: self.s.name,
-                    "NIC {}: completion for tag {} has no shadow entry",
-                    self.s.name,
+                // The channel checked the tag against its own table, which the shadow queue
+                // mirrors: a miss is a broken invariant of the VMM's (the device is given up).
+                self.engine.invariant_broken(format!(
+                    "completion for tag {} has no shadow entry",
                     d.request.tag
-                );
+                ));
                 channel.finish(&d);
                 continue;
             };

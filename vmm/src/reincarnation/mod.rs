@@ -118,6 +118,14 @@ pub trait DeviceClass<D> {
     fn replay_fault(&self) -> Option<(u32, u32)>;
     /// The policy gave up on the device.
     fn gave_up(&mut self) {}
+    /// A broken invariant of the class's own bookkeeping, found since the last call (the
+    /// engine gives the device up: [`Engine::invariant_broken`]).
+    fn take_broken(&mut self) -> Option<String> {
+        None
+    }
+    /// Fault injection (`vmm-invariant`): forget the tags of the requests in flight.
+    #[cfg(feature = "fault-injection")]
+    fn forget_tags(&mut self) {}
 }
 
 /// A request from outside the service thread (control socket, chaos runner, tests).
@@ -301,6 +309,9 @@ pub struct Engine<L: Launcher> {
     // the service thread's next pass.
     on_domain_thread: bool,
     deferred: Option<FailureReason>,
+    // The first broken invariant of the VMM's own bookkeeping found (the owner's thread gives
+    // the device up).
+    broken: Option<String>,
 }
 
 impl<L: Launcher> Engine<L> {
@@ -342,6 +353,7 @@ impl<L: Launcher> Engine<L> {
             handle,
             on_domain_thread: false,
             deferred: None,
+            broken: None,
         })
     }
 
@@ -509,6 +521,9 @@ impl<L: Launcher> Engine<L> {
         if let Some(reason) = self.deferred.take() {
             self.fail(reason, class);
         }
+        if let Some(what) = self.broken.take().or_else(|| class.take_broken()) {
+            self.abandon(what, class);
+        }
         let now = Instant::now();
         // Free a retired domain once recovery is over (or given up).
         if self.retired.is_some() && (self.detected_at.is_none() || self.sup.is_broken()) {
@@ -643,17 +658,10 @@ impl<L: Launcher> Engine<L> {
             Decision::Ignored => {
                 // Every failure the engine reports is of the domain it booted last: the
                 // supervisor ignoring one means the two disagree.
-                crate::limited!(
-                    error,
-                    key: self.name,
-                    "domain {}: VMM bug: the supervisor ignored a failure of epoch {epoch} \
-                     (state {})",
-                    self.name,
-                    self.sup.state().name()
-                );
-                if self.restart_at.is_none() && !self.sup.is_broken() {
-                    self.restart_at = Some(now);
-                }
+                let state = self.sup.state().name();
+                self.invariant_broken(format!(
+                    "the supervisor ignored a failure of epoch {epoch} (state {state})"
+                ));
             }
         }
         if let Some(call) = self.sup.take_hook_call() {
@@ -662,16 +670,45 @@ impl<L: Launcher> Engine<L> {
         self.publish(class);
     }
 
-    /// A supervisor transition the engine asked for was refused: its bookkeeping is wrong.
-    /// Recovery goes on (what clients are owed is the class's, not the supervisor's), but the
-    /// bug is reported.
-    fn supervisor_bug(&self, call: &str, epoch: u64, e: &dyn std::fmt::Display) {
-        crate::limited!(
-            error,
-            key: self.name,
-            "domain {}: VMM bug: the supervisor refused {call} for epoch {epoch}: {e}",
+    /// A supervisor transition the engine asked for was refused: the engine's bookkeeping
+    /// and the supervisor's disagree, a broken invariant.
+    fn supervisor_bug(&mut self, call: &str, epoch: u64, e: &dyn std::fmt::Display) {
+        self.invariant_broken(format!(
+            "the supervisor refused {call} for epoch {epoch}: {e}"
+        ));
+    }
+
+    /// The VMM's own bookkeeping of the device is broken (`what`): a completion with no
+    /// shadow entry, a transition the supervisor refused, a ring filled past its free space.
+    /// The owner's thread gives the device up at its next pass, loudly: an error, a
+    /// `gave-up` event with reason `vmm-invariant`, the hook, and requests failing. Only the
+    /// first is kept.
+    pub fn invariant_broken(&mut self, what: String) {
+        self.broken.get_or_insert(what);
+        let _ = self.handle.wake.write(1);
+    }
+
+    /// Gives the device up for a broken invariant (see [`Engine::invariant_broken`]).
+    fn abandon(&mut self, what: String, class: &mut impl DeviceClass<L::Domain>) {
+        let now = Instant::now();
+        tracing::error!(
+            "domain {}: VMM invariant broken: {what}; giving the device up (requests fail \
+             until an operator restart)",
             self.name
         );
+        let reason = FailureReason::VmmInvariant { what };
+        let decision = self.sup.abandon(reason, now);
+        if decision == Decision::Ignored {
+            return;
+        }
+        self.tear_down(class);
+        self.restart_at = None;
+        self.drop_standbys();
+        class.gave_up();
+        if let Some(call) = self.sup.take_hook_call() {
+            self.hooks.spawn(call, now);
+        }
+        self.publish(class);
     }
 
     /// Starts booting a warm standby with the next epoch on the standby thread, unless the
@@ -889,6 +926,7 @@ impl<L: Launcher> Engine<L> {
                         }
                         self.kill_now(class);
                     }
+                    FaultKind::VmmInvariant => class.forget_tags(),
                     _ => self.inject(kind, arg),
                 }
             }
