@@ -387,6 +387,36 @@ fn a_flapping_nic_domain_is_failed_and_clients_never_see_the_link_move() {
     assert!(stats.class.link_up, "{:?}", stats.class);
 }
 
+/// A broken invariant of the VMM's own bookkeeping of a NIC (a completion with no shadow
+/// entry) gives the NIC up at once, loudly: broken, a `gave-up` event with reason
+/// `vmm-invariant`, no restart tried; the other NIC is untouched.
+#[test]
+fn a_broken_vmm_invariant_gives_the_nic_up_loudly() {
+    let _serial = serial();
+    use ddvm_recovery::fault::FaultKind;
+    let mut topo = start(&topology(FAST, 0));
+    let (nic0, nic1) = (handle(&topo, "nic0"), handle(&topo, "nic1"));
+    std::thread::sleep(Duration::from_millis(200));
+    nic0.send(Command::Inject {
+        kind: FaultKind::VmmInvariant,
+        arg: 0,
+    });
+    let t0 = Instant::now();
+    while !nic0.with(|o| o.status.as_ref().is_some_and(|s| s.broken)) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never gave up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let json = {
+        let events = nic0.events.lock().unwrap();
+        serde_json::to_string(&events.since(0).collect::<Vec<_>>()).unwrap()
+    };
+    topo.stop();
+    assert!(json.contains("vmm-invariant"), "{json}");
+    assert!(json.contains("has no shadow entry"), "{json}");
+    assert_eq!(nic0.with(|o| o.recovered), 0, "{json}");
+    assert!(!nic1.with(|o| o.status.as_ref().is_some_and(|s| s.broken)));
+}
+
 /// Both NIC domains (joined by the wire pair) and TCP clients `(name, nic, workload keys)`;
 /// each client's MAC is 52:54:00:00:01:NN with NN its index, its workload `workload=net-tcp`
 /// and the keys given.
