@@ -203,7 +203,7 @@ fn number<T: core::str::FromStr>(cmdline: Cmdline<'_>, key: &str) -> Option<T> {
 
 fn main() -> ! {
     let info = boot::info();
-    let cmdline = Cmdline::get();
+    let cmdline = guest_kernel::cmdline::get();
     println!(
         "ddvm driver-domain: booted on {} mem={} MiB tsc={} kHz cmdline=\"{}\"",
         boot::platform().name(),

@@ -49,8 +49,10 @@ pub struct ClientSection {
     /// RAM in MiB.
     #[serde(default = "default_client_memory")]
     pub memory_mib: u64,
-    /// The workload client's command line (`workload=randrw qd=32 count=10000 ...`).
-    #[serde(default)]
+    /// The workload client's command line (`workload=randrw qd=32 count=10000 ...`), given as
+    /// that string or as a table (`[client.workload]`, `kind = "randrw"`, `qd = 32`, ...: see
+    /// [`workload_text`]); checked at load for the built-in workload client.
+    #[serde(default, deserialize_with = "workload_text")]
     pub workload: String,
     /// Refuse writes.
     #[serde(default)]
@@ -82,6 +84,74 @@ pub struct ClientSection {
     /// Its MAC (`52:54:00:xx:xx:xx`), unique; default derived from its name.
     #[serde(default)]
     pub mac: Option<String>,
+}
+
+/// A client's `workload`: the command-line string as it is, or a table rendered as one: `kind`
+/// becomes `workload=KIND`, every other key `key=value` (an integer in decimal, a boolean as
+/// 1 or 0, a string as it is, without blanks or `=`).
+fn workload_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Text(String),
+        Table(std::collections::BTreeMap<String, toml::Value>),
+    }
+    let table = match Given::deserialize(d)? {
+        Given::Text(s) => return Ok(s),
+        Given::Table(t) => t,
+    };
+    let mut tokens = Vec::new();
+    // `kind` first, as the string form writes it.
+    let mut entries: Vec<_> = table.into_iter().collect();
+    entries.sort_by_key(|(k, _)| k != "kind");
+    for (key, value) in entries {
+        let text = match &value {
+            toml::Value::Integer(n) if *n >= 0 => n.to_string(),
+            toml::Value::Boolean(b) => u8::from(*b).to_string(),
+            toml::Value::String(s)
+                if !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || c == '=') =>
+            {
+                s.clone()
+            }
+            other => {
+                return Err(D::Error::custom(format!(
+                    "`{key}` = {other}: expected a non-negative integer, a boolean, or a string without blanks or `=`"
+                )))
+            }
+        };
+        let key = if key == "kind" {
+            "workload".into()
+        } else {
+            key
+        };
+        tokens.push(format!("{key}={text}"));
+    }
+    Ok(tokens.join(" "))
+}
+
+/// Checks a built-in workload client's command line with the client's own parser: a value out
+/// of range or a key it does not know is an error here, not a complaint on its console.
+fn check_workload(text: &str) -> Result<(), String> {
+    use ddvm_cmdline::workload::{parse, KEYS};
+    use ddvm_cmdline::Cmdline;
+    let line = Cmdline::new(text);
+    // The hostile network client checks its own few keys.
+    if line.value("workload") == Some("net-hostile") {
+        return Ok(());
+    }
+    let (_, unknown) = parse(line).map_err(|e| e.to_string())?;
+    match unknown.first() {
+        None => Ok(()),
+        Some(t) => Err(format!(
+            "{t:?}: not a key the workload client reads; expected key=value with a key among {}",
+            KEYS.iter()
+                .filter(|k| **k != ddvm_cmdline::workload::DEVICE_KEY)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 fn default_client_memory() -> u64 {
@@ -516,6 +586,11 @@ impl Config {
                     ),
                 ));
             }
+            if c.kernel.is_none() && c.image == BUILTIN_WORKLOAD_CLIENT {
+                if let Err(e) = check_workload(&c.workload) {
+                    return Err(invalid(key("workload"), e));
+                }
+            }
             match &c.kernel {
                 None => {
                     for (k, set) in [
@@ -741,6 +816,83 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("t.toml"), text)
+    }
+
+    const DISK: &str = "[[domain]]\nname = \"nvme0\"\n[domain.device]\nkind = \"emulated-nvme\"\nbacking = \"d.img\"\nsize_mib = 16\n";
+
+    fn client(workload: &str) -> String {
+        format!("{DISK}[[client]]\nname = \"c0\"\ndisk = \"nvme0\"\nsize_mib = 16\n{workload}")
+    }
+
+    #[test]
+    fn a_workload_typo_or_a_value_out_of_range_is_refused_at_load_naming_the_key() {
+        for (workload, expect) in [
+            (
+                "workload = \"workload=randrw qdepth=16\"",
+                "\"qdepth=16\": not a key the workload client reads",
+            ),
+            (
+                "workload = \"workload=randrw rwmix=150\"",
+                "rwmix=150: expected",
+            ),
+            (
+                "workload = \"workload=randwrte\"",
+                "workload=randwrte: expected",
+            ),
+            (
+                "workload = \"workload=net-tcp role=client ip=10.0.0.1/24\"",
+                "peer: missing",
+            ),
+            (
+                "[client.workload]\nkind = \"randrw\"\nqd = 100000\n",
+                "qd=100000: expected",
+            ),
+        ] {
+            let e = parse(&client(workload)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("t.toml: key `client[0].workload`: ") && e.contains(expect),
+                "{workload}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_workload_table_is_the_string_it_stands_for() {
+        let table = parse(&client(
+            "[client.workload]\nkind = \"randrw\"\nrwmix = 70\nbs = \"4K\"\nqd = 16\nprefill = true\nseed = 3\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            table.clients[0].workload,
+            "workload=randrw bs=4K prefill=1 qd=16 rwmix=70 seed=3"
+        );
+        let text = parse(&client(
+            "workload = \"workload=randrw bs=4K prefill=1 qd=16 rwmix=70 seed=3\"",
+        ))
+        .unwrap();
+        assert_eq!(table.clients[0].workload, text.clients[0].workload);
+        // A value of a type no command line can carry names the key.
+        let e = parse(&client(
+            "[client.workload]\nkind = \"randrw\"\nrwmix = 0.7\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("client[0].workload") && e.contains("`rwmix` = 0.7"),
+            "{e}"
+        );
+        let e = parse(&client("[client.workload]\nkind = \"randrw qd=1\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without blanks"), "{e}");
+    }
+
+    #[test]
+    fn a_custom_image_keeps_its_own_command_line() {
+        let c = parse(&client(
+            "image = \"my-image\"\nworkload = \"anything=goes here\"",
+        ));
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]
@@ -971,7 +1123,12 @@ mod tests {
             + 8;
         let len = readme[start..].find("```").expect("the example ends");
         let c = parse(&readme[start..start + len]).unwrap();
-        assert_eq!((c.domains.len(), c.clients.len()), (2, 2));
+        assert_eq!((c.domains.len(), c.clients.len()), (2, 3));
+        // The table form of a workload, as its string.
+        assert_eq!(
+            c.clients[1].workload,
+            "workload=randread bs=4K count=20000 prefill=1 qd=32"
+        );
         assert_eq!(
             c.domains[1].device,
             Some(DeviceSection::Vfio {
@@ -981,7 +1138,7 @@ mod tests {
             })
         );
         assert!(c.clients[0].linux_boot(Path::new("t.toml")).is_none());
-        assert!(c.clients[1].linux_boot(Path::new("t.toml")).is_some());
+        assert!(c.clients[2].linux_boot(Path::new("t.toml")).is_some());
         let p = c.domains[0].recovery.to_policy().unwrap();
         assert_eq!(
             p.detection.heartbeat_period,

@@ -166,7 +166,6 @@
 extern crate alloc;
 
 mod blk;
-mod config;
 mod device;
 mod hal;
 mod hostile;
@@ -177,7 +176,7 @@ mod stats;
 mod tcp;
 mod workload;
 
-use guest_kernel::cmdline::Cmdline;
+use ddvm_cmdline::workload as config;
 use guest_kernel::{boot, println, time, vmm};
 
 use crate::config::{BadArg, Mode};
@@ -198,7 +197,7 @@ fn bad_arg(e: &BadArg) -> ! {
 }
 
 fn main() -> ! {
-    let cmdline = Cmdline::get();
+    let cmdline = guest_kernel::cmdline::get();
     println!(
         "ddvm-workload: booted on {} mem={} MiB tsc={} kHz ({:?}), heap {} KiB",
         boot::platform().name(),

@@ -1,6 +1,7 @@
 //! The command line: what to run, parsed and checked before any device is touched.
 //!
-//! Every key and its default is documented in the crate documentation (`main.rs`). A value that
+//! Every key and its default is documented in the workload client's crate documentation
+//! (`guest-kernel/workload/src/main.rs`). A value that
 //! does not parse or is out of range is a [`BadArg`] naming the key and what was expected; the
 //! image then exits with status 1.
 
@@ -8,9 +9,8 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
-use guest_kernel::cmdline::Cmdline;
-
 use crate::hostile::Case;
+use crate::Cmdline;
 
 /// Largest queue depth (`qd`).
 pub const MAX_QD: u32 = 128;
@@ -21,8 +21,8 @@ pub const SECTOR: u64 = 512;
 /// The command-line key naming a virtio-mmio device (Linux's syntax).
 pub const DEVICE_KEY: &str = "virtio_mmio.device";
 
-/// Every key this image reads; other tokens are reported once and ignored.
-const KEYS: &[&str] = &[
+/// Every key the workload client reads; other tokens are reported once and ignored.
+pub const KEYS: &[&str] = &[
     "workload",
     "rwmix",
     "bs",
