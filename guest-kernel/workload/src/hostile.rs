@@ -17,7 +17,6 @@ use crate::device::{reg, Found};
 
 pub use ddvm_cmdline::hostile::Case;
 
-
 /// Queue size of the raw queue.
 const QSIZE: u16 = 16;
 /// Device status bits (2.1).
