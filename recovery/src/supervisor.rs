@@ -1401,7 +1401,10 @@ mod tests {
                     "ago_us": 1000
                 },
                 "detections": {"exception": 1, "halted": 1},
-                "duplicates": 0
+                "duplicates": 0,
+                "give_ups": 0,
+                "replayed_requests": 0,
+                "hook_failures": 0
             })
         );
     }

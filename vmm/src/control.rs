@@ -63,6 +63,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use serde::Deserialize;
 use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::loader::Image;
 use crate::metrics::{DeviceIo, DomainFigures, IoSource, Latency, Snapshot};
@@ -225,6 +226,7 @@ impl ControlServer {
             shutdown: shutdown.clone(),
             stop_seen: false,
             followers: HashMap::new(),
+            lag_timer: TimerFd::new().map_err(|e| remove(e.into()))?,
             done: done.clone(),
         }));
         let thread = std::thread::Builder::new()
@@ -455,11 +457,16 @@ struct Follower {
     at: usize,
     /// Whether the stream is watched for room to write.
     writable: bool,
+    /// Once it lags: when it is dropped even if it never takes the line that tells it.
+    lagging: Option<Instant>,
 }
 
 /// How a follower fares after more was queued or written.
 enum Fare {
     Keeps,
+    /// It lags (why): its queue was replaced by the line that tells it, and it is dropped once
+    /// that is written, or at its deadline.
+    Lags(String),
     /// Dropped (it lags, or its peer went away): the reason for the log, if worth one.
     Dropped(Option<String>),
 }
@@ -473,6 +480,9 @@ impl Follower {
 
     /// Queues the events of domain `i` it has not had yet.
     fn catch_up(&mut self, i: usize, name: &str, handle: &RecoveryHandle) {
+        if self.lagging.is_some() {
+            return;
+        }
         let log = lock(&handle.events);
         let first = log.first_seq();
         if self.next[i] < first {
@@ -510,15 +520,29 @@ impl Follower {
                 Err(_) => return Fare::Dropped(None),
             }
         }
+        if self.lagging.is_some() {
+            // Told once the line is out.
+            return if self.out.is_empty() {
+                Fare::Dropped(None)
+            } else {
+                Fare::Keeps
+            };
+        }
         if self.out.len() > FOLLOW_BACKLOG {
             let why = format!(
                 "lagged: more than {FOLLOW_BACKLOG} events unread; dropped (follow again with since = the last seq seen + 1)"
             );
-            // Best effort, after whatever part of a line went out.
-            let mut last = if self.at > 0 { vec![b'\n'] } else { Vec::new() };
-            last.extend(answer_line(json!({"ok": false, "error": why})));
-            let _ = self.stream.write(&last);
-            return Fare::Dropped(Some(why));
+            // The line partly written is finished, then the one that tells it.
+            let partial = (self.at > 0).then(|| self.out.pop_front()).flatten();
+            self.out.clear();
+            self.out.extend(partial);
+            self.out
+                .push_back(answer_line(json!({"ok": false, "error": why})));
+            self.lagging = Some(Instant::now() + ANSWER_DEADLINE);
+            return match self.flush() {
+                Fare::Keeps => Fare::Lags(why),
+                other => other,
+            };
         }
         Fare::Keeps
     }
@@ -545,6 +569,7 @@ const SHUTDOWN: u32 = 0;
 const STOP: u32 = 1;
 const HANDOFF: u32 = 2;
 const FOLLOWER: u32 = 3;
+const LAG_TIMER: u32 = 4;
 /// Domain `i`'s events: `EVENTS + i`.
 const EVENTS: u32 = 16;
 
@@ -557,6 +582,8 @@ struct Streamer {
     shutdown: Arc<EventFd>,
     stop_seen: bool,
     followers: HashMap<RawFd, Follower>,
+    /// Falls due at the first lagging follower's deadline.
+    lag_timer: TimerFd,
     done: Arc<AtomicBool>,
 }
 
@@ -585,6 +612,13 @@ impl Streamer {
                     f.writable = want;
                 }
             }
+            Fare::Lags(why) => {
+                crate::limited!(info, "control socket: an event stream {why}");
+                let set = EventSet::IN | EventSet::OUT;
+                let _ = ops.modify(Events::with_data_raw(fd, FOLLOWER, set));
+                f.writable = true;
+                self.arm_lag_timer();
+            }
             Fare::Dropped(why) => {
                 if let Some(why) = why {
                     crate::limited!(info, "control socket: an event stream {why}");
@@ -592,6 +626,39 @@ impl Streamer {
                 self.drop_follower(fd, ops, None);
             }
         }
+    }
+
+    /// Sets the timer to the first lagging follower's deadline (or disarms it).
+    fn arm_lag_timer(&mut self) {
+        let first = self.followers.values().filter_map(|f| f.lagging).min();
+        let r = match first {
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                // A zero duration would disarm it.
+                self.lag_timer
+                    .reset(left.max(Duration::from_millis(1)), None)
+            }
+            None => self.lag_timer.clear(),
+        };
+        if let Err(e) = r {
+            crate::limited!(warn, "control socket: the lag timer: {e}");
+        }
+    }
+
+    /// Drops the lagging followers past their deadline.
+    fn lag_deadline(&mut self, ops: &mut EventOps) {
+        let _ = self.lag_timer.wait();
+        let now = Instant::now();
+        let due: Vec<RawFd> = self
+            .followers
+            .iter()
+            .filter(|(_, f)| f.lagging.is_some_and(|at| at <= now))
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in due {
+            self.drop_follower(fd, ops, None);
+        }
+        self.arm_lag_timer();
     }
 
     /// Stops watching follower `fd` and ends it (with a last line `end`, if given).
@@ -625,6 +692,7 @@ impl Streamer {
                 out: VecDeque::new(),
                 at: 0,
                 writable: false,
+                lagging: None,
             };
             if self.stop_seen {
                 f.end("stopping");
@@ -659,6 +727,7 @@ impl MutEventSubscriber for Streamer {
             self.watch(ops, fd.as_raw_fd(), STOP);
         }
         self.watch(ops, self.shared.handoff_wake.as_raw_fd(), HANDOFF);
+        self.watch(ops, self.lag_timer.as_raw_fd(), LAG_TIMER);
         for (i, (_, h)) in self.shared.handles.iter().enumerate() {
             let token = EVENTS + u32::try_from(i).unwrap_or(u32::MAX - EVENTS);
             self.watch(ops, h.events_fd().as_raw_fd(), token);
@@ -678,6 +747,7 @@ impl MutEventSubscriber for Streamer {
                 self.end_all(ops, "stopping");
             }
             HANDOFF => self.take_handoffs(ops),
+            LAG_TIMER => self.lag_deadline(ops),
             FOLLOWER => {
                 let fd = events.fd();
                 let set = events.event_set();
@@ -1280,6 +1350,85 @@ mod tests {
         let big = json!({"ok": true, "x": "y".repeat(8 << 20)});
         write_answer(&mut a, &big, t + Duration::from_millis(200));
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    /// A reader that takes nothing is written to without blocking until its socket is full;
+    /// once more than [`FOLLOW_BACKLOG`] lines wait for it, it is told it lags and dropped.
+    #[test]
+    fn a_follower_that_falls_behind_is_told_and_dropped() {
+        use ddvm_recovery::events::EventKind;
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut f = Follower {
+            stream: a,
+            next: vec![0],
+            out: VecDeque::new(),
+            at: 0,
+            writable: false,
+            lagging: None,
+        };
+        let line = json!({"event": "x".repeat(1000)});
+        let t = Instant::now();
+        let mut queued = 0;
+        let why = loop {
+            f.queue(&line);
+            queued += 1;
+            match f.flush() {
+                Fare::Keeps => assert!(queued < 100_000, "never told"),
+                Fare::Lags(why) => break why,
+                Fare::Dropped(_) => panic!("dropped before it was told"),
+            }
+        };
+        assert!(t.elapsed() < Duration::from_secs(5), "a write blocked");
+        assert!(why.contains("lagged"), "{why}");
+        assert!(f.lagging.is_some());
+        // Nothing more is queued for it; once it reads, the line that tells it goes out and
+        // it is dropped.
+        let h = RecoveryHandle::new(Instant::now()).unwrap();
+        lock(&h.events).record("dd0", Instant::now(), EventKind::Stopped);
+        f.catch_up(0, "dd0", &h);
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let mut b = b;
+            b.read_to_string(&mut text).unwrap();
+            text
+        });
+        let dropped = loop {
+            match f.flush() {
+                Fare::Dropped(why) => break why,
+                _ => std::thread::yield_now(),
+            }
+        };
+        assert!(dropped.is_none(), "{dropped:?}");
+        drop(f);
+        let text = reader.join().unwrap();
+        assert!(
+            text.lines()
+                .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+            "whole lines"
+        );
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["ok"], false, "{last}");
+        assert!(last["error"].as_str().unwrap().contains("lagged"), "{last}");
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["ok"], false, "{last}");
+        assert!(last["error"].as_str().unwrap().contains("lagged"));
+    }
+
+    #[test]
+    fn versions_are_checked_before_the_request_is_acted_on() {
+        let stop = Stop::new();
+        let a = handle(r#"{"cmd":"stop","version":99}"#, &[], Some(&stop));
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(
+            !stop.requested(),
+            "a request of another version did something"
+        );
+        let a = handle(r#"{"cmd":"stop","version":1}"#, &[], Some(&stop));
+        assert_eq!((&a["ok"], &a["version"]), (&json!(true), &json!(1)), "{a}");
+        assert!(stop.requested());
+        let a = handle(r#"{"cmd":"events","follow":true}"#, &[], None);
+        assert_eq!(a["ok"], false, "only the server streams: {a}");
     }
 
     #[test]

@@ -223,6 +223,9 @@ impl Family<'_> {
     }
 }
 
+/// A family of one figure per item: its name, its help, and how to read it.
+type Figure<T> = (&'static str, &'static str, fn(&T) -> u64);
+
 /// One sample: its labels and value.
 type Row = (Vec<(&'static str, String)>, String);
 
@@ -314,7 +317,7 @@ impl Snapshot {
             ),
             |x| x.epoch.map(|e| (dom(x), e.to_string())),
         );
-        let counters: [(&str, &str, fn(&DomainFigures) -> u64); 8] = [
+        let counters: [Figure<DomainFigures>; 8] = [
             (
                 "ddvm_domain_recoveries_total",
                 "Recoveries completed: a fresh domain served again after a failure.",
@@ -382,7 +385,7 @@ impl Snapshot {
                 fam.sample("ddvm_domain_detections_total", &l, v.clone());
             }
         }
-        let gauges: [(&str, &str, fn(&DomainFigures) -> u64); 3] = [
+        let gauges: [Figure<DomainFigures>; 3] = [
             (
                 "ddvm_domain_standbys",
                 "Warm standby domains ready for the next restarts.",
@@ -411,7 +414,7 @@ impl Snapshot {
         );
         let v = &self.devices;
         let dev = |x: &DeviceIo| vec![("domain", x.domain.clone()), ("device", x.device.into())];
-        let io: [(&str, &str, fn(&DeviceIo) -> u64); 3] = [
+        let io: [Figure<DeviceIo>; 3] = [
             (
                 "ddvm_device_requests_total",
                 "Client requests answered (a disk) or frames moved both ways (a NIC).",

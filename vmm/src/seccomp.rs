@@ -494,8 +494,9 @@ fn own(class: ThreadClass) -> Vec<Allow> {
                     SYS_epoll_wait,
                     SYS_epoll_pwait,
                     SYS_epoll_pwait2,
-                    // Ending a followed stream.
+                    // Ending a followed stream; the deadline of one that lags.
                     SYS_shutdown,
+                    SYS_timerfd_settime,
                 ]
                 .into_iter()
                 .map(Allow::Call),

@@ -318,7 +318,7 @@ fn run(worker: Arc<Mutex<Worker>>) -> Backend {
     let mut passes = 0u32;
     while !shared.stop.load(Ordering::Acquire) {
         passes = passes.wrapping_add(1);
-        if passes % 256 == 0 && exits_read.elapsed() >= EXITS_REFRESH {
+        if passes.is_multiple_of(256) && exits_read.elapsed() >= EXITS_REFRESH {
             lock(&worker).refresh_exits();
             exits_read = Instant::now();
         }

@@ -201,7 +201,7 @@ pub struct RecoveryHandle {
 }
 
 impl RecoveryHandle {
-    fn new(now: Instant) -> std::io::Result<Self> {
+    pub(crate) fn new(now: Instant) -> std::io::Result<Self> {
         Ok(RecoveryHandle {
             commands: Arc::default(),
             has_commands: Arc::default(),
