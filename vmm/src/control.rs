@@ -260,10 +260,6 @@ impl Drop for ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // Streams handed over after the control thread's end get their last line here.
-        for (s, _) in std::mem::take(&mut *lock(&self.shared.handoff)) {
-            answer_now(s, json!({"ok": true, "end": "the control socket is closing"}));
-        }
         // Connections in progress end now, not at their deadlines: those still reading see
         // the end of their input; an answer being written (say, to the `stop` that ended the
         // run) gets a moment to go out before its connection is cut.
@@ -288,6 +284,13 @@ impl Drop for ControlServer {
         }
         for t in threads {
             let _ = t.join();
+        }
+        // Streams handed over after the control thread's end get their last line here.
+        for (s, _) in std::mem::take(&mut *lock(&self.shared.handoff)) {
+            answer_now(
+                s,
+                json!({"ok": true, "end": "the control socket is closing"}),
+            );
         }
         // Remove the socket only if it is still the one made here.
         if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity)
