@@ -394,3 +394,295 @@ fn sigterm_ends_ddvm_run_with_clients_in_order() {
     assert!(out.contains("stopped on request"), "{out}");
     assert!(!sock.exists(), "socket left behind");
 }
+
+/// Every answer carries the protocol version; a request written for another version is
+/// refused without being acted on; `version` names the server's ddvm and protocol.
+#[test]
+fn answers_carry_the_protocol_version_and_other_versions_are_refused() {
+    let dir = scratch("control-version");
+    let sock = dir.join("ctl.sock");
+    let _server = ControlServer::start(&sock, Vec::new()).unwrap();
+    let v = ddvm::control::PROTOCOL_VERSION;
+    let t = Duration::from_secs(5);
+    for req in [
+        json!({"cmd": "status"}),
+        json!({"cmd": "status", "version": v}),
+        json!({"cmd": "metrics"}),
+        json!({"cmd": "explode"}),
+    ] {
+        assert_eq!(ask(&sock, &req, t).unwrap()["version"], v, "{req}");
+    }
+    let a = ask(&sock, &json!({"cmd": "stop", "version": v + 1}), t).unwrap();
+    assert_eq!((&a["ok"], &a["version"]), (&json!(false), &json!(v)), "{a}");
+    assert!(
+        a["error"].as_str().unwrap().contains("protocol version"),
+        "{a}"
+    );
+    let a = ask(&sock, &json!({"cmd": "version"}), t).unwrap();
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["protocol"], v, "{a}");
+    assert_eq!(a["ddvm"], env!("CARGO_PKG_VERSION"), "{a}");
+    let (ok, text) = ctl(&sock, &["version"]);
+    assert!(ok, "{text}");
+    let want = format!("ddvm {}, control protocol {v}", env!("CARGO_PKG_VERSION"));
+    assert!(
+        text.contains(&format!("client: {want}")) && text.contains(&format!("server: {want}")),
+        "{text}"
+    );
+    // Each subcommand is documented in --help.
+    let (ok, help) = {
+        let out = ddvm(&["ctl", "--help"]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    assert!(ok, "{help}");
+    for sub in [
+        "status", "metrics", "events", "kill", "restart", "update", "inject", "stop", "version",
+    ] {
+        assert!(help.contains(&format!("  {sub}")), "{sub}: {help}");
+    }
+}
+
+/// A followed stream starts with its answer, is refused past the limit of streams, and ends
+/// with a last line when the server closes (the reader sees the end, not a hang).
+#[test]
+fn followed_streams_are_bounded_and_end_when_the_server_closes() {
+    let dir = scratch("control-follow");
+    let sock = dir.join("ctl.sock");
+    let server = ControlServer::start(&sock, Vec::new()).unwrap();
+    let open = || {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        writeln!(s, "{}", json!({"cmd": "events", "follow": true})).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        (r, serde_json::from_str::<Value>(&line).unwrap())
+    };
+    let mut streams = Vec::new();
+    for _ in 0..ddvm::control::MAX_FOLLOWERS {
+        let (r, first) = open();
+        assert_eq!(first["ok"], true, "{first}");
+        assert_eq!(first["follow"], true, "{first}");
+        assert_eq!(first["version"], ddvm::control::PROTOCOL_VERSION, "{first}");
+        streams.push(r);
+    }
+    let (_, refused) = open();
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("busy"),
+        "{refused}"
+    );
+    // Requests still have room beside the streams.
+    let a = ask(&sock, &json!({"cmd": "status"}), Duration::from_secs(2)).unwrap();
+    assert_eq!(a["ok"], true, "{a}");
+    // A stream whose reader leaves frees its place.
+    drop(streams.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (r, first) = open();
+        if first["ok"] == true {
+            streams.push(r);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place was never freed: {first}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    drop(server);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    for mut r in streams {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let last: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(last["ok"], true, "{last}");
+        assert!(last["end"].is_string(), "{last}");
+        line.clear();
+        assert_eq!(r.read_line(&mut line).unwrap(), 0, "end of file after it");
+    }
+}
+
+/// `ddvm ctl metrics` of a running VMM is Prometheus text that a real parser reads whole, with
+/// HELP and TYPE for each family; after a kill, the domain's recoveries and its detections for
+/// the reason `operator-kill` have grown, and its device's requests count. `--json` gives the
+/// same figures as JSON.
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_a_kill() {
+    use prometheus_parse::{LineInfo, Scrape, Value as P};
+    let dir = scratch("control-metrics");
+    let sock = dir.join("ctl.sock");
+    let child = run_with_control(&with_client(&dir), &sock);
+    let scrape = || {
+        let (ok, text) = ctl(&sock, &["metrics"]);
+        assert!(ok, "{text}");
+        for line in text.lines() {
+            let info = LineInfo::parse(line);
+            let known = if line.starts_with('#') {
+                matches!(info, LineInfo::Doc { .. } | LineInfo::Type { .. })
+            } else {
+                matches!(info, LineInfo::Sample { .. })
+            };
+            assert!(known, "a line the parser does not read: {line:?}");
+        }
+        let s = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        (s, text)
+    };
+    let value = |s: &Scrape, name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        s.samples
+            .iter()
+            .filter(|x| x.metric == name)
+            .find(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+            .map(|x| match &x.value {
+                P::Counter(v) | P::Gauge(v) | P::Untyped(v) => *v,
+                other => panic!("{name}: {other:?}"),
+            })
+    };
+    let (before, text) = scrape();
+    for family in [
+        "ddvm_domain_up",
+        "ddvm_domain_recoveries_total",
+        "ddvm_domain_restarts_total",
+        "ddvm_domain_give_ups_total",
+        "ddvm_domain_standby_promotions_total",
+        "ddvm_domain_in_flight_requests",
+        "ddvm_device_requests_total",
+        "ddvm_device_bytes_total",
+        "ddvm_device_errors_total",
+        "ddvm_device_request_latency_seconds",
+    ] {
+        assert!(
+            before.docs.contains_key(family),
+            "no HELP for {family}: {text}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "no TYPE for {family}"
+        );
+    }
+    let nvme = [("domain", "nvme0")];
+    assert_eq!(value(&before, "ddvm_domain_up", &nvme), Some(1.0), "{text}");
+    let recoveries = value(&before, "ddvm_domain_recoveries_total", &nvme).unwrap();
+    let kills = [("domain", "nvme0"), ("reason", "operator-kill")];
+    let killed = value(&before, "ddvm_domain_detections_total", &kills).unwrap_or(0.0);
+    let latency = before
+        .samples
+        .iter()
+        .find(|x| x.metric == "ddvm_device_request_latency_seconds")
+        .expect("a latency summary");
+    assert!(
+        matches!(&latency.value, P::Summary(q) if q.len() == 3),
+        "{latency:?}"
+    );
+    let (ok, text) = ctl(&sock, &["kill", "nvme0"]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let (s, text) = scrape();
+        if value(&s, "ddvm_domain_recoveries_total", &nvme).unwrap() > recoveries {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no recovery counted: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        value(&after, "ddvm_domain_detections_total", &kills),
+        Some(killed + 1.0)
+    );
+    let disk = [("domain", "nvme0"), ("device", "blk")];
+    assert!(value(&after, "ddvm_device_requests_total", &disk).unwrap() > 0.0);
+    assert!(value(&after, "ddvm_device_bytes_total", &disk).unwrap() > 0.0);
+    assert_eq!(value(&after, "ddvm_device_errors_total", &disk), Some(0.0));
+    let (ok, text) = ctl(&sock, &["metrics", "--json"]);
+    assert!(ok, "{text}");
+    let j: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(j["version"], ddvm::control::PROTOCOL_VERSION, "{j}");
+    assert!(j["domains"][0]["recoveries"].as_u64().unwrap() >= 1, "{j}");
+    assert!(
+        j["devices"][0]["latency"]["p99_seconds"].as_f64().unwrap() > 0.0,
+        "{j}"
+    );
+    let (ok, text) = ctl(&sock, &["stop"]);
+    assert!(ok, "{text}");
+    let (status, out) = ended_within(child, Duration::from_secs(30));
+    assert!(status.success(), "{status}: {out}");
+}
+
+/// `ddvm ctl events --follow` delivers the events of a kill as they happen (within a second,
+/// a generous bound), and ends cleanly, exit status 0, when `ctl stop` ends the run.
+#[test]
+fn a_followed_stream_delivers_a_kill_within_a_second_and_ends_at_the_stop() {
+    let dir = scratch("control-follow-run");
+    let sock = dir.join("ctl.sock");
+    let run = run_with_control(&with_client(&dir), &sock);
+    let mut follower = Command::new(ddvm_bin())
+        .args(["ctl", sock.to_str().unwrap(), "events", "--follow"])
+        .env_remove("DDVM_KVM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = follower.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    // The log so far (the domain's boot and ready) comes first.
+    let (_, first) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the backlog");
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["domain"], "nvme0", "{first}");
+    while rx.recv_timeout(Duration::from_millis(300)).is_ok() {}
+    let sent = Instant::now();
+    let a = ask(
+        &sock,
+        &json!({"cmd": "kill", "domain": "nvme0"}),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(a["ok"], true, "{a}");
+    let mut seen = Vec::new();
+    let arrived = loop {
+        let (at, line) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("no event of the kill; saw {seen:?}"));
+        // The operator's kill, and the failure it causes, are both named so.
+        let _: Value = serde_json::from_str(&line).unwrap();
+        if line.contains("operator-kill") {
+            break at;
+        }
+        seen.push(line);
+    };
+    let took = arrived.saturating_duration_since(sent);
+    assert!(
+        took < Duration::from_secs(1),
+        "the kill's event took {took:?}"
+    );
+    let (ok, text) = ctl(&sock, &["stop"]);
+    assert!(ok, "{text}");
+    let (status, out) = ended_within(run, Duration::from_secs(30));
+    assert!(status.success(), "{status}: {out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = follower.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream did not end with the run"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().unwrap();
+    assert!(status.success(), "{status}");
+}

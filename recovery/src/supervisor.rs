@@ -220,6 +220,12 @@ pub struct Status {
     pub detections: BTreeMap<&'static str, u64>,
     /// Duplicate detections.
     pub duplicates: u64,
+    /// Times the policy gave up.
+    pub give_ups: u64,
+    /// Requests resubmitted by replays.
+    pub replayed_requests: u64,
+    /// Hook runs that did not exit 0.
+    pub hook_failures: u64,
 }
 
 /// The last failure in a [`Status`].
@@ -548,6 +554,9 @@ impl Supervisor {
             }),
             detections: self.metrics.detections.clone(),
             duplicates: self.metrics.duplicates,
+            give_ups: self.metrics.give_ups,
+            replayed_requests: self.metrics.replayed_requests,
+            hook_failures: self.metrics.hook_failures,
         }
     }
 
@@ -1392,7 +1401,10 @@ mod tests {
                     "ago_us": 1000
                 },
                 "detections": {"exception": 1, "halted": 1},
-                "duplicates": 0
+                "duplicates": 0,
+                "give_ups": 0,
+                "replayed_requests": 0,
+                "hook_failures": 0
             })
         );
     }

@@ -26,6 +26,7 @@ pub mod launcher;
 pub mod linux;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
 pub mod net;
 pub mod ratelimit;
 pub mod reincarnation;

@@ -152,16 +152,14 @@ enum Command {
         #[command(flatten)]
         jail: JailArgs,
     },
-    /// Talk to a running `ddvm run --control SOCKET`: status, events, kill, restart, update,
-    /// inject, stop.
+    /// Talk to a running `ddvm run --control SOCKET`: status, metrics, events (or follow them),
+    /// kill, restart, update, inject, stop, version. Answers are printed as JSON (metrics as
+    /// Prometheus text); the exit status is 1 when the server answers with an error.
     Ctl {
         /// The control socket.
         socket: PathBuf,
-        /// `status`, `events [SINCE]`, `kill DOMAIN`, `restart DOMAIN`,
-        /// `update DOMAIN IMAGE`, `inject DOMAIN FAULT [ARG]`, `stop` (ends the run as SIGTERM
-        /// does).
-        #[arg(required = true, num_args = 1..)]
-        request: Vec<String>,
+        #[command(subcommand)]
+        request: CtlRequest,
     },
     /// Check this host for PCI passthrough: KVM, the IOMMU, vfio-pci, the locked-memory limit
     /// and, for each ADDRESS, its driver, IOMMU group, VFIO node and reset. One line per item
@@ -264,6 +262,63 @@ impl JailArgs {
             ddvm::jail::Jailed::Exited(status) => Some(ExitCode::from(status)),
         })
     }
+}
+
+/// The requests of `ddvm ctl SOCKET`.
+#[derive(Subcommand)]
+enum CtlRequest {
+    /// Each domain's state, epoch, recoveries (and their p50/p90/p99), standbys, requests in
+    /// flight and queued, the supervisor's status; each device's requests, bytes, errors,
+    /// latency percentiles and VM exits; the seccomp filters.
+    Status,
+    /// Counters and gauges of every domain and device, as Prometheus text (exposition format
+    /// 0.0.4), or JSON with `--json`.
+    Metrics {
+        /// JSON instead of Prometheus text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The events logged since SINCE (a sequence number; default 0: all kept); with
+    /// `--follow`, then every new event as it happens, one JSON line each, until the VMM
+    /// stops (or the reader lags too far behind: exit status 1).
+    Events {
+        /// The first sequence number wanted.
+        since: Option<u64>,
+        /// Keep the connection and print each new event as it happens.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Kill DOMAIN's driver domain as a failure would (it is recovered).
+    Kill {
+        /// The domain.
+        domain: String,
+    },
+    /// Restart DOMAIN's driver domain (an operator restart, not a failure).
+    Restart {
+        /// The domain.
+        domain: String,
+    },
+    /// Restart DOMAIN's driver domain on IMAGE (a regular file of at most 64 MiB), and
+    /// restart it on IMAGE from now on.
+    Update {
+        /// The domain.
+        domain: String,
+        /// The new image.
+        image: PathBuf,
+    },
+    /// Inject FAULT into DOMAIN (a build with fault injection; see `ddvm chaos --faults`).
+    Inject {
+        /// The domain.
+        domain: String,
+        /// The fault kind.
+        fault: String,
+        /// The fault's argument (0: its default).
+        arg: Option<u32>,
+    },
+    /// End the run, as SIGTERM does (in order: every disk flushed and shut down).
+    Stop,
+    /// This client's version and the server's (ddvm's version and the protocol's).
+    Version,
 }
 
 #[derive(Subcommand)]
@@ -431,7 +486,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             json.as_deref(),
             &jail,
         ),
-        Command::Ctl { socket, request } => ctl(&socket, &request),
+        Command::Ctl { socket, request } => ctl(&socket, request),
         Command::HookLauncher => Ok(ExitCode::SUCCESS),
         Command::Check {
             addresses,
@@ -740,23 +795,73 @@ struct KillPlan {
     every: Duration,
 }
 
-fn ctl(socket: &Path, words: &[String]) -> anyhow::Result<ExitCode> {
-    let w: Vec<&str> = words.iter().map(String::as_str).collect();
-    let req = match w.as_slice() {
-        ["status"] => serde_json::json!({"cmd": "status"}),
-        ["events"] => serde_json::json!({"cmd": "events"}),
-        ["events", since] => serde_json::json!({"cmd": "events", "since": since.parse::<u64>().context("events SINCE: expected a number")?}),
-        ["kill", d] => serde_json::json!({"cmd": "kill", "domain": d}),
-        ["restart", d] => serde_json::json!({"cmd": "restart", "domain": d}),
+fn ctl(socket: &Path, request: CtlRequest) -> anyhow::Result<ExitCode> {
+    use serde_json::json;
+    let context = || format!("control socket {}", socket.display());
+    let req = match request {
+        CtlRequest::Status => json!({"cmd": "status"}),
+        CtlRequest::Metrics { json } => json!({
+            "cmd": "metrics",
+            "format": if json { "json" } else { "prometheus" },
+        }),
+        CtlRequest::Events {
+            since,
+            follow: true,
+        } => {
+            use std::io::Write;
+            let end = ddvm::control::follow(socket, since.unwrap_or(0), |event| {
+                let mut out = std::io::stdout().lock();
+                // A reader that went away (a closed pipe) ends the stream.
+                writeln!(out, "{event}").and_then(|()| out.flush()).is_ok()
+            })
+            .with_context(context)?;
+            return Ok(match end {
+                Some(last) if last["ok"] == false => {
+                    println!("{}", serde_json::to_string_pretty(&last)?);
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            });
+        }
+        CtlRequest::Events { since, .. } => json!({"cmd": "events", "since": since.unwrap_or(0)}),
+        CtlRequest::Kill { domain } => json!({"cmd": "kill", "domain": domain}),
+        CtlRequest::Restart { domain } => json!({"cmd": "restart", "domain": domain}),
         // The server resolves a relative path from its own directory: send an absolute one.
-        ["update", d, image] => serde_json::json!({"cmd": "update", "domain": d, "image": std::path::absolute(image).with_context(|| format!("update IMAGE {image}"))?}),
-        ["stop"] => serde_json::json!({"cmd": "stop"}),
-        ["inject", d, fault] => serde_json::json!({"cmd": "inject", "domain": d, "fault": fault}),
-        ["inject", d, fault, arg] => serde_json::json!({"cmd": "inject", "domain": d, "fault": fault, "arg": arg.parse::<u32>().context("inject ARG: expected a number")?}),
-        _ => anyhow::bail!("expected one of: status | events [SINCE] | kill DOMAIN | restart DOMAIN | update DOMAIN IMAGE | inject DOMAIN FAULT [ARG] | stop"),
+        CtlRequest::Update { domain, image } => json!({
+            "cmd": "update",
+            "domain": domain,
+            "image": std::path::absolute(&image)
+                .with_context(|| format!("update IMAGE {}", image.display()))?,
+        }),
+        CtlRequest::Inject { domain, fault, arg } => {
+            json!({"cmd": "inject", "domain": domain, "fault": fault, "arg": arg.unwrap_or(0)})
+        }
+        CtlRequest::Stop => json!({"cmd": "stop"}),
+        CtlRequest::Version => {
+            println!(
+                "client: ddvm {}, control protocol {}",
+                env!("CARGO_PKG_VERSION"),
+                ddvm::control::PROTOCOL_VERSION
+            );
+            let a =
+                ddvm::control::request(socket, &json!({"cmd": "version"})).with_context(context)?;
+            if a["ok"] != true {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "server: ddvm {}, control protocol {}",
+                a["ddvm"].as_str().unwrap_or("unknown"),
+                a["protocol"]
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
     };
-    let answer = ddvm::control::request(socket, &req)
-        .with_context(|| format!("control socket {}", socket.display()))?;
+    let answer = ddvm::control::request(socket, &req).with_context(context)?;
+    if answer["ok"] == true && answer["format"] == "prometheus" {
+        print!("{}", answer["text"].as_str().unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(if answer["ok"] == true {
         ExitCode::SUCCESS
@@ -891,8 +996,13 @@ fn run_topology(
     let mut topo = Topology::start(hv, config, file, echo)?;
     let control = match control {
         Some(p) => Some(
-            ddvm::control::ControlServer::start_with(p, topo.recovery.clone(), Some(stop.clone()))
-                .with_context(|| format!("control socket {}", p.display()))?,
+            ddvm::control::ControlServer::start_with(
+                p,
+                topo.recovery.clone(),
+                topo.io_sources(),
+                Some(stop.clone()),
+            )
+            .with_context(|| format!("control socket {}", p.display()))?,
         ),
         None => None,
     };
@@ -1370,7 +1480,7 @@ fn run_config(
     // Domains without clients have no recovery handles: the socket serves status and stop.
     let control = match control {
         Some(p) => Some(
-            ddvm::control::ControlServer::start_with(p, Vec::new(), Some(stop.clone()))
+            ddvm::control::ControlServer::start_with(p, Vec::new(), Vec::new(), Some(stop.clone()))
                 .with_context(|| format!("control socket {}", p.display()))?,
         ),
         None => None,

@@ -488,6 +488,15 @@ fn own(class: ThreadClass) -> Vec<Allow> {
                     SYS_getsockopt,
                     SYS_geteuid,
                     SYS_clone3,
+                    // The event manager's epoll (made by the thread that starts the server).
+                    SYS_epoll_create1,
+                    SYS_epoll_ctl,
+                    SYS_epoll_wait,
+                    SYS_epoll_pwait,
+                    SYS_epoll_pwait2,
+                    // Ending a followed stream; the deadline of one that lags.
+                    SYS_shutdown,
+                    SYS_timerfd_settime,
                 ]
                 .into_iter()
                 .map(Allow::Call),

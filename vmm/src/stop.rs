@@ -26,13 +26,15 @@
 //! `stop` all set it, and every run loop watches it. Whatever asked, the run ends the same way.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ddvm_abi::channel::blk::op;
 use ddvm_abi::channel::status as cstatus;
 use ddvm_recovery::monitor::HeartbeatMonitor;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::domain::{DeviceShutdown, Domain, DomainDevice};
 use crate::host_channel::{Done, HostChannel};
@@ -278,43 +280,77 @@ pub fn domain_without_clients(
 
 /// Set by the signal handler: a signal reaches every handle made by [`Stop::on_signals`].
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
+/// The eventfd the signal handler writes (-1: none yet), so that waits on it wake at once.
+static SIGNAL_WAKE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(_: libc::c_int) {
     if SIGNALLED.swap(true, Ordering::AcqRel) {
         // A second signal: the user will not wait for the orderly stop.
         crate::sys::exit_now(130);
     }
+    let fd = SIGNAL_WAKE.load(Ordering::Acquire);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: `write` is async-signal-safe; `fd` is an eventfd that is never closed (it is
+        // leaked when stored), and `one` is 8 readable bytes for the duration of the call.
+        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    }
 }
 
 /// A request to stop; clones share it.
+///
+/// Its [`wake_fd`](Stop::wake_fd) becomes readable once a stop is requested (and stays so), so
+/// that event loops wait on it with their other descriptors instead of polling the flag.
 #[derive(Clone, Debug, Default)]
 pub struct Stop {
     flag: Arc<AtomicBool>,
     signals: bool,
+    /// Written by [`Stop::request`] (and, for a handle of [`Stop::on_signals`], by the signal
+    /// handler); never read, so it stays readable. `None` if the host gave no eventfd.
+    wake: Option<Arc<EventFd>>,
 }
 
-/// How often waits look at the flag.
+/// How often waits look at the flag when there is no eventfd to wait on.
 const SLICE: Duration = Duration::from_millis(20);
 
 impl Stop {
     /// A handle only [`Stop::request`] sets.
     pub fn new() -> Self {
-        Stop::default()
+        Stop {
+            flag: Arc::default(),
+            signals: false,
+            wake: EventFd::new(libc::EFD_NONBLOCK).ok().map(Arc::new),
+        }
     }
 
     /// A handle that SIGINT and SIGTERM set too (it installs their handler). A second signal
-    /// ends the process at once (exit status 130), without the orderly stop.
+    /// ends the process at once (exit status 130), without the orderly stop. Every such handle
+    /// shares one eventfd, which the handler writes.
     pub fn on_signals() -> Self {
+        static WAKE: OnceLock<Option<Arc<EventFd>>> = OnceLock::new();
+        let wake = WAKE
+            .get_or_init(|| {
+                let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).ok()?);
+                // Kept for the life of the process (the static holds it): the handler may use
+                // its number at any time.
+                SIGNAL_WAKE.store(fd.as_raw_fd(), Ordering::Release);
+                Some(fd)
+            })
+            .clone();
         crate::sys::on_stop_signals(on_signal);
         Stop {
             flag: Arc::new(AtomicBool::new(false)),
             signals: true,
+            wake,
         }
     }
 
     /// Asks the run to stop.
     pub fn request(&self) {
         self.flag.store(true, Ordering::Release);
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
     }
 
     /// Whether a stop was asked for.
@@ -322,7 +358,19 @@ impl Stop {
         self.flag.load(Ordering::Acquire) || (self.signals && SIGNALLED.load(Ordering::Acquire))
     }
 
-    /// Sleeps `d`, or less if a stop is asked for meanwhile; returns whether one was.
+    /// A descriptor that becomes readable (and stays so) once a stop is requested, for event
+    /// loops to wait on; `None` if the host gave no eventfd (then [`Stop::requested`] is all
+    /// there is).
+    pub fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the descriptor is the eventfd's that `self` holds (through its Arc), open for
+        // as long as `self` is borrowed.
+        self.wake
+            .as_ref()
+            .map(|w| unsafe { BorrowedFd::borrow_raw(w.as_raw_fd()) })
+    }
+
+    /// Sleeps `d`, or less if a stop is asked for meanwhile; returns whether one was. It
+    /// waits on [`Stop::wake_fd`], so a stop ends it at once.
     pub fn sleep(&self, d: Duration) -> bool {
         let end = Instant::now() + d;
         loop {
@@ -333,7 +381,14 @@ impl Stop {
             if left.is_zero() {
                 return false;
             }
-            std::thread::sleep(left.min(SLICE));
+            match self.wake_fd() {
+                Some(fd) => {
+                    if crate::sys::poll_readable(&[fd], Some(left)).is_err() {
+                        std::thread::sleep(left.min(SLICE));
+                    }
+                }
+                None => std::thread::sleep(left.min(SLICE)),
+            }
         }
     }
 }
@@ -415,5 +470,19 @@ mod tests {
         t.join().unwrap();
         // Another handle is not affected.
         assert!(!Stop::new().requested());
+        // The wake descriptor says so at once, and keeps saying so.
+        let fd = stop.wake_fd().expect("an eventfd");
+        for _ in 0..2 {
+            assert_eq!(
+                crate::sys::poll_readable(&[fd], Some(Duration::ZERO)).unwrap(),
+                [true]
+            );
+        }
+        let fresh = Stop::new();
+        let fd = fresh.wake_fd().expect("an eventfd");
+        assert_eq!(
+            crate::sys::poll_readable(&[fd], Some(Duration::ZERO)).unwrap(),
+            [false]
+        );
     }
 }

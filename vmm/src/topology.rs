@@ -348,6 +348,18 @@ pub struct Topology {
     pub nets: Vec<crate::net::service::NetService>,
 }
 
+impl Topology {
+    /// What the control plane reads of each disk's and NIC's I/O (`ctl status`, `metrics`).
+    pub fn io_sources(&self) -> Vec<crate::metrics::IoSource> {
+        let disks = self.services.iter().map(BlockService::io_source);
+        let nics = self
+            .nets
+            .iter()
+            .map(crate::net::service::NetService::io_source);
+        disks.chain(nics).collect()
+    }
+}
+
 /// How one client ended.
 #[derive(Debug)]
 pub struct ClientOutcome {

@@ -131,6 +131,8 @@ pub struct Pending {
     pub parts_left: u32,
     /// Worst status so far.
     pub result: u8,
+    /// When it was taken from the client's queue.
+    pub taken: Instant,
 }
 
 /// Counters of a block service.
@@ -145,6 +147,13 @@ pub struct ServiceCounters {
     /// Passes a driver domain's vCPU thread ran in its wait exits that made progress (the
     /// domain then resumed at once instead of waiting).
     pub domain_passes: AtomicU64,
+    /// Client requests answered with a status other than OK.
+    pub errors: AtomicU64,
+    /// Latencies of the requests answered through the backend, from intake to answer.
+    pub latency: crate::metrics::LatencyHistogram,
+    /// VM exits of the domain serving now (refreshed by the service at most every
+    /// [`EXITS_REFRESH`]).
+    pub domain_exits: AtomicU64,
 }
 
 impl ServiceCounters {
@@ -242,6 +251,25 @@ impl BlockService {
         &self.shared.counters
     }
 
+    /// What the control plane reads of this disk's I/O when asked (`ctl metrics`).
+    pub fn io_source(&self) -> crate::metrics::IoSource {
+        let shared = self.shared.clone();
+        let name = self.name.clone();
+        Arc::new(move || {
+            let c = &shared.counters;
+            let exits = c.domain_exits.load(Ordering::Relaxed);
+            crate::metrics::DeviceIo {
+                domain: name.clone(),
+                device: "blk",
+                requests: c.answered.load(Ordering::Relaxed),
+                bytes: c.copy_bytes.load(Ordering::Relaxed),
+                errors: c.errors.load(Ordering::Relaxed),
+                latency: Some(c.latency.snapshot()),
+                vm_exits: (exits > 0).then_some(exits),
+            }
+        })
+    }
+
     /// The client ports.
     pub fn ports(&self) -> &[Arc<ClientPort>] {
         &self.ports
@@ -280,10 +308,20 @@ impl Drop for BlockService {
 
 /// The service thread: passes while there is progress, a short poll, then sleep. Returns the
 /// backend once stopped.
+/// How often the service reads its domain's VM exits for the control plane, at most.
+pub const EXITS_REFRESH: Duration = Duration::from_millis(100);
+
 fn run(worker: Arc<Mutex<Worker>>) -> Backend {
     let shared = lock(&worker).shared.clone();
     let mut idle_since: Option<Instant> = None;
+    let mut exits_read = Instant::now();
+    let mut passes = 0u32;
     while !shared.stop.load(Ordering::Acquire) {
+        passes = passes.wrapping_add(1);
+        if passes.is_multiple_of(256) && exits_read.elapsed() >= EXITS_REFRESH {
+            lock(&worker).refresh_exits();
+            exits_read = Instant::now();
+        }
         if lock(&worker).pass() > 0 {
             idle_since = None;
             continue;
@@ -294,6 +332,10 @@ fn run(worker: Arc<Mutex<Worker>>) -> Backend {
             // runnable one have the CPU while polling.
             std::thread::yield_now();
             continue;
+        }
+        if exits_read.elapsed() >= EXITS_REFRESH {
+            lock(&worker).refresh_exits();
+            exits_read = Instant::now();
         }
         Worker::sleep(&worker);
         idle_since = None;
@@ -431,6 +473,18 @@ impl Worker {
                 .fetch_add(1, Ordering::Relaxed);
         }
         progress > 0
+    }
+
+    /// Publishes the VM exits of the domain serving now (`ctl metrics`).
+    fn refresh_exits(&self) {
+        if let Backend::Channel(c) = &self.backend {
+            if let Some(e) = c.domain().and_then(|d| d.vcpu_stat("exits")) {
+                self.shared
+                    .counters
+                    .domain_exits
+                    .store(e, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Arms every notification, re-checks, and sleeps (without the lock, so the domain's
@@ -750,6 +804,7 @@ impl Worker {
                 status: req.status,
                 parts_left: parts,
                 result: status::OK,
+                taken: now,
             },
         );
         None
@@ -806,6 +861,7 @@ impl Worker {
             0
         };
         let at = (p.port, p.queue, p.head);
+        self.shared.counters.latency.record(p.taken.elapsed());
         self.answer_locked(&port, &mut st, at, p.status, p.result, len);
     }
 
@@ -824,6 +880,9 @@ impl Worker {
             .counters
             .answered
             .fetch_add(1, Ordering::Relaxed);
+        if value != status::OK {
+            self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
         self.tracks[index].heads(queue).set(head, false);
         if st.needs_reset {
             // The device gave up on the driver: nothing more goes into its rings until it

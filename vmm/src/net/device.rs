@@ -145,6 +145,10 @@ pub struct NetCounters {
     pub ctrl_err: AtomicU64,
     /// Times a queue was found unusable (DEVICE_NEEDS_RESET).
     pub needs_reset: AtomicU64,
+    /// Bytes of the TX frames handed to the backend.
+    pub tx_bytes: AtomicU64,
+    /// Bytes of the frames placed into the client's RX buffers.
+    pub rx_bytes: AtomicU64,
 }
 
 /// A snapshot of a port's [`NetCounters`], as the service's stats show it.
@@ -487,9 +491,15 @@ impl NetPort {
                         TxVerdict::Queued => {
                             st.tx_heads[usize::from(head)] = true;
                             bump(&self.counters.tx_frames);
+                            self.counters
+                                .tx_bytes
+                                .fetch_add(st.frame.len() as u64, Ordering::Relaxed);
                         }
                         TxVerdict::Done => {
                             bump(&self.counters.tx_frames);
+                            self.counters
+                                .tx_bytes
+                                .fetch_add(st.frame.len() as u64, Ordering::Relaxed);
                             bump(&self.counters.tx_completed);
                             done.push((head, 0));
                         }
@@ -553,6 +563,11 @@ impl NetPort {
         let mut st = self.lock();
         let st = &mut *st;
         let outcome = self.receive_locked(st, frame);
+        if matches!(outcome, Rx::Delivered(_)) {
+            self.counters
+                .rx_bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        }
         let counter = match outcome {
             Rx::Delivered(_) => &self.counters.rx_frames,
             Rx::NoBuffers => &self.counters.rx_no_buffers,

@@ -191,6 +191,7 @@ impl NetService {
             out: Vec::new(),
             epoch: None,
             stats: NetStats::default(),
+            exits_read: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("net-{name}"))
@@ -233,6 +234,36 @@ impl NetService {
         s
     }
 
+    /// What the control plane reads of this NIC's I/O when asked (`ctl metrics`): frames and
+    /// bytes both ways over its client ports; errors are the frames dropped or failed.
+    pub fn io_source(&self) -> crate::metrics::IoSource {
+        let shared = self.shared.clone();
+        let ports = self.ports.clone();
+        let name = self.name.clone();
+        Arc::new(move || {
+            let load = |f: fn(&super::device::NetCounters) -> &std::sync::atomic::AtomicU64| {
+                ports
+                    .iter()
+                    .map(|p| f(&p.counters).load(Ordering::Relaxed))
+                    .sum::<u64>()
+            };
+            let stats = lock(&shared.stats);
+            crate::metrics::DeviceIo {
+                domain: name.clone(),
+                device: "net",
+                requests: load(|c| &c.tx_frames) + load(|c| &c.rx_frames),
+                bytes: load(|c| &c.tx_bytes) + load(|c| &c.rx_bytes),
+                errors: load(|c| &c.tx_dropped)
+                    + load(|c| &c.rx_bad_chains)
+                    + load(|c| &c.rx_too_small)
+                    + load(|c| &c.ctrl_err)
+                    + stats.class.tx_failed,
+                latency: None,
+                vm_exits: stats.domain_exits,
+            }
+        })
+    }
+
     /// Whether the thread has ended.
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
@@ -269,6 +300,8 @@ struct Worker<B: FrameBackend> {
     /// The epoch that served last.
     epoch: Option<u64>,
     stats: NetStats,
+    /// When the domain's VM exits were last read into `stats`.
+    exits_read: Instant,
 }
 
 /// A client's frames on their way: the switch decides, neighbours get hairpinned copies, the
@@ -331,6 +364,8 @@ impl<B: FrameBackend> Worker<B> {
             idle_since = None;
         }
         self.stats.domain_exits = self.backend.domain_exits();
+        // Those are the figures kept: not read again after the SHUTDOWN.
+        self.exits_read = Instant::now();
         let ok = self.backend.shut_down(SHUTDOWN_TIMEOUT);
         self.publish();
         ok
@@ -406,6 +441,10 @@ impl<B: FrameBackend> Worker<B> {
     fn publish(&mut self) {
         self.stats.class = self.backend.counters().clone();
         self.stats.switch = self.switch.counters.clone();
+        if self.exits_read.elapsed() >= crate::blk::service::EXITS_REFRESH {
+            self.stats.domain_exits = self.backend.domain_exits();
+            self.exits_read = Instant::now();
+        }
         *lock(&self.shared.stats) = self.stats.clone();
     }
 

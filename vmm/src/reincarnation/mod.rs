@@ -169,6 +169,8 @@ pub struct Observed {
     pub queued: usize,
     /// Recoveries so far.
     pub recovered: u64,
+    /// Their recovery times (detection to the first completion after it), summed.
+    pub recovery_total: Duration,
     /// Epochs of the warm standbys waiting for the next restarts, the next to serve first.
     pub standbys: Vec<u64>,
     /// Restarts that promoted a warm standby (the rest booted a fresh domain).
@@ -192,17 +194,20 @@ pub struct RecoveryHandle {
     wake: Arc<EventFd>,
     /// Events of the supervisor.
     pub events: Arc<Mutex<EventLog>>,
+    /// Written whenever events are added to `events` (the control plane streams them).
+    events_added: Arc<EventFd>,
     /// Status and timings.
     pub observed: Arc<Mutex<Observed>>,
 }
 
 impl RecoveryHandle {
-    fn new(now: Instant) -> std::io::Result<Self> {
+    pub(crate) fn new(now: Instant) -> std::io::Result<Self> {
         Ok(RecoveryHandle {
             commands: Arc::default(),
             has_commands: Arc::default(),
             wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
             events: Arc::new(Mutex::new(EventLog::new(now, 4096))),
+            events_added: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
             observed: Arc::default(),
         })
     }
@@ -217,6 +222,13 @@ impl RecoveryHandle {
     /// A snapshot of what is observed.
     pub fn with<R>(&self, f: impl FnOnce(&Observed) -> R) -> R {
         f(&lock(&self.observed))
+    }
+
+    /// An eventfd (non-blocking) that becomes readable when events are added to
+    /// [`RecoveryHandle::events`]; whoever waits on it reads it to rearm it. Only one reader
+    /// may wait on it (the control plane).
+    pub fn events_fd(&self) -> &EventFd {
+        &self.events_added
     }
 
     /// The eventfd that wakes the owner of the engine for a command.
@@ -499,6 +511,7 @@ impl<L: Launcher> Engine<L> {
         let injected = self.injected_at.take();
         let mut o = lock(&self.handle.observed);
         o.recovered += 1;
+        o.recovery_total += took;
         push_record(
             &mut o.recoveries,
             RecoveryRecord {
@@ -1006,7 +1019,15 @@ impl<L: Launcher> Engine<L> {
 
     /// Refreshes what observers see and moves supervisor events to the log.
     pub fn publish(&mut self, class: &impl DeviceClass<L::Domain>) {
-        self.sup.drain_into(&mut lock(&self.handle.events));
+        let added = {
+            let mut log = lock(&self.handle.events);
+            let before = log.next_seq();
+            self.sup.drain_into(&mut log);
+            log.next_seq() != before
+        };
+        if added {
+            let _ = self.handle.events_added.write(1);
+        }
         let (in_flight, queued) = class.owed();
         let mut o = lock(&self.handle.observed);
         o.status = Some(self.sup.status(Instant::now()));
