@@ -50,8 +50,10 @@ struct Cli {
     #[arg(long, global = true, env = "DDVM_KVM", default_value = DEFAULT_KVM_PATH)]
     kvm: PathBuf,
     /// Log filter (tracing syntax), e.g. `debug`.
-    #[arg(long, global = true, env = "DDVM_LOG", default_value = "warn")]
-    log: String,
+    /// [default: warn; for `chaos`, warn with the engine's per-fault lines left out:
+    /// `warn,ddvm::reincarnation=error`, as chaos prints a progress line instead]
+    #[arg(long, global = true, env = "DDVM_LOG")]
+    log: Option<String>,
     /// Seccomp filters on every thread of `run`, `demo`, `chaos` and `boot`: `true` (a call a
     /// thread's filter forbids ends ddvm with status 159), `log` (the kernel logs it and lets it
     /// through), `false` (no filters).
@@ -346,12 +348,20 @@ enum DeviceAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+    let log = cli.log.clone().unwrap_or_else(|| {
+        match cli.command {
+            // Faults are the point of a chaos run: a progress line counts them instead of a
+            // warning for each.
+            Command::Chaos { .. } => "warn,ddvm::reincarnation=error",
+            _ => "warn",
+        }
+        .to_string()
+    });
+    let filter = match tracing_subscriber::EnvFilter::try_new(&log) {
         Ok(f) => f,
         Err(e) => {
             eprintln!(
-                "ddvm: error: --log (or DDVM_LOG) {:?}: {e}; expected a tracing filter such as `warn` or `info,ddvm::net=debug`",
-                cli.log
+                "ddvm: error: --log (or DDVM_LOG) {log:?}: {e}; expected a tracing filter such as `warn` or `info,ddvm::net=debug`"
             );
             return ExitCode::from(2);
         }

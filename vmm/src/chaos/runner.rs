@@ -134,13 +134,25 @@ pub fn run(
         report_start: Instant::now(),
         faults_sent: 0,
         clients: Vec::new(),
+        round: 0,
+        rounds,
+        recovered: 0,
     };
     let mut baseline_iops = 0.0;
     // Segments run to their end (a stop cuts the one running short and skips the rest).
     let (mut chaos_segments, mut baselines) = (0u32, 0u32);
+    let baseline_line = |round: u32| {
+        println!(
+            "ddvm chaos: round {}/{rounds}: baseline, {:.1} s without faults",
+            round + 1,
+            segment.as_secs_f64()
+        );
+    };
     for round in 0..rounds {
+        run.round = round;
         let baseline_first = round % 2 == 0;
         if baseline_first && !plan.skip_baseline && !stop.requested() {
+            baseline_line(round);
             baseline_iops += baseline(hv, &config, file, limit, stop)?;
             baselines += 1;
         }
@@ -161,6 +173,7 @@ pub fn run(
         )?;
         chaos_segments += 1;
         if !baseline_first && !plan.skip_baseline && !stop.requested() {
+            baseline_line(round);
             baseline_iops += baseline(hv, &config, file, limit, stop)?;
             baselines += 1;
         }
@@ -199,6 +212,11 @@ struct ChaosRun {
     report_start: Instant,
     faults_sent: usize,
     clients: Vec<ClientResult>,
+    // The round under way and their number, for the progress line.
+    round: u32,
+    rounds: u32,
+    // Recoveries of the segments before this one.
+    recovered: u64,
 }
 
 impl ChaosRun {
@@ -232,6 +250,29 @@ impl ChaosRun {
             |t: Instant| self.report_start + offset + t.saturating_duration_since(start);
         let mut next_fault = start + plan.every;
         let mut next_sample = start + Duration::from_millis(10);
+        // A progress line every second, instead of a line per fault.
+        let mut next_progress = start + Duration::from_secs(1);
+        let progress = |now: Instant, faults: usize| {
+            let recovered: u64 = handles.iter().map(|h| h.with(|o| o.recovered)).sum();
+            let gave_up = handles
+                .iter()
+                .filter(|h| h.with(|o| o.status.as_ref().is_some_and(|s| s.broken)))
+                .count();
+            let given_up = if gave_up > 0 {
+                format!(", {gave_up} domain(s) given up")
+            } else {
+                String::new()
+            };
+            println!(
+                "ddvm chaos: round {}/{}: faults, {:.1} s of {:.1} s: {faults} fault(s) injected, \
+                 {} recovered{given_up}",
+                self.round + 1,
+                self.rounds,
+                now.saturating_duration_since(start).as_secs_f64(),
+                length.as_secs_f64(),
+                self.recovered + recovered
+            );
+        };
         let mut last_answered = 0;
         let mut k = self.faults_sent;
         let end = start + length;
@@ -274,13 +315,20 @@ impl ChaosRun {
                 last_answered = answered;
                 next_sample += Duration::from_millis(10);
             }
+            // The segment's last line comes once its clients are done.
+            if now >= next_progress && next_progress < end {
+                progress(now, k);
+                next_progress += Duration::from_secs(1);
+            }
             let wake = next_fault.min(next_sample).min(end);
             stop.sleep(wake.saturating_duration_since(Instant::now()));
         }
-        self.faults_sent = k;
         let outcomes = topo.wait_clients_or_stop(limit, stop);
         // Let a recovery in progress finish before reading the numbers.
         std::thread::sleep(Duration::from_millis(50));
+        progress(Instant::now().min(end), k);
+        self.faults_sent = k;
+        self.recovered += handles.iter().map(|h| h.with(|o| o.recovered)).sum::<u64>();
         for handle in &handles {
             handle.with(|o| {
                 for (name, _) in &o.detections {
