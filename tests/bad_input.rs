@@ -153,9 +153,9 @@ fn bad_chaos_faults_and_durations_are_named() {
         (" ", "1s", "1s", ["--faults", "no fault kinds given", "all"]),
         (
             "kill",
-            "100",
+            "100x",
             "1s",
-            ["--every", "the unit is missing", "100ms"],
+            ["--every", "the unit is unknown", "100ms"],
         ),
         (
             "kill",
@@ -254,4 +254,41 @@ fn json_on_a_topology_without_clients_is_refused_with_one_line() {
         err.contains("--json") && err.contains("nvme.toml has no clients"),
         "{err}"
     );
+}
+
+/// Every duration option takes the one syntax (a number and a unit, or bare seconds); a bad
+/// one is a usage error naming the option and what is accepted.
+#[test]
+fn durations_share_one_syntax_and_a_bad_one_is_a_usage_error() {
+    for (args, option) in [
+        (
+            &["run", "x.toml", "--duration", "2parsecs"][..],
+            "--duration",
+        ),
+        (&["boot", "--timeout", "soon"][..], "--timeout"),
+        (&["demo", "--kill-every", "0ms"][..], "--kill-every"),
+    ] {
+        let out = ddvm(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(option) && stderr.contains("a bare number is seconds"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A bare number and a number with a unit are the same duration: the run stops in time.
+    for d in ["1", "1s", "1000ms"] {
+        let dir = scratch(&format!("duration-{d}"));
+        let cfg = dir.join("d.toml");
+        std::fs::write(&cfg, "[[domain]]\nname = \"dd0\"\n").unwrap();
+        let t0 = std::time::Instant::now();
+        let out = ddvm(&["run", cfg.to_str().unwrap(), "--duration", d]);
+        assert!(
+            out.status.success(),
+            "{d}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{d}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -27,8 +27,8 @@ fn the_demo_kills_the_disk_and_nic_domains_and_the_clients_see_nothing() {
         "3000",
         "--kills",
         "6",
-        "--kill-every-ms",
-        "100",
+        "--kill-every",
+        "100ms",
         "--json",
         json.to_str().unwrap(),
     ]);

@@ -1,11 +1,12 @@
-//! Durations on the command line (`--every`, `--duration`): a number and a unit.
+//! Durations on the command line (`--every`, `--duration`, `--timeout`, ...): a number and a
+//! unit, or a bare number of seconds.
 
 use std::time::Duration;
 
 /// A duration that is malformed, zero or too large; the message says what is wrong and what
 /// is accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: {problem} (expected a number and a unit: ns, us, ms, s, m or h, as in 500us, 100ms, 1.5s, 2m)")]
+#[error("invalid duration {input:?}: {problem} (expected a number and a unit: ns, us, ms, s, m or h, as in 500us, 100ms, 1.5s, 2m; a bare number is seconds)")]
 pub struct DurationError {
     /// The text given.
     pub input: String,
@@ -14,7 +15,8 @@ pub struct DurationError {
 }
 
 /// Parses a command-line duration: a decimal number and a unit (`ns`, `us` or `µs`, `ms`,
-/// `s`, `m`, `h`), as in `500us`, `100ms`, `1.5s`, `60s`, `2m`. Fractions finer than a
+/// `s`, `m`, `h`), as in `500us`, `100ms`, `1.5s`, `60s`, `2m`; a bare number is seconds
+/// (`30` is `30s`), as the commands took it before units. Fractions finer than a
 /// nanosecond are cut off. Zero is refused (every chaos duration must be positive), as is
 /// anything above `u64::MAX` nanoseconds (about 584 years).
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
@@ -41,7 +43,7 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
         "s" => 1_000_000_000,
         "m" => 60_000_000_000,
         "h" => 3_600_000_000_000,
-        "" => return Err(err("the unit is missing")),
+        "" => 1_000_000_000,
         _ => return Err(err("the unit is unknown")),
     };
     let too_large = || err("it is too large");
@@ -83,6 +85,9 @@ mod tests {
     fn durations_parse_with_units_and_fractions() {
         assert_eq!(parse_duration("100ms"), Ok(ms(100)));
         assert_eq!(parse_duration("1s"), Ok(ms(1000)));
+        // A bare number is seconds.
+        assert_eq!(parse_duration("30"), Ok(ms(30_000)));
+        assert_eq!(parse_duration("0.25"), Ok(ms(250)));
         assert_eq!(parse_duration("1.5s"), Ok(ms(1500)));
         assert_eq!(parse_duration("60s"), Ok(ms(60_000)));
         assert_eq!(parse_duration("2m"), Ok(ms(120_000)));
@@ -100,7 +105,6 @@ mod tests {
             ("", "it does not start with a number"),
             ("s", "it does not start with a number"),
             ("-1s", "it does not start with a number"),
-            ("100", "the unit is missing"),
             ("10 parsecs", "the unit is unknown"),
             ("1e3ms", "the unit is unknown"),
             ("1.2.3s", "the number has more than one decimal point"),
@@ -122,8 +126,8 @@ mod tests {
                 "{input}"
             );
         }
-        let msg = parse_duration("100").unwrap_err().to_string();
-        assert!(msg.starts_with("invalid duration \"100\": the unit is missing"));
+        let msg = parse_duration("100x").unwrap_err().to_string();
+        assert!(msg.starts_with("invalid duration \"100x\": the unit is unknown"));
         assert!(msg.contains("100ms"));
     }
 }

@@ -81,9 +81,9 @@ enum Command {
         /// turn; each while its clients run, each after the previous one recovered).
         #[arg(long, default_value_t = 6)]
         kills: u32,
-        /// Milliseconds from one recovery to the next kill.
-        #[arg(long, default_value_t = 250)]
-        kill_every_ms: u64,
+        /// Time from one recovery to the next kill (e.g. 250ms, 1s).
+        #[arg(long, default_value = "250ms", value_parser = duration_arg)]
+        kill_every: Duration,
         /// Echo the guests' consoles to stderr.
         #[arg(long)]
         verbose: bool,
@@ -97,9 +97,10 @@ enum Command {
     Run {
         /// Topology file.
         config: PathBuf,
-        /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
-        #[arg(long)]
-        duration: Option<f64>,
+        /// Stop after this long (e.g. 30s, 2m; a bare number is seconds; default: run until
+        /// SIGINT/SIGTERM).
+        #[arg(long, value_parser = duration_arg)]
+        duration: Option<Duration>,
         /// Serve the control socket (JSON; see `ddvm ctl`) at this path: mode 0600, for this
         /// user and root only (a missing directory is made 0700).
         #[arg(long)]
@@ -209,9 +210,9 @@ enum Command {
         /// Channel size in KiB (0: none).
         #[arg(long, default_value_t = 1024)]
         channel_kib: u64,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 10.0)]
-        timeout: f64,
+        /// Give up after this long (e.g. 10s, 500ms; a bare number is seconds).
+        #[arg(long, default_value = "10s", value_parser = duration_arg)]
+        timeout: Duration,
         /// Stop the guest as soon as it is ready.
         #[arg(long)]
         until_ready: bool,
@@ -391,6 +392,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// A duration option: a number and a unit (`500ms`, `1.5s`, `2m`), or a bare number of
+/// seconds, as every command takes them.
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    ddvm_chaos_report::parse_duration(s).map_err(|e| e.to_string())
+}
+
 /// Starts the hook launcher for `hooks`, when there are any: the one process of ddvm's that may
 /// start programs, in the namespaces ddvm started in (a jail is built after it).
 fn start_hook_launcher(hooks: Vec<ddvm_recovery::hook::Hook>) -> anyhow::Result<()> {
@@ -463,7 +470,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
             qd,
             frames,
             kills,
-            kill_every_ms,
+            kill_every,
             verbose,
             json,
             jail,
@@ -475,7 +482,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
                 qd,
                 frames,
                 kills,
-                kill_every: Duration::from_millis(kill_every_ms),
+                kill_every,
                 verbose,
                 json: json.as_deref(),
             },
@@ -586,12 +593,7 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
                 echo: Echo::Stderr,
                 device: None,
             };
-            boot_one(
-                &cli.kvm,
-                &cfg,
-                Duration::from_secs_f64(timeout),
-                until_ready,
-            )
+            boot_one(&cli.kvm, &cfg, timeout, until_ready)
         }
     }
 }
@@ -790,7 +792,7 @@ struct TopologyRun<'a> {
     /// Where the guests' consoles go.
     echo: Echo,
     /// Stop after this many seconds.
-    duration: Option<f64>,
+    duration: Option<Duration>,
     /// Serve the control socket here.
     control: Option<&'a Path>,
     /// Kill the domains on this plan while the clients run.
@@ -1029,7 +1031,7 @@ fn run_topology(
         topo.services.len()
     );
     // Without --duration: until the clients finish or a stop is asked for, however long.
-    let timeout = duration.map(Duration::from_secs_f64);
+    let timeout = duration;
     let mut kills = kill_plan.map(|p| {
         let order = [
             ddvm::demo::DISK_DOMAIN,
@@ -1394,7 +1396,7 @@ fn verify_domain(d: &Domain, ch: &mut HostChannel, requests: u64) -> anyhow::Res
 fn run_config(
     kvm: &Path,
     file: &Path,
-    duration: Option<f64>,
+    duration: Option<Duration>,
     control: Option<&Path>,
     verify: Option<u64>,
     json: Option<&Path>,
@@ -1495,7 +1497,7 @@ fn run_config(
         ),
         None => None,
     };
-    let deadline = duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let deadline = duration.map(|d| Instant::now() + d);
     let mut ended = false;
     while !ended && !stop.requested() && deadline.is_none_or(|d| Instant::now() < d) {
         stop.sleep(Duration::from_millis(20));
