@@ -197,6 +197,14 @@ enum Command {
     /// The hook launcher (started by ddvm itself, with its socket as standard input).
     #[command(hide = true)]
     HookLauncher,
+    /// Print a shell completion script to stdout (e.g. `ddvm completions bash >
+    /// /usr/share/bash-completion/completions/ddvm`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout (e.g. `ddvm man > /usr/share/man/man1/ddvm.1`).
+    Man,
     /// Boot one image and wait until it stops; the exit status tells how it stopped.
     Boot {
         /// ELF image (x86-64 static executable); default: the built-in driver domain.
@@ -392,6 +400,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Tells the service manager (systemd's `Type=notify`, through `$NOTIFY_SOCKET`) how the run
+/// stands: ready once every domain is ready and the clients run, stopping when the orderly
+/// stop begins. Nothing without `$NOTIFY_SOCKET`; a failure is a warning, not the run's end.
+fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("telling the service manager ($NOTIFY_SOCKET): {e}");
+    }
+}
+
 /// A duration option: a number and a unit (`500ms`, `1.5s`, `2m`), or a bare number of
 /// seconds, as every command takes them.
 fn duration_arg(s: &str) -> Result<Duration, String> {
@@ -505,6 +522,18 @@ fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Ctl { socket, request } => ctl(&socket, request),
         Command::HookLauncher => Ok(ExitCode::SUCCESS),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ddvm", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the manual page")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check {
             addresses,
             memory_mib,
@@ -1025,11 +1054,16 @@ fn run_topology(
         .clients
         .first()
         .map_or("unknown", |c| c.guest().platform().name());
-    println!(
-        "ddvm: {} client(s) running on {} disk(s), KVM platform {platform}",
+    let running = format!(
+        "{} client(s) running on {} disk(s), KVM platform {platform}",
         topo.clients.len(),
         topo.services.len()
     );
+    println!("ddvm: {running}");
+    notify_service_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&running),
+    ]);
     // Without --duration: until the clients finish or a stop is asked for, however long.
     let timeout = duration;
     let mut kills = kill_plan.map(|p| {
@@ -1050,6 +1084,7 @@ fn run_topology(
         }
     });
     let stopped = stop.requested();
+    notify_service_manager(&[sd_notify::NotifyState::Stopping]);
     drop(control);
     let mut disks = Vec::new();
     for s in &mut topo.services {
@@ -1497,6 +1532,10 @@ fn run_config(
         ),
         None => None,
     };
+    notify_service_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("{} domain(s) running", domains.len())),
+    ]);
     let deadline = duration.map(|d| Instant::now() + d);
     let mut ended = false;
     while !ended && !stop.requested() && deadline.is_none_or(|d| Instant::now() < d) {
@@ -1512,6 +1551,7 @@ fn run_config(
     if stop.requested() {
         println!("ddvm: stopped on request");
     }
+    notify_service_manager(&[sd_notify::NotifyState::Stopping]);
     drop(control);
     for (d, ch) in domains.iter_mut().zip(&mut channels) {
         if let Some(r) = ddvm::stop::domain_without_clients(d, ch.as_mut()) {
