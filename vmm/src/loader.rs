@@ -224,6 +224,14 @@ impl Image {
         }
     }
 
+    /// An image already in memory; `name` says where it came from in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Self {
+        Image {
+            name: PathBuf::from(name),
+            bytes: Cow::Owned(bytes),
+        }
+    }
+
     /// Where the image came from.
     pub fn name(&self) -> &Path {
         &self.name
