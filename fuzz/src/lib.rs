@@ -145,11 +145,14 @@ pub fn guest_memory(size: u64) -> GuestMem {
         .expect("fuzz guest memory")
 }
 
-/// Every target, by name, with its seeds (for the `seeds` binary and the tests).
+/// A target's seeds: (name, input).
 pub type SeedFn = fn() -> Vec<(String, Vec<u8>)>;
 
-/// The targets: (name, run, seeds).
-pub const TARGETS: &[(&str, fn(&[u8]), SeedFn)] = &[
+/// A target: its name, what runs one input, its seeds.
+pub type Target = (&'static str, fn(&[u8]), SeedFn);
+
+/// The targets (for the `seeds` binary).
+pub const TARGETS: &[Target] = &[
     ("blk_intake", blk_intake::run, blk_intake::seeds),
     ("virtio_mmio", virtio_mmio::run, virtio_mmio::seeds),
     ("desc_chain", desc_chain::run, desc_chain::seeds),

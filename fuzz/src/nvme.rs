@@ -76,6 +76,28 @@ impl AdminCq {
         }
     }
 
+    /// Stops following the queue if the command `sqe` may make the controller write into the
+    /// admin completion queue's memory other than by completing (a data buffer, a PRP list
+    /// entry, a new queue or a shadow-doorbell buffer there): the driver's own doing, after
+    /// which what the harness reads there is not only completions.
+    fn watch(&mut self, mem: &crate::GuestMem, sqe: &[u8; 64]) {
+        let near = |addr: u64| {
+            let page = addr & !0xfff;
+            page == ACQ || page + 0x1000 == ACQ
+        };
+        let prp1 = u64::from_le_bytes(sqe[24..32].try_into().unwrap_or_default());
+        let prp2 = u64::from_le_bytes(sqe[32..40].try_into().unwrap_or_default());
+        let mut list = [0u8; 4096];
+        let len = 4096 - (prp2 & 0xfff) as usize;
+        let listed = mem.read_slice(&mut list[..len], GuestAddress(prp2)).is_ok()
+            && list[..len]
+                .chunks_exact(8)
+                .any(|e| near(u64::from_le_bytes(e.try_into().unwrap_or_default())));
+        if near(prp1) || near(prp2) || listed {
+            self.valid = false;
+        }
+    }
+
     /// Takes the completions posted since the last look and rings the head doorbell.
     fn collect(&mut self, c: &mut EmulatedNvme, mem: &crate::GuestMem) {
         if !self.valid {
@@ -180,6 +202,7 @@ pub fn run(data: &[u8]) {
                 let b = input.bytes(64);
                 sqe[..b.len()].copy_from_slice(b);
                 let cid = u16::from_le_bytes([sqe[2], sqe[3]]);
+                cq.watch(&mem, &sqe);
                 mem.write_slice(&sqe, GuestAddress(ASQ + u64::from(cq.sq_tail) * 64))
                     .expect("in memory");
                 cq.sq_tail = (cq.sq_tail + 1) % AQ;
@@ -194,6 +217,7 @@ pub fn run(data: &[u8]) {
                 let mut sqe = [0u8; 64];
                 let b = input.bytes(64);
                 sqe[..b.len()].copy_from_slice(b);
+                cq.watch(&mem, &sqe);
                 let tail = &mut io_tails[usize::from(q)];
                 mem.write_slice(&sqe, GuestAddress(io_sq(q) + u64::from(*tail) * 64))
                     .expect("in memory");
