@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk as b;
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use crate::virtq::{Driver, SeedDriver, DATA, F_INDIRECT, F_NEXT, F_WRITE, TABLE};
+use crate::virtq::{Driver, SeedDriver, Step, DATA, F_INDIRECT, F_NEXT, F_WRITE, TABLE};
 use crate::{guest_memory, Input, Seed};
 use ddvm::memory::GuestMem;
 
@@ -41,7 +41,7 @@ pub fn run(data: &[u8]) {
     while !input.is_empty() && steps < 512 {
         steps += 1;
         let op = input.u8();
-        if let Some(h) = driver.step(op, &mut input) {
+        if let Some(Step::Published(h)) = driver.step(op, &mut input) {
             head = Some(h);
         }
     }

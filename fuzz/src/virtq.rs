@@ -133,9 +133,9 @@ impl Driver {
     }
 
     /// One driver step read from `input`, by `op` (0 to [`DRIVER_OPS`] - 1): write a
-    /// descriptor, an indirect table entry or bytes of memory, or publish a head. Returns the
-    /// head published, if any.
-    pub fn step(&mut self, op: u8, input: &mut Input) -> Option<u16> {
+    /// descriptor, an indirect table entry or bytes of memory (never a used ring), or
+    /// publish a head. Returns what a target that counts the heads it is owed must know.
+    pub fn step(&mut self, op: u8, input: &mut Input) -> Option<Step> {
         match op % DRIVER_OPS {
             0 => {
                 let (i, addr, len, flags, next) = (
@@ -162,25 +162,44 @@ impl Driver {
             2 => {
                 let head = input.u16();
                 self.publish(head);
-                Some(head)
+                Some(Step::Published(head))
             }
             _ => {
                 let at = u64::from(input.u32());
                 let bytes = input.blob();
-                // Anywhere but a used ring, which only the device writes (and which the
-                // targets read back to check what the device answered).
+                // Anywhere but a used ring, which only the device writes (the targets read
+                // back what it answered). A write over an available ring (its index, its
+                // entries) makes heads available behind the targets' backs: they are told.
                 let end = at + bytes.len() as u64;
+                let overlaps = |from: u64, to: u64| at < to && end > from;
                 let hits_used = (0..8u64).any(|n| {
                     let used = USED + n * QUEUE_STRIDE;
-                    at < used + 0x1000 && end > used
+                    overlaps(used, used + 0x1000)
                 });
-                if !hits_used {
-                    let _ = self.mem.write_slice(bytes, GuestAddress(at));
+                if hits_used {
+                    return None;
                 }
-                None
+                let _ = self.mem.write_slice(bytes, GuestAddress(at));
+                let rings = (0..8u64)
+                    .filter(|&n| {
+                        let avail = AVAIL + n * QUEUE_STRIDE;
+                        overlaps(avail, avail + 0x1000)
+                    })
+                    .fold(0u8, |mask, n| mask | 1 << n);
+                (rings != 0).then_some(Step::AvailRings(rings))
             }
         }
     }
+}
+
+/// What a driver step did that a target counting its heads must know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// This head was made available.
+    Published(u16),
+    /// The available rings of these queues (a bit each) were written directly: what the
+    /// device takes from them is no longer known.
+    AvailRings(u8),
 }
 
 /// Ops [`Driver::step`] takes.
