@@ -52,7 +52,7 @@ pub fn run(data: &[u8]) {
                 if head >= read {
                     let pending = head - read;
                     total += pending.min(data_size);
-                    lost += pending.saturating_sub(data_size);
+                    lost = lost.saturating_add(pending.saturating_sub(data_size));
                 }
                 read = head;
                 assert_eq!(console.counts(), (total, lost), "head {head}");
