@@ -83,7 +83,7 @@ impl AdminCq {
     fn watch(&mut self, mem: &crate::GuestMem, sqe: &[u8; 64]) {
         let near = |addr: u64| {
             let page = addr & !0xfff;
-            page == ACQ || page + 0x1000 == ACQ
+            page == ACQ || page == ACQ - 0x1000
         };
         let prp1 = u64::from_le_bytes(sqe[24..32].try_into().unwrap_or_default());
         let prp2 = u64::from_le_bytes(sqe[32..40].try_into().unwrap_or_default());
