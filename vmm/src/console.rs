@@ -99,7 +99,8 @@ impl Console {
     /// Notes bytes the guest wrote that were overwritten before the VMM could read them.
     pub fn note_lost(&self, n: u64) {
         let mut s = self.lock();
-        s.lost += n;
+        // The guest chooses n (its head may jump by almost 2^64, more than once).
+        s.lost = s.lost.saturating_add(n);
         drop(s);
         self.emit(format!("[{n} console bytes lost]").as_bytes());
     }
@@ -268,6 +269,22 @@ mod tests {
             .unwrap();
         r.drain(&mem, &console);
         assert!(console.text().len() <= CONSOLE_KEEP);
+    }
+
+    /// Found by the `log_panic` fuzz target: a head that jumps by nearly 2^64, goes back (the
+    /// reader resynchronises) and jumps again overflowed the count of lost bytes (a panic
+    /// where overflow is checked, a wrong count elsewhere).
+    #[test]
+    fn a_head_jumping_twice_by_nearly_2_64_saturates_the_lost_count() {
+        let mem = crate::memory::create(2 << 20, 1 << 30).unwrap();
+        let console = Console::new("t", Echo::Off);
+        let mut r = LogReader::create(&mem, 0x1_0000, LOG_HEADER_SIZE + 16).unwrap();
+        for head in [u64::MAX, 0, u64::MAX] {
+            mem.write_obj(head, GuestAddress(0x1_0000 + LOG_HEAD_OFFSET))
+                .unwrap();
+            r.drain(&mem, &console);
+        }
+        assert_eq!(console.counts(), (32, u64::MAX));
     }
 
     #[test]

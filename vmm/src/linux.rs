@@ -225,8 +225,18 @@ pub fn load(
         )));
     }
     let kernel_start = loaded.kernel_load.raw_value();
-    let kernel_end = kernel_start + loaded.kernel_end;
+    // linux-loader's end is an address (where the protected-mode kernel it read ends), not
+    // a size.
+    let kernel_end = loaded.kernel_end;
     let ram_end = mem.last_addr().raw_value() + 1;
+    // The header chooses where the kernel goes (code32_start): it must be in RAM and hold
+    // the 64-bit entry (an empty kernel "loads" anywhere).
+    if kernel_end > ram_end || kernel_end <= kernel_start + 0x200 {
+        return Err(kernel_err(format!(
+            "protected-mode kernel at [{kernel_start:#x}, {kernel_end:#x}), \
+             not inside guest RAM (below {ram_end:#x}) with its 64-bit entry at +0x200"
+        )));
+    }
 
     // The initrd: as high as the kernel allows, page-aligned.
     let mut initrd = (0, 0);
@@ -1008,6 +1018,53 @@ mod tests {
             assert_eq!(e[3].ecx >> 8 & 0xff, 0, "no further level");
             assert_eq!(e[4].ecx & 0xff, count - 1, "AMD: cores minus one");
         }
+    }
+
+    /// A bzImage with one setup sector, boot protocol 2.15 with the 64-bit entry, its
+    /// protected-mode kernel `kernel` to go at `code32_start`.
+    fn bzimage(code32_start: u32, kernel: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 1024];
+        b[0x1f1] = 1;
+        b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[0x211] = 1;
+        b[0x214..0x218].copy_from_slice(&code32_start.to_le_bytes());
+        b[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(kernel);
+        b
+    }
+
+    /// Found by the `bzimage` fuzz target: the kernel's end counted its start twice (an
+    /// address taken for a size), and a header could put an empty kernel anywhere, even
+    /// outside guest RAM, and have it accepted.
+    #[test]
+    fn the_kernel_ends_where_it_was_loaded_and_inside_guest_ram() {
+        let dir = std::env::temp_dir().join(format!("ddvm-bzimage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = crate::memory::create(16 << 20, 16 << 20).unwrap();
+        let boot = |name: &str, bytes: Vec<u8>| {
+            let kernel = dir.join(name);
+            std::fs::write(&kernel, bytes).unwrap();
+            LinuxBoot {
+                kernel,
+                initrd: None,
+                cmdline: String::new(),
+                vcpus: 1,
+            }
+        };
+        let k = load(&mem, &boot("ok", bzimage(0x10_0000, &[0x90; 4096])), &[]).unwrap();
+        assert_eq!((k.entry, k.end), (0x10_0200, 0x10_1000));
+        for (name, at, kernel) in [
+            ("outside", 0xff00_0000, &[][..]),
+            ("empty", 0x10_0000, &[][..]),
+            ("past_ram", 0x00ff_f000, &[0x90; 8192][..]),
+        ] {
+            let e = load(&mem, &boot(name, bzimage(at, kernel)), &[]).unwrap_err();
+            assert!(matches!(e, LinuxError::Kernel { .. }), "{name}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

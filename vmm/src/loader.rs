@@ -21,6 +21,9 @@ const EM_X86_64: u16 = 62;
 const ET_EXEC: u16 = 2;
 const ET_DYN: u16 = 3;
 const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
+/// Note type of the PVH entry (XEN_ELFNOTE_PHYS32_ENTRY, name "Xen").
+const NOTE_PVH_ENTRY: u32 = 18;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
 
@@ -224,6 +227,14 @@ impl Image {
         }
     }
 
+    /// An image already in memory; `name` says where it came from in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Self {
+        Image {
+            name: PathBuf::from(name),
+            bytes: Cow::Owned(bytes),
+        }
+    }
+
     /// Where the image came from.
     pub fn name(&self) -> &Path {
         &self.name
@@ -282,6 +293,12 @@ impl Image {
                 "56-byte ELF64 program headers",
             ));
         }
+        if phoff < EHDR_SIZE as u64 {
+            return Err(unsupported(
+                format!("program header table at {phoff:#x}, inside the ELF header"),
+                "program headers after the 64-byte ELF header",
+            ));
+        }
         let table_end = (phnum * PHDR_SIZE) as u64;
         if phoff
             .checked_add(table_end)
@@ -295,6 +312,16 @@ impl Image {
         let mut segments = Vec::new();
         for index in 0..phnum {
             let ph = phoff as usize + index * PHDR_SIZE;
+            if le32(b, ph) == PT_NOTE {
+                // The loader walks the notes for a PVH entry: they must be where it looks.
+                if let Some(problem) = note_problem(b, le64(b, ph + 8), le64(b, ph + 32)) {
+                    return Err(unsupported(
+                        format!("program header {index}: PT_NOTE segment with {problem}"),
+                        "ELF notes inside the file",
+                    ));
+                }
+                continue;
+            }
             if le32(b, ph) != PT_LOAD {
                 continue;
             }
@@ -398,6 +425,47 @@ impl Image {
     }
 }
 
+/// Walks the notes of a PT_NOTE segment at file `offset` of `filesz` bytes as the loader
+/// (linux-loader, looking for the PVH entry note) does, and says what would make it fail: a
+/// note header, a name or the PVH entry past the end of the file, sizes that overflow.
+fn note_problem(b: &[u8], offset: u64, filesz: u64) -> Option<&'static str> {
+    let bytes = |at: u64, n: u64| {
+        let end = at.checked_add(n)?;
+        b.get(usize::try_from(at).ok()?..usize::try_from(end).ok()?)
+    };
+    let align4 = |n: u32| (u64::from(n) + 3) & !3;
+    let mut read = 0u64;
+    while read < filesz {
+        let Some(at) = offset.checked_add(read) else {
+            return Some("notes beyond the largest offset");
+        };
+        let Some(header) = bytes(at, 12) else {
+            return Some("a note header past the end of the file");
+        };
+        let (namesz, descsz, kind) = (le32(header, 0), le32(header, 4), le32(header, 8));
+        if kind == NOTE_PVH_ENTRY && namesz == 4 {
+            let Some(name) = bytes(at + 12, 4) else {
+                return Some("a note name past the end of the file");
+            };
+            if name == b"Xen\0" {
+                if descsz < 4 {
+                    return Some("a PVH entry note shorter than 4 bytes");
+                }
+                if bytes(at + 16, 4).is_none() {
+                    return Some("a PVH entry past the end of the file");
+                }
+                return None;
+            }
+        }
+        let (name, desc) = (align4(namesz), align4(descsz));
+        if name > u64::from(u32::MAX) || desc > u64::from(u32::MAX) {
+            return Some("note sizes that overflow");
+        }
+        read += 12 + name + desc;
+    }
+    None
+}
+
 fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -467,6 +535,58 @@ pub(crate) mod tests {
             name: PathBuf::from("test.elf"),
             bytes: Cow::Owned(bytes),
         }
+    }
+
+    /// `tiny_elf` with a second program header: a PT_NOTE segment of `filesz` bytes at file
+    /// offset `offset`, and `notes` appended to the file.
+    fn with_note(offset: u64, filesz: u64, notes: &[u8]) -> Vec<u8> {
+        let mut b = tiny_elf(EM_X86_64, ET_EXEC, 0x10_0000, &[0xf4; 16], 0);
+        b[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let ph = 64 + PHDR_SIZE;
+        b[ph..ph + 4].copy_from_slice(&PT_NOTE.to_le_bytes());
+        b[ph + 8..ph + 16].copy_from_slice(&offset.to_le_bytes());
+        b[ph + 32..ph + 40].copy_from_slice(&filesz.to_le_bytes());
+        b.extend_from_slice(notes);
+        b
+    }
+
+    /// Found by the `elf` fuzz target: an image whose notes run past the end of the file
+    /// passed the checks (so `ctl update` took it) and then failed every load, so no domain
+    /// could boot from it. The checks now walk the notes as the loader does.
+    #[test]
+    fn notes_the_loader_cannot_read_are_refused_by_the_checks() {
+        let mem = crate::memory::create(4 << 20, 1 << 30).unwrap();
+        let pvh = |namesz: u32, descsz: u32| {
+            let mut n = Vec::new();
+            for v in [namesz, descsz, NOTE_PVH_ENTRY] {
+                n.extend_from_slice(&v.to_le_bytes());
+            }
+            n.extend_from_slice(b"Xen\0");
+            n.extend_from_slice(&0x10_0000u32.to_le_bytes());
+            n
+        };
+        let end = 0x1000 + 16;
+        // A PVH note inside the file: accepted, and the loader finds the entry.
+        let good = image(with_note(end, 20, &pvh(4, 4)));
+        let info = good.check(0x10_0000, 4 << 20).unwrap();
+        assert!(good.load(&info, &mem).unwrap().has_pvh_entry);
+        // The note header, the PVH entry, or the segment's notes past the end of the file.
+        for bad in [
+            with_note(end + 12, 20, &pvh(4, 4)),
+            with_note(end, 20, &pvh(4, 4)[..18]),
+            with_note(end, 40, &[0; 20]),
+            with_note(end, 20, &pvh(4, 2)),
+        ] {
+            let bad = image(bad);
+            let e = bad.check(0x10_0000, 4 << 20).unwrap_err();
+            assert!(e.to_string().contains("PT_NOTE"), "{e}");
+        }
+        // Program headers that overlap the ELF header: the loader refuses them, so do the
+        // checks.
+        let mut b = tiny_elf(EM_X86_64, ET_EXEC, 0x10_0000, &[0xf4; 16], 0);
+        b[32..40].copy_from_slice(&8u64.to_le_bytes());
+        let e = image(b).check(0x10_0000, 4 << 20).unwrap_err();
+        assert!(e.to_string().contains("inside the ELF header"), "{e}");
     }
 
     #[test]

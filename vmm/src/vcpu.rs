@@ -697,7 +697,9 @@ pub fn wait_fds(fds: &[std::os::fd::RawFd], timeout: Duration) -> bool {
     }
 }
 
-fn read_panic(mem: &GuestMem, value: u32) -> GuestExit {
+/// What the panic port says: the guest's panic record, checked (a fuzz target reads it too).
+#[doc(hidden)]
+pub fn read_panic(mem: &GuestMem, value: u32) -> GuestExit {
     let Ok(record) = mem.read_obj::<PanicRecord>(GuestAddress(layout::PANIC_RECORD)) else {
         return GuestExit::BadPanicReport { value };
     };

@@ -358,7 +358,10 @@ fn run(worker: Arc<Mutex<Worker>>) -> Backend {
     }
 }
 
-pub(super) struct Worker {
+/// The service's state, driven by its thread ([`BlockService`]); its steps one at a time
+/// only for tests and the fuzz targets (`cfg(fuzzing)`).
+#[doc(hidden)]
+pub struct Worker {
     shared: Arc<ServiceShared>,
     ports: Vec<Arc<ClientPort>>,
     backend: Backend,
@@ -401,7 +404,7 @@ impl Heads {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     fn len(&self) -> u32 {
         self.0.iter().map(|w| w.count_ones()).sum()
     }
@@ -953,11 +956,12 @@ impl Worker {
     }
 }
 
-/// What the tests drive and look at: the service's steps one at a time, without its thread.
-#[cfg(test)]
+/// What the tests and the fuzz targets drive and look at: the service's steps one at a time,
+/// without its thread.
+#[cfg(any(test, fuzzing))]
 impl Worker {
     /// A worker serving `ports` from `backend`, with no thread.
-    pub(super) fn for_test(ports: Vec<Arc<ClientPort>>, backend: Backend) -> Worker {
+    pub fn for_test(ports: Vec<Arc<ClientPort>>, backend: Backend) -> Worker {
         Worker {
             shared: Arc::new(ServiceShared::new().unwrap()),
             signal: vec![0; ports.len()],
@@ -976,45 +980,45 @@ impl Worker {
     }
 
     /// Takes new requests only (as while the backend is down).
-    pub(super) fn test_intake(&mut self) -> usize {
+    pub fn test_intake(&mut self) -> usize {
         self.intake()
     }
 
     /// Posts and collects only.
-    pub(super) fn test_post_collect(&mut self) -> usize {
+    pub fn test_post_collect(&mut self) -> usize {
         let n = self.post() + self.collect();
         self.signal_clients();
         n
     }
 
     /// A whole pass.
-    pub(super) fn test_pass(&mut self) -> usize {
+    pub fn test_pass(&mut self) -> usize {
         self.pass()
     }
 
     /// Sets the fairness window's length (from now).
-    pub(super) fn test_fair_window(&mut self, len: Duration) {
+    pub fn test_fair_window(&mut self, len: Duration) {
         self.window = Instant::now();
         self.window_len = len;
     }
 
     /// Client requests the service holds (accepted, not answered).
-    pub(super) fn test_pending(&self) -> usize {
+    pub fn test_pending(&self) -> usize {
         self.pending.len()
     }
 
     /// Entries in the shadow queue.
-    pub(super) fn test_shadow(&self) -> usize {
+    pub fn test_shadow(&self) -> usize {
         self.shadow.len()
     }
 
     /// Pending requests of port `port`.
-    pub(super) fn test_pending_of(&self, port: usize) -> usize {
+    pub fn test_pending_of(&self, port: usize) -> usize {
         self.pending.values().filter(|p| p.port == port).count()
     }
 
     /// Heads in flight on queue `queue` of port `port`.
-    pub(super) fn test_heads(&self, port: usize, queue: u16) -> u32 {
+    pub fn test_heads(&self, port: usize, queue: u16) -> u32 {
         self.tracks[port]
             .heads
             .get(usize::from(queue))
@@ -1022,7 +1026,7 @@ impl Worker {
     }
 
     /// The ports of the shadow queue's queued entries, oldest first.
-    pub(super) fn test_queued_ports(&self) -> Vec<usize> {
+    pub fn test_queued_ports(&self) -> Vec<usize> {
         self.shadow
             .iter()
             .filter(|e| e.state == State::Queued)

@@ -109,7 +109,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let added = value & !self.status;
         if added & status::FEATURES_OK != 0 && !self.features_acceptable() {
-            self.status = value & !status::FEATURES_OK;
+            // Refused, and DRIVER_OK with it if it came in the same write: it may only
+            // follow FEATURES_OK (3.1.1).
+            self.status = value & !(status::FEATURES_OK | status::DRIVER_OK);
             return;
         }
         if added & status::DRIVER_OK != 0 {
@@ -283,5 +285,107 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         self.write_register(offset as u32, u32::from_le_bytes([*a, *b, *c, *d]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::virtio::ActivateError;
+
+    /// A device of one queue that offers VERSION_1 alone and counts its activations.
+    struct Probe {
+        sizes: [u16; 1],
+        activated: Arc<AtomicUsize>,
+    }
+
+    impl VirtioDevice for Probe {
+        fn device_id(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            features::VERSION_1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _acked: u64,
+            _queues: Vec<Option<Queue>>,
+        ) -> Result<(), ActivateError> {
+            self.activated.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn needs_reset(&self) -> bool {
+            false
+        }
+    }
+
+    fn write(t: &mut MmioTransport<Probe>, reg: u32, v: u32) {
+        t.write(u64::from(reg), &v.to_le_bytes());
+    }
+
+    fn status(t: &mut MmioTransport<Probe>) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(r::VIRTIO_MMIO_STATUS), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Found by the `virtio_mmio` fuzz target: FEATURES_OK and DRIVER_OK written in one go
+    /// for features the device does not offer kept DRIVER_OK (without FEATURES_OK and without
+    /// an activation), which also froze the queue registers.
+    #[test]
+    fn driver_ok_is_refused_with_the_features_it_came_with() {
+        let activated = Arc::new(AtomicUsize::new(0));
+        let probe = Probe {
+            sizes: [16],
+            activated: activated.clone(),
+        };
+        let mem = crate::memory::create(2 << 20, 1 << 30).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(probe, mem, Interrupt::new(Arc::new(|| {})), notify);
+        write(
+            &mut t,
+            r::VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        write(&mut t, r::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        // VERSION_1 and a feature not offered.
+        write(&mut t, r::VIRTIO_MMIO_DRIVER_FEATURES, 1 | 2);
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(&mut t, r::VIRTIO_MMIO_STATUS, all);
+        let st = status(&mut t);
+        assert_eq!(st & status::FEATURES_OK, 0, "{st:#x}");
+        assert_eq!(st & status::DRIVER_OK, 0, "{st:#x}");
+        assert_eq!(activated.load(Ordering::Relaxed), 0);
+        // The queue is still the driver's to set up.
+        write(&mut t, r::VIRTIO_MMIO_QUEUE_READY, 1);
+        let mut b = [0u8; 4];
+        t.read(u64::from(r::VIRTIO_MMIO_QUEUE_READY), &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1);
+        write(&mut t, r::VIRTIO_MMIO_QUEUE_READY, 0);
+        // With acceptable features the same write brings the device up.
+        write(&mut t, r::VIRTIO_MMIO_STATUS, 0);
+        write(
+            &mut t,
+            r::VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        write(&mut t, r::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, r::VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write(&mut t, r::VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write(&mut t, r::VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        write(&mut t, r::VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        write(&mut t, r::VIRTIO_MMIO_QUEUE_READY, 1);
+        write(&mut t, r::VIRTIO_MMIO_STATUS, all);
+        assert_eq!(status(&mut t), all);
+        assert_eq!(activated.load(Ordering::Relaxed), 1);
     }
 }
