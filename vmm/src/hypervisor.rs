@@ -166,13 +166,17 @@ pub fn register_pvm_vif(vcpu: &VcpuFd, vif_gpa: u64) -> bool {
 
 /// VMX or SVM as the CPU advertises it, `Unknown` if neither.
 fn host_virtualization() -> Platform {
-    // CPUID is available on every x86-64 CPU.
-    let leaf1 = std::arch::x86_64::__cpuid(1);
+    // `__cpuid` is a safe function in current Rust and an unsafe one in the oldest release
+    // ddvm builds with (the workspace's rust-version).
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID is available on every x86-64 CPU; it only reads identification registers.
+    let cpuid = |leaf: u32| unsafe { std::arch::x86_64::__cpuid(leaf) };
+    let leaf1 = cpuid(1);
     if leaf1.ecx & (1 << 5) != 0 {
         return Platform::Vmx;
     }
-    let ext = std::arch::x86_64::__cpuid(0x8000_0000);
-    if ext.eax >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 2) != 0 {
+    let ext = cpuid(0x8000_0000);
+    if ext.eax >= 0x8000_0001 && cpuid(0x8000_0001).ecx & (1 << 2) != 0 {
         return Platform::Svm;
     }
     Platform::Unknown
