@@ -98,6 +98,7 @@ impl Client {
             d.avail = 0;
             d.used_seen = 0;
             d.set_avail_idx(0);
+            d.adopt_avail();
             let _ = vm_memory::Bytes::write_obj(
                 &d.mem,
                 0u16,
@@ -109,6 +110,7 @@ impl Client {
     /// Checks the used entries the service wrote since the last look.
     fn check_used(&mut self) {
         for (q, d) in self.drivers.iter_mut().enumerate() {
+            self.blind[q] |= !d.avail_intact();
             for (id, len) in d.take_used() {
                 let owed = self.owed[q]
                     .get_mut(id as usize)
@@ -170,7 +172,7 @@ pub fn run(data: &[u8]) {
                 c.activate();
             }
             _ => {
-                let c = &clients[usize::from(sel) % CLIENTS];
+                let c = &mut clients[usize::from(sel) % CLIENTS];
                 c.drivers[usize::from(sel >> 4) % usize::from(QUEUES)].set_used_event(input.u16());
             }
         }
@@ -183,7 +185,11 @@ pub fn run(data: &[u8]) {
     }
     // Drain: the file backend answers everything it is given.
     for _ in 0..64 {
-        if worker.test_pass() == 0 && worker.test_pending() == 0 {
+        let progress = worker.test_pass();
+        for c in &mut clients {
+            c.check_used();
+        }
+        if progress == 0 && worker.test_pending() == 0 {
             break;
         }
     }

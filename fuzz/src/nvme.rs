@@ -78,13 +78,12 @@ impl AdminCq {
 
     /// Stops following the queue if the command `sqe` may make the controller write into the
     /// admin completion queue's memory other than by completing (a data buffer, a PRP list
-    /// entry, a new queue or a shadow-doorbell buffer there): the driver's own doing, after
+    /// entry, a new queue or a shadow-doorbell buffer over it): the driver's own doing, after
     /// which what the harness reads there is not only completions.
     fn watch(&mut self, mem: &crate::GuestMem, sqe: &[u8; 64]) {
-        let near = |addr: u64| {
-            let page = addr & !0xfff;
-            page == ACQ || page == ACQ - 0x1000
-        };
+        // An address from which the controller may write into the queue: a data page, a
+        // PRP list, or a queue of up to 64 KiB (1024 entries of 64 bytes) starting there.
+        let near = |addr: u64| (ACQ.saturating_sub(0x1_0000)..ACQ + 0x1000).contains(&addr);
         let prp1 = u64::from_le_bytes(sqe[24..32].try_into().unwrap_or_default());
         let prp2 = u64::from_le_bytes(sqe[32..40].try_into().unwrap_or_default());
         let mut list = [0u8; 4096];
@@ -192,9 +191,15 @@ pub fn run(data: &[u8]) {
             3 => {
                 let at = u64::from(input.u32()) % MEM;
                 let bytes = input.blob();
+                let end = at + bytes.len() as u64;
                 // Not the admin completion queue: the harness reads it back.
-                if !(at < ACQ + 0x1000 && at + bytes.len() as u64 > ACQ) {
+                if !(at < ACQ + 0x1000 && end > ACQ) {
                     let _ = mem.write_slice(bytes, GuestAddress(at));
+                }
+                // Commands rewritten before the controller fetched them (it may not have:
+                // bus mastering off) are not the ones the harness counts as submitted.
+                if at < ASQ + 64 * u64::from(AQ) && end > ASQ {
+                    cq.valid = false;
                 }
             }
             4 => {

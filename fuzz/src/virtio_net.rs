@@ -81,6 +81,7 @@ pub fn run(data: &[u8]) {
     let activate = |device: &mut VirtioNet, drivers: &mut [Driver]| {
         for d in drivers.iter_mut() {
             d.set_avail_idx(0);
+            d.adopt_avail();
             d.used_seen = 0;
             let _ = vm_memory::Bytes::write_obj(
                 &d.mem,
@@ -164,6 +165,7 @@ pub fn run(data: &[u8]) {
         }
         assert_eq!(port.tx_in_flight(), held.len());
         for (q, d) in drivers.iter_mut().enumerate() {
+            blind[q] |= !d.avail_intact();
             for (id, _len) in d.take_used() {
                 let n = owed[q]
                     .get_mut(id as usize)

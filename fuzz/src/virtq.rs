@@ -43,6 +43,8 @@ pub struct Driver {
     pub avail: u16,
     /// Used entries already looked at.
     pub used_seen: u16,
+    /// The available ring as this driver wrote it (flags, index, entries, used_event).
+    avail_shadow: Vec<u8>,
 }
 
 impl Driver {
@@ -54,7 +56,30 @@ impl Driver {
             size,
             avail: 0,
             used_seen: 0,
+            avail_shadow: vec![0; 6 + 2 * usize::from(size)],
         }
+    }
+
+    /// Whether the available ring still holds what this driver wrote: the device (a read's
+    /// data, a received frame) or a stray write may have put heads there that the driver
+    /// never made available, and then what comes back cannot be checked against them.
+    pub fn avail_intact(&self) -> bool {
+        let mut now = vec![0u8; self.avail_shadow.len()];
+        let at = GuestAddress(AVAIL + self.rings);
+        self.mem.read_slice(&mut now, at).is_ok() && now == self.avail_shadow
+    }
+
+    /// Takes the available ring as it is now for what this driver wrote (at a device reset,
+    /// when the device starts again from index 0 whatever the ring held).
+    pub fn adopt_avail(&mut self) {
+        let at = GuestAddress(AVAIL + self.rings);
+        if self.mem.read_slice(&mut self.avail_shadow, at).is_err() {
+            self.avail_shadow.fill(0);
+        }
+    }
+
+    fn shadow(&mut self, offset: usize, bytes: &[u8]) {
+        self.avail_shadow[offset..offset + bytes.len()].copy_from_slice(bytes);
     }
 
     /// The queue as a transport hands it to a device: this size and these rings, ready.
@@ -71,8 +96,17 @@ impl Driver {
         q
     }
 
-    /// Writes descriptor `i` of the table at `table`.
+    /// Writes descriptor `i` of the table at `table`, unless its buffer overlaps a used ring:
+    /// the device would write a read's data or a received frame over the ring the targets
+    /// read back (the driver's own doing, which they cannot tell from a wrong answer).
     pub fn desc_at(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let end = addr.saturating_add(u64::from(len));
+        if (0..8u64).any(|n| {
+            let used = USED + n * QUEUE_STRIDE;
+            addr < used + 0x1000 && end > used
+        }) {
+            return;
+        }
         let at = table + u64::from(i) * 16;
         let mut d = [0u8; 16];
         d[..8].copy_from_slice(&addr.to_le_bytes());
@@ -89,12 +123,16 @@ impl Driver {
 
     /// Makes `head` available (one entry, then the index).
     pub fn publish(&mut self, head: u16) {
-        let slot = AVAIL + self.rings + 4 + u64::from(self.avail % self.size) * 2;
-        let _ = self.mem.write_obj(head, GuestAddress(slot));
+        let entry = 4 + usize::from(self.avail % self.size) * 2;
+        let _ = self
+            .mem
+            .write_obj(head, GuestAddress(AVAIL + self.rings + entry as u64));
+        self.shadow(entry, &head.to_le_bytes());
         self.avail = self.avail.wrapping_add(1);
         let _ = self
             .mem
             .write_obj(self.avail, GuestAddress(AVAIL + self.rings + 2));
+        self.shadow(2, &self.avail.to_le_bytes());
     }
 
     /// Sets the available index to anything (a driver that lies about it).
@@ -103,12 +141,15 @@ impl Driver {
         let _ = self
             .mem
             .write_obj(idx, GuestAddress(AVAIL + self.rings + 2));
+        self.shadow(2, &idx.to_le_bytes());
     }
 
     /// Sets `used_event` (EVENT_IDX), after the available ring.
-    pub fn set_used_event(&self, v: u16) {
-        let at = AVAIL + self.rings + 4 + 2 * u64::from(self.size);
+    pub fn set_used_event(&mut self, v: u16) {
+        let offset = 4 + 2 * usize::from(self.size);
+        let at = AVAIL + self.rings + offset as u64;
         let _ = self.mem.write_obj(v, GuestAddress(at));
+        self.shadow(offset, &v.to_le_bytes());
     }
 
     /// The used ring's index.
@@ -172,11 +213,14 @@ impl Driver {
                 // entries) makes heads available behind the targets' backs: they are told.
                 let end = at + bytes.len() as u64;
                 let overlaps = |from: u64, to: u64| at < to && end > from;
-                let hits_used = (0..8u64).any(|n| {
+                // Nor a descriptor table (ops 0 and 1 write those, and keep buffers off the
+                // used rings).
+                let hits = (0..8u64).any(|n| {
                     let used = USED + n * QUEUE_STRIDE;
-                    overlaps(used, used + 0x1000)
-                });
-                if hits_used {
+                    let desc = DESC + n * QUEUE_STRIDE;
+                    overlaps(used, used + 0x1000) || overlaps(desc, desc + 0x1000)
+                }) || overlaps(TABLE, TABLE + 0x1_0000);
+                if hits {
                     return None;
                 }
                 let _ = self.mem.write_slice(bytes, GuestAddress(at));
