@@ -390,6 +390,7 @@ fn a_flapping_nic_domain_is_failed_and_clients_never_see_the_link_move() {
 /// A broken invariant of the VMM's own bookkeeping of a NIC (a completion with no shadow
 /// entry) gives the NIC up at once, loudly: broken, a `gave-up` event with reason
 /// `vmm-invariant`, no restart tried; the other NIC is untouched.
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_broken_vmm_invariant_gives_the_nic_up_loudly() {
     let _serial = serial();
