@@ -138,6 +138,20 @@ impl Launcher {
     /// Starts `command` (which must call [`serve`] on its standard input) as the launcher of
     /// `hooks`.
     pub fn start(mut command: Command, hooks: Vec<Hook>) -> std::io::Result<Launcher> {
+        let (ours, theirs) = seqpacket_pair()?;
+        let child = command
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .spawn()?;
+        Launcher::over(ours, Some(child), hooks)
+    }
+
+    /// The VMM's end of a launcher's socket: sends it the hooks (the [`Setup`]).
+    fn over(
+        mut socket: UnixStream,
+        child: Option<Child>,
+        hooks: Vec<Hook>,
+    ) -> std::io::Result<Launcher> {
         let setup = Setup {
             hooks: hooks
                 .iter()
@@ -145,18 +159,12 @@ impl Launcher {
                 .collect::<Result<_, _>>()
                 .map_err(std::io::Error::other)?,
         };
-        let (ours, theirs) = seqpacket_pair()?;
-        let child = command
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
-            .spawn()?;
-        let mut socket = ours;
         socket.write_all(&serde_json::to_vec(&setup).map_err(std::io::Error::other)?)?;
         socket.set_nonblocking(true)?;
         Ok(Launcher {
             inner: Mutex::new(Inner {
                 socket,
-                child: Some(child),
+                child,
                 next_id: 0,
                 done: HashMap::new(),
                 gone: None,
@@ -167,29 +175,11 @@ impl Launcher {
 
     /// A launcher served by a thread of this process (for tests).
     pub fn in_thread(hooks: Vec<Hook>) -> std::io::Result<(Launcher, std::thread::JoinHandle<()>)> {
-        let setup = Setup {
-            hooks: hooks
-                .iter()
-                .map(HookSpec::of)
-                .collect::<Result<_, _>>()
-                .map_err(std::io::Error::other)?,
-        };
-        let (mut ours, theirs) = seqpacket_pair()?;
-        ours.write_all(&serde_json::to_vec(&setup).map_err(std::io::Error::other)?)?;
-        ours.set_nonblocking(true)?;
+        let (ours, theirs) = seqpacket_pair()?;
+        let launcher = Launcher::over(ours, None, hooks)?;
         let thread = std::thread::spawn(move || {
             let _ = serve(theirs);
         });
-        let launcher = Launcher {
-            inner: Mutex::new(Inner {
-                socket: ours,
-                child: None,
-                next_id: 0,
-                done: HashMap::new(),
-                gone: None,
-            }),
-            hooks,
-        };
         Ok((launcher, thread))
     }
 
