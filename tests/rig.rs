@@ -897,3 +897,151 @@ fn vfio_survives_a_killed_vmm_and_serves_a_stock_linux_client_through_kills_in_t
         .unwrap_or_else(|| panic!("no report from the Linux client:\n{console}"));
     assert!(report.clean(), "{report:?}\n{console}");
 }
+
+/// `scripts/rig peer`'s harness end to end, small: the same stock Linux client with Debian's
+/// fio runs every standard job (with crc32c verification) under the four peers, ddvm through
+/// a driver domain (a) and from a file (b), QEMU with virtio-blk on an iothread (c) and with
+/// vhost-user-blk to qemu-storage-daemon (d); then the long verify job once without faults for
+/// each, and for (a) and (d) while their backend is killed every second. Every report must
+/// arrive whole and parse; no peer may see an error or a failed check without faults; ddvm
+/// must come through its kills with none either. What (d) sees under kills is reported, not
+/// asserted: it is the comparison's finding, not ddvm's behaviour.
+#[test]
+fn peers_run_fio_with_verification_side_by_side_and_ddvm_survives_the_kills() {
+    use ddvm_peer_report::{Mode, PeerLog, Report};
+
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("peer-client");
+    let built = Command::new(repo().join("scripts/rig"))
+        .arg("linux-client")
+        .arg(&dir)
+        .arg("--fio")
+        .output()
+        .expect("scripts/rig runs");
+    assert!(
+        built.status.success(),
+        "scripts/rig linux-client --fio failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let which = |name: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            !path.is_empty(),
+            "{name} is not installed (scripts/setup --test)"
+        );
+        path
+    };
+    let (qemu, qsd) = (which("qemu-system-x86_64"), which("qemu-storage-daemon"));
+    let bios = ["/usr/share/qemu", "/usr/share/seabios"]
+        .iter()
+        .map(|d| format!("{d}/bios-microvm.bin"))
+        .find(|p| Path::new(p).exists())
+        .expect("bios-microvm.bin (qemu-system-x86)");
+    let files = [
+        dir.join("vmlinuz").display().to_string(),
+        dir.join("client.cpio.gz").display().to_string(),
+        bios,
+        "/usr/share/qemu/linuxboot_dma.bin".to_string(),
+        "images/linux-client/peer-a.toml".to_string(),
+        "images/linux-client/peer-b.toml".to_string(),
+        "images/linux-client/peer.sh".to_string(),
+    ];
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    // As `scripts/rig peer` runs it (see there for one vCPU, idle=poll and printk.devkmsg),
+    // at small sizes.
+    let (_, console) = rig_with(
+        &[
+            "--smp",
+            "1",
+            "--append",
+            "idle=poll printk.devkmsg=on",
+            "--mem",
+            "2G",
+            "--timeout",
+            "1800",
+            "--add",
+            &qemu,
+            "--add",
+            &qsd,
+        ],
+        &files,
+        &[
+            "sh",
+            "-c",
+            "PEER_ROUNDS=1 PEER_KILL_SECONDS=10 PEER_DISK_MIB=16 PEER_QD1_MIB=1 \
+             PEER_RAND_MIB=2 PEER_TIMEOUT=300 sh peer.sh",
+        ],
+    );
+    // peer.sh powers the rig off itself (see there): the run's end is its `done`, not the
+    // rig's exit status.
+    let log = PeerLog::parse(&console).unwrap_or_else(|e| panic!("{e}\n{console}"));
+    assert!(log.done, "the run did not finish:\n{console}");
+    for run in &log.runs {
+        for job in &run.jobs {
+            assert_eq!(
+                job.json_error, None,
+                "{} {:?}: {}'s report",
+                run.peer, run.mode, job.file
+            );
+        }
+    }
+    let report = Report::new(log, "rig", "test");
+    let jobs = [
+        "seqwrite-128k-qd8",
+        "randread-4k-qd1",
+        "randread-4k-qd32",
+        "randwrite-4k-qd32",
+        "seqread-128k-qd8",
+    ];
+    for peer in ["a", "b", "c", "d"] {
+        for job in jobs {
+            let row = report
+                .jobs
+                .iter()
+                .find(|r| r.peer == peer && r.job == job)
+                .unwrap_or_else(|| panic!("no row for ({peer}) {job}:\n{}", report.markdown()));
+            assert_eq!(row.samples, 1, "({peer}) {job}:\n{}", report.markdown());
+            assert!(
+                row.mib_s.median > 0.0,
+                "({peer}) {job}:\n{}",
+                report.markdown()
+            );
+            assert_eq!(
+                (row.io_errors, row.verify_failures),
+                (0, 0),
+                "({peer}) {job}:\n{}",
+                report.markdown()
+            );
+        }
+        let base = report
+            .kills
+            .iter()
+            .find(|k| k.peer == peer && k.mode == Mode::Base)
+            .unwrap_or_else(|| panic!("no fault-free kill job for ({peer})"));
+        assert_eq!(base.outcome, "completed", "{}", report.markdown());
+        assert_eq!((base.io_errors, base.verify_failures), (0, 0));
+    }
+    let a = report
+        .kills
+        .iter()
+        .find(|k| k.peer == "a" && k.mode == Mode::Kill)
+        .expect("ddvm's kill run");
+    assert!(a.kills >= 5, "{}", report.markdown());
+    assert_eq!(a.outcome, "completed", "{}", report.markdown());
+    assert_eq!(
+        (a.io_errors, a.verify_failures),
+        (0, 0),
+        "{}",
+        report.markdown()
+    );
+    let d = report
+        .kills
+        .iter()
+        .find(|k| k.peer == "d" && k.mode == Mode::Kill)
+        .expect("(d)'s kill run");
+    assert!(d.kills >= 1, "{}", report.markdown());
+    println!("{}", report.markdown());
+}

@@ -1,24 +1,206 @@
 #!/bin/sh
-# Runs inside the TCG rig (`scripts/rig peer`): the same stock Linux client times the same I/O
-# on its virtio-blk disk under
-#   (a) ddvm, through an NVMe driver domain,
-#   (b) ddvm, served from a file by the VMM (no isolation),
-#   (c) QEMU (microvm: virtio-blk on virtio-mmio found through ACPI, as under ddvm), from a file.
-# Prints one `peer: SIDE {json}` line per side (the client's report).
-report() {
-  line=$(grep -a "ddvm-linux: {" "$2" | tail -1)
-  echo "peer: $1 ${line#*ddvm-linux: }"
+# Runs inside the TCG rig (`scripts/rig peer`): the same stock Linux client (1 vCPU, 512 MiB,
+# one kernel, one initramfs with Debian's fio) runs the same fio jobs on its virtio-blk disk,
+# a raw file of PEER_DISK_MIB MiB on the rig's tmpfs, under
+#   (a) ddvm, through an NVMe driver domain (emulated controller) -- peer-a.toml
+#   (b) ddvm, served from the file by the VMM (no isolation)       -- peer-b.toml
+#   (c) QEMU microvm, virtio-blk with an iothread
+#   (d) QEMU microvm, vhost-user-blk to a separate qemu-storage-daemon
+# Each round runs every peer once, the order reversed every other round. Then the kill
+# rounds: each peer runs fio's long verify job (kill.fio) once without faults, and (a) and
+# (d) once more while their backend is killed every second: ddvm's driver domain by
+# `ddvm ctl kill`, qemu-storage-daemon by SIGKILL and restarted at once (QEMU's vhost-user
+# chardev reconnects). (b) and (c) have no backend outside the VMM process to kill.
+#
+# Output, for the report (`ddvm-peer-report`): per run
+#   peer-run: begin PEER ROUND MODE
+#   ddvm-fio: ...            the client's lines (see the client's /init)
+#   peer-run: end PEER ROUND MODE {"status":S,"seconds":T,"kills":K,"timed_out":B}
+# PEER is a..d, MODE is `peer` (the standard jobs), `base` (the kill job without faults)
+# or `kill`.
+#
+# Environment: PEER_ROUNDS (3), PEER_DISK_MIB (64), PEER_QD1_MIB (4), PEER_RAND_MIB (16),
+# PEER_KILL_SECONDS (30; 0: no kill rounds), PEER_PEERS (the peers, default "a b c d"),
+# PEER_TIMEOUT (seconds a client may take beyond its jobs' own length, default 600).
+# Everything this script prints goes through the kernel's log (/dev/kmsg: one record a line,
+# on the console at the warning level), not the rig's tty: the kernel writes its console
+# synchronously, while a tty written from userspace waits for the UART's interrupt, which in
+# the TCG rig can stop coming under this much output (seen: the console stuck mid-line for
+# minutes, the rig otherwise running). Needs the rig's kernel booted with printk.devkmsg=on.
+if [ -w /dev/kmsg ] && grep -q 'printk.devkmsg=on' /proc/cmdline; then
+  echo 5 >/proc/sys/kernel/printk
+  exec >/dev/kmsg 2>&1
+fi
+# Copies stdin to stdout a line per write (a kernel log record holds one line), at most 50
+# lines a second: bursts of console output have frozen the rig (its clock stopped while it
+# printed a client's reports, the client already gone).
+lines() {
+  while IFS= read -r l; do
+    echo "$l"
+    usleep 20000
+  done
 }
-for side in a b; do
-  ddvm run peer-$side.toml >/tmp/peer-$side.log 2>&1 || cat /tmp/peer-$side.log
-  report $side /tmp/peer-$side.log
+
+rounds=${PEER_ROUNDS:-3}
+disk_mib=${PEER_DISK_MIB:-64}
+qd1_mib=${PEER_QD1_MIB:-4}
+rand_mib=${PEER_RAND_MIB:-16}
+kill_seconds=${PEER_KILL_SECONDS:-30}
+peers=${PEER_PEERS:-a b c d}
+slack=${PEER_TIMEOUT:-600}
+mem_mib=512
+
+# The client's kernel command line for a run of MODE.
+cmdline() {
+  local job=peer
+  [ "$1" = peer ] || job=kill
+  echo "console=ttyS0 quiet panic=-1 ddvm.rounds=0 ddvm.mib=1 ddvm.fio=$job ddvm.fio_qd1_mib=$qd1_mib ddvm.fio_rand_mib=$rand_mib ddvm.fio_seconds=$kill_seconds"
+}
+
+# A fresh, sparse backing file.
+fresh() {
+  rm -f "$1"
+  dd if=/dev/zero of="$1" bs=1M count=0 seek="$disk_mib" 2>/dev/null
+}
+
+# ddvm's topology PEER (a or b) for MODE, from the shipped peer-PEER.toml.
+ddvm_config() {
+  sed -e "s|^cmdline = .*|cmdline = \"$(cmdline "$2")\"|" \
+    -e "s|^size_mib = .*|size_mib = $disk_mib|" "peer-$1.toml" >"run-$1.toml"
+}
+
+# QEMU's machine for (c) and (d): microvm, virtio-mmio found through ACPI as under ddvm, in
+# virtio 1.x mode (qemu-storage-daemon's vhost-user-blk refuses legacy virtio-mmio), without the
+# PIT and the 8259 PIC (with them, clients froze in the rig's nested KVM at boot).
+qemu_common() {
+  echo "-M microvm,acpi=on,pit=off,pic=off$1 -accel kvm -cpu host -smp 1 -m $mem_mib -L /work -global virtio-mmio.force-legacy=false -kernel vmlinuz -initrd client.cpio.gz -display none -monitor none -nodefaults -no-reboot"
+}
+
+qsd_start() {
+  rm -f /tmp/peer-d.sock
+  qemu-storage-daemon \
+    --blockdev driver=file,node-name=disk0,filename=/tmp/peer-d.img \
+    --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=/tmp/peer-d.sock,writable=on,logical-block-size=4096 \
+    >>/tmp/qsd.log 2>&1 &
+  qsd=$!
+  local i=0
+  while [ ! -S /tmp/peer-d.sock ] && [ $i -lt 200 ]; do
+    sleep 0.05
+    i=$((i + 1))
+  done
+}
+
+# Starts PEER's client (and backend) for MODE in the background: $pid is the process to
+# wait for, its console goes to $log.
+start() {
+  log=/tmp/peer-$1.log
+  rm -f "$log" /tmp/peer-ctl.sock
+  case $1 in
+    a | b)
+      fresh "/tmp/peer-$1.img"
+      ddvm_config "$1" "$2"
+      ddvm run --control /tmp/peer-ctl.sock "run-$1.toml" >"$log" 2>&1 &
+      pid=$!
+      ;;
+    c)
+      fresh /tmp/peer-c.img
+      # shellcheck disable=SC2046
+      qemu-system-x86_64 $(qemu_common "") -append "$(cmdline "$2")" \
+        -object iothread,id=io0 \
+        -drive id=d,file=/tmp/peer-c.img,format=raw,if=none,aio=threads \
+        -device virtio-blk-device,drive=d,iothread=io0,serial=ddvm-linux0,logical_block_size=4096,physical_block_size=4096 \
+        -serial "file:$log" &
+      pid=$!
+      ;;
+    d)
+      fresh /tmp/peer-d.img
+      : >/tmp/qsd.log
+      qsd_start
+      # shellcheck disable=SC2046
+      qemu-system-x86_64 $(qemu_common ",memory-backend=mem") -append "$(cmdline "$2")" \
+        -object "memory-backend-memfd,id=mem,size=${mem_mib}M,share=on" \
+        -chardev socket,id=vu0,path=/tmp/peer-d.sock,reconnect=1 \
+        -device vhost-user-blk,chardev=vu0,num-queues=1 \
+        -serial "file:$log" &
+      pid=$!
+      ;;
+  esac
+}
+
+# Kills PEER's backend, once; true if it did.
+kill_backend() {
+  case $1 in
+    a) ddvm ctl /tmp/peer-ctl.sock kill nvme0 >/dev/null 2>&1 ;;
+    d)
+      kill -KILL "$qsd" 2>/dev/null || return 1
+      wait "$qsd" 2>/dev/null
+      qsd_start
+      ;;
+    *) return 1 ;;
+  esac
+}
+
+# One run: PEER ROUND MODE.
+run() {
+  local peer=$1 round=$2 mode=$3 limit kills=0 timed_out=false t0 t1 status
+  limit=$slack
+  [ "$mode" = peer ] || limit=$((slack + kill_seconds))
+  echo "peer-run: begin $peer $round $mode"
+  t0=$(date +%s)
+  start "$peer" "$mode"
+  if [ "$mode" = kill ]; then
+    # Kill every second from the start of the job to its end.
+    while kill -0 "$pid" 2>/dev/null && ! grep -q 'ddvm-fio: start kill-' "$log" 2>/dev/null; do
+      [ $(($(date +%s) - t0)) -gt "$limit" ] && break
+      sleep 0.2
+    done
+    while kill -0 "$pid" 2>/dev/null && ! grep -q 'ddvm-fio: end kill-' "$log" 2>/dev/null; do
+      [ $(($(date +%s) - t0)) -gt "$limit" ] && break
+      sleep 1
+      kill_backend "$peer" && kills=$((kills + 1))
+    done
+  fi
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ $(($(date +%s) - t0)) -gt "$limit" ]; then
+      timed_out=true
+      kill -KILL "$pid" 2>/dev/null
+      break
+    fi
+    sleep 0.5
+  done
+  wait "$pid"
+  status=$?
+  t1=$(date +%s)
+  [ "$peer" = d ] && kill -KILL "$qsd" 2>/dev/null && wait "$qsd" 2>/dev/null
+  # The client's fio lines; a run that printed none shows its last lines instead.
+  sed -n 's/.*\(ddvm-fio: \)/\1/p' "$log" | lines
+  if ! grep -q 'ddvm-fio: end' "$log"; then
+    tail -n 20 "$log" | sed 's/^/peer-run: log /' | lines
+    [ "$peer" = d ] && tail -n 5 /tmp/qsd.log | sed 's/^/peer-run: qsd /' | lines
+  fi
+  echo "peer-run: end $peer $round $mode {\"status\":$status,\"seconds\":$((t1 - t0)),\"kills\":$kills,\"timed_out\":$timed_out}"
+  rm -f "/tmp/peer-$peer.img"
+}
+
+echo "peer-run: setup {\"rounds\":$rounds,\"disk_mib\":$disk_mib,\"qd1_mib\":$qd1_mib,\"rand_mib\":$rand_mib,\"kill_seconds\":$kill_seconds,\"client_mib\":$mem_mib,\"client_vcpus\":1,\"rig_vcpus\":$(nproc)}"
+reversed=$(echo "$peers" | tr ' ' '\n' | sed '1!G;h;$!d' | tr '\n' ' ')
+r=1
+while [ "$r" -le "$rounds" ]; do
+  order=$peers
+  [ $((r % 2)) -eq 0 ] && order=$reversed
+  for p in $order; do run "$p" "$r" peer; done
+  r=$((r + 1))
 done
-dd if=/dev/zero of=/tmp/peer-c.img bs=1M count=0 seek=64 2>/dev/null
-qemu-system-x86_64 -M microvm,acpi=on -accel kvm -cpu host -smp 1 -m 256 -L /work \
-  -kernel vmlinuz -initrd client.cpio.gz \
-  -append "console=ttyS0 quiet panic=-1 $(sed -n 's/^cmdline = "\(.*\)"/\1/p' peer-b.toml | sed 's/console=ttyS0 quiet panic=-1 //')" \
-  -drive id=d,file=/tmp/peer-c.img,format=raw,if=none \
-  -device virtio-blk-device,drive=d,serial=ddvm-linux0,logical_block_size=4096,physical_block_size=4096 \
-  -serial file:/tmp/peer-c.log -display none -monitor none -nodefaults -no-reboot ||
-  cat /tmp/peer-c.log
-report c /tmp/peer-c.log
+if [ "$kill_seconds" -gt 0 ]; then
+  for p in $peers; do
+    run "$p" 1 base
+    case $p in a | d) run "$p" 1 kill ;; esac
+  done
+fi
+echo "peer-run: done"
+# With the output in the kernel's log, the rig's own last words (its init's `rig: exit` on the
+# tty) could stall as above: power off here. `scripts/rig peer` looks for `peer-run: done`.
+if [ -w /dev/kmsg ] && grep -q 'printk.devkmsg=on' /proc/cmdline; then
+  sync
+  poweroff -f
+fi
