@@ -246,10 +246,19 @@ impl Report {
         writeln!(
             o,
             "Each client: the same kernel and initramfs (Debian's fio), {} vCPU, {} MiB; its disk a \
-             {} MiB raw file on the rig's tmpfs. {} rounds of the standard jobs, the peers' order \
+             {} MiB raw file on the rig's tmpfs. {} of the standard jobs, the peers' order \
              reversed every other round; `seqwrite` fills the disk, the others use {} MiB (4 KiB \
              QD1: {} MiB); every job verifies its data (crc32c).",
-            s.client_vcpus, s.client_mib, s.disk_mib, s.rounds, s.rand_mib, s.qd1_mib
+            s.client_vcpus,
+            s.client_mib,
+            s.disk_mib,
+            if s.rounds == 1 {
+                "1 round".to_string()
+            } else {
+                format!("{} rounds", s.rounds)
+            },
+            s.rand_mib,
+            s.qd1_mib
         )?;
         writeln!(o)?;
         writeln!(
