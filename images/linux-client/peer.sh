@@ -22,11 +22,12 @@
 # Environment: PEER_ROUNDS (3), PEER_DISK_MIB (64), PEER_QD1_MIB (4), PEER_RAND_MIB (16),
 # PEER_KILL_SECONDS (30; 0: no kill rounds), PEER_PEERS (the peers, default "a b c d"),
 # PEER_TIMEOUT (seconds a client may take beyond its jobs' own length, default 600).
+
 # Everything this script prints goes through the kernel's log (/dev/kmsg: one record a line,
 # on the console at the warning level), not the rig's tty: the kernel writes its console
-# synchronously, while a tty written from userspace waits for the UART's interrupt, which in
-# the TCG rig can stop coming under this much output (seen: the console stuck mid-line for
-# minutes, the rig otherwise running). Needs the rig's kernel booted with printk.devkmsg=on.
+# synchronously, while a tty written from userspace waits for the UART's interrupt, and in
+# the TCG rig interrupts can stop coming (see `scripts/rig`, cmd_peer: the rig's tick). Needs
+# the rig's kernel booted with printk.devkmsg=on.
 if [ -w /dev/kmsg ] && grep -q 'printk.devkmsg=on' /proc/cmdline; then
   echo 5 >/proc/sys/kernel/printk
   exec >/dev/kmsg 2>&1
