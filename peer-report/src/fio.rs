@@ -47,6 +47,19 @@ pub struct FioJob {
     pub write: Direction,
 }
 
+impl Direction {
+    /// MiB per second over the direction's own runtime (fio's `bw_bytes` when it gives no
+    /// runtime).
+    pub fn mib_s(&self) -> f64 {
+        const MIB: f64 = 1024.0 * 1024.0;
+        if self.runtime_ms > 0 {
+            self.io_bytes as f64 / MIB / (self.runtime_ms as f64 / 1000.0)
+        } else {
+            self.bw_bytes as f64 / MIB
+        }
+    }
+}
+
 impl FioJob {
     /// The direction the job is about: writes for a write job, reads otherwise.
     pub fn main(&self) -> &Direction {

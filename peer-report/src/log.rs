@@ -145,6 +145,17 @@ struct Pending {
     stderr: Vec<String>,
 }
 
+impl Pending {
+    fn new(file: &str) -> Self {
+        Pending {
+            file: file.to_string(),
+            chunks: Vec::new(),
+            expected: 0,
+            stderr: Vec::new(),
+        }
+    }
+}
+
 impl PeerLog {
     /// Reads the rig's output. Lines other than `peer-run:` and `ddvm-fio:` ones are skipped;
     /// a malformed line of those is an error naming it. A job whose JSON report is missing
@@ -217,12 +228,7 @@ impl PeerLog {
                         if let Some(p) = pending.take() {
                             run.jobs.push(unfinished(p));
                         }
-                        pending = Some(Pending {
-                            file: rest.to_string(),
-                            chunks: Vec::new(),
-                            expected: 0,
-                            stderr: Vec::new(),
-                        });
+                        pending = Some(Pending::new(rest));
                     }
                     "stderr" => {
                         if let Some(p) = pending.as_mut() {
@@ -250,12 +256,7 @@ impl PeerLog {
                         let end: JobEnd = serde_json::from_str(json).map_err(|_| {
                             err("end JOB {status, io_errors, verify_failures, centiseconds}")
                         })?;
-                        let p = pending.take().unwrap_or(Pending {
-                            file: file.to_string(),
-                            chunks: Vec::new(),
-                            expected: 0,
-                            stderr: Vec::new(),
-                        });
+                        let p = pending.take().unwrap_or_else(|| Pending::new(file));
                         let (fio, json_error) = match decode(&p) {
                             Ok(jobs) => (jobs, None),
                             Err(e) => (Vec::new(), Some(e)),

@@ -17,8 +17,6 @@ pub const PEERS: [(&str, &str); 4] = [
     ("d", "(d) QEMU vhost-user-blk, qemu-storage-daemon"),
 ];
 
-const MIB: f64 = 1024.0 * 1024.0;
-
 /// The median, least and greatest of some samples.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Spread {
@@ -146,6 +144,9 @@ fn failed_checks(run_job: &crate::log::Job) -> u64 {
     run_job.end.as_ref().map_or(0, |e| e.verify_failures)
 }
 
+/// The outcome of a run that went to its end with its report.
+const COMPLETED: &str = "completed";
+
 /// How a run ended, in words.
 fn outcome(run: &Run) -> String {
     match &run.end {
@@ -159,7 +160,7 @@ fn outcome(run: &Run) -> String {
                 Some(_) if job.is_some_and(|j| j.fio.is_empty()) => {
                     "fio's JSON report was lost".to_string()
                 }
-                Some(_) => "completed".to_string(),
+                Some(_) => COMPLETED.to_string(),
             }
         }
     }
@@ -209,7 +210,7 @@ impl Report {
                 .map(kill_row);
             let base_mib = base
                 .as_ref()
-                .filter(|r| r.outcome == "completed")
+                .filter(|r| r.outcome == COMPLETED)
                 .map(|r| r.mib_s);
             if let Some(b) = base {
                 kills.push(b);
@@ -386,12 +387,7 @@ fn job_row(log: &PeerLog, name: &str, peer: &str) -> JobRow {
             continue;
         };
         let d = f.main();
-        let secs = d.runtime_ms as f64 / 1000.0;
-        mib.push(if secs > 0.0 {
-            d.io_bytes as f64 / MIB / secs
-        } else {
-            d.bw_bytes as f64 / MIB
-        });
+        mib.push(d.mib_s());
         iops.push(d.iops);
         p50.push(d.clat_p50_ns as f64 / 1000.0);
         p99.push(d.clat_p99_ns as f64 / 1000.0);
@@ -419,15 +415,12 @@ fn kill_row(run: &Run) -> KillRow {
     let job = run.jobs.first();
     let fio = job.and_then(|j| j.fio.first());
     let (mib_s, iops, lat_max_ms, io_errors) = match (job, fio) {
-        (Some(j), Some(f)) => {
-            let secs = f.write.runtime_ms as f64 / 1000.0;
-            let mib = if secs > 0.0 {
-                f.write.io_bytes as f64 / MIB / secs
-            } else {
-                0.0
-            };
-            (mib, f.write.iops, f.lat_max_ns() as f64 / 1e6, errors(j, f))
-        }
+        (Some(j), Some(f)) => (
+            f.write.mib_s(),
+            f.write.iops,
+            f.lat_max_ns() as f64 / 1e6,
+            errors(j, f),
+        ),
         (Some(j), None) => (0.0, 0.0, 0.0, j.end.as_ref().map_or(0, |e| e.io_errors)),
         _ => (0.0, 0.0, 0.0, 0),
     };
@@ -487,7 +480,7 @@ fn targets(names: &[String], jobs: &[JobRow], kills: &[KillRow]) -> Vec<Target> 
     if let Some(k) = kills.iter().find(|k| k.peer == "a" && k.mode == Mode::Kill) {
         out.push(Target {
             what: "ddvm under kills: 0 I/O errors and 0 verify failures".to_string(),
-            met: k.io_errors == 0 && k.verify_failures == 0 && k.outcome == "completed",
+            met: k.io_errors == 0 && k.verify_failures == 0 && k.outcome == COMPLETED,
             detail: format!(
                 "{} kills, {} I/O errors, {} verify failures, {}",
                 k.kills, k.io_errors, k.verify_failures, k.outcome
