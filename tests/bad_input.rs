@@ -112,7 +112,7 @@ fn inaccessible_kvm_device_is_named() {
     let dir = scratch("perm");
     let copy = dir.join("ddvm");
     std::fs::copy(&bin, &copy).unwrap();
-    for p in [dir.as_path(), copy.as_path()] {
+    for p in [dir.path(), copy.as_path()] {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }

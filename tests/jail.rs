@@ -287,7 +287,7 @@ fn the_demo_runs_jailed_with_its_kills_recovered_and_its_disk_removed() {
             "3",
             "--jail",
         ])
-        .arg(&jail)
+        .arg(jail.path())
         .env_remove("DDVM_KVM")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -92,9 +92,10 @@ fn ctl(sock: &Path, words: &[&str]) -> (bool, String) {
     (out.status.success(), text(&out))
 }
 
-/// A small demo, with `DDVM_SECCOMP_PROBE=probe`.
+/// A small demo, with `DDVM_SECCOMP_PROBE=probe`. A probe the filter kills leaves the demo
+/// no chance to remove its disk, so it is removed here.
 fn demo(mode: &str, probe: &str) -> Output {
-    Command::new(ddvm_bin())
+    let child = Command::new(ddvm_bin())
         .args([
             "--seccomp",
             mode,
@@ -108,8 +109,14 @@ fn demo(mode: &str, probe: &str) -> Output {
         ])
         .env_remove("DDVM_KVM")
         .env("DDVM_SECCOMP_PROBE", probe)
-        .output()
-        .expect("run ddvm demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ddvm demo");
+    let disk = std::env::temp_dir().join(format!("ddvm-demo-{}.img", child.id()));
+    let out = child.wait_with_output().expect("run ddvm demo");
+    let _ = std::fs::remove_file(disk);
+    out
 }
 
 /// Names of the process's threads and whether each holds a filter (`Seccomp: 2`).

@@ -38,13 +38,7 @@ const MAX_IO_QUEUES: u16 = 4;
 fn backing() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let shm = std::path::Path::new("/dev/shm");
-        let dir = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        dir.join(format!("ddvm-fuzz-nvme-{}.img", std::process::id()))
+        std::env::temp_dir().join(format!("ddvm-fuzz-nvme-{}.img", std::process::id()))
     })
 }
 

@@ -57,12 +57,49 @@ pub fn ddvm(args: &[&str]) -> Output {
         .expect("run ddvm")
 }
 
-/// A unique scratch directory for one test.
-pub fn scratch(test: &str) -> PathBuf {
+/// A unique scratch directory for one test, removed when the test ends.
+///
+/// A test that fails keeps its directory (disk images, consoles, sockets) for a look
+/// afterwards and prints where it is; one that passes leaves nothing behind, so a machine
+/// that runs the suite again and again does not fill its disk.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept the failed test's files in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A unique scratch directory for one test; see [`Scratch`].
+pub fn scratch(test: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("ddvm-test-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    Scratch(dir)
 }
 
 /// Open file descriptors of this process.
