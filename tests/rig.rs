@@ -910,75 +910,27 @@ fn vfio_survives_a_killed_vmm_and_serves_a_stock_linux_client_through_kills_in_t
 fn peers_run_fio_with_verification_side_by_side_and_ddvm_survives_the_kills() {
     use ddvm_peer_report::{Mode, PeerLog, Report};
 
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("peer-client");
-    let built = Command::new(repo().join("scripts/rig"))
-        .arg("linux-client")
-        .arg(&dir)
-        .arg("--fio")
-        .output()
-        .expect("scripts/rig runs");
-    assert!(
-        built.status.success(),
-        "scripts/rig linux-client --fio failed: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let which = |name: &str| {
-        let out = Command::new("sh")
-            .args(["-c", &format!("command -v {name}")])
-            .output()
-            .unwrap();
-        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            !path.is_empty(),
-            "{name} is not installed (scripts/setup --test)"
-        );
-        path
-    };
-    let (qemu, qsd) = (which("qemu-system-x86_64"), which("qemu-storage-daemon"));
-    let bios = ["/usr/share/qemu", "/usr/share/seabios"]
-        .iter()
-        .map(|d| format!("{d}/bios-microvm.bin"))
-        .find(|p| Path::new(p).exists())
-        .expect("bios-microvm.bin (qemu-system-x86)");
-    let files = [
-        dir.join("vmlinuz").display().to_string(),
-        dir.join("client.cpio.gz").display().to_string(),
-        bios,
-        "/usr/share/qemu/linuxboot_dma.bin".to_string(),
-        "images/linux-client/peer-a.toml".to_string(),
-        "images/linux-client/peer-b.toml".to_string(),
-        "images/linux-client/peer.sh".to_string(),
-    ];
-    let files: Vec<&str> = files.iter().map(String::as_str).collect();
-    // As `scripts/rig peer` runs it (see there for the rig kernel's parameters), at small
-    // sizes. A whole rig that froze (its clock stopped: QEMU's TCG, not anything it runs;
-    // see scripts/rig) leaves the run unfinished at the rig's timeout; that gets one more try.
+    // `scripts/rig peer` itself with this build of ddvm, small. A whole rig that froze (its
+    // clock stopped: QEMU's TCG, not anything it runs; see scripts/rig) leaves the run
+    // unfinished at the rig's timeout; that gets one more try.
+    let log_file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("peer.log");
     let run = || {
-        let (_, console) = rig_with(
-            &[
-                "--smp",
-                "1",
-                "--append",
-                "idle=poll nohz=off highres=off lapic=notscdeadline printk.devkmsg=on",
-                "--mem",
-                "2G",
-                "--timeout",
-                "900",
-                "--add",
-                &qemu,
-                "--add",
-                &qsd,
-            ],
-            &files,
-            &[
-                "sh",
-                "-c",
-                "PEER_ROUNDS=1 PEER_KILL_SECONDS=10 PEER_DISK_MIB=16 PEER_QD1_MIB=1 \
-                 PEER_RAND_MIB=2 PEER_TIMEOUT=300 sh peer.sh",
-            ],
+        // A log left by an earlier run must not pass for this one's.
+        let _ = std::fs::remove_file(&log_file);
+        let out = Command::new(repo().join("scripts/rig"))
+            .args(["peer", "--no-report", "--timeout", "900", "--rounds", "1"])
+            .args(["--kill-seconds", "10", "--disk-mib", "16", "--qd1-mib", "1"])
+            .args(["--rand-mib", "2", "--ddvm"])
+            .arg(ddvm_bin())
+            .arg("--log")
+            .arg(&log_file)
+            .output()
+            .expect("scripts/rig runs");
+        let console = format!(
+            "{}{}",
+            std::fs::read_to_string(&log_file).unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr)
         );
-        // peer.sh powers the rig off itself (see there): the run's end is its `done`, not
-        // the rig's exit status.
         let log = PeerLog::parse(&console).unwrap_or_else(|e| panic!("{e}\n{console}"));
         (log, console)
     };
@@ -998,6 +950,14 @@ fn peers_run_fio_with_verification_side_by_side_and_ddvm_survives_the_kills() {
         }
     }
     let report = Report::new(log, "rig", "test");
+    let md = report.markdown();
+    let kill_run = |peer: &str, mode: Mode| {
+        report
+            .kills
+            .iter()
+            .find(|k| k.peer == peer && k.mode == mode)
+            .unwrap_or_else(|| panic!("no {mode:?} run of the kill job for ({peer}):\n{md}"))
+    };
     let jobs = [
         "seqwrite-128k-qd8",
         "randread-4k-qd1",
@@ -1011,46 +971,23 @@ fn peers_run_fio_with_verification_side_by_side_and_ddvm_survives_the_kills() {
                 .jobs
                 .iter()
                 .find(|r| r.peer == peer && r.job == job)
-                .unwrap_or_else(|| panic!("no row for ({peer}) {job}:\n{}", report.markdown()));
-            assert_eq!(row.samples, 1, "({peer}) {job}:\n{}", report.markdown());
-            assert!(
-                row.mib_s.median > 0.0,
-                "({peer}) {job}:\n{}",
-                report.markdown()
-            );
+                .unwrap_or_else(|| panic!("no row for ({peer}) {job}:\n{md}"));
+            assert_eq!(row.samples, 1, "({peer}) {job}:\n{md}");
+            assert!(row.mib_s.median > 0.0, "({peer}) {job}:\n{md}");
             assert_eq!(
                 (row.io_errors, row.verify_failures),
                 (0, 0),
-                "({peer}) {job}:\n{}",
-                report.markdown()
+                "({peer}) {job}:\n{md}"
             );
         }
-        let base = report
-            .kills
-            .iter()
-            .find(|k| k.peer == peer && k.mode == Mode::Base)
-            .unwrap_or_else(|| panic!("no fault-free kill job for ({peer})"));
-        assert_eq!(base.outcome, "completed", "{}", report.markdown());
-        assert_eq!((base.io_errors, base.verify_failures), (0, 0));
+        let base = kill_run(peer, Mode::Base);
+        assert_eq!(base.outcome, "completed", "{md}");
+        assert_eq!((base.io_errors, base.verify_failures), (0, 0), "{md}");
     }
-    let a = report
-        .kills
-        .iter()
-        .find(|k| k.peer == "a" && k.mode == Mode::Kill)
-        .expect("ddvm's kill run");
-    assert!(a.kills >= 5, "{}", report.markdown());
-    assert_eq!(a.outcome, "completed", "{}", report.markdown());
-    assert_eq!(
-        (a.io_errors, a.verify_failures),
-        (0, 0),
-        "{}",
-        report.markdown()
-    );
-    let d = report
-        .kills
-        .iter()
-        .find(|k| k.peer == "d" && k.mode == Mode::Kill)
-        .expect("(d)'s kill run");
-    assert!(d.kills >= 1, "{}", report.markdown());
-    println!("{}", report.markdown());
+    let a = kill_run("a", Mode::Kill);
+    assert!(a.kills >= 5, "{md}");
+    assert_eq!(a.outcome, "completed", "{md}");
+    assert_eq!((a.io_errors, a.verify_failures), (0, 0), "{md}");
+    assert!(kill_run("d", Mode::Kill).kills >= 1, "{md}");
+    println!("{md}");
 }

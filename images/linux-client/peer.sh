@@ -28,7 +28,9 @@
 # synchronously, while a tty written from userspace waits for the UART's interrupt, and in
 # the TCG rig interrupts can stop coming (see `scripts/rig`, cmd_peer: the rig's tick). Needs
 # the rig's kernel booted with printk.devkmsg=on.
+kmsg=0
 if [ -w /dev/kmsg ] && grep -q 'printk.devkmsg=on' /proc/cmdline; then
+  kmsg=1
   echo 5 >/proc/sys/kernel/printk
   exec >/dev/kmsg 2>&1
 fi
@@ -201,7 +203,7 @@ fi
 echo "peer-run: done"
 # With the output in the kernel's log, the rig's own last words (its init's `rig: exit` on the
 # tty) could stall as above: power off here. `scripts/rig peer` looks for `peer-run: done`.
-if [ -w /dev/kmsg ] && grep -q 'printk.devkmsg=on' /proc/cmdline; then
+if [ "$kmsg" -eq 1 ]; then
   sync
   poweroff -f
 fi
