@@ -34,19 +34,21 @@ fn rig_kernel() -> PathBuf {
     dir.join(format!("kernel/boot/vmlinuz-{}", version.trim()))
 }
 
-fn scratch_file(name: &str, bytes: &[u8]) -> PathBuf {
+/// A file holding `bytes`, and its scratch directory (removed when dropped).
+fn scratch_file(name: &str, bytes: &[u8]) -> (PathBuf, Scratch) {
     let dir = scratch(&format!("linux-{name}"));
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
-    path
+    (path, dir)
 }
 
 #[test]
 fn a_debian_bzimage_is_loaded_with_its_zero_page_initrd_and_acpi() {
     let initrd: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let (initrd_path, _dir) = scratch_file("initrd.img", &initrd);
     let boot = LinuxBoot {
         kernel: rig_kernel(),
-        initrd: Some(scratch_file("initrd.img", &initrd)),
+        initrd: Some(initrd_path),
         cmdline: "console=ttyS0 quiet".into(),
         vcpus: 2,
     };
@@ -103,7 +105,7 @@ fn a_debian_bzimage_is_loaded_with_its_zero_page_initrd_and_acpi() {
 
 #[test]
 fn an_initrd_that_cannot_fit_is_refused_naming_it() {
-    let big = scratch_file("big.img", &vec![0u8; 80 << 20]);
+    let (big, _dir) = scratch_file("big.img", &vec![0u8; 80 << 20]);
     let boot = LinuxBoot {
         kernel: rig_kernel(),
         initrd: Some(big),

@@ -16,9 +16,10 @@ use ddvm_passthrough::NvmeConfig;
 
 use common::*;
 
-fn nvme_config(name: &str, cmdline: &str, lba_size: u32) -> DomainConfig {
+/// The config, and the scratch directory of its backing file (removed when dropped).
+fn nvme_config(name: &str, cmdline: &str, lba_size: u32) -> (DomainConfig, Scratch) {
     let dir = scratch(name);
-    DomainConfig {
+    let config = DomainConfig {
         memory: 32 << 20,
         channel_size: 8448 << 10,
         device: Some(DeviceSpec::EmulatedNvme(NvmeConfig {
@@ -31,14 +32,16 @@ fn nvme_config(name: &str, cmdline: &str, lba_size: u32) -> DomainConfig {
             model: "ddvm emulated NVMe".into(),
         })),
         ..dd_config(name, cmdline)
-    }
+    };
+    (config, dir)
 }
 
-fn boot_nvme(name: &str, lba_size: u32) -> (Domain, HostChannel) {
+fn boot_nvme(name: &str, lba_size: u32) -> (Domain, HostChannel, Scratch) {
     let hv = kvm();
-    let d = Domain::boot(&hv, &nvme_config(name, "", lba_size), 1).unwrap();
+    let (config, dir) = nvme_config(name, "", lba_size);
+    let d = Domain::boot(&hv, &config, 1).unwrap();
     let ch = ready_channel(&d, lba_size);
-    (d, ch)
+    (d, ch, dir)
 }
 
 /// Waits for `d` to be ready and opens its channel; the device must be the 64 MiB disk of
@@ -83,7 +86,7 @@ fn assert_clean(r: &testclient::Report, what: &str) {
 
 #[test]
 fn nvme_domain_serves_verified_4k_random_io() {
-    let (d, mut ch) = boot_nvme("nvme-4k", 512);
+    let (d, mut ch, _dir) = boot_nvme("nvme-4k", 512);
     // 256 blocks: most reads hit blocks this run wrote, so they verify.
     let r = testclient::run(&d, &mut ch, &workload(3000, 16, 8, true, 256)).unwrap();
     assert_clean(&r, "4k random");
@@ -101,21 +104,21 @@ fn nvme_domain_serves_verified_4k_random_io() {
 
 #[test]
 fn large_transfers_use_prp_lists_and_verify() {
-    let (d, mut ch) = boot_nvme("nvme-128k", 512);
+    let (d, mut ch, _dir) = boot_nvme("nvme-128k", 512);
     let r = testclient::run(&d, &mut ch, &workload(400, 8, 256, false, 64)).unwrap();
     assert_clean(&r, "128k sequential");
 }
 
 #[test]
 fn nvme_domain_with_4k_blocks_serves_verified_io() {
-    let (d, mut ch) = boot_nvme("nvme-lba4k", 4096);
+    let (d, mut ch, _dir) = boot_nvme("nvme-lba4k", 4096);
     let r = testclient::run(&d, &mut ch, &workload(1000, 8, 8, true, 128)).unwrap();
     assert_clean(&r, "4k lba");
 }
 
 #[test]
 fn request_beyond_the_device_gets_an_error_status_not_a_crash() {
-    let (d, mut ch) = boot_nvme("nvme-range", 512);
+    let (d, mut ch, _dir) = boot_nvme("nvme-range", 512);
     let mem = d.memory();
     let capacity = (64u64 << 20) / 512;
     ch.submit(mem, op::READ, capacity - 4, 8, None).unwrap();
@@ -143,7 +146,8 @@ fn request_beyond_the_device_gets_an_error_status_not_a_crash() {
 #[test]
 fn selftest_passes_on_the_emulated_controller() {
     let hv = kvm();
-    let d = Domain::boot(&hv, &nvme_config("nvme-selftest", "selftest", 512), 1).unwrap();
+    let (config, _dir) = nvme_config("nvme-selftest", "selftest", 512);
+    let d = Domain::boot(&hv, &config, 1).unwrap();
     let exit = d
         .wait_stopped(Duration::from_secs(60))
         .expect("selftest ends");
@@ -154,7 +158,7 @@ fn selftest_passes_on_the_emulated_controller() {
 
 #[test]
 fn domain_reaches_its_controller_through_ecam_without_port_exits() {
-    let (d, mut ch) = boot_nvme("nvme-ecam", 512);
+    let (d, mut ch, _dir) = boot_nvme("nvme-ecam", 512);
     let r = testclient::run(&d, &mut ch, &workload(100, 4, 8, true, 64)).unwrap();
     assert_clean(&r, "after an ECAM probe");
     // Configuration space went through the ECAM window (MMIO); the only port exits are waits.
@@ -170,7 +174,8 @@ fn domain_reaches_its_controller_through_ecam_without_port_exits() {
 fn a_bar0_placed_by_the_vmm_saves_the_probe_seven_exits() {
     let hv = kvm();
     let mmio_to_ready = |name: &str, cmdline: &str| {
-        let d = Domain::boot(&hv, &nvme_config(name, cmdline, 512), 1).unwrap();
+        let (config, _dir) = nvme_config(name, cmdline, 512);
+        let d = Domain::boot(&hv, &config, 1).unwrap();
         ready_channel(&d, 512);
         (mmio_exits(&d), d.console().text())
     };
@@ -193,7 +198,7 @@ fn a_bar0_placed_by_the_vmm_saves_the_probe_seven_exits() {
 fn a_warm_standby_waits_without_its_device_until_promoted() {
     use ddvm::domain::{DeviceThread, DomainDevice};
     let hv = kvm();
-    let mut cfg = nvme_config("nvme-standby", "", 512);
+    let (mut cfg, _dir) = nvme_config("nvme-standby", "", 512);
     let Some(DeviceSpec::EmulatedNvme(nvme)) = cfg.device.clone() else {
         unreachable!()
     };
@@ -243,7 +248,7 @@ fn a_warm_standby_waits_without_its_device_until_promoted() {
 /// the domain's waits with commands in flight end with the device's interrupt.
 #[test]
 fn the_driver_asks_for_completion_interrupts_and_the_controller_wakes_the_domain() {
-    let (d, mut ch) = boot_nvme("nvme-irq", 512);
+    let (d, mut ch, _dir) = boot_nvme("nvme-irq", 512);
     let console = d.console().text();
     assert!(console.contains("msix_vector=1"), "{console}");
     let before = d.nvme_stats().unwrap();

@@ -34,13 +34,15 @@ fn device_tokens() -> String {
         .join(" ")
 }
 
-/// A sparse raw disk image of `mib` MiB in a scratch directory of its own.
-fn disk(test: &str, mib: u64) -> PathBuf {
-    let path = common::scratch(test).join("disk.img");
+/// A sparse raw disk image of `mib` MiB in a scratch directory of its own (removed when
+/// dropped).
+fn disk(test: &str, mib: u64) -> (PathBuf, common::Scratch) {
+    let dir = common::scratch(test);
+    let path = dir.join("disk.img");
     std::fs::File::create(&path)
         .and_then(|f| f.set_len(mib << 20))
         .expect("disk image");
-    path
+    (path, dir)
 }
 
 /// Boots the workload client under QEMU microvm with `disk` as a virtio-blk-device (extra
@@ -143,7 +145,7 @@ fn assert_clean(report: &Value, out: &str) {
 
 #[test]
 fn workload_client_verifies_every_block_on_qemus_virtio_blk() {
-    let disk = disk("client-randrw", 32);
+    let (disk, _dir) = disk("client-randrw", 32);
     let (code, out) = boot_client(
         &disk,
         "",
@@ -210,7 +212,7 @@ fn workload_client_without_indirect_or_event_idx_caps_its_depth_and_verifies() {
     // 512-byte blocks at depth 128 on a device without indirect descriptors: 3 descriptors
     // per request in a 256-entry queue hold 85 requests; notifications go through the ring
     // flags instead of the event indices.
-    let disk = disk("client-seqwrite", 16);
+    let (disk, _dir) = disk("client-seqwrite", 16);
     let (code, out) = boot_client(
         &disk,
         ",indirect_desc=off,event_idx=off",
@@ -234,7 +236,7 @@ fn workload_client_without_indirect_or_event_idx_caps_its_depth_and_verifies() {
 
 #[test]
 fn hostile_read_past_the_end_gets_ioerr_and_the_device_still_works() {
-    let disk = disk("hostile-range", 16);
+    let (disk, _dir) = disk("hostile-range", 16);
     let (code, out) = boot_client(&disk, "", "hostile=sector-out-of-range");
     let line = json_line(&out, "ddvm-hostile: ");
     assert_eq!(line["case"], "sector-out-of-range", "output:\n{out}");
@@ -246,7 +248,7 @@ fn hostile_read_past_the_end_gets_ioerr_and_the_device_still_works() {
 
 #[test]
 fn hostile_descriptor_loop_makes_qemu_ask_for_a_reset() {
-    let disk = disk("hostile-loop", 16);
+    let (disk, _dir) = disk("hostile-loop", 16);
     let (code, out) = boot_client(&disk, "", "hostile=desc-loop");
     let line = json_line(&out, "ddvm-hostile: ");
     assert_eq!(line["outcome"], "needs-reset", "output:\n{out}");
@@ -257,7 +259,7 @@ fn hostile_descriptor_loop_makes_qemu_ask_for_a_reset() {
 
 #[test]
 fn bad_command_line_names_the_key_and_exits_1() {
-    let disk = disk("client-badarg", 16);
+    let (disk, _dir) = disk("client-badarg", 16);
     let (code, out) = boot_client(&disk, "", "bs=1000");
     assert!(
         out.contains("bad command line: bs=1000: expected a multiple of 512"),

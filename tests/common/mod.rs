@@ -84,6 +84,36 @@ impl AsRef<Path> for Scratch {
     }
 }
 
+/// Removes, once per process, the scratch directories that failed tests kept, or that runs
+/// killed midway left, once their process is gone and an hour has passed.
+fn sweep() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("ddvm-test-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if let Some(pid) = pid {
+                if old && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    });
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -96,6 +126,7 @@ impl Drop for Scratch {
 
 /// A unique scratch directory for one test; see [`Scratch`].
 pub fn scratch(test: &str) -> Scratch {
+    sweep();
     let dir = std::env::temp_dir().join(format!("ddvm-test-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
