@@ -16,6 +16,8 @@
 #   peer-run: begin PEER ROUND MODE
 #   ddvm-fio: ...            the client's lines (see the client's /init)
 #   peer-run: end PEER ROUND MODE {"status":S,"seconds":T,"kills":K,"timed_out":B}
+#   peer-cost: PEER ROUND MODE JOB {json}
+#                            what one job cost the whole rig (see `snap` below)
 # PEER is a..d, MODE is `peer` (the standard jobs), `base` (the kill job without faults)
 # or `kill`.
 #
@@ -130,6 +132,92 @@ start() {
   esac
 }
 
+# What a job costs, in counters of the whole rig read when the client starts the job
+# (`ddvm-fio: start`) and when fio returns (`ddvm-fio: done`), as seen by polling the client's
+# console every 0.2 s: VM exits by kind (KVM's debugfs, every VM of the rig: the client's and,
+# under ddvm, the driver domain's), context switches, the CPU's busy and idle time, and the
+# CPU time of each thread by name (digits left out: `vcpu-linux-`, `CPU /KVM`; kernel
+# threads together as `[kernel]`; a thread that ended before the second reading is missed).
+# CPU times are in ticks of 1/100 s.
+kvm_stats="exits io_exits mmio_exits halt_exits halt_wakeup irq_injections irq_exits signal_exits"
+[ -d /sys/kernel/debug/kvm ] || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+snap() {
+  local stats="" f
+  for f in $kvm_stats; do
+    [ -r "/sys/kernel/debug/kvm/$f" ] && stats="$stats /sys/kernel/debug/kvm/$f"
+  done
+  {
+    echo "uptime $(cat /proc/uptime)"
+    cat /proc/stat
+    # shellcheck disable=SC2086
+    [ -z "$stats" ] || grep -H . $stats
+    cat /proc/[0-9]*/task/[0-9]*/stat 2>/dev/null
+  } | awk '
+    $1 == "uptime" { printf "centiseconds %d\n", $2 * 100; next }
+    $1 == "ctxt" { print "context_switches", $2; next }
+    $1 == "cpu" { print "busy_ticks", $2 + $3 + $4 + $7 + $8; print "idle_ticks", $5 + $6; next }
+    /^\/sys\// { n = $0; sub(/.*\//, "", n); split(n, kv, ":"); print kv[1], kv[2]; next }
+    /^[0-9]+ \(/ {
+      # A thread: "TID (COMM) STATE PPID ... UTIME STIME ...", COMM may hold spaces and ")".
+      lp = index($0, "("); rp = 0
+      for (i = length($0); i > lp; i--) if (substr($0, i, 1) == ")") { rp = i; break }
+      comm = substr($0, lp + 1, rp - lp - 1)
+      split(substr($0, rp + 2), f, " ")
+      if (f[2] == 2 || $1 == 2) comm = "[kernel]"
+      gsub(/[0-9"\\]/, "", comm)
+      print "t" $1, f[12] + f[13], comm
+    }' >"$1"
+}
+
+# The difference of two `snap` files as one JSON object: the counters, and `ticks` by thread.
+cost() {
+  awk '
+    NR == FNR { was[$1] = $2; next }
+    /^t/ {
+      d = $2 - was[$1]; name = $0; sub(/^[^ ]* [^ ]* /, "", name)
+      if (d > 0) ticks[name] += d
+      next
+    }
+    { printf "%s\"%s\":%d", (n++ ? "," : "{"), $1, $2 - was[$1] }
+    END {
+      printf ",\"ticks\":{"; sep = ""
+      for (t in ticks) { printf "%s\"%s\":%d", sep, t, ticks[t]; sep = "," }
+      print "}}"
+    }' "$1" "$2"
+}
+
+# Follows the client's console ($log): at each `ddvm-fio: start JOB` and `ddvm-fio: done
+# JOB` not seen yet takes a reading, and after a `done` prints the job's `peer-cost` line.
+# Sets $job to the job running ("" between jobs).
+follow() {
+  local n line
+  n=$(grep -c 'ddvm-fio: \(start\|done\) ' "$log" 2>/dev/null)
+  while [ "${n:-0}" -gt "$seen" ]; do
+    seen=$((seen + 1))
+    line=$(grep 'ddvm-fio: \(start\|done\) ' "$log" | sed -n "${seen}p")
+    case $line in
+      *"ddvm-fio: start "*)
+        job=${line##* }
+        snap /tmp/peer-cost.0
+        ;;
+      *"ddvm-fio: done "*)
+        snap /tmp/peer-cost.1
+        echo "peer-cost: $peer $round $mode ${line##* } $(cost /tmp/peer-cost.0 /tmp/peer-cost.1)"
+        job=""
+        ;;
+    esac
+  done
+}
+
+# The rig's uptime in centiseconds, in $now (no process started: the loop below runs it
+# five times a second).
+clock() {
+  local up rest
+  read -r up rest </proc/uptime
+  now=${up%.*}${up#*.}
+  now=${now#0}
+}
+
 # Kills PEER's backend, once; true if it did.
 kill_backend() {
   case $1 in
@@ -145,31 +233,32 @@ kill_backend() {
 
 # One run: PEER ROUND MODE.
 run() {
-  local peer=$1 round=$2 mode=$3 limit kills=0 timed_out=false t0 t1 status
+  local peer=$1 round=$2 mode=$3 limit kills=0 timed_out=false t0 t1 status seen=0 job=""
+  local now began killed=0
   limit=$slack
   [ "$mode" = peer ] || limit=$((slack + kill_seconds))
   echo "peer-run: begin $peer $round $mode"
   t0=$(date +%s)
+  clock
+  began=$now
   start "$peer" "$mode"
-  if [ "$mode" = kill ]; then
-    # Kill every second from the start of the job to its end.
-    while kill -0 "$pid" 2>/dev/null && ! grep -q 'ddvm-fio: start kill-' "$log" 2>/dev/null; do
-      [ $(($(date +%s) - t0)) -gt "$limit" ] && break
-      sleep 0.2
-    done
-    while kill -0 "$pid" 2>/dev/null && ! grep -q 'ddvm-fio: end kill-' "$log" 2>/dev/null; do
-      [ $(($(date +%s) - t0)) -gt "$limit" ] && break
-      sleep 1
-      kill_backend "$peer" && kills=$((kills + 1))
-    done
-  fi
   while kill -0 "$pid" 2>/dev/null; do
-    if [ $(($(date +%s) - t0)) -gt "$limit" ]; then
+    clock
+    if [ $((now - began)) -gt $((limit * 100)) ]; then
       timed_out=true
       kill -KILL "$pid" 2>/dev/null
       break
     fi
-    sleep 0.5
+    follow
+    # In a kill run, the backend is killed every second while the job runs.
+    if [ "$mode" = kill ] && [ -n "$job" ]; then
+      [ "$killed" -gt 0 ] || killed=$now
+      if [ $((now - killed)) -ge 100 ]; then
+        kill_backend "$peer" && kills=$((kills + 1))
+        killed=$now
+      fi
+    fi
+    sleep 0.2
   done
   wait "$pid"
   status=$?

@@ -10,6 +10,8 @@ use serde_json::Value;
 pub struct Direction {
     /// Bytes moved.
     pub io_bytes: u64,
+    /// Operations done.
+    pub total_ios: u64,
     /// Bytes per second (over the direction's own runtime).
     pub bw_bytes: u64,
     /// Operations per second.
@@ -70,6 +72,11 @@ impl FioJob {
         }
     }
 
+    /// Operations of both directions (a write job's verify reads are operations too).
+    pub fn total_ios(&self) -> u64 {
+        self.read.total_ios + self.write.total_ios
+    }
+
     /// The longest single I/O of the job in either direction, ns.
     pub fn lat_max_ns(&self) -> u64 {
         self.read.lat_max_ns.max(self.write.lat_max_ns)
@@ -127,6 +134,7 @@ fn direction(d: Option<&Value>) -> Direction {
     };
     Direction {
         io_bytes: u(d.get("io_bytes")),
+        total_ios: u(d.get("total_ios")),
         bw_bytes: u(d.get("bw_bytes")),
         iops: d
             .get("iops")

@@ -17,5 +17,5 @@ pub mod fio;
 pub mod log;
 mod report;
 
-pub use log::{LogError, Mode, PeerLog};
-pub use report::{JobRow, KillRow, Report, Spread, Target, PEERS};
+pub use log::{Cost, JobCost, LogError, Mode, PeerLog};
+pub use report::{CostRow, JobRow, KillRow, Report, Spread, Target, PEERS};

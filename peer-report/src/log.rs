@@ -98,6 +98,51 @@ pub struct Job {
     pub json_error: Option<String>,
 }
 
+/// What one job cost the whole rig (`peer-cost: PEER ROUND MODE JOB {json}`): counters read
+/// when the client started the job and when fio returned. KVM's counters are sums over the
+/// VMs that exist when read, and a thread's CPU time is lost when it ends, so a run in which
+/// a VM or a thread ends during the job (a kill run) has no meaningful cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Cost {
+    /// The time between the readings.
+    pub centiseconds: i64,
+    /// The rig's CPU time spent running anything (user, nice, system, irq, softirq), ticks
+    /// of 1/100 s.
+    pub busy_ticks: i64,
+    /// Its idle time (idle, iowait), ticks.
+    pub idle_ticks: i64,
+    /// Context switches.
+    pub context_switches: i64,
+    /// VM exits of every VM, all kinds.
+    pub exits: i64,
+    /// Exits for port I/O.
+    pub io_exits: i64,
+    /// Exits for MMIO that reached userspace or an ioeventfd.
+    pub mmio_exits: i64,
+    /// Exits for HLT.
+    pub halt_exits: i64,
+    /// Halted vCPUs woken.
+    pub halt_wakeup: i64,
+    /// Interrupts injected into the VMs.
+    pub irq_injections: i64,
+    /// Exits for host interrupts.
+    pub irq_exits: i64,
+    /// Exits for signals.
+    pub signal_exits: i64,
+    /// CPU time by thread name (digits left out), ticks.
+    pub ticks: std::collections::BTreeMap<String, i64>,
+}
+
+/// The cost of one job of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobCost {
+    /// fio's job name.
+    pub job: String,
+    /// The counters.
+    pub cost: Cost,
+}
+
 /// One run: a peer's client booted, ran its jobs and powered off (or did not).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Run {
@@ -113,6 +158,9 @@ pub struct Run {
     pub end: Option<RunEnd>,
     /// The last lines of the VMM's output, when the client printed no end of its jobs.
     pub log: Vec<String>,
+    /// What each job cost the rig, in the order the jobs ran.
+    #[serde(default)]
+    pub costs: Vec<JobCost>,
 }
 
 /// The whole output.
@@ -194,6 +242,7 @@ impl PeerLog {
                             jobs: Vec::new(),
                             end: None,
                             log: Vec::new(),
+                            costs: Vec::new(),
                         });
                     }
                     "end" => {
@@ -217,6 +266,28 @@ impl PeerLog {
                     }
                     "done" => log.done = true,
                     _ => {}
+                }
+            } else if let Some(rest) = after(line, "peer-cost: ") {
+                // PEER ROUND MODE JOB {json}, for the run it names.
+                let mut w = rest.splitn(5, ' ');
+                let (peer, round, mode, job, json) =
+                    (w.next(), w.next(), w.next(), w.next(), w.next());
+                let (Some(peer), Some(round), Some(mode), Some(job), Some(json)) =
+                    (peer, round, mode, job, json)
+                else {
+                    return Err(err("peer-cost: PEER ROUND MODE JOB {json}"));
+                };
+                let cost: Cost = serde_json::from_str(json)
+                    .map_err(|_| err("peer-cost: PEER ROUND MODE JOB {json}"))?;
+                if let Some(run) = log.runs.last_mut().filter(|r| {
+                    r.peer == peer
+                        && round.parse() == Ok(r.round)
+                        && Mode::parse(mode) == Some(r.mode)
+                }) {
+                    run.costs.push(JobCost {
+                        job: job.to_string(),
+                        cost,
+                    });
                 }
             } else if let Some(rest) = after(line, "ddvm-fio: ") {
                 let Some(run) = log.runs.last_mut() else {

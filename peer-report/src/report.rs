@@ -104,6 +104,33 @@ pub struct KillRow {
     pub outcome: String,
 }
 
+/// What an I/O of one job cost the rig under one peer: the rig's counters between the job's
+/// start and fio's return ([`crate::log::Cost`]) over the job's I/Os, medians over the runs
+/// that measured it (the standard rounds, and the kill job's fault-free run).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CostRow {
+    /// fio's job name.
+    pub job: String,
+    /// The peer.
+    pub peer: String,
+    /// Runs that measured it.
+    pub samples: usize,
+    /// CPU time of the whole rig, µs per I/O.
+    pub cpu_us: f64,
+    /// VM exits of every VM, per I/O.
+    pub exits: f64,
+    /// Port I/O and MMIO exits (notifications, doorbells, device registers), per I/O.
+    pub io_exits: f64,
+    /// HLT exits, per I/O.
+    pub halt_exits: f64,
+    /// Interrupts injected, per I/O.
+    pub irqs: f64,
+    /// Context switches, per I/O.
+    pub switches: f64,
+    /// CPU µs per I/O by thread name, the busiest first.
+    pub threads: Vec<(String, f64)>,
+}
+
 /// A target of the comparison, and whether this run met it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Target {
@@ -128,6 +155,8 @@ pub struct Report {
     pub jobs: Vec<JobRow>,
     /// The kill job, peer by peer.
     pub kills: Vec<KillRow>,
+    /// What an I/O cost, job by job, peer by peer (when the rig measured it).
+    pub costs: Vec<CostRow>,
     /// The targets.
     pub targets: Vec<Target>,
     /// Every run, as parsed.
@@ -220,6 +249,22 @@ impl Report {
                 kills.push(k);
             }
         }
+        let mut costs = Vec::new();
+        let kill_jobs = log
+            .runs
+            .iter()
+            .filter(|r| r.mode == Mode::Base)
+            .flat_map(|r| r.jobs.iter().flat_map(|j| &j.fio))
+            .map(|f| f.name.clone());
+        let mut cost_names = names.clone();
+        for n in kill_jobs {
+            if !cost_names.contains(&n) {
+                cost_names.push(n);
+            }
+        }
+        for name in &cost_names {
+            costs.extend(peers.iter().filter_map(|peer| cost_row(&log, name, peer)));
+        }
         let targets = targets(&names, &jobs, &kills);
         Self {
             machine: machine.to_string(),
@@ -227,6 +272,7 @@ impl Report {
             setup: log.setup,
             jobs,
             kills,
+            costs,
             targets,
             runs: log.runs,
         }
@@ -342,6 +388,44 @@ impl Report {
                 )?;
             }
         }
+        if !self.costs.is_empty() {
+            writeln!(o)?;
+            writeln!(
+                o,
+                "What an I/O cost the rig: its counters from the job's start to fio's return \
+                 (KVM's exits of every VM, the CPU time of every thread; the rig's {} vCPU \
+                 runs the client, the VMM, the backend and the harness), over the job's I/Os \
+                 (a write job's verify reads included), medians over the runs.",
+                s.rig_vcpus
+            )?;
+            writeln!(o)?;
+            writeln!(
+                o,
+                "| job | peer | CPU µs | VM exits | of which I/O and MMIO | of which HLT | interrupts injected | context switches | busiest threads, CPU µs |"
+            )?;
+            writeln!(o, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")?;
+            for c in &self.costs {
+                let threads = c
+                    .threads
+                    .iter()
+                    .take(4)
+                    .map(|(t, us)| format!("{t} {us:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                writeln!(
+                    o,
+                    "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {threads} |",
+                    c.job,
+                    peer_name(&c.peer),
+                    c.cpu_us,
+                    c.exits,
+                    c.io_exits,
+                    c.halt_exits,
+                    c.irqs,
+                    c.switches
+                )?;
+            }
+        }
         writeln!(o)?;
         for t in &self.targets {
             writeln!(
@@ -409,6 +493,70 @@ fn job_row(log: &PeerLog, name: &str, peer: &str) -> JobRow {
         io_errors,
         verify_failures,
     }
+}
+
+/// The cost of job `name` under `peer`, from every fault-free run that measured it.
+fn cost_row(log: &PeerLog, name: &str, peer: &str) -> Option<CostRow> {
+    let mut per_io: Vec<[f64; 6]> = Vec::new();
+    let mut threads: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for run in log
+        .runs
+        .iter()
+        .filter(|r| r.peer == peer && r.mode != Mode::Kill)
+    {
+        let ios = run
+            .jobs
+            .iter()
+            .flat_map(|j| &j.fio)
+            .find(|f| f.name == name)
+            .map(FioJob::total_ios);
+        let cost = run.costs.iter().find(|c| c.job == name).map(|c| &c.cost);
+        let (Some(ios), Some(c)) = (ios.filter(|n| *n > 0), cost) else {
+            continue;
+        };
+        let n = ios as f64;
+        let tick_us = 10_000.0;
+        per_io.push([
+            c.busy_ticks as f64 * tick_us / n,
+            c.exits as f64 / n,
+            (c.io_exits + c.mmio_exits) as f64 / n,
+            c.halt_exits as f64 / n,
+            c.irq_injections as f64 / n,
+            c.context_switches as f64 / n,
+        ]);
+        for (t, ticks) in &c.ticks {
+            threads
+                .entry(t)
+                .or_default()
+                .push(*ticks as f64 * tick_us / n);
+        }
+    }
+    if per_io.is_empty() {
+        return None;
+    }
+    let median = |i: usize| Spread::of(&per_io.iter().map(|v| v[i]).collect::<Vec<_>>()).median;
+    // A thread missing from a run cost nothing in it.
+    let mut threads: Vec<(String, f64)> = threads
+        .into_iter()
+        .map(|(t, mut v)| {
+            v.resize(per_io.len(), 0.0);
+            (t.to_string(), Spread::of(&v).median)
+        })
+        .filter(|(_, us)| *us > 0.0)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some(CostRow {
+        job: name.to_string(),
+        peer: peer.to_string(),
+        samples: per_io.len(),
+        cpu_us: median(0),
+        exits: median(1),
+        io_exits: median(2),
+        halt_exits: median(3),
+        irqs: median(4),
+        switches: median(5),
+        threads,
+    })
 }
 
 fn kill_row(run: &Run) -> KillRow {

@@ -381,3 +381,88 @@ fn medians_of_even_counts_and_of_nothing() {
     assert_eq!(Spread::of(&[]), Spread::default());
     assert_eq!(Spread::of(&[f64::NAN, 1.0]).median, 1.0);
 }
+
+/// A run's `peer-cost` line for `job`, as the harness prints it.
+fn cost_line(peer: &str, round: u32, mode: &str, job: &str, busy: i64, exits: i64) -> String {
+    format!(
+        "[  99.0] peer-cost: {peer} {round} {mode} {job} {{\"centiseconds\":300,\"busy_ticks\":{busy},\
+         \"idle_ticks\":0,\"context_switches\":{},\"exits\":{exits},\"io_exits\":{},\"mmio_exits\":{},\
+         \"halt_exits\":{},\"irq_injections\":{},\"ticks\":{{\"vcpu-linux-\":{},\"blk-nvme\":{},\"sh\":1}}}}",
+        busy * 10,
+        exits / 4,
+        exits / 4,
+        exits / 8,
+        exits / 2,
+        busy / 2,
+        busy / 4
+    )
+}
+
+#[test]
+fn an_io_s_cost_is_the_rig_s_counters_over_the_job_s_ios_median_of_the_fault_free_runs() {
+    // The fixture's randwrite job did 512 writes and 512 verify reads: 1024 I/Os.
+    let ios = 1024.0;
+    let mut runs = Vec::new();
+    for (round, busy) in [(1, 100), (2, 300), (3, 200)] {
+        let mut r = run(
+            "a",
+            round,
+            "peer",
+            &[job("randwrite-4k-qd32", RANDWRITE.into())],
+            0,
+        );
+        r.insert(
+            r.len() - 1,
+            cost_line("a", round, "peer", "randwrite-4k-qd32", busy, 4096),
+        );
+        runs.push(r);
+    }
+    // A cost for another run than the one it follows is not this run's.
+    let mut b = run(
+        "b",
+        1,
+        "peer",
+        &[job("randwrite-4k-qd32", RANDWRITE.into())],
+        0,
+    );
+    b.insert(
+        b.len() - 1,
+        cost_line("a", 1, "peer", "randwrite-4k-qd32", 1, 1),
+    );
+    runs.push(b);
+    // A kill run's cost is not believed (its VMs and threads end during the job).
+    let mut k = run("a", 1, "kill", &[job("kill-4k", RANDWRITE.into())], 20);
+    k.insert(k.len() - 1, cost_line("a", 1, "kill", "kill-4k", 5000, -3));
+    runs.push(k);
+    let parsed = PeerLog::parse(&log(runs)).unwrap();
+    assert_eq!(parsed.runs[0].costs.len(), 1);
+    assert_eq!(parsed.runs[0].costs[0].cost.exits, 4096);
+    assert!(parsed.runs[3].costs.is_empty());
+    let report = Report::new(parsed, "test machine", "2026-12-07");
+    assert_eq!(report.costs.len(), 1, "{:?}", report.costs);
+    let c = &report.costs[0];
+    assert_eq!(
+        (c.job.as_str(), c.peer.as_str(), c.samples),
+        ("randwrite-4k-qd32", "a", 3)
+    );
+    // The median of 100, 300 and 200 ticks of 10 ms.
+    assert!(
+        (c.cpu_us - 200.0 * 10_000.0 / ios).abs() < 1e-6,
+        "{}",
+        c.cpu_us
+    );
+    assert!((c.exits - 4.0).abs() < 1e-9);
+    assert!((c.io_exits - 2.0).abs() < 1e-9);
+    assert!((c.halt_exits - 0.5).abs() < 1e-9);
+    assert!((c.irqs - 2.0).abs() < 1e-9);
+    assert!((c.switches - 2000.0 / ios).abs() < 1e-9);
+    let names: Vec<&str> = c.threads.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(names, ["vcpu-linux-", "blk-nvme", "sh"]);
+    assert!((c.threads[0].1 - 100.0 * 10_000.0 / ios).abs() < 1e-6);
+    let md = report.markdown();
+    assert!(md.contains("What an I/O cost the rig"), "{md}");
+    assert!(
+        md.contains("| randwrite-4k-qd32 | (a) ddvm, NVMe driver domain | 1953 | 4.0 | 2.0 | 0.5 | 2.0 | 2.0 | vcpu-linux- 977, blk-nvme 488, sh 10 |"),
+        "{md}"
+    );
+}
