@@ -44,7 +44,25 @@ impl Drop for Running {
 
 /// `ddvm [args] run CONFIG --control SOCK`, once its socket is up.
 fn run_with_control(args: &[&str], config: &Path, sock: &Path, probe: Option<&str>) -> Running {
-    let mut cmd = Command::new(ddvm_bin());
+    run_on(None, args, config, sock, probe)
+}
+
+/// As [`run_with_control`], on the CPUs `cpus` names (`taskset -c`, util-linux) if given.
+fn run_on(
+    cpus: Option<&str>,
+    args: &[&str],
+    config: &Path,
+    sock: &Path,
+    probe: Option<&str>,
+) -> Running {
+    let mut cmd = match cpus {
+        Some(list) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", list]).arg(ddvm_bin());
+            c
+        }
+        None => Command::new(ddvm_bin()),
+    };
     cmd.args(args)
         .args(["run", config.to_str().unwrap(), "--control"])
         .arg(sock)
@@ -187,6 +205,93 @@ fn by_default_every_thread_holds_a_filter_and_ctl_status_says_so() {
     let (code, out) = ended(child);
     assert_eq!(code, Some(0), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Each thread's name and scheduling policy (`/proc/PID/task/TID/stat`, field 41).
+fn policies(pid: u32) -> Vec<(String, u32)> {
+    let mut v = Vec::new();
+    // A process that is gone has no threads.
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return v;
+    };
+    for task in tasks {
+        let task = task.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue;
+        };
+        // Fields after the name, which ends at the last ')': state is field 3.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if let Some(policy) = rest.split_whitespace().nth(38).and_then(|p| p.parse().ok()) {
+            v.push((comm.trim().to_string(), policy));
+        }
+    }
+    v
+}
+
+/// Runs the topology on `cpus` until its domain's vCPU, its block service and its client's
+/// vCPU are up and the client's requests are being answered; returns the threads' policies
+/// and how ddvm ended after `ctl stop`.
+fn policies_on(cpus: Option<&str>, dir: &Path) -> (Vec<(String, u32)>, Option<i32>, String) {
+    let sock = dir.join("ctl.sock");
+    let child = run_on(cpus, &[], &topology(dir), &sock, None);
+    let pid = child.id();
+    let expected = ["vcpu-nvme0", "vcpu-c0", "blk-nvme0"];
+    let answered = || {
+        let (_, out) = ctl(&sock, &["metrics"]);
+        out.lines()
+            .filter(|l| l.starts_with("ddvm_device_requests_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = policies(pid);
+    while !(expected
+        .iter()
+        .all(|t| seen.iter().any(|(n, _)| n.starts_with(t)))
+        && answered() > 100.0)
+        && Instant::now() < deadline
+        && !seen.is_empty()
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        seen = policies(pid);
+    }
+    // A ddvm that died has no socket: its exit says why.
+    let (_, stop) = ctl(&sock, &["stop"]);
+    let (code, out) = ended(child);
+    (seen, code, format!("{out}\nctl stop: {stop}"))
+}
+
+const SCHED_OTHER: u32 = 0;
+const SCHED_BATCH: u32 = 3;
+
+#[test]
+fn on_one_cpu_the_block_service_and_the_domain_s_vcpu_are_batch_scheduled_under_their_filters() {
+    let dir = scratch("one-cpu");
+    let (seen, code, out) = policies_on(Some("0"), &dir);
+    // ddvm ran to its stop: the filters let the threads change their own policy.
+    assert_eq!(code, Some(0), "{out}");
+    let policy = |name: &str| {
+        seen.iter()
+            .find(|(n, _)| n.starts_with(name))
+            .map(|(_, p)| *p)
+    };
+    assert_eq!(policy("blk-nvme0"), Some(SCHED_BATCH), "{seen:?}");
+    assert_eq!(policy("vcpu-nvme0"), Some(SCHED_BATCH), "{seen:?}");
+    // The client's vCPU keeps the default: it is the one that fills the queue.
+    assert_eq!(policy("vcpu-c0"), Some(SCHED_OTHER), "{seen:?}");
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        let (seen, code, out) = policies_on(None, &dir);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            seen.iter().all(|(_, p)| *p == SCHED_OTHER),
+            "with CPUs to spare nothing is batch scheduled: {seen:?}"
+        );
+    }
 }
 
 #[test]

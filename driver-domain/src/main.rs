@@ -23,7 +23,11 @@
 //! - `nvme_dbbuf=0`: do not use shadow doorbells even when the controller offers them;
 //! - `poll_us=N`, `poll_busy_us=N`: how long the main loop polls before it waits in the VMM,
 //!   idle and with device commands in flight (defaults 20 and 50 µs). Polling costs the CPU
-//!   that whoever the domain waits for may need; waiting costs an exit;
+//!   that whoever the domain waits for may need; waiting costs an exit. The VMM sets both to 0
+//!   where it has one CPU;
+//! - `wait_collects`: the VMM's waits take the completions the domain published (its block
+//!   service runs a pass in them); without polling, the domain then leaves the notification of
+//!   its completions to the wait that follows them;
 //! - `spin=N`: before marking ready, run N iterations of a tight loop and report its cycles;
 //! - `panic` / `ud2`: die right after boot through the panic / exception path;
 //! - `boot_fault=N` (and `boot_fault_arg=N`, default 0): act on fault-injection request N
@@ -108,6 +112,8 @@ struct Modes {
     nic_clean: bool,
     nvme_options: Options,
     poll: Poll,
+    /// The VMM's waits take the completions the domain published (`wait_collects`).
+    wait_collects: bool,
 }
 
 /// How long the main loop polls before it waits, in µs.
@@ -186,6 +192,7 @@ impl Modes {
                 idle_us: number(cmdline, "poll_us").unwrap_or(POLL_US),
                 busy_us: number(cmdline, "poll_busy_us").unwrap_or(POLL_BUSY_US),
             },
+            wait_collects: cmdline.flag("wait_collects"),
         }
     }
 }
@@ -290,6 +297,13 @@ fn main() -> ! {
     if service.is_none() && !modes.idle {
         println!("no channel: exiting");
         vmm::exit(vmm::STATUS_SUCCESS);
+    }
+    // Without polling, a wait follows every publication at once; where the VMM's waits take
+    // the completions, that wait is the notification.
+    if modes.wait_collects && modes.poll.idle_us == 0 && modes.poll.busy_us == 0 {
+        if let Some(s) = service.as_deref_mut() {
+            s.leave_notify_to_wait();
+        }
     }
     serve(service, modes.poll)
 }

@@ -14,7 +14,10 @@
 //! Event suppression (the channel's flags): completions are published in batches and the
 //! notify port is written only while the VMM sets `NOTIFY_ME`; before waiting the domain sets
 //! `WAITING`, then re-checks the request ring and the device's completion queue so no wake-up
-//! is lost.
+//! is lost. Where the VMM's waits take the completions (`wait_collects`) and the domain does
+//! not poll (`poll_us=0 poll_busy_us=0`, what the VMM asks on one CPU), the wait that follows
+//! a publication stands for the notification: one exit instead of two; the port is written
+//! only if the domain finds work and does not wait after all.
 //!
 //! A VMM that breaks the ring protocol (an impossible index) and a device its driver gives up
 //! on (NVMe: timeout, bogus completion) are fatal: the domain marks the channel failed and
@@ -69,6 +72,11 @@ pub trait ChannelService {
     fn prepare_wait(&mut self) -> bool;
     /// After a wait.
     fn woke(&mut self);
+    /// From now on the VMM learns of what the service publishes from the wait that follows
+    /// rather than from the notify port (the VMM's waits take the completions: its
+    /// `wait_collects`; the domain does not poll, so a wait follows at once). A class that
+    /// does not know this keeps notifying.
+    fn leave_notify_to_wait(&mut self) {}
     /// Fault injection armed on this service.
     #[cfg(feature = "fault-injection")]
     fn sabotage(&mut self) -> &mut Sabotage;
@@ -99,6 +107,9 @@ impl ChannelService for Service {
     }
     fn woke(&mut self) {
         Service::woke(self)
+    }
+    fn leave_notify_to_wait(&mut self) {
+        self.notify_in_wait = true;
     }
     #[cfg(feature = "fault-injection")]
     fn sabotage(&mut self) -> &mut Sabotage {
@@ -176,6 +187,12 @@ pub struct Service {
     epoch: u32,
     /// Completions pushed but not yet published.
     unpublished: bool,
+    /// The wait that follows a publication notifies the VMM (see
+    /// [`ChannelService::leave_notify_to_wait`]).
+    notify_in_wait: bool,
+    /// Completions were published while the VMM asked to be notified, and no wait has
+    /// followed yet: owed to the VMM if the domain does not wait after all.
+    notify_owed: bool,
     /// Misbehaviour armed by fault injection.
     sabotage: Sabotage,
     /// The orderly stop the VMM asked for, if it did.
@@ -211,6 +228,8 @@ impl Service {
             info,
             epoch: h.epoch as u32,
             unpublished: false,
+            notify_in_wait: false,
+            notify_owed: false,
             sabotage: Sabotage::default(),
             stop: None,
         }
@@ -284,14 +303,20 @@ impl Service {
         let shutting_down = matches!(self.stop, Some(Stop::Notifying { .. }));
         if requests > 0 || device || self.sabotage.ready() || shutting_down {
             self.channel.set_waiting(false);
+            // No wait after all: the VMM must hear of the completions now.
+            if core::mem::take(&mut self.notify_owed) {
+                guest_kernel::vmm::notify();
+            }
             return false;
         }
         true
     }
 
-    /// After a wait: the domain polls again, the VMM need not kick it.
+    /// After a wait: the domain polls again, the VMM need not kick it. The wait's exit took
+    /// whatever the domain published before it.
     pub fn woke(&mut self) {
         self.channel.set_waiting(false);
+        self.notify_owed = false;
     }
 
     /// Posts the completions the device has; returns how many.
@@ -579,7 +604,8 @@ impl Service {
         self.unpublished = true;
     }
 
-    /// Publishes pushed completions and notifies the VMM if it asked.
+    /// Publishes pushed completions and notifies the VMM if it asked (or leaves that to the
+    /// wait that follows: [`ChannelService::leave_notify_to_wait`]).
     fn publish(&mut self) {
         if !self.unpublished {
             return;
@@ -587,7 +613,11 @@ impl Service {
         self.unpublished = false;
         self.completions.publish(&self.region);
         if self.channel.vmm_wants_notify() {
-            guest_kernel::vmm::notify();
+            if self.notify_in_wait {
+                self.notify_owed = true;
+            } else {
+                guest_kernel::vmm::notify();
+            }
         }
     }
 

@@ -103,6 +103,19 @@ pub trait DevicePoller: Send + Sync {
     fn clear(&self);
 }
 
+/// How long a driver domain polls before it waits in the VMM, as command-line keys to add to
+/// `cmdline`: none where the VMM has CPUs to spare (the domain's own defaults, tens of µs),
+/// or where the command line sets them already; `poll_us=0 poll_busy_us=0` where it has one
+/// CPU. There the CPU the domain would poll on is the one the work it polls for needs (the
+/// client, the block service, the emulated device), so it waits at once, and its wait's exit
+/// serves that work on its own thread (`DomainDevice::wait_work`).
+pub fn poll_keys(cmdline: &str, cpus_to_spare: bool) -> Option<&'static str> {
+    let set = cmdline
+        .split_whitespace()
+        .any(|t| t.starts_with("poll_us=") || t.starts_with("poll_busy_us="));
+    (!cpus_to_spare && !set).then_some("poll_us=0 poll_busy_us=0")
+}
+
 /// A PCI device that outlives the driver domains it is handed to.
 ///
 /// Each boot attaches it to the new domain's memory; when the domain goes (crash or stop) the
@@ -219,6 +232,15 @@ impl DomainDevice {
                 None => poller.poll() > 0,
             }
         }))
+    }
+
+    /// Whether a domain's wait takes the completions it published: a block device whose
+    /// owner, the block service, serves it (`DeviceThread::Owner`) sets its pass
+    /// ([`DomainDevice::set_owner_pass`]) before it serves, and the pass takes the channel's
+    /// completions, or wakes the service when it cannot run. Such a domain may leave the
+    /// notification of what it publishes to the wait that follows (`wait_collects`).
+    pub fn wait_collects(&self) -> bool {
+        self.poller.is_some() && self.model.class() == class::BLK
     }
 
     /// Sets (or clears) the owner's pass that [`DomainDevice::wait_work`] runs; it holds for
@@ -462,7 +484,8 @@ impl ImageExtras for DomainBoot<'_> {
         // so (`KEY_clean`): the driver then skips its reset and the writes of power-on values,
         // each an exit.
         let key = self.hint_key;
-        Ok(bar0.map(|((bar, gpa), (intx, clean))| {
+        let collects = self.device.as_ref().is_some_and(|d| d.wait_collects());
+        let hint = bar0.map(|((bar, gpa), (intx, clean))| {
             let intx = if intx {
                 format!(" {key}_intx")
             } else {
@@ -474,7 +497,14 @@ impl ImageExtras for DomainBoot<'_> {
                 String::new()
             };
             format!("{key}_bar0={gpa:#x}/{:#x}{intx}{clean}", bar.size)
-        }))
+        });
+        // The domain's waits take its completions (`DomainDevice::wait_collects`): a domain
+        // about to wait need not notify (`wait_collects`).
+        Ok(match (hint, collects) {
+            (Some(hint), true) => Some(format!("{hint} wait_collects")),
+            (None, true) => Some("wait_collects".to_string()),
+            (hint, false) => hint,
+        })
     }
 
     fn attach(
@@ -620,6 +650,10 @@ impl Domain {
             format!("{cmdline} standby").trim_start().to_string()
         } else {
             cmdline
+        };
+        let cmdline = match poll_keys(&cmdline, crate::sys::cpus_to_spare()) {
+            Some(keys) => format!("{cmdline} {keys}").trim_start().to_string(),
+            None => cmdline,
         };
         vm::check_cmdline(&name, &cmdline)?;
         if cfg.device.is_some() && cfg.memory > PCI_ECAM_BASE {
@@ -838,4 +872,25 @@ pub fn channel_header(
         });
     }
     Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::poll_keys;
+
+    #[test]
+    fn a_domain_is_told_not_to_poll_only_on_one_cpu_and_only_when_its_command_line_is_silent() {
+        assert_eq!(poll_keys("nvme=00:04.0", true), None);
+        assert_eq!(
+            poll_keys("nvme=00:04.0", false),
+            Some("poll_us=0 poll_busy_us=0")
+        );
+        assert_eq!(poll_keys("poll_us=5", false), None);
+        assert_eq!(poll_keys("x poll_busy_us=7", false), None);
+        // A key that only ends like one is not one.
+        assert_eq!(
+            poll_keys("spin_poll_us=5", false),
+            Some("poll_us=0 poll_busy_us=0")
+        );
+    }
 }

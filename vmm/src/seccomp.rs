@@ -181,6 +181,10 @@ enum Allow {
     /// `prctl(PR_SET_NO_NEW_PRIVS)` and `seccomp(SECCOMP_SET_MODE_FILTER)` without flags (it
     /// then installs its filter: one more filter can only forbid more).
     Filtering,
+    /// `sched_setscheduler(0, SCHED_BATCH, _)`: a new thread of a class that serves what a
+    /// guest queues moves itself to batch scheduling on one CPU (`sys::batch_scheduling`),
+    /// after its creator's filter applies and before its own does.
+    BatchScheduling,
 }
 
 /// The KVM and other ioctl request numbers the classes issue.
@@ -356,7 +360,12 @@ fn base() -> Vec<Allow> {
     .into_iter()
     .map(Allow::Call)
     .collect();
-    v.extend([Allow::MapNoExec, Allow::OpenReadOnly, Allow::Filtering]);
+    v.extend([
+        Allow::MapNoExec,
+        Allow::OpenReadOnly,
+        Allow::Filtering,
+        Allow::BatchScheduling,
+    ]);
     v
 }
 
@@ -612,6 +621,13 @@ fn rules(allows: &[Allow]) -> BTreeMap<i64, Vec<SeccompRule>> {
                     ])),
                 );
             }
+            Allow::BatchScheduling => add(
+                libc::SYS_sched_setscheduler,
+                Some(rule(vec![
+                    cond(0, Dword, SeccompCmpOp::Eq, 0),
+                    cond(1, Dword, SeccompCmpOp::Eq, libc::SCHED_BATCH as u64),
+                ])),
+            ),
             Allow::MapNoExec => {
                 let no_exec = || {
                     Some(rule(vec![cond(

@@ -1,6 +1,7 @@
 //! Safe wrappers for the few host calls the control socket and the stop path make that the
 //! standard library does not: the peer's credentials of a Unix socket, the effective user,
-//! `poll`, and the SIGINT/SIGTERM handler. Every `unsafe` block of them is here.
+//! `poll`, the SIGINT/SIGTERM handler, and the CPUs a thread may use. Every `unsafe` block of
+//! them is here.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
@@ -103,6 +104,36 @@ pub fn on_stop_signals(handler: extern "C" fn(libc::c_int)) {
 pub fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions and cannot fail.
     unsafe { libc::gettid() }
+}
+
+/// Whether the calling thread may run on more than one CPU (its affinity mask; a mask that
+/// cannot be read counts as more than one). Where it cannot, a thread that polls for work
+/// another thread must produce takes the CPU that thread needs: polling only delays it.
+pub fn cpus_to_spare() -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it, and CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return true;
+        }
+        libc::CPU_COUNT(&set) > 1
+    }
+}
+
+/// Moves the calling thread to `SCHED_BATCH`: the scheduler no longer lets it preempt the
+/// thread running when it wakes. For a thread that serves what a guest queues (a block
+/// service, a driver domain's vCPU) on a CPU it shares with that guest's vCPU: woken by the
+/// guest's first request, it waits until the guest stops or its slice ends, and then takes
+/// everything the guest queued meanwhile in one pass, instead of one request per wake-up.
+pub fn batch_scheduling() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param that the call only
+    // reads.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The kernel's clock ticks per second (`/proc` times are in these), if it says.

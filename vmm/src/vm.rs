@@ -678,9 +678,15 @@ pub(crate) fn start_vcpu(
             std::io::Error::from_raw_os_error(e.errno()),
         )
     })?;
+    // A driver domain's vCPU (its waits run the device's or its owner's work) on one CPU:
+    // see `sys::batch_scheduling`.
+    let batch = ctx.on_wait.is_some() && !crate::sys::cpus_to_spare();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu-{name}"))
         .spawn(move || {
+            if batch {
+                let _ = crate::sys::batch_scheduling();
+            }
             crate::seccomp::enter(crate::seccomp::ThreadClass::Vcpu);
             vcpu::run(vcpu, ctx)
         })

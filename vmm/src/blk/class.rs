@@ -614,6 +614,16 @@ impl ChannelBackend {
         n
     }
 
+    /// Runs the device on what the live domain submitted without trapping (the emulated
+    /// controller's shadow doorbells); returns the work taken. [`ChannelBackend::collect`]
+    /// does this first too.
+    pub fn poll_device(&self) -> usize {
+        if self.engine.has_deferred() || self.engine.live().is_none() {
+            return 0;
+        }
+        self.blk.device.poll() as usize
+    }
+
     /// Takes completions; copies read data to clients; records acknowledged writes.
     pub fn collect(
         &mut self,

@@ -47,7 +47,8 @@
 //! With nothing to do it polls a little (exits cost tens of µs here, a short spin is cheaper
 //! than sleeping and being woken), then asks for notifications from every side — the clients'
 //! queues (avail_event), the driver domain (NOTIFY_ME) — re-checks, and sleeps on their
-//! eventfds.
+//! eventfds. On a machine where it has one CPU it does not poll: the work it would poll for
+//! needs that CPU (the driver domain polls not either there, see `domain::poll_keys`).
 //!
 //! A driver domain's vCPU thread runs passes too: when the domain waits, the work it waits
 //! for is a pass (run the device on the commands it submitted, take its completions, post new
@@ -222,14 +223,29 @@ impl BlockService {
         let worker = Arc::new(Mutex::new(worker));
         if let Backend::Channel(c) = &lock(&worker).backend {
             let weak = Arc::downgrade(&worker);
+            let wake = shared.clone();
             c.set_domain_thread_pass(Some(Arc::new(move || {
-                weak.upgrade()
-                    .is_some_and(|w| w.try_lock().is_ok_and(|mut w| w.domain_thread_pass()))
+                let Some(w) = weak.upgrade() else {
+                    return false;
+                };
+                let Ok(mut w) = w.try_lock() else {
+                    // The service thread holds the worker: it may be arming its sleep, past
+                    // its last look at the completion ring, while the domain waits with
+                    // completions it did not notify (it leaves that to its wait's pass).
+                    // Wake the service so that it looks again.
+                    let _ = wake.wake.write(1);
+                    return false;
+                };
+                w.domain_thread_pass()
             })));
         }
         let thread = std::thread::Builder::new()
             .name(format!("blk-{name}"))
             .spawn(move || {
+                // On one CPU, the service lets the clients fill their queues before it runs.
+                if !crate::sys::cpus_to_spare() {
+                    let _ = crate::sys::batch_scheduling();
+                }
                 crate::seccomp::enter(crate::seccomp::ThreadClass::BlockService);
                 run(worker)
             })?;
@@ -313,6 +329,12 @@ pub const EXITS_REFRESH: Duration = Duration::from_millis(100);
 
 fn run(worker: Arc<Mutex<Worker>>) -> Backend {
     let shared = lock(&worker).shared.clone();
+    // On one CPU the spin would only keep the client, the domain and the device from it.
+    let spin = if crate::sys::cpus_to_spare() {
+        SPIN
+    } else {
+        Duration::ZERO
+    };
     let mut idle_since: Option<Instant> = None;
     let mut exits_read = Instant::now();
     let mut passes = 0u32;
@@ -327,7 +349,7 @@ fn run(worker: Arc<Mutex<Worker>>) -> Backend {
             continue;
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < SPIN {
+        if since.elapsed() < spin {
             // Two cores run the client, this thread, the domain and the device: let a
             // runnable one have the CPU while polling.
             std::thread::yield_now();
@@ -458,24 +480,29 @@ impl Worker {
 
     /// A pass on the domain's vCPU thread, in its wait exit (see the module docs): the
     /// device and the domain's completions first (what the domain waits for), then new
-    /// requests for it. True when it made progress (the domain resumes at once).
+    /// requests for it. True when the domain has work again (the device completed commands,
+    /// or requests were posted): it resumes at once. Completions taken and answered are no
+    /// work of the domain's: it waits on.
     fn domain_thread_pass(&mut self) -> bool {
         let Backend::Channel(c) = &mut self.backend else {
             return false;
         };
         c.set_on_domain_thread(true);
-        let progress = self.collect() + self.intake() + self.post();
+        let device = c.poll_device();
+        let collected = self.collect();
+        let taken = self.intake();
+        let posted = self.post();
         self.signal_clients();
         if let Backend::Channel(c) = &mut self.backend {
             c.set_on_domain_thread(false);
         }
-        if progress > 0 {
+        if device + collected + taken + posted > 0 {
             self.shared
                 .counters
                 .domain_passes
                 .fetch_add(1, Ordering::Relaxed);
         }
-        progress > 0
+        device + posted > 0
     }
 
     /// Publishes the VM exits of the domain serving now (`ctl metrics`).
