@@ -114,7 +114,7 @@ start() {
         -object iothread,id=io0 \
         -drive id=d,file=/tmp/peer-c.img,format=raw,if=none,aio=threads \
         -device virtio-blk-device,drive=d,iothread=io0,serial=ddvm-linux0,logical_block_size=4096,physical_block_size=4096 \
-        -serial "file:$log" &
+        -serial "file:$log" >/tmp/peer-qemu.log 2>&1 &
       pid=$!
       ;;
     d)
@@ -126,7 +126,7 @@ start() {
         -object "memory-backend-memfd,id=mem,size=${mem_mib}M,share=on" \
         -chardev socket,id=vu0,path=/tmp/peer-d.sock,reconnect=1 \
         -device vhost-user-blk,chardev=vu0,num-queues=1 \
-        -serial "file:$log" &
+        -serial "file:$log" >/tmp/peer-qemu.log 2>&1 &
       pid=$!
       ;;
   esac
@@ -270,6 +270,14 @@ run() {
     tail -n 20 "$log" | sed 's/^/peer-run: log /' | lines
     [ "$peer" = d ] && tail -n 5 /tmp/qsd.log | sed 's/^/peer-run: qsd /' | lines
   fi
+  # What QEMU said (on stderr: its vhost-user reconnections), counted and its last lines: written
+  # to the kernel's log as it came, a burst of them once froze the rig.
+  case $peer in
+    c | d)
+      echo "peer-run: qemu $(grep -c . /tmp/peer-qemu.log) lines of messages"
+      grep -v '^ *$' /tmp/peer-qemu.log | tail -n 4 | sed 's/^/peer-run: qemu /' | lines
+      ;;
+  esac
   echo "peer-run: end $peer $round $mode {\"status\":$status,\"seconds\":$((t1 - t0)),\"kills\":$kills,\"timed_out\":$timed_out}"
   rm -f "/tmp/peer-$peer.img"
 }

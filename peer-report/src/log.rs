@@ -259,7 +259,7 @@ impl PeerLog {
                         }
                         run.end = Some(end);
                     }
-                    "log" | "qsd" => {
+                    "log" | "qsd" | "qemu" => {
                         if let Some(run) = log.runs.last_mut() {
                             run.log.push(format!("{word}: {rest}"));
                         }
