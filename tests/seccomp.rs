@@ -137,23 +137,33 @@ fn demo(mode: &str, probe: &str) -> Output {
     out
 }
 
+/// Each thread of `pid` by name, with `read(its /proc task directory)`; threads whose files
+/// cannot be read (gone meanwhile), or for which `read` gives nothing, are left out, and a
+/// process that is gone has none.
+fn per_thread<T>(pid: u32, read: impl Fn(&Path) -> Option<T>) -> Vec<(String, T)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let task = task.path();
+            let comm = std::fs::read_to_string(task.join("comm")).ok()?;
+            Some((comm.trim().to_string(), read(&task)?))
+        })
+        .collect()
+}
+
 /// Names of the process's threads and whether each holds a filter (`Seccomp: 2`).
 fn threads(pid: u32) -> Vec<(String, bool)> {
-    let mut v = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(task.join("comm")),
-            std::fs::read_to_string(task.join("status")),
-        ) else {
-            continue;
-        };
-        let filtered = status
-            .lines()
-            .any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2'));
-        v.push((comm.trim().to_string(), filtered));
-    }
-    v
+    per_thread(pid, |task| {
+        let status = std::fs::read_to_string(task.join("status")).ok()?;
+        Some(
+            status
+                .lines()
+                .any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')),
+        )
+    })
 }
 
 #[test]
@@ -209,28 +219,12 @@ fn by_default_every_thread_holds_a_filter_and_ctl_status_says_so() {
 
 /// Each thread's name and scheduling policy (`/proc/PID/task/TID/stat`, field 41).
 fn policies(pid: u32) -> Vec<(String, u32)> {
-    let mut v = Vec::new();
-    // A process that is gone has no threads.
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return v;
-    };
-    for task in tasks {
-        let task = task.unwrap().path();
-        let (Ok(comm), Ok(stat)) = (
-            std::fs::read_to_string(task.join("comm")),
-            std::fs::read_to_string(task.join("stat")),
-        ) else {
-            continue;
-        };
+    per_thread(pid, |task| {
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
         // Fields after the name, which ends at the last ')': state is field 3.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if let Some(policy) = rest.split_whitespace().nth(38).and_then(|p| p.parse().ok()) {
-            v.push((comm.trim().to_string(), policy));
-        }
-    }
-    v
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(38)?.parse().ok()
+    })
 }
 
 /// Runs the topology on `cpus` until its domain's vCPU, its block service and its client's
