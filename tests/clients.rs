@@ -102,6 +102,45 @@ fn the_domain_thread_serves_the_disk_in_its_waits() {
     assert!(passes > 0, "no pass ran on the domain's thread");
 }
 
+/// Where the VMM has one CPU, a driver domain waits as soon as it has nothing to do and its
+/// waits watch the clients' notifications: a client's request goes from its kick to the
+/// domain's thread, and the block service's thread sleeps through the run instead of waking
+/// for every request.
+#[test]
+fn on_one_cpu_the_domain_s_waits_take_the_clients_requests() {
+    let dir = scratch("client-dd-one-cpu");
+    let text = domain(&dir, 16)
+        + &client(
+            "c0",
+            "nvme0",
+            0,
+            16,
+            "workload=randread bs=4096 qd=1 count=3000 seed=7",
+        );
+    // Every thread the topology starts inherits this thread's CPU.
+    pin_to_one_cpu();
+    let mut topo = start(&text);
+    let outcomes = topo.wait_clients(Duration::from_secs(120));
+    let counters = topo.services[0].counters();
+    let (answered, sleeps, passes) = (
+        counters.answered.load(Ordering::Relaxed),
+        counters.sleeps.load(Ordering::Relaxed),
+        counters.domain_passes.load(Ordering::Relaxed),
+    );
+    topo.stop();
+    let r = outcomes[0].report.clone().expect("report");
+    assert!(r.clean(), "{r:?}");
+    assert!(answered >= 3000, "{answered} answered");
+    assert!(
+        sleeps * 4 < answered,
+        "the service woke {sleeps} times for {answered} requests"
+    );
+    assert!(
+        passes >= answered,
+        "{passes} passes for {answered} requests"
+    );
+}
+
 #[test]
 fn a_client_verifies_every_block_on_the_direct_file_baseline() {
     let dir = scratch("client-file");

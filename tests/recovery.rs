@@ -77,7 +77,10 @@ fn every_fault_kind(name: &str, flushes: &str) {
     let plan = ChaosPlan {
         faults: kinds.clone(),
         every: Duration::from_millis(250),
-        duration: Duration::from_millis(250 * (kinds.len() as u64 + 2)),
+        // A fault goes in once the last one is recovered from, and a loaded host stretches
+        // recoveries (a failed restart's boots time out): room for every kind at twice the
+        // period.
+        duration: Duration::from_millis(500 * (kinds.len() as u64 + 2)),
         skip_baseline: true,
         rounds: 1,
     };
@@ -401,7 +404,21 @@ fn a_replayed_write_that_fails_is_replayed_again() {
         );
         let mut topo = Topology::start(&hv(), &cfg, Path::new("test.toml"), Echo::Off).unwrap();
         let handle = topo.recovery[0].1.clone();
-        for _ in 0..4 {
+        // The fault arms the next domain to fail the first write it is replayed; with none
+        // to replay (the last flush made every write durable and the client has none in
+        // flight: on one CPU the client may not have run since) it is a plain kill. Inject
+        // until four replays have failed.
+        let failed = || {
+            handle.with(|o| {
+                o.status
+                    .as_ref()
+                    .and_then(|s| s.detections.get("replay-failed").copied())
+                    .unwrap_or(0)
+            })
+        };
+        let mut injected = 0;
+        while failed() < 4 {
+            assert!(injected < 40, "{injected} injected\n{}", describe(&handle));
             std::thread::sleep(Duration::from_millis(40));
             recover_from(
                 &handle,
@@ -410,6 +427,7 @@ fn a_replayed_write_that_fails_is_replayed_again() {
                     arg: 0,
                 },
             );
+            injected += 1;
         }
         let outcomes = topo.wait_clients(Duration::from_secs(60));
         let status = handle.with(|o| o.status.clone()).unwrap();
@@ -417,10 +435,10 @@ fn a_replayed_write_that_fails_is_replayed_again() {
         let r = outcomes[0].report.clone().expect("report");
         assert!(r.clean(), "standbys={standbys}: {r:?}");
         assert!(r.verified > 0, "{r:?}");
-        assert_eq!(
-            status.detections.get("replay-failed"),
-            Some(&4),
-            "standbys={standbys}: {status:?}"
+        let failed = status.detections.get("replay-failed").copied().unwrap_or(0);
+        assert!(
+            (4..=injected).contains(&failed),
+            "standbys={standbys}, {injected} injected: {status:?}"
         );
         assert_eq!(status.duplicates, 0, "{status:?}");
     }
@@ -481,9 +499,28 @@ fn wait_until(
 ) {
     let t0 = Instant::now();
     while !handle.with(&f) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "never: {what}");
+        if t0.elapsed() >= Duration::from_secs(10) {
+            panic!("never: {what}\n{}", describe(handle));
+        }
         std::thread::sleep(Duration::from_micros(500));
     }
+}
+
+/// What the disk's service publishes, and its last events: what a failed wait prints.
+fn describe(handle: &ddvm::reincarnation::RecoveryHandle) -> String {
+    let observed = handle.with(|o| {
+        format!(
+            "recovered {} promoted {} in flight {} queued {} standbys {:?} status {:#?}",
+            o.recovered, o.promoted, o.in_flight, o.queued, o.standbys, o.status
+        )
+    });
+    let events = handle.events.lock().unwrap();
+    let first = events.next_seq().saturating_sub(20);
+    let last: Vec<_> = events.since(first).collect();
+    format!(
+        "{observed}\nlast events: {}",
+        serde_json::to_string_pretty(&last).unwrap_or_default()
+    )
 }
 
 /// Each restart promotes the oldest warm standby (its epoch becomes the live one) and the pool

@@ -124,6 +124,28 @@ impl Drop for Scratch {
     }
 }
 
+/// Pins the calling thread to the CPU it runs on now: the threads it starts from then on
+/// (a topology's services, its vCPUs) inherit that one CPU, and the VMM's code that asks how
+/// many CPUs it has (`ddvm::sys::cpus_to_spare`) finds one.
+pub fn pin_to_one_cpu() {
+    // SAFETY: sched_getcpu takes no arguments; cpu_set_t is plain data that CPU_ZERO/CPU_SET
+    // initialise, and sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
+    unsafe {
+        let cpu = usize::try_from(libc::sched_getcpu()).unwrap_or(0);
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    assert!(!ddvm::sys::cpus_to_spare(), "pinned to one CPU");
+}
+
 /// A unique scratch directory for one test; see [`Scratch`].
 pub fn scratch(test: &str) -> Scratch {
     sweep();

@@ -23,7 +23,7 @@
 //! got: its answered requests per second and the resets it was told to do.
 //!
 //! `cargo bench -p ddvm --bench blk` (`-- --quick` for a short run; `--runs N` repeats each
-//! case N times and prints every ratio; `--case randread|seqwrite|attack` runs one case;
+//! case N times and prints every ratio; `--case randread|randread-qd1|seqwrite|attack` runs one case;
 //! `--side a|b` runs one side only and `--count N` sets the requests of the 4 KiB case, for
 //! profiling; `--echo` shows the guests' consoles).
 
@@ -642,6 +642,14 @@ fn main() {
             "randread",
             "4 KiB random read, QD32",
             format!("workload=randread bs=4096 qd=32 count={n} verify_pass=0"),
+        ),
+        (
+            "randread-qd1",
+            "4 KiB random read, QD1",
+            format!(
+                "workload=randread bs=4096 qd=1 count={} verify_pass=0",
+                n / 5
+            ),
         ),
         (
             "seqwrite",

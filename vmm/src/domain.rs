@@ -101,6 +101,20 @@ pub trait DevicePoller: Send + Sync {
     fn eventfd(&self) -> std::os::fd::RawFd;
     /// Resets the eventfd after the owner woke.
     fn clear(&self);
+    /// The driver waits in the VMM right after it submits, and its waits run
+    /// [`DevicePoller::poll`] ([`DomainDevice::wait_work`]): the device may tell it that
+    /// submissions need no doorbell ([`driver_waits`]).
+    fn set_driver_waits(&self, _on: bool) {}
+}
+
+/// Whether a domain booted with `cmdline` waits in the VMM as soon as it has nothing to do,
+/// without polling first: `poll_us=0 poll_busy_us=0` (what [`poll_keys`] adds where the VMM
+/// has one CPU, or the operator's own). Its device's submissions are then seen in the wait
+/// that follows them ([`DevicePoller::set_driver_waits`]).
+pub fn driver_waits(cmdline: &str) -> bool {
+    let line = ddvm_cmdline::Cmdline::new(cmdline);
+    let zero = |key| line.value(key).is_some_and(|v| v.parse::<u64>() == Ok(0));
+    zero("poll_us") && zero("poll_busy_us")
 }
 
 /// How long a driver domain polls before it waits in the VMM, as command-line keys to add to
@@ -130,15 +144,31 @@ pub struct DomainDevice {
     poller: Option<Arc<dyn DevicePoller>>,
     // The owner's pass, run on the domain's vCPU thread when the domain waits.
     owner_pass: Arc<Mutex<Option<OwnerPass>>>,
+    // The domain it serves waits as soon as it has nothing to do (`driver_waits`): its waits
+    // also watch what the owner's pass watches.
+    driver_waits: Arc<AtomicBool>,
     // Whether the device has a volatile write cache, as the VMM itself knows it (`None`:
     // unknown to the VMM).
     volatile_write_cache: Option<bool>,
 }
 
-/// One pass of the device's owner (the block service: device, channel, clients), run on a
-/// domain's vCPU thread when the domain waits; true when it made progress. It must not block
-/// on the thread it runs on (it may find the owner busy and do nothing).
-pub type OwnerPass = Arc<dyn Fn() -> bool + Send + Sync>;
+/// The owner's pass ([`OwnerWork`]), shared.
+pub type OwnerPass = Arc<dyn OwnerWork>;
+
+/// The device's owner's work (the block service: device, channel, clients), run on a
+/// domain's vCPU thread when the domain waits.
+pub trait OwnerWork: Send + Sync {
+    /// One pass; true when it made progress the domain waits for. It must not block on the
+    /// thread it runs on (it may find the owner busy and do nothing).
+    fn pass(&self) -> bool;
+    /// Eventfds that mean work for [`OwnerWork::pass`] (the clients' notifications), for a
+    /// domain that waits as soon as it has nothing to do ([`driver_waits`]) to watch in its
+    /// waits: it takes the clients' requests itself, and the owner's thread, which then
+    /// need not watch them, is no hop on their way. `None`: the owner watches them.
+    fn watch(&self) -> Option<Arc<dyn crate::vcpu::WaitWatch>> {
+        None
+    }
+}
 
 impl std::fmt::Debug for DomainDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,6 +206,7 @@ impl DomainDevice {
             model,
             poller,
             owner_pass: Arc::default(),
+            driver_waits: Arc::default(),
             volatile_write_cache,
         })
     }
@@ -219,19 +250,38 @@ impl DomainDevice {
     pub fn wait_work(&self) -> Option<crate::vcpu::WaitWork> {
         let Some(poller) = self.poller.clone() else {
             let hook = self.model.on_wait()?;
-            return Some(Box::new(move || {
+            return Some(crate::vcpu::WaitWork::new(move || {
                 hook();
                 false
             }));
         };
         let owner = self.owner_pass.clone();
-        Some(Box::new(move || {
-            let pass = crate::sync::lock(&owner).clone();
-            match pass {
-                Some(pass) => pass(),
-                None => poller.poll() > 0,
-            }
-        }))
+        let watcher = self.owner_pass.clone();
+        let driver_waits = self.driver_waits.clone();
+        Some(crate::vcpu::WaitWork {
+            run: Box::new(move || {
+                let pass = crate::sync::lock(&owner).clone();
+                match pass {
+                    Some(pass) => pass.pass(),
+                    None => poller.poll() > 0,
+                }
+            }),
+            watch: Box::new(move || {
+                if !driver_waits.load(Ordering::Acquire) {
+                    return None;
+                }
+                crate::sync::lock(&watcher).as_ref()?.watch()
+            }),
+        })
+    }
+
+    /// Whether the domain it serves now waits as soon as it has nothing to do, and watches
+    /// what the owner's pass watches ([`OwnerWork::watch`]) in its waits.
+    pub fn waits_watch_owner(&self) -> bool {
+        self.driver_waits.load(Ordering::Acquire)
+            && crate::sync::lock(&self.owner_pass)
+                .as_ref()
+                .is_some_and(|p| p.watch().is_some())
     }
 
     /// Whether a domain's wait takes the completions it published: a block device whose
@@ -272,16 +322,22 @@ impl DomainDevice {
     /// the domain's vCPU, and the model's registrations go to `vm`.
     /// An error (why) leaves the device detached: a real device whose reset keeps failing is
     /// refused to the domain.
+    /// `driver_waits`: the domain waits as soon as it has nothing to do ([`driver_waits`]).
     fn attach_to(
         &self,
         mem: &GuestMem,
         shared: &Arc<Shared>,
         vm: &Arc<VmFd>,
+        driver_waits: bool,
     ) -> Result<(), String> {
         // The device's interrupts wake the domain if it waits: they write its kick eventfd
         // (the device holds the eventfd, never the shared state: no reference cycle).
         self.lock().attach(mem.clone(), shared.kick_eventfd())?;
         self.model.set_vm(Some(vm.clone()));
+        if let Some(p) = &self.poller {
+            p.set_driver_waits(driver_waits);
+        }
+        self.driver_waits.store(driver_waits, Ordering::Release);
         Ok(())
     }
 
@@ -394,6 +450,9 @@ pub struct Domain {
     device: Option<Arc<DomainDevice>>,
     // A standby's device, PCI slot and BAR gate, until its promotion.
     handover: Option<Handover>,
+    // It waits as soon as it has nothing to do (`driver_waits`): told to its device when it
+    // gets it.
+    driver_waits: bool,
     // Dropped after the device is quiesced: vCPU threads joined, then the VM, then the memory.
     guest: Guest,
     // What the device's model registered with the VM ([`DeviceModel::vm_created`]): dropped
@@ -429,6 +488,8 @@ struct DomainBoot<'a> {
     user_placed: bool,
     // The command-line key naming the device (`nvme`, `nic`; see `device_hint_key`).
     hint_key: &'static str,
+    // The domain waits as soon as it has nothing to do (`driver_waits`).
+    driver_waits: bool,
     device: Option<Arc<DomainDevice>>,
     handover: Option<Handover>,
     // What the model registered with the VM at its creation ([`DeviceModel::vm_created`]).
@@ -524,7 +585,7 @@ impl ImageExtras for DomainBoot<'_> {
         // A standby's device stays with the live domain until the hand-over.
         let present = Arc::new(AtomicBool::new(!standby));
         if !standby {
-            dev.attach_to(mem, shared, vm)
+            dev.attach_to(mem, shared, vm, self.driver_waits)
                 .map_err(|why| DomainError::Device {
                     name: name.clone(),
                     source: why.into(),
@@ -580,7 +641,18 @@ impl ImageExtras for DomainBoot<'_> {
         }
         // A standby runs none of the disk's work before it is handed the device.
         Ok(dev.wait_work().map(|mut work| {
-            Box::new(move || present.load(Ordering::Acquire) && work()) as vcpu::WaitWork
+            let watching = present.clone();
+            let mut watch = work.watch;
+            vcpu::WaitWork {
+                run: Box::new(move || present.load(Ordering::Acquire) && (work.run)()),
+                watch: Box::new(move || {
+                    if watching.load(Ordering::Acquire) {
+                        watch()
+                    } else {
+                        None
+                    }
+                }),
+            }
         }))
     }
 }
@@ -677,6 +749,7 @@ impl Domain {
             spec: cfg.device.as_ref(),
             user_placed,
             hint_key,
+            driver_waits: driver_waits(&cmdline),
             device: None,
             handover: None,
             device_memory: None,
@@ -697,6 +770,7 @@ impl Domain {
             channel_header: header,
             device: extras.device.filter(|_| !standby),
             handover: extras.handover,
+            driver_waits: extras.driver_waits,
             guest,
             _device_memory: extras.device_memory,
         })
@@ -720,7 +794,12 @@ impl Domain {
             return Err(standby_err("the domain is not a standby"));
         };
         h.device
-            .attach_to(self.guest.memory(), self.guest.shared(), &vm)
+            .attach_to(
+                self.guest.memory(),
+                self.guest.shared(),
+                &vm,
+                self.driver_waits,
+            )
             .map_err(|why| DomainError::Device {
                 name: name.clone(),
                 source: why.into(),
@@ -876,7 +955,21 @@ pub fn channel_header(
 
 #[cfg(test)]
 mod tests {
-    use super::poll_keys;
+    use super::{driver_waits, poll_keys};
+
+    #[test]
+    fn a_domain_waits_at_once_only_when_both_of_its_polls_are_zero() {
+        let one_cpu = format!("nvme=00:04.0 {}", poll_keys("", false).unwrap());
+        assert!(driver_waits(&one_cpu));
+        assert!(!driver_waits("nvme=00:04.0"), "the domain's defaults poll");
+        assert!(!driver_waits("poll_us=0"));
+        assert!(!driver_waits("poll_us=0 poll_busy_us=5"));
+        assert!(
+            !driver_waits("poll_us=0 poll_busy_us=0 poll_us=20"),
+            "the last one counts"
+        );
+        assert!(!driver_waits("spin_poll_us=0 poll_busy_us=0"));
+    }
 
     #[test]
     fn a_domain_is_told_not_to_poll_only_on_one_cpu_and_only_when_its_command_line_is_silent() {

@@ -373,7 +373,34 @@ pub struct VcpuContext {
 }
 
 /// See [`VcpuContext::on_wait`].
-pub type WaitWork = Box<dyn FnMut() -> bool + Send>;
+pub struct WaitWork {
+    /// The work: true when it did something the guest waits for.
+    pub run: Box<dyn FnMut() -> bool + Send>,
+    /// Eventfds that mean new work for `run` (a client's notifications), looked up at each
+    /// wait: the wait watches them beside its kick and, when one fires, reads them all and
+    /// runs the work again instead of returning to the guest. Whoever holds the
+    /// [`WaitWatch`] keeps them open.
+    pub watch: Box<dyn FnMut() -> Option<Arc<dyn WaitWatch>> + Send>,
+}
+
+impl WaitWork {
+    /// Work with nothing to watch.
+    pub fn new(run: impl FnMut() -> bool + Send + 'static) -> WaitWork {
+        WaitWork {
+            run: Box::new(run),
+            watch: Box::new(|| None),
+        }
+    }
+}
+
+/// Eventfds a wait watches for its work ([`WaitWork::watch`]), open while this lives.
+pub trait WaitWatch: Send + Sync {
+    /// The eventfds (non-blocking).
+    fn fds(&self) -> &[std::os::fd::RawFd];
+    /// Before the wait blocks on them: asks their sources to signal them (a virtio queue's
+    /// event index), and re-checks. True when work arrived meanwhile (run the work again).
+    fn arm(&self) -> bool;
+}
 
 /// Signal used to kick a vCPU out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -627,28 +654,62 @@ fn handle_exit(exit: VcpuExit<'_>, ctx: &mut VcpuContext) -> Step {
 }
 
 /// Blocks the vCPU until a kick, a stop request or `timeout_us` (0: the longest wait). The
-/// console was drained when the exit arrived.
+/// console was drained when the exit arrived. The wait's work ([`VcpuContext::on_wait`])
+/// runs first, and again whenever an eventfd it watches fires: the guest resumes when the
+/// work gave it something to do, at a kick, or at the timeout.
 fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
     let us = match timeout_us {
         0 => port::WAIT_MAX_US,
         t => t.min(port::WAIT_MAX_US),
     };
-    if ctx.shared.stop.load(Ordering::Acquire) {
-        return;
+    let deadline = Instant::now() + Duration::from_micros(u64::from(us));
+    let watch = ctx.on_wait.as_mut().and_then(|work| (work.watch)());
+    let watched = watch.as_ref().map_or(&[][..], |w| w.fds());
+    let mut fds = Vec::with_capacity(1 + watched.len());
+    fds.push(std::os::fd::AsRawFd::as_raw_fd(ctx.shared.kick.as_ref()));
+    fds.extend_from_slice(watched);
+    let mut rearmed = false;
+    loop {
+        if ctx.shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        // Read before the work looks: what is signalled after this, the work has not seen,
+        // and the eventfd stays readable for it.
+        for &fd in watched {
+            read_eventfd(fd);
+        }
+        if ctx.on_wait.as_mut().is_some_and(|work| (work.run)()) {
+            // The guest looks at everything again when it resumes: a kick meanwhile (the
+            // work's own, or anyone's) would only end its next wait early.
+            let _ = ctx.shared.kick.read();
+            return;
+        }
+        // Work that arrived while the sources were not asked to signal runs now, once: what
+        // the work then leaves (a client held back for its share) is its owner's to wake for.
+        if !rearmed && watch.as_ref().is_some_and(|w| w.arm()) {
+            rearmed = true;
+            continue;
+        }
+        rearmed = false;
+        let left = deadline.saturating_duration_since(Instant::now());
+        ctx.shared.waiting.store(true, Ordering::Release);
+        let woken = !left.is_zero() && wait_fds(&fds, left);
+        ctx.shared.waiting.store(false, Ordering::Release);
+        // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is
+        // reset.
+        let kicked = ctx.shared.kick.read().is_ok();
+        if !woken || kicked {
+            return;
+        }
     }
-    if ctx.on_wait.as_mut().is_some_and(|work| work()) {
-        // The guest looks at everything again when it resumes: a kick meanwhile (the work's
-        // own, or anyone's) would only end its next wait early.
-        let _ = ctx.shared.kick.read();
-        return;
-    }
-    ctx.shared.waiting.store(true, Ordering::Release);
-    let woken = wait_eventfd(&ctx.shared.kick, Duration::from_micros(u64::from(us)));
-    ctx.shared.waiting.store(false, Ordering::Release);
-    if woken {
-        // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is reset.
-        let _ = ctx.shared.kick.read();
-    }
+}
+
+/// Resets a non-blocking eventfd (EAGAIN: it was not signalled).
+fn read_eventfd(fd: std::os::fd::RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a u64 we own; `fd` is an eventfd kept open by the
+    // `WaitWatch` the caller holds.
+    let _ = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
 /// Holds a standby's vCPU until it is promoted or asked to stop. A guest that has its device

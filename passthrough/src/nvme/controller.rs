@@ -155,6 +155,9 @@ pub struct Controller {
     pub msix: Option<Arc<Msix>>,
     /// Vectors of the queues that got completions in the current pass.
     raise: Vec<u16>,
+    /// The driver waits right after it submits, and its wait runs the controller's passes
+    /// ([`crate::NvmePoller::set_driver_waits`]): submissions need no doorbell.
+    pub driver_waits: bool,
 }
 
 impl Controller {
@@ -190,6 +193,7 @@ impl Controller {
             next_flush_token: 0,
             msix: None,
             raise: Vec::new(),
+            driver_waits: false,
         }
     }
 

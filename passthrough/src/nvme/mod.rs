@@ -319,6 +319,15 @@ impl NvmePoller {
         self.shared.with_ctrl(Controller::arm)
     }
 
+    /// Whether the driver waits in the VMM right after it submits, its wait running
+    /// [`NvmePoller::poll`] (a driver domain that does not poll, on a VMM with one CPU): then
+    /// [`NvmePoller::arm`] tells it that submissions need no doorbell, since the wait that
+    /// follows one takes it. A driver that polls instead must not be told so: nobody would
+    /// look at its submission until it waits.
+    pub fn set_driver_waits(&self, on: bool) {
+        self.shared.with_ctrl(|c| c.driver_waits = on);
+    }
+
     /// Readable when a doorbell arrived by ioeventfd or bus mastering came back on: sleep on
     /// it, then [`NvmePoller::clear`] it.
     pub fn eventfd(&self) -> std::os::fd::RawFd {

@@ -12,6 +12,11 @@
 //! CQ being full, in which case to the head it has seen (the next consumption rings). Then it
 //! re-reads the shadow page: a value written before the driver could see the new event index
 //! is caught there, so no wakeup is lost.
+//!
+//! A driver that waits in the VMM right after it submits, where its wait runs the
+//! controller's passes ([`crate::NvmePoller::set_driver_waits`]), is told "never" for its
+//! SQs too: the wait that follows a submission is where the controller sees it, and a
+//! doorbell would only cost the driver an exit and wake the poller's owner for nothing.
 
 use std::sync::atomic::{fence, Ordering};
 
@@ -109,10 +114,14 @@ impl Controller {
         };
         for qid in 1..self.sqs.len() {
             if let Some(sq) = &self.sqs[qid] {
+                // A driver whose waits run the passes is looked at when it waits next.
+                let ev = if self.driver_waits {
+                    sq.tail.wrapping_sub(1)
+                } else {
+                    sq.tail
+                };
                 let at = DoorbellBuffer::sq_slot(db.event_idx, qid);
-                let _ = self
-                    .dma
-                    .store_u32(at, u32::from(sq.tail), Ordering::Relaxed);
+                let _ = self.dma.store_u32(at, u32::from(ev), Ordering::Relaxed);
             }
             if let Some(cq) = &self.cqs[qid] {
                 let ev = if self.cq_blocking(qid) {

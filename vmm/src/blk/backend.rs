@@ -131,6 +131,15 @@ impl Backend {
         }
     }
 
+    /// Whether a driver domain's waits watch the clients' notifications now (see
+    /// [`super::ChannelBackend::clients_watched`]): the service need not.
+    pub fn clients_watched(&self) -> bool {
+        match self {
+            Backend::Channel(c) => c.clients_watched(),
+            Backend::File(_) => false,
+        }
+    }
+
     /// Longest sleep the backend allows (its timers).
     pub fn sleep_limit(&self) -> std::time::Duration {
         match self {

@@ -832,6 +832,16 @@ impl ChannelBackend {
         v
     }
 
+    /// Whether the live domain's waits watch the clients' notifications: it waits as soon as
+    /// it has nothing to do (its device's `driver_waits`) and runs the service's pass when a
+    /// client kicks. Not while a failure waits for the service's thread (that domain's waits
+    /// run no pass), nor while no domain is up.
+    pub fn clients_watched(&self) -> bool {
+        self.engine.live().is_some()
+            && !self.engine.has_deferred()
+            && self.blk.device.waits_watch_owner()
+    }
+
     /// How long the service may sleep: until the next check while a domain runs, the
     /// restart time while it is down.
     pub fn sleep_limit(&self) -> Duration {

@@ -59,11 +59,19 @@
 //! thread only tries it (it never blocks on this thread, which may be joining it), and leaves
 //! recovery (detection, restarts, teardown) to this thread, which keeps serving whatever the
 //! domain does, so a hung domain is detected as before.
+//!
+//! A domain that waits as soon as it has nothing to do (it does not poll: one CPU, see
+//! `domain::driver_waits`) also watches the clients' notifications in its waits and runs the
+//! pass when one comes: a client's request then goes from its kick to the domain with no
+//! hop through this thread, which no longer watches them while such a domain is live (it
+//! still looks at every pass, and at least every `sleep_limit`). A request published while
+//! the domain runs waits for the domain's next wait, which the domain's own work ends in.
+//! Whoever reads a notification runs a pass after it, so none is lost between the two.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -76,9 +84,10 @@ use super::backend::{Backend, BackendError, Finished};
 use super::device::{ClientPort, QUEUE_SIZE};
 use super::replay::{BlockOp, Op};
 use super::request::{self, status, Invalid, Kind, Segments};
+use crate::domain::OwnerWork;
 use crate::memory::GuestMem;
 use crate::sync::lock;
-use crate::vcpu::wait_fds;
+use crate::vcpu::{wait_fds, WaitWatch};
 
 /// How long the loop polls before it sleeps.
 const SPIN: Duration = Duration::from_micros(300);
@@ -148,6 +157,9 @@ pub struct ServiceCounters {
     /// Passes a driver domain's vCPU thread ran in its wait exits that made progress (the
     /// domain then resumed at once instead of waiting).
     pub domain_passes: AtomicU64,
+    /// Times the service's thread slept (found nothing to do and blocked until an eventfd or
+    /// its time limit): a wake-up each.
+    pub sleeps: AtomicU64,
     /// Client requests answered with a status other than OK.
     pub errors: AtomicU64,
     /// Latencies of the requests answered through the backend, from intake to answer.
@@ -189,6 +201,67 @@ impl ServiceShared {
     }
 }
 
+/// The service's pass on the vCPU thread of its disk's driver domain, when the domain waits
+/// (see the module docs).
+struct DomainThreadPass {
+    worker: Weak<Mutex<Worker>>,
+    shared: Arc<ServiceShared>,
+    watch: Arc<ClientNotifies>,
+}
+
+impl OwnerWork for DomainThreadPass {
+    fn pass(&self) -> bool {
+        let Some(w) = self.worker.upgrade() else {
+            return false;
+        };
+        let Ok(mut guard) = w.try_lock() else {
+            // The service thread holds the worker: it may be arming its sleep, past its last
+            // look at the completion ring or the clients' queues, while the domain waits with
+            // completions it did not notify (it leaves that to its wait's pass). Wake the
+            // service so that it looks again.
+            let _ = self.shared.wake.write(1);
+            return false;
+        };
+        let (work, raises) = guard.domain_thread_pass();
+        drop(guard);
+        raises.raise();
+        work
+    }
+
+    fn watch(&self) -> Option<Arc<dyn WaitWatch>> {
+        Some(self.watch.clone())
+    }
+}
+
+/// The clients' notification eventfds, for a domain's wait to watch: open while the
+/// worker, which holds the ports, lives (the domain's thread holds this, and it, while it
+/// waits).
+struct ClientNotifies {
+    fds: Vec<RawFd>,
+    worker: Weak<Mutex<Worker>>,
+    shared: Arc<ServiceShared>,
+}
+
+impl WaitWatch for ClientNotifies {
+    fn fds(&self) -> &[RawFd] {
+        &self.fds
+    }
+
+    /// Asks every client queue for a notification (its event index: the pass that took
+    /// requests moved past the last one asked for) and re-checks.
+    fn arm(&self) -> bool {
+        let Some(w) = self.worker.upgrade() else {
+            return false;
+        };
+        let Ok(w) = w.try_lock() else {
+            // The service's thread asks before it sleeps, and passes until then.
+            let _ = self.shared.wake.write(1);
+            return false;
+        };
+        w.enable_client_notifications()
+    }
+}
+
 /// A running block service.
 pub struct BlockService {
     name: String,
@@ -222,21 +295,14 @@ impl BlockService {
         };
         let worker = Arc::new(Mutex::new(worker));
         if let Backend::Channel(c) = &lock(&worker).backend {
-            let weak = Arc::downgrade(&worker);
-            let wake = shared.clone();
-            c.set_domain_thread_pass(Some(Arc::new(move || {
-                let Some(w) = weak.upgrade() else {
-                    return false;
-                };
-                let Ok(mut w) = w.try_lock() else {
-                    // The service thread holds the worker: it may be arming its sleep, past
-                    // its last look at the completion ring, while the domain waits with
-                    // completions it did not notify (it leaves that to its wait's pass).
-                    // Wake the service so that it looks again.
-                    let _ = wake.wake.write(1);
-                    return false;
-                };
-                w.domain_thread_pass()
+            c.set_domain_thread_pass(Some(Arc::new(DomainThreadPass {
+                worker: Arc::downgrade(&worker),
+                shared: shared.clone(),
+                watch: Arc::new(ClientNotifies {
+                    fds: ports.iter().map(|p| p.notify.as_raw_fd()).collect(),
+                    worker: Arc::downgrade(&worker),
+                    shared: shared.clone(),
+                }),
             })));
         }
         let thread = std::thread::Builder::new()
@@ -344,7 +410,9 @@ fn run(worker: Arc<Mutex<Worker>>) -> Backend {
             lock(&worker).refresh_exits();
             exits_read = Instant::now();
         }
-        if lock(&worker).pass() > 0 {
+        let (progress, raises) = lock(&worker).pass();
+        raises.raise();
+        if progress > 0 {
             idle_since = None;
             continue;
         }
@@ -432,6 +500,29 @@ impl Heads {
     }
 }
 
+/// Client interrupts a pass owes, raised once the worker is unlocked
+/// ([`Raises::raise`]): the client vCPU an interrupt wakes may take the CPU at once (on one
+/// CPU it does), and the thread it preempted must not be holding the worker, or the next
+/// pass (the domain's wait, the service) finds it taken and waits for that thread.
+#[derive(Default)]
+#[must_use]
+struct Raises(Vec<(Arc<ClientPort>, u64)>);
+
+impl Raises {
+    /// Raises each client's interrupt, unless it reset its device since: the driver after the
+    /// reset is owed nothing from that pass. Not under the port's lock either, which the
+    /// service's intake takes (a reset just after the look costs that driver one spurious
+    /// interrupt, which virtio drivers expect).
+    fn raise(self) {
+        for (port, generation) in self.0 {
+            let current = port.lock().generation == generation;
+            if current {
+                port.interrupt.raise(crate::virtio::interrupt::VRING);
+            }
+        }
+    }
+}
+
 /// What the service knows of one client port.
 #[derive(Debug, Default)]
 struct Track {
@@ -471,28 +562,29 @@ impl Track {
 }
 
 impl Worker {
-    /// One pass: intake, post, collect, signal. Returns the progress made.
-    fn pass(&mut self) -> usize {
+    /// One pass: intake, post, collect. Returns the progress made and the clients to
+    /// interrupt once the worker is unlocked.
+    fn pass(&mut self) -> (usize, Raises) {
         let progress = self.intake() + self.post() + self.collect();
-        self.signal_clients();
-        progress
+        (progress, self.take_raises())
     }
 
     /// A pass on the domain's vCPU thread, in its wait exit (see the module docs): the
     /// device and the domain's completions first (what the domain waits for), then new
     /// requests for it. True when the domain has work again (the device completed commands,
     /// or requests were posted): it resumes at once. Completions taken and answered are no
-    /// work of the domain's: it waits on.
-    fn domain_thread_pass(&mut self) -> bool {
+    /// work of the domain's: it waits on. The clients to interrupt come with it, to raise
+    /// once the worker is unlocked.
+    fn domain_thread_pass(&mut self) -> (bool, Raises) {
         let Backend::Channel(c) = &mut self.backend else {
-            return false;
+            return (false, Raises::default());
         };
         c.set_on_domain_thread(true);
         let device = c.poll_device();
         let collected = self.collect();
         let taken = self.intake();
         let posted = self.post();
-        self.signal_clients();
+        let raises = self.take_raises();
         if let Backend::Channel(c) = &mut self.backend {
             c.set_on_domain_thread(false);
         }
@@ -502,7 +594,7 @@ impl Worker {
                 .domain_passes
                 .fetch_add(1, Ordering::Relaxed);
         }
-        device + posted > 0
+        (device + posted > 0, raises)
     }
 
     /// Publishes the VM exits of the domain serving now (`ctl metrics`).
@@ -521,21 +613,16 @@ impl Worker {
     /// thread can run passes meanwhile) until an eventfd fires.
     fn sleep(worker: &Mutex<Worker>) {
         let mut w = lock(worker);
-        let mut ready = false;
-        for (port, track) in w.ports.iter().zip(&w.tracks) {
-            let mut st = port.lock();
-            if st.needs_reset {
-                continue;
-            }
-            for q in st.queues.iter_mut().flatten() {
-                // Ok(true): the driver added buffers meanwhile. A client whose window is full
-                // has buffers left in its ring on purpose: the backend's progress wakes us.
-                ready |= q.enable_notification(&port.mem).unwrap_or(true) && !track.held;
-            }
-        }
+        let mut ready = w.enable_client_notifications();
         ready |= w.backend.arm(true);
         if !ready {
-            let mut fds: Vec<RawFd> = w.ports.iter().map(|p| p.notify.as_raw_fd()).collect();
+            // A domain whose waits watch the clients takes their requests itself (see the
+            // module docs); the service looks at them at least every `sleep_limit`.
+            let mut fds: Vec<RawFd> = if w.backend.clients_watched() {
+                Vec::new()
+            } else {
+                w.ports.iter().map(|p| p.notify.as_raw_fd()).collect()
+            };
             fds.push(w.shared.wake.as_raw_fd());
             fds.extend(w.backend.wait_fds());
             let mut limit = MAX_SLEEP.min(w.backend.sleep_limit());
@@ -543,6 +630,7 @@ impl Worker {
                 // A client held back for its share is served again in the next window.
                 limit = limit.min(w.window_len);
             }
+            w.shared.counters.sleeps.fetch_add(1, Ordering::Relaxed);
             drop(w);
             wait_fds(&fds, limit);
             w = lock(worker);
@@ -558,6 +646,24 @@ impl Worker {
                 let _ = q.disable_notification(&port.mem);
             }
         }
+    }
+
+    /// Asks every client queue for a notification and re-checks: true when a client added
+    /// requests meanwhile. A client whose window is full has requests left in its ring on
+    /// purpose: the backend's progress wakes the service for it.
+    fn enable_client_notifications(&self) -> bool {
+        let mut ready = false;
+        for (port, track) in self.ports.iter().zip(&self.tracks) {
+            let mut st = port.lock();
+            if st.needs_reset {
+                continue;
+            }
+            for q in st.queues.iter_mut().flatten() {
+                // Ok(true): the driver added buffers meanwhile.
+                ready |= q.enable_notification(&port.mem).unwrap_or(true) && !track.held;
+            }
+        }
+        ready
     }
 
     /// Takes new requests from the client queues, fairly: ports in turn from a rotating start,
@@ -932,14 +1038,20 @@ impl Worker {
 
     /// Signals clients that got answers, where their event index asks for it.
     fn signal_clients(&mut self) {
+        self.take_raises().raise();
+    }
+
+    /// The clients that got answers since the last call and asked to be told: one interrupt
+    /// per device, owed when any queue that got answers asks for it (every queue's event
+    /// index is checked, so each knows it was seen).
+    fn take_raises(&mut self) -> Raises {
+        let mut raises = Raises::default();
         for (i, port) in self.ports.iter().enumerate() {
             let answered = std::mem::take(&mut self.signal[i]);
             if answered == 0 {
                 continue;
             }
             let mut st = port.lock();
-            // One interrupt for the device: raised when any queue that got answers asks for
-            // it (every queue's event index is checked, so each knows it was seen).
             let mut raise = false;
             for (n, q) in st.queues.iter_mut().enumerate() {
                 if let Some(q) = q.as_mut().filter(|_| answered >> n & 1 == 1) {
@@ -947,9 +1059,10 @@ impl Worker {
                 }
             }
             if raise {
-                port.interrupt.raise(crate::virtio::interrupt::VRING);
+                raises.0.push((port.clone(), st.generation));
             }
         }
+        raises
     }
 
     /// The orderly stop (see [`crate::stop`]), once the loop has ended: passes without intake
@@ -1020,7 +1133,9 @@ impl Worker {
 
     /// A whole pass.
     pub fn test_pass(&mut self) -> usize {
-        self.pass()
+        let (n, raises) = self.pass();
+        raises.raise();
+        n
     }
 
     /// Sets the fairness window's length (from now).

@@ -110,6 +110,10 @@ impl DevicePoller for NvmePoller {
     fn clear(&self) {
         NvmePoller::clear(self)
     }
+
+    fn set_driver_waits(&self, on: bool) {
+        NvmePoller::set_driver_waits(self, on)
+    }
 }
 
 impl DomainDevice {

@@ -65,6 +65,50 @@ fn shadow_doorbells_are_served_only_by_the_poller() {
     assert!(!readable(poller.eventfd(), 0), "clear resets the eventfd");
 }
 
+/// A driver whose waits run the poller's passes is told that submissions need no doorbell
+/// (the SQ's event index is one behind its tail); its completions are still served by the
+/// poll. Told otherwise again, the next submission rings.
+#[test]
+fn a_driver_whose_waits_poll_is_not_asked_to_ring() {
+    let mut d = TestDriver::without_worker();
+    let poller = d.nvme.poller();
+    d.enable();
+    d.enable_shadow();
+    d.create_io_queue(1, 32);
+    d.ring = Ring::IoEventFd;
+    poller.set_driver_waits(true);
+    for round in 0..3u64 {
+        assert!(!poller.arm(), "nothing pending");
+        poller.clear();
+        let tail = d.sq_tail(1);
+        assert_eq!(
+            d.event_idx(1, false),
+            u32::from(tail.wrapping_sub(1)),
+            "the SQ's event index says never"
+        );
+        let buf = d.alloc(1);
+        d.push(1, rw(0x02, round, 1, buf, 0));
+        d.ring_sq(1, tail);
+        assert!(
+            !readable(poller.eventfd(), 0),
+            "round {round}: the submission did not ring"
+        );
+        // The driver's wait runs the pass.
+        assert_eq!(poller.poll(), 1, "round {round}");
+        assert_eq!(d.try_reap(1).map(|c| c.status), Some(Status::SUCCESS));
+        // The pass before the next wait takes the new CQ head.
+        assert_eq!(poller.poll(), 0);
+    }
+    poller.set_driver_waits(false);
+    assert!(!poller.arm());
+    poller.clear();
+    let old = d.sq_tail(1);
+    let buf = d.alloc(1);
+    d.push(1, rw(0x02, 9, 1, buf, 0));
+    d.ring_sq(1, old);
+    assert!(readable(poller.eventfd(), 1000), "a polling driver rings");
+}
+
 #[test]
 fn bus_mastering_back_on_wakes_the_poller() {
     let d = TestDriver::without_worker();
