@@ -233,11 +233,11 @@ impl OwnerWork for DomainThreadPass {
     }
 }
 
-/// The clients' notification eventfds, for a domain's wait to watch: open while the
-/// worker, which holds the ports, lives (the domain's thread holds this, and it, while it
-/// waits).
+/// The clients' notification eventfds, for a domain's wait to watch: open while this lives
+/// (it holds their ports; the domain's thread holds it while it waits).
 struct ClientNotifies {
     fds: Vec<RawFd>,
+    _ports: Vec<Arc<ClientPort>>,
     worker: Weak<Mutex<Worker>>,
     shared: Arc<ServiceShared>,
 }
@@ -300,6 +300,7 @@ impl BlockService {
                 shared: shared.clone(),
                 watch: Arc::new(ClientNotifies {
                     fds: ports.iter().map(|p| p.notify.as_raw_fd()).collect(),
+                    _ports: ports.clone(),
                     worker: Arc::downgrade(&worker),
                     shared: shared.clone(),
                 }),
