@@ -665,9 +665,16 @@ fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
     let deadline = Instant::now() + Duration::from_micros(u64::from(us));
     let watch = ctx.on_wait.as_mut().and_then(|work| (work.watch)());
     let watched = watch.as_ref().map_or(&[][..], |w| w.fds());
-    let mut fds = Vec::with_capacity(1 + watched.len());
-    fds.push(std::os::fd::AsRawFd::as_raw_fd(ctx.shared.kick.as_ref()));
-    fds.extend_from_slice(watched);
+    let kick = [std::os::fd::AsRawFd::as_raw_fd(ctx.shared.kick.as_ref())];
+    // A wait that watches nothing more (every wait but a one-CPU block domain's) allocates
+    // nothing.
+    let more: Vec<std::os::fd::RawFd>;
+    let fds: &[std::os::fd::RawFd] = if watched.is_empty() {
+        &kick
+    } else {
+        more = kick.iter().chain(watched).copied().collect();
+        &more
+    };
     let mut rearmed = false;
     loop {
         if ctx.shared.stop.load(Ordering::Acquire) {
@@ -693,7 +700,7 @@ fn wait(ctx: &mut VcpuContext, timeout_us: u32) {
         rearmed = false;
         let left = deadline.saturating_duration_since(Instant::now());
         ctx.shared.waiting.store(true, Ordering::Release);
-        let woken = !left.is_zero() && wait_fds(&fds, left);
+        let woken = !left.is_zero() && wait_fds(fds, left);
         ctx.shared.waiting.store(false, Ordering::Release);
         // Non-blocking eventfd: a concurrent reader could have emptied it; either way it is
         // reset.

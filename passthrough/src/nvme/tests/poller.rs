@@ -36,14 +36,21 @@ fn a_trapped_doorbell_write_completes_the_command_before_it_returns() {
     assert_eq!(d.read_blocks(1, 16, 4096), (Status::SUCCESS, data));
 }
 
-#[test]
-fn shadow_doorbells_are_served_only_by_the_poller() {
+/// A controller served by a poller only, its driver using shadow doorbells on I/O queue 1
+/// (32 entries) and ringing through the ioeventfd.
+fn shadowed_without_worker() -> (TestDriver, crate::nvme::NvmePoller) {
     let mut d = TestDriver::without_worker();
     let poller = d.nvme.poller();
     d.enable();
     d.enable_shadow();
     d.create_io_queue(1, 32);
     d.ring = Ring::IoEventFd;
+    (d, poller)
+}
+
+#[test]
+fn shadow_doorbells_are_served_only_by_the_poller() {
+    let (mut d, poller) = shadowed_without_worker();
     // Idle and armed: the driver's next submission must ring (the event index is the tail).
     assert!(!poller.arm(), "nothing pending");
     poller.clear();
@@ -70,12 +77,7 @@ fn shadow_doorbells_are_served_only_by_the_poller() {
 /// poll. Told otherwise again, the next submission rings.
 #[test]
 fn a_driver_whose_waits_poll_is_not_asked_to_ring() {
-    let mut d = TestDriver::without_worker();
-    let poller = d.nvme.poller();
-    d.enable();
-    d.enable_shadow();
-    d.create_io_queue(1, 32);
-    d.ring = Ring::IoEventFd;
+    let (mut d, poller) = shadowed_without_worker();
     poller.set_driver_waits(true);
     for round in 0..3u64 {
         assert!(!poller.arm(), "nothing pending");
